@@ -1,0 +1,192 @@
+"""One SQLite database file, worked on by one dedicated thread, with group commit.
+
+All SQL runs on the database's own thread, never on the reactor thread.  Jobs queued
+while a transaction is in progress are committed together: many concurrent SMTP
+sessions share one fsync, and each job's Deferred fires only after the COMMIT that
+made its writes durable.  Each job runs inside a SAVEPOINT so one failing job does
+not undo the others in its batch.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+T = TypeVar("T")
+log = Logger()
+
+_STOP = object()
+
+
+class DatabaseClosed(Exception):
+    """The database was closed before the job ran."""
+
+
+class SQLiteDatabase:
+    """A SQLite file in WAL mode with ``synchronous=FULL``, owned by one thread.
+
+    ``run(fn)`` runs ``fn(connection)`` in a write transaction (shared with other
+    queued jobs) and fires its Deferred, on the reactor thread, after the commit.
+    """
+
+    max_batch = 512
+
+    def __init__(
+        self,
+        path: str,
+        reactor: IReactorFromThreads,
+        schema: str = "",
+        busy_timeout_ms: int = 10000,
+    ) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._schemas: list[str] = [schema] if schema else []
+        self._busy_timeout_ms = busy_timeout_ms
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._opened: Deferred[None] | None = None
+        self._closed = False
+
+    def add_schema(self, sql: str) -> None:
+        """Register DDL (``CREATE ... IF NOT EXISTS``) to run when the database opens."""
+        self._schemas.append(sql)
+
+    def open(self) -> Deferred[None]:
+        """Start the thread, open the file and apply schemas."""
+        if self._opened is not None:
+            return self._chain(self._opened)
+        self._opened = Deferred()
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        self._thread = threading.Thread(
+            target=self._main, name=f"sqlite:{os.path.basename(self.path)}", daemon=True
+        )
+        self._thread.start()
+        return self._chain(self._opened)
+
+    @staticmethod
+    def _chain(d: Deferred[None]) -> Deferred[None]:
+        out: Deferred[None] = Deferred()
+        d.addBoth(lambda r: (out.callback(None) if not isinstance(r, Failure) else out.errback(r), r)[1])
+        return out
+
+    def run(self, fn: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
+        """Run ``fn(connection)`` in a transaction on the database thread.
+
+        The Deferred fires with ``fn``'s result after the transaction commits, or
+        fails with ``fn``'s exception (its writes rolled back) or the commit's error.
+        """
+        d: Deferred[T] = Deferred()
+        if self._closed:
+            d.errback(DatabaseClosed(self.path))
+            return d
+        self._jobs.put((fn, d))
+        return d
+
+    def close(self) -> Deferred[None]:
+        """Finish queued jobs, then close the connection and stop the thread."""
+        d: Deferred[None] = Deferred()
+        if self._thread is None or self._closed:
+            d.callback(None)
+            return d
+        self._closed = True
+        self._jobs.put((_STOP, d))
+        return d
+
+    # -- the database thread ----------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        for sql in self._schemas:
+            conn.executescript(sql)
+        return conn
+
+    def _main(self) -> None:
+        assert self._opened is not None
+        try:
+            conn = self._connect()
+        except BaseException as e:  # noqa: BLE001 - reported to the opener
+            f = Failure(e)
+            self._reactor.callFromThread(self._opened.errback, f)
+            return
+        self._reactor.callFromThread(self._opened.callback, None)
+        stoppers: list[Deferred[None]] = []
+        try:
+            while not stoppers:
+                batch = [self._jobs.get()]
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(self._jobs.get_nowait())
+                    except queue.Empty:
+                        break
+                stoppers = [d for fn, d in batch if fn is _STOP]
+                work = [job for job in batch if job[0] is not _STOP]
+                if work:
+                    self._run_batch(conn, work)
+            # Jobs queued after close() was called are refused.
+            self._drain_refused()
+        finally:
+            conn.close()
+            for d in stoppers:
+                self._reactor.callFromThread(d.callback, None)
+
+    def _drain_refused(self) -> None:
+        while True:
+            try:
+                fn, d = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if fn is _STOP:
+                self._reactor.callFromThread(d.callback, None)
+            else:
+                self._reactor.callFromThread(d.errback, Failure(DatabaseClosed(self.path)))
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        results: list[tuple[Deferred[Any], bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except BaseException as e:  # noqa: BLE001
+            failure = Failure(e)
+            for _, d in batch:
+                self._reactor.callFromThread(d.errback, failure)
+            return
+        for fn, d in batch:
+            conn.execute("SAVEPOINT job")
+            try:
+                value = fn(conn)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                results.append((d, False, Failure(e)))
+            else:
+                conn.execute("RELEASE job")
+                results.append((d, True, value))
+        try:
+            conn.execute("COMMIT")
+        except BaseException as e:  # noqa: BLE001
+            failure = Failure(e)
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            for d, _, _ in results:
+                self._reactor.callFromThread(d.errback, failure)
+            return
+        for d, ok, value in results:
+            if ok:
+                self._reactor.callFromThread(d.callback, value)
+            else:
+                self._reactor.callFromThread(d.errback, value)
