@@ -130,3 +130,8 @@ class IContentFilter(Interface):
 
     def check(envelope, body):
         """Deferred None to accept, or a L{sendarix.model.Reply} to refuse."""
+
+
+class ISubmitter(Interface):
+    """The avatar of an authenticated submission client (twisted.cred): the portal
+    returns the client's L{sendarix.credentials.Credential} under this interface."""

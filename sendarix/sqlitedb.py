@@ -27,7 +27,7 @@ log = Logger()
 _STOP = object()
 
 
-class DatabaseClosed(Exception):
+class DatabaseClosed(Exception):  # noqa: N818
     """The database was closed before the job ran."""
 
 
@@ -57,8 +57,11 @@ class SQLiteDatabase:
         self._closed = False
 
     def add_schema(self, sql: str) -> None:
-        """Register DDL (``CREATE ... IF NOT EXISTS``) to run when the database opens."""
+        """Register DDL (``CREATE ... IF NOT EXISTS``) to run when the database opens
+        (at once, on the database thread, when it is already open)."""
         self._schemas.append(sql)
+        if self._opened is not None:
+            self.run(lambda conn: conn.executescript(sql))
 
     def open(self) -> Deferred[None]:
         """Start the thread, open the file and apply schemas."""
@@ -76,7 +79,15 @@ class SQLiteDatabase:
     @staticmethod
     def _chain(d: Deferred[None]) -> Deferred[None]:
         out: Deferred[None] = Deferred()
-        d.addBoth(lambda r: (out.callback(None) if not isinstance(r, Failure) else out.errback(r), r)[1])
+
+        def relay(result: object) -> object:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(None)
+            return result
+
+        d.addBoth(relay)
         return out
 
     def run(self, fn: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
