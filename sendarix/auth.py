@@ -35,6 +35,6 @@ class CredentialRealm:
         return d.addCallback(found)
 
 
-def submission_portal(store: ICredentialStore) -> Portal:
+def submission_portal(store: ICredentialStore, reactor: Any = None) -> Portal:
     """A portal checking SMTP AUTH usernames/secrets against ``store``."""
-    return Portal(CredentialRealm(store), [CredentialChecker(store)])
+    return Portal(CredentialRealm(store), [CredentialChecker(store, reactor)])

@@ -61,7 +61,13 @@ class SQLiteDatabase:
         (at once, on the database thread, when it is already open)."""
         self._schemas.append(sql)
         if self._opened is not None:
-            self.run(lambda conn: conn.executescript(sql))
+            # executescript() would COMMIT the shared batch: run statement by statement.
+            def apply(conn: sqlite3.Connection) -> None:
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+
+            self.run(apply)
 
     def open(self) -> Deferred[None]:
         """Start the thread, open the file and apply schemas."""

@@ -1,0 +1,181 @@
+"""Assembling a node: ``makeService(config)`` returns a MultiService.
+
+Children start in order (stores, then listeners) and stop in reverse: listeners
+close first, sessions finish their transaction or get 421, then the stores close.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from sendarix.auth import submission_portal
+from sendarix.authlimit import AuthLimiter
+from sendarix.config import Config, ListenerConfig, default_config
+from sendarix.ingress import ListenerSettings, SubmissionFactory
+from sendarix.intake import Intake
+from sendarix.ratelimit import RateLimiter
+from sendarix.stores import Stores
+from sendarix.tlsutil import ensure_certificate, server_tls_options
+
+log = Logger()
+
+#: Seconds a stopping node lets sessions finish their transaction.
+SHUTDOWN_GRACE = 30.0
+
+
+class StoresService(Service):
+    """Opens the stores on start, closes them on stop; ``ready`` fires once open."""
+
+    name = "stores"
+
+    def __init__(self, stores: Stores) -> None:
+        self.stores = stores
+        self._ready: Deferred[None] | None = None
+
+    def ready(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        assert self._ready is not None, "not started"
+
+        def relay(result: Any) -> Any:
+            if isinstance(result, BaseException) or hasattr(result, "raiseException"):
+                d.errback(result)
+            else:
+                d.callback(None)
+            return result
+
+        self._ready.addBoth(relay)
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        self._ready = self.stores.open()
+        self._ready.addErrback(self._failed)
+
+    def _failed(self, failure: Any) -> Any:
+        log.failure("could not open the stores", failure)
+        return failure
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.stores.close()
+
+
+class ListenerService(Service):
+    """One SMTP listener: listens once the stores are ready, drains on stop."""
+
+    def __init__(
+        self, reactor: Any, config: ListenerConfig, factory: SubmissionFactory,
+        stores: StoresService, wrap_tls: Any = None,
+    ) -> None:
+        self.name = f"listener:{config.name}"
+        self._reactor = reactor
+        self._config = config
+        self.factory = factory
+        self._stores = stores
+        self._wrap_tls = wrap_tls
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[IListeningPort] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = self._stores.ready()
+        d.addCallback(lambda _: self._listen())
+        d.addErrback(lambda f: log.failure("listener {name} not started", f, name=self.name))
+        self._listening = d
+
+    def _listen(self) -> Deferred[IListeningPort]:
+        endpoint = endpoints.serverFromString(self._reactor, self._config.endpoint)
+        factory: Any = self.factory
+        if self._wrap_tls is not None:
+            factory = TLSMemoryBIOFactory(self._wrap_tls, False, self.factory)
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            address = port.getHost()
+            log.info(
+                "listener {name} on {host}:{port} (tls={tls}, auth={auth})",
+                name=self._config.name, host=getattr(address, "host", address),
+                port=getattr(address, "port", ""), tls=self._config.tls, auth=self._config.auth,
+            )
+            return port
+
+        return endpoint.listen(factory).addCallback(listening)
+
+    def listening(self) -> Deferred[IListeningPort]:
+        """Fires with the listening port (tests use it to learn port 0's number)."""
+        assert self._listening is not None
+        out: Deferred[IListeningPort] = Deferred()
+
+        def relay(result: Any) -> Any:
+            if self.port is not None:
+                out.callback(self.port)
+            else:
+                out.errback(RuntimeError(f"{self.name} is not listening"))
+            return result
+
+        self._listening.addBoth(relay)
+        return out
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        stopped = succeed(None) if self.port is None else self.port.stopListening()
+        return DeferredList(
+            [stopped, self.factory.drain(SHUTDOWN_GRACE)], consumeErrors=True
+        )
+
+
+def makeService(config: Config | None = None, reactor: Any = None) -> MultiService:
+    """The whole node as a MultiService (embed it with ``setServiceParent``)."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    if config is None:
+        config = default_config()
+    top = MultiService()
+    stores = Stores.from_config(config, reactor)
+    stores_service = StoresService(stores)
+    stores_service.setServiceParent(top)
+    top.stores = stores  # type: ignore[attr-defined]
+
+    intake = Intake(
+        spool=stores.spool, events=stores.events, clock=reactor,
+        node=config.node.name, hostname=config.node.hostname,
+    )
+    tls_options = None
+    if any(lc.tls != "none" for lc in config.listeners):
+        cert, key = ensure_certificate(
+            config.tls.certificate, config.tls.key, config.var_dir, config.node.hostname
+        )
+        tls_options = server_tls_options(cert, key, config.tls.min_version)
+    limits = config.limits
+    auth_limiter = AuthLimiter(
+        max_failures=limits.auth_max_failures, window=limits.auth_failure_window,
+        lockout=limits.auth_lockout,
+    )
+    rate_limiter = RateLimiter()
+    portal = submission_portal(stores.credentials, reactor)
+    top.listeners = []  # type: ignore[attr-defined]
+    for lc in config.listeners:
+        settings = ListenerSettings(
+            listener=lc, limits=limits, hostname=config.node.hostname, intake=intake,
+            clock=reactor, portal=portal if lc.auth != "none" else None,
+            credentials=stores.credentials, auth_limiter=auth_limiter,
+            rate_limiter=rate_limiter, tls_options=tls_options if lc.tls != "none" else None,
+        )
+        service = ListenerService(
+            reactor, lc, SubmissionFactory(settings), stores_service,
+            wrap_tls=tls_options if lc.wrap_tls else None,
+        )
+        service.setServiceParent(top)
+        top.listeners.append(service)  # type: ignore[attr-defined]
+    os.makedirs(config.var_dir, exist_ok=True)
+    return top
