@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -126,14 +126,19 @@ class ListenerService(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        stopped = succeed(None) if self.port is None else self.port.stopListening()
+        stopped = succeed(None) if self.port is None else maybeDeferred(self.port.stopListening)
         return DeferredList(
             [stopped, self.factory.drain(SHUTDOWN_GRACE)], consumeErrors=True
         )
 
 
-def makeService(config: Config | None = None, reactor: Any = None) -> MultiService:
-    """The whole node as a MultiService (embed it with ``setServiceParent``)."""
+def makeService(
+    config: Config | None = None, reactor: Any = None, auth_limiter: AuthLimiter | None = None
+) -> MultiService:
+    """The whole node as a MultiService (embed it with ``setServiceParent``).
+
+    ``auth_limiter`` replaces the AUTH failure limiter built from ``[limits]``.
+    """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
@@ -157,7 +162,7 @@ def makeService(config: Config | None = None, reactor: Any = None) -> MultiServi
         )
         tls_options = server_tls_options(cert, key, config.tls.min_version)
     limits = config.limits
-    auth_limiter = AuthLimiter(
+    auth_limiter = auth_limiter or AuthLimiter(
         max_failures=limits.auth_max_failures, window=limits.auth_failure_window,
         lockout=limits.auth_lockout,
     )

@@ -112,7 +112,8 @@ class SQLiteDatabase:
     def close(self) -> Deferred[None]:
         """Finish queued jobs, then close the connection and stop the thread."""
         d: Deferred[None] = Deferred()
-        if self._thread is None or self._closed:
+        if self._thread is None or self._closed or not self._thread.is_alive():
+            self._closed = True
             d.callback(None)
             return d
         self._closed = True
@@ -137,7 +138,9 @@ class SQLiteDatabase:
             conn = self._connect()
         except BaseException as e:  # noqa: BLE001 - reported to the opener
             f = Failure(e)
+            self._closed = True
             self._reactor.callFromThread(self._opened.errback, f)
+            self._drain_refused()
             return
         self._reactor.callFromThread(self._opened.callback, None)
         stoppers: list[Deferred[None]] = []

@@ -1,0 +1,727 @@
+"""The ``sendarix`` operator command: credentials, queue, delivery log, configuration.
+
+``sendarix [--config PATH] COMMAND ...`` works directly on the stores the relay uses
+(SQLite in WAL mode lets both share the file), so it also works while the relay is
+stopped.  ``--config`` may come before or after the command; without it
+``./sendarix.toml`` is read when present, else the built-in development default.
+
+Output contract (DESIGN sections 11 and 15): listing commands take ``--json`` and then
+print one JSON array of objects; exit status 0 on success, 1 on a user error with a
+one-line reason on stderr, 2 on an internal error (with a traceback).
+
+Commands that need the stores run their asynchronous part under ``task.react``; they
+return their output instead of printing it, so all writing happens after the reactor
+has stopped and a closed pipe (``| head``) cannot break a store operation halfway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, NoReturn
+
+from attrs import frozen
+from twisted.internet.task import react
+from twisted.python.failure import Failure
+
+from sendarix import __version__
+from sendarix.config import Config, ConfigError, describe, resolve_config
+from sendarix.credentials import (
+    DEFAULT_SCOPES,
+    SCOPES,
+    Credential,
+    CredentialExistsError,
+    CredentialNotFoundError,
+)
+from sendarix.events import EVENT_TYPES, MAX_LIMIT, Event, EventQuery, format_timestamp
+from sendarix.events import parse_timestamp as parse_rfc3339
+from sendarix.model import RecipientStatus, StoredMessage
+from sendarix.spool.errors import SpoolError
+from sendarix.stores import Stores
+from sendarix.units import parse_duration
+
+__all__ = ["CommandError", "main", "parse_time", "render_table"]
+
+PROG = "sendarix"
+
+
+class CommandError(Exception):
+    """A user error: the message is printed as one line on stderr and the exit is 1."""
+
+
+@frozen
+class Output:
+    """What a command prints: ``stdout`` (text, or raw bytes for ``queue show --body``)
+    and an optional ``note`` for stderr that is not an error (``next cursor: ...`` in
+    JSON mode, so stdout stays one JSON array)."""
+
+    stdout: str | bytes
+    note: str | None = None
+
+
+StoreCommand = Callable[[argparse.Namespace, Stores], Awaitable[Output]]
+PlainCommand = Callable[[argparse.Namespace, Config], Output]
+
+
+# -- formatting helpers --------------------------------------------------------------
+
+
+def render_table(
+    headers: Sequence[str] | None,
+    rows: Iterable[Sequence[object]],
+    right: Iterable[int] = (),
+) -> str:
+    """Rows as aligned columns two spaces apart (``right``: column indexes aligned
+    right, for numbers); ``headers`` None prints the rows alone."""
+    body = [[str(cell) for cell in row] for row in rows]
+    lines = ([list(headers)] if headers is not None else []) + body
+    if not lines:
+        return ""
+    width = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    align_right = set(right)
+    out = []
+    for line in lines:
+        cells = [
+            cell.rjust(width[i]) if i in align_right else cell.ljust(width[i])
+            for i, cell in enumerate(line)
+        ]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+def _when(ts: float | None) -> str:
+    """A timestamp to the second for tables (``-`` when unknown)."""
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2)
+
+
+def _lines(*parts: str) -> Output:
+    return Output("\n".join(parts) + "\n")
+
+
+# -- argument types (argparse turns ArgumentTypeError into a usage error) ---------------
+
+# Tenant names follow the config file's names, so `[tenant.NAME]` and credentials agree.
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _tenant(text: str) -> str:
+    if not _TENANT.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"bad tenant {text!r}: letters, digits, '.', '_' and '-', at most 64"
+        )
+    return text
+
+
+def _domain(text: str) -> str:
+    domain = text.strip().lower().rstrip(".")
+    labels = domain.split(".")
+    if not domain or len(domain) > 253 or not all(_LABEL.fullmatch(x) for x in labels):
+        raise argparse.ArgumentTypeError(f"bad domain {text!r}: expected one like example.com")
+    return domain
+
+
+def _network(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad network {text!r}: expected an address or a CIDR like 10.0.0.0/8"
+        ) from None
+
+
+def _scopes(text: str) -> frozenset[str]:
+    scopes = frozenset(s.strip().lower() for s in text.split(",") if s.strip())
+    unknown = sorted(scopes - SCOPES)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown scope {', '.join(unknown)} (choose from {', '.join(sorted(SCOPES))})"
+        )
+    if not scopes:
+        raise argparse.ArgumentTypeError("name at least one scope")
+    return scopes
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+_NUMBER = re.compile(r"\s*\d+(\.\d*)?\s*")
+
+
+def parse_time(text: str, now: float) -> float:
+    """POSIX seconds from an RFC 3339 time, POSIX seconds, or a duration with a unit
+    (``"1h"``, ``"30m"``, ``"2d"``) meaning that long before ``now``.  ValueError when
+    it is none of them."""
+    if _NUMBER.fullmatch(text):
+        return float(text)
+    try:
+        return parse_rfc3339(text)
+    except ValueError:
+        pass
+    try:
+        return now - parse_duration(text, "time")
+    except ConfigError:
+        raise ValueError(
+            f"expected an RFC 3339 time, POSIX seconds or a duration like 1h, got {text!r}"
+        ) from None
+
+
+def _time(text: str) -> float:
+    try:
+        return parse_time(text, time.time())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# -- config ------------------------------------------------------------------------
+
+
+def _config_check(args: argparse.Namespace, config: Config) -> Output:
+    """Loading already validated the file (errors exit before any command runs)."""
+    return _lines(describe(config), "configuration OK")
+
+
+# -- credentials ---------------------------------------------------------------------
+
+
+def _rate(cred: Credential) -> str:
+    return f"{cred.rate_per_minute}/min" if cred.rate_per_minute is not None else "-"
+
+
+async def _credentials_add(args: argparse.Namespace, stores: Stores) -> Output:
+    try:
+        cred, secret = await stores.credentials.add(
+            args.name,
+            args.tenant,
+            args.domain,
+            args.allow_ip,
+            args.scope,
+            args.rate,
+            args.sandbox,
+        )
+    except (CredentialExistsError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    if args.json:
+        return _lines(_json({"username": cred.name, "secret": secret, **cred.to_dict()}))
+    return _lines(f"username: {cred.name}", f"secret: {secret}")
+
+
+async def _credentials_list(args: argparse.Namespace, stores: Stores) -> Output:
+    # ICredentialStore.list() takes no tenant: filter here, the lists are short.
+    creds = [c for c in await stores.credentials.list() if args.tenant in (None, c.tenant)]
+    if args.json:
+        return _lines(_json([c.to_dict() for c in creds]))
+    if not creds:
+        return _lines("no credentials")
+    rows = [
+        (
+            c.name,
+            c.tenant,
+            ",".join(sorted(c.scopes)),
+            ",".join(c.domains) or "any",
+            ",".join(str(n) for n in c.networks) or "any",
+            _rate(c),
+            "yes" if c.sandbox else "no",
+            "active" if c.active else "revoked",
+            _when(c.created_at),
+        )
+        for c in creds
+    ]
+    headers = (
+        "NAME",
+        "TENANT",
+        "SCOPES",
+        "DOMAINS",
+        "NETWORKS",
+        "RATE",
+        "SANDBOX",
+        "STATE",
+        "CREATED",
+    )
+    return _lines(render_table(headers, rows))
+
+
+async def _credentials_revoke(args: argparse.Namespace, stores: Stores) -> Output:
+    cred = await stores.credentials.get(args.name)
+    if cred is None:
+        raise CommandError(f"no credential {args.name!r}")
+    if not cred.active:
+        return _lines(f"credential {args.name} was already revoked at {_when(cred.revoked_at)}")
+    await stores.credentials.revoke(args.name)
+    return _lines(f"credential {args.name} revoked")
+
+
+async def _credentials_rotate(args: argparse.Namespace, stores: Stores) -> Output:
+    cred = await stores.credentials.get(args.name)
+    if cred is None:
+        raise CommandError(f"no credential {args.name!r}")
+    if not cred.active:
+        raise CommandError(f"credential {args.name!r} is revoked: add a new one instead")
+    try:
+        secret = await stores.credentials.rotate(args.name)
+    except CredentialNotFoundError as e:  # revoked in the meantime
+        raise CommandError(str(e)) from None
+    if args.json:
+        return _lines(_json({"username": args.name, "secret": secret}))
+    return _lines(f"secret: {secret}")
+
+
+# -- queue ---------------------------------------------------------------------------
+
+
+def _status_summary(message: StoredMessage) -> str:
+    counts: dict[str, int] = {}
+    for r in message.recipients:
+        counts[r.status.value] = counts.get(r.status.value, 0) + 1
+    return ", ".join(f"{s.value} {counts[s.value]}" for s in RecipientStatus if s.value in counts)
+
+
+def _next_attempt(message: StoredMessage) -> float | None:
+    due = [
+        r.next_attempt
+        for r in message.recipients
+        if not r.status.final and r.next_attempt is not None
+    ]
+    return min(due) if due else None
+
+
+async def _queue_list(args: argparse.Namespace, stores: Stores) -> Output:
+    messages = await stores.spool.list_messages(
+        status=args.status, domain=args.domain, limit=args.limit, after=args.after
+    )
+    if args.json:
+        return _lines(_json([m.to_dict() for m in messages]))
+    if not messages:
+        return _lines("no messages")
+    rows = [
+        (
+            m.queue_id,
+            _when(m.meta.received_at),
+            m.size,
+            m.meta.tenant,
+            f"<{m.envelope.sender}>",
+            len(m.recipients),
+            _status_summary(m),
+            _when(_next_attempt(m)),
+        )
+        for m in messages
+    ]
+    headers = ("QUEUE ID", "RECEIVED", "SIZE", "TENANT", "SENDER", "RCPTS", "STATUS", "NEXT")
+    text = [render_table(headers, rows, right=(2, 5))]
+    if len(messages) == args.limit:
+        text.append(f"more may follow: --after {messages[-1].queue_id}")
+    return _lines(*text)
+
+
+def _reply_text(reply: Any) -> str:
+    if reply is None:
+        return "-"
+    return " ".join(str(p) for p in (reply.code, reply.enhanced, reply.text) if p)
+
+
+async def _queue_show(args: argparse.Namespace, stores: Stores) -> Output:
+    message = await stores.spool.get(args.queue_id)
+    if message is None:
+        raise CommandError(f"no message {args.queue_id!r} in the queue")
+    if args.body:
+        body = await stores.spool.body(args.queue_id)
+        if body is None:
+            raise CommandError(f"message {args.queue_id!r} left the queue")
+        return Output(body)
+    if args.json:
+        return _lines(_json(message.to_dict()))
+    meta, env = message.meta, message.envelope
+    client = meta.client_ip or "-"
+    if meta.helo:
+        client += f" (helo {meta.helo})"
+    if meta.listener:
+        client += f" on listener {meta.listener}"
+    fields = [
+        ("queue id", message.queue_id),
+        ("received", format_timestamp(meta.received_at)),
+        ("tenant", meta.tenant),
+        ("credential", meta.credential or "-"),
+        ("client", client),
+        ("tls", f"{meta.tls.version} {meta.tls.cipher}" if meta.tls else "-"),
+        ("sender", f"<{env.sender}>"),
+        ("message-id", meta.message_id or "-"),
+        ("size", f"{message.size} bytes"),
+        ("tags", ", ".join(meta.tags) or "-"),
+        ("node", meta.node or "-"),
+    ]
+    rows = [
+        (
+            r.address,
+            r.status.value,
+            r.attempts,
+            _when(r.next_attempt) if not r.status.final else "-",
+            _reply_text(r.last_reply),
+        )
+        for r in message.recipients
+    ]
+    return _lines(
+        render_table(None, [(f"{k}:", v) for k, v in fields]),
+        "",
+        render_table(("RECIPIENT", "STATUS", "ATTEMPTS", "NEXT", "LAST REPLY"), rows, right=(2,)),
+    )
+
+
+async def _queue_stats(args: argparse.Namespace, stores: Stores) -> Output:
+    stats = await stores.spool.stats()
+    if args.json:
+        return _lines(_json(stats.to_dict()))
+    statuses = [s.value for s in RecipientStatus if s.value in stats.by_status]
+    total = sum(stats.by_status.values())
+    summary = ", ".join(f"{s} {stats.by_status[s]}" for s in statuses)
+    text = [
+        f"messages: {stats.messages}",
+        f"recipients: {total}" + (f" ({summary})" if summary else ""),
+    ]
+    if stats.by_domain:
+        rows = [
+            (domain, *(counts.get(s, 0) for s in statuses))
+            for domain, counts in sorted(stats.by_domain.items())
+        ]
+        headers = ("DOMAIN", *(s.upper() for s in statuses))
+        text += ["", render_table(headers, rows, right=range(1, len(headers)))]
+    return _lines(*text)
+
+
+# -- log -------------------------------------------------------------------------------
+
+
+def _event_row(event: Event) -> tuple[str, ...]:
+    return (
+        format_timestamp(event.timestamp),
+        event.type,
+        event.queue_id or "-",
+        ",".join(event.all_recipients()) or "-",
+        _reply_text(event.response),
+    )
+
+
+async def _log_search(args: argparse.Namespace, stores: Stores) -> Output:
+    query = EventQuery(
+        recipient=args.recipient,
+        sender=args.sender,
+        queue_id=args.queue_id,
+        message_id=args.message_id,
+        type=args.type,
+        tenant=args.tenant,
+        tag=args.tag,
+        since=args.since,
+        until=args.until,
+        limit=args.limit,
+        cursor=args.cursor,
+    )
+    try:
+        page = await stores.eventlog.search(query)
+    except ValueError as e:  # a cursor that is not one of ours
+        raise CommandError(str(e)) from None
+    cursor = f"next cursor: {page.next_cursor}" if page.next_cursor else None
+    if args.json:
+        return Output(_json([e.to_json() for e in page.events]) + "\n", note=cursor)
+    if not page.events:
+        return _lines("no events")
+    text = [render_table(None, [_event_row(e) for e in page.events])]
+    if cursor:
+        text.append(cursor)
+    return _lines(*text)
+
+
+# -- the parser --------------------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    """A command line argparse refused."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line and exit status 1 (DESIGN section 11)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    # Sub-parsers get --config with a SUPPRESS default so they only set it when it is
+    # given after the command; given before, the top-level parser's value stays.
+    config_opt = _Parser(add_help=False)
+    config_opt.add_argument(
+        "--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML configuration file"
+    )
+    json_opt = _Parser(add_help=False)
+    json_opt.add_argument("--json", action="store_true", help="print JSON")
+    common = [config_opt]
+    listing = [config_opt, json_opt]
+
+    parser = _Parser(
+        prog=PROG,
+        description="Operate a Sendarix relay: credentials, queue, delivery log, configuration.",
+        epilog="Without --config, ./sendarix.toml is read when present, else the built-in "
+        "development default.  'sendarix sink --help' describes the test sink.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help="TOML configuration file (also accepted after the command)",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def group(name: str, help: str) -> Any:
+        p = commands.add_parser(name, parents=common, help=help, description=help)
+        return p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    # config
+    config_cmds = group("config", "check the configuration")
+    p = config_cmds.add_parser(
+        "check", parents=common, help="validate and summarise the configuration"
+    )
+    p.set_defaults(plain=_config_check)
+
+    # credentials
+    creds = group("credentials", "SMTP credentials and API keys")
+    p = creds.add_parser("add", parents=listing, help="create a credential; prints its secret once")
+    p.add_argument("name", metavar="NAME", help="SMTP AUTH user name")
+    p.add_argument("--tenant", type=_tenant, required=True, help="tenant the credential sends for")
+    p.add_argument(
+        "--domain",
+        type=_domain,
+        action="append",
+        default=[],
+        help="allowed sender domain (repeat; default: any)",
+    )
+    p.add_argument(
+        "--allow-ip",
+        type=_network,
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="allowed client network (repeat; default: any)",
+    )
+    p.add_argument(
+        "--scope",
+        type=_scopes,
+        default=DEFAULT_SCOPES,
+        metavar="SCOPES",
+        help="comma-separated from smtp,send,read,admin (default: smtp,send)",
+    )
+    p.add_argument("--rate", metavar="N/min", help="message rate limit (N/s, N/min or N/h)")
+    p.add_argument("--sandbox", action="store_true", help="deliver to the simulator only")
+    p.set_defaults(store=_credentials_add)
+    p = creds.add_parser("list", parents=listing, help="list credentials (never their secrets)")
+    p.add_argument("--tenant", help="only this tenant's")
+    p.set_defaults(store=_credentials_list)
+    p = creds.add_parser("revoke", parents=common, help="revoke a credential at once")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(store=_credentials_revoke)
+    p = creds.add_parser("rotate", parents=listing, help="replace a credential's secret")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(store=_credentials_rotate)
+
+    # queue
+    queue = group("queue", "messages in the spool")
+    p = queue.add_parser("list", parents=listing, help="list spooled messages")
+    p.add_argument(
+        "--status",
+        choices=[s.value for s in RecipientStatus],
+        help="only messages with a recipient in this state",
+    )
+    p.add_argument("--domain", help="only messages with a recipient at this domain")
+    p.add_argument("--limit", type=_positive, default=100, help="at most N messages (100)")
+    p.add_argument("--after", metavar="QUEUE_ID", help="start after this queue id")
+    p.set_defaults(store=_queue_list)
+    p = queue.add_parser("show", parents=common, help="one message's envelope and recipients")
+    p.add_argument("queue_id", metavar="QUEUE_ID")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print JSON")
+    shown.add_argument("--body", action="store_true", help="write the raw message to stdout")
+    p.set_defaults(store=_queue_show)
+    p = queue.add_parser("stats", parents=listing, help="queue depth by status and domain")
+    p.set_defaults(store=_queue_stats)
+
+    # log
+    log = group("log", "the delivery log")
+    p = log.add_parser(
+        "search",
+        parents=listing,
+        help="search events, newest first",
+        epilog="TIME: RFC 3339 (2026-01-31T12:00:00Z), POSIX seconds, or a "
+        "duration such as 1h or 2d meaning that long ago.",
+    )
+    p.add_argument("--recipient", metavar="ADDRESS")
+    p.add_argument("--sender", metavar="ADDRESS")
+    p.add_argument("--queue-id", metavar="QUEUE_ID")
+    p.add_argument("--message-id", metavar="MESSAGE_ID")
+    p.add_argument("--type", choices=sorted(EVENT_TYPES))
+    p.add_argument("--tenant")
+    p.add_argument("--tag")
+    p.add_argument("--since", type=_time, metavar="TIME", help="events at or after TIME")
+    p.add_argument("--until", type=_time, metavar="TIME", help="events before TIME")
+    p.add_argument(
+        "--limit", type=_positive, default=50, help=f"at most N events (50, up to {MAX_LIMIT})"
+    )
+    p.add_argument("--cursor", help="the 'next cursor' of a previous search")
+    p.set_defaults(store=_log_search)
+
+    # sink: dispatched before parsing (see main); listed here for --help.
+    commands.add_parser(
+        "sink", help="run the test SMTP sink (see 'sendarix sink --help')", add_help=False
+    )
+    return parser
+
+
+# -- running --------------------------------------------------------------------------
+
+
+def _sink_arguments(argv: list[str]) -> list[str] | None:
+    """The arguments after ``sink`` when the command is ``sink`` (``--config`` may come
+    first and is ignored: the sink has no configuration file), else None."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            i += 2
+        elif arg.startswith("--config="):
+            i += 1
+        else:
+            return argv[i + 1 :] if arg == "sink" else None
+    return None
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
+
+
+def _run_with_stores(config: Config, command: StoreCommand, args: argparse.Namespace) -> Output:
+    """Open the stores, run ``command``, close the stores (always); the command's output.
+
+    Raises CommandError for user errors; anything else unexpected comes back as the
+    Failure it was, re-raised here.
+    """
+    result: list[Output | BaseException | Failure] = []
+
+    async def work(reactor: Any) -> None:
+        try:
+            stores = Stores.from_config(config, reactor, json_log=False)
+        except NotImplementedError as e:  # a Redis spool in this version
+            result.append(CommandError(str(e)))
+            return
+        path = stores.db.path
+        try:
+            # SQLiteDatabase.close() never fires after a failed open(): only close a
+            # database that opened (a failed spool start still closes it).
+            await stores.db.open()
+        except (sqlite3.Error, OSError) as e:
+            result.append(CommandError(f"cannot open the database {path}: {e}"))
+            return
+        try:
+            await stores.open()
+            result.append(await command(args, stores))
+        except CommandError as e:
+            result.append(e)
+        except (sqlite3.Error, OSError, SpoolError) as e:
+            result.append(CommandError(f"database {path}: {e}"))
+        except BaseException:
+            result.append(Failure())
+        finally:
+            await stores.close()
+
+    try:
+        react(work)
+    except SystemExit as e:
+        if e.code not in (0, None) and not result:
+            # react logged the failure already (closing the stores failed).
+            raise CommandError("the stores did not close cleanly") from None
+    if not result:  # interrupted (SIGINT/SIGTERM) before the command finished
+        raise CommandError("interrupted")
+    outcome = result[0]
+    if isinstance(outcome, Failure):
+        outcome.raiseException()
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def _write(output: Output) -> None:
+    if output.note:
+        sys.stderr.write(output.note + "\n")
+        sys.stderr.flush()
+    if isinstance(output.stdout, bytes):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(output.stdout)
+        sys.stdout.buffer.flush()
+    else:
+        sys.stdout.write(output.stdout)
+        sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``sendarix`` with ``argv`` (default: ``sys.argv[1:]``); the exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    sink_args = _sink_arguments(arguments)
+    if sink_args is not None:
+        from sendarix import sink
+
+        return sink.main(sink_args)
+
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(arguments)
+    except _UsageError as e:
+        sys.stderr.write(f"{e}\n")
+        return 1
+    except SystemExit as e:  # --help and --version print and exit 0
+        return e.code if isinstance(e.code, int) else 0
+    try:
+        config = resolve_config(args.config)
+    except ConfigError as e:
+        _error(f"configuration error: {e}")
+        return 1
+    try:
+        if hasattr(args, "plain"):
+            output = args.plain(args, config)
+        else:
+            output = _run_with_stores(config, args.store, args)
+        _write(output)
+    except CommandError as e:
+        _error(str(e))
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`| head`): not worth a traceback.  Point stdout at
+        # /dev/null so the interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except Exception:
+        Failure().printTraceback(sys.stderr)
+        _error("internal error (traceback above)")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""The submission server end to end: real clients (smtplib, raw sockets) over loopback
+against a real relay node with a SQLite spool and TLS from a test CA."""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+from typing import Any
+
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from sendarix.events import EventQuery
+from tests.relay import HOSTNAME, RawClient, in_thread, smtp_starttls, start_relay
+
+SUBMISSION = {"name": "submission", "endpoint": "tcp:0:interface=127.0.0.1",
+              "tls": "starttls", "auth": "required"}
+IMPLICIT = {"name": "smtps", "endpoint": "tcp:0:interface=127.0.0.1",
+            "tls": "implicit", "auth": "required"}
+RELAY = {"name": "relay", "endpoint": "tcp:0:interface=127.0.0.1", "tls": "starttls",
+         "auth": "optional", "trusted_networks": ["127.0.0.0/8"]}
+UNTRUSTED = {"name": "closed", "endpoint": "tcp:0:interface=127.0.0.1", "tls": "none",
+             "auth": "none", "trusted_networks": ["10.0.0.0/8"]}
+
+BODY = b"From: App <app@example.com>\r\nSubject: hi\r\n\r\nhello\r\n.leading dot\r\n\xe9t\xe9\r\n"
+
+
+def plain(user: str, secret: str) -> bytes:
+    return base64.b64encode(f"\0{user}\0{secret}".encode())
+
+
+class SubmissionTests(TestCase):
+    """Submission with STARTTLS, implicit TLS, AUTH PLAIN and LOGIN."""
+
+    timeout = 60
+
+    def setUp(self) -> Any:
+        async def go() -> None:
+            self.relay = await start_relay(
+                self, [SUBMISSION, IMPLICIT, RELAY, UNTRUSTED],
+                limits={"max_message_size": "1MiB", "max_recipients": 3},
+            )
+            self.secret = await self.relay.add_credential("app", domains=("example.com",))
+        return ensureDeferred(go())
+
+    @property
+    def port(self) -> int:
+        return self.relay.ports["submission"]
+
+    async def _stored(self, queue_id: str) -> bytes:
+        body = await self.relay.stores.spool.body(queue_id)
+        assert body is not None
+        return bytes(body)
+
+    async def test_starttls_auth_plain(self) -> None:
+        """STARTTLS + AUTH PLAIN: 250 with a queue id, the body stored intact after our
+        Received header, and an accepted event found by recipient."""
+        def send() -> Any:
+            s = smtp_starttls(self.port, self.relay.ca_path)
+            s.login("app", self.secret)
+            s.mail("app@example.com")
+            s.rcpt("a@example.org")
+            s.rcpt("b@example.net")
+            code, msg = s.data(BODY)
+            s.quit()
+            return code, msg
+
+        code, msg = await in_thread(send)
+        self.assertEqual(code, 250)
+        self.assertTrue(msg.startswith(b"2.0.0 OK: queued as "), msg)
+        qid = msg.split()[-1].decode()
+        stored = await self._stored(qid)
+        self.assertTrue(stored.startswith(b"Received: from client.test"))
+        self.assertIn(b"with ESMTPSA id " + qid.encode(), stored)
+        self.assertIn(b"TLSv1.", stored)
+        self.assertTrue(stored.endswith(BODY.split(b"\r\n\r\n", 1)[1]))
+        self.assertIn(b"\r\nMessage-ID: <", stored)
+        self.assertIn(b"\r\nDate: ", stored)
+        msg_rec = await self.relay.stores.spool.get(qid)
+        self.assertEqual(msg_rec.envelope.recipients, ("a@example.org", "b@example.net"))
+        self.assertEqual(msg_rec.meta.tenant, "acme")
+        page = await self.relay.stores.eventlog.search(EventQuery(recipient="b@example.net"))
+        self.assertEqual([e.type for e in page.events], ["accepted"])
+        self.assertEqual(page.events[0].queue_id, qid)
+
+    async def test_auth_login_and_implicit_tls(self) -> None:
+        """AUTH LOGIN on the implicit-TLS listener; STARTTLS is not offered there."""
+        import ssl
+
+        def send() -> Any:
+            ctx = ssl.create_default_context(cafile=self.relay.ca_path)
+            ctx.check_hostname = False  # smtplib checks against the connect address
+            s = smtplib.SMTP_SSL("127.0.0.1", self.relay.ports["smtps"], context=ctx,
+                                 local_hostname="c.test")
+            s.ehlo()
+            features = dict(s.esmtp_features)
+            s.user, s.password = "app", self.secret
+            code, _ = s.auth("LOGIN", s.auth_login, initial_response_ok=False)
+            r = s.sendmail("app@example.com", ["x@example.org"], BODY)
+            s.quit()
+            return features, code, r
+
+        features, code, refused = await in_thread(send)
+        self.assertNotIn("starttls", features)
+        self.assertIn("LOGIN", features["auth"])
+        self.assertEqual(code, 235)
+        self.assertEqual(refused, {})
+
+    async def test_auth_before_tls_refused(self) -> None:
+        """AUTH on a plaintext session: 530 5.7.0, and AUTH is not advertised."""
+        def run() -> Any:
+            c = RawClient(self.port)
+            c.reply()
+            c.send(b"EHLO c.test\r\n")
+            _, ehlo = c.reply()
+            c.send(b"AUTH PLAIN " + plain("app", self.secret) + b"\r\n")
+            return ehlo, c.codes(1)
+
+        ehlo, (auth,) = await in_thread(run)
+        self.assertTrue(any(line[4:] == b"STARTTLS" for line in ehlo), ehlo)
+        self.assertFalse(any(b"AUTH" in line for line in ehlo))
+        self.assertEqual(auth, b"530 5.7.0 Must issue a STARTTLS command first")
+
+    async def test_relay_refusals(self) -> None:
+        """Without AUTH: 530 5.7.0 on an AUTH listener, 554 5.7.1 outside trusted
+        networks on auth=none, accepted from trusted networks on auth=optional."""
+        def run(port: int) -> list[bytes]:
+            c = RawClient(port)
+            c.reply()
+            c.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n")
+            return c.codes(3)
+
+        sub = await in_thread(run, self.port)
+        self.assertTrue(sub[1].startswith(b"530 5.7.0 Authentication required"))
+        self.assertTrue(sub[2].startswith(b"503 5.5.1"))
+        closed = await in_thread(run, self.relay.ports["closed"])
+        self.assertTrue(closed[1].startswith(b"554 5.7.1 Relay access denied"))
+        trusted = await in_thread(run, self.relay.ports["relay"])
+        self.assertEqual(trusted[1:], [b"250 2.1.0 Sender OK", b"250 2.1.5 Recipient OK"])
+        page = await self.relay.stores.eventlog.search(EventQuery(type="rejected"))
+        self.assertEqual(len(page.events), 2)
+
+    async def test_bad_password_then_lockout(self) -> None:
+        """Wrong secrets: 535 5.7.8, then 421 4.7.0 once the address is locked out."""
+        def run() -> list[bytes]:
+            out = []
+            for _ in range(6):
+                c = RawClient(self.port)
+                c.reply()
+                c.send(b"EHLO c.test\r\nSTARTTLS\r\n")
+                c.codes(2)
+                c.starttls(self.relay.ca_path)
+                c.send(b"EHLO c.test\r\nAUTH PLAIN " + plain("app", "wrong") + b"\r\n")
+                out.append(c.codes(2)[1])
+                c.close()
+            return out
+
+        replies = await in_thread(run)
+        self.assertEqual(replies[0], b"535 5.7.8 Authentication credentials invalid")
+        self.assertTrue(replies[4].startswith(b"421 4.7.0"), replies)
+        self.assertTrue(replies[5].startswith(b"421 4.7.0"), replies)
+
+    async def test_sender_scope(self) -> None:
+        """MAIL FROM outside the credential's domains: 550 5.7.1; a header From outside
+        them: 550 5.7.1 after DATA and nothing spooled."""
+        def run() -> Any:
+            s = smtp_starttls(self.port, self.relay.ca_path)
+            s.login("app", self.secret)
+            mail = s.mail("app@other.com")
+            s.rset()
+            s.mail("app@example.com")
+            s.rcpt("x@example.org")
+            data = s.data(b"From: evil@other.com\r\n\r\nhi\r\n")
+            s.quit()
+            return mail, data
+
+        mail, data = await in_thread(run)
+        self.assertEqual(mail[0], 550)
+        self.assertTrue(mail[1].startswith(b"5.7.1"))
+        self.assertEqual(data[0], 550)
+        stats = await self.relay.stores.spool.stats()
+        self.assertEqual(stats.messages, 0)
+
+    async def test_revoked_credential(self) -> None:
+        """A credential revoked mid-session stops working at the next MAIL."""
+        def login() -> smtplib.SMTP:
+            s = smtp_starttls(self.port, self.relay.ca_path)
+            s.login("app", self.secret)
+            return s
+
+        s = await in_thread(login)
+        await self.relay.stores.credentials.revoke("app")
+        code, msg = await in_thread(s.mail, "app@example.com")
+        await in_thread(s.close)
+        self.assertEqual((code, msg[:5]), (530, b"5.7.0"))
+
+    async def test_size_limits(self) -> None:
+        """SIZE= above the limit: 552 5.3.4 at MAIL; an oversize body: 552 5.3.4 after
+        the data, and the same session then sends a message normally."""
+        def run() -> Any:
+            c = RawClient(self.relay.ports["relay"])
+            c.reply()
+            c.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com> SIZE=999999999999\r\n")
+            first = c.codes(2)[1]
+            c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+            c.codes(3)
+            c.send(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1100 + b".\r\n")
+            big = c.codes(1)[0]
+            c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+            c.codes(3)
+            c.send(b"Subject: small\r\n\r\nok\r\n.\r\nQUIT\r\n")
+            return first, big, c.codes(2)
+
+        first, big, last = await in_thread(run)
+        self.assertTrue(first.startswith(b"552 5.3.4"), first)
+        self.assertTrue(big.startswith(b"552 5.3.4"), big)
+        self.assertTrue(last[0].startswith(b"250 2.0.0 OK: queued as"), last)
+        self.assertTrue(last[1].startswith(b"221 2.0.0"))
+
+    async def test_too_many_recipients(self) -> None:
+        """The recipient after max_recipients gets 452 4.5.3."""
+        def run() -> list[bytes]:
+            c = RawClient(self.relay.ports["relay"])
+            c.reply()
+            rcpts = b"".join(b"RCPT TO:<r%d@example.org>\r\n" % i for i in range(4))
+            c.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\n" + rcpts)
+            return c.codes(6)
+
+        codes = await in_thread(run)
+        self.assertEqual(codes[5], b"452 4.5.3 Too many recipients")
+
+    async def test_pipelining_keeps_order(self) -> None:
+        """A whole authenticated transaction in one write (implicit TLS): every reply in
+        command order, the 250 for the message before the 221."""
+        body = b"From: app@example.com\r\nSubject: p\r\n\r\npipelined\r\n"
+
+        def run() -> list[bytes]:
+            c = RawClient(self.relay.ports["smtps"], tls_ca=self.relay.ca_path)
+            c.reply()
+            c.send(
+                b"EHLO c.test\r\nAUTH PLAIN " + plain("app", self.secret) + b"\r\n"
+                b"MAIL FROM:<app@example.com>\r\nRCPT TO:<a@example.org>\r\n"
+                b"RCPT TO:<b@example.org>\r\nDATA\r\n" + body + b".\r\n"
+                b"MAIL FROM:<app@example.com>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n"
+                + body + b".\r\nQUIT\r\n"
+            )
+            out = [c.reply()[1][-1] for _ in range(11)]
+            return out
+
+        codes = await in_thread(run)
+        self.assertEqual(
+            [line[:3] for line in codes],
+            [b"250", b"235", b"250", b"250", b"250", b"354", b"250", b"250", b"250",
+             b"354", b"250"][: len(codes)],
+        )
+
+    async def test_starttls_discards_injected_commands(self) -> None:
+        """Commands sent in the same packet as STARTTLS are discarded, and the session
+        state is reset: MAIL after the handshake needs a new EHLO."""
+        def run() -> Any:
+            c = RawClient(self.relay.ports["relay"])
+            c.reply()
+            c.send(b"EHLO c.test\r\n")
+            c.reply()
+            c.send(b"STARTTLS\r\nMAIL FROM:<inject@example.com>\r\n")
+            started = c.codes(1)[0]
+            c.starttls(self.relay.ca_path)
+            c.send(b"MAIL FROM:<a@example.com>\r\n")
+            after = c.codes(1)[0]
+            c.send(b"EHLO c.test\r\n")
+            _, ehlo = c.reply()
+            return started, after, ehlo
+
+        started, after, ehlo = await in_thread(run)
+        self.assertEqual(started, b"220 2.0.0 Ready to start TLS")
+        self.assertTrue(after.startswith(b"503 5.5.1"), after)
+        self.assertFalse(any(line[4:] == b"STARTTLS" for line in ehlo), ehlo)
+
+    async def test_bdat_chunks(self) -> None:
+        """BDAT in three chunks (binary-safe, no dot-stuffing) is queued intact."""
+        parts = [b"Subject: chunks\r\n\r\n", b".not stuffed\r\n", b"end\r\n"]
+
+        def run() -> list[bytes]:
+            c = RawClient(self.relay.ports["relay"])
+            c.reply()
+            c.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n")
+            c.codes(3)
+            c.send(b"BDAT %d\r\n%s" % (len(parts[0]), parts[0]))
+            c.send(b"BDAT %d\r\n%s" % (len(parts[1]), parts[1]))
+            c.send(b"BDAT %d LAST\r\n%s" % (len(parts[2]), parts[2]))
+            return c.codes(3)
+
+        codes = await in_thread(run)
+        self.assertTrue(codes[0].startswith(b"250 2.0.0"))
+        self.assertTrue(codes[2].startswith(b"250 2.0.0 OK: queued as"), codes)
+        stored = await self._stored(codes[2].split()[-1].decode())
+        self.assertTrue(stored.endswith(b"".join(parts[1:])))
+
+    async def test_smuggling_stays_in_one_message(self) -> None:
+        """Bare-LF "end of data" sequences do not end the message: the text after them,
+        SMTP commands included, is part of one queued message."""
+        smuggled = (b"Subject: s\r\n\r\nhello\n.\nMAIL FROM:<evil@x.org>\r\n"
+                    b"RCPT TO:<victim@example.org>\r\nDATA\r\n\r\n.\n\r\n")
+
+        def run() -> list[bytes]:
+            c = RawClient(self.relay.ports["relay"])
+            c.reply()
+            c.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
+                   b"DATA\r\n" + smuggled + b".\r\nQUIT\r\n")
+            return c.codes(6)
+
+        codes = await in_thread(run)
+        self.assertTrue(codes[4].startswith(b"250 2.0.0 OK: queued as"), codes)
+        self.assertTrue(codes[5].startswith(b"221"))
+        stats = await self.relay.stores.spool.stats()
+        self.assertEqual(stats.messages, 1)
+        stored = await self._stored(codes[4].split()[-1].decode())
+        self.assertIn(b"MAIL FROM:<evil@x.org>", stored)
+        self.assertNotIn(b"\n.\n", stored)
+
+    async def test_long_lines(self) -> None:
+        """A 2 MB command line without CRLF gets 500 5.5.2 and the session goes on; an
+        over-long body line refuses the message without leaving DATA early."""
+        def run() -> list[bytes]:
+            c = RawClient(self.relay.ports["relay"])
+            c.reply()
+            c.send(b"X" * 2_000_000)
+            c.send(b"\r\nNOOP\r\n")
+            first = c.codes(2)
+            c.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
+                   b"DATA\r\n")
+            c.codes(4)
+            c.send(b"Subject: l\r\n\r\n" + b"y" * 5000 + b"\r\nRSET\r\nQUIT\r\n.\r\nNOOP\r\n")
+            return first + c.codes(2)
+
+        codes = await in_thread(run)
+        self.assertEqual(codes[0], b"500 5.5.2 Line too long")
+        self.assertEqual(codes[1], b"250 2.0.0 OK")
+        self.assertTrue(codes[2].startswith(b"554 5.6.0"), codes)
+        self.assertEqual(codes[3], b"250 2.0.0 OK")
+
+    async def test_garbage_and_misc_commands(self) -> None:
+        """NULs and unknown verbs: 500 5.5.2; NOOP, RSET, VRFY (252), HELP answered."""
+        def run() -> list[bytes]:
+            c = RawClient(self.relay.ports["relay"])
+            c.reply()
+            c.send(b"\x00\xff\xfe garbage\r\nFOO bar\r\nNOOP\r\nRSET\r\nVRFY x\r\nHELP\r\n")
+            return c.codes(6)
+
+        codes = await in_thread(run)
+        self.assertTrue(codes[0].startswith(b"500 5.5.2"))
+        self.assertTrue(codes[1].startswith(b"500 5.5.2"))
+        self.assertEqual([c[:3] for c in codes[2:]], [b"250", b"250", b"252", b"214"])
+
+    async def test_spool_failure_answers_451(self) -> None:
+        """When the spool cannot store the message the client hears 451 4.3.0."""
+        await self.relay.stores.db.close()
+
+        def run() -> list[bytes]:
+            c = RawClient(self.relay.ports["relay"])
+            c.reply()
+            c.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
+                   b"DATA\r\nSubject: x\r\n\r\nx\r\n.\r\n")
+            return c.codes(5)
+
+        codes = await in_thread(run)
+        self.assertTrue(codes[4].startswith(b"451 4.3.0"), codes)
+        self.flushLoggedErrors()
+
+    async def test_large_message(self) -> None:
+        """A message close to the limit (1 MiB here) is accepted byte for byte."""
+        body = b"Subject: big\r\n\r\n" + (b"0123456789" * 99 + b"\r\n") * 1000
+
+        def run() -> Any:
+            s = smtplib.SMTP("127.0.0.1", self.relay.ports["relay"], local_hostname="c.test")
+            code, msg = s.sendmail("a@example.com", ["b@example.org"], body) or (250, b"")
+            s.quit()
+            return code
+
+        await in_thread(run)
+        stats = await self.relay.stores.spool.stats()
+        self.assertEqual(stats.messages, 1)
+
+
+class ConnectionLimitTests(TestCase):
+    """Per-IP connection limit and graceful stop."""
+
+    timeout = 30
+
+    async def test_per_ip_limit_and_shutdown(self) -> None:
+        """The third connection from one address gets 421 4.7.0; on stop, idle
+        sessions get 421 4.3.2."""
+        listener = dict(RELAY, max_connections_per_ip=2)
+        relay = await start_relay(self, [listener])
+        port = relay.ports["relay"]
+
+        def connect() -> Any:
+            clients = [RawClient(port) for _ in range(3)]
+            return clients, [c.codes(1)[0] for c in clients]
+
+        clients, greetings = await in_thread(connect)
+        self.assertTrue(greetings[0].startswith(b"220"))
+        self.assertTrue(greetings[2].startswith(b"421 4.7.0"), greetings)
+        await relay.stop()
+        final = await in_thread(lambda: clients[0].codes(1)[0])
+        self.assertTrue(final.startswith(b"421 4.3.2"), final)
+        for c in clients:
+            c.close()
