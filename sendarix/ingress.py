@@ -45,8 +45,8 @@ from sendarix.cleanup import received_protocol
 from sendarix.config import LimitsConfig, ListenerConfig
 from sendarix.credentials import Credential
 from sendarix.datareader import ChunkDataReader, DataResult, DotDataReader
-from sendarix.interfaces import IAuthLimiter, ICredentialStore, ISubmitter
 from sendarix.intake import Intake, Refused, Submission
+from sendarix.interfaces import IAuthLimiter, ICredentialStore, ISubmitter
 from sendarix.model import Envelope, Reply, TLSInfo
 from sendarix.ratelimit import RateLimiter
 from sendarix.sasl import MECHANISMS, SASLError
@@ -62,6 +62,7 @@ _MAX_BUFFERED_LINE = 16384
 # While a reply is pending, stop reading from the socket past this much input.
 _PAUSE_ABOVE = 256 * 1024
 _MAX_ERRORS = 20
+_TOO_BIG = "Message size exceeds fixed maximum message size"
 
 
 def _text(b: bytes) -> str:
@@ -178,7 +179,7 @@ class SubmissionServer(smtp.ESMTP):
         self.reply(220, None, f"{self.s.hostname} ESMTP Sendarix")
         self.setTimeout(self.timeout)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._mode = CLOSED
         self._reset_transaction()
         self.setTimeout(None)
@@ -556,7 +557,7 @@ class SubmissionServer(smtp.ESMTP):
                     self._error(501, "5.5.4", "SIZE needs a number")
                     return
                 if int(value) > self.s.limits.max_message_size:
-                    self._refuse(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
+                    self._refuse(Reply(552, "5.3.4", _TOO_BIG))
                     return
             elif key == "BODY":
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
@@ -624,7 +625,9 @@ class SubmissionServer(smtp.ESMTP):
             return False
         return True
 
-    def _start_transaction(self, sender: str, params: dict[str, str | None], smtputf8: bool) -> None:
+    def _start_transaction(
+        self, sender: str, params: dict[str, str | None], smtputf8: bool
+    ) -> None:
         self._reset_transaction()
         self._sender = sender
         self._body_type = (params.get("BODY") or "").upper() or None
@@ -748,7 +751,7 @@ class SubmissionServer(smtp.ESMTP):
     def _end_of_message(self, result: DataResult) -> None:
         refusal = None
         if result.oversize:
-            refusal = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            refusal = Reply(552, "5.3.4", _TOO_BIG)
         elif result.long_line:
             refusal = Reply(
                 554, "5.6.0",

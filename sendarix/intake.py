@@ -25,7 +25,7 @@ from sendarix.queueid import QueueIdGenerator
 log = Logger()
 
 
-class Refused(Exception):
+class Refused(Exception):  # noqa: N818 - reads as "raise Refused(reply)"
     """A message (or command) is refused with an SMTP reply."""
 
     def __init__(self, reply: Reply) -> None:

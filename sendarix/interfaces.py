@@ -22,104 +22,104 @@ class ISpool(Interface):
     def stop():
         """Flush and close; Deferred fires when closed."""
 
-    def enqueue(message):
+    def enqueue(self):
         """Store a L{sendarix.model.NewMessage} durably.
 
         The Deferred fires (with None) only after the message and all its recipients are
         on stable storage, and fails if nothing was stored; never half-written.
         """
 
-    def lease_due(node, now, limit, lease_for):
+    def lease_due(self, now, limit, lease_for):
         """Lease up to ``limit`` deliveries due at ``now`` to ``node`` for ``lease_for``
         seconds: a list of L{sendarix.model.LeasedDelivery}.  A delivery whose lease has
         expired is due again (another node died holding it)."""
 
-    def renew(queue_id, domain, node, expires):
+    def renew(self, domain, node, expires):
         """Extend ``node``'s lease on a delivery; True when the lease was still ours."""
 
-    def release(queue_id, domain, node):
+    def release(self, domain, node):
         """Give a lease back without an outcome (graceful stop)."""
 
-    def reclaim(node):
+    def reclaim(self):
         """Release every lease ``node`` holds (a node restarting under its own name)."""
 
-    def complete(queue_id, domain, node, outcomes, now):
+    def complete(self, domain, node, outcomes, now):
         """Record L{sendarix.model.RecipientOutcome}s and release the lease.
 
         Deferred recipients are due again at their ``next_attempt``; a message whose
         recipients are all final is removed with its body.
         """
 
-    def get(queue_id):
+    def get(self):
         """A L{sendarix.model.StoredMessage}, or None."""
 
-    def body(queue_id):
+    def body(self):
         """The message bytes, or None."""
 
-    def list_messages(status=None, domain=None, limit=100, after=None):
+    def list_messages(self=None, domain=None, limit=100, after=None):
         """StoredMessages in queue-id order after ``after``, filtered by a recipient status
         value and/or destination domain."""
 
     def stats():
         """A L{sendarix.model.QueueStats}."""
 
-    def retry(queue_id, now):
+    def retry(self, now):
         """Make every unfinished recipient of a message due at ``now``; the count."""
 
-    def delete(queue_id):
+    def delete(self):
         """Remove a message and its body; True when it existed."""
 
 
 class IEventSink(Interface):
     """Where outcome events (L{sendarix.events.Event}) go."""
 
-    def emit(event):
+    def emit(self):
         """Record one event; may return a Deferred that fires once it is stored."""
 
 
 class IEventLog(IEventSink):
     """An event sink that can also be searched (the delivery log)."""
 
-    def search(query):
+    def search(self):
         """A Deferred L{sendarix.events.EventPage} for an L{sendarix.events.EventQuery},
         newest first."""
 
-    def trim(before):
+    def trim(self):
         """Delete events older than ``before`` (retention); the count deleted."""
 
 
 class ICredentialStore(Interface):
     """SMTP credentials and API keys: hashed secrets and their scopes."""
 
-    def add(name, tenant, domains, networks, scopes, rate, sandbox):
+    def add(self, tenant, domains, networks, scopes, rate, sandbox):
         """Create a credential; Deferred (Credential, secret).  The secret is shown once."""
 
-    def get(name):
+    def get(self):
         """The L{sendarix.credentials.Credential} (active or revoked), or None."""
 
     def list():
         """Every credential."""
 
-    def revoke(name):
+    def revoke(self):
         """Revoke at once; True when it existed."""
 
-    def rotate(name):
+    def rotate(self):
         """Replace the secret; Deferred new secret (old one stops working at once)."""
 
 
 class IAuthLimiter(Interface):
     """Slows, then locks out, client addresses that keep failing AUTH."""
 
-    def is_locked(ip, now):
+    def is_locked(self, now):
         """True while ``ip`` is locked out."""
 
-    def delay_for(ip, now):
+    def delay_for(self, now):
         """Seconds to wait before answering ``ip``'s next AUTH failure."""
 
-    def failed(ip, now):
+    def failed(self, now):
         """Record a failure."""
 
-    def succeeded(ip, now):
+    def succeeded(self, now):
         """Record a success (forgets earlier failures)."""
 
 
@@ -128,7 +128,7 @@ class IContentFilter(Interface):
 
     name = Attribute("A short name for logs.")
 
-    def check(envelope, body):
+    def check(self, body):
         """Deferred None to accept, or a L{sendarix.model.Reply} to refuse."""
 
 

@@ -17,7 +17,9 @@ class RateLimiter:
     max_keys: int = 100_000
     _tat: dict[str, float] = field(factory=dict)
 
-    def allow(self, key: str, rate: float, period: float, now: float, burst: float | None = None) -> bool:
+    def allow(
+        self, key: str, rate: float, period: float, now: float, burst: float | None = None
+    ) -> bool:
         """Admit one event for ``key`` at ``now``; False when over the rate."""
         if rate <= 0:
             return False

@@ -31,10 +31,10 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> IService:
     """Build the node from parsed options."""
-    from sendarix.service import makeService as make
+    from sendarix.service import makeService as make_node  # noqa: N813
 
     try:
-        return make(options["parsed"])
+        return make_node(options["parsed"])
     except ConfigError as e:
         sys.stderr.write(f"configuration error: {e}\n")
         raise SystemExit(1) from e

@@ -24,7 +24,7 @@ def make_self_signed(hostname: str, cert_path: str, key_path: str) -> None:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     sans: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost")]
     sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
     cert = (
@@ -74,7 +74,9 @@ def ensure_certificate(
     return cert, key
 
 
-def server_tls_options(cert_path: str, key_path: str, min_version: str = "1.2") -> CertificateOptions:
+def server_tls_options(
+    cert_path: str, key_path: str, min_version: str = "1.2"
+) -> CertificateOptions:
     """Server-side TLS options: the certificate chain, TLS ``min_version`` or newer."""
     with open(cert_path, "rb") as f:
         pem = f.read()

@@ -11,7 +11,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
 from sendarix.events import EventQuery
-from tests.relay import HOSTNAME, RawClient, in_thread, smtp_starttls, start_relay
+from tests.relay import RawClient, in_thread, smtp_starttls, start_relay
 
 SUBMISSION = {"name": "submission", "endpoint": "tcp:0:interface=127.0.0.1",
               "tls": "starttls", "auth": "required"}

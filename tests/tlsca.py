@@ -24,7 +24,7 @@ class TestCA:
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
         self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(_name("Sendarix Test CA"))
@@ -43,7 +43,7 @@ class TestCA:
     def issue(self, hostname: str, ips: tuple[str, ...] = ("127.0.0.1",)) -> tuple[str, str]:
         """Write a server certificate and key for ``hostname``; (cert path, key path)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         sans: list[x509.GeneralName] = [x509.DNSName(hostname)]
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
         cert = (
