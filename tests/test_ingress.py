@@ -11,7 +11,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
 from sendarix.events import EventQuery
-from tests.relay import RawClient, in_thread, smtp_starttls, start_relay
+from tests.relay import HOSTNAME, RawClient, in_thread, smtp_starttls, start_relay
 
 SUBMISSION = {"name": "submission", "endpoint": "tcp:0:interface=127.0.0.1",
               "tls": "starttls", "auth": "required"}
@@ -406,3 +406,123 @@ class ConnectionLimitTests(TestCase):
         self.assertTrue(final.startswith(b"421 4.3.2"), final)
         for c in clients:
             c.close()
+
+
+class BadInputTests(TestCase):
+    """Hostile or broken clients get their RFC 5321 reply or a timeout, and nothing
+    partial reaches the spool; big messages at the default 50 MiB limit."""
+
+    timeout = 120
+
+    def setUp(self) -> Any:
+        async def go() -> None:
+            self.relay = await start_relay(
+                self, [SUBMISSION, RELAY], limits={"data_timeout": "1s"}
+            )
+            self.secret = await self.relay.add_credential("app")
+        return ensureDeferred(go())
+
+    async def test_ten_thousand_recipients(self) -> None:
+        """10,000 pipelined RCPTs: the first 1000 accepted, the rest 452 4.5.3, and the
+        session still answers afterwards."""
+        def run() -> list[bytes]:
+            c = RawClient(self.relay.ports["relay"])
+            c.reply()
+            rcpts = b"".join(b"RCPT TO:<r%d@example.org>\r\n" % i for i in range(10_000))
+            c.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\n" + rcpts + b"NOOP\r\n")
+            return c.codes(10_003)
+
+        codes = await in_thread(run)
+        self.assertEqual(codes[1001], b"250 2.1.5 Recipient OK")
+        self.assertEqual(codes[1002], b"452 4.5.3 Too many recipients")
+        self.assertEqual(codes[-2], b"452 4.5.3 Too many recipients")
+        self.assertEqual(codes[-1], b"250 2.0.0 OK")
+
+    async def test_stall_mid_data(self) -> None:
+        """A client that stops sending in the middle of DATA gets 421 4.4.2 after the
+        data timeout and the partial message is not spooled."""
+        def run() -> Any:
+            c = RawClient(self.relay.ports["relay"])
+            c.reply()
+            c.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
+                   b"DATA\r\nSubject: half\r\n\r\nhalf a mess")
+            return c.codes(5)[-1], c.closed()
+
+        last, closed = await in_thread(run)
+        self.assertTrue(last.startswith(b"421 4.4.2"), last)
+        self.assertTrue(closed)
+        stats = await self.relay.stores.spool.stats()
+        self.assertEqual(stats.messages, 0)
+
+    async def test_broken_auth_input(self) -> None:
+        """Broken base64, a bad PLAIN structure, an unknown mechanism and "*": each gets
+        its 5xx reply and the session goes on."""
+        def run() -> list[bytes]:
+            c = RawClient(self.relay.ports["submission"])
+            c.reply()
+            c.send(b"EHLO c.test\r\nSTARTTLS\r\n")
+            c.codes(2)
+            c.starttls(self.relay.ca_path)
+            c.send(b"EHLO c.test\r\n")
+            c.reply()
+            c.send(b"AUTH PLAIN !!!notbase64!!!\r\n"
+                   b"AUTH PLAIN " + base64.b64encode(b"no-nuls-here") + b"\r\n"
+                   b"AUTH CRAM-MD5\r\nAUTH LOGIN\r\n*\r\nNOOP\r\n")
+            return c.codes(6)
+
+        codes = await in_thread(run)
+        self.assertTrue(codes[0].startswith(b"501 5.5.2"), codes)
+        self.assertTrue(codes[1].startswith(b"501 5.5.2"), codes)
+        self.assertTrue(codes[2].startswith(b"504 5.5.4"), codes)
+        self.assertTrue(codes[3].startswith(b"334 "), codes)
+        self.assertTrue(codes[4].startswith(b"501 5.0.0"), codes)
+        self.assertEqual(codes[5], b"250 2.0.0 OK")
+
+    async def test_fifty_mib_message(self) -> None:
+        """A message just under the default 50 MiB limit is accepted and stored whole;
+        one just over it gets 552 5.3.4."""
+        line = b"x" * 998 + b"\r\n"
+        body = b"Subject: big\r\n\r\n" + line * (52428800 // 1000 - 1)
+
+        def run() -> Any:
+            s = smtplib.SMTP("127.0.0.1", self.relay.ports["relay"], local_hostname="c.test")
+            s.ehlo()
+            s.mail("a@example.com")
+            s.rcpt("b@example.org")
+            ok = s.data(body)
+            s.mail("a@example.com")
+            s.rcpt("b@example.org")
+            too_big = s.data(body + line * 4)
+            s.quit()
+            return ok, too_big
+
+        ok, too_big = await in_thread(run)
+        self.assertEqual(ok[0], 250, ok)
+        self.assertEqual(too_big[0], 552, too_big)
+        stored = await self.relay.stores.spool.body(ok[1].split()[-1].decode())
+        self.assertTrue(bytes(stored).endswith(body.split(b"\r\n\r\n", 1)[1]))
+
+    async def test_twisted_client(self) -> None:
+        """Twisted's own ESMTP client submits over STARTTLS with AUTH."""
+        from io import BytesIO
+
+        from twisted.internet import reactor
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+        from twisted.mail.smtp import ESMTPSenderFactory
+
+        with open(self.relay.ca_path, "rb") as f:
+            ca = Certificate.loadPEM(f.read())
+        from twisted.internet.defer import Deferred
+
+        done: Deferred[Any] = Deferred()
+        factory = ESMTPSenderFactory(
+            b"app", self.secret.encode(), "a@example.com", ["t@example.org"],
+            BytesIO(b"Subject: from twisted\r\n\r\nhello\r\n"), done,
+            contextFactory=optionsForClientTLS(HOSTNAME, trustRoot=ca),
+            requireAuthentication=True, requireTransportSecurity=True,
+        )
+        reactor.connectTCP("127.0.0.1", self.relay.ports["submission"], factory)
+        accepted, _ = await done
+        self.assertEqual(accepted, 1)
+        page = await self.relay.stores.eventlog.search(EventQuery(recipient="t@example.org"))
+        self.assertEqual([e.type for e in page.events], ["accepted"])
