@@ -1,4 +1,5 @@
-"""The ``sendarix`` operator command: credentials, queue, delivery log, configuration.
+"""The ``sendarix`` operator command: credentials, suppressions, queue, delivery log,
+configuration.
 
 ``sendarix [--config PATH] COMMAND ...`` works directly on the stores the relay uses
 (SQLite in WAL mode lets both share the file), so it also works while the relay is
@@ -45,6 +46,7 @@ from sendarix.events import parse_timestamp as parse_rfc3339
 from sendarix.model import RecipientStatus, StoredMessage
 from sendarix.spool.errors import SpoolError
 from sendarix.stores import Stores
+from sendarix.suppression import normalize_address
 from sendarix.units import parse_duration
 
 __all__ = ["CommandError", "main", "parse_time", "render_table"]
@@ -153,6 +155,13 @@ def _scopes(text: str) -> frozenset[str]:
     if not scopes:
         raise argparse.ArgumentTypeError("name at least one scope")
     return scopes
+
+
+def _address(text: str) -> str:
+    try:
+        return normalize_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive(text: str) -> int:
@@ -284,6 +293,38 @@ async def _credentials_rotate(args: argparse.Namespace, stores: Stores) -> Outpu
     if args.json:
         return _lines(_json({"username": args.name, "secret": secret}))
     return _lines(f"secret: {secret}")
+
+
+# -- suppressions ----------------------------------------------------------------------
+
+
+async def _suppressions_add(args: argparse.Namespace, stores: Stores) -> Output:
+    now = time.time()
+    added = await stores.suppressions.add(args.tenant, args.address, args.reason, "manual", now)
+    if added:
+        return _lines(f"suppressed {args.address} for tenant {args.tenant}")
+    return _lines(f"{args.address} was already suppressed for tenant {args.tenant}")
+
+
+async def _suppressions_list(args: argparse.Namespace, stores: Stores) -> Output:
+    if args.after is not None and args.tenant is None:
+        raise CommandError("--after needs --tenant")
+    entries = await stores.suppressions.list(tenant=args.tenant, limit=args.limit, after=args.after)
+    if args.json:
+        return _lines(_json([e.to_dict() for e in entries]))
+    if not entries:
+        return _lines("no suppressions")
+    rows = [(e.tenant, e.address, e.source, _when(e.created_at), e.reason or "-") for e in entries]
+    text = [render_table(("TENANT", "ADDRESS", "SOURCE", "CREATED", "REASON"), rows)]
+    if len(entries) == args.limit and args.tenant is not None:
+        text.append(f"more may follow: --after {entries[-1].address}")
+    return _lines(*text)
+
+
+async def _suppressions_remove(args: argparse.Namespace, stores: Stores) -> Output:
+    if not await stores.suppressions.remove(args.tenant, args.address):
+        raise CommandError(f"{args.address} is not suppressed for tenant {args.tenant}")
+    return _lines(f"removed {args.address} from tenant {args.tenant}'s suppressions")
 
 
 # -- queue ---------------------------------------------------------------------------
@@ -540,6 +581,23 @@ def _build_parser() -> argparse.ArgumentParser:
     p = creds.add_parser("rotate", parents=listing, help="replace a credential's secret")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(store=_credentials_rotate)
+
+    # suppressions
+    supp = group("suppressions", "each tenant's suppressed recipients")
+    p = supp.add_parser("add", parents=common, help="suppress a recipient for a tenant")
+    p.add_argument("address", metavar="ADDRESS", type=_address)
+    p.add_argument("--tenant", type=_tenant, required=True)
+    p.add_argument("--reason", default="", help="a note kept with the entry")
+    p.set_defaults(store=_suppressions_add)
+    p = supp.add_parser("list", parents=listing, help="list suppressed recipients")
+    p.add_argument("--tenant", type=_tenant, help="only this tenant's")
+    p.add_argument("--limit", type=_positive, default=100, help="at most N entries (100)")
+    p.add_argument("--after", metavar="ADDRESS", help="start after this address (with --tenant)")
+    p.set_defaults(store=_suppressions_list)
+    p = supp.add_parser("remove", parents=common, help="lift a suppression")
+    p.add_argument("address", metavar="ADDRESS", type=_address)
+    p.add_argument("--tenant", type=_tenant, required=True)
+    p.set_defaults(store=_suppressions_remove)
 
     # queue
     queue = group("queue", "messages in the spool")

@@ -101,6 +101,8 @@ class SubmissionServer(smtp.ESMTP):
     """One SMTP session on a submission (or relay) listener."""
 
     factory: SubmissionFactory
+    # Always a TCP/TLS transport once connected (typed loosely: Twisted's is Optional).
+    transport: Any
 
     def __init__(self, settings: ListenerSettings) -> None:
         smtp.ESMTP.__init__(self, chal={}, contextFactory=settings.tls_options)
@@ -479,7 +481,7 @@ class SubmissionServer(smtp.ESMTP):
             return
         mechanism, self._sasl = self._sasl, None
         assert self.s.portal is not None
-        d = self.s.portal.login(mechanism, None, ISubmitter)
+        d: Deferred[Any] = self.s.portal.login(mechanism, None, ISubmitter)
         d.addCallback(self._authenticated)
         d.addErrback(self._auth_failed)
         self._wait(d)
@@ -588,8 +590,12 @@ class SubmissionServer(smtp.ESMTP):
             self._start_transaction(path.address, params, smtputf8)
             return
         # Revocation and rotation take effect at once: re-read the credential.
-        d = defer.maybeDeferred(self._recheck_credential, path.address)
-        d.addCallback(lambda ok: ok and self._start_transaction(path.address, params, smtputf8))
+        d: Deferred[Any] = defer.maybeDeferred(self._recheck_credential, path.address)
+        def proceed(ok: bool) -> None:
+            if ok:
+                self._start_transaction(path.address, params, smtputf8)
+
+        d.addCallback(proceed)
         d.addErrback(self._internal_error)
         self._wait(d)
 
@@ -792,7 +798,9 @@ class SubmissionServer(smtp.ESMTP):
 
     def _not_queued(self, failure: Failure, sub: Submission) -> None:
         if failure.check(Refused):
-            self._refuse(failure.value.reply, sender=sub.envelope.sender,
+            refused = failure.value
+            assert isinstance(refused, Refused)
+            self._refuse(refused.reply, sender=sub.envelope.sender,
                          recipients=sub.envelope.recipients, queue_id=sub.queue_id)
             return
         log.failure("spool did not take {queue_id}", failure, queue_id=sub.queue_id)
@@ -828,6 +836,8 @@ async def _sleep_then(clock: IReactorTime, delay: float, fn: Callable[[], None])
 
 class _Refuser(Protocol):
     """Answers ``421`` and closes: the connection limit is reached."""
+
+    transport: Any
 
     def __init__(self, hostname: str, why: str) -> None:
         self._hostname = hostname
@@ -891,7 +901,13 @@ class SubmissionFactory(ServerFactory):
             proto.shutdown()
         clock = self.settings.clock
         call = clock.callLater(grace, self._force_close)
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+
+        def cancel_timer(result: Any) -> Any:
+            if call.active():
+                call.cancel()
+            return result
+
+        d.addBoth(cancel_timer)
         return d
 
     def _force_close(self) -> None:

@@ -6,7 +6,26 @@ every implementation with ``zope.interface.verify.verifyObject``.
 
 from __future__ import annotations
 
+import builtins
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from sendarix.credentials import Credential
+    from sendarix.events import Event, EventPage, EventQuery
+    from sendarix.model import (
+        Envelope,
+        LeasedDelivery,
+        NewMessage,
+        QueueStats,
+        RecipientOutcome,
+        Reply,
+        StoredMessage,
+    )
 
 
 class ISpool(Interface):
@@ -16,110 +35,126 @@ class ISpool(Interface):
     state.  Every method returns a Deferred.  ``now`` and lease times are POSIX seconds.
     """
 
-    def start():
+    def start() -> Deferred[None]:
         """Open the store (create tables, check settings); Deferred fires when ready."""
 
-    def stop():
+    def stop() -> Deferred[None]:
         """Flush and close; Deferred fires when closed."""
 
-    def enqueue(self):
+    def enqueue(message: NewMessage) -> Deferred[None]:  # noqa: N805
         """Store a L{sendarix.model.NewMessage} durably.
 
         The Deferred fires (with None) only after the message and all its recipients are
         on stable storage, and fails if nothing was stored; never half-written.
         """
 
-    def lease_due(self, now, limit, lease_for):
+    def lease_due(  # noqa: N805
+        node: str, now: float, limit: int, lease_for: float
+    ) -> Deferred[list[LeasedDelivery]]:
         """Lease up to ``limit`` deliveries due at ``now`` to ``node`` for ``lease_for``
         seconds: a list of L{sendarix.model.LeasedDelivery}.  A delivery whose lease has
         expired is due again (another node died holding it)."""
 
-    def renew(self, domain, node, expires):
+    def renew(  # noqa: N805
+        queue_id: str, domain: str, node: str, expires: float
+    ) -> Deferred[bool]:
         """Extend ``node``'s lease on a delivery; True when the lease was still ours."""
 
-    def release(self, domain, node):
+    def release(queue_id: str, domain: str, node: str) -> Deferred[Any]:  # noqa: N805
         """Give a lease back without an outcome (graceful stop)."""
 
-    def reclaim(self):
+    def reclaim(node: str) -> Deferred[Any]:  # noqa: N805
         """Release every lease ``node`` holds (a node restarting under its own name)."""
 
-    def complete(self, domain, node, outcomes, now):
+    def complete(  # noqa: N805
+        queue_id: str, domain: str, node: str, outcomes: Sequence[RecipientOutcome], now: float
+    ) -> Deferred[Any]:
         """Record L{sendarix.model.RecipientOutcome}s and release the lease.
 
         Deferred recipients are due again at their ``next_attempt``; a message whose
         recipients are all final is removed with its body.
         """
 
-    def get(self):
+    def get(queue_id: str) -> Deferred[StoredMessage | None]:  # noqa: N805
         """A L{sendarix.model.StoredMessage}, or None."""
 
-    def body(self):
+    def body(queue_id: str) -> Deferred[bytes | None]:  # noqa: N805
         """The message bytes, or None."""
 
-    def list_messages(self=None, domain=None, limit=100, after=None):
+    def list_messages(  # noqa: N805
+        status: Any = None, domain: str | None = None, limit: int = 100, after: str | None = None
+    ) -> Deferred[list[StoredMessage]]:
         """StoredMessages in queue-id order after ``after``, filtered by a recipient status
         value and/or destination domain."""
 
-    def stats():
+    def stats() -> Deferred[QueueStats]:
         """A L{sendarix.model.QueueStats}."""
 
-    def retry(self, now):
+    def retry(queue_id: str, now: float) -> Deferred[int]:  # noqa: N805
         """Make every unfinished recipient of a message due at ``now``; the count."""
 
-    def delete(self):
+    def delete(queue_id: str) -> Deferred[bool]:  # noqa: N805
         """Remove a message and its body; True when it existed."""
 
 
 class IEventSink(Interface):
     """Where outcome events (L{sendarix.events.Event}) go."""
 
-    def emit(self):
+    def emit(event: Event) -> Deferred[None] | None:  # noqa: N805
         """Record one event; may return a Deferred that fires once it is stored."""
 
 
 class IEventLog(IEventSink):
     """An event sink that can also be searched (the delivery log)."""
 
-    def search(self):
+    def search(query: EventQuery) -> Deferred[EventPage]:  # noqa: N805
         """A Deferred L{sendarix.events.EventPage} for an L{sendarix.events.EventQuery},
         newest first."""
 
-    def trim(self):
+    def trim(before: float) -> Deferred[int]:  # noqa: N805
         """Delete events older than ``before`` (retention); the count deleted."""
 
 
 class ICredentialStore(Interface):
     """SMTP credentials and API keys: hashed secrets and their scopes."""
 
-    def add(self, tenant, domains, networks, scopes, rate, sandbox):
+    def add(  # noqa: N805
+        name: str,
+        tenant: str,
+        domains: Any = (),
+        networks: Any = (),
+        scopes: Any = ...,
+        rate: Any = None,
+        sandbox: bool = False,
+    ) -> Deferred[tuple[Credential, str]]:
         """Create a credential; Deferred (Credential, secret).  The secret is shown once."""
 
-    def get(self):
+    def get(name: str) -> Deferred[Credential | None]:  # noqa: N805
         """The L{sendarix.credentials.Credential} (active or revoked), or None."""
 
-    def list():
-        """Every credential."""
+    def list(tenant: str | None = None) -> Deferred[builtins.list[Credential]]:  # noqa: N805
+        """Every credential (of ``tenant`` when given)."""
 
-    def revoke(self):
+    def revoke(name: str) -> Deferred[bool]:  # noqa: N805
         """Revoke at once; True when it existed."""
 
-    def rotate(self):
+    def rotate(name: str) -> Deferred[str]:  # noqa: N805
         """Replace the secret; Deferred new secret (old one stops working at once)."""
 
 
 class IAuthLimiter(Interface):
     """Slows, then locks out, client addresses that keep failing AUTH."""
 
-    def is_locked(self, now):
+    def is_locked(ip: str, now: float) -> bool:  # noqa: N805
         """True while ``ip`` is locked out."""
 
-    def delay_for(self, now):
+    def delay_for(ip: str, now: float) -> float:  # noqa: N805
         """Seconds to wait before answering ``ip``'s next AUTH failure."""
 
-    def failed(self, now):
+    def failed(ip: str, now: float) -> None:  # noqa: N805
         """Record a failure."""
 
-    def succeeded(self, now):
+    def succeeded(ip: str, now: float) -> None:  # noqa: N805
         """Record a success (forgets earlier failures)."""
 
 
@@ -128,10 +163,47 @@ class IContentFilter(Interface):
 
     name = Attribute("A short name for logs.")
 
-    def check(self, body):
+    def check(envelope: Envelope, body: bytes) -> Deferred[Reply | None]:  # noqa: N805
         """Deferred None to accept, or a L{sendarix.model.Reply} to refuse."""
 
 
 class ISubmitter(Interface):
     """The avatar of an authenticated submission client (twisted.cred): the portal
     returns the client's L{sendarix.credentials.Credential} under this interface."""
+
+
+class ISuppressionStore(Interface):
+    """Each tenant's suppression list: recipients that must not be sent to.
+
+    Addresses compare case-insensitively (they are stored lowercased); tenants never
+    see each other's entries.  Every method returns a Deferred.  The methods name no
+    ``self``, as zope.interface expects.
+    """
+
+    def add(tenant, address, reason, source, now):  # noqa: N805 - zope: no self
+        """Suppress ``address`` for ``tenant`` from ``now`` (POSIX seconds); ``source``
+        is one of ``bounce``, ``expired``, ``complaint``, ``manual``, ``api``.  True when
+        added; False when it was already there (a non-empty reason replaces its reason)."""
+
+    def is_suppressed(tenant, address):  # noqa: N805
+        """The L{sendarix.suppression.Suppression} for ``address``, or None."""
+
+    def remove(tenant, address):  # noqa: N805
+        """Lift a suppression; True when there was one."""
+
+    def list(tenant=None, limit=100, after=None):  # noqa: N805
+        """Up to ``limit`` Suppressions in (tenant, address) order, after the key
+        ``after``: an address within ``tenant``, or a ``(tenant, address)`` pair."""
+
+
+class IRouter(Interface):
+    """Finds where mail for a recipient domain goes."""
+
+    def route(domain):  # noqa: N805 - zope: no self
+        """Deferred L{sendarix.routing.mx.Route} for ``domain`` (a DNS name or an address
+        literal such as ``[192.0.2.1]``).
+
+        Never fails for DNS trouble: the Route carries either the ordered hops to try or
+        a L{sendarix.routing.mx.RouteError} saying whether the failure is permanent
+        (bounce) or temporary (defer), with its enhanced status code.
+        """

@@ -82,7 +82,7 @@ class ListenerService(Service):
         self._stores = stores
         self._wrap_tls = wrap_tls
         self.port: IListeningPort | None = None
-        self._listening: Deferred[IListeningPort] | None = None
+        self._listening: Deferred[Any] | None = None
 
     def startService(self) -> None:
         super().startService()

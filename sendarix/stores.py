@@ -1,4 +1,5 @@
-"""The node's stores, opened from configuration: spool, credentials, delivery log.
+"""The node's stores, opened from configuration: spool, credentials, delivery log,
+suppression lists.
 
 The relay and the ``sendarix`` command open the same stores the same way, so the
 command works on a running relay's data (SQLite in WAL mode allows both).
@@ -15,9 +16,16 @@ from sendarix.config import Config
 from sendarix.credentials import SQLiteCredentialStore
 from sendarix.eventlog import SQLiteEventLog
 from sendarix.events import FanoutSink, JSONLogSink
-from sendarix.interfaces import ICredentialStore, IEventLog, IEventSink, ISpool
+from sendarix.interfaces import (
+    ICredentialStore,
+    IEventLog,
+    IEventSink,
+    ISpool,
+    ISuppressionStore,
+)
 from sendarix.spool import open_spool
 from sendarix.sqlitedb import SQLiteDatabase
+from sendarix.suppression import SQLiteSuppressionStore
 
 
 @define
@@ -30,6 +38,7 @@ class Stores:
     credentials: ICredentialStore
     eventlog: IEventLog
     events: IEventSink
+    suppressions: ISuppressionStore
 
     @classmethod
     def from_config(cls, config: Config, reactor: Any, json_log: bool | None = None) -> Stores:
@@ -48,7 +57,8 @@ class Stores:
         events: IEventSink = (
             FanoutSink([eventlog, JSONLogSink()]) if use_json else eventlog
         )
-        return cls(config, db, spool, credentials, eventlog, events)
+        suppressions = SQLiteSuppressionStore(db)
+        return cls(config, db, spool, credentials, eventlog, events, suppressions)
 
     def open(self) -> Deferred[None]:
         """Open the database and start the spool."""

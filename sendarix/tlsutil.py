@@ -100,7 +100,7 @@ def server_tls_options(
 def _pem_blocks(data: bytes, kind: bytes) -> list[bytes]:
     begin = b"-----BEGIN " + kind + b"-----"
     end = b"-----END " + kind + b"-----"
-    out = []
+    out: list[bytes] = []
     pos = 0
     while True:
         start = data.find(begin, pos)

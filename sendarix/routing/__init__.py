@@ -1,0 +1,1 @@
+"""Routing: deciding which hosts and addresses receive mail for a destination."""
