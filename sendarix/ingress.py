@@ -46,7 +46,7 @@ from sendarix.config import LimitsConfig, ListenerConfig
 from sendarix.credentials import Credential
 from sendarix.datareader import ChunkDataReader, DataResult, DotDataReader
 from sendarix.intake import Intake, Refused, Submission
-from sendarix.interfaces import IAuthLimiter, ICredentialStore, ISubmitter
+from sendarix.interfaces import IAuthLimiter, ICredentialStore, ISubmitter, ISuppressionStore
 from sendarix.model import Envelope, Reply, TLSInfo
 from sendarix.ratelimit import RateLimiter
 from sendarix.sasl import MECHANISMS, SASLError
@@ -83,6 +83,7 @@ class ListenerSettings:
     auth_limiter: IAuthLimiter
     rate_limiter: RateLimiter
     tls_options: CertificateOptions | None
+    suppressions: ISuppressionStore | None = None
     bare_line_endings: str = "normalize"
 
     @property
@@ -662,7 +663,26 @@ class SubmissionServer(smtp.ESMTP):
         if len(self._recipients) >= self.s.limits.max_recipients:
             self.reply(452, "4.5.3", "Too many recipients")
             return
-        self._recipients.append(path.address)
+        if self.s.suppressions is None:
+            self._recipient_ok(path.address)
+            return
+        tenant = self._tenant()
+        d: Deferred[Any] = self.s.suppressions.is_suppressed(tenant, path.address)
+
+        def checked(entry: object) -> None:
+            if entry is None:
+                self._recipient_ok(path.address)
+                return
+            self.s.intake.suppressed(path.address, tenant=tenant, sender=self._sender)
+            self._error(550, "5.1.1", "recipient suppressed")
+
+        d.addCallbacks(checked, self._internal_error)
+        self._wait(d)
+
+    def _recipient_ok(self, address: str) -> None:
+        if not self.in_transaction:
+            return  # the session was reset while the check ran
+        self._recipients.append(address)
         self.reply(250, "2.1.5", "Recipient OK")
 
     def smtp_DATA(self, rest: bytes) -> None:

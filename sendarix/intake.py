@@ -169,6 +169,21 @@ class Intake:
             )
         )
 
+    def suppressed(self, recipient: str, *, tenant: str, sender: str | None) -> None:
+        """Record a ``suppressed`` event: RCPT to a suppressed address was refused."""
+        self._emit(
+            Event(
+                id=new_event_id(),
+                type="suppressed",
+                timestamp=self.clock.seconds(),
+                tenant=tenant,
+                sender=sender,
+                recipient=recipient,
+                response=Reply(550, "5.1.1", "recipient suppressed"),
+                node=self.node,
+            )
+        )
+
     def _emit(self, event: Event) -> None:
         # The message is already durable; a lost log line must not fail the 250.
         try:

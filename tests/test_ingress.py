@@ -217,6 +217,26 @@ class SubmissionTests(TestCase):
         self.assertTrue(last[0].startswith(b"250 2.0.0 OK: queued as"), last)
         self.assertTrue(last[1].startswith(b"221 2.0.0"))
 
+    async def test_suppressed_recipient(self) -> None:
+        """RCPT to an address on the tenant's suppression list: 550 5.1.1 recipient
+        suppressed and a ``suppressed`` event; replies stay in order around it."""
+        await self.relay.stores.suppressions.add(
+            "default", "Gone@Example.org", "hard bounce", "manual", 0.0
+        )
+
+        def run() -> list[bytes]:
+            c = RawClient(self.relay.ports["relay"])
+            c.reply()
+            c.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<ok1@example.org>\r\n"
+                   b"RCPT TO:<gone@example.org>\r\nRCPT TO:<ok2@example.org>\r\nNOOP\r\n")
+            return c.codes(6)
+
+        codes = await in_thread(run)
+        self.assertEqual(codes[2:], [b"250 2.1.5 Recipient OK", b"550 5.1.1 recipient suppressed",
+                                     b"250 2.1.5 Recipient OK", b"250 2.0.0 OK"])
+        page = await self.relay.stores.eventlog.search(EventQuery(recipient="gone@example.org"))
+        self.assertEqual([e.type for e in page.events], ["suppressed"])
+
     async def test_too_many_recipients(self) -> None:
         """The recipient after max_recipients gets 452 4.5.3."""
         def run() -> list[bytes]:
@@ -353,18 +373,28 @@ class SubmissionTests(TestCase):
         self.assertEqual([c[:3] for c in codes[2:]], [b"250", b"250", b"252", b"214"])
 
     async def test_spool_failure_answers_451(self) -> None:
-        """When the spool cannot store the message the client hears 451 4.3.0."""
-        await self.relay.stores.db.close()
-
-        def run() -> list[bytes]:
+        """When the spool cannot store the message the client hears 451 4.3.0 after
+        DATA, and the session stays usable; a store outage at RCPT also answers 451."""
+        def start() -> RawClient:
             c = RawClient(self.relay.ports["relay"])
             c.reply()
             c.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
-                   b"DATA\r\nSubject: x\r\n\r\nx\r\n.\r\n")
-            return c.codes(5)
+                   b"DATA\r\n")
+            c.codes(4)
+            return c
 
-        codes = await in_thread(run)
-        self.assertTrue(codes[4].startswith(b"451 4.3.0"), codes)
+        client = await in_thread(start)
+        await self.relay.stores.db.close()
+
+        def finish() -> list[bytes]:
+            client.send(b"Subject: x\r\n\r\nx\r\n.\r\nMAIL FROM:<a@example.com>\r\n"
+                        b"RCPT TO:<c@example.org>\r\n")
+            return client.codes(3)
+
+        codes = await in_thread(finish)
+        self.assertTrue(codes[0].startswith(b"451 4.3.0"), codes)
+        self.assertEqual(codes[1], b"250 2.1.0 Sender OK")
+        self.assertTrue(codes[2].startswith(b"451 4.3.0"), codes)
         self.flushLoggedErrors()
 
     async def test_large_message(self) -> None:
