@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -29,6 +29,22 @@ log = Logger()
 
 #: Seconds a stopping node lets sessions finish their transaction.
 SHUTDOWN_GRACE = 30.0
+
+
+class NodeService(MultiService):
+    """The node: children start in order and stop in reverse, each after the one
+    added after it has finished stopping (listeners drain before the stores close)."""
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return ensureDeferred(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("error stopping {name}", name=service.name)
 
 
 class StoresService(Service):
@@ -134,7 +150,7 @@ class ListenerService(Service):
 
 def makeService(
     config: Config | None = None, reactor: Any = None, auth_limiter: AuthLimiter | None = None
-) -> MultiService:
+) -> NodeService:
     """The whole node as a MultiService (embed it with ``setServiceParent``).
 
     ``auth_limiter`` replaces the AUTH failure limiter built from ``[limits]``.
@@ -145,7 +161,7 @@ def makeService(
         reactor = global_reactor
     if config is None:
         config = default_config()
-    top = MultiService()
+    top = NodeService()
     stores = Stores.from_config(config, reactor)
     stores_service = StoresService(stores)
     stores_service.setServiceParent(top)

@@ -556,3 +556,34 @@ class BadInputTests(TestCase):
         self.assertEqual(accepted, 1)
         page = await self.relay.stores.eventlog.search(EventQuery(recipient="t@example.org"))
         self.assertEqual([e.type for e in page.events], ["accepted"])
+
+
+class GracefulStopTests(TestCase):
+    """Stopping the node lets a transaction in progress finish."""
+
+    timeout = 60
+
+    async def test_transaction_finishes_during_stop(self) -> None:
+        """MAIL and RCPT, then the node is asked to stop: DATA is still accepted and
+        queued (250), then the session gets 421 4.3.2 and the stores close."""
+        relay = await start_relay(self, [RELAY])
+
+        def begin() -> RawClient:
+            c = RawClient(relay.ports["relay"])
+            c.reply()
+            c.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n")
+            c.codes(3)
+            return c
+
+        client = await in_thread(begin)
+        stopping = relay.stop()
+
+        def finish() -> list[bytes]:
+            client.send(b"DATA\r\nSubject: late\r\n\r\nstill here\r\n.\r\n")
+            return client.codes(3)
+
+        codes = await in_thread(finish)
+        await stopping
+        self.assertTrue(codes[0].startswith(b"354"))
+        self.assertTrue(codes[1].startswith(b"250 2.0.0 OK: queued as"), codes)
+        self.assertTrue(codes[2].startswith(b"421 4.3.2"), codes)
