@@ -19,9 +19,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from sendarix.auth import submission_portal
 from sendarix.authlimit import AuthLimiter
 from sendarix.config import Config, ListenerConfig, default_config
+from sendarix.delivery import DeliveryService
 from sendarix.ingress import ListenerSettings, SubmissionFactory
 from sendarix.intake import Intake
 from sendarix.ratelimit import RateLimiter
+from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.stores import Stores
 from sendarix.tlsutil import ensure_certificate, server_tls_options
 
@@ -166,6 +168,15 @@ def makeService(
     stores_service = StoresService(stores)
     stores_service.setServiceParent(top)
     top.stores = stores  # type: ignore[attr-defined]
+    resolver = DNSResolver(
+        config.dns.addresses(), config.dns.timeout, config.dns.cache_ttl_max, reactor, reactor
+    )
+    delivery = DeliveryService(
+        config, stores.spool, stores.events, stores.suppressions,
+        MXRouter(resolver, port=config.delivery.mx_port), reactor, ready=stores_service.ready,
+    )
+    delivery.setServiceParent(top)
+    top.delivery = delivery  # type: ignore[attr-defined]
 
     intake = Intake(
         spool=stores.spool, events=stores.events, clock=reactor,

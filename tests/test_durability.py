@@ -60,6 +60,8 @@ class RelayProcessTests(TestCase):
                 "[node]\nname = \"durable\"\nhostname = \"relay.test\"\n"
                 "[spool]\nurl = \"sqlite:var/spool.db\"\n"
                 "[events]\njson_log = false\n"
+                # No real DNS: the delivery agent defers, so the message stays queued.
+                "[dns]\nnameservers = [\"127.0.0.1:9\"]\ntimeout = 0.5\n"
                 "[[listener]]\nname = \"relay\"\n"
                 f"endpoint = \"tcp:{self.port}:interface=127.0.0.1\"\n"
                 "tls = \"none\"\nauth = \"none\"\ntrusted_networks = [\"127.0.0.0/8\"]\n"
