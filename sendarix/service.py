@@ -54,8 +54,9 @@ class StoresService(Service):
 
     name = "stores"
 
-    def __init__(self, stores: Stores) -> None:
+    def __init__(self, stores: Stores, clock: Any) -> None:
         self.stores = stores
+        self.clock = clock
         self._ready: Deferred[None] | None = None
 
     def ready(self) -> Deferred[None]:
@@ -75,7 +76,32 @@ class StoresService(Service):
     def startService(self) -> None:
         super().startService()
         self._ready = self.stores.open()
+        self._ready.addCallback(self._start_retention)
         self._ready.addErrback(self._failed)
+
+    #: How often old events are trimmed from the delivery log.
+    retention_interval = 3600.0
+
+    def _start_retention(self, _: object) -> None:
+        from twisted.internet.task import LoopingCall
+
+        self._trimmer = LoopingCall(self._trim)
+        self._trimmer.clock = self.clock
+        self._trimmer.start(self.retention_interval, now=True).addErrback(
+            lambda f: log.failure("event retention stopped", f)
+        )
+
+    def _trim(self) -> Deferred[Any]:
+        before = self.clock.seconds() - self.stores.config.events.retention
+        d = self.stores.eventlog.trim(before)
+
+        def trimmed(count: int) -> None:
+            if count:
+                log.info("trimmed {count} events older than the retention", count=count)
+
+        d.addCallback(trimmed)
+        d.addErrback(lambda f: log.failure("trimming the event log failed", f))
+        return d
 
     def _failed(self, failure: Any) -> Any:
         log.failure("could not open the stores", failure)
@@ -83,6 +109,9 @@ class StoresService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        trimmer = getattr(self, "_trimmer", None)
+        if trimmer is not None and trimmer.running:
+            trimmer.stop()
         return self.stores.close()
 
 
@@ -165,7 +194,7 @@ def makeService(
         config = default_config()
     top = NodeService()
     stores = Stores.from_config(config, reactor)
-    stores_service = StoresService(stores)
+    stores_service = StoresService(stores, reactor)
     stores_service.setServiceParent(top)
     top.stores = stores  # type: ignore[attr-defined]
     resolver = DNSResolver(

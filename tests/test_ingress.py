@@ -8,10 +8,11 @@ import smtplib
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from sendarix.events import EventQuery
-from tests.relay import HOSTNAME, RawClient, in_thread, smtp_starttls, start_relay
+from tests.relay import HOSTNAME, RawClient, Relay, in_thread, smtp_starttls, start_relay
 
 SUBMISSION = {"name": "submission", "endpoint": "tcp:0:interface=127.0.0.1",
               "tls": "starttls", "auth": "required"}
@@ -587,3 +588,40 @@ class GracefulStopTests(TestCase):
         self.assertTrue(codes[0].startswith(b"354"))
         self.assertTrue(codes[1].startswith(b"250 2.0.0 OK: queued as"), codes)
         self.assertTrue(codes[2].startswith(b"421 4.3.2"), codes)
+
+
+class RetentionTests(TestCase):
+    """The node trims the delivery log to ``[events] retention``."""
+
+    timeout = 30
+
+    async def test_old_events_trimmed_at_start(self) -> None:
+        """An event older than the retention is gone once the node has started; a
+        recent one stays."""
+        import time
+
+        from sendarix.events import Event
+
+        relay = Relay(self.mktemp(), [RELAY], events={"json_log": False, "retention": "1d"})
+        # Write the events with the node's own stores before the node starts.
+        from twisted.internet import reactor
+
+        from sendarix.stores import Stores
+
+        stores = Stores.from_config(relay.config, reactor, json_log=False)
+        await stores.open()
+        await stores.eventlog.emit(Event.make("accepted", time.time() - 3 * 86400,
+                                              recipient="old@example.org"))
+        await stores.eventlog.emit(Event.make("accepted", time.time(), recipient="new@example.org"))
+        await stores.close()
+        await relay.start()
+        self.addCleanup(relay.stop)
+        await relay.service.getServiceNamed("stores").ready()
+        for _ in range(50):
+            page = await relay.stores.eventlog.search(EventQuery(recipient="old@example.org"))
+            if not page.events:
+                break
+            await deferLater(reactor, 0.05)
+        self.assertEqual(page.events, ())
+        page = await relay.stores.eventlog.search(EventQuery(recipient="new@example.org"))
+        self.assertEqual(len(page.events), 1)
