@@ -170,6 +170,20 @@ class DeliveryService(Service):
     def _start_loop(self) -> None:
         if not self.running:
             return
+        # A node restarting under its own name takes back the leases its previous
+        # life held at once, rather than waiting for them to expire (DESIGN.md 15).
+        d = maybeDeferred(self.spool.reclaim, self.config.node.name)
+        d.addCallback(self._reclaimed)
+        d.addErrback(self._failed, "reclaiming our own leases failed")
+        d.addBoth(lambda _: self._begin_polling())
+
+    def _reclaimed(self, count: Any) -> None:
+        if count:
+            log.info("took back {count} leases held by a previous run", count=count)
+
+    def _begin_polling(self) -> None:
+        if not self.running or self._loop is not None:
+            return
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self.reactor
         self._loop.start(self.poll_interval, now=True)

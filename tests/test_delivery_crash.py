@@ -1,0 +1,131 @@
+"""Crash safety of delivery, with the relay as a real process: SIGKILL while
+deliveries hang mid-DATA, restart under the same node name, and every accepted
+message is still delivered (at least once)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+from typing import Any
+
+from twisted.internet import reactor, task
+from twisted.trial.unittest import TestCase
+
+from sendarix.sink import SinkOptions, SinkServer, parse_fault
+from tests.dnsserver import start_dns
+from tests.relay import in_thread
+from tests.test_durability import TWISTD, _env, _free_port, _wait_listening
+
+COUNT = 5
+
+
+def _submit(port: int) -> list[str]:
+    """Send ``COUNT`` messages over one session; the Message-IDs (blocking)."""
+    ids = []
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as s:
+        for i in range(COUNT):
+            mid = f"<crash{i}@test>"
+            body = f"Message-ID: {mid}\r\nSubject: crash {i}\r\n\r\nbody {i}\r\n".encode()
+            refused = s.sendmail("app@example.com", [f"user{i}@crash.test"], body)
+            if refused:
+                raise AssertionError(f"refused: {refused}")
+            ids.append(mid)
+    return ids
+
+
+async def _until(check: Any, timeout: float, what: str) -> None:
+    """Poll ``check()`` every 0.1 s until it is true, or fail after ``timeout``."""
+    for _ in range(int(timeout / 0.1)):
+        if check():
+            return
+        await task.deferLater(reactor, 0.1, lambda: None)
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+class DeliveryCrashTests(TestCase):
+    """A relay process killed while its deliveries are in flight."""
+
+    timeout = 90
+
+    def _sink(self, port: int, *faults: str) -> SinkServer:
+        return SinkServer(
+            SinkOptions(
+                listen=(f"tcp:{port}:interface=127.0.0.2",),
+                hostname="sink.test",
+                idle_timeout=0,
+                faults=tuple(parse_fault(f) for f in faults),
+            ),
+            reactor,
+        )
+
+    def _start_relay(self) -> subprocess.Popen[bytes]:
+        log = open(os.path.join(self.dir, f"relay{len(self.procs)}.log"), "wb")
+        self.addCleanup(log.close)
+        proc = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "sendarix", "--config", self.config],
+            cwd=self.dir, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.procs.append(proc)
+        _wait_listening(self.port, proc)
+        return proc
+
+    def _end_processes(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    async def test_sigkill_mid_delivery(self) -> None:
+        """Deliveries stall after the message data; the relay is SIGKILLed, the sink
+        replaced by a healthy one on the same port and the relay restarted under its
+        node name: all accepted messages reach the sink (its own leases taken back at
+        once, not after the 5-minute lease time)."""
+        stalled = self._sink(0, "stall-data")
+        await stalled.start()
+        self.addCleanup(stalled.stop)
+        sink_port = stalled.addresses[0][1]
+        dns_port, stop_dns = start_dns(
+            {"crash.test": {"MX": [(10, "mx.crash.test")]}, "mx.crash.test": {"A": ["127.0.0.2"]}}
+        )
+        self.addCleanup(stop_dns)
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.port = _free_port()
+        self.config = os.path.join(self.dir, "sendarix.toml")
+        with open(self.config, "w") as f:
+            f.write(
+                "[node]\nname = \"crashy\"\nhostname = \"relay.test\"\n"
+                "[spool]\nurl = \"sqlite:var/spool.db\"\n"
+                "[events]\njson_log = false\n"
+                f"[dns]\nnameservers = [\"127.0.0.1:{dns_port}\"]\ntimeout = 2\n"
+                f"[delivery]\nmx_port = {sink_port}\nretry_schedule = [\"1s\"]\n"
+                "[[listener]]\nname = \"relay\"\n"
+                f"endpoint = \"tcp:{self.port}:interface=127.0.0.1\"\n"
+                "tls = \"none\"\nauth = \"none\"\ntrusted_networks = [\"127.0.0.0/8\"]\n"
+            )
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.addCleanup(self._end_processes)
+
+        proc = await in_thread(self._start_relay)
+        ids = await in_thread(_submit, self.port)
+        await _until(lambda: stalled.stats.connections >= 1, 15, "no delivery attempt")
+        # Let the stalled session reach the end of DATA before the kill.
+        await task.deferLater(reactor, 0.3, lambda: None)
+        os.kill(proc.pid, signal.SIGKILL)
+        await in_thread(proc.wait)
+        self.assertEqual(stalled.stats.messages, 0)
+        await stalled.stop()
+
+        healthy = self._sink(sink_port)
+        await healthy.start()
+        self.addCleanup(healthy.stop)
+        restarted = await in_thread(self._start_relay)
+        await _until(
+            lambda: set(ids) <= set(healthy.stats.message_ids), 20,
+            f"not all of {ids} delivered (got {healthy.stats.message_ids})",
+        )
+        restarted.send_signal(signal.SIGTERM)
+        await in_thread(restarted.wait, 30)
+        self.assertEqual(len(set(healthy.stats.message_ids)), COUNT)
