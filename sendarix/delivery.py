@@ -47,6 +47,7 @@ from sendarix.model import (
 )
 from sendarix.routing.mx import Hop, RouteError
 from sendarix.schedule import RetrySchedule
+from sendarix.window import DestinationWindow
 
 __all__ = ["DeliveryService", "simulate"]
 
@@ -146,6 +147,7 @@ class DeliveryService(Service):
         self.schedule = RetrySchedule.from_config(config.delivery)
         self.rng = rng if rng is not None else random.Random()
         self._ready = ready
+        self._destinations: dict[str, DestinationWindow] = {}
         self._loop: LoopingCall | None = None
         self._active = 0
         self._polling: Deferred[Any] | None = None
@@ -277,6 +279,15 @@ class DeliveryService(Service):
                     pending.remove(delivery)
                 return
             route = await self.router.route(domain)
+            window = self._window_for(domain)
+            if route.error is None and window.is_dead(self.reactor.seconds()):
+                # Repeated connection failures: defer at once instead of timing out
+                # once per message (Postfix's "dead destination").
+                reply = Reply(451, "4.4.1", f"{domain}: destination not responding, suspended")
+                for delivery in deliveries:
+                    await self._finish(delivery, [_Attempt(r, reply) for r in delivery.recipients])
+                    pending.remove(delivery)
+                return
             if route.error is not None:
                 reply = _route_reply(route.error)
                 for delivery in deliveries:
@@ -284,8 +295,26 @@ class DeliveryService(Service):
                     pending.remove(delivery)
                 return
             size = self.config.delivery.max_messages_per_connection
-            for i in range(0, len(deliveries), size):
-                await self._send_batch(route.hops, deliveries[i : i + size], pending)
+            renewer = self._renew_while_running(pending)
+            try:
+                for i in range(0, len(deliveries), size):
+                    if not window.try_acquire(self.reactor.seconds()):
+                        # The destination's window is full: hand the rest back; the
+                        # next poll leases them again.
+                        for delivery in list(pending):
+                            pending.remove(delivery)
+                            await self._release(delivery)
+                        return
+                    try:
+                        await self._send_batch(
+                            route.hops, deliveries[i : i + size], pending, window
+                        )
+                    except Exception:
+                        window.release()
+                        raise
+            finally:
+                if renewer.running:
+                    renewer.stop()
         except Exception:
             self._failed(Failure(), "delivery to {domain} failed", domain=domain)
             for delivery in pending:
@@ -297,8 +326,40 @@ class DeliveryService(Service):
         except Exception:
             self._failed(Failure(), "releasing {queue_id} failed", queue_id=delivery.queue_id)
 
+    def _window_for(self, domain: str) -> DestinationWindow:
+        window = self._destinations.get(domain)
+        if window is None:
+            concurrency = self.config.delivery.concurrency
+            window = DestinationWindow(initial=min(5, concurrency), maximum=concurrency)
+            self._destinations[domain] = window
+        return window
+
+    def _renew_while_running(self, pending: list[LeasedDelivery]) -> LoopingCall:
+        """Renew the leases of ``pending`` deliveries every third of the lease time, so
+        a long delivery is not taken over by another node."""
+        lease_time = self.config.spool.lease_time
+        node = self.config.node.name
+
+        def renew() -> Deferred[Any]:
+            expires = self.reactor.seconds() + lease_time
+            return DeferredList(
+                [self.spool.renew(d.queue_id, d.domain, node, expires) for d in list(pending)],
+                consumeErrors=True,
+            )
+
+        loop = LoopingCall(renew)
+        loop.clock = self.reactor
+        loop.start(lease_time / 3.0, now=False).addErrback(
+            lambda f: self._failed(f, "renewing leases failed")
+        )
+        return loop
+
     async def _send_batch(
-        self, hops: Sequence[Hop], batch: list[LeasedDelivery], pending: list[LeasedDelivery]
+        self,
+        hops: Sequence[Hop],
+        batch: list[LeasedDelivery],
+        pending: list[LeasedDelivery],
+        window: DestinationWindow | None = None,
     ) -> None:
         """One session (per hop tried) for up to ``max_messages_per_connection`` messages;
         each delivery leaves ``pending`` once it is settled."""
@@ -324,6 +385,8 @@ class DeliveryService(Service):
             )
             sending.append(delivery)
         if not sending:
+            if window is not None:
+                window.release()
             return
         dc = self.config.delivery
         result: egress.SessionResult | None = None
@@ -349,6 +412,11 @@ class DeliveryService(Service):
                 reply=result.connect_error or result.results[0].message_reply,
             )
         assert result is not None and hop is not None  # a Route without error has hops
+        if window is not None:
+            if _held_no_session(result):
+                window.failure(self.reactor.seconds())
+            else:
+                window.success()
         by_id = {m.queue_id: m for m in result.results}
         for delivery in sending:
             message = by_id[delivery.queue_id]
