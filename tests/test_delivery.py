@@ -107,6 +107,7 @@ class DeliveryTests(unittest.TestCase):
                 "busy.test": {"MX": [(5, "mx1.busy.test"), (50, "mx2.busy.test")]},
                 "mx1.busy.test": {"A": ["127.0.0.4"]},
                 "mx2.busy.test": {"A": ["127.0.0.3"]},
+                "nullmx.test": {"MX": [(0, ".")]},
             }
         )
         self.addCleanup(stop_dns)
@@ -177,6 +178,11 @@ class DeliveryTests(unittest.TestCase):
         self.assertIsNone(
             await self.relay.stores.suppressions.is_suppressed("default", "fine@good.test")
         )
+        # Next time, the relay refuses the suppressed recipient at RCPT.
+        refused = await in_thread(
+            submit, self.port, "app@example.com", ["bad-user@good.test", "fine@good.test"]
+        )
+        self.assertEqual(refused["bad-user@good.test"], (550, b"5.1.1 recipient suppressed"))
 
     async def test_unknown_domain_bounces(self) -> None:
         """A domain that does not exist (NXDOMAIN) bounces with a 5.1.2 reply."""
@@ -184,6 +190,14 @@ class DeliveryTests(unittest.TestCase):
         event = await wait_event(self.relay, "x@nowhere.test", "bounced")
         assert event.response is not None
         self.assertEqual(event.response.enhanced, "5.1.2")
+
+    async def test_null_mx_bounces(self) -> None:
+        """A domain publishing a null MX (RFC 7505) bounces at once, never retried."""
+        await in_thread(submit, self.port, "app@example.com", ["x@nullmx.test"])
+        event = await wait_event(self.relay, "x@nullmx.test", "bounced")
+        assert event.response is not None
+        self.assertEqual(event.response.enhanced, "5.1.10")
+        self.assertEqual(event.attempt, 1)
 
     async def test_simulator(self) -> None:
         """Simulator recipients never leave the process: success is delivered, bounce
