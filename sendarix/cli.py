@@ -448,6 +448,22 @@ async def _queue_stats(args: argparse.Namespace, stores: Stores) -> Output:
     return _lines(*text)
 
 
+async def _queue_retry(args: argparse.Namespace, stores: Stores) -> Output:
+    # retry() answers 0 both for an unknown id and for a message whose recipients are
+    # all final: look the message up first so the two read differently.
+    if await stores.spool.get(args.queue_id) is None:
+        raise CommandError(f"no message {args.queue_id!r} in the queue")
+    count = await stores.spool.retry(args.queue_id, time.time())
+    noun = "recipient" if count == 1 else "recipients"
+    return _lines(f"{count} {noun} of {args.queue_id} due now")
+
+
+async def _queue_delete(args: argparse.Namespace, stores: Stores) -> Output:
+    if not await stores.spool.delete(args.queue_id):
+        raise CommandError(f"no message {args.queue_id!r} in the queue")
+    return _lines(f"deleted {args.queue_id}")
+
+
 # -- log -------------------------------------------------------------------------------
 
 
@@ -619,6 +635,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(store=_queue_show)
     p = queue.add_parser("stats", parents=listing, help="queue depth by status and domain")
     p.set_defaults(store=_queue_stats)
+    p = queue.add_parser("retry", parents=common, help="make a message's recipients due now")
+    p.add_argument("queue_id", metavar="QUEUE_ID")
+    p.set_defaults(store=_queue_retry)
+    p = queue.add_parser(
+        "delete", parents=common, help="remove a message and its body from the queue"
+    )
+    p.add_argument("queue_id", metavar="QUEUE_ID")
+    p.set_defaults(store=_queue_delete)
 
     # log
     log = group("log", "the delivery log")

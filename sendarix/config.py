@@ -687,6 +687,7 @@ class DeliveryConfig:
     soft_bounce_codes: tuple[str, ...] = _setting(_list(_enhanced_code, single=True), ("5.2.2",))
     concurrency: int = _setting(_integer(1), 20)
     hard_bounce_suppresses: bool = _setting(_boolean, True)
+    bounce_rules: str | None = _setting(_path, None)
 
 
 @frozen

@@ -18,6 +18,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from sendarix.auth import submission_portal
 from sendarix.authlimit import AuthLimiter
+from sendarix.classify import BounceRules
 from sendarix.config import Config, ListenerConfig, default_config
 from sendarix.delivery import DeliveryService
 from sendarix.ingress import ListenerSettings, SubmissionFactory
@@ -203,6 +204,10 @@ def makeService(
     delivery = DeliveryService(
         config, stores.spool, stores.events, stores.suppressions,
         MXRouter(resolver, port=config.delivery.mx_port), reactor, ready=stores_service.ready,
+        rules=(
+            BounceRules.from_toml(config.delivery.bounce_rules)
+            if config.delivery.bounce_rules else None
+        ),
     )
     delivery.setServiceParent(top)
     top.delivery = delivery  # type: ignore[attr-defined]

@@ -9,10 +9,12 @@ prepares or inspects the same SQLite file through L{Stores} in this process.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
 import sys
+import time
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor as _reactor
@@ -20,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from sendarix.cli import main, parse_time, render_table
+from sendarix.cli import CommandError, _queue_delete, _queue_retry, main, parse_time, render_table
 from sendarix.config import load_config
 from sendarix.credentials import CredentialChecker
 from sendarix.events import Event, format_timestamp
@@ -345,3 +347,44 @@ class StoreCommandTests(TestCase):
         )  # fmt: skip
         self.assertEqual([e["id"] for e in rest], [events[0].id])
         self.assertEqual(rest[0]["recipients"], ["a@x.example", "b@y.example"])
+
+    async def test_queue_retry_delete(self) -> None:
+        """retry makes a spooled message's recipients due and says how many; delete of
+        an unknown id is a one-line error; in-process, retry of an unknown id fails and
+        delete removes the message with its body."""
+        qid = QueueIdGenerator("clitest", _reactor).next()
+        message = NewMessage(
+            queue_id=qid,
+            envelope=Envelope("s@example.org", ("a@example.com", "b@example.net")),
+            meta=MessageMeta(tenant="acme", received_at=1_800_000_000.0),
+            body=b"Subject: hi\r\n\r\nhello\r\n",
+        )
+        stores = await self._stores()
+        try:
+            await stores.spool.enqueue(message)
+        finally:
+            await stores.close()
+
+        before = time.time()
+        out = await self.cli("queue", "retry", qid)
+        self.assertEqual(out, f"2 recipients of {qid} due now\n")
+        err = await self.cli("queue", "delete", "0000000000000000", status=1)
+        self.assertIn("0000000000000000", err)
+
+        stores = await self._stores()
+        try:
+            stored = await stores.spool.get(qid)
+            assert stored is not None
+            for r in stored.recipients:
+                assert r.next_attempt is not None
+                self.assertGreaterEqual(r.next_attempt, before)
+                self.assertLessEqual(r.next_attempt, time.time())
+            unknown = argparse.Namespace(queue_id="0000000000000000")
+            with self.assertRaises(CommandError):
+                await _queue_retry(unknown, stores)
+            done = await _queue_delete(argparse.Namespace(queue_id=qid), stores)
+            self.assertEqual(done.stdout, f"deleted {qid}\n")
+            self.assertIsNone(await stores.spool.get(qid))
+            self.assertIsNone(await stores.spool.body(qid))
+        finally:
+            await stores.close()

@@ -657,3 +657,18 @@ class ResolveTests(SynchronousTestCase):
         c = resolve_config(os.path.join("other", "x.toml"))
         self.assertEqual(c.node.name, "explicit")
         self.assertEqual(c.base_dir, os.path.join(self.folder, "other"))
+
+
+class BounceRulesKeyTests(SynchronousTestCase):
+    """``[delivery] bounce_rules`` names a rule table the relay loads at start."""
+
+    def test_sample_rules_load(self) -> None:
+        """The sample configuration's rule file resolves next to it and loads."""
+        from sendarix.classify import BounceRules
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        config = load_config(os.path.join(root, "etc", "sendarix.toml"))
+        path = config.delivery.bounce_rules
+        assert path is not None
+        self.assertEqual(path, os.path.join(root, "etc", "bounce-rules.toml"))
+        self.assertGreater(len(BounceRules.from_toml(path)), 10)
