@@ -1,0 +1,129 @@
+"""The Redis spool: the ISpool conformance suite plus what only Redis has.
+
+Each test runs its own redis-server (append-only file, ``appendfsync always``) in
+trial's temporary directory; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import txredisapi
+from twisted.trial.unittest import TestCase
+
+from sendarix.interfaces import ISpool
+from sendarix.model import NewMessage
+from sendarix.spool import SpoolError
+from sendarix.spool.redis import RedisSpool
+from tests.redisserver import start_redis
+from tests.spool_contract import BIG_BODY, T0, SpoolContractMixin, sample_message
+
+
+def connect(port: int) -> Any:
+    """A txredisapi pool to the test server (several connections keep writes in flight)."""
+    return txredisapi.lazyConnectionPool("127.0.0.1", port, poolsize=4)
+
+
+class RedisSpoolTests(SpoolContractMixin, TestCase):
+    """The Redis spool passes the ISpool conformance suite."""
+
+    def setUp(self) -> None:
+        self.port, stop = start_redis(os.path.abspath(self.mktemp()))
+        self.addCleanup(stop)
+
+    def make_spool(self) -> ISpool:
+        return RedisSpool(connect(self.port), owns_connection=True)
+
+
+class RedisPersistenceTests(TestCase):
+    """The spool checks on start that Redis keeps what it is given."""
+
+    async def started_on(self, aof: bool, **kwargs: Any) -> RedisSpool:
+        port, stop = start_redis(os.path.abspath(self.mktemp()), aof=aof)
+        self.addCleanup(stop)
+        spool = RedisSpool(connect(port), owns_connection=True, **kwargs)
+        self.addCleanup(spool.stop)
+        await spool.start()
+        return spool
+
+    async def test_volatile_redis_refused(self) -> None:
+        """A Redis without an append-only file is refused with a clear error."""
+        with self.assertRaises(SpoolError) as caught:
+            await self.started_on(aof=False)
+        self.assertIn("appendonly", str(caught.exception))
+        self.assertIn("allow_volatile", str(caught.exception))
+
+    async def test_volatile_redis_allowed(self) -> None:
+        """allow_volatile=True accepts such a Redis, and the spool works on it."""
+        spool = await self.started_on(aof=False, allow_volatile=True)
+        await spool.enqueue(self.message())
+        self.assertEqual((await spool.stats()).messages, 1)
+
+    async def test_durable_redis_accepted(self) -> None:
+        """A Redis with an append-only file is accepted without allow_volatile."""
+        spool = await self.started_on(aof=True)
+        self.assertEqual((await spool.stats()).messages, 0)
+
+    def message(self) -> NewMessage:
+        return sample_message("0000000000REDIS00001", received_at=T0)
+
+
+class RedisPrefixTests(TestCase):
+    """Spools with different prefixes on one Redis do not see each other's mail."""
+
+    async def test_prefixes_are_separate(self) -> None:
+        """A message enqueued under one prefix is invisible under another."""
+        port, stop = start_redis(os.path.abspath(self.mktemp()))
+        self.addCleanup(stop)
+        one = RedisSpool(connect(port), prefix="one:", owns_connection=True)
+        two = RedisSpool(connect(port), prefix="two:", owns_connection=True)
+        for spool in (one, two):
+            self.addCleanup(spool.stop)
+            await spool.start()
+        await one.enqueue(sample_message("0000000000PREFIX0001"))
+        self.assertIsNone(await two.get("0000000000PREFIX0001"))
+        self.assertEqual(await two.lease_due("n1", T0, 10, 60), [])
+        self.assertEqual(len(await one.lease_due("n1", T0, 10, 60)), 1)
+
+
+class RedisRepliesTests(TestCase):
+    """Values txredisapi would turn into numbers or text come back exactly."""
+
+    async def test_numeric_looking_values(self) -> None:
+        """Numeric bodies and queue ids, and times with many digits, round-trip."""
+        port, stop = start_redis(os.path.abspath(self.mktemp()))
+        self.addCleanup(stop)
+        spool = RedisSpool(connect(port), owns_connection=True)
+        self.addCleanup(spool.stop)
+        await spool.start()
+        received = T0 + 0.123456789
+        bodies = {"00000000000000000001": b"0123", "00000000000000000002": b"1.50"}
+        for qid, body in bodies.items():
+            await spool.enqueue(sample_message(qid, body=body, received_at=received))
+        for qid, body in bodies.items():
+            self.assertEqual(await spool.body(qid), body)
+        leased = await spool.lease_due("n1", received, 10, 0.5)
+        self.assertEqual(sorted(d.queue_id for d in leased), sorted(bodies))
+        self.assertEqual({d.lease.expires for d in leased}, {received + 0.5})
+        listed = await spool.list_messages()
+        self.assertEqual([m.queue_id for m in listed], sorted(bodies))
+        self.assertEqual(listed[0].meta.received_at, received)
+        self.assertEqual(listed[0].recipients[0].updated_at, received)
+        self.assertEqual(await spool.lease_due("n2", received + 0.4999, 10, 60), [])
+
+    async def test_bytes_connection(self) -> None:
+        """A connection without a charset (replies as bytes) works the same."""
+        port, stop = start_redis(os.path.abspath(self.mktemp()))
+        self.addCleanup(stop)
+        connection = txredisapi.lazyConnectionPool(
+            "127.0.0.1", port, poolsize=2, charset=None, convertNumbers=False
+        )
+        spool = RedisSpool(connection, owns_connection=True)
+        self.addCleanup(spool.stop)
+        await spool.start()
+        await spool.enqueue(sample_message("0000000000BYTES00001", body=BIG_BODY))
+        self.assertEqual(await spool.body("0000000000BYTES00001"), BIG_BODY)
+        (delivery,) = await spool.lease_due("n1", T0, 10, 60)
+        self.assertEqual(delivery.queue_id, "0000000000BYTES00001")
+        self.assertEqual((await spool.stats()).by_status, {"pending": 1})
