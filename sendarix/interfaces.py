@@ -207,3 +207,42 @@ class IRouter(Interface):
         a L{sendarix.routing.mx.RouteError} saying whether the failure is permanent
         (bounce) or temporary (defer), with its enhanced status code.
         """
+
+
+class IThrottle(Interface):
+    """Shared pacing state for outbound delivery: connection counts and GCRA rates,
+    keyed by a shaping key (a provider name, an MX site, ``source|provider``...).
+
+    The in-memory implementation (L{sendarix.throttle.MemoryThrottle}) answers
+    synchronously; a Redis-backed one, for several nodes sharing work, returns
+    Deferreds firing with the same values.  Times are POSIX seconds.
+    """
+
+    def acquire_connection(key, limit, now):  # noqa: N805 - zope: no self
+        """Take one of ``limit`` connection slots for ``key``: True when taken, False
+        when ``limit`` connections are already open."""
+
+    def release_connection(key):  # noqa: N805
+        """Give back a slot taken by C{acquire_connection}."""
+
+    def admit(key, rate, period, now):  # noqa: N805
+        """Ask to send one message under ``rate`` messages per ``period`` seconds:
+        0.0 when admitted now (and counted), else the seconds to wait before asking
+        again (nothing counted)."""
+
+
+class IEgressSelector(Interface):
+    """Picks the local source address (egress IP) a delivery leaves from."""
+
+    def choose(pool, provider, now, today):  # noqa: N805 - zope: no self
+        """The L{sendarix.config.EgressSourceConfig} of ``pool`` to use for mail to
+        ``provider`` (a provider name or site key) at ``now`` (POSIX seconds) on
+        ``today`` (a date, for warmup caps), or None when no source may send now."""
+
+    def record_send(source, provider, today):  # noqa: N805
+        """Count one message sent from ``source`` (a source name) to ``provider``
+        on ``today`` against its warmup cap."""
+
+    def penalize(source, provider, now):  # noqa: N805
+        """``source`` was rate-limited or blocked by ``provider``: prefer other
+        sources of the same tier for that provider for a while."""

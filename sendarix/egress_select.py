@@ -1,0 +1,124 @@
+"""Choosing the source address (egress IP) a delivery leaves from (pure: time and
+date are passed in).
+
+:class:`TieredSelector` implements :class:`~sendarix.interfaces.IEgressSelector` over
+the configured ``[[egress.source]]`` entries:
+
+- only sources of the requested pool; the best (lowest) tier that has a source able
+  to send wins, a worse tier is used only when every source of the better ones is
+  out of warmup budget;
+- a warming source sends at most its warmup cap per provider per day
+  (:meth:`sendarix.config.WarmupConfig.cap`), whatever happens to other sources, so
+  failover never pushes a cold IP past its schedule;
+- after a block or rate-limit reply, :meth:`TieredSelector.penalize` marks the source
+  for that provider; the mark decays exponentially (``half_life``), and while it is
+  above ``threshold`` the other sources of the same tier are preferred.  A tier whose
+  sources are all marked keeps its least-marked source rather than spilling to a
+  worse tier.
+
+Warmup counts come from :meth:`TieredSelector.record_send`, called once per message
+actually sent; callers that choose for several messages at once must record each.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+from itertools import groupby
+
+from attrs import define, field
+from zope.interface import implementer
+
+from sendarix.config import EgressSourceConfig
+from sendarix.interfaces import IEgressSelector
+
+Source = EgressSourceConfig
+
+
+def _name(source: Source | str) -> str:
+    return source if isinstance(source, str) else source.name
+
+
+@implementer(IEgressSelector)
+@define
+class TieredSelector:
+    """Tiered, warmup-capped, penalty-aware choice among egress sources."""
+
+    sources: tuple[Source, ...]
+    half_life: float = 3600.0
+    threshold: float = 0.1
+    rng: random.Random = field(factory=random.Random)
+    # (source, provider) -> (penalty, when it was last updated)
+    _penalties: dict[tuple[str, str], tuple[float, float]] = field(factory=dict, init=False)
+    # date -> (source, provider) -> messages sent that day
+    _sent: dict[datetime.date, dict[tuple[str, str], int]] = field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.half_life <= 0:
+            raise ValueError("half_life must be positive")
+        names = [s.name for s in self.sources]
+        if len(names) != len(set(names)):
+            raise ValueError("egress source names must be unique")
+
+    def choose(
+        self, pool: str, provider: str, now: float, today: datetime.date
+    ) -> Source | None:
+        """The source of ``pool`` to send to ``provider`` from, or None when every
+        source is out of its warmup budget for today."""
+        usable = [
+            s for s in self.sources if s.pool == pool and self._has_budget(s, provider, today)
+        ]
+        usable.sort(key=lambda s: s.tier)
+        for _tier, group in groupby(usable, key=lambda s: s.tier):
+            scored = [(self.penalty(s, provider, now), s) for s in group]
+            clean = [(p, s) for p, s in scored if p <= self.threshold]
+            if clean:
+                # Traffic shared evenly among unmarked sources, a little less to those
+                # with a fading mark.
+                weights = [1.0 / (1.0 + p) for p, _ in clean]
+                return self.rng.choices([s for _, s in clean], weights=weights)[0]
+            return min(scored, key=lambda ps: (ps[0], ps[1].name))[1]
+        return None
+
+    def record_send(self, source: Source | str, provider: str, today: datetime.date) -> None:
+        """Count one message from ``source`` to ``provider`` on ``today``."""
+        for day in [d for d in self._sent if d < today - datetime.timedelta(days=1)]:
+            del self._sent[day]
+        counts = self._sent.setdefault(today, {})
+        key = (_name(source), provider)
+        counts[key] = counts.get(key, 0) + 1
+
+    def sent(self, source: Source | str, provider: str, today: datetime.date) -> int:
+        """Messages recorded from ``source`` to ``provider`` on ``today``."""
+        return self._sent.get(today, {}).get((_name(source), provider), 0)
+
+    def remaining(self, source: Source, provider: str, today: datetime.date) -> int | None:
+        """Messages ``source`` may still send to ``provider`` today; None when warm."""
+        cap = source.warmup.cap(today) if source.warmup is not None else None
+        if cap is None:
+            return None
+        return max(0, cap - self.sent(source, provider, today))
+
+    def penalize(self, source: Source | str, provider: str, now: float) -> None:
+        """``provider`` rate-limited or blocked ``source``: add one to its mark."""
+        key = (_name(source), provider)
+        self._penalties[key] = (self._decayed(key, now) + 1.0, now)
+
+    def penalty(self, source: Source | str, provider: str, now: float) -> float:
+        """The current (decayed) mark of ``source`` for ``provider``; 0 when none."""
+        key = (_name(source), provider)
+        value = self._decayed(key, now)
+        if key in self._penalties and value < self.threshold / 1000:
+            del self._penalties[key]  # faded out: forget it
+        return value
+
+    def _decayed(self, key: tuple[str, str], now: float) -> float:
+        entry = self._penalties.get(key)
+        if entry is None:
+            return 0.0
+        value, since = entry
+        return float(value * 0.5 ** (max(0.0, now - since) / self.half_life))
+
+    def _has_budget(self, source: Source, provider: str, today: datetime.date) -> bool:
+        left = self.remaining(source, provider, today)
+        return left is None or left > 0

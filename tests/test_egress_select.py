@@ -1,0 +1,129 @@
+"""Tests for sendarix.egress_select: tiers, warmup caps, deprioritization."""
+
+from __future__ import annotations
+
+import datetime
+import random
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from sendarix.config import EgressSourceConfig, WarmupConfig
+from sendarix.egress_select import TieredSelector
+from sendarix.interfaces import IEgressSelector
+
+DAY0 = datetime.date(2024, 1, 1)
+
+
+def _src(
+    name: str, tier: int = 1, pool: str = "default", daily: tuple[int, ...] = ()
+) -> EgressSourceConfig:
+    warmup = WarmupConfig(start=DAY0, daily=daily) if daily else None
+    return EgressSourceConfig(
+        name=name, address=f"192.0.2.{len(name) + 1}", tier=tier, pool=pool, warmup=warmup
+    )
+
+
+def _tally(sel: TieredSelector, n: int, now: float, today: datetime.date, record: bool = True):
+    counts: Counter[str | None] = Counter()
+    for _ in range(n):
+        s = sel.choose("default", "gmail", now, today)
+        counts[s.name if s else None] += 1
+        if s is not None and record:
+            sel.record_send(s, "gmail", today)
+    return counts
+
+
+class TieredSelectorTests(SynchronousTestCase):
+    """TieredSelector picks sources by tier, warmup budget and penalty."""
+
+    def test_interface(self) -> None:
+        """TieredSelector provides IEgressSelector."""
+        self.assertTrue(verifyObject(IEgressSelector, TieredSelector(())))
+
+    def test_tiers_respected(self) -> None:
+        """The best tier takes all traffic while it can send."""
+        sel = TieredSelector((_src("b", tier=2), _src("a", tier=1)), rng=random.Random(1))
+        self.assertEqual(_tally(sel, 50, 0.0, DAY0), Counter({"a": 50}))
+
+    def test_pool_filter(self) -> None:
+        """Only sources of the requested pool are chosen."""
+        sel = TieredSelector((_src("a", pool="other"),))
+        self.assertIsNone(sel.choose("default", "gmail", 0.0, DAY0))
+        self.assertEqual(sel.choose("other", "gmail", 0.0, DAY0).name, "a")  # type: ignore[union-attr]
+
+    def test_same_tier_shares(self) -> None:
+        """Sources of one tier share traffic."""
+        sel = TieredSelector((_src("a"), _src("bb")), rng=random.Random(2))
+        counts = _tally(sel, 400, 0.0, DAY0)
+        self.assertGreater(counts["a"], 120)
+        self.assertGreater(counts["bb"], 120)
+
+    @settings(max_examples=30, deadline=None)
+    @given(
+        daily=st.lists(st.integers(1, 30), min_size=1, max_size=4),
+        day=st.integers(0, 5),
+        seed=st.integers(0, 1000),
+    )
+    def test_warmup_caps_hold(self, daily: list[int], day: int, seed: int) -> None:
+        """A warming source never exceeds its daily cap per provider, even when it is
+        the only tier-1 source and the others are worse or penalized (failover)."""
+        sel = TieredSelector(
+            (_src("warm"), _src("cold", daily=tuple(daily)), _src("backup", tier=2)),
+            rng=random.Random(seed),
+        )
+        today = DAY0 + datetime.timedelta(days=day)
+        sel.penalize("warm", "gmail", 0.0)
+        counts = _tally(sel, 200, 0.0, today)
+        cap = daily[day] if day < len(daily) else None
+        if cap is not None:
+            self.assertEqual(counts["cold"], min(cap, 200))
+            self.assertEqual(sel.sent("cold", "gmail", today), counts["cold"])
+        # The budget is per provider: another provider starts fresh.
+        self.assertIsNotNone(sel.choose("default", "yahoo", 0.0, today))
+
+    def test_cap_per_day(self) -> None:
+        """The cap resets the next day and follows the schedule."""
+        sel = TieredSelector((_src("cold", daily=(2, 5)),))
+        self.assertEqual(_tally(sel, 10, 0.0, DAY0), Counter({"cold": 2, None: 8}))
+        day1 = DAY0 + datetime.timedelta(days=1)
+        self.assertEqual(_tally(sel, 10, 0.0, day1), Counter({"cold": 5, None: 5}))
+        day2 = DAY0 + datetime.timedelta(days=2)
+        self.assertEqual(_tally(sel, 10, 0.0, day2), Counter({"cold": 10}))
+
+    def test_exhausted_tier_falls_to_next(self) -> None:
+        """When every better-tier source is out of budget, a worse tier sends."""
+        sel = TieredSelector((_src("cold", daily=(3,)), _src("b", tier=2)))
+        self.assertEqual(_tally(sel, 10, 0.0, DAY0), Counter({"cold": 3, "b": 7}))
+
+    def test_penalty_shifts_and_decays(self) -> None:
+        """A penalized source loses its provider's traffic to its tier peer, only for
+        that provider, and wins it back as the mark decays."""
+        sel = TieredSelector((_src("a"), _src("bb")), half_life=3600.0, rng=random.Random(3))
+        sel.penalize("a", "gmail", 0.0)
+        self.assertEqual(_tally(sel, 100, 10.0, DAY0), Counter({"bb": 100}))
+        self.assertEqual(sel.choose("default", "yahoo", 10.0, DAY0) is not None, True)
+        other = Counter(
+            sel.choose("default", "yahoo", 10.0, DAY0).name for _ in range(200)  # type: ignore[union-attr]
+        )
+        self.assertGreater(other["a"], 50)
+        self.assertAlmostEqual(sel.penalty("a", "gmail", 3600.0), 0.5)
+        later = 3600.0 * 5  # 1/32 < threshold 0.1
+        counts = _tally(sel, 400, later, DAY0)
+        self.assertGreater(counts["a"], 120)
+
+    def test_whole_tier_penalized_stays_in_tier(self) -> None:
+        """When every source of a tier is marked, the least-marked one sends rather
+        than a worse tier."""
+        sel = TieredSelector((_src("a"), _src("bb"), _src("c", tier=2)))
+        sel.penalize("a", "gmail", 0.0)
+        sel.penalize("a", "gmail", 0.0)
+        sel.penalize("bb", "gmail", 0.0)
+        self.assertEqual(_tally(sel, 20, 0.0, DAY0), Counter({"bb": 20}))
+
+    def test_duplicate_names(self) -> None:
+        """Source names must be unique."""
+        self.assertRaises(ValueError, TieredSelector, (_src("a"), _src("a")))
