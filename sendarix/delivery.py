@@ -46,6 +46,7 @@ from sendarix.model import (
     TLSInfo,
 )
 from sendarix.routing.mx import Hop, RouteError
+from sendarix.providers import ProviderTable
 from sendarix.schedule import RetrySchedule
 from sendarix.window import DestinationWindow
 
@@ -148,6 +149,8 @@ class DeliveryService(Service):
         self.rng = rng if rng is not None else random.Random()
         self._ready = ready
         self._destinations: dict[str, DestinationWindow] = {}
+        # MX host → provider name, for the events' ``provider`` field.
+        self.providers = ProviderTable.default().merged(config.providers)
         self._loop: LoopingCall | None = None
         self._active = 0
         self._polling: Deferred[Any] | None = None
@@ -540,6 +543,7 @@ class DeliveryService(Service):
             mx_ip=a.mx_ip,
             source_ip=a.source_ip,
             tls=a.tls,
+            provider=self.providers.provider_for(a.mx) if a.mx else None,
             bounce_category=c.category if c is not None and kind != "delivered" else None,
             tags=meta.tags,
             node=self.config.node.name,

@@ -116,6 +116,7 @@ class DeliveryTests(unittest.TestCase):
             [RELAY_LISTENER],
             delivery={"mx_port": port},
             dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={"goodmail": {"mx_suffixes": ["good.test"]}},
         )
         self.port = self.relay.ports["relay"]
 
@@ -131,6 +132,7 @@ class DeliveryTests(unittest.TestCase):
         event = await wait_event(self.relay, "User@good.test", "delivered")
         self.assertEqual(event.mx, "mx.good.test")
         self.assertEqual(event.mx_ip, "127.0.0.2")
+        self.assertEqual(event.provider, "goodmail")
         self.assertEqual(event.attempt, 1)
         self.assertEqual(event.node, "test-node")
         self.assertEqual(event.sender, "app@example.com")
