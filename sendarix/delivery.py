@@ -45,8 +45,8 @@ from sendarix.model import (
     Reply,
     TLSInfo,
 )
-from sendarix.routing.mx import Hop, RouteError
 from sendarix.providers import ProviderTable
+from sendarix.routing.mx import Hop, RouteError
 from sendarix.schedule import RetrySchedule
 from sendarix.window import DestinationWindow
 
