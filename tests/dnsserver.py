@@ -81,8 +81,9 @@ def start_dns(
 ) -> tuple[int, Callable[[], defer.Deferred[Any]]]:
     """Serve ``records``; return the port and an idempotent ``stop()`` -> Deferred."""
     factory = _Factory(authorities=[_DictResolver(records)])
-    protocol = dns.DNSDatagramProtocol(factory)
     for _ in range(20):
+        # A fresh protocol each try: a datagram protocol binds to one transport only.
+        protocol = dns.DNSDatagramProtocol(factory)
         udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")  # type: ignore[attr-defined]
         port = udp.getHost().port
         try:
