@@ -32,6 +32,7 @@ import attrs
 from attrs import NOTHING, field, frozen
 
 from sendarix.errors import ConfigError
+from sendarix.events import EVENT_TYPES
 from sendarix.units import format_duration, format_size, parse_duration, parse_rate, parse_size
 
 __all__ = [
@@ -67,11 +68,6 @@ __all__ = [
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-#: Event types a webhook may subscribe to (DESIGN.md section 9).
-EVENT_TYPES: tuple[str, ...] = (
-    "accepted", "delivered", "deferred", "bounced",
-    "expired", "suppressed", "rejected", "complained",
-)  # fmt: skip
 
 #: Egress TLS policies; "required" is accepted as another word for "encrypt".
 EGRESS_TLS = ("may", "encrypt", "verify")

@@ -23,18 +23,11 @@ from zope.interface import implementer
 from sendarix.interfaces import IEventSink
 from sendarix.model import Reply, TLSInfo
 
-EVENT_TYPES = frozenset(
-    {
-        "accepted",
-        "delivered",
-        "deferred",
-        "bounced",
-        "expired",
-        "suppressed",
-        "rejected",
-        "complained",
-    }
-)
+#: The event types of DESIGN.md section 9 (also what a webhook may subscribe to).
+EVENT_TYPES: tuple[str, ...] = (
+    "accepted", "delivered", "deferred", "bounced",
+    "expired", "suppressed", "rejected", "complained",
+)  # fmt: skip
 
 #: The most events one search returns.
 MAX_LIMIT = 1000

@@ -8,6 +8,7 @@ leaves nothing in the spool.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -17,7 +18,7 @@ from twisted.logger import Logger
 from sendarix.address import domain_of
 from sendarix.cleanup import CleanupInfo, cleanup
 from sendarix.credentials import Credential
-from sendarix.events import Event, new_event_id
+from sendarix.events import Event
 from sendarix.interfaces import IContentFilter, IEventSink, ISpool
 from sendarix.model import Envelope, MessageMeta, NewMessage, Reply, TLSInfo
 from sendarix.queueid import QueueIdGenerator
@@ -128,19 +129,14 @@ class Intake:
             NewMessage(queue_id=sub.queue_id, envelope=sub.envelope, meta=meta, body=cleaned.body)
         )
         self._emit(
-            Event(
-                id=new_event_id(),
-                type="accepted",
-                timestamp=self.clock.seconds(),
-                queue_id=sub.queue_id,
-                message_id=cleaned.message_id,
-                tenant=tenant,
-                sender=sub.envelope.sender,
-                recipients=sub.envelope.recipients,
-                tags=cleaned.tags,
-                tls=sub.tls,
-                node=self.node,
-            )
+            "accepted",
+            queue_id=sub.queue_id,
+            message_id=cleaned.message_id,
+            tenant=tenant,
+            sender=sub.envelope.sender,
+            recipients=sub.envelope.recipients,
+            tags=cleaned.tags,
+            tls=sub.tls,
         )
         return sub.queue_id
 
@@ -155,36 +151,28 @@ class Intake:
     ) -> None:
         """Record a ``rejected`` event for a refused transaction (or command)."""
         self._emit(
-            Event(
-                id=new_event_id(),
-                type="rejected",
-                timestamp=self.clock.seconds(),
-                queue_id=queue_id,
-                tenant=tenant,
-                sender=sender,
-                recipient=recipients[0] if len(recipients) == 1 else None,
-                recipients=tuple(recipients),
-                response=reply,
-                node=self.node,
-            )
+            "rejected",
+            queue_id=queue_id,
+            tenant=tenant,
+            sender=sender,
+            recipient=recipients[0] if len(recipients) == 1 else None,
+            recipients=tuple(recipients),
+            response=reply,
         )
 
     def suppressed(self, recipient: str, *, tenant: str, sender: str | None) -> None:
         """Record a ``suppressed`` event: RCPT to a suppressed address was refused."""
         self._emit(
-            Event(
-                id=new_event_id(),
-                type="suppressed",
-                timestamp=self.clock.seconds(),
-                tenant=tenant,
-                sender=sender,
-                recipient=recipient,
-                response=Reply(550, "5.1.1", "recipient suppressed"),
-                node=self.node,
-            )
+            "suppressed",
+            tenant=tenant,
+            sender=sender,
+            recipient=recipient,
+            response=Reply(550, "5.1.1", "recipient suppressed"),
         )
 
-    def _emit(self, event: Event) -> None:
+    def _emit(self, type: str, **fields: Any) -> None:
+        """Record an event of ``type`` stamped now, from this node."""
+        event = Event.make(type, self.clock.seconds(), node=self.node, **fields)
         # The message is already durable; a lost log line must not fail the 250.
         try:
             d = self.events.emit(event)

@@ -124,7 +124,7 @@ class EventTests(SynchronousTestCase):
     def test_type_checked(self) -> None:
         """Only the documented event types are allowed."""
         self.assertEqual(
-            EVENT_TYPES,
+            set(EVENT_TYPES),
             {
                 "accepted",
                 "delivered",
