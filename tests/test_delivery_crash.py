@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
-import subprocess
 from typing import Any
 
 from twisted.internet import reactor, task
@@ -16,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from sendarix.sink import SinkOptions, SinkServer, parse_fault
 from tests.dnsserver import start_dns
 from tests.relay import in_thread
-from tests.test_durability import TWISTD, _env, _free_port, _wait_listening
+from tests.relayproc import RelayProcessMixin, free_port
 
 COUNT = 5
 
@@ -44,7 +43,7 @@ async def _until(check: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"{what} within {timeout} s")
 
 
-class DeliveryCrashTests(TestCase):
+class DeliveryCrashTests(RelayProcessMixin, TestCase):
     """A relay process killed while its deliveries are in flight."""
 
     timeout = 90
@@ -59,23 +58,6 @@ class DeliveryCrashTests(TestCase):
             ),
             reactor,
         )
-
-    def _start_relay(self) -> subprocess.Popen[bytes]:
-        log = open(os.path.join(self.dir, f"relay{len(self.procs)}.log"), "wb")
-        self.addCleanup(log.close)
-        proc = subprocess.Popen(
-            [*TWISTD, "-n", "--pidfile=", "sendarix", "--config", self.config],
-            cwd=self.dir, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-        )
-        self.procs.append(proc)
-        _wait_listening(self.port, proc)
-        return proc
-
-    def _end_processes(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
 
     async def test_sigkill_mid_delivery(self) -> None:
         """Deliveries stall after the message data; the relay is SIGKILLed, the sink
@@ -92,7 +74,7 @@ class DeliveryCrashTests(TestCase):
         self.addCleanup(stop_dns)
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
-        self.port = _free_port()
+        self.port = free_port()
         self.config = os.path.join(self.dir, "sendarix.toml")
         with open(self.config, "w") as f:
             f.write(
@@ -105,10 +87,8 @@ class DeliveryCrashTests(TestCase):
                 f"endpoint = \"tcp:{self.port}:interface=127.0.0.1\"\n"
                 "tls = \"none\"\nauth = \"none\"\ntrusted_networks = [\"127.0.0.0/8\"]\n"
             )
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.addCleanup(self._end_processes)
 
-        proc = await in_thread(self._start_relay)
+        proc = await in_thread(self.start_relay)
         ids = await in_thread(_submit, self.port)
         await _until(lambda: stalled.stats.connections >= 1, 15, "no delivery attempt")
         # Let the stalled session reach the end of DATA before the kill.
@@ -121,7 +101,7 @@ class DeliveryCrashTests(TestCase):
         healthy = self._sink(sink_port)
         await healthy.start()
         self.addCleanup(healthy.stop)
-        restarted = await in_thread(self._start_relay)
+        restarted = await in_thread(self.start_relay)
         await _until(
             lambda: set(ids) <= set(healthy.stats.message_ids), 20,
             f"not all of {ids} delivered (got {healthy.stats.message_ids})",

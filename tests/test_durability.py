@@ -7,45 +7,17 @@ import json
 import os
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
-import time
 from typing import Any
 
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.relayproc import TWISTD, RelayProcessMixin, env, free_port
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"relay exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"relay not listening on {port}")
-
-
-class RelayProcessTests(TestCase):
+class RelayProcessTests(RelayProcessMixin, TestCase):
     """The relay as a separate process, started the way operators start it."""
 
     timeout = 120
@@ -53,7 +25,7 @@ class RelayProcessTests(TestCase):
     def setUp(self) -> None:
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
-        self.port = _free_port()
+        self.port = free_port()
         self.config = os.path.join(self.dir, "sendarix.toml")
         with open(self.config, "w") as f:
             f.write(
@@ -66,30 +38,11 @@ class RelayProcessTests(TestCase):
                 f"endpoint = \"tcp:{self.port}:interface=127.0.0.1\"\n"
                 "tls = \"none\"\nauth = \"none\"\ntrusted_networks = [\"127.0.0.0/8\"]\n"
             )
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.addCleanup(self._end_processes)
-
-    def _end_processes(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-    def _start_relay(self) -> subprocess.Popen[bytes]:
-        log = open(os.path.join(self.dir, f"relay{len(self.procs)}.log"), "wb")
-        self.addCleanup(log.close)
-        proc = subprocess.Popen(
-            [*TWISTD, "-n", "--pidfile=", "sendarix", "--config", self.config],
-            cwd=self.dir, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-        )
-        self.procs.append(proc)
-        _wait_listening(self.port, proc)
-        return proc
 
     def _cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
             [sys.executable, "-m", "sendarix.cli", "--config", self.config, *args],
-            cwd=self.dir, env=_env(), capture_output=True, timeout=60,
+            cwd=self.dir, env=env(), capture_output=True, timeout=60,
         )
 
     def test_sigkill_after_250(self) -> None:
@@ -102,7 +55,7 @@ class RelayProcessTests(TestCase):
         )
 
         def scenario() -> Any:
-            proc = self._start_relay()
+            proc = self.start_relay()
             s = smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test")
             s.ehlo()
             s.mail("app@example.com", ["BODY=8BITMIME"])
@@ -111,7 +64,7 @@ class RelayProcessTests(TestCase):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             s.close()
-            restarted = self._start_relay()
+            restarted = self.start_relay()
             listing = self._cli("queue", "list", "--json")
             qid = reply.split()[-1].decode()
             shown = self._cli("queue", "show", qid, "--body")
@@ -143,7 +96,7 @@ class RelayProcessTests(TestCase):
         def run() -> subprocess.CompletedProcess[bytes]:
             return subprocess.run(
                 [*TWISTD, "--help"],
-                env=_env(), capture_output=True, timeout=60, cwd=self.dir,
+                env=env(), capture_output=True, timeout=60, cwd=self.dir,
             )
 
         d = deferToThread(run)
