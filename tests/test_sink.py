@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
 import io
-import ipaddress
 import json
 import os
 import signal
@@ -14,10 +12,6 @@ import ssl
 import sys
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor, task
@@ -43,6 +37,7 @@ from sendarix.sink import (
     main,
     parse_fault,
 )
+from tests.tlsca import TestCA
 
 _reactor: Any = reactor
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,43 +88,11 @@ class Session:
         return self.transport.value().decode("utf-8")
 
 
-def make_certificate(directory: str) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1/localhost; returns (cert, key) paths."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    os.makedirs(directory, exist_ok=True)
-    cert_path = os.path.join(directory, "cert.pem")
-    key_path = os.path.join(directory, "key.pem")
-    with open(cert_path, "wb") as fh:
-        fh.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as fh:
-        fh.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return cert_path, key_path
+def make_certificate(directory: str) -> tuple[str, str, str]:
+    """A certificate for localhost/127.0.0.1 from a test CA: (cert, key, CA file)."""
+    ca = TestCA(directory)
+    cert, key = ca.issue("localhost")
+    return cert, key, ca.ca_path
 
 
 class RawClient:
@@ -649,9 +612,9 @@ class SocketTests(TestCase):
     def test_starttls(self) -> Any:
         """STARTTLS with a generated certificate; TLS version recorded, no STARTTLS
         advertised inside TLS."""
-        cert, key = make_certificate(self.mktemp())
+        cert, key, ca_file = make_certificate(self.mktemp())
         server, port = yield self.run_start(certificate=cert, key=key)
-        ctx = ssl.create_default_context(cafile=cert)
+        ctx = ssl.create_default_context(cafile=ca_file)
 
         def send() -> tuple[bool, bool]:
             with smtplib.SMTP("127.0.0.1", port, timeout=5) as c:
@@ -673,9 +636,9 @@ class SocketTests(TestCase):
     @defer.inlineCallbacks
     def test_starttls_discards_pipelined_input(self) -> Any:
         """Input pipelined after STARTTLS is dropped and the session starts afresh."""
-        cert, key = make_certificate(self.mktemp())
+        cert, key, ca_file = make_certificate(self.mktemp())
         _, port = yield self.run_start(certificate=cert, key=key)
-        ctx = ssl.create_default_context(cafile=cert)
+        ctx = ssl.create_default_context(cafile=ca_file)
 
         def talk() -> list[str]:
             c = RawClient(port)
