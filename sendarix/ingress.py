@@ -120,6 +120,10 @@ class SubmissionServer(smtp.ESMTP):
         self._shutdown_requested = False
         self._reset_session()
 
+    def callLater(self, period: float, func: Callable[..., Any]) -> Any:
+        # TimeoutMixin schedules idle timeouts through this: the injected clock.
+        return self.s.clock.callLater(period, func)
+
     # -- state ------------------------------------------------------------------
 
     def _reset_session(self) -> None:

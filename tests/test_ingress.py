@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sendarix.events import EventQuery
 from tests.relay import HOSTNAME, RawClient, Relay, in_thread, smtp_starttls, start_relay
@@ -630,3 +630,36 @@ class RetentionTests(TestCase):
         self.assertEqual(page.events, ())
         page = await relay.stores.eventlog.search(EventQuery(recipient="new@example.org"))
         self.assertEqual(len(page.events), 1)
+
+
+class InjectedClockTests(SynchronousTestCase):
+    """Session timeouts run on the clock the node was given, not the global reactor."""
+
+    def test_idle_timeout_on_injected_clock(self) -> None:
+        """An idle session gets 421 4.4.2 once the injected clock passes
+        command_timeout, and not before."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from sendarix.authlimit import AuthLimiter
+        from sendarix.config import LimitsConfig, ListenerConfig
+        from sendarix.ingress import ListenerSettings, SubmissionFactory
+        from sendarix.ratelimit import RateLimiter
+
+        clock = Clock()
+        settings = ListenerSettings(
+            listener=ListenerConfig(name="t", endpoint="tcp:0", tls="none", auth="none"),
+            limits=LimitsConfig(command_timeout=60.0), hostname="relay.test",
+            intake=None, clock=clock, portal=None, credentials=None,  # type: ignore[arg-type]
+            auth_limiter=AuthLimiter(), rate_limiter=RateLimiter(), tls_options=None,
+        )
+        factory = SubmissionFactory(settings)
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+        proto.makeConnection(transport)
+        clock.advance(59)
+        self.assertNotIn(b"421", transport.value())
+        clock.advance(2)
+        self.assertIn(b"421 4.4.2", transport.value())
+        self.assertTrue(transport.disconnecting)
