@@ -12,7 +12,13 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 from unittest import SkipTest
+
+from twisted.internet.defer import Deferred
+
+if TYPE_CHECKING:
+    from sendarix.redisstore.connection import RedisClient
 
 _START_TIMEOUT = 10.0
 
@@ -78,3 +84,19 @@ def _stopper(process: subprocess.Popen[bytes]) -> Callable[[], None]:
         process.wait(timeout=10)
 
     return stop
+
+
+def redis_client(test: Any, aof: bool = True) -> Deferred[RedisClient]:
+    """Start a server for ``test`` and connect a L{RedisClient} pool to it; both are
+    stopped at the test's cleanup.  Fires once the pool is connected."""
+    from twisted.internet import reactor
+
+    from sendarix.redisstore.connection import connect
+
+    port, stop = start_redis(os.path.abspath(test.mktemp()), aof=aof)
+    test.addCleanup(stop)
+    client = connect(f"redis://127.0.0.1:{port}/0", poolsize=4)
+    test.addCleanup(client.disconnect)
+    test.redis_port = port
+    d = client.wait_connected(reactor, 10.0)
+    return d.addCallback(lambda _: client)
