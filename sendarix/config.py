@@ -598,6 +598,7 @@ class SpoolConfig:
     allow_volatile: bool = _setting(_boolean, False)
     lease_time: float = _setting(_duration(), 300.0)
     password_env: str | None = _setting(_env_name, None)
+    ca_file: str | None = _setting(_path, None)
 
     @property
     def backend(self) -> str:

@@ -46,6 +46,7 @@ from sendarix.model import (
     TLSInfo,
 )
 from sendarix.providers import ProviderTable
+from sendarix.redisstore.connection import is_outage
 from sendarix.routing.mx import Hop, RouteError
 from sendarix.schedule import RetrySchedule
 from sendarix.window import DestinationWindow
@@ -225,7 +226,9 @@ class DeliveryService(Service):
     def _failed(self, failure: Failure, what: str, **kw: Any) -> None:
         # While the node stops, the stores close under groups still in flight: that is
         # expected (their leases expire), not an error worth a traceback.
-        if self.running:
+        if self.running and is_outage(failure):
+            log.warn(what + ": {why}", why=failure.getErrorMessage(), **kw)
+        elif self.running:
             log.failure(what, failure, **kw)
         else:
             log.info(what + " while stopping: {why}", why=failure.getErrorMessage(), **kw)

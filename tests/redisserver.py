@@ -39,12 +39,15 @@ def _answers_ping(port: int) -> bool:
         return False
 
 
-def start_redis(directory: str, aof: bool = True) -> tuple[int, Callable[[], None]]:
+def start_redis(
+    directory: str, aof: bool = True, port: int | None = None
+) -> tuple[int, Callable[[], None]]:
     """Start redis-server with its files in ``directory``; return (port, stop).
 
     ``aof``: keep an append-only file fsynced on every write (the durable setting the
-    spool wants); without it the server persists nothing.  ``stop`` kills the server
-    by its PID and waits for it to exit.
+    spool wants); without it the server persists nothing.  ``port``: listen there
+    (a restart of an earlier server), else on a free port.  ``stop`` kills the
+    server by its PID (SIGKILL: like a crash) and waits for it to exit.
     """
     binary = shutil.which("redis-server")
     if binary is None:
@@ -53,8 +56,9 @@ def start_redis(directory: str, aof: bool = True) -> tuple[int, Callable[[], Non
         raise SkipTest("redis-server is not installed")
     os.makedirs(directory, exist_ok=True)
     # A port taken between probing and binding fails the start; try a few.
+    wanted = port
     for _ in range(5):
-        port = _free_port()
+        port = wanted or _free_port()
         command = [
             binary,
             "--port", str(port),

@@ -36,11 +36,19 @@ from twisted.logger import Logger
 
 log = Logger()
 
-__all__ = ["RedisClient", "RedisTarget", "RedisUnavailable", "connect", "parse_redis_url"]
+__all__ = [
+    "RedisClient", "RedisTarget", "RedisUnavailable", "connect", "is_outage", "parse_redis_url",
+]
 
 
 class RedisUnavailable(txredisapi.ConnectionError):
     """No connection to Redis is up (Redis is down, restarting or unreachable)."""
+
+
+def is_outage(failure: Any) -> bool:
+    """True when a Failure is Redis being unreachable (down, restarting, timing out):
+    expected during an outage, worth one log line rather than a traceback."""
+    return bool(failure.check(txredisapi.ConnectionError))
 
 
 @frozen

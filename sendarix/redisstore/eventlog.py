@@ -17,7 +17,9 @@ checks every other condition on the stored event, like the SQLite log's query pl
 it stops after ``scan_limit`` entries and then returns a short page whose cursor
 continues where it stopped.  Events are written in batches by one writer per
 process, in the order ``emit`` was called, so seq order is emission order even
-though the pool has several connections.
+though the pool has several connections.  While Redis is unreachable the writer
+keeps events in memory (up to ``max_buffer``) and writes them once it is back; their
+Deferreds fire then.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from zope.interface import implementer
 from sendarix.eventlog import decode_cursor, encode_cursor
 from sendarix.events import MAX_LIMIT, Event, EventPage, EventQuery
 from sendarix.interfaces import IEventLog
+from sendarix.redisstore.connection import is_outage
 
 # ARGV: prefix, then per event: id, timestamp, body, index key count, index keys.
 _EMIT = """
@@ -176,9 +179,17 @@ class RedisEventLog:
     #: Events written per script.
     emit_batch = 200
 
-    def __init__(self, redis: Any, prefix: str = "sendarix:") -> None:
+    #: Events kept in memory while Redis is unreachable; beyond this, emits fail.
+    max_buffer = 100_000
+    #: Seconds between writes retried during an outage.
+    retry_delay = 1.0
+
+    def __init__(self, redis: Any, prefix: str = "sendarix:", clock: Any = None) -> None:
         self._redis = redis
         self._prefix = prefix
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
         self._queue: list[tuple[list[str], Deferred[None]]] = []
         self._writing = False
 
@@ -212,12 +223,21 @@ class RedisEventLog:
                 d.callback(None)
 
         def failed(failure: Failure) -> None:
+            if is_outage(failure) and len(self._queue) + len(batch) <= self.max_buffer:
+                # Keep the events (in order) and try again once Redis may be back;
+                # an event id written twice is stored once, so a retry is harmless.
+                self._queue[:0] = batch
+                self._clock.callLater(self.retry_delay, self._write_next)
+                return
             for _, d in batch:
                 d.errback(failure)
+            self._write_next()
 
-        written = self._run(_EMIT, *args)
-        written.addCallbacks(stored, failed)
-        written.addBoth(lambda _: self._write_next())
+        def ok(_: Any) -> None:
+            stored(None)
+            self._write_next()
+
+        self._run(_EMIT, *args).addCallbacks(ok, failed)
 
     # -- reading --------------------------------------------------------------------
 
