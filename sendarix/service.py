@@ -27,6 +27,7 @@ from sendarix.ratelimit import RateLimiter
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.stores import Stores
 from sendarix.tlsutil import ensure_certificate, server_tls_options
+from sendarix.workers import listen_shared
 
 log = Logger()
 
@@ -121,9 +122,10 @@ class ListenerService(Service):
 
     def __init__(
         self, reactor: Any, config: ListenerConfig, factory: SubmissionFactory,
-        stores: StoresService, wrap_tls: Any = None,
+        stores: StoresService, wrap_tls: Any = None, shared: bool = False,
     ) -> None:
         self.name = f"listener:{config.name}"
+        self._shared = shared  # SO_REUSEPORT: worker processes share the port
         self._reactor = reactor
         self._config = config
         self.factory = factory
@@ -155,6 +157,10 @@ class ListenerService(Service):
             )
             return port
 
+        if self._shared:
+            return listen_shared(self._reactor, self._config.endpoint, factory).addCallback(
+                listening
+            )
         return endpoint.listen(factory).addCallback(listening)
 
     def listening(self) -> Deferred[IListeningPort]:
@@ -240,7 +246,7 @@ def makeService(
         )
         service = ListenerService(
             reactor, lc, SubmissionFactory(settings), stores_service,
-            wrap_tls=tls_options if lc.wrap_tls else None,
+            wrap_tls=tls_options if lc.wrap_tls else None, shared=config.node.workers > 1,
         )
         service.setServiceParent(top)
         top.listeners.append(service)  # type: ignore[attr-defined]
