@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from unittest import SkipTest
 
@@ -40,13 +40,14 @@ def _answers_ping(port: int) -> bool:
 
 
 def start_redis(
-    directory: str, aof: bool = True, port: int | None = None
+    directory: str, aof: bool = True, port: int | None = None, extra: Sequence[str] = ()
 ) -> tuple[int, Callable[[], None]]:
     """Start redis-server with its files in ``directory``; return (port, stop).
 
     ``aof``: keep an append-only file fsynced on every write (the durable setting the
     spool wants); without it the server persists nothing.  ``port``: listen there
-    (a restart of an earlier server), else on a free port.  ``stop`` kills the
+    (a restart of an earlier server), else on a free port.  ``extra``: more
+    redis-server options (TLS, a unix socket, ACL users).  ``stop`` kills the
     server by its PID (SIGKILL: like a crash) and waits for it to exit.
     """
     binary = shutil.which("redis-server")
@@ -68,6 +69,7 @@ def start_redis(
             "--appendonly", "yes" if aof else "no",
             "--appendfsync", "always",
             "--logfile", "redis.log",
+            *extra,
         ]  # fmt: skip
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
