@@ -25,15 +25,18 @@ from sendarix.interfaces import (
     IEventSink,
     ISpool,
     ISuppressionStore,
+    IThrottle,
 )
 from sendarix.redisstore.connection import RedisClient, connect
 from sendarix.redisstore.credentials import RedisCredentialStore
 from sendarix.redisstore.eventlog import RedisEventLog
 from sendarix.redisstore.suppression import RedisSuppressionStore
+from sendarix.redisstore.throttle import RedisThrottle
 from sendarix.spool import open_spool
 from sendarix.spool.redis import RedisSpool
 from sendarix.sqlitedb import SQLiteDatabase
 from sendarix.suppression import SQLiteSuppressionStore
+from sendarix.throttle import MemoryThrottle
 
 #: Key prefix of everything Sendarix keeps in Redis.
 REDIS_PREFIX = "sendarix:"
@@ -90,6 +93,14 @@ class Stores:
             config, None, spool, RedisCredentialStore(redis, reactor, REDIS_PREFIX),
             eventlog, events, RedisSuppressionStore(redis, REDIS_PREFIX), redis, reactor,
         )
+
+    def make_throttle(self, node: str) -> IThrottle:
+        """The outbound throttle for ``node``: shared by every node in Redis (limits
+        hold for the cluster; call its ``stop()`` when the node stops), else in memory
+        (limits per process)."""
+        if self.redis is None:
+            return MemoryThrottle()
+        return RedisThrottle(self.redis, self.clock, REDIS_PREFIX, node=node)
 
     @property
     def location(self) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet import reactor, task
 from twisted.trial.unittest import TestCase
 
+from sendarix.redisstore.throttle import RedisThrottle
 from sendarix.sink import SinkOptions, SinkServer
 from tests.dnsserver import start_dns
 from tests.redisserver import start_redis
@@ -74,6 +75,7 @@ class RedisRelayTests(TestCase):
         credential it adds is seen by the relay."""
         relay = await start_relay(self, [LISTENER], spool={"url": self.url})
         self.assertIsNone(relay.stores.db)
+        self.assertIsInstance(relay.stores.make_throttle("n"), RedisThrottle)
         (code, text), = await in_thread(_send, relay.ports["relay"], 1, "cli")
         self.assertEqual(code, 250, text)
         qid = text.split()[-1].decode()
@@ -88,7 +90,8 @@ class RedisRelayTests(TestCase):
             ["--config", config, "log", "search", "--queue-id", qid, "--json"], folder
         )
         self.assertEqual(rc, 0, err)
-        self.assertEqual([e["type"] for e in json.loads(out)], ["accepted"])
+        # (delivery may already have deferred it: no DNS in this test)
+        self.assertIn("accepted", [e["type"] for e in json.loads(out)])
         out, err, rc = await _run(
             ["--config", config, "credentials", "add", "app", "--tenant", "acme", "--json"],
             folder,

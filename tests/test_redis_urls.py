@@ -85,6 +85,29 @@ class RedisURLTests(TestCase):
         await spool_works(self, url, password_env="SENDARIX_TEST_REDIS_PW")
         self.assertRaises(ValueError, connect, url, password_env="SENDARIX_TEST_UNSET_PW")
 
+    async def test_handshake_failure_retried(self) -> None:
+        """A connection whose setup fails (here SELECT, refused by the ACL; the same
+        path as a connection lost during setup while Redis restarts) is retried: the
+        pool connects once the cause is gone.  (txredisapi alone stops for good.)"""
+        port, stop = start_redis(
+            os.path.abspath(self.mktemp()),
+            extra=["--user", "relay", "on", ">pw", "~*", "&*", "+@all", "-select"],
+        )
+        self.addCleanup(stop)
+        os.environ["SENDARIX_TEST_REDIS_PW"] = "pw"
+        self.addCleanup(os.environ.pop, "SENDARIX_TEST_REDIS_PW", None)
+        client = connect(f"redis://relay@127.0.0.1:{port}/3",
+                         password_env="SENDARIX_TEST_REDIS_PW", poolsize=2)
+        self.addCleanup(client.disconnect)
+        with self.assertRaises(RedisUnavailable):
+            await client.wait_connected(reactor, 1.0)
+        admin = connect(f"redis://127.0.0.1:{port}", poolsize=1)
+        self.addCleanup(admin.disconnect)
+        await admin.wait_connected(reactor, 10.0)
+        await admin.execute_command("ACL", "SETUSER", "relay", "+select")
+        await client.wait_connected(reactor, 15.0)
+        self.assertIn(" db=3 ", await client.execute_command("CLIENT", "INFO"))
+
     async def test_tls_verified(self) -> None:
         """rediss:// connects over TLS when the server's certificate verifies against
         [spool] ca_file, and never connects to one that does not."""

@@ -228,5 +228,23 @@ def connect(
         handler = txredisapi.lazyConnectionPool(
             target.host, target.port, ssl_context_factory=tls, **common
         )
-    handler._factory.maxDelay = max_retry_delay
-    return RedisClient(handler, target.describe(), owned)
+    describe = target.describe()
+    factory = handler._factory
+    factory.maxDelay = max_retry_delay
+    # txredisapi stops reconnecting for good when AUTH or SELECT fails on a new
+    # connection, also when that connection merely dropped during the handshake (Redis
+    # restarting): the pool would stay down until the relay restarts.  Keep trying
+    # instead (with the usual backoff), and consume the error it reports.
+    factory.stopTrying = lambda: _keep_trying(describe)
+    if factory.deferred is not None:
+        factory.deferred.addErrback(lambda f: log.warn(
+            "Redis ({where}): {why}; retrying", where=describe, why=f.getErrorMessage()
+        ))
+    return RedisClient(handler, describe, owned)
+
+
+def _keep_trying(describe: str) -> Deferred[None]:
+    from twisted.internet.defer import succeed
+
+    log.warn("Redis ({where}): connection setup failed; retrying", where=describe)
+    return succeed(None)
