@@ -132,4 +132,6 @@ class Stores:
         if self.db is not None:
             await self.db.close()
         if self.redis is not None:
+            if isinstance(self.eventlog, RedisEventLog):
+                await self.eventlog.close()
             await self.redis.disconnect()

@@ -94,13 +94,17 @@ def _stopper(process: subprocess.Popen[bytes]) -> Callable[[], None]:
 
 def redis_client(test: Any, aof: bool = True) -> Deferred[RedisClient]:
     """Start a server for ``test`` and connect a L{RedisClient} pool to it; both are
-    stopped at the test's cleanup.  Fires once the pool is connected."""
+    stopped at the test's cleanup.  Fires once the pool is connected.  Sets
+    ``test.redis_port``, ``test.redis_dir`` and ``test.redis_stop`` (a test that
+    restarts the server replaces ``redis_stop``)."""
     from twisted.internet import reactor
 
     from sendarix.redisstore.connection import connect
 
-    port, stop = start_redis(os.path.abspath(test.mktemp()), aof=aof)
-    test.addCleanup(stop)
+    directory = os.path.abspath(test.mktemp())
+    port, stop = start_redis(directory, aof=aof)
+    test.addCleanup(lambda: test.redis_stop())
+    test.redis_stop, test.redis_dir = stop, directory
     client = connect(f"redis://127.0.0.1:{port}/0", poolsize=4)
     test.addCleanup(client.disconnect)
     test.redis_port = port

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor as _reactor
+from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import (
     ILogObserver,
@@ -39,7 +40,7 @@ from sendarix.interfaces import IEventLog, IEventSink
 from sendarix.model import Reply, TLSInfo
 from sendarix.redisstore.eventlog import RedisEventLog
 from sendarix.sqlitedb import SQLiteDatabase
-from tests.redisserver import redis_client
+from tests.redisserver import redis_client, start_redis
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -440,6 +441,31 @@ class RedisEventLogTests(EventLogContractMixin, TestCase):
         )
         self.assertEqual(second.events, (match,))
         self.assertIsNone(second.next_cursor)
+
+    async def test_outage_buffers_then_writes(self) -> None:
+        """While Redis is down an emitted event waits in memory; it is written once
+        Redis is back, and its Deferred fires then."""
+        log = await self.open_log()
+        log.retry_delay = 0.1
+        self.redis_stop()  # type: ignore[attr-defined]
+        event = Event.make("delivered", 5.0, tenant="t")
+        emitted = log.emit(event)
+        await task.deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(emitted.called)
+        port, stop = start_redis(self.redis_dir, port=self.redis_port)  # type: ignore[attr-defined]
+        self.redis_stop = stop
+        await emitted
+        self.assertEqual((await log.search(EventQuery(tenant="t"))).events, (event,))
+
+    async def test_close_drops_events_during_outage(self) -> None:
+        """Closing while Redis is down drops the waiting events (their Deferreds
+        fire) instead of retrying for ever."""
+        log = await self.open_log()
+        self.redis_stop()  # type: ignore[attr-defined]
+        emitted = log.emit(Event.make("delivered", 5.0, tenant="t"))
+        await task.deferLater(reactor, 0.1, lambda: None)
+        await log.close()
+        self.assertTrue(emitted.called)
 
     async def test_order_kept_through_the_pool(self) -> None:
         """Events emitted at once over a pool of connections are numbered in the

@@ -12,13 +12,14 @@ import time
 from typing import Any
 
 from twisted.internet import reactor, task
+from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
 from sendarix.redisstore.throttle import RedisThrottle
 from sendarix.sink import SinkOptions, SinkServer
 from tests.dnsserver import start_dns
 from tests.redisserver import start_redis
-from tests.relay import in_thread, start_relay
+from tests.relay import Relay, in_thread, start_relay
 from tests.test_cli import _run, _write_config
 
 LISTENER = {
@@ -99,6 +100,20 @@ class RedisRelayTests(TestCase):
         self.assertEqual(rc, 0, err)
         cred = await relay.stores.credentials.get("app")
         self.assertEqual(cred and cred.tenant, "acme")
+
+    async def test_waits_for_redis_at_start(self) -> None:
+        """A node started while Redis is down opens no listener until Redis is up,
+        then starts by itself and takes mail."""
+        self.stop_redis()
+        relay = Relay(self.mktemp(), [LISTENER], spool={"url": self.url})
+        started = ensureDeferred(relay.start())
+        self.addCleanup(relay.stop)
+        await task.deferLater(reactor, 1.0, lambda: None)
+        self.assertFalse(started.called)
+        self.redis_port, self.stop_redis = start_redis(self.redis_dir, port=self.redis_port)
+        await started
+        (code, text), = await in_thread(_send, relay.ports["relay"], 1, "late")
+        self.assertEqual(code, 250, text)
 
     async def test_cli_reports_unreachable_redis(self) -> None:
         """With Redis down, the command exits 1 with one line naming Redis."""

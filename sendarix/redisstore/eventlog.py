@@ -27,7 +27,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -35,6 +36,8 @@ from sendarix.eventlog import decode_cursor, encode_cursor
 from sendarix.events import MAX_LIMIT, Event, EventPage, EventQuery
 from sendarix.interfaces import IEventLog
 from sendarix.redisstore.connection import is_outage
+
+log = Logger()
 
 # ARGV: prefix, then per event: id, timestamp, body, index key count, index keys.
 _EMIT = """
@@ -192,6 +195,9 @@ class RedisEventLog:
         self._clock = clock
         self._queue: list[tuple[list[str], Deferred[None]]] = []
         self._writing = False
+        self._retry: Any = None
+        self._closing = False
+        self._idle: list[Deferred[None]] = []
 
     def _run(self, script: str, *args: Any) -> Deferred[Any]:
         d: Deferred[Any] = self._redis.eval(script, [], [self._prefix, *args])
@@ -212,8 +218,12 @@ class RedisEventLog:
         return d
 
     def _write_next(self) -> None:
+        self._retry = None
         if not self._queue:
             self._writing = False
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
             return
         batch, self._queue = self._queue[: self.emit_batch], self._queue[self.emit_batch :]
         args = [a for entry, _ in batch for a in entry]
@@ -227,7 +237,10 @@ class RedisEventLog:
                 # Keep the events (in order) and try again once Redis may be back;
                 # an event id written twice is stored once, so a retry is harmless.
                 self._queue[:0] = batch
-                self._clock.callLater(self.retry_delay, self._write_next)
+                if self._closing:
+                    self._drop_queue()
+                else:
+                    self._retry = self._clock.callLater(self.retry_delay, self._write_next)
                 return
             for _, d in batch:
                 d.errback(failure)
@@ -238,6 +251,28 @@ class RedisEventLog:
             self._write_next()
 
         self._run(_EMIT, *args).addCallbacks(ok, failed)
+
+    def close(self) -> Deferred[None]:
+        """Before the connection closes: fires once the events waiting are written.
+        While Redis is unavailable they are dropped instead (no more retries), with a
+        warning that says how many."""
+        self._closing = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+            self._drop_queue()
+        if not self._writing:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
+
+    def _drop_queue(self) -> None:
+        dropped, self._queue = self._queue, []
+        if dropped:
+            log.warn("{count} events not logged: Redis unavailable at stop", count=len(dropped))
+        for _, d in dropped:
+            d.callback(None)
+        self._write_next()
 
     # -- reading --------------------------------------------------------------------
 
