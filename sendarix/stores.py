@@ -80,10 +80,15 @@ class Stores:
     @classmethod
     def _redis_stores(cls, config: Config, reactor: Any, use_json: bool) -> Stores:
         sc = config.spool
-        redis = connect(sc.url, password_env=sc.password_env, ca_file=sc.ca_file)
+        # WAIT takes a connection out of the pool while it waits: keep more of them.
+        redis = connect(
+            sc.url, password_env=sc.password_env, ca_file=sc.ca_file,
+            poolsize=16 if sc.wait_replicas else 8,
+        )
         spool = RedisSpool(
             redis, REDIS_PREFIX, allow_volatile=sc.allow_volatile, clock=reactor,
-            outage_patience=sc.lease_time,
+            outage_patience=sc.lease_time, wait_replicas=sc.wait_replicas,
+            wait_timeout=sc.wait_timeout,
         )
         eventlog = RedisEventLog(redis, REDIS_PREFIX, reactor)
         events: IEventSink = (

@@ -387,6 +387,11 @@ class RedisSpool:
     :mod:`sendarix.redisstore.connection`), except ``complete``: mail that was just
     delivered must not be delivered again, so it retries for up to
     ``outage_patience`` seconds (on ``clock``) until Redis answers.
+
+    ``wait_replicas``: after storing a message, wait (at most ``wait_timeout``
+    seconds) until that many replicas have it too (Redis ``WAIT``, on a connection
+    taken out of the pool for the two commands, so nothing queues behind it), and
+    fail the enqueue (the client hears 451 and sends again) when they do not confirm.
     """
 
     def __init__(
@@ -398,6 +403,8 @@ class RedisSpool:
         owns_connection: bool = False,
         clock: IReactorTime | None = None,
         outage_patience: float = 300.0,
+        wait_replicas: int = 0,
+        wait_timeout: float = 2.0,
     ) -> None:
         self._redis = connection
         self._prefix = prefix
@@ -410,6 +417,8 @@ class RedisSpool:
             clock = reactor  # type: ignore[assignment]
         self._clock: IReactorTime = clock  # type: ignore[assignment]
         self._outage_patience = outage_patience
+        self._wait_replicas = wait_replicas
+        self._wait_timeout = wait_timeout
         factory = getattr(connection, "_factory", None)
         self._charset: str = getattr(factory, "charset", None) or "utf-8"
 
@@ -514,8 +523,33 @@ class RedisSpool:
                 updated_at=received,
             )
             args += [address, domain, _encode_record(record)]
-        if not int(await self._run(_ENQUEUE, *args)):
+        if self._wait_replicas > 0:
+            stored = await self._run_replicated(_ENQUEUE, *args)
+        else:
+            stored = await self._run(_ENQUEUE, *args)
+        if not int(stored):
             raise DuplicateQueueId(message.queue_id)
+
+    async def _run_replicated(self, script: str, *args: Any) -> Any:
+        """Run a script, then WAIT for ``wait_replicas`` replicas, on one connection
+        of our own (WAIT counts that connection's writes, and blocks it)."""
+        if not getattr(self._redis, "connected", True):
+            raise RedisUnavailable("Redis is unreachable")
+        factory = self._redis._factory
+        connection = await factory.getConnection(peek=False)
+        try:
+            reply = await connection.eval(script, [], [self._prefix, *args])
+            acked = await connection.execute_command(
+                "WAIT", str(self._wait_replicas), str(int(self._wait_timeout * 1000))
+            )
+        finally:
+            factory.connectionQueue.put(connection)
+        if int(acked) < self._wait_replicas:
+            raise SpoolError(
+                f"only {int(acked)} of {self._wait_replicas} Redis replicas confirmed the"
+                f" write within {self._wait_timeout:g} s (spool.wait_replicas)"
+            )
+        return reply
 
     # -- leases ---------------------------------------------------------------------
 
