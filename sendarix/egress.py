@@ -18,6 +18,7 @@ that into a 4xx reply for whatever is still unanswered.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -299,6 +300,7 @@ class _Options:
     tls_hostname: str
     trust_root: Any
     host: str
+    auth: tuple[str, str] | None = field(default=None, repr=False)
 
 
 @define
@@ -357,6 +359,35 @@ async def _starttls(conn: _SMTPConnection, opts: _Options, state: _State) -> dic
     except Exception:
         state.tls = TLSInfo(version="unknown", cipher="unknown")
     return caps
+
+
+async def _authenticate(
+    conn: _SMTPConnection, opts: _Options, state: _State, caps: dict[str, str]
+) -> None:
+    """AUTH PLAIN with the smarthost credentials; only inside TLS.  Any failure defers
+    (a wrong password is our configuration, never the recipients' fault)."""
+    assert opts.auth is not None
+    if state.tls is None:
+        raise _SessionBrokenError(
+            Reply(451, "4.7.0", f"refusing to send AUTH credentials to {opts.host} without TLS")
+        )
+    mechanisms = caps.get("AUTH", "").upper().split()
+    if "PLAIN" not in mechanisms:
+        raise _SessionBrokenError(
+            Reply(451, "4.7.0", f"{opts.host} does not offer AUTH PLAIN")
+        )
+    username, password = opts.auth
+    token = base64.b64encode(
+        b"\0" + username.encode("utf-8") + b"\0" + password.encode("utf-8")
+    ).decode("ascii")
+    r = (await conn.command(f"AUTH PLAIN {token}")).reply
+    if r.code == 235:
+        return
+    if r.code == 421:
+        raise _SessionBrokenError(r)
+    raise _SessionBrokenError(
+        Reply(451, "4.7.8", f"AUTH refused by {opts.host}: {r.code} {r.text}")
+    )
 
 
 def _lost(conn: _SMTPConnection) -> Reply:
@@ -486,6 +517,8 @@ async def _session(
         raise _SessionBrokenError(
             Reply(451, "4.7.4", f"TLS is required, but was not offered by {opts.host}")
         )
+    if opts.auth is not None:
+        await _authenticate(conn, opts, state, caps)
     limit = caps.get("SIZE", "0")
     max_size = int(limit) if limit.isdigit() else 0
     dirty = False
@@ -545,6 +578,7 @@ def deliver(
     bind_address: str | None = None,
     connect_timeout: float = 5.0,
     command_timeout: float = 300.0,
+    auth: tuple[str, str] | None = None,
 ) -> Deferred[SessionResult]:
     """Send ``messages`` over one SMTP session to ``host``:``port`` (an IPv4 address).
 
@@ -552,12 +586,14 @@ def deliver(
     it, ``"verify"`` requires it with the certificate verified for ``tls_hostname``
     (default ``host``) against ``trust_root`` (an ``IOpenSSLTrustRoot`` or
     ``ssl.Certificate``; None: the platform's trust store).  When TLS is required and
-    not available, nothing is sent and every message gets a 4xx reply.  The Deferred
+    not available, nothing is sent and every message gets a 4xx reply.  ``auth`` is a
+    ``(username, password)`` pair sent with AUTH PLAIN after STARTTLS (never in clear).
+    The Deferred
     never fails: every message gets a reply, synthesized (4xx) when the session broke.
     """
     if tls not in TLS_POLICIES:
         raise ValueError(f"tls must be one of {TLS_POLICIES}, not {tls!r}")
-    opts = _Options(helo, tls, tls_hostname or host, trust_root, host)
+    opts = _Options(helo, tls, tls_hostname or host, trust_root, host, auth)
 
     async def run() -> SessionResult:
         endpoint = TCP4ClientEndpoint(
