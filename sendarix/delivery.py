@@ -139,9 +139,10 @@ def _route_reply(error: RouteError) -> Reply:
 
 
 def _held_no_session(result: egress.SessionResult) -> bool:
-    """True when the hop refused us before any transaction: a connect error, or a 421
-    (greeting or EHLO) that every message got as its only reply."""
-    if result.connect_error is not None:
+    """True when the hop refused us before any transaction: a connect error, no
+    greeting (closed or timed out first), or a 421 (greeting or EHLO) that every
+    message got as its only reply."""
+    if result.connect_error is not None or not result.greeted:
         return True
     replies = [m.message_reply for m in result.results]
     first = replies[0] if replies else None
@@ -575,12 +576,15 @@ class DeliveryService(Service):
                 command_timeout=dc.command_timeout,
                 auth=(hop.username, hop.password)
                 if hop.username is not None and hop.password is not None else None,
+                # Smarthosts are ours: one that does not greet at once is down.
+                greeting_timeout=dc.connect_timeout if hop.endpoint is not None else None,
             )
             if not _held_no_session(result):
                 conn.strategy.succeeded(hop, self.reactor.seconds())
                 break
             conn.strategy.failed(hop, self.reactor.seconds())
-            if result.connect_error is not None:
+            first = result.results[0].message_reply if result.results else None
+            if result.connect_error is not None or first is None or first.code != 421:
                 refused_421 = False
             log.info(
                 "{host} ({address}) held no session: {reply}",

@@ -99,7 +99,8 @@ class SessionResult:
     """The outcome of one session: a result for every message given to :func:`deliver`.
 
     ``connect_error`` is set (and also given to every recipient) when no SMTP session
-    took place; ``tls`` is the negotiated TLS version and cipher, if any.
+    took place; ``greeted`` is False when the connection ended (or timed out) before a
+    220 greeting; ``tls`` is the negotiated TLS version and cipher, if any.
     """
 
     results: tuple[MessageResult, ...]
@@ -107,6 +108,7 @@ class SessionResult:
     tls: TLSInfo | None
     mx_ip: str
     source_ip: str | None
+    greeted: bool = True
 
 
 def dot_stuff(body: bytes) -> bytes:
@@ -144,7 +146,9 @@ class _SMTPConnection(Protocol):
     When the connection ends every outstanding Deferred fails with :class:`_SessionBrokenError`.
     """
 
-    def __init__(self, reactor: Any, timeout: float) -> None:
+    def __init__(
+        self, reactor: Any, timeout: float, greeting_timeout: float | None = None
+    ) -> None:
         self.reactor = reactor
         self.timeout = timeout
         self.closed: Deferred[None] = Deferred()
@@ -155,7 +159,7 @@ class _SMTPConnection(Protocol):
         self._timer: IDelayedCall | None = None
         self._broken: Reply | None = None
         self._connected = False
-        self.banner = self.expect("banner")
+        self.banner = self.expect("banner", greeting_timeout)
 
     @property
     def t(self) -> Any:
@@ -309,6 +313,7 @@ class _State:
 
     results: list[MessageResult] = field(factory=list)
     tls: TLSInfo | None = None
+    greeted: bool = False
 
 
 async def _hello(conn: _SMTPConnection, helo: str) -> tuple[Reply, dict[str, str] | None]:
@@ -508,6 +513,7 @@ async def _session(
     banner = (await conn.banner).reply
     if banner.code != 220:
         raise _SessionBrokenError(banner)
+    state.greeted = True
     reply, caps = await _hello(conn, opts.helo)
     if caps is None or reply.code != 250:
         raise _SessionBrokenError(reply if reply.code // 100 in (4, 5) else _lost(conn))
@@ -579,6 +585,7 @@ def deliver(
     connect_timeout: float = 5.0,
     command_timeout: float = 300.0,
     auth: tuple[str, str] | None = None,
+    greeting_timeout: float | None = None,
 ) -> Deferred[SessionResult]:
     """Send ``messages`` over one SMTP session to ``host``:``port`` (an IPv4 address).
 
@@ -588,6 +595,8 @@ def deliver(
     ``ssl.Certificate``; None: the platform's trust store).  When TLS is required and
     not available, nothing is sent and every message gets a 4xx reply.  ``auth`` is a
     ``(username, password)`` pair sent with AUTH PLAIN after STARTTLS (never in clear).
+    ``greeting_timeout`` bounds the wait for the 220 greeting (default: the command
+    timeout).
     The Deferred
     never fails: every message gets a reply, synthesized (4xx) when the session broke.
     """
@@ -603,7 +612,7 @@ def deliver(
             timeout=connect_timeout,
             bindAddress=(bind_address, 0) if bind_address else None,
         )
-        conn = _SMTPConnection(reactor, command_timeout)
+        conn = _SMTPConnection(reactor, command_timeout, greeting_timeout)
         try:
             await connectProtocol(endpoint, conn)
         except Exception as e:
@@ -620,6 +629,8 @@ def deliver(
             state.results.extend(_all_get(rest, e.reply))
             log.info("session with {host} ended early: {reply}", host=host, reply=e.reply)
         await _quit(conn)
-        return SessionResult(tuple(state.results), None, state.tls, mx_ip, source_ip)
+        return SessionResult(
+            tuple(state.results), None, state.tls, mx_ip, source_ip, state.greeted
+        )
 
     return Deferred.fromCoroutine(run())
