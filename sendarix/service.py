@@ -260,6 +260,10 @@ def makeService(
         lockout=limits.auth_lockout,
     )
     rate_limiter = RateLimiter()
+    tenant_rates = {
+        name: limit for name, t in config.tenants.items()
+        if (limit := t.rate_limit) is not None
+    }
     portal = submission_portal(stores.credentials, reactor)
     top.listeners = []  # type: ignore[attr-defined]
     for lc in config.listeners:
@@ -269,6 +273,7 @@ def makeService(
             credentials=stores.credentials, suppressions=stores.suppressions,
             auth_limiter=auth_limiter,
             rate_limiter=rate_limiter, tls_options=tls_options if lc.tls != "none" else None,
+            tenant_rates=tenant_rates,
         )
         service = ListenerService(
             reactor, lc, SubmissionFactory(settings), stores_service,

@@ -3,14 +3,17 @@ and egress sources to in-process sinks on 127.0.0.x (DESIGN.md section 6)."""
 
 from __future__ import annotations
 
+import datetime
 import smtplib
 import time
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.trial import unittest
 
+from sendarix.events import EventQuery
 from sendarix.sink import SinkOptions, SinkServer, parse_fault
 from tests.dnsserver import start_dns
 from tests.relay import in_thread, start_relay
@@ -240,3 +243,79 @@ class EgressSourceTests(unittest.TestCase):
         provider leaves from the other source."""
         sink, relay = await self.start("first:1:421:4.7.0:Too many messages, slow down")
         await self._check_shift(relay, sink, "deferred")
+
+
+async def outcome(relay: Any, recipient: str, timeout: float = 15.0) -> Any:
+    """The first delivered or deferred event of ``recipient``."""
+    for _ in range(int(timeout / 0.1)):
+        for kind in ("delivered", "deferred"):
+            page = await relay.stores.eventlog.search(EventQuery(recipient=recipient, type=kind))
+            if page.events:
+                return page.events[0]
+        await deferLater(reactor, 0.1, lambda: None)
+    raise AssertionError(f"no outcome for {recipient} within {timeout} s")
+
+
+class RuleRoutingTests(unittest.TestCase):
+    """[[route]] rules by tag and stream, a route's egress pool, warmup caps."""
+
+    async def test_routes_by_tag_and_stream(self) -> None:
+        """Tagged mail goes through the pool from the route's warming egress pool,
+        never beyond its daily cap; mail of the sandbox stream is simulated."""
+        sink = await start_sink(self, "127.0.0.3")
+        today = datetime.datetime.now(datetime.UTC).date().isoformat()
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            pool={"relays": {"endpoints": [f"127.0.0.3:{sink.addresses[0][1]}"]}},
+            route=[
+                {"match": {"stream": "sandbox"}, "via": "simulator"},
+                {"match": {"tag": ["relay-me"]}, "via": "pool:relays", "egress_pool": "warm"},
+            ],
+            egress={
+                "source": [
+                    {"name": "ip10", "address": "127.0.0.10"},
+                    {"name": "ip11", "address": "127.0.0.11", "pool": "warm",
+                     "warmup": {"start": today, "daily": [3, 10]}},
+                ]
+            },
+        )
+        tagged = b"X-Sendarix-Tags: relay-me\r\nSubject: tagged\r\n\r\nhello\r\n"
+        recipients = [f"r{n}@any.test" for n in range(5)]
+        await in_thread(submit_many, relay.ports["relay"], recipients, tagged)
+        sandbox = b"X-Sendarix-Stream: sandbox\r\nSubject: sandbox\r\n\r\nhello\r\n"
+        await in_thread(submit, relay.ports["relay"], SENDER, ["success@any.test"], sandbox)
+        simulated = await wait_event(relay, "success@any.test", "delivered")
+        self.assertEqual(simulated.mx, "simulator")
+        outcomes = [await outcome(relay, r) for r in recipients]
+        delivered = [e for e in outcomes if e.type == "delivered"]
+        deferred = [e for e in outcomes if e.type == "deferred"]
+        self.assertEqual((len(delivered), len(deferred)), (3, 2))
+        self.assertEqual({e.source_ip for e in delivered}, {"127.0.0.11"})
+        self.assertEqual({m.peer for m in sink.messages}, {"127.0.0.11"})
+        self.assertEqual(len(sink.messages), 3)
+        for e in deferred:
+            assert e.response is not None
+            self.assertIn("warmup", e.response.text)
+
+
+class TenantRateTests(unittest.TestCase):
+    """[tenant.NAME] rate limits submissions at MAIL."""
+
+    async def test_tenant_rate(self) -> None:
+        """With rate = "2/min", the third message of the minute gets 450 4.7.1."""
+        relay = await start_relay(self, [RELAY_LISTENER], tenant={"default": {"rate": "2/min"}})
+
+        def three() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", relay.ports["relay"], timeout=30) as s:
+                s.sendmail(SENDER, ["a@simulator.sendarix.invalid"], BODY)
+                s.sendmail(SENDER, ["b@simulator.sendarix.invalid"], BODY)
+                try:
+                    s.sendmail(SENDER, ["c@simulator.sendarix.invalid"], BODY)
+                except smtplib.SMTPSenderRefused as e:
+                    return e.smtp_code, e.smtp_error
+            return 250, b""
+
+        code, text = await in_thread(three)
+        self.assertEqual(code, 450)
+        self.assertTrue(text.startswith(b"4.7.1"), text)
