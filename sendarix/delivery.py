@@ -31,6 +31,7 @@ from twisted.internet.defer import (
     FirstError,
     gatherResults,
     maybeDeferred,
+    succeed,
 )
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -463,29 +464,39 @@ class DeliveryService(Service):
             if not go_on:
                 return
 
-    async def _pace(self, conn: _Connection, batch: list[LeasedDelivery]) -> int:
-        """How many messages of ``batch`` the site's rate admits now (each counted),
-        waiting up to ``MAX_PACE_WAIT`` seconds for each."""
+    async def _admit(self, conn: _Connection) -> bool:
+        """Ask the site's rate to admit one message (counted when admitted), waiting
+        up to ``MAX_PACE_WAIT`` seconds; False when it would take longer."""
         shape = conn.shape
         rate = shape.current_rate
         if rate is None:
-            return len(batch)
+            return True
         key = "rate:" + conn.site
-        admitted = 0
-        for _ in batch:
+        wait = await maybeDeferred(
+            self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
+        )
+        while 0 < wait <= MAX_PACE_WAIT:
+            await deferLater(self.reactor, wait, lambda: None)
+            rate = shape.current_rate or rate
             wait = await maybeDeferred(
                 self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
             )
-            while 0 < wait <= MAX_PACE_WAIT:
-                await deferLater(self.reactor, wait, lambda: None)
-                rate = shape.current_rate or rate
-                wait = await maybeDeferred(
-                    self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
-                )
-            if wait > 0:
-                break
-            admitted += 1
-        return admitted
+        return wait <= 0
+
+    def _pacer(self, conn: _Connection) -> Callable[[], Deferred[bool]] | None:
+        """The per-message ``pace`` callback of one session: the first message was
+        admitted before connecting, each further one asks the site's rate."""
+        if conn.shape.current_rate is None:
+            return None
+        first = [True]
+
+        def pace() -> Deferred[bool]:
+            if first[0]:
+                first[0] = False
+                return succeed(True)
+            return Deferred.fromCoroutine(self._admit(conn))
+
+        return pace
 
     async def _send_batch(self, conn: _Connection, batch: list[LeasedDelivery]) -> bool:
         """One session (per hop tried) for one batch; each delivery leaves ``pending``
@@ -513,11 +524,9 @@ class DeliveryService(Service):
             if left is not None and left < len(batch):
                 conn.batches.appendleft(batch[left:])
                 batch = batch[:left]
-        admitted = await self._pace(conn, batch)
-        if admitted < len(batch):
-            conn.batches.appendleft(batch[admitted:])
-            batch = batch[:admitted]
-        if not batch:
+        if not await self._admit(conn):
+            # The site's rate says wait longer than we hold a connection slot for.
+            conn.batches.appendleft(batch)
             window.release()
             return False
         messages: list[egress.OutboundMessage] = []
@@ -578,6 +587,7 @@ class DeliveryService(Service):
                 if hop.username is not None and hop.password is not None else None,
                 # Smarthosts are ours: one that does not greet at once is down.
                 greeting_timeout=dc.connect_timeout if hop.endpoint is not None else None,
+                pace=self._pacer(conn),
             )
             if not _held_no_session(result):
                 conn.strategy.succeeded(hop, self.reactor.seconds())
@@ -594,7 +604,14 @@ class DeliveryService(Service):
         assert result is not None and hop is not None  # a Route without error has hops
         self._learn(conn, source, result, refused_421)
         by_id = {m.queue_id: m for m in result.results}
+        go_on = True
         for delivery in sending:
+            if delivery.queue_id in result.unsent:
+                # Held back by the site's rate: the next poll leases it again.
+                pending.remove(delivery)
+                await self._release(delivery)
+                go_on = False
+                continue
             message = by_id[delivery.queue_id]
             replies = {r.address: r.reply for r in message.recipients}
             attempts = [
@@ -611,7 +628,7 @@ class DeliveryService(Service):
             ]
             await self._finish(delivery, attempts)
             pending.remove(delivery)
-        return True
+        return go_on
 
     def _learn(
         self,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from attrs import define, field, frozen
@@ -101,6 +101,7 @@ class SessionResult:
     ``connect_error`` is set (and also given to every recipient) when no SMTP session
     took place; ``greeted`` is False when the connection ended (or timed out) before a
     220 greeting; ``tls`` is the negotiated TLS version and cipher, if any.
+    ``unsent`` names the messages the ``pace`` callback held back: they have no result.
     """
 
     results: tuple[MessageResult, ...]
@@ -109,6 +110,7 @@ class SessionResult:
     mx_ip: str
     source_ip: str | None
     greeted: bool = True
+    unsent: tuple[str, ...] = ()
 
 
 def dot_stuff(body: bytes) -> bytes:
@@ -305,6 +307,7 @@ class _Options:
     trust_root: Any
     host: str
     auth: tuple[str, str] | None = field(default=None, repr=False)
+    pace: Callable[[], Awaitable[bool]] | None = None
 
 
 @define
@@ -314,6 +317,7 @@ class _State:
     results: list[MessageResult] = field(factory=list)
     tls: TLSInfo | None = None
     greeted: bool = False
+    unsent: tuple[str, ...] = ()
 
 
 async def _hello(conn: _SMTPConnection, helo: str) -> tuple[Reply, dict[str, str] | None]:
@@ -528,7 +532,10 @@ async def _session(
     limit = caps.get("SIZE", "0")
     max_size = int(limit) if limit.isdigit() else 0
     dirty = False
-    for message in messages:
+    for i, message in enumerate(messages):
+        if opts.pace is not None and not await opts.pace():
+            state.unsent = tuple(m.queue_id for m in messages[i:])
+            return
         if message.smtputf8 and "SMTPUTF8" not in caps:
             reply = Reply(553, "5.6.7", f"{opts.host} does not support SMTPUTF8")
             state.results.append(_finish(message, {}, reply))
@@ -586,6 +593,7 @@ def deliver(
     command_timeout: float = 300.0,
     auth: tuple[str, str] | None = None,
     greeting_timeout: float | None = None,
+    pace: Callable[[], Awaitable[bool]] | None = None,
 ) -> Deferred[SessionResult]:
     """Send ``messages`` over one SMTP session to ``host``:``port`` (an IPv4 address).
 
@@ -596,13 +604,14 @@ def deliver(
     not available, nothing is sent and every message gets a 4xx reply.  ``auth`` is a
     ``(username, password)`` pair sent with AUTH PLAIN after STARTTLS (never in clear).
     ``greeting_timeout`` bounds the wait for the 220 greeting (default: the command
-    timeout).
+    timeout).  ``pace``, when given, is awaited before each message: True sends it,
+    False ends the session there (the rest are listed in ``SessionResult.unsent``).
     The Deferred
     never fails: every message gets a reply, synthesized (4xx) when the session broke.
     """
     if tls not in TLS_POLICIES:
         raise ValueError(f"tls must be one of {TLS_POLICIES}, not {tls!r}")
-    opts = _Options(helo, tls, tls_hostname or host, trust_root, host, auth)
+    opts = _Options(helo, tls, tls_hostname or host, trust_root, host, auth, pace)
 
     async def run() -> SessionResult:
         endpoint = TCP4ClientEndpoint(
@@ -630,7 +639,8 @@ def deliver(
             log.info("session with {host} ended early: {reply}", host=host, reply=e.reply)
         await _quit(conn)
         return SessionResult(
-            tuple(state.results), None, state.tls, mx_ip, source_ip, state.greeted
+            tuple(state.results), None, state.tls, mx_ip, source_ip, state.greeted,
+            state.unsent,
         )
 
     return Deferred.fromCoroutine(run())

@@ -4,6 +4,7 @@ and egress sources to in-process sinks on 127.0.0.x (DESIGN.md section 6)."""
 from __future__ import annotations
 
 import datetime
+import os
 import smtplib
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from sendarix.sink import SinkOptions, SinkServer, parse_fault
 from tests.dnsserver import start_dns
 from tests.relay import in_thread, start_relay
 from tests.test_delivery import BODY, RELAY_LISTENER, submit, wait_event
+from tests.tlsca import TestCA
 
 SENDER = "app@example.com"
 log = Logger()
@@ -181,6 +183,30 @@ class ProviderShapingTests(unittest.TestCase):
         self.assertEqual(event.provider, "bulk")
 
 
+    async def test_rate_paces(self) -> None:
+        """A provider with rate = "10/s" receives a 30-message burst spread over at
+        least 2.9 s (GCRA: one message every 0.1 s), all delivered."""
+        sink = await start_sink(self, "127.0.0.2")
+        dns_port, stop_dns = start_dns(
+            {"paced.test": {"MX": [(10, "mx.paced.test")]}, "mx.paced.test": {"A": ["127.0.0.2"]}}
+        )
+        self.addCleanup(stop_dns)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            delivery={"mx_port": sink.addresses[0][1]},
+            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={"paced": {"mx_suffixes": ["paced.test"], "rate": "10/s"}},
+        )
+        recipients = [f"user{n}@paced.test" for n in range(30)]
+        await in_thread(submit_many, relay.ports["relay"], recipients, b"Subject: p\r\n\r\nx\r\n")
+        messages = await sink.wait_for(30, timeout=30)
+        arrivals = sorted(m.received_at for m in messages)
+        spread = arrivals[-1] - arrivals[0]
+        log.info("30 messages at 10/s arrived over {spread:.2f} s", spread=spread)
+        self.assertGreaterEqual(spread, 2.9 - 0.05)
+
+
 class EgressSourceTests(unittest.TestCase):
     """Connections leave from the configured source addresses."""
 
@@ -319,3 +345,56 @@ class TenantRateTests(unittest.TestCase):
         code, text = await in_thread(three)
         self.assertEqual(code, 450)
         self.assertTrue(text.startswith(b"4.7.1"), text)
+
+
+class PoolAuthTests(unittest.TestCase):
+    """A pool endpoint's AUTH credentials are sent with AUTH PLAIN inside TLS."""
+
+    async def start(self, password: str) -> tuple[SinkServer, Any]:
+        ca = TestCA(self.mktemp())
+        cert, key = ca.issue("smarthost.test")
+        sink = SinkServer(
+            SinkOptions(
+                listen=("tcp:0:interface=127.0.0.3",), hostname="smarthost.test",
+                idle_timeout=0, certificate=cert, key=key, auth=("relay", "s3cret"),
+            ),
+            reactor,
+        )
+        await sink.start()
+        self.addCleanup(sink.stop)
+        os.environ["SENDARIX_TEST_RELAY_PW"] = password
+        self.addCleanup(os.environ.pop, "SENDARIX_TEST_RELAY_PW", None)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            pool={
+                "auth": {
+                    "endpoints": [{"host": "127.0.0.3", "port": sink.addresses[0][1]}],
+                    "tls": "required",
+                    "username": "relay",
+                    "password_env": "SENDARIX_TEST_RELAY_PW",
+                }
+            },
+            route=[{"via": "pool:auth"}],
+        )
+        return sink, relay
+
+    async def test_auth(self) -> None:
+        """The smarthost sees the message from the authenticated user, over TLS."""
+        sink, relay = await self.start("s3cret")
+        await in_thread(submit, relay.ports["relay"], SENDER, ["user@anywhere.test"])
+        (message,) = await sink.wait_for(1)
+        self.assertEqual(message.auth_user, "relay")
+        self.assertIsNotNone(message.tls)
+        event = await wait_event(relay, "user@anywhere.test", "delivered")
+        self.assertIsNotNone(event.tls)
+
+    async def test_wrong_password_defers(self) -> None:
+        """A refused AUTH defers the mail (our configuration is wrong), never
+        bounces it."""
+        sink, relay = await self.start("wrong")
+        await in_thread(submit, relay.ports["relay"], SENDER, ["user@anywhere.test"])
+        event = await wait_event(relay, "user@anywhere.test", "deferred")
+        assert event.response is not None
+        self.assertEqual(event.response.enhanced, "4.7.8")
+        self.assertEqual(len(sink.messages), 0)
