@@ -34,6 +34,7 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -61,9 +62,10 @@ from sendarix.model import (
 )
 from sendarix.providers import ProviderTable
 from sendarix.routing.mx import Hop, RouteError
-from sendarix.routing.pool import OrderedFallback
+from sendarix.routing.pool import EndpointPool, OrderedFallback
 from sendarix.routing.rules import DEFAULT_ROUTE, RouteFacts, RuleTable
 from sendarix.routing.shaping import POOL_PREFIX, Shaping, SiteShape, strictest_tls
+from sendarix.routing.state import write_state
 from sendarix.schedule import RetrySchedule
 from sendarix.throttle import MemoryThrottle
 
@@ -78,6 +80,8 @@ STOP_GRACE = 30.0
 #: The longest a connection waits for its site's rate to admit one more message;
 #: beyond it the rest of the batch is handed back to the spool for a later poll.
 MAX_PACE_WAIT = 2.0
+#: Seconds between two writes of the routing state file.
+STATE_INTERVAL = 5.0
 
 
 @frozen
@@ -182,6 +186,7 @@ class DeliveryService(Service):
         routers: Mapping[str, tuple[IRouter, IFailoverStrategy]] | None = None,
         throttle: IThrottle | None = None,
         selector: IEgressSelector | None = None,
+        state_file: str | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -215,6 +220,9 @@ class DeliveryService(Service):
                 selector if selector is not None else TieredSelector(config.egress_sources)
             )
         self._egress_pools = set(config.egress_pools)
+        # Where the routing state is written for `sendarix queue stats` (None: never).
+        self.state_file = state_file
+        self._state_loop: LoopingCall | None = None
         self._loop: LoopingCall | None = None
         self._active = 0
         self._polling: Deferred[Any] | None = None
@@ -256,6 +264,49 @@ class DeliveryService(Service):
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self.reactor
         self._loop.start(self.poll_interval, now=True)
+        if self.state_file is not None:
+            self._state_loop = LoopingCall(self._write_state)
+            self._state_loop.clock = self.reactor
+            self._state_loop.start(STATE_INTERVAL, now=False).addErrback(
+                lambda f: self._failed(f, "writing the routing state stopped")
+            )
+
+    def routing_state(self) -> dict[str, Any]:
+        """What this node knows about sites, pool endpoints and egress sources (the
+        routing state file's content)."""
+        now = self.reactor.seconds()
+        today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+        sites = []
+        for site, shape in sorted(self.shaping.sites.items()):
+            entry = shape.describe(now)
+            opened = getattr(self.throttle, "connections", None)
+            if callable(opened):
+                entry["open"] = opened("conn:" + site)
+            sites.append(entry)
+        pools = {
+            via[5:]: strategy.states(now)
+            for via, (_, strategy) in self._routers.items()
+            if via.startswith("pool:") and isinstance(strategy, EndpointPool)
+        }
+        egress_state: list[dict[str, object]] = []
+        if isinstance(self.selector, TieredSelector):
+            egress_state = self.selector.snapshot(now, today)
+        return {
+            "node": self.config.node.name,
+            "written_at": now,
+            "sites": sites,
+            "pools": pools,
+            "egress": egress_state,
+        }
+
+    def _write_state(self) -> Deferred[Any]:
+        assert self.state_file is not None
+        d = deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), write_state, self.state_file,
+            self.routing_state(),
+        )
+        d.addErrback(lambda f: self._failed(f, "writing the routing state failed"))
+        return d
 
     def stopService(self) -> Deferred[Any]:
         """Stop polling; wait (at most ``STOP_GRACE`` seconds) for groups in flight.
@@ -264,6 +315,9 @@ class DeliveryService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._state_loop is not None and self._state_loop.running:
+            self._state_loop.stop()
+        self._state_loop = None
         pending = list(self._running)
         if self._polling is not None:
             pending.append(self._polling)

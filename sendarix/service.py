@@ -28,6 +28,7 @@ from sendarix.interfaces import IEgressSelector, IFailoverStrategy, IRouter, ITh
 from sendarix.ratelimit import RateLimiter
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.routing.pool import EndpointPool, PoolRouter
+from sendarix.routing.state import state_path
 from sendarix.stores import Stores
 from sendarix.throttle import MemoryThrottle
 from sendarix.tlsutil import ensure_certificate, server_tls_options
@@ -240,6 +241,7 @@ def makeService(
         routers=make_routers(config, resolver),
         throttle=make_throttle(config, reactor),
         selector=make_selector(config),
+        state_file=state_path(config),
     )
     delivery.setServiceParent(top)
     top.delivery = delivery  # type: ignore[attr-defined]
