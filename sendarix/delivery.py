@@ -567,10 +567,15 @@ class DeliveryService(Service):
             source = self.selector.choose(conn.key.egress_pool, conn.site, now, today)
             if source is None:
                 window.release()
+                # Warmup budgets renew at midnight UTC: come back then.
+                midnight = datetime.datetime.combine(
+                    today + datetime.timedelta(days=1), datetime.time(), datetime.UTC
+                ).timestamp()
                 reply = Reply(
                     451, "4.7.0",
                     f"no source of egress pool {conn.key.egress_pool} may send to "
-                    f"{conn.site} now (warmup caps reached for today)",
+                    f"{conn.site} now (warmup caps reached for today), "
+                    f"try again in {max(1, int(midnight - now + 1))} seconds",
                 )
                 await self._defer_all(batch, pending, reply)
                 return True
