@@ -63,7 +63,7 @@ from sendarix.model import (
 from sendarix.providers import ProviderTable
 from sendarix.routing.mx import Hop, RouteError
 from sendarix.routing.pool import EndpointPool, OrderedFallback
-from sendarix.routing.rules import DEFAULT_ROUTE, RouteFacts, RuleTable
+from sendarix.routing.rules import RouteFacts, RuleRouter, RuleTable
 from sendarix.routing.shaping import POOL_PREFIX, Shaping, SiteShape, strictest_tls
 from sendarix.routing.state import write_state
 from sendarix.schedule import RetrySchedule
@@ -202,15 +202,11 @@ class DeliveryService(Service):
         self._ready = ready
         # MX host → provider name (events' ``provider``), and the shaping key (site).
         self.providers = ProviderTable.default().merged(config.providers)
-        self.routes = RuleTable(config.routes)
-        # via → (router, failover strategy); "mx" is always there.
-        self._routers: dict[str, tuple[IRouter, IFailoverStrategy]] = {
-            "mx": (router, OrderedFallback())
-        }
-        self._routers.update(routers or {})
-        missing = {r.via for r in config.routes if r.via != "simulator"} - set(self._routers)
-        if missing:
-            raise ValueError(f"no router for {', '.join(sorted(missing))}")
+        # [[route]] rules over via → (router, failover strategy); "mx" is ``router``.
+        self.routes = RuleRouter(
+            RuleTable(config.routes),
+            {"mx": (router, OrderedFallback()), **(routers or {})},
+        )
         self.throttle: IThrottle = throttle if throttle is not None else MemoryThrottle()
         self.shaping = Shaping(self.providers, config.delivery)
         # None when no [[egress.source]] is configured: the system's address.
@@ -285,7 +281,7 @@ class DeliveryService(Service):
             sites.append(entry)
         pools = {
             via[5:]: strategy.states(now)
-            for via, (_, strategy) in self._routers.items()
+            for via, (_, strategy) in self.routes.routers.items()
             if via.startswith("pool:") and isinstance(strategy, EndpointPool)
         }
         egress_state: list[dict[str, object]] = []
@@ -392,35 +388,37 @@ class DeliveryService(Service):
         facts = RouteFacts.of(
             delivery.domain, delivery.envelope.sender, meta.tenant, meta.tags, meta.stream
         )
-        index, rule = self.routes.select(facts)
+        choice = self.routes.choose(facts)
+        rule = choice.rule
         pool: str | None = None
         if self.selector is not None:
             pool = rule.egress_pool or self.config.tenant(meta.tenant).egress_pool or "default"
             if pool not in self._egress_pools:
                 pool = None  # no such sources: the system's address
-        return _GroupKey(index, pool, delivery.domain)
+        return _GroupKey(choice.index, pool, delivery.domain)
 
     # -- one group ----------------------------------------------------------------
 
     def _group(self, key: _GroupKey, deliveries: list[LeasedDelivery]) -> Deferred[None]:
         return Deferred.fromCoroutine(self._run_group(key, deliveries))
 
-    def _rule(self, key: _GroupKey) -> RouteConfig:
-        return self.routes.rules[key.rule] if key.rule >= 0 else DEFAULT_ROUTE
-
     async def _run_group(self, key: _GroupKey, deliveries: list[LeasedDelivery]) -> None:
         """Deliver one group's leased deliveries; errors release the unfinished ones."""
         domain = key.domain
         pending = list(deliveries)
         try:
-            rule = self._rule(key)
-            if rule.via == "simulator" or domain.lower() == self.config.simulator.domain.lower():
+            choice = self.routes.choice(key.rule)
+            rule = choice.rule
+            if (
+                choice.router is None or choice.strategy is None
+                or domain.lower() == self.config.simulator.domain.lower()
+            ):
                 for delivery in deliveries:
                     await self._simulate(delivery)
                     pending.remove(delivery)
                 return
-            router, strategy = self._routers[rule.via]
-            route = await router.route(domain)
+            strategy = choice.strategy
+            route = await choice.router.route(domain)
             if route.error is not None:
                 reply = _route_reply(route.error)
                 await self._defer_all(deliveries, pending, reply)

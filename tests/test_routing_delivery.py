@@ -98,7 +98,7 @@ class PoolFailoverTests(unittest.TestCase):
         took = await self._check_failover(second, relay)
         self.assertLess(took, 10.0)
         log.info("failover after a refused connection: {took:.2f} s", took=took)
-        pool = relay.service.delivery._routers["pool:relays"][1]
+        pool = relay.service.delivery.routes.routers["pool:relays"][1]
         key = f"relays/127.0.0.5:{second.addresses[0][1]}"
         self.assertEqual(pool.states(reactor.seconds())[key], "open")
 

@@ -14,10 +14,12 @@ from zope.interface.verify import verifyObject
 from sendarix.config import RouteConfig, parse_config
 from sendarix.interfaces import IRouter
 from sendarix.routing.mx import Hop, Route, RouteError
+from sendarix.routing.pool import OrderedFallback
 from sendarix.routing.rules import (
     DEFAULT_ROUTE,
     RouteFacts,
     RouterChain,
+    RuleRouter,
     RuleTable,
     matches,
 )
@@ -143,3 +145,37 @@ class RouterChainTests(SynchronousTestCase):
     def test_empty(self) -> None:
         """A chain needs a router."""
         self.assertRaises(ValueError, RouterChain, [])
+
+
+class RuleRouterTests(SynchronousTestCase):
+    """RuleRouter pairs the chosen rule with the router of its via."""
+
+    def test_choose(self) -> None:
+        """A pool rule gets the pool's router; the simulator none; no match: mx."""
+        mx, pool = _FixedRouter(OK), _FixedRouter(OK)
+        strategy = OrderedFallback()
+        rules = table(
+            {"match": {"stream": "bulk"}, "via": "simulator"},
+            {"match": {"tenant": "acme"}, "via": "pool:relays", "egress_pool": "warm"},
+            pool={"relays": {"endpoints": ["127.0.0.2:25"]}},
+            egress={"source": [{"name": "w", "address": "127.0.0.10", "pool": "warm"}]},
+        )
+        router = RuleRouter(rules, {"mx": (mx, strategy), "pool:relays": (pool, strategy)})
+        sim = router.choose(FACTS)
+        self.assertEqual((sim.index, sim.router, sim.strategy), (0, None, None))
+        acme = router.choose(RouteFacts.of("example.org", "", "acme"))
+        self.assertEqual((acme.index, acme.rule.egress_pool), (1, "warm"))
+        self.assertIs(acme.router, pool)
+        other = router.choose(RouteFacts.of("example.org", "", "globex"))
+        self.assertEqual(other.index, -1)
+        self.assertIs(other.router, mx)
+
+    def test_missing_router(self) -> None:
+        """Every via the rules name needs a router."""
+        rules = table(
+            {"via": "pool:relays"}, pool={"relays": {"endpoints": ["127.0.0.2:25"]}}
+        )
+        e = self.assertRaises(
+            ValueError, RuleRouter, rules, {"mx": (_FixedRouter(OK), OrderedFallback())}
+        )
+        self.assertIn("pool:relays", str(e))

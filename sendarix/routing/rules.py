@@ -5,6 +5,11 @@ delivery (recipient domain, sender domain, tenant, tag, stream; a key listing se
 values matches any of them; an empty match matches everything).  When no rule matches,
 the implicit default route applies: ``via = "mx"`` with no egress pool of its own.
 
+:class:`RuleRouter` composes the routers a rule can name: it holds one
+(:class:`~sendarix.interfaces.IRouter`, :class:`~sendarix.interfaces.IFailoverStrategy`)
+pair per ``via`` (``mx``, ``pool:NAME``) and answers, for a delivery's facts, the rule
+and the pair that handle it (``simulator`` needs none).
+
 :class:`RouterChain` composes any list of :class:`~sendarix.interfaces.IRouter`s the way
 ``twisted.names.resolve.ResolverChain`` composes resolvers: each is asked in turn and
 the first route with hops wins; when none has any, the first permanent error (else the
@@ -13,17 +18,25 @@ last error) is the answer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from sendarix.config import RouteConfig
-from sendarix.interfaces import IRouter
+from sendarix.interfaces import IFailoverStrategy, IRouter
 from sendarix.routing.mx import Route
 
-__all__ = ["DEFAULT_ROUTE", "RouteFacts", "RouterChain", "RuleTable", "matches"]
+__all__ = [
+    "DEFAULT_ROUTE",
+    "RouteChoice",
+    "RouteFacts",
+    "RouterChain",
+    "RuleRouter",
+    "RuleTable",
+    "matches",
+]
 
 #: The route of a delivery no rule matched.
 DEFAULT_ROUTE = RouteConfig()
@@ -95,6 +108,54 @@ class RuleTable:
             if matches(rule, facts):
                 return i, rule
         return -1, DEFAULT_ROUTE
+
+
+@frozen
+class RouteChoice:
+    """How one delivery is routed: the rule (its index, -1 for the default route), and
+    the router and failover strategy of its ``via`` (None for the simulator)."""
+
+    index: int
+    rule: RouteConfig
+    router: IRouter | None
+    strategy: IFailoverStrategy | None
+
+
+class RuleRouter:
+    """``[[route]]`` rules over the routers they name.
+
+    @param routers: ``via`` → (router, failover strategy); must cover every ``via`` of
+        the rules and of the default route except ``simulator``.
+    """
+
+    def __init__(
+        self,
+        rules: RuleTable,
+        routers: Mapping[str, tuple[IRouter, IFailoverStrategy]],
+    ) -> None:
+        needed = {r.via for r in rules.rules} | {DEFAULT_ROUTE.via}
+        missing = needed - {"simulator"} - set(routers)
+        if missing:
+            raise ValueError(f"no router for {', '.join(sorted(missing))}")
+        self.rules = rules
+        self.routers = dict(routers)
+
+    def rule(self, index: int) -> RouteConfig:
+        """The rule at ``index`` (-1: the default route)."""
+        return self.rules.rules[index] if index >= 0 else DEFAULT_ROUTE
+
+    def choose(self, facts: RouteFacts) -> RouteChoice:
+        """The rule that routes ``facts`` and its router and strategy."""
+        index, _ = self.rules.select(facts)
+        return self.choice(index)
+
+    def choice(self, index: int) -> RouteChoice:
+        """The L{RouteChoice} of the rule at ``index``."""
+        rule = self.rule(index)
+        if rule.via == "simulator":
+            return RouteChoice(index, rule, None, None)
+        router, strategy = self.routers[rule.via]
+        return RouteChoice(index, rule, router, strategy)
 
 
 @implementer(IRouter)
