@@ -28,8 +28,6 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     DeferredSemaphore,
-    FirstError,
-    gatherResults,
     maybeDeferred,
     succeed,
 )
@@ -449,10 +447,15 @@ class DeliveryService(Service):
             renewer = self._renew_while_running(pending)
             try:
                 workers = max(1, min(len(batches), shape.window.limit))
-                await gatherResults(
+                # Wait for every worker, even when one fails, before anything is
+                # released: the others may still be sending.
+                outcomes: list[tuple[bool, Any]] = await DeferredList(
                     [Deferred.fromCoroutine(self._worker(conn)) for _ in range(workers)],
                     consumeErrors=True,
                 )
+                for ok, value in outcomes:
+                    if not ok:
+                        value.raiseException()
                 # The site's window or connection cap is full, or its rate says wait:
                 # hand the rest back; the next poll leases them again.
                 for batch in batches:
@@ -464,10 +467,7 @@ class DeliveryService(Service):
                 if renewer.running:
                     renewer.stop()
         except Exception:
-            failure = Failure()
-            if failure.check(FirstError):
-                failure = failure.value.subFailure  # type: ignore[union-attr]
-            self._failed(failure, "delivery to {domain} failed", domain=domain)
+            self._failed(Failure(), "delivery to {domain} failed", domain=domain)
             for delivery in pending:
                 await self._release(delivery)
 

@@ -13,9 +13,13 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from sendarix.events import EventQuery
+from sendarix.interfaces import IThrottle
 from sendarix.sink import SinkOptions, SinkServer, parse_fault
+from sendarix.throttle import MemoryThrottle
 from tests.dnsserver import start_dns
 from tests.relay import in_thread, start_relay
 from tests.test_delivery import BODY, RELAY_LISTENER, submit, wait_event
@@ -146,12 +150,43 @@ class PoolFailoverTests(unittest.TestCase):
         self.assertEqual(self.first_sink.stats.connections, 1)
 
 
+@implementer(IThrottle)
+class AsyncThrottle:
+    """An IThrottle answering through Deferreds a reactor turn later, as a shared
+    (Redis) throttle does; the counting is MemoryThrottle's."""
+
+    def __init__(self) -> None:
+        self.memory = MemoryThrottle()
+
+    def _later(self, fn: Any, *args: Any) -> Any:
+        return deferLater(reactor, 0, fn, *args)
+
+    def acquire_connection(self, key: str, limit: int, now: float) -> Any:
+        return self._later(self.memory.acquire_connection, key, limit, now)
+
+    def release_connection(self, key: str) -> Any:
+        return self._later(self.memory.release_connection, key)
+
+    def admit(self, key: str, rate: float, period: float, now: float) -> Any:
+        return self._later(self.memory.admit, key, rate, period, now)
+
+
 class ProviderShapingTests(unittest.TestCase):
     """Provider limits hold at the destination."""
 
     async def test_max_connections(self) -> None:
         """A provider with max_connections = 2 never sees more than 2 connections at
         once during a 200-message burst to ten of its domains."""
+        await self._burst(None)
+
+    async def test_max_connections_async_throttle(self) -> None:
+        """The same with a throttle that answers through Deferreds (as a Redis one
+        does)."""
+        throttle = AsyncThrottle()
+        verifyObject(IThrottle, throttle)
+        await self._burst(throttle)
+
+    async def _burst(self, throttle: IThrottle | None) -> None:
         sink = await start_sink(self, "127.0.0.2")
         records: dict[str, dict[str, Any]] = {"mx.bulk.test": {"A": ["127.0.0.2"]}}
         domains = [f"d{i}.test" for i in range(10)]
@@ -172,6 +207,8 @@ class ProviderShapingTests(unittest.TestCase):
                 }
             },
         )
+        if throttle is not None:
+            relay.service.delivery.throttle = throttle
         recipients = [f"user{n}@{domains[n % 10]}" for n in range(200)]
         body = b"Subject: burst\r\n\r\nx\r\n"
         await in_thread(submit_many, relay.ports["relay"], recipients, body)
