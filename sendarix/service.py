@@ -21,11 +21,16 @@ from sendarix.authlimit import AuthLimiter
 from sendarix.classify import BounceRules
 from sendarix.config import Config, ListenerConfig, default_config
 from sendarix.delivery import DeliveryService
+from sendarix.egress_select import TieredSelector
 from sendarix.ingress import ListenerSettings, SubmissionFactory
 from sendarix.intake import Intake
+from sendarix.interfaces import IEgressSelector, IFailoverStrategy, IRouter, IThrottle
 from sendarix.ratelimit import RateLimiter
 from sendarix.routing.mx import DNSResolver, MXRouter
+from sendarix.routing.pool import EndpointPool, PoolRouter
+from sendarix.routing.state import state_path
 from sendarix.stores import Stores
+from sendarix.throttle import MemoryThrottle
 from sendarix.tlsutil import ensure_certificate, server_tls_options
 from sendarix.workers import listen_shared
 
@@ -186,6 +191,35 @@ class ListenerService(Service):
         )
 
 
+def make_throttle(config: Config, reactor: Any = None, stores: Stores | None = None) -> IThrottle:
+    """The node's L{IThrottle}: connection counts and message rates per site.
+
+    With the stores in Redis, shared by every node (limits per cluster: a
+    L{sendarix.redisstore.throttle.RedisThrottle}, stopped when the stores close);
+    otherwise in memory, per node.  Callers treat every answer as possibly a Deferred
+    (``maybeDeferred``).
+    """
+    if stores is not None:
+        return stores.make_throttle(config.node.name)
+    return MemoryThrottle()
+
+
+def make_routers(
+    config: Config, resolver: DNSResolver
+) -> dict[str, tuple[IRouter, IFailoverStrategy]]:
+    """A router and failover strategy for each ``[pool.NAME]``, keyed ``pool:NAME``
+    (the ``via`` of the routes that use it)."""
+    return {
+        f"pool:{name}": (PoolRouter(pool, resolver), EndpointPool(pool))
+        for name, pool in config.pools.items()
+    }
+
+
+def make_selector(config: Config) -> IEgressSelector | None:
+    """The egress-source selector over ``[[egress.source]]``; None without sources."""
+    return TieredSelector(config.egress_sources) if config.egress_sources else None
+
+
 def makeService(
     config: Config | None = None, reactor: Any = None, auth_limiter: AuthLimiter | None = None
 ) -> NodeService:
@@ -214,6 +248,10 @@ def makeService(
             BounceRules.from_toml(config.delivery.bounce_rules)
             if config.delivery.bounce_rules else None
         ),
+        routers=make_routers(config, resolver),
+        throttle=make_throttle(config, reactor, stores),
+        selector=make_selector(config),
+        state_file=state_path(config),
     )
     delivery.setServiceParent(top)
     top.delivery = delivery  # type: ignore[attr-defined]
@@ -234,6 +272,10 @@ def makeService(
         lockout=limits.auth_lockout,
     )
     rate_limiter = RateLimiter()
+    tenant_rates = {
+        name: limit for name, t in config.tenants.items()
+        if (limit := t.rate_limit) is not None
+    }
     portal = submission_portal(stores.credentials, reactor)
     top.listeners = []  # type: ignore[attr-defined]
     for lc in config.listeners:
@@ -243,6 +285,7 @@ def makeService(
             credentials=stores.credentials, suppressions=stores.suppressions,
             auth_limiter=auth_limiter,
             rate_limiter=rate_limiter, tls_options=tls_options if lc.tls != "none" else None,
+            tenant_rates=tenant_rates,
         )
         service = ListenerService(
             reactor, lc, SubmissionFactory(settings), stores_service,

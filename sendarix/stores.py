@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import define
+from attrs import define, field
 from twisted.internet.defer import Deferred, ensureDeferred
 
 from sendarix.config import Config
@@ -59,6 +59,7 @@ class Stores:
     suppressions: ISuppressionStore
     redis: RedisClient | None = None
     clock: Any = None
+    _throttles: list[RedisThrottle] = field(factory=list, init=False)
 
     @classmethod
     def from_config(cls, config: Config, reactor: Any, json_log: bool | None = None) -> Stores:
@@ -105,7 +106,9 @@ class Stores:
         (limits per process)."""
         if self.redis is None:
             return MemoryThrottle()
-        return RedisThrottle(self.redis, self.clock, REDIS_PREFIX, node=node)
+        throttle = RedisThrottle(self.redis, self.clock, REDIS_PREFIX, node=node)
+        self._throttles.append(throttle)
+        return throttle
 
     @property
     def location(self) -> str:
@@ -133,6 +136,8 @@ class Stores:
         return ensureDeferred(self._close())
 
     async def _close(self) -> None:
+        for throttle in self._throttles:
+            throttle.stop()  # its connection slots expire in Redis
         await self.spool.stop()
         if self.db is not None:
             await self.db.close()
