@@ -26,6 +26,8 @@ from sendarix.ingress import ListenerSettings, SubmissionFactory
 from sendarix.intake import Intake
 from sendarix.interfaces import IEgressSelector, IFailoverStrategy, IRouter, IThrottle
 from sendarix.ratelimit import RateLimiter
+from sendarix.redisstore.connection import is_outage
+from sendarix.redisstore.selector import SharedTieredSelector
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.routing.pool import EndpointPool, PoolRouter
 from sendarix.routing.state import state_path
@@ -107,8 +109,14 @@ class StoresService(Service):
                 log.info("trimmed {count} events older than the retention", count=count)
 
         d.addCallback(trimmed)
-        d.addErrback(lambda f: log.failure("trimming the event log failed", f))
+        d.addErrback(self._trim_failed)
         return d
+
+    def _trim_failed(self, failure: Any) -> None:
+        if is_outage(failure):  # Redis down, or closing under the trim
+            log.warn("trimming the event log failed: {why}", why=failure.getErrorMessage())
+        else:
+            log.failure("trimming the event log failed", failure)
 
     def _failed(self, failure: Any) -> Any:
         log.failure("could not open the stores", failure)
@@ -215,9 +223,15 @@ def make_routers(
     }
 
 
-def make_selector(config: Config) -> IEgressSelector | None:
-    """The egress-source selector over ``[[egress.source]]``; None without sources."""
-    return TieredSelector(config.egress_sources) if config.egress_sources else None
+def make_selector(config: Config, stores: Stores | None = None) -> IEgressSelector | None:
+    """The egress-source selector over ``[[egress.source]]``; None without sources.
+    With the stores in Redis, warmup counts and deprioritization marks are shared by
+    every node (L{sendarix.redisstore.selector.SharedTieredSelector})."""
+    if not config.egress_sources:
+        return None
+    if stores is not None and stores.redis is not None:
+        return SharedTieredSelector(config.egress_sources, redis=stores.redis)
+    return TieredSelector(config.egress_sources)
 
 
 def makeService(
@@ -250,7 +264,7 @@ def makeService(
         ),
         routers=make_routers(config, resolver),
         throttle=make_throttle(config, reactor, stores),
-        selector=make_selector(config),
+        selector=make_selector(config, stores),
         state_file=state_path(config),
     )
     delivery.setServiceParent(top)
