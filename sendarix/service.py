@@ -27,6 +27,7 @@ from sendarix.intake import Intake
 from sendarix.interfaces import IEgressSelector, IFailoverStrategy, IRouter, IThrottle
 from sendarix.ratelimit import RateLimiter
 from sendarix.redisstore.connection import is_outage
+from sendarix.redisstore.endpoints import SharedEndpointPool
 from sendarix.redisstore.selector import SharedTieredSelector
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.routing.pool import EndpointPool, PoolRouter
@@ -213,12 +214,20 @@ def make_throttle(config: Config, reactor: Any = None, stores: Stores | None = N
 
 
 def make_routers(
-    config: Config, resolver: DNSResolver
+    config: Config, resolver: DNSResolver, stores: Stores | None = None
 ) -> dict[str, tuple[IRouter, IFailoverStrategy]]:
     """A router and failover strategy for each ``[pool.NAME]``, keyed ``pool:NAME``
-    (the ``via`` of the routes that use it)."""
+    (the ``via`` of the routes that use it).  With the stores in Redis, endpoint
+    health is shared by every node (L{SharedEndpointPool})."""
+    redis = stores.redis if stores is not None else None
+
+    def strategy(pool: Any) -> IFailoverStrategy:
+        if redis is not None:
+            return SharedEndpointPool(pool, redis=redis)
+        return EndpointPool(pool)
+
     return {
-        f"pool:{name}": (PoolRouter(pool, resolver), EndpointPool(pool))
+        f"pool:{name}": (PoolRouter(pool, resolver), strategy(pool))
         for name, pool in config.pools.items()
     }
 
@@ -262,7 +271,7 @@ def makeService(
             BounceRules.from_toml(config.delivery.bounce_rules)
             if config.delivery.bounce_rules else None
         ),
-        routers=make_routers(config, resolver),
+        routers=make_routers(config, resolver, stores),
         throttle=make_throttle(config, reactor, stores),
         selector=make_selector(config, stores),
         state_file=state_path(config),

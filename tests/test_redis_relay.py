@@ -15,6 +15,7 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
+from sendarix.redisstore.endpoints import SharedEndpointPool
 from sendarix.redisstore.selector import SharedTieredSelector
 from sendarix.redisstore.throttle import RedisThrottle
 from sendarix.sink import SinkOptions, SinkServer
@@ -103,14 +104,17 @@ class RedisRelayTests(TestCase):
         self.assertEqual(cred and cred.tenant, "acme")
 
     async def test_shared_routing_state(self) -> None:
-        """With the stores in Redis, the node's throttle and egress selector are the
-        shared ones."""
+        """With the stores in Redis, the node's throttle, egress selector and
+        smarthost endpoint health are the shared ones."""
         relay = await start_relay(
             self, [LISTENER], spool={"url": self.url},
             egress={"source": [{"name": "s1", "address": "127.0.0.1"}]},
+            pool={"relays": {"endpoints": ["127.0.0.2:2525"]}},
         )
-        self.assertIsInstance(relay.service.delivery.throttle, RedisThrottle)
-        self.assertIsInstance(relay.service.delivery.selector, SharedTieredSelector)
+        delivery = relay.service.delivery
+        self.assertIsInstance(delivery.throttle, RedisThrottle)
+        self.assertIsInstance(delivery.selector, SharedTieredSelector)
+        self.assertIsInstance(delivery.routes.routers["pool:relays"][1], SharedEndpointPool)
 
     async def test_waits_for_redis_at_start(self) -> None:
         """A node started while Redis is down opens no listener until Redis is up,
