@@ -10,7 +10,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from sendarix.config import ConfigError, load_config, resolve_config
-from sendarix.workers import WorkerPool, worker_name
+from sendarix.workers import WorkerPool, twistd_log_file, worker_name
 
 
 class Options(usage.Options):
@@ -56,7 +56,7 @@ def makeService(options: Options) -> IService:
 
         path = options["config"]
         arguments = ["--config", os.path.abspath(path)] if path else []
-        return WorkerPool(reactor, workers, arguments)
+        return WorkerPool(reactor, workers, arguments, log_file=twistd_log_file(sys.argv))
     try:
         return make_node(config)
     except ConfigError as e:
