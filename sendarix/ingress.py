@@ -45,6 +45,7 @@ from sendarix.cleanup import received_protocol
 from sendarix.config import LimitsConfig, ListenerConfig
 from sendarix.credentials import Credential
 from sendarix.datareader import ChunkDataReader, DataResult, DotDataReader
+from sendarix.domains import DomainKeyring
 from sendarix.intake import Intake, Refused, Submission
 from sendarix.interfaces import IAuthLimiter, ICredentialStore, ISubmitter, ISuppressionStore
 from sendarix.model import Envelope, Reply, TLSInfo
@@ -85,6 +86,9 @@ class ListenerSettings:
     tls_options: CertificateOptions | None
     suppressions: ISuppressionStore | None = None
     bare_line_endings: str = "normalize"
+    #: Sending domains, for ``require_verified_domains`` at MAIL FROM.
+    keyring: DomainKeyring | None = None
+    require_verified_domains: bool = False
 
     @property
     def implicit_tls(self) -> bool:
@@ -592,13 +596,16 @@ class SubmissionServer(smtp.ESMTP):
             self._refuse(refusal, sender=path.address)
             return
         if self._credential is None:
-            self._start_transaction(path.address, params, smtputf8)
+            checking = self._start_if_domain_allowed(path.address, params, smtputf8)
+            if checking is not None:
+                self._wait(checking)
             return
         # Revocation and rotation take effect at once: re-read the credential.
         d: Deferred[Any] = defer.maybeDeferred(self._recheck_credential, path.address)
-        def proceed(ok: bool) -> None:
+        def proceed(ok: bool) -> Deferred[None] | None:
             if ok:
-                self._start_transaction(path.address, params, smtputf8)
+                return self._start_if_domain_allowed(path.address, params, smtputf8)
+            return None
 
         d.addCallback(proceed)
         d.addErrback(self._internal_error)
@@ -635,6 +642,31 @@ class SubmissionServer(smtp.ESMTP):
                          sender=sender)
             return False
         return True
+
+    def _start_if_domain_allowed(
+        self, sender: str, params: dict[str, str | None], smtputf8: bool
+    ) -> Deferred[None] | None:
+        """Start the transaction, or refuse it (550 5.7.1) when verified sending domains
+        are required and the sender's is not one; a Deferred while the lookup runs."""
+        keyring = self.s.keyring
+        if not self.s.require_verified_domains or keyring is None or not sender:
+            self._start_transaction(sender, params, smtputf8)
+            return None
+        domain = sender.rpartition("@")[2].lower()
+        tenant = self._tenant()
+
+        def checked(sd: Any) -> None:
+            if sd is None or not sd.verified or sd.tenant not in (None, tenant):
+                self._refuse(
+                    Reply(550, "5.7.1", f"Sender domain {domain} is not a verified sending domain"),
+                    sender=sender,
+                )
+                return
+            self._start_transaction(sender, params, smtputf8)
+
+        d = keyring.lookup(domain).addCallback(checked)
+        d.addErrback(self._internal_error)
+        return d
 
     def _start_transaction(
         self, sender: str, params: dict[str, str | None], smtputf8: bool

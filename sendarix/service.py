@@ -21,8 +21,11 @@ from sendarix.authlimit import AuthLimiter
 from sendarix.classify import BounceRules
 from sendarix.config import Config, ListenerConfig, default_config
 from sendarix.delivery import DeliveryService
+from sendarix.domains import DomainKeyring, count_stored_keys
+from sendarix.errors import ConfigError
 from sendarix.ingress import ListenerSettings, SubmissionFactory
 from sendarix.intake import Intake
+from sendarix.nodesecret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.ratelimit import RateLimiter
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.stores import Stores
@@ -180,6 +183,37 @@ class ListenerService(Service):
         )
 
 
+def load_node_secret(config: Config, environ: Any = None) -> NodeSecret | None:
+    """The node secret from the environment, checked against the stored DKIM keys.
+
+    Raises ConfigError (naming ``node.secret_key_env``) when the secret is too short,
+    when it is unset although encrypted keys exist, or when it does not decrypt them:
+    the relay refuses to start rather than send unsigned mail.  Reads the SQLite file
+    directly: this runs once, before the reactor does.
+    """
+    env = config.node.secret_key_env
+    try:
+        secret = node_secret_from_env(env, environ)
+    except SecretError as e:
+        raise ConfigError("node.secret_key_env", str(e)) from None
+    path = config.spool.sqlite_path
+    if path is None:
+        return secret
+    count, sample = count_stored_keys(path)
+    if count and secret is None:
+        raise ConfigError(
+            "node.secret_key_env",
+            f"${env} is not set, but {count} DKIM private key(s) are stored encrypted "
+            "with it: set it to the node secret used by 'sendarix domains add'",
+        )
+    if secret is not None and sample is not None:
+        try:
+            secret.decrypt(sample)
+        except SecretError as e:
+            raise ConfigError("node.secret_key_env", str(e)) from None
+    return secret
+
+
 def makeService(
     config: Config | None = None, reactor: Any = None, auth_limiter: AuthLimiter | None = None
 ) -> NodeService:
@@ -212,9 +246,13 @@ def makeService(
     delivery.setServiceParent(top)
     top.delivery = delivery  # type: ignore[attr-defined]
 
+    secret = load_node_secret(config)
+    keyring = DomainKeyring(stores.domains, secret, reactor)
+    require_verified = config.domains.require_verified_domains
     intake = Intake(
         spool=stores.spool, events=stores.events, clock=reactor,
         node=config.node.name, hostname=config.node.hostname,
+        keyring=keyring, require_verified_domains=require_verified,
     )
     tls_options = None
     if any(lc.tls != "none" for lc in config.listeners):
@@ -237,6 +275,7 @@ def makeService(
             credentials=stores.credentials, suppressions=stores.suppressions,
             auth_limiter=auth_limiter,
             rate_limiter=rate_limiter, tls_options=tls_options if lc.tls != "none" else None,
+            keyring=keyring, require_verified_domains=require_verified,
         )
         service = ListenerService(
             reactor, lc, SubmissionFactory(settings), stores_service,

@@ -1,5 +1,5 @@
 """The node's stores, opened from configuration: spool, credentials, delivery log,
-suppression lists.
+suppression lists, sending domains.
 
 The relay and the ``sendarix`` command open the same stores the same way, so the
 command works on a running relay's data (SQLite in WAL mode allows both).
@@ -14,10 +14,12 @@ from twisted.internet.defer import Deferred, ensureDeferred
 
 from sendarix.config import Config
 from sendarix.credentials import SQLiteCredentialStore
+from sendarix.domains import SQLiteDomainStore
 from sendarix.eventlog import SQLiteEventLog
 from sendarix.events import FanoutSink, JSONLogSink
 from sendarix.interfaces import (
     ICredentialStore,
+    IDomainStore,
     IEventLog,
     IEventSink,
     ISpool,
@@ -39,6 +41,7 @@ class Stores:
     eventlog: IEventLog
     events: IEventSink
     suppressions: ISuppressionStore
+    domains: IDomainStore
 
     @classmethod
     def from_config(cls, config: Config, reactor: Any, json_log: bool | None = None) -> Stores:
@@ -58,7 +61,8 @@ class Stores:
             FanoutSink([eventlog, JSONLogSink()]) if use_json else eventlog
         )
         suppressions = SQLiteSuppressionStore(db)
-        return cls(config, db, spool, credentials, eventlog, events, suppressions)
+        domains = SQLiteDomainStore(db)
+        return cls(config, db, spool, credentials, eventlog, events, suppressions, domains)
 
     def open(self) -> Deferred[None]:
         """Open the database and start the spool."""
