@@ -53,6 +53,7 @@ from sendarix.spool.errors import SpoolError
 from sendarix.stores import Stores
 from sendarix.suppression import normalize_address
 from sendarix.units import parse_duration
+from sendarix.xoauth2 import mint_token
 
 __all__ = ["CommandError", "main", "parse_time", "render_table"]
 
@@ -198,6 +199,13 @@ def parse_time(text: str, now: float) -> float:
         raise ValueError(
             f"expected an RFC 3339 time, POSIX seconds or a duration like 1h, got {text!r}"
         ) from None
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text, "--ttl")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _time(text: str) -> float:
@@ -404,6 +412,20 @@ async def _domains_check(args: argparse.Namespace, stores: Stores) -> Output:
     summary = "all good" if not problems else f"{problems} problem(s) to fix"
     return _lines(render_table(("CHECK", "STATUS", "NAME", "FOUND"), rows),
                   f"{args.domain}: {summary}")
+
+
+async def _credentials_token(args: argparse.Namespace, stores: Stores) -> Output:
+    secret = _node_secret(stores.config)
+    cred = await stores.credentials.get(args.name)
+    if cred is None or not cred.active:
+        raise CommandError(f"no active credential {args.name!r}")
+    if not cred.has_scope("smtp"):
+        raise CommandError(f"credential {args.name!r} has no smtp scope")
+    expires = time.time() + args.ttl
+    token = mint_token(secret, cred, expires)
+    if args.json:
+        return _lines(_json({"username": cred.name, "token": token, "expires": expires}))
+    return _lines(f"username: {cred.name}", f"token: {token}", f"expires: {_when(expires)}")
 
 
 # -- suppressions ----------------------------------------------------------------------
@@ -708,6 +730,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p = creds.add_parser("rotate", parents=listing, help="replace a credential's secret")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(store=_credentials_rotate)
+
+    p = creds.add_parser(
+        "token", parents=listing,
+        help="mint an XOAUTH2 bearer token (void once the credential is rotated or revoked)",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--ttl", type=_duration, default=3600.0, metavar="DURATION",
+                   help="how long the token is valid (default 1h)")
+    p.set_defaults(store=_credentials_token)
 
     # domains
     doms = group("domains", "sending domains and their DKIM keys")

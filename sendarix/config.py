@@ -624,6 +624,14 @@ class ListenerConfig:
     max_connections_per_ip: int = _setting(_integer(1), 20)
     max_connections: int = _setting(_integer(1), 1000)
     tenant: str = _setting(_name, "default")
+    #: New connections per client address (e.g. "120/min"); None: no rate limit.
+    connection_rate_per_ip: str | None = _setting(_rate, None)
+
+    @property
+    def connection_rate(self) -> tuple[float, float] | None:
+        """``(count, period_seconds)`` from ``connection_rate_per_ip``, or None."""
+        rate = self.connection_rate_per_ip
+        return parse_rate(rate, f"listener.{self.name}.connection_rate_per_ip") if rate else None
 
     @property
     def endpoint_type(self) -> str:
@@ -660,6 +668,14 @@ class LimitsConfig:
     auth_max_failures: int = _setting(_integer(1), 5)
     auth_failure_window: float = _setting(_duration(), 300.0)
     auth_lockout: float = _setting(_duration(), 900.0)
+    #: Recipients per authenticated credential (e.g. "1000/min"); None: no cap.
+    credential_recipient_rate: str | None = _setting(_rate, None)
+
+    @property
+    def recipient_rate(self) -> tuple[float, float] | None:
+        """``(count, period_seconds)`` from ``credential_recipient_rate``, or None."""
+        rate = self.credential_recipient_rate
+        return parse_rate(rate, "limits.credential_recipient_rate") if rate else None
 
 
 _EGRESS_TLS = _choice(*EGRESS_TLS, aliases={"required": "encrypt"})

@@ -41,6 +41,7 @@ from sendarix.address import (
     parse_params,
     parse_path,
 )
+from sendarix.authlimit import client_key
 from sendarix.cleanup import received_protocol
 from sendarix.config import LimitsConfig, ListenerConfig
 from sendarix.credentials import Credential
@@ -50,8 +51,8 @@ from sendarix.intake import Intake, Refused, Submission
 from sendarix.interfaces import IAuthLimiter, ICredentialStore, ISubmitter, ISuppressionStore
 from sendarix.model import Envelope, Reply, TLSInfo
 from sendarix.ratelimit import RateLimiter
-from sendarix.sasl import MECHANISMS, SASLError
-from sendarix.tlsutil import connection_tls_info
+from sendarix.sasl import MECHANISMS, SASLError, XOAuth2Mechanism
+from sendarix.tlsutil import ReloadableServerTLS, connection_tls_info
 
 log = Logger()
 
@@ -64,6 +65,8 @@ _MAX_BUFFERED_LINE = 16384
 _PAUSE_ABOVE = 256 * 1024
 _MAX_ERRORS = 20
 _TOO_BIG = "Message size exceeds fixed maximum message size"
+# Session state after a refused XOAUTH2 token: the error challenge awaits its answer.
+_XOAUTH2_REFUSED = object()
 
 
 def _text(b: bytes) -> str:
@@ -83,7 +86,7 @@ class ListenerSettings:
     credentials: ICredentialStore | None
     auth_limiter: IAuthLimiter
     rate_limiter: RateLimiter
-    tls_options: CertificateOptions | None
+    tls_options: CertificateOptions | ReloadableServerTLS | None
     suppressions: ISuppressionStore | None = None
     bare_line_endings: str = "normalize"
     #: Sending domains, for ``require_verified_domains`` at MAIL FROM.
@@ -384,8 +387,15 @@ class SubmissionServer(smtp.ESMTP):
         if self.canStartTLS and not self.tls_active:
             ext.append("STARTTLS")
         if self.tls_active and self.s.listener.auth != "none" and self._credential is None:
-            ext.append("AUTH " + " ".join(m.decode() for m in MECHANISMS))
+            ext.append("AUTH " + " ".join(m.decode() for m in self._mechanisms()))
         return ext
+
+    def _mechanisms(self) -> dict[bytes, Any]:
+        """The SASL mechanisms the portal has a checker for."""
+        if self.s.portal is None:
+            return {}
+        supported = self.s.portal.listCredentialsInterfaces()
+        return {n: m for n, m in MECHANISMS.items() if m.credential_interface in supported}
 
     def smtp_NOOP(self, rest: bytes) -> None:
         self.reply(250, "2.0.0", "OK")
@@ -454,7 +464,7 @@ class SubmissionServer(smtp.ESMTP):
             self._close()
             return
         mech_name, _, initial = rest.partition(b" ")
-        mechanism = MECHANISMS.get(mech_name.upper())
+        mechanism = self._mechanisms().get(mech_name.upper())
         if mechanism is None:
             self._error(504, "5.5.4", "Unrecognized authentication type")
             return
@@ -471,6 +481,11 @@ class SubmissionServer(smtp.ESMTP):
 
     def _auth_response(self, line: bytes, initial_response: bool = False) -> None:
         self._mode = COMMAND
+        if self._sasl is _XOAUTH2_REFUSED:
+            # The client's answer to the XOAUTH2 error challenge: now the 535.
+            self._sasl = None
+            self._error(535, "5.7.8", "Authentication credentials invalid")
+            return
         if line == b"*":
             self._sasl = None
             self._error(501, "5.0.0", "Authentication aborted")
@@ -492,7 +507,7 @@ class SubmissionServer(smtp.ESMTP):
         assert self.s.portal is not None
         d: Deferred[Any] = self.s.portal.login(mechanism, None, ISubmitter)
         d.addCallback(self._authenticated)
-        d.addErrback(self._auth_failed)
+        d.addErrback(self._auth_failed, mechanism)
         self._wait(d)
 
     def _authenticated(self, result: tuple[Any, Credential, Callable[[], None]]) -> None:
@@ -507,7 +522,7 @@ class SubmissionServer(smtp.ESMTP):
         self._credential = credential
         self.reply(235, "2.7.0", "Authentication successful")
 
-    def _auth_failed(self, failure: Failure) -> Deferred[None] | None:
+    def _auth_failed(self, failure: Failure, mechanism: Any = None) -> Deferred[None] | None:
         if not failure.check(UnauthorizedLogin):
             log.failure("authentication backend failed", failure)
             self.reply(454, "4.7.0", "Temporary authentication failure")
@@ -523,6 +538,11 @@ class SubmissionServer(smtp.ESMTP):
             if self.s.auth_limiter.is_locked(ip, self.s.clock.seconds()):
                 self.reply(421, "4.7.0", "Too many authentication failures, try again later")
                 self._close()
+            elif isinstance(mechanism, XOAuth2Mechanism):
+                # XOAUTH2: an error challenge first; 535 after the client answers it.
+                self._sasl = _XOAUTH2_REFUSED
+                self._mode = AUTH
+                self.reply(334, None, base64.b64encode(XOAuth2Mechanism.ERROR).decode("ascii"))
             else:
                 self._error(535, "5.7.8", "Authentication credentials invalid")
 
@@ -698,6 +718,17 @@ class SubmissionServer(smtp.ESMTP):
                 return
         if len(self._recipients) >= self.s.limits.max_recipients:
             self.reply(452, "4.5.3", "Too many recipients")
+            return
+        recipient_rate = self.s.limits.recipient_rate
+        if (
+            recipient_rate is not None
+            and self._credential is not None
+            and not self.s.rate_limiter.allow(
+                "rcpt:" + self._credential.name, *recipient_rate, self.s.clock.seconds()
+            )
+        ):
+            self._refuse(Reply(450, "4.7.1", "Recipient rate limit exceeded, try again later"),
+                         sender=self._sender, recipients=[path.address])
             return
         if self.s.suppressions is None:
             self._recipient_ok(path.address)
@@ -912,6 +943,7 @@ class SubmissionFactory(ServerFactory):
         self.sessions: set[SubmissionServer] = set()
         self._per_ip: dict[str, int] = {}
         self._drained: list[Deferred[None]] = []
+        self._connection_rate = RateLimiter()
 
     def buildProtocol(self, addr: Any) -> Protocol:
         ip = str(getattr(addr, "host", addr))
@@ -922,6 +954,14 @@ class SubmissionFactory(ServerFactory):
             return p
         if self._per_ip.get(ip, 0) >= listener.max_connections_per_ip:
             p = _Refuser(self.settings.hostname, "Too many connections from your address")
+            p.factory = self
+            return p
+        rate = listener.connection_rate
+        if rate is not None and not self._connection_rate.allow(
+            client_key(ip), *rate, self.settings.clock.seconds()
+        ):
+            p = _Refuser(self.settings.hostname, "Too many new connections from your address, "
+                         "slow down")
             p.factory = self
             return p
         proto = SubmissionServer(self.settings)

@@ -29,7 +29,8 @@ from sendarix.nodesecret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.ratelimit import RateLimiter
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.stores import Stores
-from sendarix.tlsutil import ensure_certificate, server_tls_options
+from sendarix.tlsutil import ReloadableServerTLS, ensure_certificate
+from sendarix.xoauth2 import HMACTokenChecker
 
 log = Logger()
 
@@ -40,6 +41,41 @@ SHUTDOWN_GRACE = 30.0
 class NodeService(MultiService):
     """The node: children start in order and stop in reverse, each after the one
     added after it has finished stopping (listeners drain before the stores close)."""
+
+    #: The listeners' TLS options (None when no listener uses TLS).
+    tls: ReloadableServerTLS | None = None
+    #: Install a SIGHUP handler that reloads the TLS certificate (twistd does).
+    reload_on_sighup = False
+
+    def startService(self) -> None:
+        super().startService()
+        if self.reload_on_sighup:
+            self.install_sighup_handler()
+
+    def install_sighup_handler(self) -> None:
+        """Make SIGHUP reload the TLS certificate (on the reactor thread)."""
+        import signal
+
+        from twisted.internet import reactor
+
+        def on_hup(signum: int, frame: Any) -> None:
+            reactor.callFromThread(self.reload_tls)  # type: ignore[attr-defined]
+
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def reload_tls(self) -> bool:
+        """Read the TLS certificate and key again: new sessions get them, sessions
+        already running keep theirs.  False (and the old certificate kept) when the
+        files cannot be loaded."""
+        if self.tls is None:
+            return False
+        try:
+            self.tls.reload()
+        except Exception:
+            log.failure("TLS certificate reload failed; keeping the current certificate")
+            return False
+        log.info("TLS certificate reloaded from {cert}", cert=self.tls.cert_path)
+        return True
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
@@ -259,14 +295,18 @@ def makeService(
         cert, key = ensure_certificate(
             config.tls.certificate, config.tls.key, config.var_dir, config.node.hostname
         )
-        tls_options = server_tls_options(cert, key, config.tls.min_version)
+        tls_options = ReloadableServerTLS(cert, key, config.tls.min_version)
+    top.tls = tls_options
     limits = config.limits
     auth_limiter = auth_limiter or AuthLimiter(
         max_failures=limits.auth_max_failures, window=limits.auth_failure_window,
         lockout=limits.auth_lockout,
     )
     rate_limiter = RateLimiter()
-    portal = submission_portal(stores.credentials, reactor)
+    token_checker = (
+        HMACTokenChecker(stores.credentials, secret, reactor) if secret is not None else None
+    )
+    portal = submission_portal(stores.credentials, reactor, token_checker)
     top.listeners = []  # type: ignore[attr-defined]
     for lc in config.listeners:
         settings = ListenerSettings(

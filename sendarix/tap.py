@@ -34,7 +34,9 @@ def makeService(options: Options) -> IService:
     from sendarix.service import makeService as make_node  # noqa: N813
 
     try:
-        return make_node(options["parsed"])
+        node = make_node(options["parsed"])
+        node.reload_on_sighup = True  # SIGHUP reloads the TLS certificate
+        return node
     except ConfigError as e:
         sys.stderr.write(f"configuration error: {e}\n")
         raise SystemExit(1) from e
