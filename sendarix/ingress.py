@@ -639,7 +639,7 @@ class SubmissionServer(smtp.ESMTP):
         def check(current: Credential | None) -> bool:
             if current is None or not current.active or current.secret_hash != (
                 self._credential.secret_hash if self._credential else None
-            ):
+            ) or not current.allows_ip(self.client_ip):
                 self._credential = None
                 self._refuse(Reply(530, "5.7.0", "Credential no longer valid, authenticate again"),
                              sender=sender)

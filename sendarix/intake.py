@@ -138,6 +138,7 @@ class Intake:
             tags=cleaned.tags,
             stream=cleaned.stream,
             node=self.node,
+            sandbox=bool(cred and cred.sandbox),
         )
         await self.spool.enqueue(
             NewMessage(queue_id=sub.queue_id, envelope=sub.envelope, meta=meta, body=body)

@@ -322,6 +322,45 @@ class SecurityRelayTests(TestCase):
         self.assertNotIn(b"PRIVATE KEY", stored)
 
 
+class SandboxTests(TestCase):
+    """A sandbox credential's mail goes to the simulator, never out; the same
+    recipient from a normal credential is routed to its MX hosts."""
+
+    timeout = 60
+
+    async def test_sandbox_mail_is_simulated(self) -> None:
+        """The sandbox message is delivered by the simulator (mx "simulator"); the
+        normal one is deferred (its MX lookup fails in tests: no real DNS)."""
+        from sendarix.events import EventQuery
+
+        relay = await start_relay(self, [STARTTLS])
+        sandbox = await relay.add_credential("sandboxed", sandbox=True)
+        normal = await relay.add_credential("normal")
+
+        def send(user: str, secret: str, rcpt: str) -> Any:
+            c = _tls_session(relay.ports["submission"], relay.ca_path)
+            c.send(b"EHLO c.test\r\nAUTH PLAIN " + plain(user, secret) + b"\r\n"
+                   b"MAIL FROM:<app@example.com>\r\nRCPT TO:<" + rcpt.encode() + b">\r\n"
+                   b"DATA\r\n")
+            c.reply()
+            c.codes(4)
+            c.send(BODY + b".\r\n")
+            return c.codes(1)[0]
+
+        await in_thread(send, "sandboxed", sandbox, "bob@example.org")
+        await in_thread(send, "normal", normal, "carol@example.org")
+        types: dict[str, list[Any]] = {}
+        for _ in range(100):
+            await deferLater(reactor, 0.1, lambda: None)
+            for rcpt in ("bob@example.org", "carol@example.org"):
+                page = await relay.stores.eventlog.search(EventQuery(recipient=rcpt))
+                types[rcpt] = [(e.type, e.mx) for e in page.events if e.type != "accepted"]
+            if all(types.values()):
+                break
+        self.assertEqual(types["bob@example.org"], [("delivered", "simulator")])
+        self.assertEqual([t for t, _ in types["carol@example.org"]], ["deferred"])
+
+
 class TLSReloadTests(TestCase):
     """TLS 1.2 or newer; SIGHUP reloads the certificate without dropping sessions."""
 
