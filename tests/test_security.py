@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from attrs import evolve
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
@@ -469,7 +469,6 @@ class AuthPropertyTests(SynchronousTestCase):
     """Whatever bytes a client sends during AUTH, the server answers with reply codes
     and never raises (no sockets: a StringTransport and a Clock)."""
 
-    @settings(deadline=None, max_examples=300)
     @given(
         mechanism=st.sampled_from([b"PLAIN", b"LOGIN", b"XOAUTH2", b"CRAM-MD5", b"plain"]),
         initial=st.one_of(st.none(), st.binary(max_size=200),
