@@ -1,5 +1,5 @@
 """TLS material: the development self-signed certificate, server context options
-(TLS 1.2 or newer, the modern cipher list of Twisted's ``CertificateOptions``), and
+(TLS 1.2 or newer, forward-secret AEAD cipher suites only), and
 L{ReloadableServerTLS}, whose certificate is replaced on SIGHUP without dropping
 sessions."""
 
@@ -15,10 +15,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator
-from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from zope.interface import implementer
 
 _MIN_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+
+#: TLS 1.2 cipher suites offered by our listeners: forward secrecy (ECDHE/DHE) and
+#: AEAD (AES-GCM, ChaCha20-Poly1305) only; no CBC, RSA key exchange, RC4 or 3DES.
+#: (TLS 1.3 suites are all AEAD and are not affected by this list.)
+SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 
 
 def make_self_signed(hostname: str, cert_path: str, key_path: str) -> None:
@@ -100,6 +105,7 @@ def server_tls_options(
         certificate=certs[0],
         extraCertChain=certs[1:],
         raiseMinimumTo=_MIN_VERSIONS[min_version],
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(SERVER_CIPHERS),
     )
 
 

@@ -439,6 +439,35 @@ class TLSReloadTests(TestCase):
         self.assertEqual(await in_thread(handshake, ssl.TLSVersion.TLSv1_2), "refused")
         self.assertEqual(await in_thread(handshake, ssl.TLSVersion.TLSv1_3), "TLSv1.3")
 
+    async def test_modern_ciphers_only(self) -> None:
+        """TLS 1.2 clients get a forward-secret AEAD suite; a client offering only
+        CBC suites with RSA key exchange is refused."""
+        relay = await start_relay(self, [OPTIONAL])
+
+        def handshake(ciphers: str | None) -> tuple[str, str] | str:
+            c = RawClient(relay.ports["optional"])
+            c.reply()
+            c.send(b"EHLO c.test\r\nSTARTTLS\r\n")
+            c.reply()
+            c.reply()
+            ctx = client_context(relay.ca_path)
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+            if ciphers:
+                ctx.set_ciphers(ciphers)
+            try:
+                sock = ctx.wrap_socket(c.sock, server_hostname=HOSTNAME)
+            except ssl.SSLError:
+                return "refused"
+            cipher = sock.cipher()
+            assert cipher is not None
+            return str(sock.version()), cipher[0]
+
+        version, cipher = await in_thread(handshake, None)
+        self.assertEqual(version, "TLSv1.2")
+        self.assertTrue(cipher.startswith(("ECDHE-", "DHE-")), cipher)
+        self.assertTrue("GCM" in cipher or "CHACHA20" in cipher, cipher)
+        self.assertEqual(await in_thread(handshake, "AES128-SHA:AES256-SHA"), "refused")
+
 
 # -- the AUTH property ---------------------------------------------------------------
 
@@ -551,3 +580,43 @@ class TokenCheckerTests(TestCase):
 
         d: Deferred[None] = ensureDeferred(go())
         return d
+
+
+class TokenCommandTests(TestCase):
+    """``sendarix credentials token`` mints a token the relay's checker accepts."""
+
+    timeout = 60
+
+    async def test_token_command(self) -> None:
+        """The printed token logs in as its credential until it is rotated; without
+        the node secret the command refuses with one line."""
+        from tests.test_domains import _cli
+
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        with open(os.path.join(folder, "sendarix.toml"), "w") as f:
+            f.write('[spool]\nurl = "sqlite:var/spool.db"\n[events]\njson_log = false\n')
+        out, err, code = await _cli(["credentials", "add", "app", "--tenant", "t"], folder,
+                                    secret=NODE_SECRET)
+        self.assertEqual(code, 0, err)
+        out, err, code = await _cli(["credentials", "token", "app", "--ttl", "10m", "--json"],
+                                    folder, secret=NODE_SECRET)
+        self.assertEqual(code, 0, err)
+        minted = json.loads(out)
+        self.assertLess(abs(minted["expires"] - (time.time() + 600)), 30)
+        out, err, code = await _cli(["credentials", "token", "app"], folder, secret=None)
+        self.assertEqual((code, len(err.splitlines())), (1, 1), err)
+        self.assertIn(b"SENDARIX_SECRET_KEY is not set", err)
+
+        from sendarix.config import parse_config
+        from sendarix.sasl import XOAuth2Mechanism
+        from sendarix.stores import Stores
+
+        stores = Stores.from_config(parse_config({"spool": {"url": "sqlite:var/spool.db"}},
+                                                 folder), reactor, json_log=False)
+        await stores.open()
+        self.addCleanup(stores.close)
+        checker = HMACTokenChecker(stores.credentials, NodeSecret(NODE_SECRET.encode()), reactor)
+        creds = XOAuth2Mechanism()
+        creds.username, creds.token = b"app", minted["token"].encode()
+        self.assertEqual(await checker.requestAvatarId(creds), b"app")
