@@ -115,7 +115,7 @@ CREATE TABLE IF NOT EXISTS dom_key (
 def _keys(conn: sqlite3.Connection, domain: str) -> tuple[DKIMKey, ...]:
     rows = conn.execute(
         "SELECT selector, key_type, public_b64, private_encrypted, created_at FROM dom_key "
-        "WHERE domain = ? ORDER BY key_type DESC, selector",
+        "WHERE domain = ? ORDER BY rowid",
         (domain,),
     )
     return tuple(DKIMKey(*row) for row in rows)

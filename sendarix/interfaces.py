@@ -154,7 +154,8 @@ class IDomainStore(Interface):
         L{sendarix.domains.DomainExistsError} when it is already there."""
 
     def get(domain: str) -> Deferred[SendingDomain | None]:  # noqa: N805
-        """The L{sendarix.domains.SendingDomain} with its keys, or None."""
+        """The L{sendarix.domains.SendingDomain} with its keys (in the order they were
+        added), or None."""
 
     def list() -> Deferred[builtins.list[SendingDomain]]:  # noqa: N805
         """Every sending domain, by name."""

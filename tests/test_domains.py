@@ -222,31 +222,71 @@ class PerlVerifierTests(TestCase):
         assertPerlResults(self, results)
 
 
-class DomainStoreTests(TestCase):
-    """SQLiteDomainStore: the IDomainStore contract."""
+class DomainStoreContractMixin:
+    """The IDomainStore contract, run against every implementation: a TestCase
+    mixing it in provides ``make_store()`` (a coroutine giving an open store)."""
+
+    async def make_store(self) -> Any:
+        raise NotImplementedError
 
     async def test_store(self) -> None:
-        """add, get, list, set_verified, remove; a second add fails."""
+        """add, get, list, set_verified, remove; a second add fails; values survive
+        the round trip exactly; the private key is not in to_dict()."""
+        case: Any = self
+        store = await self.make_store()
+        verifyObject(IDomainStore, store)
+        key = DKIMKey("s1", "ed25519", "cHVi", "token", 1.25)
+        rsa = DKIMKey("s2", "rsa", "cnNh", "token2", 1.5)
+        sd = await store.add("example.com", None, [rsa, key], 2.0)
+        case.assertFalse(sd.verified)
+        with case.assertRaises(DomainExistsError):
+            await store.add("example.com", "other", [key], 3.0)
+        await store.add("a.example", "acme", [], 4.0)
+        case.assertTrue(await store.set_verified("example.com", 1796150000.123456))
+        case.assertFalse(await store.set_verified("missing.example", 5.0))
+        got = await store.get("example.com")
+        case.assertEqual((got.tenant, got.created_at, got.verified_at),
+                         (None, 2.0, 1796150000.123456))
+        case.assertEqual(got.keys, (rsa, key))  # in the order given
+        case.assertNotIn("token", json.dumps(got.to_dict()))
+        case.assertEqual([(d.domain, d.tenant) for d in await store.list()],
+                         [("a.example", "acme"), ("example.com", None)])
+        case.assertTrue(await store.set_verified("example.com", None))
+        got = await store.get("example.com")
+        case.assertFalse(got.verified)
+        case.assertIsNone(await store.get("missing.example"))
+        case.assertTrue(await store.remove("example.com"))
+        case.assertFalse(await store.remove("example.com"))
+        case.assertIsNone(await store.get("example.com"))
+
+
+class SQLiteDomainStoreTests(DomainStoreContractMixin, TestCase):
+    """SQLiteDomainStore passes the IDomainStore contract."""
+
+    async def make_store(self) -> Any:
         from twisted.internet import reactor
 
         db = SQLiteDatabase(os.path.join(self.mktemp(), "d.db"), reactor)
         store = SQLiteDomainStore(db)
-        verifyObject(IDomainStore, store)
         await db.open()
         self.addCleanup(db.close)
-        key = DKIMKey("s1", "ed25519", "cHVi", "token", 1.0)
-        sd = await store.add("example.com", None, [key], 2.0)
-        self.assertFalse(sd.verified)
-        with self.assertRaises(DomainExistsError):
-            await store.add("example.com", None, [key], 3.0)
-        self.assertTrue(await store.set_verified("example.com", 5.0))
-        got = await store.get("example.com")
-        assert got is not None
-        self.assertEqual((got.verified_at, got.keys), (5.0, (key,)))
-        self.assertNotIn("token", json.dumps(got.to_dict()))
-        self.assertEqual([d.domain for d in await store.list()], ["example.com"])
-        self.assertTrue(await store.remove("example.com"))
-        self.assertIsNone(await store.get("example.com"))
+        return store
+
+
+class RedisDomainStoreTests(DomainStoreContractMixin, TestCase):
+    """RedisDomainStore passes the IDomainStore contract (its own redis-server)."""
+
+    async def make_store(self) -> Any:
+        import txredisapi
+
+        from sendarix.redisdomains import RedisDomainStore
+        from tests.redisserver import start_redis
+
+        port, stop = start_redis(os.path.abspath(self.mktemp()))
+        self.addCleanup(stop)
+        pool = txredisapi.lazyConnectionPool("127.0.0.1", port, poolsize=2)
+        self.addCleanup(pool.disconnect)
+        return RedisDomainStore(pool, prefix="t:")
 
 
 CLI_CONFIG = """\
