@@ -594,3 +594,50 @@ class StartupSecretTests(TestCase):
         self.assertIn(b"configuration error: node.secret_key_env: $SENDARIX_SECRET_KEY is "
                       b"not set, but 1 DKIM private key(s) are stored", proc.stderr,
                       proc.stdout)
+
+
+class DomainCheckTests(TestCase):
+    """``check_domain`` findings against the test DNS server (called directly, in a
+    thread, as the command does)."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.zone: dict[str, dict[str, Any]] = {}
+        port, stop = start_dns(self.zone)
+        self.addCleanup(stop)
+        self.config = parse_config({"dns": {"nameservers": [f"127.0.0.1:{port}"],
+                                            "timeout": "2s"}}, os.path.abspath(self.mktemp()))
+
+    async def findings(self, domain: str, egress: tuple[str, ...] = ()) -> dict[str, Any]:
+        from sendarix.domaincheck import check_domain, make_resolver
+
+        found = await deferToThread(check_domain, make_resolver(self.config), domain, None,
+                                    egress)
+        return {f.kind: f for f in found if f.kind != "DKIM"}
+
+    async def test_spf_cases(self) -> None:
+        """Two SPF records, an unlisted sending address, a listed one."""
+        self.zone["a.example"] = {"TXT": ["v=spf1 -all", "v=spf1 ip4:192.0.2.1 -all"]}
+        self.zone["b.example"] = {"TXT": ["v=spf1 ip4:192.0.2.1 -all"]}
+        self.zone["c.example"] = {"TXT": ["google-site-verification=x",
+                                          "v=spf1 ip4:192.0.2.1 ip6:2001:db8::1 ~all"]}
+        a = (await self.findings("a.example"))["SPF"]
+        self.assertEqual(a.status, "wrong")
+        self.assertIn("merge them into one", a.advice)
+        b = (await self.findings("b.example", ("192.0.2.9",)))["SPF"]
+        self.assertEqual(b.status, "wrong")
+        self.assertIn("add ip4:192.0.2.9", b.advice)
+        c = (await self.findings("c.example", ("192.0.2.1", "2001:db8::1")))["SPF"]
+        self.assertEqual((c.status, c.found), ("ok", "v=spf1 ip4:192.0.2.1 ip6:2001:db8::1 ~all"))
+
+    async def test_dmarc_cases(self) -> None:
+        """A subdomain inherits its parent's record; a bad policy is wrong; reject
+        with reports is ok."""
+        self.zone["_dmarc.example.net"] = {"TXT": ["v=DMARC1; p=reject; rua=mailto:r@example.net"]}
+        self.zone["_dmarc.bad.example"] = {"TXT": ["v=DMARC1; p=maybe"]}
+        sub = (await self.findings("mail.example.net"))["DMARC"]
+        self.assertEqual((sub.status, sub.name), ("ok", "_dmarc.example.net"))
+        bad = (await self.findings("bad.example"))["DMARC"]
+        self.assertEqual(bad.status, "wrong")
+        self.assertIn("p= must be none, quarantine or reject", bad.advice)
