@@ -345,6 +345,13 @@ async def _domains_add(args: argparse.Namespace, stores: Stores) -> Output:
     secret = _node_secret(stores.config)
     if await stores.domains.get(args.domain) is not None:
         raise CommandError(f"domain {args.domain} was already added (see: sendarix domains list)")
+    # Every stored key must open with the one node secret the relay will have.
+    existing = [k for d in await stores.domains.list() for k in d.keys]
+    if existing:
+        try:
+            secret.decrypt(existing[0].private_encrypted)
+        except SecretError as e:
+            raise CommandError(f"{e}; use the secret the relay uses") from None
     now = time.time()
     keys = []
     for selector, key_type in _selectors(args):

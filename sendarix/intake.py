@@ -171,7 +171,12 @@ class Intake:
                     550, "5.7.1", f"Header From {what} is not a verified sending domain"
                 ))
             return ()
-        return await self.keyring.signing_keys(domain)
+        try:
+            return await self.keyring.signing_keys(domain)
+        except Exception:
+            # Never send unsigned what should be signed: the client gets 451 and retries.
+            log.failure("cannot load the DKIM keys of {domain}", domain=domain)
+            raise
 
     def rejected(
         self,

@@ -641,3 +641,24 @@ class DomainCheckTests(TestCase):
         bad = (await self.findings("bad.example"))["DMARC"]
         self.assertEqual(bad.status, "wrong")
         self.assertIn("p= must be none, quarantine or reject", bad.advice)
+
+
+class SecretMismatchTests(TestCase):
+    """Keys encrypted with one secret are never mixed with another's."""
+
+    timeout = 60
+
+    async def test_add_with_other_secret_refused(self) -> None:
+        """A second ``domains add`` with a different node secret is refused."""
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        with open(os.path.join(folder, "sendarix.toml"), "w") as f:
+            f.write('[spool]\nurl = "sqlite:var/spool.db"\n[events]\njson_log = false\n')
+        out, err, code = await _cli(["domains", "add", "a.example", "--algorithm", "ed25519"],
+                                    folder)
+        self.assertEqual(code, 0, err)
+        out, err, code = await _cli(["domains", "add", "b.example"], folder,
+                                    secret="some-other-secret-value")
+        self.assertEqual(code, 1)
+        self.assertIn(b"does not decrypt the stored keys", err)
+        self.assertEqual(len(err.splitlines()), 1)
