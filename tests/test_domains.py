@@ -488,6 +488,33 @@ class RelaySigningTests(TestCase):
         stored = bytes(await relay.stores.spool.body(reply.split()[-1].decode()))
         self.assertNotIn(b"DKIM-Signature:", stored)
 
+    async def test_unreadable_key_answers_451(self) -> None:
+        """A verified domain whose key does not open with the node secret: the message
+        is refused with 451 4.3.0 (the client retries), not sent unsigned."""
+        relay = await self._relay()
+        other = NodeSecret(b"a-different-node-secret")
+        pair = generate_key("ed25519")
+        await relay.stores.domains.add(
+            "bad.example", None,
+            [DKIMKey("s", "ed25519", pair.public_b64, other.encrypt(pair.private_pem), 1.0)],
+            1.0,
+        )
+        await relay.stores.domains.set_verified("bad.example", 2.0)
+
+        def send() -> bytes:
+            c = RawClient(relay.ports["relay"])
+            c.reply()
+            c.send(b"EHLO c.test\r\nMAIL FROM:<a@bad.example>\r\nRCPT TO:<x@example.org>\r\n"
+                   b"DATA\r\n")
+            c.codes(4)
+            c.send(MESSAGE.replace(b"app@example.com", b"a@bad.example") + b".\r\n")
+            return c.codes(1)[0]
+
+        reply = await in_thread(send)
+        self.assertTrue(reply.startswith(b"451 4.3.0"), reply)
+        self.assertTrue(self.flushLoggedErrors(SecretError))
+        self.assertEqual(await relay.stores.spool.list_messages(), [])
+
     async def test_require_verified_domains(self) -> None:
         """An unverified envelope sender domain gets 550 5.7.1 at MAIL FROM; an
         unverified header From domain gets 550 5.7.1 after the data; a verified
