@@ -1170,6 +1170,7 @@ def describe(config: Config) -> str:
             f"listener {lst.name}: {lst.endpoint} tls={lst.tls} auth={lst.auth} "
             f"tenant={lst.tenant} trusted={trusted} "
             f"max_connections={lst.max_connections} per_ip={lst.max_connections_per_ip}"
+            + (f" rate_per_ip={lst.connection_rate_per_ip}" if lst.connection_rate_per_ip else "")
         )
     tls = config.tls
     cert = (
@@ -1185,6 +1186,8 @@ def describe(config: Config) -> str:
         f"line {lim.max_line_length}, command {lim.max_command_length}, "
         f"auth lockout after {lim.auth_max_failures} failures in "
         f"{d(lim.auth_failure_window)} for {d(lim.auth_lockout)}"
+        + (f", recipients per credential {lim.credential_recipient_rate}"
+           if lim.credential_recipient_rate else "")
     )
     dl = config.delivery
     lines.append(
