@@ -620,3 +620,61 @@ class TokenCommandTests(TestCase):
         creds = XOAuth2Mechanism()
         creds.username, creds.token = b"app", minted["token"].encode()
         self.assertEqual(await checker.requestAvatarId(creds), b"app")
+
+
+class SighupProcessTests(TestCase):
+    """``twistd sendarix`` reloads its certificate on ``kill -HUP``."""
+
+    timeout = 120
+
+    def test_kill_hup(self) -> None:
+        """The running process serves the new certificate to new sessions after
+        SIGHUP; a session opened before keeps working."""
+        from tests.relayproc import RelayProcessMixin, free_port
+        from tests.tlsca import TestCA
+
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        ca = TestCA(os.path.join(folder, "ca"))
+        cert, key = ca.issue(HOSTNAME)
+        port = free_port()
+        config = os.path.join(folder, "sendarix.toml")
+        with open(config, "w") as f:
+            f.write(
+                f'[node]\nname = "hup"\nhostname = "{HOSTNAME}"\n'
+                '[spool]\nurl = "sqlite:var/spool.db"\n[events]\njson_log = false\n'
+                '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 0.5\n'
+                f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\n'
+                f'[[listener]]\nname = "relay"\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
+                'tls = "starttls"\nauth = "none"\ntrusted_networks = ["127.0.0.0/8"]\n'
+            )
+        runner = RelayProcessMixin()
+        runner.dir, runner.config, runner.port = folder, config, port
+        runner.addCleanup = self.addCleanup  # type: ignore[method-assign]
+        proc = runner.start_relay()
+
+        def peer(c: RawClient) -> bytes:
+            der = c.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+            assert der is not None
+            return der
+
+        old = _tls_session(port, ca.ca_path)
+        before = peer(old)
+        ca.issue(HOSTNAME)
+        os.kill(proc.pid, signal.SIGHUP)
+        after = before
+        for _ in range(100):
+            time.sleep(0.05)
+            c = _tls_session(port, ca.ca_path)
+            after = peer(c)
+            c.close()
+            if after != before:
+                break
+        self.assertNotEqual(after, before)
+        old.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
+                 b"DATA\r\n")
+        old.reply()
+        old.codes(3)
+        old.send(BODY + b".\r\n")
+        self.assertTrue(old.codes(1)[0].startswith(b"250 2.0.0 OK: queued as"))
+        self.assertIsNone(proc.poll())
