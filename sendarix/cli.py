@@ -44,7 +44,7 @@ from sendarix.credentials import (
 )
 from sendarix.dkimkeys import ALGORITHMS, check_selector, generate_key, record_line
 from sendarix.domaincheck import DNSLookupError, check_domain, make_resolver, verify_keys
-from sendarix.domains import DKIMKey, DomainExistsError, SendingDomain
+from sendarix.domains import DKIMKey, DomainExistsError, DomainNotFoundError, SendingDomain
 from sendarix.events import EVENT_TYPES, MAX_LIMIT, Event, EventQuery, format_timestamp
 from sendarix.events import parse_timestamp as parse_rfc3339
 from sendarix.model import RecipientStatus, StoredMessage
@@ -343,8 +343,16 @@ def _record_lines(sd: SendingDomain) -> list[str]:
 
 async def _domains_add(args: argparse.Namespace, stores: Stores) -> Output:
     secret = _node_secret(stores.config)
-    if await stores.domains.get(args.domain) is not None:
-        raise CommandError(f"domain {args.domain} was already added (see: sendarix domains list)")
+    existing_domain = await stores.domains.get(args.domain)
+    if existing_domain is not None:
+        if args.selector is None:
+            raise CommandError(
+                f"domain {args.domain} was already added; to rotate its keys, add new ones "
+                "with --selector NEW (see: sendarix domains list)"
+            )
+        if args.tenant is not None and args.tenant != existing_domain.tenant:
+            raise CommandError(f"domain {args.domain} belongs to tenant "
+                               f"{existing_domain.tenant or 'any'}; --tenant cannot change it")
     # Every stored key must open with the one node secret the relay will have.
     existing = [k for d in await stores.domains.list() for k in d.keys]
     if existing:
@@ -355,34 +363,69 @@ async def _domains_add(args: argparse.Namespace, stores: Stores) -> Output:
     now = time.time()
     keys = []
     for selector, key_type in _selectors(args):
+        if existing_domain is not None and existing_domain.key(selector) is not None:
+            raise CommandError(f"selector {selector} of {args.domain} already exists")
         pair = await deferToThread(generate_key, key_type)  # RSA takes ~0.1 s
         keys.append(DKIMKey(selector, key_type, pair.public_b64,
                             secret.encrypt(pair.private_pem), now))
     try:
-        sd = await stores.domains.add(args.domain, args.tenant, keys, now)
-    except DomainExistsError as e:
+        if existing_domain is None:
+            sd = await stores.domains.add(args.domain, args.tenant, keys, now)
+        else:
+            sd = await stores.domains.add_keys(args.domain, keys)
+    except (DomainExistsError, DomainNotFoundError) as e:
         raise CommandError(str(e)) from None
+    added = [k.selector for k in keys]
+    new = SendingDomain(sd.domain, sd.tenant, sd.created_at,
+                        tuple(k for k in sd.keys if k.selector in added))
     if args.json:
-        return _lines(_json({**sd.to_dict(), "records": _record_lines(sd)}))
-    return _lines(*_record_lines(sd))
+        return _lines(_json({**new.to_dict(), "records": _record_lines(new)}))
+    return _lines(*_record_lines(new))
 
 
 async def _domains_verify(args: argparse.Namespace, stores: Stores) -> Output:
     sd = await stores.domains.get(args.domain)
     if sd is None:
         raise CommandError(f"no domain {args.domain}: add it first with sendarix domains add")
+    if not sd.keys:
+        raise CommandError(f"{args.domain} has no keys: add one with sendarix domains add "
+                           f"{args.domain} --selector NAME")
     resolver = make_resolver(stores.config)
     try:
         results = await deferToThread(verify_keys, resolver, sd)
     except DNSLookupError as e:
         raise CommandError(f"{args.domain} not verified: {e} (nothing changed)") from None
+    now = time.time()
+    for key, (_, reason) in zip(sd.keys, results, strict=True):
+        await stores.domains.set_verified(args.domain, now if reason is None else None,
+                                          key.selector)
     failed = [f"{name}: {reason}" for name, reason in results if reason is not None]
     if failed:
-        await stores.domains.set_verified(args.domain, None)
-        raise CommandError(f"{args.domain} not verified: " + "; ".join(failed))
-    await stores.domains.set_verified(args.domain, time.time())
+        signing = [k.selector for k, (_, r) in zip(sd.keys, results, strict=True) if r is None]
+        still = f"; still signing with {', '.join(signing)}" if signing else ""
+        raise CommandError(f"{args.domain} not verified: " + "; ".join(failed) + still)
     names = ", ".join(name for name, _ in results)
     return _lines(f"{args.domain} verified: {names} match; mail from it is now DKIM-signed")
+
+
+async def _domains_remove(args: argparse.Namespace, stores: Stores) -> Output:
+    sd = await stores.domains.get(args.domain)
+    if sd is None:
+        raise CommandError(f"no domain {args.domain}")
+    if args.selector is None:
+        await stores.domains.remove(args.domain)
+        return _lines(f"removed {args.domain} and its {len(sd.keys)} key(s); mail from it "
+                      "is no longer signed (remove its DKIM records from DNS later)")
+    key = sd.key(args.selector)
+    if key is None:
+        raise CommandError(f"{args.domain} has no selector {args.selector}")
+    others = [k for k in sd.keys if k.selector != args.selector and k.verified]
+    if key.verified and not others and not args.force:
+        raise CommandError(f"{args.selector} is the last verified key of {args.domain}: mail "
+                           "would go out unsigned; verify a new key first (or use --force)")
+    await stores.domains.remove(args.domain, args.selector)
+    return _lines(f"removed key {args.selector} of {args.domain}; keep its DNS record a few "
+                  "days for mail still in transit, then delete it")
 
 
 async def _domains_list(args: argparse.Namespace, stores: Stores) -> Output:
@@ -392,9 +435,10 @@ async def _domains_list(args: argparse.Namespace, stores: Stores) -> Output:
     if not domains:
         return _lines("no sending domains")
     rows = [
-        (d.domain, d.tenant or "any", "verified" if d.verified else "unverified",
-         ",".join(f"{k.selector}({k.key_type})" for k in d.keys), _when(d.created_at),
-         _when(d.verified_at))
+        (d.domain, d.tenant or "any", d.state,
+         ",".join(f"{k.selector}({k.key_type}{'' if k.verified else ', pending'})"
+                  for k in d.keys),
+         _when(d.created_at), _when(d.verified_at))
         for d in domains
     ]
     return _lines(render_table(("DOMAIN", "TENANT", "STATE", "KEYS", "ADDED", "VERIFIED"), rows))
@@ -752,7 +796,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = doms.add_parser(
         "add", parents=listing, help="generate DKIM keys; prints the DNS records to publish",
         epilog="Default: --algorithm dual (an RSA and an ed25519 key, selectors "
-        "S-rsa and S-ed25519) with S = sxYYYYMM.",
+        "S-rsa and S-ed25519) with S = sxYYYYMM.  On a domain already added, "
+        "--selector NEW adds new keys (rotation): they sign once verified.",
     )
     p.add_argument("domain", metavar="DOMAIN", type=_domain)
     p.add_argument("--selector", metavar="S", help="DKIM selector (default: sxYYYYMM)")
@@ -764,6 +809,13 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="check the published DKIM records; exit 0 when all match")
     p.add_argument("domain", metavar="DOMAIN", type=_domain)
     p.set_defaults(store=_domains_verify)
+    p = doms.add_parser("remove", parents=common,
+                        help="remove a key (--selector) or the whole domain")
+    p.add_argument("domain", metavar="DOMAIN", type=_domain)
+    p.add_argument("--selector", metavar="S", help="remove only this key (key rotation)")
+    p.add_argument("--force", action="store_true",
+                   help="remove the last verified key even though mail then goes unsigned")
+    p.set_defaults(store=_domains_remove)
     p = doms.add_parser("list", parents=listing, help="list sending domains")
     p.set_defaults(store=_domains_list)
     p = doms.add_parser("check", parents=listing,

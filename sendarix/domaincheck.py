@@ -102,9 +102,9 @@ def _dkim_findings(resolver: dns.resolver.Resolver, domain: str,
         key = next(k for k in sd.keys if dns_name(k.selector, domain) == name)
         line = record_line(key.selector, domain, key.key_type, key.public_b64)
         if reason is None:
-            state = "verified" if sd.verified else "published, not verified yet"
-            advice = "" if sd.verified else f"run: sendarix domains verify {domain}"
-            out.append(Finding("DKIM", "ok" if sd.verified else "warning", name,
+            state = "verified" if key.verified else "published, not verified yet"
+            advice = "" if key.verified else f"run: sendarix domains verify {domain}"
+            out.append(Finding("DKIM", "ok" if key.verified else "warning", name,
                                f"{key.key_type} key {state}", advice))
         else:
             status = "missing" if reason.startswith("no TXT") else "wrong"

@@ -2,9 +2,11 @@
 
 A L{SendingDomain} holds one or more L{DKIMKey}s (one per selector).  Private keys
 are stored encrypted with the node secret (``sendarix.nodesecret``): the store only
-ever sees Fernet tokens.  A domain is *verified* once ``sendarix domains verify``
-found every one of its keys published in DNS; only verified domains sign mail, and
-with ``[domains] require_verified_domains`` only they may send.
+ever sees Fernet tokens.  Each key is *verified* once ``sendarix domains verify``
+found it published in DNS; a domain is verified when all its keys are.  Mail is
+signed with the verified keys of a domain, so a key added for rotation signs only
+once it is published, and the old key keeps signing meanwhile.  With ``[domains]
+require_verified_domains`` only domains with a verified key may send.
 
 ``SQLiteDomainStore`` keeps them in tables ``dom_domain`` and ``dom_key`` of the
 shared database.  ``DomainKeyring`` is what the relay uses at run time: it answers
@@ -37,6 +39,7 @@ __all__ = [
     "DKIMKey",
     "DomainExistsError",
     "DomainKeyring",
+    "DomainNotFoundError",
     "SQLiteDomainStore",
     "SendingDomain",
     "count_stored_keys",
@@ -47,16 +50,26 @@ class DomainExistsError(ValueError):
     """The domain (or one of the selectors) is already there."""
 
 
+class DomainNotFoundError(LookupError):
+    """No such sending domain."""
+
+
 @frozen
 class DKIMKey:
     """One DKIM key of a domain: selector, key type (``rsa``/``ed25519``), the
-    public key as published (``p=``) and the private key as a Fernet token."""
+    public key as published (``p=``), the private key as a Fernet token, and when
+    its DNS record was last found matching (None: not verified)."""
 
     selector: str
     key_type: str
     public_b64: str
     private_encrypted: str = field(repr=False)
     created_at: float
+    verified_at: float | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.verified_at is not None
 
     def to_dict(self) -> dict[str, Any]:
         """Public facts only (never the private key)."""
@@ -65,22 +78,45 @@ class DKIMKey:
             "key_type": self.key_type,
             "public_key": self.public_b64,
             "created_at": self.created_at,
+            "verified": self.verified,
+            "verified_at": self.verified_at,
         }
 
 
 @frozen
 class SendingDomain:
-    """A sending domain: its tenant (None = any), keys, and when it was verified."""
+    """A sending domain: its tenant (None = any) and its keys."""
 
     domain: str
     tenant: str | None
     created_at: float
-    verified_at: float | None
     keys: tuple[DKIMKey, ...]
 
     @property
     def verified(self) -> bool:
-        return self.verified_at is not None
+        """Every key is published and verified."""
+        return bool(self.keys) and all(k.verified for k in self.keys)
+
+    @property
+    def usable(self) -> bool:
+        """At least one key is verified: mail from the domain is signed (and allowed
+        when verified domains are required)."""
+        return any(k.verified for k in self.keys)
+
+    @property
+    def verified_at(self) -> float | None:
+        """When the domain became verified (its keys' latest verification), or None."""
+        return max(k.verified_at for k in self.keys if k.verified_at) if self.verified else None
+
+    @property
+    def state(self) -> str:
+        """``verified``, ``unverified``, or ``partly verified`` (some keys pending)."""
+        if self.verified:
+            return "verified"
+        return "partly verified" if self.usable else "unverified"
+
+    def key(self, selector: str) -> DKIMKey | None:
+        return next((k for k in self.keys if k.selector == selector), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +124,7 @@ class SendingDomain:
             "tenant": self.tenant,
             "created_at": self.created_at,
             "verified": self.verified,
+            "state": self.state,
             "verified_at": self.verified_at,
             "keys": [k.to_dict() for k in self.keys],
         }
@@ -97,8 +134,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dom_domain (
     domain      TEXT PRIMARY KEY,   -- lowercase, no trailing dot
     tenant      TEXT,
-    created_at  REAL NOT NULL,
-    verified_at REAL
+    created_at  REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS dom_key (
     domain            TEXT NOT NULL REFERENCES dom_domain (domain),
@@ -107,22 +143,37 @@ CREATE TABLE IF NOT EXISTS dom_key (
     public_b64        TEXT NOT NULL,
     private_encrypted TEXT NOT NULL,  -- Fernet token (node secret)
     created_at        REAL NOT NULL,
+    verified_at       REAL,
     PRIMARY KEY (domain, selector)
 );
 """
 
+_KEY_COLUMNS = "selector, key_type, public_b64, private_encrypted, created_at, verified_at"
+
 
 def _keys(conn: sqlite3.Connection, domain: str) -> tuple[DKIMKey, ...]:
     rows = conn.execute(
-        "SELECT selector, key_type, public_b64, private_encrypted, created_at FROM dom_key "
-        "WHERE domain = ? ORDER BY rowid",
-        (domain,),
+        f"SELECT {_KEY_COLUMNS} FROM dom_key WHERE domain = ? ORDER BY rowid", (domain,)
     )
     return tuple(DKIMKey(*row) for row in rows)
 
 
 def _domain(conn: sqlite3.Connection, row: tuple[Any, ...]) -> SendingDomain:
-    return SendingDomain(row[0], row[1], row[2], row[3], _keys(conn, row[0]))
+    return SendingDomain(row[0], row[1], row[2], _keys(conn, row[0]))
+
+
+def _insert_keys(conn: sqlite3.Connection, domain: str, keys: Sequence[DKIMKey]) -> None:
+    for k in keys:
+        try:
+            conn.execute(
+                f"INSERT INTO dom_key (domain, {_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (domain, k.selector, k.key_type, k.public_b64, k.private_encrypted,
+                 k.created_at, k.verified_at),
+            )
+        except sqlite3.IntegrityError:
+            raise DomainExistsError(
+                f"selector {k.selector} of {domain} already exists"
+            ) from None
 
 
 @implementer(IDomainStore)
@@ -137,26 +188,35 @@ class SQLiteDomainStore:
     def add(
         self, domain: str, tenant: str | None, keys: Sequence[DKIMKey], now: float
     ) -> Deferred[SendingDomain]:
-        """Add ``domain`` with ``keys`` (unverified); fails with L{DomainExistsError}
-        when the domain is already there."""
+        """Add ``domain`` with ``keys``; fails with L{DomainExistsError} when the
+        domain is already there."""
 
         def insert(conn: sqlite3.Connection) -> SendingDomain:
             try:
                 conn.execute(
-                    "INSERT INTO dom_domain (domain, tenant, created_at, verified_at) "
-                    "VALUES (?, ?, ?, NULL)",
+                    "INSERT INTO dom_domain (domain, tenant, created_at) VALUES (?, ?, ?)",
                     (domain, tenant, now),
                 )
             except sqlite3.IntegrityError:
                 raise DomainExistsError(f"domain {domain} was already added") from None
-            for k in keys:
-                conn.execute(
-                    "INSERT INTO dom_key (domain, selector, key_type, public_b64, "
-                    "private_encrypted, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (domain, k.selector, k.key_type, k.public_b64, k.private_encrypted,
-                     k.created_at),
-                )
-            return SendingDomain(domain, tenant, now, None, tuple(keys))
+            _insert_keys(conn, domain, keys)
+            return SendingDomain(domain, tenant, now, tuple(keys))
+
+        return self._db.run(insert)
+
+    def add_keys(self, domain: str, keys: Sequence[DKIMKey]) -> Deferred[SendingDomain]:
+        """Add ``keys`` to an existing domain (key rotation); the domain with all its
+        keys.  L{DomainNotFoundError} or L{DomainExistsError} (a selector is taken):
+        then nothing is added."""
+
+        def insert(conn: sqlite3.Connection) -> SendingDomain:
+            row = conn.execute(
+                "SELECT domain, tenant, created_at FROM dom_domain WHERE domain = ?", (domain,)
+            ).fetchone()
+            if row is None:
+                raise DomainNotFoundError(f"no domain {domain}")
+            _insert_keys(conn, domain, keys)
+            return _domain(conn, row)
 
         return self._db.run(insert)
 
@@ -165,8 +225,7 @@ class SQLiteDomainStore:
 
         def select(conn: sqlite3.Connection) -> SendingDomain | None:
             row = conn.execute(
-                "SELECT domain, tenant, created_at, verified_at FROM dom_domain "
-                "WHERE domain = ?", (domain,),
+                "SELECT domain, tenant, created_at FROM dom_domain WHERE domain = ?", (domain,),
             ).fetchone()
             return _domain(conn, row) if row is not None else None
 
@@ -177,28 +236,41 @@ class SQLiteDomainStore:
 
         def select(conn: sqlite3.Connection) -> builtins.list[SendingDomain]:
             rows = conn.execute(
-                "SELECT domain, tenant, created_at, verified_at FROM dom_domain ORDER BY domain"
+                "SELECT domain, tenant, created_at FROM dom_domain ORDER BY domain"
             ).fetchall()
             return [_domain(conn, r) for r in rows]
 
         return self._db.run(select)
 
-    def set_verified(self, domain: str, verified_at: float | None) -> Deferred[bool]:
-        """Mark ``domain`` verified at ``verified_at`` (None: not verified); True when
-        the domain exists."""
+    def set_verified(
+        self, domain: str, verified_at: float | None, selector: str | None = None
+    ) -> Deferred[bool]:
+        """Mark the key ``selector`` (None: every key) of ``domain`` verified at
+        ``verified_at`` (None: not verified); True when such a key exists."""
 
         def update(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "UPDATE dom_domain SET verified_at = ? WHERE domain = ?", (verified_at, domain)
-            )
+            if selector is None:
+                cur = conn.execute(
+                    "UPDATE dom_key SET verified_at = ? WHERE domain = ?", (verified_at, domain)
+                )
+            else:
+                cur = conn.execute(
+                    "UPDATE dom_key SET verified_at = ? WHERE domain = ? AND selector = ?",
+                    (verified_at, domain, selector),
+                )
             return cur.rowcount > 0
 
         return self._db.run(update)
 
-    def remove(self, domain: str) -> Deferred[bool]:
-        """Forget ``domain`` and its keys; True when it existed."""
+    def remove(self, domain: str, selector: str | None = None) -> Deferred[bool]:
+        """Forget the key ``selector`` of ``domain``, or (None) the domain and all its
+        keys; True when it existed."""
 
         def delete(conn: sqlite3.Connection) -> bool:
+            if selector is not None:
+                return conn.execute(
+                    "DELETE FROM dom_key WHERE domain = ? AND selector = ?", (domain, selector)
+                ).rowcount > 0
             conn.execute("DELETE FROM dom_key WHERE domain = ?", (domain,))
             return conn.execute("DELETE FROM dom_domain WHERE domain = ?", (domain,)).rowcount > 0
 
@@ -230,13 +302,13 @@ def count_stored_keys(path: str) -> tuple[int, str | None]:
 @frozen
 class _Entry:
     domain: SendingDomain | None
-    keys: tuple[SigningKey, ...]
     expires: float
 
 
 class DomainKeyring:
-    """The relay's view of sending domains: verified or not, and the signing keys
-    (decrypted once, then cached).  Entries are re-read after ``refresh`` seconds."""
+    """The relay's view of sending domains: which keys are verified, and the signing
+    keys (decrypted on first use, then kept).  Domains are re-read from the store after
+    ``refresh`` seconds, so a ``domains verify`` elsewhere takes effect that soon."""
 
     def __init__(
         self,
@@ -257,9 +329,14 @@ class DomainKeyring:
         return self._entry(domain.lower()).addCallback(lambda e: e.domain)
 
     def signing_keys(self, domain: str) -> Deferred[tuple[SigningKey, ...]]:
-        """The keys that sign mail from ``domain``: all its keys when it is verified,
-        none otherwise."""
-        return self._entry(domain.lower()).addCallback(lambda e: e.keys)
+        """The keys that sign mail from ``domain``: its verified keys."""
+        def load(entry: _Entry) -> tuple[SigningKey, ...]:
+            sd = entry.domain
+            if sd is None:
+                return ()
+            return tuple(self._load(sd.domain, k) for k in sd.keys if k.verified)
+
+        return self._entry(domain.lower()).addCallback(load)
 
     def _entry(self, domain: str) -> Deferred[_Entry]:
         now = self._clock.seconds()
@@ -268,10 +345,7 @@ class DomainKeyring:
             return succeed(cached)
 
         def found(sd: SendingDomain | None) -> _Entry:
-            keys: tuple[SigningKey, ...] = ()
-            if sd is not None and sd.verified:
-                keys = tuple(self._load(sd.domain, k) for k in sd.keys)
-            entry = _Entry(sd, keys, self._clock.seconds() + self._refresh)
+            entry = _Entry(sd, self._clock.seconds() + self._refresh)
             if len(self._cache) > 10000:
                 self._cache.clear()
             self._cache[domain] = entry

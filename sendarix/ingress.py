@@ -676,7 +676,7 @@ class SubmissionServer(smtp.ESMTP):
         tenant = self._tenant()
 
         def checked(sd: Any) -> None:
-            if sd is None or not sd.verified or sd.tenant not in (None, tenant):
+            if sd is None or not sd.usable or sd.tenant not in (None, tenant):
                 self._refuse(
                     Reply(550, "5.7.1", f"Sender domain {domain} is not a verified sending domain"),
                     sender=sender,

@@ -156,14 +156,14 @@ class Intake:
         return sub.queue_id
 
     async def _signing_keys(self, header_from: str | None, tenant: str) -> tuple[SigningKey, ...]:
-        """The DKIM keys for the header From domain (none unless it is verified, and
-        belongs to ``tenant`` or to no tenant); Refused when verified domains are
-        required and it is not one."""
+        """The DKIM keys for the header From domain: its verified keys, when it belongs
+        to ``tenant`` or to no tenant; Refused when verified domains are required and
+        it has no verified key."""
         if self.keyring is None:
             return ()
         domain = domain_of(header_from) if header_from else ""
         sd = await self.keyring.lookup(domain) if domain else None
-        usable = sd is not None and sd.verified and sd.tenant in (None, tenant)
+        usable = sd is not None and sd.usable and sd.tenant in (None, tenant)
         if not usable:
             if self.require_verified_domains:
                 what = f"domain {domain}" if domain else "address"

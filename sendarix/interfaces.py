@@ -150,8 +150,13 @@ class IDomainStore(Interface):
     def add(  # noqa: N805
         domain: str, tenant: str | None, keys: Sequence[DKIMKey], now: float
     ) -> Deferred[SendingDomain]:
-        """Add an unverified domain with its keys; fails with
+        """Add a domain with its keys; fails with
         L{sendarix.domains.DomainExistsError} when it is already there."""
+
+    def add_keys(domain: str, keys: Sequence[DKIMKey]) -> Deferred[SendingDomain]:  # noqa: N805
+        """Add keys to a domain (rotation); the domain with all its keys.  Fails with
+        L{sendarix.domains.DomainNotFoundError}, or with DomainExistsError when a
+        selector is taken (nothing added)."""
 
     def get(domain: str) -> Deferred[SendingDomain | None]:  # noqa: N805
         """The L{sendarix.domains.SendingDomain} with its keys (in the order they were
@@ -160,11 +165,14 @@ class IDomainStore(Interface):
     def list() -> Deferred[builtins.list[SendingDomain]]:  # noqa: N805
         """Every sending domain, by name."""
 
-    def set_verified(domain: str, verified_at: float | None) -> Deferred[bool]:  # noqa: N805
-        """Mark verified at ``verified_at`` (None: not verified); True when it exists."""
+    def set_verified(  # noqa: N805
+        domain: str, verified_at: float | None, selector: str | None = None
+    ) -> Deferred[bool]:
+        """Mark key ``selector`` (None: every key) verified at ``verified_at`` (None:
+        not verified); True when such a key exists."""
 
-    def remove(domain: str) -> Deferred[bool]:  # noqa: N805
-        """Forget a domain and its keys; True when it existed."""
+    def remove(domain: str, selector: str | None = None) -> Deferred[bool]:  # noqa: N805
+        """Forget one key (``selector``) or the whole domain; True when it existed."""
 
 
 class IBearerToken(Interface):

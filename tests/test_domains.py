@@ -16,6 +16,7 @@ from typing import Any
 
 import dkim
 import dns.resolver
+from attrs import evolve
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
@@ -31,7 +32,7 @@ from sendarix.dkimkeys import (
     record_value,
     split_txt,
 )
-from sendarix.domains import DKIMKey, DomainExistsError, SQLiteDomainStore
+from sendarix.domains import DKIMKey, DomainExistsError, DomainNotFoundError, SQLiteDomainStore
 from sendarix.errors import ConfigError
 from sendarix.interfaces import IDomainStore
 from sendarix.nodesecret import NodeSecret, SecretError, node_secret_from_env
@@ -231,7 +232,8 @@ class DomainStoreContractMixin:
 
     async def test_store(self) -> None:
         """add, get, list, set_verified, remove; a second add fails; values survive
-        the round trip exactly; the private key is not in to_dict()."""
+        the round trip exactly; the private key is not in to_dict(); rotation with
+        add_keys, per-key verification and removal of one key."""
         case: Any = self
         store = await self.make_store()
         verifyObject(IDomainStore, store)
@@ -247,7 +249,8 @@ class DomainStoreContractMixin:
         got = await store.get("example.com")
         case.assertEqual((got.tenant, got.created_at, got.verified_at),
                          (None, 2.0, 1796150000.123456))
-        case.assertEqual(got.keys, (rsa, key))  # in the order given
+        case.assertEqual(got.keys, tuple(evolve(k, verified_at=1796150000.123456)
+                                         for k in (rsa, key)))  # in the order given
         case.assertNotIn("token", json.dumps(got.to_dict()))
         case.assertEqual([(d.domain, d.tenant) for d in await store.list()],
                          [("a.example", "acme"), ("example.com", None)])
@@ -255,6 +258,33 @@ class DomainStoreContractMixin:
         got = await store.get("example.com")
         case.assertFalse(got.verified)
         case.assertIsNone(await store.get("missing.example"))
+
+        # Rotation: a new key joins unverified; per-key verification; removing a key.
+        new = DKIMKey("s3", "ed25519", "bmV3", "token3", 6.0)
+        await store.set_verified("example.com", 7.0)
+        rotated = await store.add_keys("example.com", [new])
+        case.assertEqual([k.selector for k in rotated.keys], ["s2", "s1", "s3"])
+        case.assertEqual(rotated.state, "partly verified")
+        case.assertTrue(rotated.usable)
+        with case.assertRaises(DomainExistsError):
+            await store.add_keys("example.com", [DKIMKey("s9", "rsa", "x", "t", 1.0), new])
+        with case.assertRaises(DomainNotFoundError):
+            await store.add_keys("missing.example", [new])
+        case.assertEqual(len((await store.get("example.com")).keys), 3)  # nothing added
+        case.assertTrue(await store.set_verified("example.com", 8.5, "s3"))
+        case.assertFalse(await store.set_verified("example.com", 8.5, "nope"))
+        got = await store.get("example.com")
+        case.assertEqual((got.state, got.verified_at, got.key("s3").verified_at),
+                         ("verified", 8.5, 8.5))
+        case.assertTrue(await store.remove("example.com", "s1"))
+        case.assertFalse(await store.remove("example.com", "s1"))
+        case.assertEqual([k.selector for k in (await store.get("example.com")).keys],
+                         ["s2", "s3"])
+        case.assertTrue(await store.remove("example.com", "s2"))
+        case.assertTrue(await store.remove("example.com", "s3"))
+        got = await store.get("example.com")
+        case.assertEqual((got.keys, got.state), ((), "unverified"))
+
         case.assertTrue(await store.remove("example.com"))
         case.assertFalse(await store.remove("example.com"))
         case.assertIsNone(await store.get("example.com"))
@@ -385,6 +415,54 @@ class DomainsCommandTests(TestCase):
         self.assertEqual(code, 1)
         self.assertIn(b"different public key", err)
 
+    async def test_key_rotation(self) -> None:
+        """A new selector on a verified domain: verify fails until it is published
+        (the old keys keep signing), then passes; old keys are removed; the last
+        verified key is not removed without --force."""
+        out, err, code = await _cli(["domains", "add", "example.com", "--selector", "old",
+                                     "--algorithm", "ed25519"], self.dir)
+        self.assertEqual(code, 0, err)
+        for name, strings in _records(out).items():
+            self.zone[name] = {"TXT": [strings]}
+        out, err, code = await _cli(["domains", "verify", "example.com"], self.dir)
+        self.assertEqual(code, 0, err)
+        out, err, code = await _cli(["domains", "add", "example.com"], self.dir)
+        self.assertEqual(code, 1)
+        self.assertIn(b"--selector NEW", err)
+        out, err, code = await _cli(["domains", "add", "example.com", "--selector", "new"],
+                                    self.dir)
+        self.assertEqual(code, 0, err)
+        new_records = _records(out)
+        self.assertEqual(sorted(new_records), ["new-ed25519._domainkey.example.com",
+                                               "new-rsa._domainkey.example.com"])
+        out, err, code = await _cli(["domains", "verify", "example.com"], self.dir)
+        self.assertEqual(code, 1)
+        self.assertIn(b"new-rsa._domainkey.example.com: no TXT record", err)
+        self.assertIn(b"still signing with old", err)
+        out, err, code = await _cli(["domains", "list", "--json"], self.dir)
+        (listed,) = json.loads(out)
+        self.assertEqual(listed["state"], "partly verified")
+        self.assertEqual([(k["selector"], k["verified"]) for k in listed["keys"]],
+                         [("old", True), ("new-rsa", False), ("new-ed25519", False)])
+        for name, strings in new_records.items():
+            self.zone[name] = {"TXT": [strings]}
+        out, err, code = await _cli(["domains", "verify", "example.com"], self.dir)
+        self.assertEqual(code, 0, err)
+        out, err, code = await _cli(["domains", "remove", "example.com", "--selector", "old"],
+                                    self.dir)
+        self.assertEqual(code, 0, err)
+        out, err, code = await _cli(["domains", "remove", "example.com", "--selector",
+                                     "new-rsa"], self.dir)
+        self.assertEqual(code, 0, err)
+        out, err, code = await _cli(["domains", "remove", "example.com", "--selector",
+                                     "new-ed25519"], self.dir)
+        self.assertEqual(code, 1)
+        self.assertIn(b"last verified key", err)
+        out, err, code = await _cli(["domains", "list", "--json"], self.dir)
+        (listed,) = json.loads(out)
+        self.assertEqual([k["selector"] for k in listed["keys"]], ["new-ed25519"])
+        self.assertEqual(listed["state"], "verified")
+
     async def test_add_needs_secret(self) -> None:
         """Without the node secret, add refuses with one line naming the variable."""
         out, err, code = await _cli(["domains", "add", "example.com"], self.dir, secret=None)
@@ -487,6 +565,28 @@ class RelaySigningTests(TestCase):
         reply = await in_thread(send, "app@other.example", "app@other.example")
         stored = bytes(await relay.stores.spool.body(reply.split()[-1].decode()))
         self.assertNotIn(b"DKIM-Signature:", stored)
+
+    async def test_pending_key_does_not_sign(self) -> None:
+        """During a rotation only the verified keys sign: a key added but not yet
+        verified adds no signature."""
+        relay = await self._relay()
+        pair = generate_key("ed25519")
+        await relay.stores.domains.add_keys("example.com", [DKIMKey(
+            "pending", "ed25519", pair.public_b64, self.secret.encrypt(pair.private_pem), 1.0)])
+
+        def send() -> bytes:
+            c = RawClient(relay.ports["relay"])
+            c.reply()
+            c.send(b"EHLO c.test\r\nMAIL FROM:<app@example.com>\r\n"
+                   b"RCPT TO:<x@example.org>\r\nDATA\r\n")
+            c.codes(4)
+            c.send(MESSAGE + b".\r\n")
+            return c.codes(1)[0]
+
+        reply = await in_thread(send)
+        stored = bytes(await relay.stores.spool.body(reply.split()[-1].decode()))
+        self.assertEqual(stored.count(b"DKIM-Signature:"), 2)
+        self.assertNotIn(b"s=pending", stored)
 
     async def test_unreadable_key_answers_451(self) -> None:
         """A verified domain whose key does not open with the node secret: the message
