@@ -20,10 +20,10 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import defer
@@ -92,6 +92,8 @@ class ListenerSettings:
     #: Sending domains, for ``require_verified_domains`` at MAIL FROM.
     keyring: DomainKeyring | None = None
     require_verified_domains: bool = False
+    #: tenant name → (messages, period seconds) from ``[tenant.NAME] rate``.
+    tenant_rates: Mapping[str, tuple[float, float]] = field(factory=dict)
 
     @property
     def implicit_tls(self) -> bool:
@@ -616,14 +618,15 @@ class SubmissionServer(smtp.ESMTP):
             self._refuse(refusal, sender=path.address)
             return
         if self._credential is None:
-            checking = self._start_if_domain_allowed(path.address, params, smtputf8)
-            if checking is not None:
-                self._wait(checking)
+            if self._tenant_rate_ok(path.address):
+                checking = self._start_if_domain_allowed(path.address, params, smtputf8)
+                if checking is not None:
+                    self._wait(checking)
             return
         # Revocation and rotation take effect at once: re-read the credential.
         d: Deferred[Any] = defer.maybeDeferred(self._recheck_credential, path.address)
         def proceed(ok: bool) -> Deferred[None] | None:
-            if ok:
+            if ok and self._tenant_rate_ok(path.address):
                 return self._start_if_domain_allowed(path.address, params, smtputf8)
             return None
 
@@ -687,6 +690,20 @@ class SubmissionServer(smtp.ESMTP):
         d = keyring.lookup(domain).addCallback(checked)
         d.addErrback(self._internal_error)
         return d
+    def _tenant_rate_ok(self, sender: str) -> bool:
+        """The tenant's ``[tenant.NAME] rate`` (messages per period, all credentials
+        and listeners of the tenant together on this node): 450 4.7.1 when over it."""
+        limit = self.s.tenant_rates.get(self._tenant())
+        if limit is None:
+            return True
+        count, period = limit
+        if self.s.rate_limiter.allow(
+            "tenant:" + self._tenant(), count, period, self.s.clock.seconds()
+        ):
+            return True
+        self._refuse(Reply(450, "4.7.1", "Tenant message rate limit exceeded, try again later"),
+                     sender=sender)
+        return False
 
     def _start_transaction(
         self, sender: str, params: dict[str, str | None], smtputf8: bool
