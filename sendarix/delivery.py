@@ -59,6 +59,7 @@ from sendarix.model import (
     TLSInfo,
 )
 from sendarix.providers import ProviderTable
+from sendarix.redisstore.connection import is_outage
 from sendarix.routing.mx import Hop, RouteError
 from sendarix.routing.pool import EndpointPool, OrderedFallback
 from sendarix.routing.rules import RouteFacts, RuleRouter, RuleTable
@@ -337,7 +338,9 @@ class DeliveryService(Service):
     def _failed(self, failure: Failure, what: str, **kw: Any) -> None:
         # While the node stops, the stores close under groups still in flight: that is
         # expected (their leases expire), not an error worth a traceback.
-        if self.running:
+        if self.running and is_outage(failure):
+            log.warn(what + ": {why}", why=failure.getErrorMessage(), **kw)
+        elif self.running:
             log.failure(what, failure, **kw)
         else:
             log.info(what + " while stopping: {why}", why=failure.getErrorMessage(), **kw)

@@ -42,6 +42,7 @@ __all__ = [
     "DomainNotFoundError",
     "SQLiteDomainStore",
     "SendingDomain",
+    "check_keys_open",
     "count_stored_keys",
 ]
 
@@ -297,6 +298,23 @@ def count_stored_keys(path: str) -> tuple[int, str | None]:
         return 0, None
     finally:
         conn.close()
+
+
+async def check_keys_open(
+    store: IDomainStore, secret: NodeSecret | None, env_name: str
+) -> None:
+    """Fail with SecretError when ``store`` holds DKIM keys that ``secret`` cannot
+    open (unset, or another secret): the start-up check for stores the relay cannot
+    read before the reactor runs (Redis)."""
+    keys = [k for sd in await store.list() for k in sd.keys]
+    if not keys:
+        return
+    if secret is None:
+        raise SecretError(
+            f"${env_name} is not set, but {len(keys)} DKIM private key(s) are stored "
+            "encrypted with it: set it to the node secret used by 'sendarix domains add'"
+        )
+    secret.decrypt(keys[0].private_encrypted)
 
 
 @frozen

@@ -7,6 +7,7 @@ close first, sessions finish their transaction or get 421, then the stores close
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -21,7 +22,7 @@ from sendarix.authlimit import AuthLimiter
 from sendarix.classify import BounceRules
 from sendarix.config import Config, ListenerConfig, default_config
 from sendarix.delivery import DeliveryService
-from sendarix.domains import DomainKeyring, count_stored_keys
+from sendarix.domains import DomainKeyring, check_keys_open, count_stored_keys
 from sendarix.egress_select import TieredSelector
 from sendarix.errors import ConfigError
 from sendarix.ingress import ListenerSettings, SubmissionFactory
@@ -35,6 +36,7 @@ from sendarix.routing.state import state_path
 from sendarix.stores import Stores
 from sendarix.throttle import MemoryThrottle
 from sendarix.tlsutil import ReloadableServerTLS, ensure_certificate
+from sendarix.workers import listen_shared
 from sendarix.xoauth2 import HMACTokenChecker
 
 log = Logger()
@@ -99,9 +101,13 @@ class StoresService(Service):
 
     name = "stores"
 
-    def __init__(self, stores: Stores, clock: Any) -> None:
+    def __init__(
+        self, stores: Stores, clock: Any, checks: Sequence[Callable[[], Awaitable[None]]] = ()
+    ) -> None:
         self.stores = stores
         self.clock = clock
+        #: Run once the stores are open; a failure keeps the node from serving.
+        self.checks = list(checks)
         self._ready: Deferred[None] | None = None
 
     def ready(self) -> Deferred[None]:
@@ -120,9 +126,14 @@ class StoresService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._ready = self.stores.open()
+        self._ready = ensureDeferred(self._open_and_check())
         self._ready.addCallback(self._start_retention)
         self._ready.addErrback(self._failed)
+
+    async def _open_and_check(self) -> None:
+        await self.stores.open()
+        for check in self.checks:
+            await check()
 
     #: How often old events are trimmed from the delivery log.
     retention_interval = 3600.0
@@ -165,9 +176,10 @@ class ListenerService(Service):
 
     def __init__(
         self, reactor: Any, config: ListenerConfig, factory: SubmissionFactory,
-        stores: StoresService, wrap_tls: Any = None,
+        stores: StoresService, wrap_tls: Any = None, shared: bool = False,
     ) -> None:
         self.name = f"listener:{config.name}"
+        self._shared = shared  # SO_REUSEPORT: worker processes share the port
         self._reactor = reactor
         self._config = config
         self.factory = factory
@@ -199,6 +211,10 @@ class ListenerService(Service):
             )
             return port
 
+        if self._shared:
+            return listen_shared(self._reactor, self._config.endpoint, factory).addCallback(
+                listening
+            )
         return endpoint.listen(factory).addCallback(listening)
 
     def listening(self) -> Deferred[IListeningPort]:
@@ -253,12 +269,18 @@ def load_node_secret(config: Config, environ: Any = None) -> NodeSecret | None:
         except SecretError as e:
             raise ConfigError("node.secret_key_env", str(e)) from None
     return secret
-def make_throttle(config: Config, reactor: Any = None) -> IThrottle:
+
+
+def make_throttle(config: Config, reactor: Any = None, stores: Stores | None = None) -> IThrottle:
     """The node's L{IThrottle}: connection counts and message rates per site.
 
-    In memory (per node) for now; a Redis-shared throttle for several nodes plugs in
-    here.  Callers treat every answer as possibly a Deferred (``maybeDeferred``).
+    With the stores in Redis, shared by every node (limits per cluster: a
+    L{sendarix.redisstore.throttle.RedisThrottle}, stopped when the stores close);
+    otherwise in memory, per node.  Callers treat every answer as possibly a Deferred
+    (``maybeDeferred``).
     """
+    if stores is not None:
+        return stores.make_throttle(config.node.name)
     return MemoryThrottle()
 
 
@@ -307,7 +329,7 @@ def makeService(
             if config.delivery.bounce_rules else None
         ),
         routers=make_routers(config, resolver),
-        throttle=make_throttle(config, reactor),
+        throttle=make_throttle(config, reactor, stores),
         selector=make_selector(config),
         state_file=state_path(config),
     )
@@ -316,6 +338,12 @@ def makeService(
 
     secret = load_node_secret(config)
     keyring = DomainKeyring(stores.domains, secret, reactor)
+    if config.spool.sqlite_path is None:
+        # Redis: the key check cannot run before the reactor; the node does not serve
+        # until it passes.
+        stores_service.checks.append(
+            lambda: check_keys_open(stores.domains, secret, config.node.secret_key_env)
+        )
     require_verified = config.domains.require_verified_domains
     intake = Intake(
         spool=stores.spool, events=stores.events, clock=reactor,
@@ -356,7 +384,7 @@ def makeService(
         )
         service = ListenerService(
             reactor, lc, SubmissionFactory(settings), stores_service,
-            wrap_tls=tls_options if lc.wrap_tls else None,
+            wrap_tls=tls_options if lc.wrap_tls else None, shared=config.node.workers > 1,
         )
         service.setServiceParent(top)
         top.listeners.append(service)  # type: ignore[attr-defined]

@@ -789,3 +789,48 @@ class SecretMismatchTests(TestCase):
         self.assertEqual(code, 1)
         self.assertIn(b"does not decrypt the stored keys", err)
         self.assertEqual(len(err.splitlines()), 1)
+
+
+class RedisStartupTests(TestCase):
+    """With the stores in Redis, a node whose secret does not open the stored DKIM
+    keys never opens its listeners."""
+
+    timeout = 60
+
+    async def test_redis_node_does_not_serve_without_secret(self) -> None:
+        """Keys in Redis, no secret: the listener never listens, and the reason is
+        logged; with the secret it starts."""
+        import txredisapi
+
+        from sendarix.redisdomains import RedisDomainStore
+        from tests.redisserver import start_redis
+        from tests.relay import Relay
+
+        port, stop = start_redis(os.path.abspath(self.mktemp()))
+        self.addCleanup(stop)
+        pool = txredisapi.lazyConnectionPool("127.0.0.1", port, poolsize=1)
+        self.addCleanup(pool.disconnect)
+        secret = NodeSecret(SECRET.encode())
+        await RedisDomainStore(pool).add(
+            "example.com", None, [DKIMKey("s", "ed25519", "p", secret.encrypt(b"k"), 1.0)], 1.0)
+
+        self.patch(os, "environ", {k: v for k, v in os.environ.items()
+                                   if k != "SENDARIX_SECRET_KEY"})
+        relay = Relay(self.mktemp(), [RELAY], spool={"url": f"redis://127.0.0.1:{port}/0"})
+        with self.assertRaises(RuntimeError):
+            await relay.start()
+        await relay.stop()
+        logged = self.flushLoggedErrors(SecretError)  # the stores, then each waiting service
+        self.assertTrue(logged)
+        self.assertIn("$SENDARIX_SECRET_KEY is not set, but 1 DKIM", str(logged[0].value))
+
+        self.patch(os, "environ", dict(os.environ, SENDARIX_SECRET_KEY=SECRET))
+        relay = Relay(self.mktemp(), [RELAY], spool={"url": f"redis://127.0.0.1:{port}/0"})
+        await relay.start()
+        self.addCleanup(relay.stop)
+        self.assertIn("relay", relay.ports)
+        # Let the start-up event-log trim finish before the connection closes.
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        await deferLater(reactor, 0.3, lambda: None)

@@ -362,6 +362,30 @@ class RuleRoutingTests(unittest.TestCase):
             self.assertIn("warmup", e.response.text)
 
 
+    async def test_tenant_egress_pool(self) -> None:
+        """A tenant's egress_pool picks the addresses its mail leaves from; other
+        tenants use pool "default"."""
+        sink = await start_sink(self, "127.0.0.3")
+        acme = dict(RELAY_LISTENER, name="acme", tenant="acme")
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER, acme],
+            pool={"relays": {"endpoints": [f"127.0.0.3:{sink.addresses[0][1]}"]}},
+            route=[{"via": "pool:relays"}],
+            egress={"source": [
+                {"name": "ip10", "address": "127.0.0.10"},
+                {"name": "ip11", "address": "127.0.0.11", "pool": "acme-ips"},
+            ]},
+            tenant={"acme": {"egress_pool": "acme-ips"}},
+        )
+        await in_thread(submit, relay.ports["acme"], SENDER, ["a@any.test"])
+        await in_thread(submit, relay.ports["relay"], SENDER, ["d@any.test"])
+        from_acme = await wait_event(relay, "a@any.test", "delivered")
+        from_default = await wait_event(relay, "d@any.test", "delivered")
+        self.assertEqual((from_acme.tenant, from_acme.source_ip), ("acme", "127.0.0.11"))
+        self.assertEqual((from_default.tenant, from_default.source_ip), ("default", "127.0.0.10"))
+
+
 class TenantRateTests(unittest.TestCase):
     """[tenant.NAME] rate limits submissions at MAIL."""
 

@@ -678,3 +678,75 @@ class SighupProcessTests(TestCase):
         old.send(BODY + b".\r\n")
         self.assertTrue(old.codes(1)[0].startswith(b"250 2.0.0 OK: queued as"))
         self.assertIsNone(proc.poll())
+
+    def test_kill_hup_with_workers(self) -> None:
+        """With ``--workers 2``, SIGHUP to the parent reaches every worker: after it,
+        every new session (whichever worker takes it) sees the new certificate."""
+        import subprocess
+
+        from tests.relayproc import TWISTD, env, free_port, wait_listening
+        from tests.test_workers import _listens_child
+        from tests.tlsca import TestCA
+
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        ca = TestCA(os.path.join(folder, "ca"))
+        cert, key = ca.issue(HOSTNAME)
+        port = free_port()
+        config = os.path.join(folder, "sendarix.toml")
+        with open(config, "w") as f:
+            f.write(
+                f'[node]\nname = "hupw"\nhostname = "{HOSTNAME}"\n'
+                '[spool]\nurl = "sqlite:var/spool.db"\n[events]\njson_log = false\n'
+                '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 0.5\n'
+                f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\n'
+                f'[[listener]]\nname = "relay"\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
+                'tls = "starttls"\nauth = "none"\ntrusted_networks = ["127.0.0.0/8"]\n'
+            )
+        log_path = os.path.join(folder, "parent.log")
+        log = open(log_path, "wb")
+        self.addCleanup(log.close)
+        parent = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "sendarix", "--config", config, "--workers", "2"],
+            cwd=folder, env=env(), stdout=log, stderr=subprocess.STDOUT,
+        )
+        children: list[int] = []
+
+        def cleanup() -> None:
+            for pid in [parent.pid, *children]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            parent.wait()
+
+        self.addCleanup(cleanup)
+        wait_listening(port, parent)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with open(log_path, "rb") as f:
+                children[:] = [int(p) for p in re.findall(rb"worker \d started, pid (\d+)",
+                                                          f.read())]
+            if len(children) == 2 and all(_listens_child(pid) for pid in children):
+                break
+            time.sleep(0.1)
+        self.assertEqual(len(children), 2)
+
+        def peer() -> bytes:
+            c = _tls_session(port, ca.ca_path)
+            der = c.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+            c.close()
+            assert der is not None
+            return der
+
+        before = peer()
+        ca.issue(HOSTNAME)
+        parent.send_signal(signal.SIGHUP)
+        streak = 0
+        for _ in range(200):  # 12 new-certificate sessions in a row: both workers reloaded
+            streak = streak + 1 if peer() != before else 0
+            if streak == 12:
+                break
+            time.sleep(0.02)
+        self.assertEqual(streak, 12)
+        self.assertIsNone(parent.poll())
