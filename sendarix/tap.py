@@ -54,6 +54,14 @@ def makeService(options: Options) -> IService:
     elif workers > 1:
         from twisted.internet import reactor
 
+        from sendarix.service import load_node_secret
+
+        try:
+            # Refuse here, once, rather than in every worker over and over.
+            load_node_secret(config)
+        except ConfigError as e:
+            sys.stderr.write(f"configuration error: {e}\n")
+            raise SystemExit(1) from e
         path = options["config"]
         arguments = ["--config", os.path.abspath(path)] if path else []
         pool = WorkerPool(reactor, workers, arguments)

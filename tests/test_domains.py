@@ -691,7 +691,8 @@ class StartupSecretTests(TestCase):
         return ensureDeferred(go())
 
     def test_twistd_refuses_to_start(self) -> None:
-        """``twistd sendarix`` exits 1 with one clear line when the secret is missing."""
+        """``twistd sendarix`` exits 1 with one clear line when the secret is missing,
+        also with ``--workers 2`` (the supervisor refuses before starting workers)."""
         folder = os.path.abspath(self.mktemp())
         os.makedirs(folder)
         import sqlite3
@@ -721,6 +722,13 @@ class StartupSecretTests(TestCase):
         self.assertIn(b"configuration error: node.secret_key_env: $SENDARIX_SECRET_KEY is "
                       b"not set, but 1 DKIM private key(s) are stored", proc.stderr,
                       proc.stdout)
+        workers = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+             "--pidfile=", "sendarix", "--config", config, "--workers", "2"],
+            cwd=folder, env=env, capture_output=True, timeout=60,
+        )
+        self.assertEqual(workers.returncode, 1, workers.stdout + workers.stderr)
+        self.assertIn(b"configuration error: node.secret_key_env", workers.stderr)
 
 
 class DomainCheckTests(TestCase):
