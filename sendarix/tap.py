@@ -54,11 +54,23 @@ def makeService(options: Options) -> IService:
     elif workers > 1:
         from twisted.internet import reactor
 
+        from sendarix.service import load_node_secret
+
+        try:
+            # Refuse here, once, rather than in every worker over and over.
+            load_node_secret(config)
+        except ConfigError as e:
+            sys.stderr.write(f"configuration error: {e}\n")
+            raise SystemExit(1) from e
         path = options["config"]
         arguments = ["--config", os.path.abspath(path)] if path else []
-        return WorkerPool(reactor, workers, arguments, log_file=twistd_log_file(sys.argv))
+        pool = WorkerPool(reactor, workers, arguments, log_file=twistd_log_file(sys.argv))
+        pool.forward_sighup = True  # each worker reloads its TLS certificate
+        return pool
     try:
-        return make_node(config)
+        node = make_node(config)
+        node.reload_on_sighup = True  # SIGHUP reloads the TLS certificate
+        return node
     except ConfigError as e:
         sys.stderr.write(f"configuration error: {e}\n")
         raise SystemExit(1) from e

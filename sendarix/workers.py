@@ -154,10 +154,21 @@ class WorkerPool(Service):
             "--worker", str(index),
         ]
 
+    #: Pass SIGHUP on to every worker (each reloads its TLS certificate); twistd sets it.
+    forward_sighup = False
+
     def startService(self) -> None:
         super().startService()
         for index in range(1, self.count + 1):
             self._spawn(index)
+        if self.forward_sighup:
+            signal.signal(
+                signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self._hup)
+            )
+
+    def _hup(self) -> None:
+        for child in list(self.children.values()):
+            self._signal(child, signal.SIGHUP)
 
     def _spawn(self, index: int) -> None:
         if not self.running:
