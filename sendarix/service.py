@@ -32,6 +32,7 @@ from sendarix.nodesecret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.ratelimit import RateLimiter
 from sendarix.redisstore.connection import is_outage
 from sendarix.redisstore.endpoints import SharedEndpointPool
+from sendarix.redisstore.limits import SharedAuthLimiter, SharedRateLimiter
 from sendarix.redisstore.selector import SharedTieredSelector
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.routing.pool import EndpointPool, PoolRouter
@@ -296,6 +297,21 @@ def make_throttle(config: Config, reactor: Any = None, stores: Stores | None = N
     return MemoryThrottle()
 
 
+def make_auth_limiter(config: Config, stores: Stores | None = None) -> AuthLimiter:
+    """The AUTH failure limiter from ``[limits]``: failures and lockouts shared by
+    every node when the stores are in Redis, else counted in this process."""
+    limits = config.limits
+    if stores is not None and stores.redis is not None:
+        return SharedAuthLimiter(
+            stores.redis, max_failures=limits.auth_max_failures,
+            window=limits.auth_failure_window, lockout=limits.auth_lockout,
+        )
+    return AuthLimiter(
+        max_failures=limits.auth_max_failures, window=limits.auth_failure_window,
+        lockout=limits.auth_lockout,
+    )
+
+
 def make_routers(
     config: Config, resolver: DNSResolver, stores: Stores | None = None
 ) -> dict[str, tuple[IRouter, IFailoverStrategy]]:
@@ -384,11 +400,11 @@ def makeService(
         tls_options = ReloadableServerTLS(cert, key, config.tls.min_version)
     top.tls = tls_options
     limits = config.limits
-    auth_limiter = auth_limiter or AuthLimiter(
-        max_failures=limits.auth_max_failures, window=limits.auth_failure_window,
-        lockout=limits.auth_lockout,
+    auth_limiter = auth_limiter or make_auth_limiter(config, stores)
+    # With Redis, credential and tenant rates count for the whole cluster.
+    rate_limiter = RateLimiter() if stores.redis is None else SharedRateLimiter(
+        redis=stores.redis
     )
-    rate_limiter = RateLimiter()
     tenant_rates = {
         name: limit for name, t in config.tenants.items()
         if (limit := t.rate_limit) is not None

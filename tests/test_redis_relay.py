@@ -17,8 +17,10 @@ from twisted.trial.unittest import TestCase
 
 from sendarix.redisstore.connection import connect
 from sendarix.redisstore.endpoints import SharedEndpointPool
+from sendarix.redisstore.limits import SharedAuthLimiter, SharedRateLimiter
 from sendarix.redisstore.selector import SharedTieredSelector
 from sendarix.redisstore.throttle import RedisThrottle
+from sendarix.service import make_auth_limiter
 from sendarix.sink import SinkOptions, SinkServer
 from sendarix.spool.redis import RedisSpool
 from tests.dnsserver import start_dns
@@ -106,8 +108,8 @@ class RedisRelayTests(TestCase):
         self.assertEqual(cred and cred.tenant, "acme")
 
     async def test_shared_routing_state(self) -> None:
-        """With the stores in Redis, the node's throttle, egress selector and
-        smarthost endpoint health are the shared ones."""
+        """With the stores in Redis, the node's throttle, egress selector, smarthost
+        endpoint health and submission limits are the shared ones."""
         relay = await start_relay(
             self, [LISTENER], spool={"url": self.url},
             egress={"source": [{"name": "s1", "address": "127.0.0.1"}]},
@@ -117,6 +119,9 @@ class RedisRelayTests(TestCase):
         self.assertIsInstance(delivery.throttle, RedisThrottle)
         self.assertIsInstance(delivery.selector, SharedTieredSelector)
         self.assertIsInstance(delivery.routes.routers["pool:relays"][1], SharedEndpointPool)
+        settings = relay.service.listeners[0].factory.settings
+        self.assertIsInstance(settings.rate_limiter, SharedRateLimiter)
+        self.assertIsInstance(make_auth_limiter(relay.config, relay.stores), SharedAuthLimiter)
 
     async def test_waits_for_redis_at_start(self) -> None:
         """A node started while Redis is down opens no listener until Redis is up,
