@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybe
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 
 from sendarix.auth import submission_portal
 from sendarix.authlimit import AuthLimiter
@@ -109,14 +110,16 @@ class StoresService(Service):
         #: Run once the stores are open; a failure keeps the node from serving.
         self.checks = list(checks)
         self._ready: Deferred[None] | None = None
+        #: Why the stores did not open (every ``ready()`` then fails with it).
+        self._failure: Failure | None = None
 
     def ready(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         assert self._ready is not None, "not started"
 
         def relay(result: Any) -> Any:
-            if isinstance(result, BaseException) or hasattr(result, "raiseException"):
-                d.errback(result)
+            if self._failure is not None:
+                d.errback(self._failure)
             else:
                 d.callback(None)
             return result
@@ -159,9 +162,11 @@ class StoresService(Service):
         d.addErrback(lambda f: log.failure("trimming the event log failed", f))
         return d
 
-    def _failed(self, failure: Any) -> Any:
+    def _failed(self, failure: Failure) -> None:
+        # Logged once here; each ready() caller gets the failure to handle itself (so
+        # no Deferred is left holding an unhandled error).
         log.failure("could not open the stores", failure)
-        return failure
+        self._failure = failure
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
