@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybe
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 
 from sendarix.auth import submission_portal
 from sendarix.authlimit import AuthLimiter
@@ -113,7 +114,8 @@ class StoresService(Service):
         #: Run once the stores are open; a failure keeps the node from serving.
         self.checks = list(checks)
         self._ready: Deferred[None] | None = None
-        self._failure: Any = None
+        #: Why the stores did not open (every ``ready()`` then fails with it).
+        self._failure: Failure | None = None
 
     def ready(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -164,15 +166,15 @@ class StoresService(Service):
         d.addErrback(self._trim_failed)
         return d
 
-    def _trim_failed(self, failure: Any) -> None:
+    def _trim_failed(self, failure: Failure) -> None:
         if is_outage(failure):  # Redis down, or closing under the trim
             log.warn("trimming the event log failed: {why}", why=failure.getErrorMessage())
         else:
             log.failure("trimming the event log failed", failure)
 
-    def _failed(self, failure: Any) -> None:
-        # Kept for ready(), and consumed here: left in the Deferred, it would be
-        # logged again as unhandled whenever the Deferred is garbage-collected.
+    def _failed(self, failure: Failure) -> None:
+        # Logged once here; each ready() caller gets the failure to handle itself (so
+        # no Deferred is left holding an unhandled error).
         log.failure("could not open the stores", failure)
         self._failure = failure
 
