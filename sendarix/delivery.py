@@ -368,6 +368,16 @@ class DeliveryService(Service):
         d.addBoth(done)
 
     def _dispatch(self, leased: list[LeasedDelivery]) -> None:
+        if not self.running:
+            # The lease arrived after stopService took stock of the groups in flight:
+            # start nothing new (it would outlive the stop); give the leases back.
+            for delivery in leased:
+                d = maybeDeferred(
+                    self.spool.release, delivery.queue_id, delivery.domain,
+                    self.config.node.name,
+                )
+                d.addErrback(self._failed, "giving a lease back while stopping failed")
+            return
         groups: dict[_GroupKey, list[LeasedDelivery]] = {}
         for delivery in leased:
             groups.setdefault(self._group_key(delivery), []).append(delivery)
