@@ -154,6 +154,8 @@ class DeliveryService(Service):
         self._loop: LoopingCall | None = None
         self._active = 0
         self._polling: Deferred[Any] | None = None
+        self._wake_call: Any = None
+        self._wake_missed = False
         self._running: set[Deferred[Any]] = set()
         self._groups = DeferredSemaphore(config.delivery.concurrency)
         self._trust_root: Any = None
@@ -200,6 +202,9 @@ class DeliveryService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()
+        self._wake_call = None
         pending = list(self._running)
         if self._polling is not None:
             pending.append(self._polling)
@@ -232,13 +237,26 @@ class DeliveryService(Service):
 
     # -- the loop -----------------------------------------------------------------
 
+    def wake(self) -> None:
+        """New mail is queued: poll now rather than at the next interval (calls in one
+        reactor turn are coalesced; a poll that finds the window full runs again when
+        a group finishes)."""
+        if self._loop is None or self._wake_call is not None:
+            return
+        self._wake_call = self.reactor.callLater(0, self._woken)
+
+    def _woken(self) -> None:
+        self._wake_call = None
+        if self._loop is not None:
+            self._tick()
+
     def _tick(self) -> None:
         # Never return the Deferred: a failing poll must not stop the LoopingCall.
-        if self._polling is not None:
+        if self._polling is not None or self.window - self._active <= 0:
+            self._wake_missed = True
             return
+        self._wake_missed = False
         free = self.window - self._active
-        if free <= 0:
-            return
         now = self.reactor.seconds()
         d = self.spool.lease_due(
             self.config.node.name, now, free, self.config.spool.lease_time
@@ -249,10 +267,14 @@ class DeliveryService(Service):
 
         def done(_: Any) -> None:
             self._polling = None
+            if self._wake_missed:
+                self.wake()
 
         d.addBoth(done)
 
     def _dispatch(self, leased: list[LeasedDelivery]) -> None:
+        if not self.running:
+            return  # leased as the node stopped: the leases expire (or are reclaimed)
         groups: dict[str, list[LeasedDelivery]] = {}
         for delivery in leased:
             groups.setdefault(delivery.domain, []).append(delivery)
@@ -264,6 +286,8 @@ class DeliveryService(Service):
             def finished(_: Any, d: Deferred[Any] = d, n: int = len(deliveries)) -> None:
                 self._running.discard(d)
                 self._active -= n
+                if self._wake_missed:
+                    self.wake()
 
             d.addBoth(finished)
 
