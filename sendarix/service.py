@@ -214,7 +214,7 @@ def makeService(
 
     intake = Intake(
         spool=stores.spool, events=stores.events, clock=reactor,
-        node=config.node.name, hostname=config.node.hostname,
+        node=config.node.name, hostname=config.node.hostname, on_queued=delivery.wake,
     )
     tls_options = None
     if any(lc.tls != "none" for lc in config.listeners):
