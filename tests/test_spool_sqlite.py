@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sendarix.interfaces import ISpool
+from sendarix.model import RecipientOutcome, RecipientStatus, Reply
 from sendarix.spool import SQLiteSpool, open_spool, sqlite_path
 from sendarix.sqlitedb import DatabaseClosed, SQLiteDatabase
 from tests.spool_contract import T0, SpoolContractMixin, sample_message
@@ -234,6 +235,43 @@ class SQLiteSpoolStorageTests(TestCase):
             self.assertEqual(body, (b"message %d\r\n" % n) * 1024)
             self.assertEqual([r.address for r in message.recipients], [f"r{n}@example.com"])
         self.assertEqual((await spool.stats()).messages, len(listed))
+
+
+class SQLiteSpoolQueryPlanTests(TestCase):
+    """Queries on one message's recipients use the primary key: with many messages to
+    one domain, the (domain, status) index would walk all of them each time."""
+
+    async def test_per_message_queries_use_the_primary_key(self) -> None:
+        """Every recipient query that enqueue, lease_due and complete run is planned
+        on the primary key, never on spool_recipient_domain."""
+        spool = SQLiteSpool.at_path(os.path.join(self.mktemp(), "spool.db"), reactor)
+        await spool.start()
+        self.addCleanup(spool.stop)
+        db = spool._db
+        statements: list[str] = []
+        await db.run(lambda conn: conn.set_trace_callback(statements.append))
+        for i in range(3):
+            await spool.enqueue(sample_message(f"Q{i}", ("a@one.example", "b@one.example")))
+        leased = await spool.lease_due("node", T0 + 1, 10, 60.0)
+        self.assertEqual(len(leased), 3)
+        for d in leased:
+            await spool.complete(
+                d.queue_id, d.domain, "node",
+                [RecipientOutcome(r.address, RecipientStatus.DELIVERED,
+                                  Reply(250, "2.0.0", "ok")) for r in d.recipients],
+                T0 + 2,
+            )
+        await db.run(lambda conn: conn.set_trace_callback(None))
+        selects = sorted({s for s in statements
+                          if s.lstrip().upper().startswith("SELECT") and "spool_recipient" in s})
+        self.assertTrue(selects)
+
+        def plans(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            return [(sql, " / ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)))
+                    for sql in selects]
+
+        for sql, plan in await db.run(plans):
+            self.assertNotIn("spool_recipient_domain", plan, sql)
 
 
 class OpenSpoolTests(SynchronousTestCase):
