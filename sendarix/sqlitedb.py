@@ -180,8 +180,7 @@ class SQLiteDatabase:
             conn.execute("BEGIN IMMEDIATE")
         except BaseException as e:  # noqa: BLE001
             failure = Failure(e)
-            for _, d in batch:
-                self._reactor.callFromThread(d.errback, failure)
+            self._reactor.callFromThread(_fire, [(d, False, failure) for _, d in batch])
             return
         for fn, d in batch:
             conn.execute("SAVEPOINT job")
@@ -202,11 +201,15 @@ class SQLiteDatabase:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            for d, _, _ in results:
-                self._reactor.callFromThread(d.errback, failure)
-            return
-        for d, ok, value in results:
-            if ok:
-                self._reactor.callFromThread(d.callback, value)
-            else:
-                self._reactor.callFromThread(d.errback, value)
+            results = [(d, False, failure) for d, _, _ in results]
+        # One call into the reactor thread per batch, not one per job.
+        self._reactor.callFromThread(_fire, results)
+
+
+def _fire(results: list[tuple[Deferred[Any], bool, Any]]) -> None:
+    """Fire a batch's Deferreds in order (on the reactor thread)."""
+    for d, ok, value in results:
+        if ok:
+            d.callback(value)
+        else:
+            d.errback(value)
