@@ -26,6 +26,7 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     DeferredSemaphore,
+    gatherResults,
     maybeDeferred,
 )
 from twisted.internet.task import LoopingCall
@@ -392,8 +393,11 @@ class DeliveryService(Service):
         each delivery leaves ``pending`` once it is settled."""
         messages: list[egress.OutboundMessage] = []
         sending: list[LeasedDelivery] = []
-        for delivery in batch:
-            body = await self.spool.body(delivery.queue_id)
+        # All bodies at once: the reads share one database round trip.
+        bodies = await gatherResults(
+            [maybeDeferred(self.spool.body, d.queue_id) for d in batch], consumeErrors=True
+        )
+        for delivery, body in zip(batch, bodies):
             if body is None:
                 # Deleted while leased: nothing to send, nothing to record.
                 pending.remove(delivery)
@@ -445,7 +449,8 @@ class DeliveryService(Service):
             else:
                 window.success()
         by_id = {m.queue_id: m for m in result.results}
-        for delivery in sending:
+
+        async def settle(delivery: LeasedDelivery) -> None:
             message = by_id[delivery.queue_id]
             replies = {r.address: r.reply for r in message.recipients}
             attempts = [
@@ -461,6 +466,11 @@ class DeliveryService(Service):
             ]
             await self._finish(delivery, attempts)
             pending.remove(delivery)
+
+        # Settled together, the outcomes and events of a session share their commits.
+        await gatherResults(
+            [Deferred.fromCoroutine(settle(d)) for d in sending], consumeErrors=True
+        )
 
     async def _simulate(self, delivery: LeasedDelivery) -> None:
         attempts: list[_Attempt] = []
