@@ -26,6 +26,7 @@ from tests.bench import clients
 from tests.bench.dnsproc import DNSProcess
 from tests.bench.install import ensure_installed
 from tests.bench.postfix import PostfixSystem
+from tests.bench.profile import Profiler, summarize
 from tests.bench.sendarix import DOMAIN, Failed, Refused, SendarixSystem, raise_nofile
 from tests.bench.sink import Sink
 from tests.relayproc import free_port
@@ -74,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-install", action="store_true",
                    help="do not apt-get install missing packages")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="record a py-spy profile of each Sendarix variant's first load "
+                        "into DIR and print a summary (needs py-spy)")
     args = p.parse_args(argv)
     if args.quick:
         args.runs, args.messages, args.latency_messages = 1, 500, 20
@@ -103,6 +107,7 @@ class Bench:
         self.root = root
         self.results: dict[str, dict[str, list[float]]] = {}
         self.skipped: dict[str, str] = {}
+        self.profiled: set[str] = set()
         self.small = clients.message(args.size)
         self.large = clients.message(int(args.large_mib * MIB) - 64 * 1024, "large")
         self.size_limit = max(52428800, len(self.large) + 64 * 1024)
@@ -132,12 +137,20 @@ class Bench:
         out["idle_pss_per_session"] = (after_pss - before_pss) / opened / 1024
         time.sleep(2.0)  # let the system end those sessions before the load starts
 
+        profiler = self._profiler(system)
         base = sink.count
-        start, end = clients.smtp_source(port, a.sessions, a.messages, a.size, timeout=300)
-        out["accept_rate"] = a.messages / (end - start)
-        if not sink.wait_for(base + a.messages, timeout=300):
-            raise Failed(f"only {sink.count - base} of {a.messages} messages reached the sink")
-        out["relay_rate"] = a.messages / (sink.arrival(base + a.messages) - start)
+        try:
+            start, end = clients.smtp_source(port, a.sessions, a.messages, a.size, timeout=300)
+            out["accept_rate"] = a.messages / (end - start)
+            if not sink.wait_for(base + a.messages, timeout=300):
+                raise Failed(f"only {sink.count - base} of {a.messages} messages reached the sink")
+            out["relay_rate"] = a.messages / (sink.arrival(base + a.messages) - start)
+        finally:
+            if profiler is not None:
+                profiler.stop()
+                say(f"# profile of {system.name} under the smtp-source load ({profiler.out}):")
+                for line in summarize(profiler.out):
+                    say(f"#   {line}")
 
         latencies = []
         for _ in range(a.latency_messages):
@@ -155,6 +168,17 @@ class Bench:
         sink.wait_for(base + 1, timeout=120)
 
         return out
+
+    def _profiler(self, system: Any) -> Profiler | None:
+        """A py-spy recording of a Sendarix node's first load, with ``--profile``."""
+        if not self.args.profile or not isinstance(system, SendarixSystem):
+            return None
+        if system.name in self.profiled or system.proc is None:
+            return None
+        self.profiled.add(system.name)
+        os.makedirs(self.args.profile, exist_ok=True)
+        out = os.path.join(os.path.abspath(self.args.profile), f"{system.name}.txt")
+        return Profiler(system.proc.pid, out)
 
     def run_system(self, system: Any, sink: Sink, idle_sessions: int,
                    rss: Callable[[], tuple[int, int]]) -> None:
