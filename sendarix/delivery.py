@@ -155,7 +155,6 @@ class DeliveryService(Service):
         self._loop: LoopingCall | None = None
         self._active = 0
         self._polling: Deferred[Any] | None = None
-        self._wake_call: Any = None
         self._wake_missed = False
         self._running: set[Deferred[Any]] = set()
         self._groups = DeferredSemaphore(config.delivery.concurrency)
@@ -203,9 +202,6 @@ class DeliveryService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        if self._wake_call is not None and self._wake_call.active():
-            self._wake_call.cancel()
-        self._wake_call = None
         pending = list(self._running)
         if self._polling is not None:
             pending.append(self._polling)
@@ -239,15 +235,9 @@ class DeliveryService(Service):
     # -- the loop -----------------------------------------------------------------
 
     def wake(self) -> None:
-        """New mail is queued: poll now rather than at the next interval (calls in one
-        reactor turn are coalesced; a poll that finds the window full runs again when
-        a group finishes)."""
-        if self._loop is None or self._wake_call is not None:
-            return
-        self._wake_call = self.reactor.callLater(0, self._woken)
-
-    def _woken(self) -> None:
-        self._wake_call = None
+        """New mail is queued: poll now rather than at the next interval.  Wakes while
+        a poll is in flight (or the window is full) are folded into one more poll
+        when it ends (or when a group finishes)."""
         if self._loop is not None:
             self._tick()
 
