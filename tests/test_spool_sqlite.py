@@ -168,6 +168,45 @@ class SQLiteSpoolStorageTests(TestCase):
         rows = await db.run(lambda c: c.execute("SELECT n FROM t ORDER BY n").fetchall())
         self.assertEqual(rows, [(1,), (3,)])
 
+    async def test_background_job_yields_to_the_mail_path(self) -> None:
+        """A background job queued before a foreground one runs after it, in its own
+        transaction: its writes never lengthen the foreground commit."""
+        db = SQLiteDatabase(self.path, reactor, schema="CREATE TABLE t (n INTEGER);")
+        await db.open()
+        self.addCleanup(db.close)
+        gate = threading.Event()
+        held = db.run(lambda c: gate.wait(10))
+        order: list[str] = []
+
+        def job(name: str) -> Callable[[sqlite3.Connection], int]:
+            def run(conn: sqlite3.Connection) -> int:
+                order.append(name)
+                conn.execute("INSERT INTO t (n) VALUES (1)")
+                return int(conn.total_changes)
+
+            return run
+
+        background = db.run(job("background"), background=True)
+        foreground = db.run(job("foreground"))
+        gate.set()
+        await held
+        await gatherResults([background, foreground])
+        self.assertEqual(order, ["foreground", "background"])
+
+    async def test_background_job_not_starved(self) -> None:
+        """Under a steady stream of foreground jobs, a background job still runs
+        (it joins a batch once it has waited background_delay)."""
+        db = SQLiteDatabase(self.path, reactor)
+        await db.open()
+        self.addCleanup(db.close)
+        background = db.run(lambda c: "done", background=True)
+        deadline = reactor.seconds() + 5.0
+        # Each foreground job queues the next at once: the database is never quiet.
+        while not background.called and reactor.seconds() < deadline:
+            await db.run(lambda c: None)
+        self.assertTrue(background.called)
+        self.assertEqual(await background, "done")
+
     async def test_records_are_versioned_json(self) -> None:
         """Envelope and metadata are stored as JSON carrying "v": 1."""
         db = SQLiteDatabase(self.path, reactor)
