@@ -233,7 +233,8 @@ class SQLiteEventLog:
             more = len(rows) > limit
             return EventPage(events, encode_cursor(rows[limit - 1][0]) if more else None)
 
-        return self._db.run(select)
+        # In the background queue too: a search sees every event emitted before it.
+        return self._db.run(select, background=True)
 
     def trim(self, before: float) -> Deferred[int]:
         """Delete events with a timestamp before ``before``; Deferred count deleted."""
@@ -256,7 +257,7 @@ class SQLiteEventLog:
 
         total = 0
         while True:
-            deleted = await self._db.run(delete_some)
+            deleted = await self._db.run(delete_some, background=True)
             total += deleted
             if deleted < batch:
                 return total

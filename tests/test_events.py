@@ -376,6 +376,15 @@ class SQLiteEventLogTests(TestCase):
         page = await log.search(EventQuery(type="accepted", limit=1000))
         self.assertEqual(sorted(e.id for e in page.events), sorted(e.id for e in events))
 
+    async def test_search_sees_earlier_emits(self) -> None:
+        """A search queued after an emit that nobody awaited still finds that event
+        (both go through the database's background queue, in order)."""
+        log = await self.open_log()
+        event = Event.make("accepted", 1.0, queue_id="Q1", recipient="a@x")
+        log.emit(event)  # fire and forget, as Intake does
+        page = await log.search(EventQuery(queue_id="Q1"))
+        self.assertEqual(page.events, (event,))
+
     async def test_bad_event_fails_alone(self) -> None:
         """An event the database refuses fails its own emit; the events written in
         the same job are stored."""
