@@ -44,6 +44,7 @@ from sendarix.credentials import (
 from sendarix.events import EVENT_TYPES, MAX_LIMIT, Event, EventQuery, format_timestamp
 from sendarix.events import parse_timestamp as parse_rfc3339
 from sendarix.model import RecipientStatus, StoredMessage
+from sendarix.routing.state import format_state, read_state, state_path
 from sendarix.spool.errors import SpoolError
 from sendarix.stores import Stores
 from sendarix.suppression import normalize_address
@@ -429,8 +430,13 @@ async def _queue_show(args: argparse.Namespace, stores: Stores) -> Output:
 
 async def _queue_stats(args: argparse.Namespace, stores: Stores) -> Output:
     stats = await stores.spool.stats()
+    # What the running node last wrote about sites, endpoints and egress sources.
+    routing = read_state(state_path(stores.config))
     if args.json:
-        return _lines(_json(stats.to_dict()))
+        data = stats.to_dict()
+        if routing is not None:
+            data["routing"] = routing
+        return _lines(_json(data))
     statuses = [s.value for s in RecipientStatus if s.value in stats.by_status]
     total = sum(stats.by_status.values())
     summary = ", ".join(f"{s} {stats.by_status[s]}" for s in statuses)
@@ -445,6 +451,8 @@ async def _queue_stats(args: argparse.Namespace, stores: Stores) -> Output:
         ]
         headers = ("DOMAIN", *(s.upper() for s in statuses))
         text += ["", render_table(headers, rows, right=range(1, len(headers)))]
+    if routing is not None:
+        text += ["", *format_state(routing, time.time())]
     return _lines(*text)
 
 

@@ -15,11 +15,13 @@ Errors in one group are logged and its leases given back; they never stop the lo
 
 from __future__ import annotations
 
+import datetime
 import random
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from attrs import frozen
+from attrs import define, frozen
 from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.defer import (
@@ -28,16 +30,27 @@ from twisted.internet.defer import (
     DeferredSemaphore,
     gatherResults,
     maybeDeferred,
+    succeed,
 )
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sendarix import egress
 from sendarix.classify import BounceRules, Classification, Verdict, classify
-from sendarix.config import Config
+from sendarix.config import Config, EgressSourceConfig, RouteConfig
+from sendarix.egress_select import TieredSelector
 from sendarix.events import Event
-from sendarix.interfaces import IEventSink, IRouter, ISpool, ISuppressionStore
+from sendarix.interfaces import (
+    IEgressSelector,
+    IEventSink,
+    IFailoverStrategy,
+    IRouter,
+    ISpool,
+    ISuppressionStore,
+    IThrottle,
+)
 from sendarix.model import (
     LeasedDelivery,
     RecipientOutcome,
@@ -48,8 +61,12 @@ from sendarix.model import (
 )
 from sendarix.providers import ProviderTable
 from sendarix.routing.mx import Hop, RouteError
+from sendarix.routing.pool import EndpointPool, OrderedFallback
+from sendarix.routing.rules import RouteFacts, RuleRouter, RuleTable
+from sendarix.routing.shaping import POOL_PREFIX, Shaping, SiteShape, strictest_tls
+from sendarix.routing.state import write_state
 from sendarix.schedule import RetrySchedule
-from sendarix.window import DestinationWindow
+from sendarix.throttle import MemoryThrottle
 
 __all__ = ["DeliveryService", "simulate"]
 
@@ -59,6 +76,34 @@ log = Logger()
 SIMULATOR_MX = "simulator"
 #: Seconds a stopping service waits for groups in flight before it lets go.
 STOP_GRACE = 30.0
+#: The longest a connection waits for its site's rate to admit one more message;
+#: beyond it the rest of the batch is handed back to the spool for a later poll.
+MAX_PACE_WAIT = 2.0
+#: Seconds between two writes of the routing state file.
+STATE_INTERVAL = 5.0
+
+
+@frozen
+class _GroupKey:
+    """Deliveries handled together: the rule that routes them (-1: the default
+    route), the egress pool they leave from (None: the system's address), the domain."""
+
+    rule: int
+    egress_pool: str | None
+    domain: str
+
+
+@define(eq=False)
+class _Connection:
+    """What the connections of one group share."""
+
+    key: _GroupKey
+    site: str
+    shape: SiteShape
+    hops: tuple[Hop, ...]
+    strategy: IFailoverStrategy
+    pending: list[LeasedDelivery]
+    batches: deque[list[LeasedDelivery]]
 
 
 @frozen
@@ -98,9 +143,10 @@ def _route_reply(error: RouteError) -> Reply:
 
 
 def _held_no_session(result: egress.SessionResult) -> bool:
-    """True when the hop refused us before any transaction: a connect error, or a 421
-    (greeting or EHLO) that every message got as its only reply."""
-    if result.connect_error is not None:
+    """True when the hop refused us before any transaction: a connect error, no
+    greeting (closed or timed out first), or a 421 (greeting or EHLO) that every
+    message got as its only reply."""
+    if result.connect_error is not None or not result.greeted:
         return True
     replies = [m.message_reply for m in result.results]
     first = replies[0] if replies else None
@@ -136,6 +182,10 @@ class DeliveryService(Service):
         window: int = 100,
         rules: BounceRules | None = None,
         rng: random.Random | None = None,
+        routers: Mapping[str, tuple[IRouter, IFailoverStrategy]] | None = None,
+        throttle: IThrottle | None = None,
+        selector: IEgressSelector | None = None,
+        state_file: str | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -149,9 +199,25 @@ class DeliveryService(Service):
         self.schedule = RetrySchedule.from_config(config.delivery)
         self.rng = rng if rng is not None else random.Random()
         self._ready = ready
-        self._destinations: dict[str, DestinationWindow] = {}
-        # MX host → provider name, for the events' ``provider`` field.
+        # MX host → provider name (events' ``provider``), and the shaping key (site).
         self.providers = ProviderTable.default().merged(config.providers)
+        # [[route]] rules over via → (router, failover strategy); "mx" is ``router``.
+        self.routes = RuleRouter(
+            RuleTable(config.routes),
+            {"mx": (router, OrderedFallback()), **(routers or {})},
+        )
+        self.throttle: IThrottle = throttle if throttle is not None else MemoryThrottle()
+        self.shaping = Shaping(self.providers, config.delivery)
+        # None when no [[egress.source]] is configured: the system's address.
+        self.selector: IEgressSelector | None = None
+        if config.egress_sources:
+            self.selector = (
+                selector if selector is not None else TieredSelector(config.egress_sources)
+            )
+        self._egress_pools = set(config.egress_pools)
+        # Where the routing state is written for `sendarix queue stats` (None: never).
+        self.state_file = state_file
+        self._state_loop: LoopingCall | None = None
         self._loop: LoopingCall | None = None
         self._active = 0
         self._polling: Deferred[Any] | None = None
@@ -194,6 +260,49 @@ class DeliveryService(Service):
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self.reactor
         self._loop.start(self.poll_interval, now=True)
+        if self.state_file is not None:
+            self._state_loop = LoopingCall(self._write_state)
+            self._state_loop.clock = self.reactor
+            self._state_loop.start(STATE_INTERVAL, now=False).addErrback(
+                lambda f: self._failed(f, "writing the routing state stopped")
+            )
+
+    def routing_state(self) -> dict[str, Any]:
+        """What this node knows about sites, pool endpoints and egress sources (the
+        routing state file's content)."""
+        now = self.reactor.seconds()
+        today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+        sites = []
+        for site, shape in sorted(self.shaping.sites.items()):
+            entry = shape.describe(now)
+            opened = getattr(self.throttle, "connections", None)
+            if callable(opened):
+                entry["open"] = opened("conn:" + site)
+            sites.append(entry)
+        pools = {
+            via[5:]: strategy.states(now)
+            for via, (_, strategy) in self.routes.routers.items()
+            if via.startswith("pool:") and isinstance(strategy, EndpointPool)
+        }
+        egress_state: list[dict[str, object]] = []
+        if isinstance(self.selector, TieredSelector):
+            egress_state = self.selector.snapshot(now, today)
+        return {
+            "node": self.config.node.name,
+            "written_at": now,
+            "sites": sites,
+            "pools": pools,
+            "egress": egress_state,
+        }
+
+    def _write_state(self) -> Deferred[Any]:
+        assert self.state_file is not None
+        d = deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), write_state, self.state_file,
+            self.routing_state(),
+        )
+        d.addErrback(lambda f: self._failed(f, "writing the routing state failed"))
+        return d
 
     def stopService(self) -> Deferred[Any]:
         """Stop polling; wait (at most ``STOP_GRACE`` seconds) for groups in flight.
@@ -202,6 +311,9 @@ class DeliveryService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._state_loop is not None and self._state_loop.running:
+            self._state_loop.stop()
+        self._state_loop = None
         pending = list(self._running)
         if self._polling is not None:
             pending.append(self._polling)
@@ -266,12 +378,12 @@ class DeliveryService(Service):
     def _dispatch(self, leased: list[LeasedDelivery]) -> None:
         if not self.running:
             return  # leased as the node stopped: the leases expire (or are reclaimed)
-        groups: dict[str, list[LeasedDelivery]] = {}
+        groups: dict[_GroupKey, list[LeasedDelivery]] = {}
         for delivery in leased:
-            groups.setdefault(delivery.domain, []).append(delivery)
-        for domain, deliveries in groups.items():
+            groups.setdefault(self._group_key(delivery), []).append(delivery)
+        for key, deliveries in groups.items():
             self._active += len(deliveries)
-            d = self._groups.run(self._group, domain, deliveries)
+            d = self._groups.run(self._group, key, deliveries)
             self._running.add(d)
 
             def finished(_: Any, d: Deferred[Any] = d, n: int = len(deliveries)) -> None:
@@ -282,54 +394,90 @@ class DeliveryService(Service):
 
             d.addBoth(finished)
 
-    # -- one domain ---------------------------------------------------------------
+    def _group_key(self, delivery: LeasedDelivery) -> _GroupKey:
+        """Deliveries share a group when the same rule routes them to the same domain
+        from the same egress pool (routing depends on sender, tenant, tags, stream)."""
+        meta = delivery.meta
+        facts = RouteFacts.of(
+            delivery.domain, delivery.envelope.sender, meta.tenant, meta.tags, meta.stream
+        )
+        choice = self.routes.choose(facts)
+        rule = choice.rule
+        pool: str | None = None
+        if self.selector is not None:
+            pool = rule.egress_pool or self.config.tenant(meta.tenant).egress_pool or "default"
+            if pool not in self._egress_pools:
+                pool = None  # no such sources: the system's address
+        return _GroupKey(choice.index, pool, delivery.domain)
 
-    def _group(self, domain: str, deliveries: list[LeasedDelivery]) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._run_group(domain, deliveries))
+    # -- one group ----------------------------------------------------------------
 
-    async def _run_group(self, domain: str, deliveries: list[LeasedDelivery]) -> None:
-        """Deliver one domain's leased deliveries; errors release the unfinished ones."""
+    def _group(self, key: _GroupKey, deliveries: list[LeasedDelivery]) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._run_group(key, deliveries))
+
+    async def _run_group(self, key: _GroupKey, deliveries: list[LeasedDelivery]) -> None:
+        """Deliver one group's leased deliveries; errors release the unfinished ones."""
+        domain = key.domain
         pending = list(deliveries)
         try:
-            if domain.lower() == self.config.simulator.domain.lower():
+            choice = self.routes.choice(key.rule)
+            rule = choice.rule
+            if (
+                choice.router is None or choice.strategy is None
+                or domain.lower() == self.config.simulator.domain.lower()
+            ):
                 for delivery in deliveries:
                     await self._simulate(delivery)
                     pending.remove(delivery)
                 return
-            route = await self.router.route(domain)
-            window = self._window_for(domain)
-            if route.error is None and window.is_dead(self.reactor.seconds()):
+            strategy = choice.strategy
+            route = await choice.router.route(domain)
+            if route.error is not None:
+                reply = _route_reply(route.error)
+                await self._defer_all(deliveries, pending, reply)
+                return
+            site = self._site_of(rule, route.hops)
+            shape = self.shaping.get(site)
+            now = self.reactor.seconds()
+            if shape.window.is_dead(now):
                 # Repeated connection failures: defer at once instead of timing out
                 # once per message (Postfix's "dead destination").
                 reply = Reply(451, "4.4.1", f"{domain}: destination not responding, suspended")
-                for delivery in deliveries:
-                    await self._finish(delivery, [_Attempt(r, reply) for r in delivery.recipients])
-                    pending.remove(delivery)
+                await self._defer_all(deliveries, pending, reply)
                 return
-            if route.error is not None:
-                reply = _route_reply(route.error)
-                for delivery in deliveries:
-                    await self._finish(delivery, [_Attempt(r, reply) for r in delivery.recipients])
-                    pending.remove(delivery)
+            if shape.is_suspended(now):
+                assert shape.suspended_until is not None
+                wait = max(1, int(shape.suspended_until - now + 0.999))
+                reply = Reply(
+                    451, "4.7.0",
+                    f"{site}: paused after rate-limit replies, try again in {wait} seconds",
+                )
+                await self._defer_all(deliveries, pending, reply)
                 return
-            size = self.config.delivery.max_messages_per_connection
+            size = shape.messages_per_connection
+            batches: deque[list[LeasedDelivery]] = deque(
+                deliveries[i : i + size] for i in range(0, len(deliveries), size)
+            )
+            conn = _Connection(key, site, shape, route.hops, strategy, pending, batches)
             renewer = self._renew_while_running(pending)
             try:
-                for i in range(0, len(deliveries), size):
-                    if not window.try_acquire(self.reactor.seconds()):
-                        # The destination's window is full: hand the rest back; the
-                        # next poll leases them again.
-                        for delivery in list(pending):
+                workers = max(1, min(len(batches), shape.window.limit))
+                # Wait for every worker, even when one fails, before anything is
+                # released: the others may still be sending.
+                outcomes: list[tuple[bool, Any]] = await DeferredList(
+                    [Deferred.fromCoroutine(self._worker(conn)) for _ in range(workers)],
+                    consumeErrors=True,
+                )
+                for ok, value in outcomes:
+                    if not ok:
+                        value.raiseException()
+                # The site's window or connection cap is full, or its rate says wait:
+                # hand the rest back; the next poll leases them again.
+                for batch in batches:
+                    for delivery in batch:
+                        if delivery in pending:
                             pending.remove(delivery)
                             await self._release(delivery)
-                        return
-                    try:
-                        await self._send_batch(
-                            route.hops, deliveries[i : i + size], pending, window
-                        )
-                    except Exception:
-                        window.release()
-                        raise
             finally:
                 if renewer.running:
                     renewer.stop()
@@ -338,49 +486,121 @@ class DeliveryService(Service):
             for delivery in pending:
                 await self._release(delivery)
 
-    async def _release(self, delivery: LeasedDelivery) -> None:
-        try:
-            await self.spool.release(delivery.queue_id, delivery.domain, self.config.node.name)
-        except Exception:
-            self._failed(Failure(), "releasing {queue_id} failed", queue_id=delivery.queue_id)
-
-    def _window_for(self, domain: str) -> DestinationWindow:
-        window = self._destinations.get(domain)
-        if window is None:
-            concurrency = self.config.delivery.concurrency
-            window = DestinationWindow(initial=min(5, concurrency), maximum=concurrency)
-            self._destinations[domain] = window
-        return window
-
-    def _renew_while_running(self, pending: list[LeasedDelivery]) -> LoopingCall:
-        """Renew the leases of ``pending`` deliveries every third of the lease time, so
-        a long delivery is not taken over by another node."""
-        lease_time = self.config.spool.lease_time
-        node = self.config.node.name
-
-        def renew() -> Deferred[Any]:
-            expires = self.reactor.seconds() + lease_time
-            return DeferredList(
-                [self.spool.renew(d.queue_id, d.domain, node, expires) for d in list(pending)],
-                consumeErrors=True,
-            )
-
-        loop = LoopingCall(renew)
-        loop.clock = self.reactor
-        loop.start(lease_time / 3.0, now=False).addErrback(
-            lambda f: self._failed(f, "renewing leases failed")
-        )
-        return loop
-
-    async def _send_batch(
-        self,
-        hops: Sequence[Hop],
-        batch: list[LeasedDelivery],
-        pending: list[LeasedDelivery],
-        window: DestinationWindow | None = None,
+    async def _defer_all(
+        self, deliveries: Sequence[LeasedDelivery], pending: list[LeasedDelivery], reply: Reply
     ) -> None:
-        """One session (per hop tried) for up to ``max_messages_per_connection`` messages;
-        each delivery leaves ``pending`` once it is settled."""
+        for delivery in deliveries:
+            if delivery in pending:
+                await self._finish(delivery, [_Attempt(r, reply) for r in delivery.recipients])
+                pending.remove(delivery)
+
+    def _site_of(self, rule: RouteConfig, hops: Sequence[Hop]) -> str:
+        """The shaping key: ``pool:NAME`` for smarthost routes, else the provider name
+        or MX rollup of the hop hosts."""
+        if rule.pool is not None:
+            return POOL_PREFIX + rule.pool
+        return self.providers.site_for(h.host for h in hops)
+
+    async def _worker(self, conn: _Connection) -> None:
+        """Send batches of ``conn`` one connection at a time while the site's window,
+        its connection cap and its rate allow."""
+        shape = conn.shape
+        throttle_key = "conn:" + conn.site
+        while conn.batches:
+            now = self.reactor.seconds()
+            if not shape.window.try_acquire(now):
+                return
+            taken = await maybeDeferred(
+                self.throttle.acquire_connection, throttle_key, shape.max_connections, now
+            )
+            if not taken:
+                shape.window.release()
+                return
+            try:
+                if not conn.batches:
+                    shape.window.release()
+                    return
+                batch = conn.batches.popleft()
+                try:
+                    go_on = await self._send_batch(conn, batch)
+                except Exception:
+                    shape.window.release()
+                    raise
+            finally:
+                await maybeDeferred(self.throttle.release_connection, throttle_key)
+            if not go_on:
+                return
+
+    async def _admit(self, conn: _Connection) -> bool:
+        """Ask the site's rate to admit one message (counted when admitted), waiting
+        up to ``MAX_PACE_WAIT`` seconds; False when it would take longer."""
+        shape = conn.shape
+        rate = shape.current_rate
+        if rate is None:
+            return True
+        key = "rate:" + conn.site
+        wait = await maybeDeferred(
+            self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
+        )
+        while 0 < wait <= MAX_PACE_WAIT:
+            await deferLater(self.reactor, wait, lambda: None)
+            rate = shape.current_rate or rate
+            wait = await maybeDeferred(
+                self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
+            )
+        return wait <= 0
+
+    def _pacer(self, conn: _Connection) -> Callable[[], Deferred[bool]] | None:
+        """The per-message ``pace`` callback of one session: the first message was
+        admitted before connecting, each further one asks the site's rate."""
+        if conn.shape.current_rate is None:
+            return None
+        first = [True]
+
+        def pace() -> Deferred[bool]:
+            if first[0]:
+                first[0] = False
+                return succeed(True)
+            return Deferred.fromCoroutine(self._admit(conn))
+
+        return pace
+
+    async def _send_batch(self, conn: _Connection, batch: list[LeasedDelivery]) -> bool:
+        """One session (per hop tried) for one batch; each delivery leaves ``pending``
+        once it is settled.  The caller holds a window slot, which this settles.  False
+        when the worker should stop (rate or warmup exhausted)."""
+        shape = conn.shape
+        pending = conn.pending
+        window = shape.window
+        now = self.reactor.seconds()
+        today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+        # Where it leaves from: a source of the egress pool, within its warmup cap.
+        source: EgressSourceConfig | None = None
+        if self.selector is not None and conn.key.egress_pool is not None:
+            source = self.selector.choose(conn.key.egress_pool, conn.site, now, today)
+            if source is None:
+                window.release()
+                # Warmup budgets renew at midnight UTC: come back then.
+                midnight = datetime.datetime.combine(
+                    today + datetime.timedelta(days=1), datetime.time(), datetime.UTC
+                ).timestamp()
+                reply = Reply(
+                    451, "4.7.0",
+                    f"no source of egress pool {conn.key.egress_pool} may send to "
+                    f"{conn.site} now (warmup caps reached for today), "
+                    f"try again in {max(1, int(midnight - now + 1))} seconds",
+                )
+                await self._defer_all(batch, pending, reply)
+                return True
+            left = self.selector.remaining(source, conn.site, today)
+            if left is not None and left < len(batch):
+                conn.batches.appendleft(batch[left:])
+                batch = batch[:left]
+        if not await self._admit(conn):
+            # The site's rate says wait longer than we hold a connection slot for.
+            conn.batches.appendleft(batch)
+            window.release()
+            return False
         messages: list[egress.OutboundMessage] = []
         sending: list[LeasedDelivery] = []
         # All bodies at once: the reads share one database round trip.
@@ -406,39 +626,69 @@ class DeliveryService(Service):
             )
             sending.append(delivery)
         if not sending:
-            if window is not None:
-                window.release()
-            return
+            window.release()
+            return True
+        hops = conn.strategy.order(conn.hops, now)
+        if not hops:
+            window.release()
+            reply = Reply(
+                451, "4.4.1", f"{conn.site}: every endpoint is resting after failures"
+            )
+            await self._defer_all(sending, pending, reply)
+            return True
+        if source is not None:
+            # Counted before sending, so concurrent connections never overshoot a cap.
+            for _ in sending:
+                self.selector.record_send(source.name, conn.site, today)  # type: ignore[union-attr]
         dc = self.config.delivery
         result: egress.SessionResult | None = None
         hop: Hop | None = None
+        refused_421 = True
         for hop in hops:
             result = await egress.deliver(
                 self.reactor,
                 hop.address,
                 hop.port,
                 messages,
-                helo=self.config.node.hostname,
-                tls=dc.tls,
+                helo=(source.ehlo if source is not None and source.ehlo else None)
+                or self.config.node.hostname,
+                tls=strictest_tls(shape.tls, hop.tls),
                 tls_hostname=hop.host,
                 trust_root=self._trust_root,
+                bind_address=source.address if source is not None else None,
                 connect_timeout=dc.connect_timeout,
                 command_timeout=dc.command_timeout,
+                auth=(hop.username, hop.password)
+                if hop.username is not None and hop.password is not None else None,
+                # Smarthosts are ours: one that does not greet at once is down.
+                greeting_timeout=dc.connect_timeout if hop.endpoint is not None else None,
+                pace=self._pacer(conn),
             )
             if not _held_no_session(result):
+                conn.strategy.succeeded(hop, self.reactor.seconds())
                 break
+            conn.strategy.failed(hop, self.reactor.seconds())
+            first = result.results[0].message_reply if result.results else None
+            if result.connect_error is not None or first is None or first.code != 421:
+                refused_421 = False
             log.info(
                 "{host} ({address}) held no session: {reply}",
                 host=hop.host, address=hop.address,
                 reply=result.connect_error or result.results[0].message_reply,
             )
         assert result is not None and hop is not None  # a Route without error has hops
-        if window is not None:
-            if _held_no_session(result):
-                window.failure(self.reactor.seconds())
-            else:
-                window.success()
+        self._learn(conn, source, result, refused_421)
         by_id = {m.queue_id: m for m in result.results}
+        go_on = True
+        settling: list[LeasedDelivery] = []
+        for delivery in sending:
+            if delivery.queue_id in result.unsent:
+                # Held back by the site's rate: the next poll leases it again.
+                pending.remove(delivery)
+                await self._release(delivery)
+                go_on = False
+                continue
+            settling.append(delivery)
 
         async def settle(delivery: LeasedDelivery) -> None:
             message = by_id[delivery.queue_id]
@@ -449,7 +699,8 @@ class DeliveryService(Service):
                     replies[record.address],
                     mx=hop.host,
                     mx_ip=result.mx_ip,
-                    source_ip=result.source_ip,
+                    source_ip=result.source_ip
+                    or (source.address if source is not None else None),
                     tls=result.tls,
                 )
                 for record in delivery.recipients
@@ -459,8 +710,79 @@ class DeliveryService(Service):
 
         # Settled together, the outcomes and events of a session share their commits.
         await gatherResults(
-            [Deferred.fromCoroutine(settle(d)) for d in sending], consumeErrors=True
+            [Deferred.fromCoroutine(settle(d)) for d in settling], consumeErrors=True
         )
+        return go_on
+
+    def _learn(
+        self,
+        conn: _Connection,
+        source: EgressSourceConfig | None,
+        result: egress.SessionResult,
+        refused_421: bool,
+    ) -> None:
+        """Feed one session's outcome to the site's window and rate, and to the egress
+        selector: rate-limit and block replies slow the site and mark the source."""
+        shape = conn.shape
+        now = self.reactor.seconds()
+        if _held_no_session(result):
+            shape.window.failure(now)
+            if refused_421:
+                # Every host answered 421: slow down; refused again and again, the
+                # whole site pauses for a while.
+                shape.throttled(now, refused=True)
+                self._penalize(source, conn.site, now)
+            return
+        shape.window.success()
+        shape.held_session()
+        soft = self.config.delivery.soft_bounce_codes
+        signalled = blocked = False
+        for message in result.results:
+            for r in message.recipients:
+                if 200 <= r.reply.code < 300:
+                    shape.delivered()
+                    continue
+                c = classify(r.reply, self.rules, soft)
+                signalled = signalled or c.throttle
+                blocked = blocked or c.category == "reputation/block"
+        if signalled:
+            shape.throttled(now)
+        if signalled or blocked:
+            self._penalize(source, conn.site, now)
+
+    def _penalize(self, source: EgressSourceConfig | None, site: str, now: float) -> None:
+        if source is not None and self.selector is not None:
+            self.selector.penalize(source.name, site, now)
+            log.info(
+                "egress source {source} ({address}) deprioritized for {site}",
+                source=source.name, address=source.address, site=site,
+            )
+
+    async def _release(self, delivery: LeasedDelivery) -> None:
+        try:
+            await self.spool.release(delivery.queue_id, delivery.domain, self.config.node.name)
+        except Exception:
+            self._failed(Failure(), "releasing {queue_id} failed", queue_id=delivery.queue_id)
+
+    def _renew_while_running(self, pending: list[LeasedDelivery]) -> LoopingCall:
+        """Renew the leases of ``pending`` deliveries every third of the lease time, so
+        a long delivery is not taken over by another node."""
+        lease_time = self.config.spool.lease_time
+        node = self.config.node.name
+
+        def renew() -> Deferred[Any]:
+            expires = self.reactor.seconds() + lease_time
+            return DeferredList(
+                [self.spool.renew(d.queue_id, d.domain, node, expires) for d in list(pending)],
+                consumeErrors=True,
+            )
+
+        loop = LoopingCall(renew)
+        loop.clock = self.reactor
+        loop.start(lease_time / 3.0, now=False).addErrback(
+            lambda f: self._failed(f, "renewing leases failed")
+        )
+        return loop
 
     async def _simulate(self, delivery: LeasedDelivery) -> None:
         attempts: list[_Attempt] = []

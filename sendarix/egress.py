@@ -18,9 +18,10 @@ that into a 4xx reply for whatever is still unanswered.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from attrs import define, field, frozen
@@ -98,7 +99,9 @@ class SessionResult:
     """The outcome of one session: a result for every message given to :func:`deliver`.
 
     ``connect_error`` is set (and also given to every recipient) when no SMTP session
-    took place; ``tls`` is the negotiated TLS version and cipher, if any.
+    took place; ``greeted`` is False when the connection ended (or timed out) before a
+    220 greeting; ``tls`` is the negotiated TLS version and cipher, if any.
+    ``unsent`` names the messages the ``pace`` callback held back: they have no result.
     """
 
     results: tuple[MessageResult, ...]
@@ -106,6 +109,8 @@ class SessionResult:
     tls: TLSInfo | None
     mx_ip: str
     source_ip: str | None
+    greeted: bool = True
+    unsent: tuple[str, ...] = ()
 
 
 def dot_stuff(body: bytes) -> bytes:
@@ -143,7 +148,9 @@ class _SMTPConnection(Protocol):
     When the connection ends every outstanding Deferred fails with :class:`_SessionBrokenError`.
     """
 
-    def __init__(self, reactor: Any, timeout: float) -> None:
+    def __init__(
+        self, reactor: Any, timeout: float, greeting_timeout: float | None = None
+    ) -> None:
         self.reactor = reactor
         self.timeout = timeout
         self.closed: Deferred[None] = Deferred()
@@ -154,7 +161,7 @@ class _SMTPConnection(Protocol):
         self._timer: IDelayedCall | None = None
         self._broken: Reply | None = None
         self._connected = False
-        self.banner = self.expect("banner")
+        self.banner = self.expect("banner", greeting_timeout)
 
     @property
     def t(self) -> Any:
@@ -299,6 +306,8 @@ class _Options:
     tls_hostname: str
     trust_root: Any
     host: str
+    auth: tuple[str, str] | None = field(default=None, repr=False)
+    pace: Callable[[], Awaitable[bool]] | None = None
 
 
 @define
@@ -307,6 +316,8 @@ class _State:
 
     results: list[MessageResult] = field(factory=list)
     tls: TLSInfo | None = None
+    greeted: bool = False
+    unsent: tuple[str, ...] = ()
 
 
 async def _hello(conn: _SMTPConnection, helo: str) -> tuple[Reply, dict[str, str] | None]:
@@ -357,6 +368,35 @@ async def _starttls(conn: _SMTPConnection, opts: _Options, state: _State) -> dic
     except Exception:
         state.tls = TLSInfo(version="unknown", cipher="unknown")
     return caps
+
+
+async def _authenticate(
+    conn: _SMTPConnection, opts: _Options, state: _State, caps: dict[str, str]
+) -> None:
+    """AUTH PLAIN with the smarthost credentials; only inside TLS.  Any failure defers
+    (a wrong password is our configuration, never the recipients' fault)."""
+    assert opts.auth is not None
+    if state.tls is None:
+        raise _SessionBrokenError(
+            Reply(451, "4.7.0", f"refusing to send AUTH credentials to {opts.host} without TLS")
+        )
+    mechanisms = caps.get("AUTH", "").upper().split()
+    if "PLAIN" not in mechanisms:
+        raise _SessionBrokenError(
+            Reply(451, "4.7.0", f"{opts.host} does not offer AUTH PLAIN")
+        )
+    username, password = opts.auth
+    token = base64.b64encode(
+        b"\0" + username.encode("utf-8") + b"\0" + password.encode("utf-8")
+    ).decode("ascii")
+    r = (await conn.command(f"AUTH PLAIN {token}")).reply
+    if r.code == 235:
+        return
+    if r.code == 421:
+        raise _SessionBrokenError(r)
+    raise _SessionBrokenError(
+        Reply(451, "4.7.8", f"AUTH refused by {opts.host}: {r.code} {r.text}")
+    )
 
 
 def _lost(conn: _SMTPConnection) -> Reply:
@@ -477,6 +517,7 @@ async def _session(
     banner = (await conn.banner).reply
     if banner.code != 220:
         raise _SessionBrokenError(banner)
+    state.greeted = True
     reply, caps = await _hello(conn, opts.helo)
     if caps is None or reply.code != 250:
         raise _SessionBrokenError(reply if reply.code // 100 in (4, 5) else _lost(conn))
@@ -486,10 +527,15 @@ async def _session(
         raise _SessionBrokenError(
             Reply(451, "4.7.4", f"TLS is required, but was not offered by {opts.host}")
         )
+    if opts.auth is not None:
+        await _authenticate(conn, opts, state, caps)
     limit = caps.get("SIZE", "0")
     max_size = int(limit) if limit.isdigit() else 0
     dirty = False
-    for message in messages:
+    for i, message in enumerate(messages):
+        if opts.pace is not None and not await opts.pace():
+            state.unsent = tuple(m.queue_id for m in messages[i:])
+            return
         if message.smtputf8 and "SMTPUTF8" not in caps:
             reply = Reply(553, "5.6.7", f"{opts.host} does not support SMTPUTF8")
             state.results.append(_finish(message, {}, reply))
@@ -545,6 +591,9 @@ def deliver(
     bind_address: str | None = None,
     connect_timeout: float = 5.0,
     command_timeout: float = 300.0,
+    auth: tuple[str, str] | None = None,
+    greeting_timeout: float | None = None,
+    pace: Callable[[], Awaitable[bool]] | None = None,
 ) -> Deferred[SessionResult]:
     """Send ``messages`` over one SMTP session to ``host``:``port`` (an IPv4 address).
 
@@ -552,12 +601,17 @@ def deliver(
     it, ``"verify"`` requires it with the certificate verified for ``tls_hostname``
     (default ``host``) against ``trust_root`` (an ``IOpenSSLTrustRoot`` or
     ``ssl.Certificate``; None: the platform's trust store).  When TLS is required and
-    not available, nothing is sent and every message gets a 4xx reply.  The Deferred
+    not available, nothing is sent and every message gets a 4xx reply.  ``auth`` is a
+    ``(username, password)`` pair sent with AUTH PLAIN after STARTTLS (never in clear).
+    ``greeting_timeout`` bounds the wait for the 220 greeting (default: the command
+    timeout).  ``pace``, when given, is awaited before each message: True sends it,
+    False ends the session there (the rest are listed in ``SessionResult.unsent``).
+    The Deferred
     never fails: every message gets a reply, synthesized (4xx) when the session broke.
     """
     if tls not in TLS_POLICIES:
         raise ValueError(f"tls must be one of {TLS_POLICIES}, not {tls!r}")
-    opts = _Options(helo, tls, tls_hostname or host, trust_root, host)
+    opts = _Options(helo, tls, tls_hostname or host, trust_root, host, auth, pace)
 
     async def run() -> SessionResult:
         endpoint = TCP4ClientEndpoint(
@@ -567,7 +621,7 @@ def deliver(
             timeout=connect_timeout,
             bindAddress=(bind_address, 0) if bind_address else None,
         )
-        conn = _SMTPConnection(reactor, command_timeout)
+        conn = _SMTPConnection(reactor, command_timeout, greeting_timeout)
         try:
             await connectProtocol(endpoint, conn)
         except Exception as e:
@@ -584,6 +638,9 @@ def deliver(
             state.results.extend(_all_get(rest, e.reply))
             log.info("session with {host} ended early: {reply}", host=host, reply=e.reply)
         await _quit(conn)
-        return SessionResult(tuple(state.results), None, state.tls, mx_ip, source_ip)
+        return SessionResult(
+            tuple(state.results), None, state.tls, mx_ip, source_ip, state.greeted,
+            state.unsent,
+        )
 
     return Deferred.fromCoroutine(run())

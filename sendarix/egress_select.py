@@ -119,6 +119,32 @@ class TieredSelector:
         value, since = entry
         return float(value * 0.5 ** (max(0.0, now - since) / self.half_life))
 
+    def snapshot(self, now: float, today: datetime.date) -> list[dict[str, object]]:
+        """Each source's warmup cap, sends today and current marks (for the routing
+        state file)."""
+        out: list[dict[str, object]] = []
+        for source in self.sources:
+            sent = {
+                provider: n
+                for (name, provider), n in self._sent.get(today, {}).items()
+                if name == source.name
+            }
+            penalties = {
+                provider: round(self.penalty(source, provider, now), 4)
+                for (name, provider) in list(self._penalties)
+                if name == source.name
+            }
+            out.append({
+                "name": source.name,
+                "address": source.address,
+                "tier": source.tier,
+                "pool": source.pool,
+                "warmup_cap": source.warmup.cap(today) if source.warmup is not None else None,
+                "sent_today": sent,
+                "penalties": {k: v for k, v in penalties.items() if v > 0},
+            })
+        return out
+
     def _has_budget(self, source: Source, provider: str, today: datetime.date) -> bool:
         left = self.remaining(source, provider, today)
         return left is None or left > 0

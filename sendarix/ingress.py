@@ -20,10 +20,10 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import defer
@@ -85,6 +85,8 @@ class ListenerSettings:
     tls_options: CertificateOptions | None
     suppressions: ISuppressionStore | None = None
     bare_line_endings: str = "normalize"
+    #: tenant name → (messages, period seconds) from ``[tenant.NAME] rate``.
+    tenant_rates: Mapping[str, tuple[float, float]] = field(factory=dict)
 
     @property
     def implicit_tls(self) -> bool:
@@ -592,12 +594,13 @@ class SubmissionServer(smtp.ESMTP):
             self._refuse(refusal, sender=path.address)
             return
         if self._credential is None:
-            self._start_transaction(path.address, params, smtputf8)
+            if self._tenant_rate_ok(path.address):
+                self._start_transaction(path.address, params, smtputf8)
             return
         # Revocation and rotation take effect at once: re-read the credential.
         d: Deferred[Any] = defer.maybeDeferred(self._recheck_credential, path.address)
         def proceed(ok: bool) -> None:
-            if ok:
+            if ok and self._tenant_rate_ok(path.address):
                 self._start_transaction(path.address, params, smtputf8)
 
         d.addCallback(proceed)
@@ -635,6 +638,21 @@ class SubmissionServer(smtp.ESMTP):
                          sender=sender)
             return False
         return True
+
+    def _tenant_rate_ok(self, sender: str) -> bool:
+        """The tenant's ``[tenant.NAME] rate`` (messages per period, all credentials
+        and listeners of the tenant together on this node): 450 4.7.1 when over it."""
+        limit = self.s.tenant_rates.get(self._tenant())
+        if limit is None:
+            return True
+        count, period = limit
+        if self.s.rate_limiter.allow(
+            "tenant:" + self._tenant(), count, period, self.s.clock.seconds()
+        ):
+            return True
+        self._refuse(Reply(450, "4.7.1", "Tenant message rate limit exceeded, try again later"),
+                     sender=sender)
+        return False
 
     def _start_transaction(
         self, sender: str, params: dict[str, str | None], smtputf8: bool

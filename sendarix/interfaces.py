@@ -246,3 +246,23 @@ class IEgressSelector(Interface):
     def penalize(source, provider, now):  # noqa: N805
         """``source`` was rate-limited or blocked by ``provider``: prefer other
         sources of the same tier for that provider for a while."""
+
+    def remaining(source, provider, today):  # noqa: N805
+        """Messages ``source`` may still send to ``provider`` on ``today`` under its
+        warmup schedule; None when it has no cap."""
+
+
+class IFailoverStrategy(Interface):
+    """Which of a route's hops to try, in which order, and what a failure does to the
+    next choice (endpoint health).  Pure decisions: ``now`` is POSIX seconds."""
+
+    def order(hops, now):  # noqa: N805 - zope: no self
+        """The L{sendarix.routing.mx.Hop}s to try for one connection, best first; hops
+        that are resting after a failure are left out (an empty tuple when none may be
+        tried now)."""
+
+    def failed(hop, now):  # noqa: N805
+        """``hop`` held no session (connection error or timeout, or 421)."""
+
+    def succeeded(hop, now):  # noqa: N805
+        """``hop`` held a session."""

@@ -24,6 +24,9 @@ given as a ``--fault SPEC`` string, parsed by :func:`parse_fault`:
 ``drop-after-ehlo``                 close the connection right after the EHLO/HELO reply
 ==================================  ==================================================
 
+With ``--auth USER:PASSWORD`` the sink offers AUTH PLAIN (inside TLS when it has a
+certificate) and refuses MAIL without it, so smarthost credentials can be tested.
+
 Faults combine; for RCPT, ``rcpt`` faults are tried before ``first`` faults, each in
 the order given, and the first that applies answers.  A 421 reply always closes the
 connection.  When ``ENH`` or ``TEXT`` is left out, a sensible default is used (see
@@ -41,6 +44,7 @@ listens on port 0 can read the port from its stdout.
 
 from __future__ import annotations
 
+import base64
 import enum
 import fnmatch
 import json
@@ -285,6 +289,7 @@ class SinkOptions:
     max_recipients: int = field(default=1000, validator=_positive_or_zero)
     max_messages: int = field(default=10000, validator=_positive_or_zero)
     idle_timeout: float = field(default=300.0, validator=_positive_or_zero)
+    auth: tuple[str, str] | None = field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if (self.certificate is None) != (self.key is None):
@@ -312,6 +317,7 @@ class ReceivedMessage:
     received_at: float = 0.0
     message_id: str | None = None
     mail_params: tuple[str, ...] = ()
+    auth_user: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The envelope and connection facts as JSON-able values (without the body)."""
@@ -329,6 +335,7 @@ class ReceivedMessage:
             "received": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.received_at)),
             "message_id": self.message_id,
             "mail_params": list(self.mail_params),
+            "auth_user": self.auth_user,
             "size": len(self.body),
         }
 
@@ -432,6 +439,7 @@ class SinkProtocol(Protocol, TimeoutMixin):
         self._blocked = False
         self._timer: Any = None
         self._tls = False
+        self._auth_user: str | None = None
         self._helo: str | None = None
         self._esmtp = False
         self._peer = ""
@@ -685,6 +693,8 @@ class SinkProtocol(Protocol, TimeoutMixin):
             lines += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
             if f.tls_context is not None and not self._tls:
                 lines.append("STARTTLS")
+            if f.options.auth is not None and (self._tls or f.tls_context is None):
+                lines.append("AUTH PLAIN")
             if f.options.chunking:
                 lines.append("CHUNKING")
             for line in lines[:-1]:
@@ -701,9 +711,33 @@ class SinkProtocol(Protocol, TimeoutMixin):
     def do_HELO(self, arg: str) -> None:
         self._hello(arg, esmtp=False)
 
+    def do_AUTH(self, arg: str) -> None:
+        expected = self.factory.options.auth
+        mechanism, _, token = arg.partition(" ")
+        if expected is None or (self.factory.tls_context is not None and not self._tls):
+            self._send("502 5.5.1 AUTH not available")
+        elif self._auth_user is not None:
+            self._send("503 5.5.1 Already authenticated")
+        elif mechanism.upper() != "PLAIN" or not token:
+            self._send("504 5.5.4 Only AUTH PLAIN with an initial response")
+        else:
+            try:
+                _, user, password = base64.b64decode(token, validate=True).split(b"\0")
+            except ValueError:
+                self._send("501 5.5.2 Cannot decode the AUTH PLAIN response")
+                return
+            if (user.decode("utf-8", "replace"), password.decode("utf-8", "replace")) == expected:
+                self._auth_user = expected[0]
+                self._send("235 2.7.0 Authentication successful")
+            else:
+                self._send("535 5.7.8 Authentication credentials invalid")
+
     def do_MAIL(self, arg: str) -> None:
         if self._helo is None:
             self._send("503 5.5.1 Send HELO/EHLO first")
+            return
+        if self.factory.options.auth is not None and self._auth_user is None:
+            self._send("530 5.7.0 Authentication required")
             return
         if self._sender is not None:
             self._send("503 5.5.1 Nested MAIL command")
@@ -822,6 +856,7 @@ class SinkProtocol(Protocol, TimeoutMixin):
             self._buf.clear()
             self._reset_transaction()
             self._helo, self._esmtp = None, False
+            self._auth_user = None
             self._t.startTLS(ctx)
             self._tls = True
 
@@ -838,6 +873,7 @@ class SinkProtocol(Protocol, TimeoutMixin):
         "HELP": do_HELP,
         "QUIT": do_QUIT,
         "STARTTLS": do_STARTTLS,
+        "AUTH": do_AUTH,
     }
 
     # ---- end of message
@@ -894,6 +930,7 @@ class SinkProtocol(Protocol, TimeoutMixin):
             recipients=tuple(self._rcpts),
             body=body,
             helo=self._helo or "",
+            auth_user=self._auth_user,
             esmtp=self._esmtp,
             peer=self._peer,
             peer_port=self._peer_port,
@@ -1241,6 +1278,7 @@ class SinkCommandOptions(usage.Options):
         ["maildir", None, None, "Write each message to DIR as NNN-MSGID.eml + .json."],
         ["tls-cert", None, None, "PEM certificate: offer STARTTLS with it."],
         ["tls-key", None, None, "PEM private key of --tls-cert."],
+        ["auth", None, None, "USER:PASSWORD: offer AUTH PLAIN and require it before MAIL."],
         ["stats-file", None, None, "Keep JSON counters in this file (rewritten atomically)."],
         ["max-size", None, 100 * 1024 * 1024, "Largest message accepted (0: any).", int],
         ["idle-timeout", None, 300.0, "Close idle sessions after SECONDS (0: never).", float],
@@ -1271,6 +1309,8 @@ class SinkCommandOptions(usage.Options):
         for name in ("tls-cert", "tls-key"):
             if self[name] is not None and not os.path.isfile(self[name]):
                 raise usage.UsageError(f"--{name}: no such file: {self[name]}")
+        if self["auth"] is not None and ":" not in self["auth"]:
+            raise usage.UsageError("--auth needs USER:PASSWORD")
         if self["max-size"] < 0 or self["idle-timeout"] < 0:
             raise usage.UsageError("--max-size and --idle-timeout must be >= 0")
 
@@ -1291,6 +1331,7 @@ class SinkCommandOptions(usage.Options):
             chunking=bool(self["chunking"]),
             max_message_size=self["max-size"],
             idle_timeout=self["idle-timeout"],
+            auth=tuple(self["auth"].split(":", 1)) if self["auth"] else None,
             # Nobody can read the in-memory list of a separate process: keep no bodies.
             max_messages=0,
             **kwargs,

@@ -243,3 +243,48 @@ class DeliverTests(TestCase):
         )
         reply = result.results[0].recipients[0].reply
         self.assertEqual((reply.code, reply.enhanced), (451, "4.5.0"))
+
+
+class RoutingHooksTests(TestCase):
+    """What routing asks of a session: pacing, the greeting timeout, AUTH."""
+
+    timeout = 20
+    sink = DeliverTests.sink
+    send = DeliverTests.send
+    codes = DeliverTests.codes
+
+    async def test_pace_holds_back(self) -> None:
+        """The pace callback is asked before each message; once it says no, the
+        session ends and the rest are listed as unsent, without results."""
+        server = await self.sink()
+        answers = iter([True, True, False])
+        asked: list[int] = []
+
+        def pace() -> Deferred[bool]:
+            asked.append(1)
+            d: Deferred[bool] = Deferred()
+            d.callback(next(answers))
+            return d
+
+        result = await self.send(server, [msg(f"q{i}") for i in range(4)], pace=pace)
+        self.assertEqual([m.queue_id for m in result.results], ["q0", "q1"])
+        self.assertEqual(result.unsent, ("q2", "q3"))
+        self.assertEqual(len(asked), 3)
+        self.assertEqual(server.stats.messages, 2)
+
+    async def test_greeting_timeout(self) -> None:
+        """A server that never greets: after greeting_timeout the session is marked
+        not greeted (so routing can move on), whatever the command timeout."""
+        server = await self.sink("stall")
+        result = await self.send(server, [msg("a")], greeting_timeout=0.3, command_timeout=60)
+        self.assertFalse(result.greeted)
+        self.assertEqual(result.results[0].recipients[0].reply.code, 451)
+        ok = await self.send(await self.sink(), [msg("b")])
+        self.assertTrue(ok.greeted)
+
+    async def test_auth_needs_tls(self) -> None:
+        """Credentials are never sent in clear: without TLS the mail is deferred."""
+        server = await self.sink(auth=("relay", "pw"))
+        result = await self.send(server, [msg("a")], auth=("relay", "pw"))
+        self.assertEqual(self.codes(result), [[(451, "4.7.0")]])
+        self.assertEqual(server.stats.messages, 0)

@@ -1,0 +1,182 @@
+"""Routing rules (``[[route]]``) and router composition (pure selection, no I/O).
+
+:class:`RuleTable` picks the first ``[[route]]`` rule whose every match key holds for a
+delivery (recipient domain, sender domain, tenant, tag, stream; a key listing several
+values matches any of them; an empty match matches everything).  When no rule matches,
+the implicit default route applies: ``via = "mx"`` with no egress pool of its own.
+
+:class:`RuleRouter` composes the routers a rule can name: it holds one
+(:class:`~sendarix.interfaces.IRouter`, :class:`~sendarix.interfaces.IFailoverStrategy`)
+pair per ``via`` (``mx``, ``pool:NAME``) and answers, for a delivery's facts, the rule
+and the pair that handle it (``simulator`` needs none).
+
+:class:`RouterChain` composes any list of :class:`~sendarix.interfaces.IRouter`s the way
+``twisted.names.resolve.ResolverChain`` composes resolvers: each is asked in turn and
+the first route with hops wins; when none has any, the first permanent error (else the
+last error) is the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from sendarix.config import RouteConfig
+from sendarix.interfaces import IFailoverStrategy, IRouter
+from sendarix.routing.mx import Route
+
+__all__ = [
+    "DEFAULT_ROUTE",
+    "RouteChoice",
+    "RouteFacts",
+    "RouterChain",
+    "RuleRouter",
+    "RuleTable",
+    "matches",
+]
+
+#: The route of a delivery no rule matched.
+DEFAULT_ROUTE = RouteConfig()
+
+
+def _domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".") if "@" in address else ""
+
+
+@frozen
+class RouteFacts:
+    """What routing rules may look at for one delivery."""
+
+    recipient_domain: str
+    sender_domain: str = ""
+    tenant: str = "default"
+    tags: tuple[str, ...] = ()
+    stream: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        recipient_domain: str,
+        sender: str,
+        tenant: str,
+        tags: Iterable[str] = (),
+        stream: str | None = None,
+    ) -> RouteFacts:
+        """Facts from a recipient domain and a sender address (lowercased)."""
+        return cls(
+            recipient_domain.lower().rstrip("."),
+            _domain_of(sender),
+            tenant,
+            tuple(tags),
+            stream,
+        )
+
+
+def matches(rule: RouteConfig, facts: RouteFacts) -> bool:
+    """True when every match key of ``rule`` holds for ``facts``."""
+    for key, values in rule.match.items():
+        if key == "recipient_domain":
+            ok = facts.recipient_domain in values
+        elif key == "sender_domain":
+            ok = facts.sender_domain in values
+        elif key == "tenant":
+            ok = facts.tenant in values
+        elif key == "tag":
+            ok = any(tag in values for tag in facts.tags)
+        elif key == "stream":
+            ok = facts.stream is not None and facts.stream in values
+        else:  # the configuration rejects unknown keys; never match on one
+            ok = False
+        if not ok:
+            return False
+    return True
+
+
+@frozen
+class RuleTable:
+    """The ordered ``[[route]]`` rules: first match wins."""
+
+    rules: tuple[RouteConfig, ...] = ()
+
+    def select(self, facts: RouteFacts) -> tuple[int, RouteConfig]:
+        """The index and rule that route ``facts``; ``(-1, DEFAULT_ROUTE)`` when none
+        matches."""
+        for i, rule in enumerate(self.rules):
+            if matches(rule, facts):
+                return i, rule
+        return -1, DEFAULT_ROUTE
+
+
+@frozen
+class RouteChoice:
+    """How one delivery is routed: the rule (its index, -1 for the default route), and
+    the router and failover strategy of its ``via`` (None for the simulator)."""
+
+    index: int
+    rule: RouteConfig
+    router: IRouter | None
+    strategy: IFailoverStrategy | None
+
+
+class RuleRouter:
+    """``[[route]]`` rules over the routers they name.
+
+    @param routers: ``via`` → (router, failover strategy); must cover every ``via`` of
+        the rules and of the default route except ``simulator``.
+    """
+
+    def __init__(
+        self,
+        rules: RuleTable,
+        routers: Mapping[str, tuple[IRouter, IFailoverStrategy]],
+    ) -> None:
+        needed = {r.via for r in rules.rules} | {DEFAULT_ROUTE.via}
+        missing = needed - {"simulator"} - set(routers)
+        if missing:
+            raise ValueError(f"no router for {', '.join(sorted(missing))}")
+        self.rules = rules
+        self.routers = dict(routers)
+
+    def rule(self, index: int) -> RouteConfig:
+        """The rule at ``index`` (-1: the default route)."""
+        return self.rules.rules[index] if index >= 0 else DEFAULT_ROUTE
+
+    def choose(self, facts: RouteFacts) -> RouteChoice:
+        """The rule that routes ``facts`` and its router and strategy."""
+        index, _ = self.rules.select(facts)
+        return self.choice(index)
+
+    def choice(self, index: int) -> RouteChoice:
+        """The L{RouteChoice} of the rule at ``index``."""
+        rule = self.rule(index)
+        if rule.via == "simulator":
+            return RouteChoice(index, rule, None, None)
+        router, strategy = self.routers[rule.via]
+        return RouteChoice(index, rule, router, strategy)
+
+
+@implementer(IRouter)
+class RouterChain:
+    """Asks each router in turn; the first route with hops wins."""
+
+    def __init__(self, routers: Sequence[IRouter]) -> None:
+        if not routers:
+            raise ValueError("a router chain needs at least one router")
+        self.routers = tuple(routers)
+
+    def route(self, domain: str) -> Deferred[Route]:
+        """See L{IRouter.route}."""
+        return Deferred.fromCoroutine(self._route(domain))
+
+    async def _route(self, domain: str) -> Route:
+        errors: list[Route] = []
+        for router in self.routers:
+            route = await router.route(domain)
+            if route.error is None and route.hops:
+                return route
+            errors.append(route)
+        permanent = [r for r in errors if r.error is not None and r.error.permanent]
+        return permanent[0] if permanent else errors[-1]

@@ -1,0 +1,90 @@
+"""The routing state file: what a running node's delivery agent knows about sites,
+smarthost endpoints and egress sources, for ``sendarix queue stats``.
+
+Throttle and health state lives in the relay's memory; the CLI is another process.
+So the delivery agent writes a small JSON snapshot (``var/routing-state.json``, every
+few seconds, atomically) and the CLI reads it and says how old it is.  The file is
+informational only: nothing reads it back into a node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from sendarix.config import Config
+
+__all__ = ["STATE_FILE", "format_state", "read_state", "state_path", "write_state"]
+
+STATE_FILE = "routing-state.json"
+VERSION = 1
+
+
+def state_path(config: Config) -> str:
+    """Where the node of ``config`` writes its routing state."""
+    return os.path.join(config.var_dir, STATE_FILE)
+
+
+def write_state(path: str, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (blocking: run it off the reactor)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"version": VERSION, **state}, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_state(path: str) -> dict[str, Any] | None:
+    """The state at ``path``, or None when there is none (or it is unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        return None
+    return data
+
+
+def _rate(site: dict[str, Any]) -> str:
+    if site.get("rate") is None:
+        return "-"
+    return f"{site['rate']:g}/{site['period']:g}s"
+
+
+def format_state(state: dict[str, Any], now: float) -> list[str]:
+    """Human lines for ``queue stats``."""
+    age = max(0.0, now - float(state.get("written_at", now)))
+    lines = [f"routing state of node {state.get('node', '?')} ({age:.0f} s old):"]
+    sites = state.get("sites", [])
+    if sites:
+        lines.append("  sites (connections open/cap, window, rate now, throttled, suspended):")
+        for s in sites:
+            suspended = "" if s.get("suspended_until") is None else (
+                f", suspended for {max(0.0, s['suspended_until'] - now):.0f} s"
+            )
+            lines.append(
+                f"    {s['site']}: {s.get('open', 0)}/{s['max_connections']}, "
+                f"window {s['window']}, rate {_rate(s)}, throttled {s['throttled']}{suspended}"
+            )
+    for pool, endpoints in sorted(state.get("pools", {}).items()):
+        shown = ", ".join(f"{key} {value}" for key, value in sorted(endpoints.items()))
+        lines.append(f"  pool {pool}: {shown}")
+    for source in state.get("egress", []):
+        parts = [f"  egress {source['name']} ({source['address']}, tier {source['tier']}, "
+                 f"pool {source['pool']})"]
+        if source.get("warmup_cap") is not None:
+            parts.append(f"warmup cap {source['warmup_cap']}/day per provider")
+        sent = source.get("sent_today", {})
+        if sent:
+            parts.append("sent today " + ", ".join(f"{k} {v}" for k, v in sorted(sent.items())))
+        penalties = source.get("penalties", {})
+        if penalties:
+            parts.append(
+                "deprioritized for " + ", ".join(
+                    f"{k} ({v:.2f})" for k, v in sorted(penalties.items())
+                )
+            )
+        lines.append("; ".join(parts))
+    return lines

@@ -1,0 +1,461 @@
+"""End to end routing: a real relay delivering through smarthost pools, provider limits
+and egress sources to in-process sinks on 127.0.0.x (DESIGN.md section 6)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import smtplib
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from sendarix.events import EventQuery
+from sendarix.interfaces import IThrottle
+from sendarix.sink import SinkOptions, SinkServer, parse_fault
+from sendarix.throttle import MemoryThrottle
+from tests.dnsserver import start_dns
+from tests.relay import in_thread, start_relay
+from tests.test_delivery import BODY, RELAY_LISTENER, submit, wait_event
+from tests.tlsca import TestCA
+
+SENDER = "app@example.com"
+log = Logger()
+
+
+def submit_many(port: int, recipients: list[str], body: bytes = BODY) -> None:
+    """One message per recipient over one SMTP session (blocking; run it in a thread)."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=60) as s:
+        for rcpt in recipients:
+            s.sendmail(SENDER, [rcpt], body)
+
+
+async def start_sink(
+    testcase: unittest.TestCase, address: str, port: int = 0, *faults: str
+) -> SinkServer:
+    """A sink on ``address`` (stopped in the test's cleanup)."""
+    sink = SinkServer(
+        SinkOptions(
+            listen=(f"tcp:{port}:interface={address}",),
+            hostname=f"sink-{address}.test",
+            idle_timeout=0,
+            faults=tuple(parse_fault(f) for f in faults),
+        ),
+        reactor,
+    )
+    await sink.start()
+    testcase.addCleanup(sink.stop)
+    return sink
+
+
+class PoolFailoverTests(unittest.TestCase):
+    """A smarthost pool moves to its next endpoint at once when the first fails."""
+
+    first_sink: SinkServer | None = None
+
+    async def start(self, first: str | None, *faults: str) -> tuple[SinkServer, Any]:
+        """A relay routing ``pooled.test`` to a pool whose first endpoint is ``first``
+        (a sink with ``faults``; None: nothing listening) and whose second is a good
+        sink on 127.0.0.3."""
+        second = await start_sink(self, "127.0.0.3")
+        port = second.addresses[0][1]
+        if first is not None:
+            self.first_sink = await start_sink(self, first, port, *faults)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            delivery={"connect_timeout": "5s"},
+            pool={
+                "relays": {
+                    "endpoints": [
+                        {"host": first or "127.0.0.5", "port": port, "priority": 10},
+                        {"host": "127.0.0.3", "port": port, "priority": 20},
+                    ],
+                    "cooldown": "30s",
+                }
+            },
+            route=[{"match": {"recipient_domain": "pooled.test"}, "via": "pool:relays"}],
+        )
+        return second, relay
+
+    async def _check_failover(self, second: SinkServer, relay: Any) -> float:
+        started = time.monotonic()
+        await in_thread(submit, relay.ports["relay"], SENDER, ["user@pooled.test"])
+        (message,) = await second.wait_for(1, timeout=10)
+        took = time.monotonic() - started
+        self.assertEqual(message.recipients, ("user@pooled.test",))
+        event = await wait_event(relay, "user@pooled.test", "delivered")
+        self.assertEqual((event.mx, event.mx_ip), ("127.0.0.3", "127.0.0.3"))
+        self.assertEqual(event.attempt, 1)
+        return took
+
+    async def test_refused_endpoint_fails_over(self) -> None:
+        """Nothing listens at the first endpoint: the message arrives at the second
+        on its first attempt, within 10 s."""
+        second, relay = await self.start(None)
+        took = await self._check_failover(second, relay)
+        self.assertLess(took, 10.0)
+        log.info("failover after a refused connection: {took:.2f} s", took=took)
+        pool = relay.service.delivery.routes.routers["pool:relays"][1]
+        key = f"relays/127.0.0.5:{second.addresses[0][1]}"
+        self.assertEqual(pool.states(reactor.seconds())[key], "open")
+
+    async def test_421_endpoint_fails_over(self) -> None:
+        """The first endpoint greets with 421: the message arrives at the second on its
+        first attempt, within 10 s."""
+        second, relay = await self.start("127.0.0.4", "connect:421")
+        took = await self._check_failover(second, relay)
+        self.assertLess(took, 10.0)
+        log.info("failover after a 421 greeting: {took:.2f} s", took=took)
+
+    async def test_silent_endpoint_fails_over(self) -> None:
+        """The first endpoint accepts the connection but never greets: after the
+        connect timeout (1 s here) the message goes to the second endpoint."""
+        second = await start_sink(self, "127.0.0.3")
+        port = second.addresses[0][1]
+        await start_sink(self, "127.0.0.4", port, "stall")
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            delivery={"connect_timeout": "1s"},
+            pool={
+                "relays": {
+                    "endpoints": [
+                        {"host": "127.0.0.4", "port": port, "priority": 1},
+                        {"host": "127.0.0.3", "port": port, "priority": 2},
+                    ]
+                }
+            },
+            route=[{"match": {"recipient_domain": "pooled.test"}, "via": "pool:relays"}],
+        )
+        took = await self._check_failover(second, relay)
+        log.info("failover from a silent endpoint: {took:.2f} s", took=took)
+
+    async def test_resting_endpoint_skipped(self) -> None:
+        """While the failed endpoint cools down, later messages go straight to the
+        second endpoint (the first is not even connected to)."""
+        second, relay = await self.start("127.0.0.4", "connect:421")
+        await self._check_failover(second, relay)
+        await in_thread(submit, relay.ports["relay"], SENDER, ["again@pooled.test"])
+        await second.wait_for(2, timeout=10)
+        event = await wait_event(relay, "again@pooled.test", "delivered")
+        self.assertEqual(event.mx_ip, "127.0.0.3")
+        assert self.first_sink is not None
+        self.assertEqual(self.first_sink.stats.connections, 1)
+
+
+@implementer(IThrottle)
+class AsyncThrottle:
+    """An IThrottle answering through Deferreds a reactor turn later, as a shared
+    (Redis) throttle does; the counting is MemoryThrottle's."""
+
+    def __init__(self) -> None:
+        self.memory = MemoryThrottle()
+
+    def _later(self, fn: Any, *args: Any) -> Any:
+        return deferLater(reactor, 0, fn, *args)
+
+    def acquire_connection(self, key: str, limit: int, now: float) -> Any:
+        return self._later(self.memory.acquire_connection, key, limit, now)
+
+    def release_connection(self, key: str) -> Any:
+        return self._later(self.memory.release_connection, key)
+
+    def admit(self, key: str, rate: float, period: float, now: float) -> Any:
+        return self._later(self.memory.admit, key, rate, period, now)
+
+
+class ProviderShapingTests(unittest.TestCase):
+    """Provider limits hold at the destination."""
+
+    async def test_max_connections(self) -> None:
+        """A provider with max_connections = 2 never sees more than 2 connections at
+        once during a 200-message burst to ten of its domains."""
+        await self._burst(None)
+
+    async def test_max_connections_async_throttle(self) -> None:
+        """The same with a throttle that answers through Deferreds (as a Redis one
+        does)."""
+        throttle = AsyncThrottle()
+        verifyObject(IThrottle, throttle)
+        await self._burst(throttle)
+
+    async def _burst(self, throttle: IThrottle | None) -> None:
+        sink = await start_sink(self, "127.0.0.2")
+        records: dict[str, dict[str, Any]] = {"mx.bulk.test": {"A": ["127.0.0.2"]}}
+        domains = [f"d{i}.test" for i in range(10)]
+        for domain in domains:
+            records[domain] = {"MX": [(10, "mx.bulk.test")]}
+        dns_port, stop_dns = start_dns(records)
+        self.addCleanup(stop_dns)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            delivery={"mx_port": sink.addresses[0][1]},
+            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={
+                "bulk": {
+                    "mx_suffixes": ["bulk.test"],
+                    "max_connections": 2,
+                    "messages_per_connection": 5,
+                }
+            },
+        )
+        if throttle is not None:
+            relay.service.delivery.throttle = throttle
+        recipients = [f"user{n}@{domains[n % 10]}" for n in range(200)]
+        body = b"Subject: burst\r\n\r\nx\r\n"
+        await in_thread(submit_many, relay.ports["relay"], recipients, body)
+        await sink.wait_for(200, timeout=60)
+        log.info("max concurrent connections at the sink: {n}", n=sink.stats.max_concurrent)
+        self.assertLessEqual(sink.stats.max_concurrent, 2)
+        self.assertGreaterEqual(sink.stats.connections, 200 // 5)
+        event = await wait_event(relay, recipients[0], "delivered")
+        self.assertEqual(event.provider, "bulk")
+
+
+    async def test_rate_paces(self) -> None:
+        """A provider with rate = "10/s" receives a 30-message burst spread over at
+        least 2.9 s (GCRA: one message every 0.1 s), all delivered."""
+        sink = await start_sink(self, "127.0.0.2")
+        dns_port, stop_dns = start_dns(
+            {"paced.test": {"MX": [(10, "mx.paced.test")]}, "mx.paced.test": {"A": ["127.0.0.2"]}}
+        )
+        self.addCleanup(stop_dns)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            delivery={"mx_port": sink.addresses[0][1]},
+            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={"paced": {"mx_suffixes": ["paced.test"], "rate": "10/s"}},
+        )
+        recipients = [f"user{n}@paced.test" for n in range(30)]
+        await in_thread(submit_many, relay.ports["relay"], recipients, b"Subject: p\r\n\r\nx\r\n")
+        messages = await sink.wait_for(30, timeout=30)
+        arrivals = sorted(m.received_at for m in messages)
+        spread = arrivals[-1] - arrivals[0]
+        log.info("30 messages at 10/s arrived over {spread:.2f} s", spread=spread)
+        self.assertGreaterEqual(spread, 2.9 - 0.05)
+
+
+class EgressSourceTests(unittest.TestCase):
+    """Connections leave from the configured source addresses."""
+
+    async def start(self, *faults: str) -> tuple[SinkServer, Any]:
+        sink = await start_sink(self, "127.0.0.2", 0, *faults)
+        dns_port, stop_dns = start_dns(
+            {"src.test": {"MX": [(10, "mx.src.test")]}, "mx.src.test": {"A": ["127.0.0.2"]}}
+        )
+        self.addCleanup(stop_dns)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            delivery={"mx_port": sink.addresses[0][1]},
+            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={"srcmail": {"mx_suffixes": ["src.test"], "messages_per_connection": 1}},
+            egress={
+                "source": [
+                    {"name": "ip10", "address": "127.0.0.10", "ehlo": "out10.relay.test"},
+                    {"name": "ip11", "address": "127.0.0.11", "ehlo": "out11.relay.test"},
+                ]
+            },
+        )
+        return sink, relay
+
+    async def test_sources_used(self) -> None:
+        """The sink sees connections from both 127.0.0.10 and 127.0.0.11, with their
+        EHLO names, and the events name the source address."""
+        sink, relay = await self.start()
+        recipients = [f"user{n}@src.test" for n in range(20)]
+        await in_thread(submit_many, relay.ports["relay"], recipients)
+        messages = await sink.wait_for(20, timeout=30)
+        self.assertEqual({m.peer for m in messages}, {"127.0.0.10", "127.0.0.11"})
+        self.assertEqual(
+            {m.helo for m in messages}, {"out10.relay.test", "out11.relay.test"}
+        )
+        for m in messages:
+            self.assertEqual(m.helo, f"out{m.peer.rsplit('.', 1)[1]}.relay.test")
+        event = await wait_event(relay, recipients[0], "delivered")
+        self.assertIn(event.source_ip, ("127.0.0.10", "127.0.0.11"))
+
+    async def _check_shift(self, relay: Any, sink: SinkServer, first_type: str) -> None:
+        await in_thread(submit, relay.ports["relay"], SENDER, ["first@src.test"])
+        first = await wait_event(relay, "first@src.test", first_type)
+        blocked_ip = first.source_ip
+        self.assertIn(blocked_ip, ("127.0.0.10", "127.0.0.11"))
+        recipients = [f"later{n}@src.test" for n in range(10)]
+        await in_thread(submit_many, relay.ports["relay"], recipients)
+        messages = await sink.wait_for(10, timeout=30)
+        other = "127.0.0.11" if blocked_ip == "127.0.0.10" else "127.0.0.10"
+        self.assertEqual({m.peer for m in messages}, {other})
+
+    async def test_block_shifts_traffic(self) -> None:
+        """After a 550 5.7.1 "blocked" reply to one source, the following mail to that
+        provider leaves from the other source."""
+        sink, relay = await self.start("first:1:550:5.7.1:Your IP address has been blocked")
+        await self._check_shift(relay, sink, "bounced")
+
+    async def test_rate_limit_shifts_traffic(self) -> None:
+        """After a 421 4.7.0 rate-limit reply to one source, the following mail to that
+        provider leaves from the other source."""
+        sink, relay = await self.start("first:1:421:4.7.0:Too many messages, slow down")
+        await self._check_shift(relay, sink, "deferred")
+
+
+async def outcome(relay: Any, recipient: str, timeout: float = 15.0) -> Any:
+    """The first delivered or deferred event of ``recipient``."""
+    for _ in range(int(timeout / 0.1)):
+        for kind in ("delivered", "deferred"):
+            page = await relay.stores.eventlog.search(EventQuery(recipient=recipient, type=kind))
+            if page.events:
+                return page.events[0]
+        await deferLater(reactor, 0.1, lambda: None)
+    raise AssertionError(f"no outcome for {recipient} within {timeout} s")
+
+
+class RuleRoutingTests(unittest.TestCase):
+    """[[route]] rules by tag and stream, a route's egress pool, warmup caps."""
+
+    async def test_routes_by_tag_and_stream(self) -> None:
+        """Tagged mail goes through the pool from the route's warming egress pool,
+        never beyond its daily cap; mail of the sandbox stream is simulated."""
+        sink = await start_sink(self, "127.0.0.3")
+        today = datetime.datetime.now(datetime.UTC).date().isoformat()
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            pool={"relays": {"endpoints": [f"127.0.0.3:{sink.addresses[0][1]}"]}},
+            route=[
+                {"match": {"stream": "sandbox"}, "via": "simulator"},
+                {"match": {"tag": ["relay-me"]}, "via": "pool:relays", "egress_pool": "warm"},
+            ],
+            egress={
+                "source": [
+                    {"name": "ip10", "address": "127.0.0.10"},
+                    {"name": "ip11", "address": "127.0.0.11", "pool": "warm",
+                     "warmup": {"start": today, "daily": [3, 10]}},
+                ]
+            },
+        )
+        tagged = b"X-Sendarix-Tags: relay-me\r\nSubject: tagged\r\n\r\nhello\r\n"
+        recipients = [f"r{n}@any.test" for n in range(5)]
+        await in_thread(submit_many, relay.ports["relay"], recipients, tagged)
+        sandbox = b"X-Sendarix-Stream: sandbox\r\nSubject: sandbox\r\n\r\nhello\r\n"
+        await in_thread(submit, relay.ports["relay"], SENDER, ["success@any.test"], sandbox)
+        simulated = await wait_event(relay, "success@any.test", "delivered")
+        self.assertEqual(simulated.mx, "simulator")
+        outcomes = [await outcome(relay, r) for r in recipients]
+        delivered = [e for e in outcomes if e.type == "delivered"]
+        deferred = [e for e in outcomes if e.type == "deferred"]
+        self.assertEqual((len(delivered), len(deferred)), (3, 2))
+        self.assertEqual({e.source_ip for e in delivered}, {"127.0.0.11"})
+        self.assertEqual({m.peer for m in sink.messages}, {"127.0.0.11"})
+        self.assertEqual(len(sink.messages), 3)
+        for e in deferred:
+            assert e.response is not None
+            self.assertIn("warmup", e.response.text)
+
+
+    async def test_tenant_egress_pool(self) -> None:
+        """A tenant's egress_pool picks the addresses its mail leaves from; other
+        tenants use pool "default"."""
+        sink = await start_sink(self, "127.0.0.3")
+        acme = dict(RELAY_LISTENER, name="acme", tenant="acme")
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER, acme],
+            pool={"relays": {"endpoints": [f"127.0.0.3:{sink.addresses[0][1]}"]}},
+            route=[{"via": "pool:relays"}],
+            egress={"source": [
+                {"name": "ip10", "address": "127.0.0.10"},
+                {"name": "ip11", "address": "127.0.0.11", "pool": "acme-ips"},
+            ]},
+            tenant={"acme": {"egress_pool": "acme-ips"}},
+        )
+        await in_thread(submit, relay.ports["acme"], SENDER, ["a@any.test"])
+        await in_thread(submit, relay.ports["relay"], SENDER, ["d@any.test"])
+        from_acme = await wait_event(relay, "a@any.test", "delivered")
+        from_default = await wait_event(relay, "d@any.test", "delivered")
+        self.assertEqual((from_acme.tenant, from_acme.source_ip), ("acme", "127.0.0.11"))
+        self.assertEqual((from_default.tenant, from_default.source_ip), ("default", "127.0.0.10"))
+
+
+class TenantRateTests(unittest.TestCase):
+    """[tenant.NAME] rate limits submissions at MAIL."""
+
+    async def test_tenant_rate(self) -> None:
+        """With rate = "2/min", the third message of the minute gets 450 4.7.1."""
+        relay = await start_relay(self, [RELAY_LISTENER], tenant={"default": {"rate": "2/min"}})
+
+        def three() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", relay.ports["relay"], timeout=30) as s:
+                s.sendmail(SENDER, ["a@simulator.sendarix.invalid"], BODY)
+                s.sendmail(SENDER, ["b@simulator.sendarix.invalid"], BODY)
+                try:
+                    s.sendmail(SENDER, ["c@simulator.sendarix.invalid"], BODY)
+                except smtplib.SMTPSenderRefused as e:
+                    return e.smtp_code, e.smtp_error
+            return 250, b""
+
+        code, text = await in_thread(three)
+        self.assertEqual(code, 450)
+        self.assertTrue(text.startswith(b"4.7.1"), text)
+
+
+class PoolAuthTests(unittest.TestCase):
+    """A pool endpoint's AUTH credentials are sent with AUTH PLAIN inside TLS."""
+
+    async def start(self, password: str) -> tuple[SinkServer, Any]:
+        ca = TestCA(self.mktemp())
+        cert, key = ca.issue("smarthost.test")
+        sink = SinkServer(
+            SinkOptions(
+                listen=("tcp:0:interface=127.0.0.3",), hostname="smarthost.test",
+                idle_timeout=0, certificate=cert, key=key, auth=("relay", "s3cret"),
+            ),
+            reactor,
+        )
+        await sink.start()
+        self.addCleanup(sink.stop)
+        os.environ["SENDARIX_TEST_RELAY_PW"] = password
+        self.addCleanup(os.environ.pop, "SENDARIX_TEST_RELAY_PW", None)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            pool={
+                "auth": {
+                    "endpoints": [{"host": "127.0.0.3", "port": sink.addresses[0][1]}],
+                    "tls": "required",
+                    "username": "relay",
+                    "password_env": "SENDARIX_TEST_RELAY_PW",
+                }
+            },
+            route=[{"via": "pool:auth"}],
+        )
+        return sink, relay
+
+    async def test_auth(self) -> None:
+        """The smarthost sees the message from the authenticated user, over TLS."""
+        sink, relay = await self.start("s3cret")
+        await in_thread(submit, relay.ports["relay"], SENDER, ["user@anywhere.test"])
+        (message,) = await sink.wait_for(1)
+        self.assertEqual(message.auth_user, "relay")
+        self.assertIsNotNone(message.tls)
+        event = await wait_event(relay, "user@anywhere.test", "delivered")
+        self.assertIsNotNone(event.tls)
+
+    async def test_wrong_password_defers(self) -> None:
+        """A refused AUTH defers the mail (our configuration is wrong), never
+        bounces it."""
+        sink, relay = await self.start("wrong")
+        await in_thread(submit, relay.ports["relay"], SENDER, ["user@anywhere.test"])
+        event = await wait_event(relay, "user@anywhere.test", "deferred")
+        assert event.response is not None
+        self.assertEqual(event.response.enhanced, "4.7.8")
+        self.assertEqual(len(sink.messages), 0)
