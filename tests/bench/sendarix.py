@@ -1,9 +1,9 @@
 """Sendarix as the bench runs it: ``twistd -n sendarix --config ...`` in a temp folder,
 with a trusted-network listener without AUTH or TLS, relaying to the sink.
 
-Until routing pools are wired, the sink is reached as the MX of the bench domain
-through a DNS server of our own (``tests.bench.dnsproc``); ``route="pool"`` adds a
-``[[route]]`` to a ``[pool.sink]`` smarthost instead (one config change).
+The sink is a ``[pool.sink]`` smarthost that a ``[[route]]`` sends the bench domain to
+(as Postfix's ``relayhost``); with ``route="mx"`` it is instead the MX of the bench
+domain, served by a DNS server of our own (``tests.bench.dnsproc``).
 """
 
 from __future__ import annotations
@@ -111,7 +111,9 @@ max_message_size = {size_limit}
 
 [delivery]
 mx_port = {sink_port}
+"""
 
+DNS = """
 [dns]
 nameservers = ["127.0.0.1:{dns_port}"]
 """
@@ -131,7 +133,7 @@ class SendarixSystem:
 
     def __init__(self, dir: str, port: int, sink_port: int, dns_port: int, *,
                  spool: str, workers: int, max_connections: int, size_limit: int,
-                 route: str = "mx", redis_url: str | None = None) -> None:
+                 route: str = "pool", redis_url: str | None = None) -> None:
         self.dir = os.path.abspath(dir)
         self.port = port
         self.sink_port = sink_port
@@ -154,6 +156,8 @@ class SendarixSystem:
         )
         if self.route == "pool":
             text += POOL_ROUTE.format(domain=DOMAIN, sink_port=self.sink_port)
+        else:
+            text += DNS.format(dns_port=self.dns_port)
         return text
 
     def start(self) -> None:
