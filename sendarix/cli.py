@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
+import txredisapi
 from attrs import frozen
 from twisted.internet.task import react
 from twisted.python.failure import Failure
@@ -706,6 +707,10 @@ def _error(message: str) -> None:
     sys.stderr.flush()
 
 
+#: Seconds the command waits for an unreachable Redis before giving up.
+REDIS_WAIT = 5.0
+
+
 def _run_with_stores(config: Config, command: StoreCommand, args: argparse.Namespace) -> Output:
     """Open the stores, run ``command``, close the stores (always); the command's output.
 
@@ -717,24 +722,27 @@ def _run_with_stores(config: Config, command: StoreCommand, args: argparse.Names
     async def work(reactor: Any) -> None:
         try:
             stores = Stores.from_config(config, reactor, json_log=False)
-        except NotImplementedError as e:  # a Redis spool in this version
+        except (NotImplementedError, ValueError) as e:  # e.g. an unset password_env
             result.append(CommandError(str(e)))
             return
-        path = stores.db.path
+        where = stores.location
+        if stores.db is not None:
+            try:
+                # SQLiteDatabase.close() never fires after a failed open(): only close a
+                # database that opened (a failed spool start still closes it).
+                await stores.db.open()
+            except (sqlite3.Error, OSError) as e:
+                result.append(CommandError(f"cannot open the {where}: {e}"))
+                return
         try:
-            # SQLiteDatabase.close() never fires after a failed open(): only close a
-            # database that opened (a failed spool start still closes it).
-            await stores.db.open()
-        except (sqlite3.Error, OSError) as e:
-            result.append(CommandError(f"cannot open the database {path}: {e}"))
-            return
-        try:
-            await stores.open()
+            await stores.open(wait=REDIS_WAIT)
             result.append(await command(args, stores))
         except CommandError as e:
             result.append(e)
-        except (sqlite3.Error, OSError, SpoolError) as e:
-            result.append(CommandError(f"database {path}: {e}"))
+        except (sqlite3.Error, OSError, SpoolError, txredisapi.ConnectionError) as e:
+            result.append(CommandError(f"{where}: {e}"))
+        except txredisapi.ResponseError as e:
+            result.append(CommandError(f"{where}: Redis refused: {e}"))
         except BaseException:
             result.append(Failure())
         finally:

@@ -598,6 +598,9 @@ class SpoolConfig:
     allow_volatile: bool = _setting(_boolean, False)
     lease_time: float = _setting(_duration(), 300.0)
     password_env: str | None = _setting(_env_name, None)
+    ca_file: str | None = _setting(_path, None)
+    wait_replicas: int = _setting(_integer(0, 16), 0)
+    wait_timeout: float = _setting(_duration(), 2.0)
 
     @property
     def backend(self) -> str:
@@ -680,6 +683,8 @@ class DeliveryConfig:
     max_messages_per_connection: int = _setting(_integer(1), 100)
     tls: str = _setting(_EGRESS_TLS, "may")
     ca_file: str | None = _setting(_path, None)
+    wait_replicas: int = _setting(_integer(0, 16), 0)
+    wait_timeout: float = _setting(_duration(), 2.0)
     soft_bounce_codes: tuple[str, ...] = _setting(_list(_enhanced_code, single=True), ("5.2.2",))
     concurrency: int = _setting(_integer(1), 20)
     hard_bounce_suppresses: bool = _setting(_boolean, True)

@@ -60,6 +60,7 @@ from sendarix.model import (
     TLSInfo,
 )
 from sendarix.providers import ProviderTable
+from sendarix.redisstore.connection import is_outage
 from sendarix.routing.mx import Hop, RouteError
 from sendarix.routing.pool import EndpointPool, OrderedFallback
 from sendarix.routing.rules import RouteFacts, RuleRouter, RuleTable
@@ -339,7 +340,9 @@ class DeliveryService(Service):
     def _failed(self, failure: Failure, what: str, **kw: Any) -> None:
         # While the node stops, the stores close under groups still in flight: that is
         # expected (their leases expire), not an error worth a traceback.
-        if self.running:
+        if self.running and is_outage(failure):
+            log.warn(what + ": {why}", why=failure.getErrorMessage(), **kw)
+        elif self.running:
             log.failure(what, failure, **kw)
         else:
             log.info(what + " while stopping: {why}", why=failure.getErrorMessage(), **kw)
@@ -759,10 +762,24 @@ class DeliveryService(Service):
             )
 
     async def _release(self, delivery: LeasedDelivery) -> None:
-        try:
-            await self.spool.release(delivery.queue_id, delivery.domain, self.config.node.name)
-        except Exception:
-            self._failed(Failure(), "releasing {queue_id} failed", queue_id=delivery.queue_id)
+        # A release that fails (the spool is down) is retried while the lease lasts:
+        # given up at once, the delivery would wait for its lease to expire.
+        deadline = self.reactor.seconds() + self.config.spool.lease_time
+        delay = 0.5
+        while True:
+            try:
+                await self.spool.release(
+                    delivery.queue_id, delivery.domain, self.config.node.name
+                )
+                return
+            except Exception:
+                if not self.running or self.reactor.seconds() + delay >= deadline:
+                    self._failed(
+                        Failure(), "releasing {queue_id} failed", queue_id=delivery.queue_id
+                    )
+                    return
+            await deferLater(self.reactor, delay, lambda: None)
+            delay = min(delay * 2, 10.0)
 
     def _renew_while_running(self, pending: list[LeasedDelivery]) -> LoopingCall:
         """Renew the leases of ``pending`` deliveries every third of the lease time, so

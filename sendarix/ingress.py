@@ -49,6 +49,7 @@ from sendarix.intake import Intake, Refused, Submission
 from sendarix.interfaces import IAuthLimiter, ICredentialStore, ISubmitter, ISuppressionStore
 from sendarix.model import Envelope, Reply, TLSInfo
 from sendarix.ratelimit import RateLimiter
+from sendarix.redisstore.connection import is_outage
 from sendarix.sasl import MECHANISMS, SASLError
 from sendarix.tlsutil import connection_tls_info
 
@@ -845,7 +846,11 @@ class SubmissionServer(smtp.ESMTP):
             self._refuse(refused.reply, sender=sub.envelope.sender,
                          recipients=sub.envelope.recipients, queue_id=sub.queue_id)
             return
-        log.failure("spool did not take {queue_id}", failure, queue_id=sub.queue_id)
+        if is_outage(failure):
+            log.warn("spool did not take {queue_id}: {why}", queue_id=sub.queue_id,
+                     why=failure.getErrorMessage())
+        else:
+            log.failure("spool did not take {queue_id}", failure, queue_id=sub.queue_id)
         self._refuse(Reply(451, "4.3.0", "Temporary failure storing the message, try again"),
                      sender=sub.envelope.sender, recipients=sub.envelope.recipients)
 
@@ -865,7 +870,10 @@ class SubmissionServer(smtp.ESMTP):
         self._error(reply.code, reply.enhanced or "", reply.text)
 
     def _internal_error(self, failure: Failure) -> None:
-        log.failure("error in SMTP session", failure)
+        if is_outage(failure):
+            log.warn("store unavailable in SMTP session: {why}", why=failure.getErrorMessage())
+        else:
+            log.failure("error in SMTP session", failure)
         self.reply(451, "4.3.0", "Local error in processing, try again")
 
 

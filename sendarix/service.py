@@ -32,6 +32,7 @@ from sendarix.routing.state import state_path
 from sendarix.stores import Stores
 from sendarix.throttle import MemoryThrottle
 from sendarix.tlsutil import ensure_certificate, server_tls_options
+from sendarix.workers import listen_shared
 
 log = Logger()
 
@@ -126,9 +127,10 @@ class ListenerService(Service):
 
     def __init__(
         self, reactor: Any, config: ListenerConfig, factory: SubmissionFactory,
-        stores: StoresService, wrap_tls: Any = None,
+        stores: StoresService, wrap_tls: Any = None, shared: bool = False,
     ) -> None:
         self.name = f"listener:{config.name}"
+        self._shared = shared  # SO_REUSEPORT: worker processes share the port
         self._reactor = reactor
         self._config = config
         self.factory = factory
@@ -160,6 +162,10 @@ class ListenerService(Service):
             )
             return port
 
+        if self._shared:
+            return listen_shared(self._reactor, self._config.endpoint, factory).addCallback(
+                listening
+            )
         return endpoint.listen(factory).addCallback(listening)
 
     def listening(self) -> Deferred[IListeningPort]:
@@ -185,12 +191,16 @@ class ListenerService(Service):
         )
 
 
-def make_throttle(config: Config, reactor: Any = None) -> IThrottle:
+def make_throttle(config: Config, reactor: Any = None, stores: Stores | None = None) -> IThrottle:
     """The node's L{IThrottle}: connection counts and message rates per site.
 
-    In memory (per node) for now; a Redis-shared throttle for several nodes plugs in
-    here.  Callers treat every answer as possibly a Deferred (``maybeDeferred``).
+    With the stores in Redis, shared by every node (limits per cluster: a
+    L{sendarix.redisstore.throttle.RedisThrottle}, stopped when the stores close);
+    otherwise in memory, per node.  Callers treat every answer as possibly a Deferred
+    (``maybeDeferred``).
     """
+    if stores is not None:
+        return stores.make_throttle(config.node.name)
     return MemoryThrottle()
 
 
@@ -239,7 +249,7 @@ def makeService(
             if config.delivery.bounce_rules else None
         ),
         routers=make_routers(config, resolver),
-        throttle=make_throttle(config, reactor),
+        throttle=make_throttle(config, reactor, stores),
         selector=make_selector(config),
         state_file=state_path(config),
     )
@@ -279,7 +289,7 @@ def makeService(
         )
         service = ListenerService(
             reactor, lc, SubmissionFactory(settings), stores_service,
-            wrap_tls=tls_options if lc.wrap_tls else None,
+            wrap_tls=tls_options if lc.wrap_tls else None, shared=config.node.workers > 1,
         )
         service.setServiceParent(top)
         top.listeners.append(service)  # type: ignore[attr-defined]

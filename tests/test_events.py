@@ -7,11 +7,12 @@ import os
 import re
 import sqlite3
 import threading
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor as _reactor
+from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import (
     ILogObserver,
@@ -39,7 +40,14 @@ from sendarix.events import (
 )
 from sendarix.interfaces import IEventLog, IEventSink
 from sendarix.model import Reply, TLSInfo
+from sendarix.redisstore.eventlog import RedisEventLog
 from sendarix.sqlitedb import DatabaseClosed, SQLiteDatabase
+from tests.redisserver import redis_client, start_redis
+
+if TYPE_CHECKING:
+    _Base = TestCase
+else:
+    _Base = object
 
 # The global reactor, typed loosely: it provides every reactor interface we pass it as.
 reactor: Any = _reactor
@@ -231,25 +239,20 @@ class FanoutSinkTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 
-class SQLiteEventLogTests(TestCase):
-    """SQLiteEventLog on a real SQLite file."""
+class EventLogContractMixin(_Base):
+    """The IEventLog contract: every delivery log backend passes these tests.
 
-    async def open_log(self) -> SQLiteEventLog:
-        db = SQLiteDatabase(os.path.join(self.mktemp(), "sendarix.db"), reactor)
-        self.addCleanup(db.close)
-        self.db = db
-        log = SQLiteEventLog(db)
-        await db.open()
-        return log
+    A backend's TestCase mixes this in and implements ``open_log`` (a started log)
+    and ``stored_rows`` (how many events and index entries the store still holds).
+    """
 
-    def hold_database(self) -> threading.Event:
-        """Keep the database thread busy until the returned event is set, so that
-        what is queued meanwhile is batched deterministically."""
-        held = threading.Event()
-        self.db.run(lambda conn: held.wait(10))
-        return held
+    async def open_log(self) -> Any:
+        raise NotImplementedError
 
-    async def emit_all(self, log: SQLiteEventLog, events: list[Event]) -> None:
+    async def stored_rows(self) -> list[int]:
+        raise NotImplementedError
+
+    async def emit_all(self, log: Any, events: list[Event]) -> None:
         await gatherResults([log.emit(e) for e in events])
 
     async def test_interface(self) -> None:
@@ -359,6 +362,69 @@ class SQLiteEventLogTests(TestCase):
         page = await log.search(EventQuery(recipient=e.recipient))
         self.assertEqual(page.events, (e,))
 
+    async def test_search_sees_earlier_emits(self) -> None:
+        """A search queued after an emit that nobody awaited still finds that event
+        (both go through the database's background queue, in order)."""
+        log = await self.open_log()
+        event = Event.make("accepted", 1.0, queue_id="Q1", recipient="a@x")
+        log.emit(event)  # fire and forget, as Intake does
+        page = await log.search(EventQuery(queue_id="Q1"))
+        self.assertEqual(page.events, (event,))
+
+    async def test_trim(self) -> None:
+        """trim deletes events older than the cut-off, with their search entries."""
+        log = await self.open_log()
+        log.trim_batch = 7  # several batches
+        old = [
+            Event.make("accepted", float(i), recipients=["r@x", "s@x"], tags=["t"])
+            for i in range(20)
+        ]
+        new = [Event.make("delivered", 100.0 + i, recipient="r@x", tags=["t"]) for i in range(3)]
+        await self.emit_all(log, old + new)
+        self.assertEqual(await log.trim(100.0), 20)
+        self.assertEqual(await log.trim(100.0), 0)
+        page = await log.search(EventQuery())
+        self.assertEqual(list(page.events), list(reversed(new)))
+        self.assertEqual(len((await log.search(EventQuery(recipient="s@x"))).events), 0)
+        self.assertEqual(len((await log.search(EventQuery(tag="t"))).events), 3)
+        self.assertEqual(await self.stored_rows(), [3, 3, 3])
+
+    def test_page_json(self) -> None:
+        """An EventPage renders as the GET /v1/events body."""
+        page = EventPage((full_event(),), "abc")
+        self.assertEqual(page.to_json(), {"events": [full_event().to_json()], "next_cursor": "abc"})
+
+
+class SQLiteEventLogTests(EventLogContractMixin, TestCase):
+    """SQLiteEventLog on a real SQLite file."""
+
+    async def open_log(self) -> SQLiteEventLog:
+        db = SQLiteDatabase(os.path.join(self.mktemp(), "sendarix.db"), reactor)
+        self.addCleanup(db.close)
+        self.db = db
+        log = SQLiteEventLog(db)
+        await db.open()
+        return log
+
+    async def stored_rows(self) -> list[int]:
+        return cast(
+            list[int],
+            await self.db.run(
+                lambda conn: [
+                    conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                    for table in ("event_log", "event_recipient", "event_tag")
+                ]
+            ),
+        )
+
+
+    def hold_database(self) -> threading.Event:
+        """Keep the database thread busy until the returned event is set, so that
+        what is queued meanwhile is batched deterministically."""
+        held = threading.Event()
+        self.db.run(lambda conn: held.wait(10))
+        return held
+
     async def test_emits_share_one_job(self) -> None:
         """Events emitted while the log's write waits in the queue ride along with it:
         a hundred emits make one job, and all are stored."""
@@ -375,15 +441,6 @@ class SQLiteEventLogTests(TestCase):
         self.assertEqual(len(commits), 1)
         page = await log.search(EventQuery(type="accepted", limit=1000))
         self.assertEqual(sorted(e.id for e in page.events), sorted(e.id for e in events))
-
-    async def test_search_sees_earlier_emits(self) -> None:
-        """A search queued after an emit that nobody awaited still finds that event
-        (both go through the database's background queue, in order)."""
-        log = await self.open_log()
-        event = Event.make("accepted", 1.0, queue_id="Q1", recipient="a@x")
-        log.emit(event)  # fire and forget, as Intake does
-        page = await log.search(EventQuery(queue_id="Q1"))
-        self.assertEqual(page.events, (event,))
 
     async def test_bad_event_fails_alone(self) -> None:
         """An event the database refuses fails its own emit; the events written in
@@ -412,31 +469,72 @@ class SQLiteEventLogTests(TestCase):
         with self.assertRaises(DatabaseClosed):
             await log.emit(full_event())
 
-    async def test_trim(self) -> None:
-        """trim deletes events older than the cut-off, with their search entries."""
-        log = await self.open_log()
-        log.trim_batch = 7  # several batches
-        old = [
-            Event.make("accepted", float(i), recipients=["r@x", "s@x"], tags=["t"])
-            for i in range(20)
-        ]
-        new = [Event.make("delivered", 100.0 + i, recipient="r@x", tags=["t"]) for i in range(3)]
-        await self.emit_all(log, old + new)
-        self.assertEqual(await log.trim(100.0), 20)
-        self.assertEqual(await log.trim(100.0), 0)
-        page = await log.search(EventQuery())
-        self.assertEqual(list(page.events), list(reversed(new)))
-        self.assertEqual(len((await log.search(EventQuery(recipient="s@x"))).events), 0)
-        self.assertEqual(len((await log.search(EventQuery(tag="t"))).events), 3)
-        counts = await self.db.run(
-            lambda conn: [
-                conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                for table in ("event_log", "event_recipient", "event_tag")
-            ]
-        )
-        self.assertEqual(counts, [3, 3, 3])
 
-    async def test_page_json(self) -> None:
-        """An EventPage renders as the GET /v1/events body."""
-        page = EventPage((full_event(),), "abc")
-        self.assertEqual(page.to_json(), {"events": [full_event().to_json()], "next_cursor": "abc"})
+class RedisEventLogTests(EventLogContractMixin, TestCase):
+    """RedisEventLog on a private redis-server."""
+
+    async def open_log(self) -> RedisEventLog:
+        self.redis = await redis_client(self)
+        return RedisEventLog(self.redis)
+
+    async def stored_rows(self) -> list[int]:
+        counts = [int(await self.redis.execute_command("ZCARD", "sendarix:ev:all"))]
+        for pattern in ("sendarix:ev:x:r:*", "sendarix:ev:x:g:*"):
+            total = 0
+            for key in await self.redis.execute_command("KEYS", pattern):
+                total += int(await self.redis.execute_command("ZCARD", key))
+            counts.append(total)
+        return counts
+
+    async def test_long_scan_pages_on(self) -> None:
+        """A search that reads scan_limit index entries without filling its page
+        returns what it found with a cursor, and the next page goes on from there."""
+        log = await self.open_log()
+        log.scan_batch = 4
+        log.scan_limit = 8
+        match = Event.make("bounced", 1.0, tenant="t")
+        others = [Event.make("delivered", 2.0 + i, tenant="t") for i in range(12)]
+        for e in [match, *others]:
+            await log.emit(e)
+        first = await log.search(EventQuery(tenant="t", type="bounced"))
+        self.assertEqual(first.events, ())
+        assert first.next_cursor is not None
+        second = await log.search(
+            EventQuery(tenant="t", type="bounced", cursor=first.next_cursor)
+        )
+        self.assertEqual(second.events, (match,))
+        self.assertIsNone(second.next_cursor)
+
+    async def test_outage_buffers_then_writes(self) -> None:
+        """While Redis is down an emitted event waits in memory; it is written once
+        Redis is back, and its Deferred fires then."""
+        log = await self.open_log()
+        log.retry_delay = 0.1
+        self.redis_stop()  # type: ignore[attr-defined]
+        event = Event.make("delivered", 5.0, tenant="t")
+        emitted = log.emit(event)
+        await task.deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(emitted.called)
+        port, stop = start_redis(self.redis_dir, port=self.redis_port)  # type: ignore[attr-defined]
+        self.redis_stop = stop
+        await emitted
+        self.assertEqual((await log.search(EventQuery(tenant="t"))).events, (event,))
+
+    async def test_close_drops_events_during_outage(self) -> None:
+        """Closing while Redis is down drops the waiting events (their Deferreds
+        fire) instead of retrying for ever."""
+        log = await self.open_log()
+        self.redis_stop()  # type: ignore[attr-defined]
+        emitted = log.emit(Event.make("delivered", 5.0, tenant="t"))
+        await task.deferLater(reactor, 0.1, lambda: None)
+        await log.close()
+        self.assertTrue(emitted.called)
+
+    async def test_order_kept_through_the_pool(self) -> None:
+        """Events emitted at once over a pool of connections are numbered in the
+        order they were emitted."""
+        log = await self.open_log()
+        events = [Event.make("delivered", 100.0, tenant="t") for _ in range(300)]
+        await self.emit_all(log, events)
+        page = await log.search(EventQuery(limit=1000))
+        self.assertEqual([e.id for e in page.events], [e.id for e in reversed(events)])
