@@ -61,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="idle sessions held open on Sendarix (default 10000)")
     p.add_argument("--postfix-idle-sessions", type=int, default=1000,
                    help="idle sessions on Postfix, one smtpd process each (default 1000)")
+    p.add_argument("--memory-runs", type=int, default=1,
+                   help="runs (of --runs) that also measure idle-session memory; the "
+                        "figure hardly varies, and opening the sessions takes time "
+                        "(default 1)")
     p.add_argument("--large-mib", type=float, default=50.0,
                    help="size of the large message in MiB (default 50)")
     p.add_argument("--variants", default=",".join(VARIANTS),
@@ -109,21 +113,21 @@ class Bench:
         self.results: dict[str, dict[str, list[float]]] = {}
         self.skipped: dict[str, str] = {}
         self.profiled: set[str] = set()
+        self.phases: dict[str, float] = {}
         self.small = clients.message(args.size)
         self.large = clients.message(int(args.large_mib * MIB) - 64 * 1024, "large")
         self.size_limit = max(52428800, len(self.large) + 64 * 1024)
 
     # -- one system, one run --------------------------------------------------
 
-    def measure(self, system: Any, sink: Sink, idle_sessions: int,
-                rss: Callable[[], tuple[int, int]]) -> dict[str, float]:
-        a = self.args
-        port = system.port
+    def measure_memory(self, system: Any, idle_sessions: int,
+                       rss: Callable[[], tuple[int, int]]) -> dict[str, float]:
+        """RSS with ``idle_sessions`` idle sessions open, measured first, on the freshly
+        started system: later loads leave freed heap behind that new sessions would
+        reuse, hiding their cost."""
         out: dict[str, float] = {}
-        # Memory first, on the freshly started system: later loads leave freed heap
-        # behind that new sessions would reuse, hiding their cost.
         before_rss, before_pss = rss()
-        idle = clients.IdleSessions(port, idle_sessions, timeout=120)
+        idle = clients.IdleSessions(system.port, idle_sessions, timeout=120)
         try:
             time.sleep(1.0)
             after_rss, after_pss = rss()
@@ -137,6 +141,18 @@ class Bench:
         out["idle_rss_per_session"] = (after_rss - before_rss) / opened / 1024
         out["idle_pss_per_session"] = (after_pss - before_pss) / opened / 1024
         time.sleep(2.0)  # let the system end those sessions before the load starts
+        return out
+
+    def measure(self, system: Any, sink: Sink, idle_sessions: int,
+                rss: Callable[[], tuple[int, int]], run: int) -> dict[str, float]:
+        a = self.args
+        port = system.port
+        out: dict[str, float] = {}
+        phases: dict[str, float] = {}
+        t = time.monotonic()
+        if run < a.memory_runs:
+            out.update(self.measure_memory(system, idle_sessions, rss))
+        phases["memory"], t = time.monotonic() - t, time.monotonic()
 
         profiler = self._profiler(system)
         base = sink.count
@@ -153,6 +169,7 @@ class Bench:
                 for line in summarize(profiler.out):
                     say(f"#   {line}")
 
+        phases["load"], t = time.monotonic() - t, time.monotonic()
         latencies = []
         for _ in range(a.latency_messages):
             base = sink.count
@@ -163,11 +180,13 @@ class Bench:
         out["latency_p50"] = percentile(latencies, 0.50) * 1000
         out["latency_p99"] = percentile(latencies, 0.99) * 1000
 
+        phases["latency"], t = time.monotonic() - t, time.monotonic()
         base = sink.count
         t0 = clients.send_message(port, self.large, timeout=120)
         out["large_accept"] = time.monotonic() - t0
         sink.wait_for(base + 1, timeout=120)
-
+        phases["large"] = time.monotonic() - t
+        self.phases = phases
         return out
 
     def _profiler(self, system: Any) -> Profiler | None:
@@ -182,14 +201,18 @@ class Bench:
         return Profiler(system.proc.pid, out)
 
     def run_system(self, system: Any, sink: Sink, idle_sessions: int,
-                   rss: Callable[[], tuple[int, int]]) -> None:
+                   rss: Callable[[], tuple[int, int]], run: int) -> None:
         started = time.monotonic()
+        self.phases = {}
         try:
             system.start()
+            self.phases["start"] = time.monotonic() - started
             try:
-                values = self.measure(system, sink, idle_sessions, rss)
+                values = self.measure(system, sink, idle_sessions, rss, run)
             finally:
+                t = time.monotonic()
                 system.stop()
+                self.phases["stop"] = time.monotonic() - t
         except Refused as e:
             self.skipped[system.name] = str(e)
             say(f"# {system.name}: skipped ({e})")
@@ -199,8 +222,9 @@ class Bench:
             return
         for key, value in values.items():
             self.results.setdefault(system.name, {}).setdefault(key, []).append(value)
-        say(f"# {system.name}: " + ", ".join(
-            f"{k} {v:.1f}" for k, v in values.items()) + f" ({time.monotonic() - started:.0f} s)")
+        say(f"# {system.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in values.items())
+            + f" ({time.monotonic() - started:.0f} s: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in self.phases.items()) + ")")
 
     # -- the whole bench ------------------------------------------------------
 
@@ -248,7 +272,7 @@ class Bench:
                     if redis_url is not None and getattr(system, "spool", "") == "redis":
                         _redis_flush(redis_url)
                     t0 = time.monotonic()
-                    self.run_system(system, sink, idle, rss)
+                    self.run_system(system, sink, idle, rss, run)
                     durations[system.name] = time.monotonic() - t0
         finally:
             sink.stop()
