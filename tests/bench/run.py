@@ -72,8 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--route", choices=("pool", "mx"), default="pool",
                    help="how Sendarix reaches the sink: a [pool.sink] smarthost route "
                         "(default, like Postfix's relayhost) or MX via the bench's DNS")
-    p.add_argument("--time-limit", type=float, default=570.0,
-                   help="start no new system run after this many seconds (default 570)")
+    p.add_argument("--time-limit", type=float, default=555.0,
+                   help="start no system run that would end after this many seconds "
+                        "(judged by its previous run; default 555)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 1 run, 500 messages, 20 latency samples, "
                         "500/100 idle sessions, 5 MiB large message")
@@ -304,7 +305,7 @@ class Bench:
                 ratio = ""
                 if key in pf and statistics.median(pf[key]):
                     r = statistics.median(values[key]) / statistics.median(pf[key])
-                    ratio = f", ratio {r:.2f}"
+                    ratio = f", ratio {r:.3g}"
                 say(f"{name}.{key}: {_summary(values[key], fmt)} {unit}{ratio}")
         for name, why in self.skipped.items():
             say(f"{name}: skipped ({why})")
@@ -318,7 +319,7 @@ class Bench:
                 v = self.results[n].get(key)
                 cell = _median(v, fmt)
                 if v and pf.get(key) and statistics.median(pf[key]):
-                    cell += f" ({statistics.median(v) / statistics.median(pf[key]):.2f})"
+                    cell += f" ({statistics.median(v) / statistics.median(pf[key]):.3g})"
                 cells.append(cell)
             rows.append([f"{label} ({unit})", *cells])
         for row in rows:
