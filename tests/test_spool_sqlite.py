@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor as _reactor
+from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
@@ -167,6 +168,28 @@ class SQLiteSpoolStorageTests(TestCase):
         self.assertEqual(await third, 3)
         rows = await db.run(lambda c: c.execute("SELECT n FROM t ORDER BY n").fetchall())
         self.assertEqual(rows, [(1,), (3,)])
+
+    async def test_waits_for_another_writer(self) -> None:
+        """While another connection (another worker process) holds the write lock, a
+        job waits for it, then commits; the connection keeps its busy timeout."""
+        db = SQLiteDatabase(self.path, reactor, schema="CREATE TABLE t (n INTEGER);")
+        await db.open()
+        self.addCleanup(db.close)
+        other = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO t (n) VALUES (1)")
+        job = db.run(lambda c: c.execute("INSERT INTO t (n) VALUES (2)").rowcount)
+        await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(job.called)  # still waiting for the lock
+        other.execute("COMMIT")
+        self.assertEqual(await job, 1)
+        rows, timeout = await db.run(lambda c: (
+            c.execute("SELECT n FROM t ORDER BY n").fetchall(),
+            c.execute("PRAGMA busy_timeout").fetchone()[0],
+        ))
+        self.assertEqual(rows, [(1,), (2,)])
+        self.assertEqual(timeout, 10000)
 
     async def test_background_job_yields_to_the_mail_path(self) -> None:
         """A background job queued before a foreground one runs after it, in its own
