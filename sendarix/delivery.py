@@ -425,14 +425,20 @@ class DeliveryService(Service):
         try:
             choice = self.routes.choice(key.rule)
             rule = choice.rule
-            if (
+            # The simulator (its domain, or a route to it), and all mail of sandbox
+            # credentials: answered here, never sent out.
+            simulated = (
                 choice.router is None or choice.strategy is None
                 or domain.lower() == self.config.simulator.domain.lower()
-            ):
-                for delivery in deliveries:
-                    await self._simulate(delivery)
-                    pending.remove(delivery)
+            )
+            for delivery in [d for d in deliveries if simulated or d.meta.sandbox]:
+                await self._simulate(delivery)
+                pending.remove(delivery)
+            deliveries = list(pending)
+            if not deliveries:
                 return
+            # Not simulated, so the rule names a real router and strategy.
+            assert choice.router is not None and choice.strategy is not None
             strategy = choice.strategy
             route = await choice.router.route(domain)
             if route.error is not None:

@@ -7,6 +7,7 @@ close first, sessions finish their transaction or get 421, then the stores close
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -21,18 +22,25 @@ from sendarix.authlimit import AuthLimiter
 from sendarix.classify import BounceRules
 from sendarix.config import Config, ListenerConfig, default_config
 from sendarix.delivery import DeliveryService
+from sendarix.domains import DomainKeyring, check_keys_open, count_stored_keys
 from sendarix.egress_select import TieredSelector
+from sendarix.errors import ConfigError
 from sendarix.ingress import ListenerSettings, SubmissionFactory
 from sendarix.intake import Intake
 from sendarix.interfaces import IEgressSelector, IFailoverStrategy, IRouter, IThrottle
+from sendarix.nodesecret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.ratelimit import RateLimiter
+from sendarix.redisstore.connection import is_outage
+from sendarix.redisstore.endpoints import SharedEndpointPool
+from sendarix.redisstore.selector import SharedTieredSelector
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.routing.pool import EndpointPool, PoolRouter
 from sendarix.routing.state import state_path
 from sendarix.stores import Stores
 from sendarix.throttle import MemoryThrottle
-from sendarix.tlsutil import ensure_certificate, server_tls_options
+from sendarix.tlsutil import ReloadableServerTLS, ensure_certificate
 from sendarix.workers import listen_shared
+from sendarix.xoauth2 import HMACTokenChecker
 
 log = Logger()
 
@@ -43,6 +51,41 @@ SHUTDOWN_GRACE = 30.0
 class NodeService(MultiService):
     """The node: children start in order and stop in reverse, each after the one
     added after it has finished stopping (listeners drain before the stores close)."""
+
+    #: The listeners' TLS options (None when no listener uses TLS).
+    tls: ReloadableServerTLS | None = None
+    #: Install a SIGHUP handler that reloads the TLS certificate (twistd does).
+    reload_on_sighup = False
+
+    def startService(self) -> None:
+        super().startService()
+        if self.reload_on_sighup:
+            self.install_sighup_handler()
+
+    def install_sighup_handler(self) -> None:
+        """Make SIGHUP reload the TLS certificate (on the reactor thread)."""
+        import signal
+
+        from twisted.internet import reactor
+
+        def on_hup(signum: int, frame: Any) -> None:
+            reactor.callFromThread(self.reload_tls)  # type: ignore[attr-defined]
+
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def reload_tls(self) -> bool:
+        """Read the TLS certificate and key again: new sessions get them, sessions
+        already running keep theirs.  False (and the old certificate kept) when the
+        files cannot be loaded."""
+        if self.tls is None:
+            return False
+        try:
+            self.tls.reload()
+        except Exception:
+            log.failure("TLS certificate reload failed; keeping the current certificate")
+            return False
+        log.info("TLS certificate reloaded from {cert}", cert=self.tls.cert_path)
+        return True
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
@@ -61,18 +104,23 @@ class StoresService(Service):
 
     name = "stores"
 
-    def __init__(self, stores: Stores, clock: Any) -> None:
+    def __init__(
+        self, stores: Stores, clock: Any, checks: Sequence[Callable[[], Awaitable[None]]] = ()
+    ) -> None:
         self.stores = stores
         self.clock = clock
+        #: Run once the stores are open; a failure keeps the node from serving.
+        self.checks = list(checks)
         self._ready: Deferred[None] | None = None
+        self._failure: Any = None
 
     def ready(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         assert self._ready is not None, "not started"
 
         def relay(result: Any) -> Any:
-            if isinstance(result, BaseException) or hasattr(result, "raiseException"):
-                d.errback(result)
+            if self._failure is not None:
+                d.errback(self._failure)
             else:
                 d.callback(None)
             return result
@@ -82,9 +130,14 @@ class StoresService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._ready = self.stores.open()
+        self._ready = ensureDeferred(self._open_and_check())
         self._ready.addCallback(self._start_retention)
         self._ready.addErrback(self._failed)
+
+    async def _open_and_check(self) -> None:
+        await self.stores.open()
+        for check in self.checks:
+            await check()
 
     #: How often old events are trimmed from the delivery log.
     retention_interval = 3600.0
@@ -107,12 +160,20 @@ class StoresService(Service):
                 log.info("trimmed {count} events older than the retention", count=count)
 
         d.addCallback(trimmed)
-        d.addErrback(lambda f: log.failure("trimming the event log failed", f))
+        d.addErrback(self._trim_failed)
         return d
 
-    def _failed(self, failure: Any) -> Any:
+    def _trim_failed(self, failure: Any) -> None:
+        if is_outage(failure):  # Redis down, or closing under the trim
+            log.warn("trimming the event log failed: {why}", why=failure.getErrorMessage())
+        else:
+            log.failure("trimming the event log failed", failure)
+
+    def _failed(self, failure: Any) -> None:
+        # Kept for ready(), and consumed here: left in the Deferred, it would be
+        # logged again as unhandled whenever the Deferred is garbage-collected.
         log.failure("could not open the stores", failure)
-        return failure
+        self._failure = failure
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -191,6 +252,37 @@ class ListenerService(Service):
         )
 
 
+def load_node_secret(config: Config, environ: Any = None) -> NodeSecret | None:
+    """The node secret from the environment, checked against the stored DKIM keys.
+
+    Raises ConfigError (naming ``node.secret_key_env``) when the secret is too short,
+    when it is unset although encrypted keys exist, or when it does not decrypt them:
+    the relay refuses to start rather than send unsigned mail.  Reads the SQLite file
+    directly: this runs once, before the reactor does.
+    """
+    env = config.node.secret_key_env
+    try:
+        secret = node_secret_from_env(env, environ)
+    except SecretError as e:
+        raise ConfigError("node.secret_key_env", str(e)) from None
+    path = config.spool.sqlite_path
+    if path is None:
+        return secret
+    count, sample = count_stored_keys(path)
+    if count and secret is None:
+        raise ConfigError(
+            "node.secret_key_env",
+            f"${env} is not set, but {count} DKIM private key(s) are stored encrypted "
+            "with it: set it to the node secret used by 'sendarix domains add'",
+        )
+    if secret is not None and sample is not None:
+        try:
+            secret.decrypt(sample)
+        except SecretError as e:
+            raise ConfigError("node.secret_key_env", str(e)) from None
+    return secret
+
+
 def make_throttle(config: Config, reactor: Any = None, stores: Stores | None = None) -> IThrottle:
     """The node's L{IThrottle}: connection counts and message rates per site.
 
@@ -205,19 +297,33 @@ def make_throttle(config: Config, reactor: Any = None, stores: Stores | None = N
 
 
 def make_routers(
-    config: Config, resolver: DNSResolver
+    config: Config, resolver: DNSResolver, stores: Stores | None = None
 ) -> dict[str, tuple[IRouter, IFailoverStrategy]]:
     """A router and failover strategy for each ``[pool.NAME]``, keyed ``pool:NAME``
-    (the ``via`` of the routes that use it)."""
+    (the ``via`` of the routes that use it).  With the stores in Redis, endpoint
+    health is shared by every node (L{SharedEndpointPool})."""
+    redis = stores.redis if stores is not None else None
+
+    def strategy(pool: Any) -> IFailoverStrategy:
+        if redis is not None:
+            return SharedEndpointPool(pool, redis=redis)
+        return EndpointPool(pool)
+
     return {
-        f"pool:{name}": (PoolRouter(pool, resolver), EndpointPool(pool))
+        f"pool:{name}": (PoolRouter(pool, resolver), strategy(pool))
         for name, pool in config.pools.items()
     }
 
 
-def make_selector(config: Config) -> IEgressSelector | None:
-    """The egress-source selector over ``[[egress.source]]``; None without sources."""
-    return TieredSelector(config.egress_sources) if config.egress_sources else None
+def make_selector(config: Config, stores: Stores | None = None) -> IEgressSelector | None:
+    """The egress-source selector over ``[[egress.source]]``; None without sources.
+    With the stores in Redis, warmup counts and deprioritization marks are shared by
+    every node (L{sendarix.redisstore.selector.SharedTieredSelector})."""
+    if not config.egress_sources:
+        return None
+    if stores is not None and stores.redis is not None:
+        return SharedTieredSelector(config.egress_sources, redis=stores.redis)
+    return TieredSelector(config.egress_sources)
 
 
 def makeService(
@@ -248,24 +354,35 @@ def makeService(
             BounceRules.from_toml(config.delivery.bounce_rules)
             if config.delivery.bounce_rules else None
         ),
-        routers=make_routers(config, resolver),
+        routers=make_routers(config, resolver, stores),
         throttle=make_throttle(config, reactor, stores),
-        selector=make_selector(config),
+        selector=make_selector(config, stores),
         state_file=state_path(config),
     )
     delivery.setServiceParent(top)
     top.delivery = delivery  # type: ignore[attr-defined]
 
+    secret = load_node_secret(config)
+    keyring = DomainKeyring(stores.domains, secret, reactor)
+    if config.spool.sqlite_path is None:
+        # Redis: the key check cannot run before the reactor; the node does not serve
+        # until it passes.
+        stores_service.checks.append(
+            lambda: check_keys_open(stores.domains, secret, config.node.secret_key_env)
+        )
+    require_verified = config.domains.require_verified_domains
     intake = Intake(
         spool=stores.spool, events=stores.events, clock=reactor,
-        node=config.node.name, hostname=config.node.hostname, on_queued=delivery.wake,
+        node=config.node.name, hostname=config.node.hostname,
+        keyring=keyring, require_verified_domains=require_verified, on_queued=delivery.wake,
     )
     tls_options = None
     if any(lc.tls != "none" for lc in config.listeners):
         cert, key = ensure_certificate(
             config.tls.certificate, config.tls.key, config.var_dir, config.node.hostname
         )
-        tls_options = server_tls_options(cert, key, config.tls.min_version)
+        tls_options = ReloadableServerTLS(cert, key, config.tls.min_version)
+    top.tls = tls_options
     limits = config.limits
     auth_limiter = auth_limiter or AuthLimiter(
         max_failures=limits.auth_max_failures, window=limits.auth_failure_window,
@@ -276,7 +393,10 @@ def makeService(
         name: limit for name, t in config.tenants.items()
         if (limit := t.rate_limit) is not None
     }
-    portal = submission_portal(stores.credentials, reactor)
+    token_checker = (
+        HMACTokenChecker(stores.credentials, secret, reactor) if secret is not None else None
+    )
+    portal = submission_portal(stores.credentials, reactor, token_checker)
     top.listeners = []  # type: ignore[attr-defined]
     for lc in config.listeners:
         settings = ListenerSettings(
@@ -286,6 +406,7 @@ def makeService(
             auth_limiter=auth_limiter,
             rate_limiter=rate_limiter, tls_options=tls_options if lc.tls != "none" else None,
             tenant_rates=tenant_rates,
+            keyring=keyring, require_verified_domains=require_verified,
         )
         service = ListenerService(
             reactor, lc, SubmissionFactory(settings), stores_service,

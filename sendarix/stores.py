@@ -1,5 +1,5 @@
 """The node's stores, opened from configuration: spool, credentials, delivery log,
-suppression lists.
+suppression lists, sending domains.
 
 The ``[spool] url`` picks the backend of all of them: ``sqlite:`` keeps everything in
 one SQLite file (one machine); a Redis URL keeps everything in that Redis, shared by
@@ -17,16 +17,19 @@ from twisted.internet.defer import Deferred, ensureDeferred
 
 from sendarix.config import Config
 from sendarix.credentials import SQLiteCredentialStore
+from sendarix.domains import SQLiteDomainStore
 from sendarix.eventlog import SQLiteEventLog
 from sendarix.events import FanoutSink, JSONLogSink
 from sendarix.interfaces import (
     ICredentialStore,
+    IDomainStore,
     IEventLog,
     IEventSink,
     ISpool,
     ISuppressionStore,
     IThrottle,
 )
+from sendarix.redisdomains import RedisDomainStore
 from sendarix.redisstore.connection import RedisClient, connect
 from sendarix.redisstore.credentials import RedisCredentialStore
 from sendarix.redisstore.eventlog import RedisEventLog
@@ -57,6 +60,7 @@ class Stores:
     eventlog: IEventLog
     events: IEventSink
     suppressions: ISuppressionStore
+    domains: IDomainStore
     redis: RedisClient | None = None
     clock: Any = None
     _throttles: list[RedisThrottle] = field(factory=list, init=False)
@@ -76,7 +80,9 @@ class Stores:
             FanoutSink([eventlog, JSONLogSink()]) if use_json else eventlog
         )
         suppressions = SQLiteSuppressionStore(db)
-        return cls(config, db, spool, credentials, eventlog, events, suppressions, clock=reactor)
+        domains = SQLiteDomainStore(db)
+        return cls(config, db, spool, credentials, eventlog, events, suppressions, domains,
+                   clock=reactor)
 
     @classmethod
     def _redis_stores(cls, config: Config, reactor: Any, use_json: bool) -> Stores:
@@ -97,7 +103,8 @@ class Stores:
         )
         return cls(
             config, None, spool, RedisCredentialStore(redis, reactor, REDIS_PREFIX),
-            eventlog, events, RedisSuppressionStore(redis, REDIS_PREFIX), redis, reactor,
+            eventlog, events, RedisSuppressionStore(redis, REDIS_PREFIX),
+            RedisDomainStore(redis, REDIS_PREFIX), redis, reactor,
         )
 
     def make_throttle(self, node: str) -> IThrottle:

@@ -10,7 +10,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from sendarix.config import ConfigError, load_config, resolve_config
-from sendarix.workers import WorkerPool, worker_name
+from sendarix.workers import WorkerPool, twistd_log_file, worker_name
 
 
 class Options(usage.Options):
@@ -54,11 +54,23 @@ def makeService(options: Options) -> IService:
     elif workers > 1:
         from twisted.internet import reactor
 
+        from sendarix.service import load_node_secret
+
+        try:
+            # Refuse here, once, rather than in every worker over and over.
+            load_node_secret(config)
+        except ConfigError as e:
+            sys.stderr.write(f"configuration error: {e}\n")
+            raise SystemExit(1) from e
         path = options["config"]
         arguments = ["--config", os.path.abspath(path)] if path else []
-        return WorkerPool(reactor, workers, arguments)
+        pool = WorkerPool(reactor, workers, arguments, log_file=twistd_log_file(sys.argv))
+        pool.forward_sighup = True  # each worker reloads its TLS certificate
+        return pool
     try:
-        return make_node(config)
+        node = make_node(config)
+        node.reload_on_sighup = True  # SIGHUP reloads the TLS certificate
+        return node
     except ConfigError as e:
         sys.stderr.write(f"configuration error: {e}\n")
         raise SystemExit(1) from e

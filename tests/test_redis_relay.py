@@ -15,6 +15,8 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
+from sendarix.redisstore.endpoints import SharedEndpointPool
+from sendarix.redisstore.selector import SharedTieredSelector
 from sendarix.redisstore.throttle import RedisThrottle
 from sendarix.sink import SinkOptions, SinkServer
 from tests.dnsserver import start_dns
@@ -100,6 +102,19 @@ class RedisRelayTests(TestCase):
         self.assertEqual(rc, 0, err)
         cred = await relay.stores.credentials.get("app")
         self.assertEqual(cred and cred.tenant, "acme")
+
+    async def test_shared_routing_state(self) -> None:
+        """With the stores in Redis, the node's throttle, egress selector and
+        smarthost endpoint health are the shared ones."""
+        relay = await start_relay(
+            self, [LISTENER], spool={"url": self.url},
+            egress={"source": [{"name": "s1", "address": "127.0.0.1"}]},
+            pool={"relays": {"endpoints": ["127.0.0.2:2525"]}},
+        )
+        delivery = relay.service.delivery
+        self.assertIsInstance(delivery.throttle, RedisThrottle)
+        self.assertIsInstance(delivery.selector, SharedTieredSelector)
+        self.assertIsInstance(delivery.routes.routers["pool:relays"][1], SharedEndpointPool)
 
     async def test_waits_for_redis_at_start(self) -> None:
         """A node started while Redis is down opens no listener until Redis is up,

@@ -161,17 +161,19 @@ class RedisClient:
         return Deferred.fromCoroutine(self._wait(clock, timeout))
 
     async def _wait(self, clock: IReactorTime, timeout: float | None) -> None:
-        waited = 0.0
         step = 0.05
+        steps = 0
         while not self.connected:
-            if timeout is not None and waited >= timeout:
+            if self._factory.disconnectCalled:
+                raise RedisUnavailable(f"connection to Redis ({self.describe}) closed")
+            if timeout is not None and steps * step >= timeout:
                 raise RedisUnavailable(f"cannot connect to Redis ({self.describe})")
-            if waited and int(waited / 10.0) != int((waited - step) / 10.0):
+            if steps and steps % 200 == 0:  # every 10 s
                 log.warn("still waiting for Redis ({where})", where=self.describe)
             d: Deferred[None] = Deferred()
             clock.callLater(step, d.callback, None)
             await d
-            waited += step
+            steps += 1
 
     def disconnect(self) -> Deferred[Any]:
         """Close every connection and stop reconnecting."""
