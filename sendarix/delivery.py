@@ -315,12 +315,9 @@ class DeliveryService(Service):
         if self._state_loop is not None and self._state_loop.running:
             self._state_loop.stop()
         self._state_loop = None
-        pending = list(self._running)
-        if self._polling is not None:
-            pending.append(self._polling)
-        if not pending:
+        if not self._running and self._polling is None:
             return Deferred.fromCoroutine(_nothing())
-        done: Deferred[Any] = DeferredList(pending, consumeErrors=True)
+        done = Deferred.fromCoroutine(self._drain(self._polling))
         out: Deferred[None] = Deferred()
         def give_up() -> None:
             if not out.called:
@@ -378,9 +375,28 @@ class DeliveryService(Service):
 
         d.addBoth(done)
 
+    def _forget(self, result: Any, d: Deferred[Any]) -> Any:
+        self._running.discard(d)
+        return result
+
+    async def _drain(self, polling: Deferred[Any] | None) -> None:
+        """Wait for the poll in flight, then for every group, including those that
+        poll started (its Deferred has its own errback)."""
+        if polling is not None:
+            await polling
+        running = list(self._running)
+        if running:
+            await DeferredList(running, consumeErrors=True)
+
     def _dispatch(self, leased: list[LeasedDelivery]) -> None:
         if not self.running:
-            return  # leased as the node stopped: the leases expire (or are reclaimed)
+            # Leased while stopping: hand them back at once, so that another node
+            # takes them now rather than when the leases expire.
+            for delivery in leased:
+                released: Deferred[None] = Deferred.fromCoroutine(self._release(delivery))
+                self._running.add(released)
+                released.addBoth(self._forget, released)
+            return
         groups: dict[_GroupKey, list[LeasedDelivery]] = {}
         for delivery in leased:
             groups.setdefault(self._group_key(delivery), []).append(delivery)
