@@ -284,6 +284,58 @@ class Credential:
         )
 
 
+# -- what every store does ------------------------------------------------------
+
+
+def draft_credential(
+    name: str,
+    tenant: str,
+    domains: Iterable[str],
+    networks: Iterable[str | IPNetwork],
+    scopes: Iterable[str],
+    rate: int | str | None,
+    sandbox: bool,
+    created_at: float,
+) -> Credential:
+    """A new credential, validated but without a secret hash yet.
+
+    Raises ValueError for a bad name, tenant, scope, network or rate, so a store
+    checks everything before paying for a hash.
+    """
+    check_name(name)
+    if not tenant:
+        raise ValueError("a credential needs a tenant")
+    if isinstance(rate, str):
+        rate = parse_rate(rate)
+    elif rate is not None and rate <= 0:
+        raise ValueError(f"bad rate {rate!r}: must be positive")
+    return Credential(
+        name=name,
+        tenant=tenant,
+        domains=domains,
+        networks=networks,
+        scopes=scopes,
+        rate_per_minute=rate,
+        sandbox=sandbox,
+        created_at=created_at,
+    )
+
+
+async def new_hashed_secret(threads: IReactorThreads | None) -> tuple[str, str]:
+    """A fresh secret and its hash, ``(secret, hash)``; hashed in ``threads``'s pool
+    (None: the global reactor's), never on the reactor thread."""
+    secret = new_secret()
+    return secret, await _in_thread(threads, hash_secret, secret)
+
+
+async def with_new_secret(
+    threads: IReactorThreads | None, draft: Credential
+) -> tuple[Credential, str]:
+    """``draft`` with the hash of a fresh secret, and that secret."""
+    secret, hashed = await new_hashed_secret(threads)
+    return evolve(draft, secret_hash=hashed), secret
+
+
 # -- the SQLite store ------------------------------------------------------------
 
 _SCHEMA = """
@@ -345,9 +397,6 @@ class SQLiteCredentialStore:
         self._threads = threads
         db.add_schema(_SCHEMA)
 
-    def _in_thread(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        return _in_thread(self._threads, fn, *args)
-
     def add(
         self,
         name: str,
@@ -377,27 +426,10 @@ class SQLiteCredentialStore:
         rate: int | str | None,
         sandbox: bool,
     ) -> tuple[Credential, str]:
-        check_name(name)
-        if not tenant:
-            raise ValueError("a credential needs a tenant")
-        if isinstance(rate, str):
-            rate = parse_rate(rate)
-        elif rate is not None and rate <= 0:
-            raise ValueError(f"bad rate {rate!r}: must be positive")
-        # Validate everything before paying for a hash.
-        draft = Credential(
-            name=name,
-            tenant=tenant,
-            domains=domains,
-            networks=networks,
-            scopes=scopes,
-            rate_per_minute=rate,
-            sandbox=sandbox,
-            created_at=self._clock.seconds(),
+        draft = draft_credential(
+            name, tenant, domains, networks, scopes, rate, sandbox, self._clock.seconds()
         )
-        secret = new_secret()
-        hashed = await self._in_thread(hash_secret, secret)
-        cred = evolve(draft, secret_hash=hashed)
+        cred, secret = await with_new_secret(self._threads, draft)
 
         def insert(conn: sqlite3.Connection) -> None:
             try:
@@ -475,8 +507,7 @@ class SQLiteCredentialStore:
         return Deferred.fromCoroutine(self._rotate(name))
 
     async def _rotate(self, name: str) -> str:
-        secret = new_secret()
-        hashed = await self._in_thread(hash_secret, secret)
+        secret, hashed = await new_hashed_secret(self._threads)
 
         def update(conn: sqlite3.Connection) -> None:
             cur = conn.execute(

@@ -14,7 +14,6 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from attrs import evolve
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
@@ -26,11 +25,9 @@ from sendarix.credentials import (
     CredentialExistsError,
     CredentialNotFoundError,
     IPNetwork,
-    _in_thread,
-    check_name,
-    hash_secret,
-    new_secret,
-    parse_rate,
+    draft_credential,
+    new_hashed_secret,
+    with_new_secret,
 )
 from sendarix.interfaces import ICredentialStore
 
@@ -152,19 +149,10 @@ class RedisCredentialStore:
         rate: int | str | None,
         sandbox: bool,
     ) -> tuple[Credential, str]:
-        check_name(name)
-        if not tenant:
-            raise ValueError("a credential needs a tenant")
-        if isinstance(rate, str):
-            rate = parse_rate(rate)
-        elif rate is not None and rate <= 0:
-            raise ValueError(f"bad rate {rate!r}: must be positive")
-        draft = Credential(
-            name=name, tenant=tenant, domains=domains, networks=networks, scopes=scopes,
-            rate_per_minute=rate, sandbox=sandbox, created_at=self._clock.seconds(),
+        draft = draft_credential(
+            name, tenant, domains, networks, scopes, rate, sandbox, self._clock.seconds()
         )
-        secret = new_secret()
-        cred = evolve(draft, secret_hash=await _in_thread(self._threads, hash_secret, secret))
+        cred, secret = await with_new_secret(self._threads, draft)
         if not int(await self._run(_ADD, name, _record(cred), cred.secret_hash)):
             raise CredentialExistsError(f"credential {name!r} already exists")
         log.info("credential {name} added for tenant {tenant}", name=name, tenant=tenant)
@@ -215,8 +203,7 @@ class RedisCredentialStore:
         unknown or revoked credential."""
 
         async def go() -> str:
-            secret = new_secret()
-            hashed = await _in_thread(self._threads, hash_secret, secret)
+            secret, hashed = await new_hashed_secret(self._threads)
             if not int(await self._run(_ROTATE, name, hashed)):
                 raise CredentialNotFoundError(f"no active credential {name!r}")
             log.info("credential {name} rotated", name=name)
