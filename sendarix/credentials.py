@@ -26,7 +26,7 @@ from attrs import evolve, field, frozen
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
@@ -412,23 +412,16 @@ class SQLiteCredentialStore:
         Fails with ValueError for a bad name, scope, network or rate, and with
         L{CredentialExistsError} when the name is taken.
         """
-        return Deferred.fromCoroutine(
-            self._add(name, tenant, domains, networks, scopes, rate, sandbox)
-        )
+        try:
+            draft = draft_credential(
+                name, tenant, domains, networks, scopes, rate, sandbox, self._clock.seconds()
+            )
+        except Exception:  # bad values fail the Deferred, as the hashing does
+            return fail()
+        return Deferred.fromCoroutine(self._add(draft))
 
-    async def _add(
-        self,
-        name: str,
-        tenant: str,
-        domains: Iterable[str],
-        networks: Iterable[str | IPNetwork],
-        scopes: Iterable[str],
-        rate: int | str | None,
-        sandbox: bool,
-    ) -> tuple[Credential, str]:
-        draft = draft_credential(
-            name, tenant, domains, networks, scopes, rate, sandbox, self._clock.seconds()
-        )
+    async def _add(self, draft: Credential) -> tuple[Credential, str]:
+        name, tenant = draft.name, draft.tenant
         cred, secret = await with_new_secret(self._threads, draft)
 
         def insert(conn: sqlite3.Connection) -> None:

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -135,23 +135,16 @@ class RedisCredentialStore:
     ) -> Deferred[tuple[Credential, str]]:
         """Create a credential; Deferred ``(Credential, secret)``.  ValueError for bad
         values, L{CredentialExistsError} for a taken name."""
-        return Deferred.fromCoroutine(
-            self._add(name, tenant, domains, networks, scopes, rate, sandbox)
-        )
+        try:
+            draft = draft_credential(
+                name, tenant, domains, networks, scopes, rate, sandbox, self._clock.seconds()
+            )
+        except Exception:  # bad values fail the Deferred, as the hashing does
+            return fail()
+        return Deferred.fromCoroutine(self._add(draft))
 
-    async def _add(
-        self,
-        name: str,
-        tenant: str,
-        domains: Iterable[str],
-        networks: Iterable[str | IPNetwork],
-        scopes: Iterable[str],
-        rate: int | str | None,
-        sandbox: bool,
-    ) -> tuple[Credential, str]:
-        draft = draft_credential(
-            name, tenant, domains, networks, scopes, rate, sandbox, self._clock.seconds()
-        )
+    async def _add(self, draft: Credential) -> tuple[Credential, str]:
+        name, tenant = draft.name, draft.tenant
         cred, secret = await with_new_secret(self._threads, draft)
         if not int(await self._run(_ADD, name, _record(cred), cred.secret_hash)):
             raise CredentialExistsError(f"credential {name!r} already exists")
