@@ -336,6 +336,66 @@ async def with_new_secret(
     return evolve(draft, secret_hash=hashed), secret
 
 
+class CredentialStoreBase:
+    """``add`` and ``rotate`` for every credential store: validation, the draft and
+    the hashing (in a thread) are the same; a store supplies only the writes,
+    ``_insert`` and ``_replace_hash``, and sets ``_clock`` and ``_threads``."""
+
+    _clock: IReactorTime
+    _threads: IReactorThreads | None
+
+    def add(
+        self,
+        name: str,
+        tenant: str,
+        domains: Iterable[str] = (),
+        networks: Iterable[str | IPNetwork] = (),
+        scopes: Iterable[str] = DEFAULT_SCOPES,
+        rate: int | str | None = None,
+        sandbox: bool = False,
+    ) -> Deferred[tuple[Credential, str]]:
+        """Create a credential; Deferred ``(Credential, secret)``.
+
+        Fails with ValueError for a bad name, scope, network or rate, and with
+        L{CredentialExistsError} when the name is taken.
+        """
+        try:
+            draft = draft_credential(
+                name, tenant, domains, networks, scopes, rate, sandbox, self._clock.seconds()
+            )
+        except Exception:  # bad values fail the Deferred, as the hashing does
+            return fail()
+        return Deferred.fromCoroutine(self._add(draft))
+
+    async def _add(self, draft: Credential) -> tuple[Credential, str]:
+        cred, secret = await with_new_secret(self._threads, draft)
+        await self._insert(cred)
+        log.info("credential {name} added for tenant {tenant}", name=cred.name, tenant=cred.tenant)
+        return cred, secret
+
+    async def _insert(self, cred: Credential) -> None:
+        """Store the new ``cred``; L{CredentialExistsError} when the name is taken."""
+        raise NotImplementedError
+
+    def rotate(self, name: str) -> Deferred[str]:
+        """Replace the secret; Deferred new secret.  The old secret stops working at once.
+
+        Fails with L{CredentialNotFoundError} for an unknown or revoked credential.
+        """
+        return Deferred.fromCoroutine(self._rotate(name))
+
+    async def _rotate(self, name: str) -> str:
+        secret, hashed = await new_hashed_secret(self._threads)
+        await self._replace_hash(name, hashed)
+        log.info("credential {name} rotated", name=name)
+        return secret
+
+    async def _replace_hash(self, name: str, hashed: str) -> None:
+        """Store ``hashed`` as the secret hash of active credential ``name``;
+        L{CredentialNotFoundError} when there is none."""
+        raise NotImplementedError
+
+
 # -- the SQLite store ------------------------------------------------------------
 
 _SCHEMA = """
@@ -376,7 +436,7 @@ def _from_row(row: tuple[Any, ...]) -> Credential:
 
 
 @implementer(ICredentialStore)
-class SQLiteCredentialStore:
+class SQLiteCredentialStore(CredentialStoreBase):
     """Credentials in table ``cred_credential`` of a shared L{SQLiteDatabase}.
 
     Construct it before ``db.open()`` (it registers its schema).  ``clock`` gives
@@ -397,33 +457,7 @@ class SQLiteCredentialStore:
         self._threads = threads
         db.add_schema(_SCHEMA)
 
-    def add(
-        self,
-        name: str,
-        tenant: str,
-        domains: Iterable[str] = (),
-        networks: Iterable[str | IPNetwork] = (),
-        scopes: Iterable[str] = DEFAULT_SCOPES,
-        rate: int | str | None = None,
-        sandbox: bool = False,
-    ) -> Deferred[tuple[Credential, str]]:
-        """Create a credential; Deferred ``(Credential, secret)``.
-
-        Fails with ValueError for a bad name, scope, network or rate, and with
-        L{CredentialExistsError} when the name is taken.
-        """
-        try:
-            draft = draft_credential(
-                name, tenant, domains, networks, scopes, rate, sandbox, self._clock.seconds()
-            )
-        except Exception:  # bad values fail the Deferred, as the hashing does
-            return fail()
-        return Deferred.fromCoroutine(self._add(draft))
-
-    async def _add(self, draft: Credential) -> tuple[Credential, str]:
-        name, tenant = draft.name, draft.tenant
-        cred, secret = await with_new_secret(self._threads, draft)
-
+    async def _insert(self, cred: Credential) -> None:
         def insert(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(
@@ -442,11 +476,9 @@ class SQLiteCredentialStore:
                     ),
                 )
             except sqlite3.IntegrityError:
-                raise CredentialExistsError(f"credential {name!r} already exists") from None
+                raise CredentialExistsError(f"credential {cred.name!r} already exists") from None
 
         await self._db.run(insert)
-        log.info("credential {name} added for tenant {tenant}", name=name, tenant=tenant)
-        return cred, secret
 
     def get(self, name: str) -> Deferred[Credential | None]:
         """The credential (active or revoked), or None."""
@@ -492,16 +524,7 @@ class SQLiteCredentialStore:
 
         return self._db.run(update).addCallback(logged)
 
-    def rotate(self, name: str) -> Deferred[str]:
-        """Replace the secret; Deferred new secret.  The old secret stops working at once.
-
-        Fails with L{CredentialNotFoundError} for an unknown or revoked credential.
-        """
-        return Deferred.fromCoroutine(self._rotate(name))
-
-    async def _rotate(self, name: str) -> str:
-        secret, hashed = await new_hashed_secret(self._threads)
-
+    async def _replace_hash(self, name: str, hashed: str) -> None:
         def update(conn: sqlite3.Connection) -> None:
             cur = conn.execute(
                 "UPDATE cred_credential SET secret_hash = ? WHERE name = ? AND revoked_at IS NULL",
@@ -511,8 +534,6 @@ class SQLiteCredentialStore:
                 raise CredentialNotFoundError(f"no active credential {name!r}")
 
         await self._db.run(update)
-        log.info("credential {name} rotated", name=name)
-        return secret
 
 
 def _in_thread(threads: IReactorThreads | None, fn: Callable[..., T], *args: Any) -> Deferred[T]:

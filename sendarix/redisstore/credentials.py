@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Iterable
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from sendarix.credentials import (
-    DEFAULT_SCOPES,
     Credential,
     CredentialExistsError,
     CredentialNotFoundError,
-    IPNetwork,
-    draft_credential,
-    new_hashed_secret,
-    with_new_secret,
+    CredentialStoreBase,
 )
 from sendarix.interfaces import ICredentialStore
 
@@ -98,7 +93,7 @@ def _credential(record: str, revoked_at: str, secret_hash: str) -> Credential:
 
 
 @implementer(ICredentialStore)
-class RedisCredentialStore:
+class RedisCredentialStore(CredentialStoreBase):
     """Credentials in Redis (see the module docstring).
 
     ``clock`` gives ``created_at``/``revoked_at``; hashing runs in ``threads`` (or the
@@ -123,33 +118,9 @@ class RedisCredentialStore:
         d: Deferred[Any] = self._redis.eval(script, [], [self._prefix, *args])
         return d
 
-    def add(
-        self,
-        name: str,
-        tenant: str,
-        domains: Iterable[str] = (),
-        networks: Iterable[str | IPNetwork] = (),
-        scopes: Iterable[str] = DEFAULT_SCOPES,
-        rate: int | str | None = None,
-        sandbox: bool = False,
-    ) -> Deferred[tuple[Credential, str]]:
-        """Create a credential; Deferred ``(Credential, secret)``.  ValueError for bad
-        values, L{CredentialExistsError} for a taken name."""
-        try:
-            draft = draft_credential(
-                name, tenant, domains, networks, scopes, rate, sandbox, self._clock.seconds()
-            )
-        except Exception:  # bad values fail the Deferred, as the hashing does
-            return fail()
-        return Deferred.fromCoroutine(self._add(draft))
-
-    async def _add(self, draft: Credential) -> tuple[Credential, str]:
-        name, tenant = draft.name, draft.tenant
-        cred, secret = await with_new_secret(self._threads, draft)
-        if not int(await self._run(_ADD, name, _record(cred), cred.secret_hash)):
-            raise CredentialExistsError(f"credential {name!r} already exists")
-        log.info("credential {name} added for tenant {tenant}", name=name, tenant=tenant)
-        return cred, secret
+    async def _insert(self, cred: Credential) -> None:
+        if not int(await self._run(_ADD, cred.name, _record(cred), cred.secret_hash)):
+            raise CredentialExistsError(f"credential {cred.name!r} already exists")
 
     async def _get(self, names: builtins.list[str]) -> builtins.list[Credential]:
         if not names:
@@ -191,15 +162,6 @@ class RedisCredentialStore:
 
         return d.addCallback(done)
 
-    def rotate(self, name: str) -> Deferred[str]:
-        """Replace the secret; Deferred new secret.  L{CredentialNotFoundError} for an
-        unknown or revoked credential."""
-
-        async def go() -> str:
-            secret, hashed = await new_hashed_secret(self._threads)
-            if not int(await self._run(_ROTATE, name, hashed)):
-                raise CredentialNotFoundError(f"no active credential {name!r}")
-            log.info("credential {name} rotated", name=name)
-            return secret
-
-        return Deferred.fromCoroutine(go())
+    async def _replace_hash(self, name: str, hashed: str) -> None:
+        if not int(await self._run(_ROTATE, name, hashed)):
+            raise CredentialNotFoundError(f"no active credential {name!r}")
