@@ -313,12 +313,9 @@ class DeliveryService(Service):
         if self._state_loop is not None and self._state_loop.running:
             self._state_loop.stop()
         self._state_loop = None
-        pending = list(self._running)
-        if self._polling is not None:
-            pending.append(self._polling)
-        if not pending:
+        if not self._running and self._polling is None:
             return Deferred.fromCoroutine(_nothing())
-        done: Deferred[Any] = DeferredList(pending, consumeErrors=True)
+        done = Deferred.fromCoroutine(self._drain(self._polling))
         out: Deferred[None] = Deferred()
         def give_up() -> None:
             if not out.called:
@@ -367,16 +364,27 @@ class DeliveryService(Service):
 
         d.addBoth(done)
 
+    def _forget(self, result: Any, d: Deferred[Any]) -> Any:
+        self._running.discard(d)
+        return result
+
+    async def _drain(self, polling: Deferred[Any] | None) -> None:
+        """Wait for the poll in flight, then for every group, including those that
+        poll started (its Deferred has its own errback)."""
+        if polling is not None:
+            await polling
+        running = list(self._running)
+        if running:
+            await DeferredList(running, consumeErrors=True)
+
     def _dispatch(self, leased: list[LeasedDelivery]) -> None:
         if not self.running:
-            # The lease arrived after stopService took stock of the groups in flight:
-            # start nothing new (it would outlive the stop); give the leases back.
+            # Leased while stopping: hand them back at once, so that another node
+            # takes them now rather than when the leases expire.
             for delivery in leased:
-                d = maybeDeferred(
-                    self.spool.release, delivery.queue_id, delivery.domain,
-                    self.config.node.name,
-                )
-                d.addErrback(self._failed, "giving a lease back while stopping failed")
+                released: Deferred[None] = Deferred.fromCoroutine(self._release(delivery))
+                self._running.add(released)
+                released.addBoth(self._forget, released)
             return
         groups: dict[_GroupKey, list[LeasedDelivery]] = {}
         for delivery in leased:

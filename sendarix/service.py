@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybe
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 
 from sendarix.auth import submission_portal
 from sendarix.authlimit import AuthLimiter
@@ -32,6 +33,7 @@ from sendarix.nodesecret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.ratelimit import RateLimiter
 from sendarix.redisstore.connection import is_outage
 from sendarix.redisstore.endpoints import SharedEndpointPool
+from sendarix.redisstore.limits import SharedAuthLimiter, SharedRateLimiter
 from sendarix.redisstore.selector import SharedTieredSelector
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.routing.pool import EndpointPool, PoolRouter
@@ -112,7 +114,8 @@ class StoresService(Service):
         #: Run once the stores are open; a failure keeps the node from serving.
         self.checks = list(checks)
         self._ready: Deferred[None] | None = None
-        self._failure: Any = None
+        #: Why the stores did not open (every ``ready()`` then fails with it).
+        self._failure: Failure | None = None
 
     def ready(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -163,15 +166,15 @@ class StoresService(Service):
         d.addErrback(self._trim_failed)
         return d
 
-    def _trim_failed(self, failure: Any) -> None:
+    def _trim_failed(self, failure: Failure) -> None:
         if is_outage(failure):  # Redis down, or closing under the trim
             log.warn("trimming the event log failed: {why}", why=failure.getErrorMessage())
         else:
             log.failure("trimming the event log failed", failure)
 
-    def _failed(self, failure: Any) -> None:
-        # Kept for ready(), and consumed here: left in the Deferred, it would be
-        # logged again as unhandled whenever the Deferred is garbage-collected.
+    def _failed(self, failure: Failure) -> None:
+        # Logged once here; each ready() caller gets the failure to handle itself (so
+        # no Deferred is left holding an unhandled error).
         log.failure("could not open the stores", failure)
         self._failure = failure
 
@@ -296,6 +299,21 @@ def make_throttle(config: Config, reactor: Any = None, stores: Stores | None = N
     return MemoryThrottle()
 
 
+def make_auth_limiter(config: Config, stores: Stores | None = None) -> AuthLimiter:
+    """The AUTH failure limiter from ``[limits]``: failures and lockouts shared by
+    every node when the stores are in Redis, else counted in this process."""
+    limits = config.limits
+    if stores is not None and stores.redis is not None:
+        return SharedAuthLimiter(
+            stores.redis, max_failures=limits.auth_max_failures,
+            window=limits.auth_failure_window, lockout=limits.auth_lockout,
+        )
+    return AuthLimiter(
+        max_failures=limits.auth_max_failures, window=limits.auth_failure_window,
+        lockout=limits.auth_lockout,
+    )
+
+
 def make_routers(
     config: Config, resolver: DNSResolver, stores: Stores | None = None
 ) -> dict[str, tuple[IRouter, IFailoverStrategy]]:
@@ -384,11 +402,11 @@ def makeService(
         tls_options = ReloadableServerTLS(cert, key, config.tls.min_version)
     top.tls = tls_options
     limits = config.limits
-    auth_limiter = auth_limiter or AuthLimiter(
-        max_failures=limits.auth_max_failures, window=limits.auth_failure_window,
-        lockout=limits.auth_lockout,
+    auth_limiter = auth_limiter or make_auth_limiter(config, stores)
+    # With Redis, credential and tenant rates count for the whole cluster.
+    rate_limiter = RateLimiter() if stores.redis is None else SharedRateLimiter(
+        redis=stores.redis
     )
-    rate_limiter = RateLimiter()
     tenant_rates = {
         name: limit for name, t in config.tenants.items()
         if (limit := t.rate_limit) is not None

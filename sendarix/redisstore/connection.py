@@ -183,6 +183,23 @@ class RedisClient:
         return gatherResults([h.disconnect() for h in handlers], consumeErrors=True)
 
 
+class _SentinelProtocol(txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
+    """txredisapi's Sentinel-aware protocol, whose ROLE check on a new connection
+    leaves its failure unhandled when the connection drops meanwhile (as it does
+    during a failover): the error would be logged as unhandled later."""
+
+    def connectionMade(self) -> Any:
+        d = super().connectionMade()
+        if isinstance(d, Deferred):
+            d.addErrback(lambda f: log.info("Redis role check failed: {why}",
+                                            why=f.getErrorMessage()))
+        return d
+
+
+class _SentinelFactory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
+    protocol = _SentinelProtocol
+
+
 def _tls_options(host: str, ca_file: str | None) -> Any:
     from twisted.internet import ssl
 
@@ -224,7 +241,7 @@ def connect(
         sentinel = txredisapi.Sentinel(list(target.sentinels))
         owned.append(sentinel)
         common.pop("connectTimeout")
-        handler = sentinel.master_for(target.master, **common)
+        handler = sentinel.master_for(target.master, factory_class=_SentinelFactory, **common)
     else:
         tls = _tls_options(target.host, ca_file) if target.tls else False
         handler = txredisapi.lazyConnectionPool(
