@@ -28,6 +28,7 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     DeferredSemaphore,
+    gatherResults,
     maybeDeferred,
     succeed,
 )
@@ -221,6 +222,7 @@ class DeliveryService(Service):
         self._loop: LoopingCall | None = None
         self._active = 0
         self._polling: Deferred[Any] | None = None
+        self._wake_missed = False
         self._running: set[Deferred[Any]] = set()
         self._groups = DeferredSemaphore(config.delivery.concurrency)
         self._trust_root: Any = None
@@ -344,13 +346,20 @@ class DeliveryService(Service):
 
     # -- the loop -----------------------------------------------------------------
 
+    def wake(self) -> None:
+        """New mail is queued: poll now rather than at the next interval.  Wakes while
+        a poll is in flight (or the window is full) are folded into one more poll
+        when it ends (or when a group finishes)."""
+        if self._loop is not None:
+            self._tick()
+
     def _tick(self) -> None:
         # Never return the Deferred: a failing poll must not stop the LoopingCall.
-        if self._polling is not None:
+        if self._polling is not None or self.window - self._active <= 0:
+            self._wake_missed = True
             return
+        self._wake_missed = False
         free = self.window - self._active
-        if free <= 0:
-            return
         now = self.reactor.seconds()
         d = self.spool.lease_due(
             self.config.node.name, now, free, self.config.spool.lease_time
@@ -361,6 +370,8 @@ class DeliveryService(Service):
 
         def done(_: Any) -> None:
             self._polling = None
+            if self._wake_missed:
+                self.wake()
 
         d.addBoth(done)
 
@@ -397,6 +408,8 @@ class DeliveryService(Service):
             def finished(_: Any, d: Deferred[Any] = d, n: int = len(deliveries)) -> None:
                 self._running.discard(d)
                 self._active -= n
+                if self._wake_missed:
+                    self.wake()
 
             d.addBoth(finished)
 
@@ -615,8 +628,11 @@ class DeliveryService(Service):
             return False
         messages: list[egress.OutboundMessage] = []
         sending: list[LeasedDelivery] = []
-        for delivery in batch:
-            body = await self.spool.body(delivery.queue_id)
+        # All bodies at once: the reads share one database round trip.
+        bodies = await gatherResults(
+            [maybeDeferred(self.spool.body, d.queue_id) for d in batch], consumeErrors=True
+        )
+        for delivery, body in zip(batch, bodies):
             if body is None:
                 # Deleted while leased: nothing to send, nothing to record.
                 pending.remove(delivery)
@@ -689,6 +705,7 @@ class DeliveryService(Service):
         self._learn(conn, source, result, refused_421)
         by_id = {m.queue_id: m for m in result.results}
         go_on = True
+        settling: list[LeasedDelivery] = []
         for delivery in sending:
             if delivery.queue_id in result.unsent:
                 # Held back by the site's rate: the next poll leases it again.
@@ -696,6 +713,9 @@ class DeliveryService(Service):
                 await self._release(delivery)
                 go_on = False
                 continue
+            settling.append(delivery)
+
+        async def settle(delivery: LeasedDelivery) -> None:
             message = by_id[delivery.queue_id]
             replies = {r.address: r.reply for r in message.recipients}
             attempts = [
@@ -712,6 +732,11 @@ class DeliveryService(Service):
             ]
             await self._finish(delivery, attempts)
             pending.remove(delivery)
+
+        # Settled together, the outcomes and events of a session share their commits.
+        await gatherResults(
+            [Deferred.fromCoroutine(settle(d)) for d in settling], consumeErrors=True
+        )
         return go_on
 
     def _learn(
@@ -759,10 +784,24 @@ class DeliveryService(Service):
             )
 
     async def _release(self, delivery: LeasedDelivery) -> None:
-        try:
-            await self.spool.release(delivery.queue_id, delivery.domain, self.config.node.name)
-        except Exception:
-            self._failed(Failure(), "releasing {queue_id} failed", queue_id=delivery.queue_id)
+        # A release that fails (the spool is down) is retried while the lease lasts:
+        # given up at once, the delivery would wait for its lease to expire.
+        deadline = self.reactor.seconds() + self.config.spool.lease_time
+        delay = 0.5
+        while True:
+            try:
+                await self.spool.release(
+                    delivery.queue_id, delivery.domain, self.config.node.name
+                )
+                return
+            except Exception:
+                if not self.running or self.reactor.seconds() + delay >= deadline:
+                    self._failed(
+                        Failure(), "releasing {queue_id} failed", queue_id=delivery.queue_id
+                    )
+                    return
+            await deferLater(self.reactor, delay, lambda: None)
+            delay = min(delay * 2, 10.0)
 
     def _renew_while_running(self, pending: list[LeasedDelivery]) -> LoopingCall:
         """Renew the leases of ``pending`` deliveries every third of the lease time, so
