@@ -1,23 +1,26 @@
 """The delivery agent: leases due deliveries from the spool and sends them out.
 
-Every ``poll_interval`` seconds :class:`DeliveryService` leases what is due (no more than
-its bounded window of deliveries in flight has room for), groups the leased deliveries
-by destination domain and runs each group on its own: route it (MX lookup; the
-simulator domain never leaves the process), hand up to ``max_messages_per_connection``
-messages to one egress session per hop, and try the next hop at once when a hop held
-no session (connection refused, or 421 before any transaction).  Each recipient's
-reply is classified (delivered, deferred, bounced), deferred recipients are rescheduled
-or expired by the retry schedule, and the outcome is recorded with ``ISpool.complete``,
-then reported as one event per recipient (DESIGN.md sections 3, 5, 7, 9 and 12).
+Every ``poll_interval`` seconds :class:`DeliveryService` leases what is due (no more
+than its bounded window of deliveries held has room for, leaving in the spool the mail
+of sites whose ready queue is full), groups the leased deliveries by destination domain
+and routes each group (MX lookup or smarthost pool; the simulator domain never leaves
+the process).  Routed deliveries wait in their site's ready queue
+(:mod:`sendarix.routing.ready`), their leases renewed; one drainer per site sends them,
+up to ``max_messages_per_connection`` per egress session, as the site's window,
+connection cap and rate admit, trying the next hop at once when a hop held no session
+(connection refused, or 421 before any transaction).  Each recipient's reply is
+classified (delivered, deferred, bounced), deferred recipients are rescheduled or
+expired by the retry schedule, and the outcome is recorded with ``ISpool.complete``,
+then reported as one event per recipient (DESIGN.md sections 3, 5, 6, 7, 9 and 12).
 
-Errors in one group are logged and its leases given back; they never stop the loop.
+Errors in one group or connection are logged and its leases given back; they never
+stop the loop.  A stop hands queued deliveries back to the spool at once.
 """
 
 from __future__ import annotations
 
 import datetime
 import random
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -46,6 +49,7 @@ from sendarix.interfaces import (
     IEventSink,
     IFailoverStrategy,
     IRouter,
+    ISelectiveLease,
     ISpool,
     ISuppressionStore,
     IThrottle,
@@ -61,6 +65,7 @@ from sendarix.model import (
 from sendarix.providers import ProviderTable
 from sendarix.routing.mx import Hop, RouteError
 from sendarix.routing.pool import EndpointPool, OrderedFallback
+from sendarix.routing.ready import ReadyQueues
 from sendarix.routing.rules import RouteFacts, RuleRouter, RuleTable
 from sendarix.routing.shaping import POOL_PREFIX, Shaping, SiteShape, strictest_tls
 from sendarix.routing.state import write_state
@@ -76,8 +81,10 @@ SIMULATOR_MX = "simulator"
 #: Seconds a stopping service waits for groups in flight before it lets go.
 STOP_GRACE = 30.0
 #: The longest a connection waits for its site's rate to admit one more message;
-#: beyond it the rest of the batch is handed back to the spool for a later poll.
+#: beyond it the session ends and the rest of the batch goes back to the ready queue.
 MAX_PACE_WAIT = 2.0
+#: The longest a site's drainer sleeps at a time (so a stop is noticed soon).
+DRAIN_NAP = 1.0
 #: Seconds between two writes of the routing state file.
 STATE_INTERVAL = 5.0
 
@@ -94,15 +101,21 @@ class _GroupKey:
 
 @define(eq=False)
 class _Connection:
-    """What the connections of one group share."""
+    """Where the deliveries of one group go: what their connections share."""
 
     key: _GroupKey
     site: str
     shape: SiteShape
     hops: tuple[Hop, ...]
     strategy: IFailoverStrategy
-    pending: list[LeasedDelivery]
-    batches: deque[list[LeasedDelivery]]
+
+
+@frozen
+class _Ready:
+    """A leased, routed delivery waiting in its site's ready queue."""
+
+    conn: _Connection
+    delivery: LeasedDelivery
 
 
 @frozen
@@ -218,7 +231,17 @@ class DeliveryService(Service):
         self.state_file = state_file
         self._state_loop: LoopingCall | None = None
         self._loop: LoopingCall | None = None
-        self._active = 0
+        # Leased deliveries held in memory: routed ones wait in their site's ready
+        # queue; ``_leased`` is every lease held (renewed while held).
+        self.ready_queues: ReadyQueues[_Ready] = ReadyQueues(window)
+        self._routing = 0
+        self._leased: dict[tuple[str, str], LeasedDelivery] = {}
+        self._drainers: dict[str, Deferred[None]] = {}
+        self._wakeups: dict[str, Deferred[None]] = {}
+        self._renewer: LoopingCall | None = None
+        #: Spool traffic of the lease poll: deliveries leased, handed back unsent
+        #: (released) and kept leased until their site has room (parked).
+        self.counters = {"leased": 0, "released": 0, "parked": 0}
         self._polling: Deferred[Any] | None = None
         self._running: set[Deferred[Any]] = set()
         self._groups = DeferredSemaphore(config.delivery.concurrency)
@@ -258,6 +281,11 @@ class DeliveryService(Service):
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self.reactor
         self._loop.start(self.poll_interval, now=True)
+        self._renewer = LoopingCall(self._renew_held)
+        self._renewer.clock = self.reactor
+        self._renewer.start(self.config.spool.lease_time / 3.0, now=False).addErrback(
+            lambda f: self._failed(f, "renewing leases stopped")
+        )
         if self.state_file is not None:
             self._state_loop = LoopingCall(self._write_state)
             self._state_loop.clock = self.reactor
@@ -273,6 +301,7 @@ class DeliveryService(Service):
         sites = []
         for site, shape in sorted(self.shaping.sites.items()):
             entry = shape.describe(now)
+            entry["queued"] = self.ready_queues.queued(site)
             opened = getattr(self.throttle, "connections", None)
             if callable(opened):
                 entry["open"] = opened("conn:" + site)
@@ -312,7 +341,22 @@ class DeliveryService(Service):
         if self._state_loop is not None and self._state_loop.running:
             self._state_loop.stop()
         self._state_loop = None
+        if self._renewer is not None and self._renewer.running:
+            self._renewer.stop()
+        self._renewer = None
+        for wakeup in list(self._wakeups.values()):
+            wakeup.callback(None)
+        # What waits in the ready queues goes back to the spool at once; what is
+        # being sent finishes (within the grace period).
+        queued = self.ready_queues.drain_all()
         pending = list(self._running)
+        if queued:
+            pending.append(
+                DeferredList(
+                    [Deferred.fromCoroutine(self._release(r.delivery)) for r in queued],
+                    consumeErrors=True,
+                )
+            )
         if self._polling is not None:
             pending.append(self._polling)
         if not pending:
@@ -346,36 +390,55 @@ class DeliveryService(Service):
 
     def _tick(self) -> None:
         # Never return the Deferred: a failing poll must not stop the LoopingCall.
+        for site in self.ready_queues.sites():
+            if site not in self._drainers:
+                self._kick(site)
         if self._polling is not None:
             return
-        free = self.window - self._active
+        free = self.ready_queues.poll_limit(
+            self.window - self.ready_queues.total() - self._routing
+        )
         if free <= 0:
             return
         now = self.reactor.seconds()
-        d = self.spool.lease_due(
-            self.config.node.name, now, free, self.config.spool.lease_time
-        )
+        node, lease_time = self.config.node.name, self.config.spool.lease_time
+        # Mail of sites whose ready queue is full stays in the spool.
+        skip = self.ready_queues.skip_domains()
+        if skip and ISelectiveLease.providedBy(self.spool):
+            d = self.spool.lease_due_except(node, now, free, lease_time, skip)
+        else:
+            d = self.spool.lease_due(node, now, free, lease_time)
         self._polling = d
-        d.addCallback(self._dispatch)
-        d.addErrback(self._failed, "leasing due deliveries failed")
 
-        def done(_: Any) -> None:
+        def done(result: Any) -> None:
             self._polling = None
+            # A full poll (limited by one site's room) likely left more due: go on
+            # at once rather than at the next tick.
+            if isinstance(result, list) and result and len(result) >= free and self.running:
+                self.reactor.callLater(0, self._tick)
 
+        d.addCallback(self._dispatched)
+        d.addErrback(self._failed, "leasing due deliveries failed")
         d.addBoth(done)
 
+    def _dispatched(self, leased: list[LeasedDelivery]) -> list[LeasedDelivery]:
+        self._dispatch(leased)
+        return leased
+
     def _dispatch(self, leased: list[LeasedDelivery]) -> None:
+        self.counters["leased"] += len(leased)
         groups: dict[_GroupKey, list[LeasedDelivery]] = {}
         for delivery in leased:
+            self._leased[delivery.queue_id, delivery.domain] = delivery
             groups.setdefault(self._group_key(delivery), []).append(delivery)
         for key, deliveries in groups.items():
-            self._active += len(deliveries)
+            self._routing += len(deliveries)
             d = self._groups.run(self._group, key, deliveries)
             self._running.add(d)
 
             def finished(_: Any, d: Deferred[Any] = d, n: int = len(deliveries)) -> None:
                 self._running.discard(d)
-                self._active -= n
+                self._routing -= n
 
             d.addBoth(finished)
 
@@ -401,7 +464,9 @@ class DeliveryService(Service):
         return Deferred.fromCoroutine(self._run_group(key, deliveries))
 
     async def _run_group(self, key: _GroupKey, deliveries: list[LeasedDelivery]) -> None:
-        """Deliver one group's leased deliveries; errors release the unfinished ones."""
+        """Route one group's leased deliveries and queue them for their site; simulated
+        ones, route errors and paused sites are settled at once.  Errors release the
+        deliveries not yet queued."""
         domain = key.domain
         pending = list(deliveries)
         try:
@@ -423,49 +488,21 @@ class DeliveryService(Service):
                 return
             site = self._site_of(rule, route.hops)
             shape = self.shaping.get(site)
-            now = self.reactor.seconds()
-            if shape.window.is_dead(now):
-                # Repeated connection failures: defer at once instead of timing out
-                # once per message (Postfix's "dead destination").
-                reply = Reply(451, "4.4.1", f"{domain}: destination not responding, suspended")
-                await self._defer_all(deliveries, pending, reply)
+            # Repeated connection failures (Postfix's "dead destination") or
+            # rate-limit refusals: defer at once instead of trying once per message.
+            paused = self._paused(domain, shape, self.reactor.seconds())
+            if paused is not None:
+                await self._defer_all(deliveries, pending, paused)
                 return
-            if shape.is_suspended(now):
-                assert shape.suspended_until is not None
-                wait = max(1, int(shape.suspended_until - now + 0.999))
-                reply = Reply(
-                    451, "4.7.0",
-                    f"{site}: paused after rate-limit replies, try again in {wait} seconds",
-                )
-                await self._defer_all(deliveries, pending, reply)
-                return
-            size = shape.messages_per_connection
-            batches: deque[list[LeasedDelivery]] = deque(
-                deliveries[i : i + size] for i in range(0, len(deliveries), size)
-            )
-            conn = _Connection(key, site, shape, route.hops, strategy, pending, batches)
-            renewer = self._renew_while_running(pending)
-            try:
-                workers = max(1, min(len(batches), shape.window.limit))
-                # Wait for every worker, even when one fails, before anything is
-                # released: the others may still be sending.
-                outcomes: list[tuple[bool, Any]] = await DeferredList(
-                    [Deferred.fromCoroutine(self._worker(conn)) for _ in range(workers)],
-                    consumeErrors=True,
-                )
-                for ok, value in outcomes:
-                    if not ok:
-                        value.raiseException()
-                # The site's window or connection cap is full, or its rate says wait:
-                # hand the rest back; the next poll leases them again.
-                for batch in batches:
-                    for delivery in batch:
-                        if delivery in pending:
-                            pending.remove(delivery)
-                            await self._release(delivery)
-            finally:
-                if renewer.running:
-                    renewer.stop()
+            conn = _Connection(key, site, shape, route.hops, strategy)
+            self.ready_queues.note_domain(domain, site)
+            for delivery in deliveries:
+                if not self.ready_queues.offer(site, key, _Ready(conn, delivery)):
+                    # The site holds its share already (the spool could not leave
+                    # this one out): keep the lease until the site can take it.
+                    await self._park(delivery, site, shape)
+                pending.remove(delivery)
+            self._kick(site)
         except Exception:
             self._failed(Failure(), "delivery to {domain} failed", domain=domain)
             for delivery in pending:
@@ -486,35 +523,164 @@ class DeliveryService(Service):
             return POOL_PREFIX + rule.pool
         return self.providers.site_for(h.host for h in hops)
 
-    async def _worker(self, conn: _Connection) -> None:
-        """Send batches of ``conn`` one connection at a time while the site's window,
-        its connection cap and its rate allow."""
-        shape = conn.shape
-        throttle_key = "conn:" + conn.site
-        while conn.batches:
+    # -- the ready queues ---------------------------------------------------------
+
+    def _kick(self, site: str) -> None:
+        """Wake ``site``'s drainer, or start one when its ready queue has none."""
+        wakeup = self._wakeups.pop(site, None)
+        if wakeup is not None and not wakeup.called:
+            wakeup.callback(None)
+        if site in self._drainers or not self.running or not self.ready_queues.queued(site):
+            return
+        d = Deferred.fromCoroutine(self._drain(site))
+        self._drainers[site] = d
+        self._running.add(d)
+        d.addErrback(self._failed, "draining the ready queue of {site} failed", site=site)
+
+        def finished(_: Any) -> None:
+            self._drainers.pop(site, None)
+            self._running.discard(d)
+
+        d.addBoth(finished)
+
+    def _nap(self, site: str, seconds: float) -> Deferred[None]:
+        """Sleep up to ``seconds`` (at most ``DRAIN_NAP``), or until ``_kick(site)``."""
+        d: Deferred[None] = Deferred()
+        self._wakeups[site] = d
+
+        def wake() -> None:
+            if not d.called:
+                d.callback(None)
+
+        timer = self.reactor.callLater(max(0.0, min(seconds, DRAIN_NAP)), wake)
+
+        def woken(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if self._wakeups.get(site) is d:
+                del self._wakeups[site]
+            return result
+
+        d.addBoth(woken)
+        return d
+
+    def _paused(self, name: str, shape: SiteShape, now: float) -> Reply | None:
+        """The deferral reply while the site is dead or paused, else None."""
+        if shape.window.is_dead(now):
+            return Reply(451, "4.4.1", f"{name}: destination not responding, suspended")
+        if shape.is_suspended(now):
+            assert shape.suspended_until is not None
+            wait = max(1, int(shape.suspended_until - now + 0.999))
+            return Reply(
+                451, "4.7.0",
+                f"{shape.site}: paused after rate-limit replies, try again in {wait} seconds",
+            )
+        return None
+
+    async def _drain(self, site: str) -> None:
+        """Send ``site``'s ready queue, one connection per batch, as the site's window,
+        connection cap and rate admit; sleep (woken when a connection ends or mail
+        arrives) while they do not."""
+        shape = self.shaping.get(site)
+        conn_key = "conn:" + site
+        while self.running and self.ready_queues.queued(site):
             now = self.reactor.seconds()
-            if not shape.window.try_acquire(now):
+            reply = self._paused(site, shape, now)
+            if reply is not None:
+                for ready in self.ready_queues.drain(site):
+                    await self._defer_all([ready.delivery], [ready.delivery], reply)
                 return
+            if not shape.window.try_acquire(now):
+                await self._nap(site, DRAIN_NAP)
+                continue
             taken = await maybeDeferred(
-                self.throttle.acquire_connection, throttle_key, shape.max_connections, now
+                self.throttle.acquire_connection, conn_key, shape.max_connections, now
             )
             if not taken:
                 shape.window.release()
-                return
+                await self._nap(site, DRAIN_NAP)
+                continue
+            started = False
             try:
-                if not conn.batches:
-                    shape.window.release()
-                    return
-                batch = conn.batches.popleft()
-                try:
-                    go_on = await self._send_batch(conn, batch)
-                except Exception:
-                    shape.window.release()
-                    raise
+                # The first message of the connection waits for the site's rate here.
+                batch = (
+                    self.ready_queues.take(site, self._batch_size(shape))
+                    if await self._await_rate(site, shape) else []
+                )
+                if batch:
+                    d = Deferred.fromCoroutine(self._send_taken(site, batch, conn_key))
+                    started = True
+                    self._running.add(d)
+                    d.addBoth(self._forget, d)
             finally:
-                await maybeDeferred(self.throttle.release_connection, throttle_key)
-            if not go_on:
-                return
+                if not started:
+                    shape.window.release()
+                    await maybeDeferred(self.throttle.release_connection, conn_key)
+
+    @staticmethod
+    def _batch_size(shape: SiteShape) -> int:
+        """Messages for one connection: no more than the site's rate admits within
+        ``MAX_PACE_WAIT`` or so (a session ends at a longer wait anyway), so what a
+        slow site holds drains a few at a time and its queue is topped up between."""
+        size = shape.messages_per_connection
+        rate = shape.current_rate
+        if rate is not None:
+            size = min(size, max(1, int(rate / shape.period * MAX_PACE_WAIT) + 1))
+        return size
+
+    def _forget(self, result: Any, d: Deferred[Any]) -> Any:
+        self._running.discard(d)
+        return result
+
+    async def _await_rate(self, site: str, shape: SiteShape) -> bool:
+        """Wait until the site's rate admits one message (counted); False when the
+        service stops first."""
+        key = "rate:" + site
+        while self.running:
+            rate = shape.current_rate
+            if rate is None:
+                return True
+            wait = await maybeDeferred(
+                self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
+            )
+            if wait <= 0:
+                return True
+            await deferLater(self.reactor, min(wait, DRAIN_NAP), lambda: None)
+        return False
+
+    async def _send_taken(self, site: str, batch: list[_Ready], conn_key: str) -> None:
+        """Send a batch taken from ``site``'s queue over one connection (slots held);
+        what the session could not send goes back to the queue."""
+        conn = batch[0].conn
+        deliveries = [r.delivery for r in batch]
+        pending = list(deliveries)
+        back: list[LeasedDelivery] = []
+        try:
+            await self._send_batch(conn, deliveries, pending, back)
+        except Exception:
+            conn.shape.window.release()
+            self._failed(Failure(), "delivery to {domain} failed", domain=conn.key.domain)
+            for delivery in pending:
+                await self._release(delivery)
+        finally:
+            await maybeDeferred(self.throttle.release_connection, conn_key)
+            keep = [r for r in batch if r.delivery in back]
+            self.ready_queues.put_back(site, conn.key, keep)
+            self.ready_queues.done(site, len(batch) - len(keep))
+            self._kick(site)
+
+    async def _park(self, delivery: LeasedDelivery, site: str, shape: SiteShape) -> None:
+        """Keep ``delivery``'s lease, out of memory, until about when ``site`` can take
+        it (its lease then expires and a later poll leases it again)."""
+        rate = shape.current_rate
+        interval = shape.period / rate if rate else 0.0
+        until = self.ready_queues.park_until(site, self.reactor.seconds(), interval)
+        self._leased.pop((delivery.queue_id, delivery.domain), None)
+        self.counters["parked"] += 1
+        try:
+            await self.spool.renew(delivery.queue_id, delivery.domain, self.config.node.name, until)
+        except Exception:
+            self._failed(Failure(), "parking {queue_id} failed", queue_id=delivery.queue_id)
 
     async def _admit(self, conn: _Connection) -> bool:
         """Ask the site's rate to admit one message (counted when admitted), waiting
@@ -550,12 +716,18 @@ class DeliveryService(Service):
 
         return pace
 
-    async def _send_batch(self, conn: _Connection, batch: list[LeasedDelivery]) -> bool:
-        """One session (per hop tried) for one batch; each delivery leaves ``pending``
-        once it is settled.  The caller holds a window slot, which this settles.  False
-        when the worker should stop (rate or warmup exhausted)."""
+    async def _send_batch(
+        self,
+        conn: _Connection,
+        batch: list[LeasedDelivery],
+        pending: list[LeasedDelivery],
+        back: list[LeasedDelivery],
+    ) -> None:
+        """One session (per hop tried) for one batch whose first message the site's
+        rate has admitted; each delivery leaves ``pending`` once it is settled or
+        moved to ``back`` (not sent: warmup cap or rate).  The caller holds a window
+        slot, which this settles."""
         shape = conn.shape
-        pending = conn.pending
         window = shape.window
         now = self.reactor.seconds()
         today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
@@ -576,16 +748,13 @@ class DeliveryService(Service):
                     f"try again in {max(1, int(midnight - now + 1))} seconds",
                 )
                 await self._defer_all(batch, pending, reply)
-                return True
+                return
             left = self.selector.remaining(source, conn.site, today)
             if left is not None and left < len(batch):
-                conn.batches.appendleft(batch[left:])
+                for delivery in batch[left:]:
+                    pending.remove(delivery)
+                    back.append(delivery)
                 batch = batch[:left]
-        if not await self._admit(conn):
-            # The site's rate says wait longer than we hold a connection slot for.
-            conn.batches.appendleft(batch)
-            window.release()
-            return False
         messages: list[egress.OutboundMessage] = []
         sending: list[LeasedDelivery] = []
         for delivery in batch:
@@ -609,7 +778,7 @@ class DeliveryService(Service):
             sending.append(delivery)
         if not sending:
             window.release()
-            return True
+            return
         hops = conn.strategy.order(conn.hops, now)
         if not hops:
             window.release()
@@ -617,7 +786,7 @@ class DeliveryService(Service):
                 451, "4.4.1", f"{conn.site}: every endpoint is resting after failures"
             )
             await self._defer_all(sending, pending, reply)
-            return True
+            return
         if source is not None:
             # Counted before sending, so concurrent connections never overshoot a cap.
             for _ in sending:
@@ -661,13 +830,11 @@ class DeliveryService(Service):
         assert result is not None and hop is not None  # a Route without error has hops
         self._learn(conn, source, result, refused_421)
         by_id = {m.queue_id: m for m in result.results}
-        go_on = True
         for delivery in sending:
             if delivery.queue_id in result.unsent:
-                # Held back by the site's rate: the next poll leases it again.
+                # Held back by the site's rate: back to the ready queue.
                 pending.remove(delivery)
-                await self._release(delivery)
-                go_on = False
+                back.append(delivery)
                 continue
             message = by_id[delivery.queue_id]
             replies = {r.address: r.reply for r in message.recipients}
@@ -685,7 +852,6 @@ class DeliveryService(Service):
             ]
             await self._finish(delivery, attempts)
             pending.remove(delivery)
-        return go_on
 
     def _learn(
         self,
@@ -732,30 +898,25 @@ class DeliveryService(Service):
             )
 
     async def _release(self, delivery: LeasedDelivery) -> None:
+        self._leased.pop((delivery.queue_id, delivery.domain), None)
+        self.counters["released"] += 1
         try:
             await self.spool.release(delivery.queue_id, delivery.domain, self.config.node.name)
         except Exception:
             self._failed(Failure(), "releasing {queue_id} failed", queue_id=delivery.queue_id)
 
-    def _renew_while_running(self, pending: list[LeasedDelivery]) -> LoopingCall:
-        """Renew the leases of ``pending`` deliveries every third of the lease time, so
-        a long delivery is not taken over by another node."""
-        lease_time = self.config.spool.lease_time
+    def _renew_held(self) -> Deferred[Any]:
+        """Renew the lease of every delivery held in memory (routing, queued or being
+        sent), every third of the lease time, so no other node takes it over."""
+        expires = self.reactor.seconds() + self.config.spool.lease_time
         node = self.config.node.name
-
-        def renew() -> Deferred[Any]:
-            expires = self.reactor.seconds() + lease_time
-            return DeferredList(
-                [self.spool.renew(d.queue_id, d.domain, node, expires) for d in list(pending)],
-                consumeErrors=True,
-            )
-
-        loop = LoopingCall(renew)
-        loop.clock = self.reactor
-        loop.start(lease_time / 3.0, now=False).addErrback(
-            lambda f: self._failed(f, "renewing leases failed")
+        return DeferredList(
+            [
+                maybeDeferred(self.spool.renew, d.queue_id, d.domain, node, expires)
+                for d in list(self._leased.values())
+            ],
+            consumeErrors=True,
         )
-        return loop
 
     async def _simulate(self, delivery: LeasedDelivery) -> None:
         attempts: list[_Attempt] = []
@@ -817,6 +978,7 @@ class DeliveryService(Service):
         await self.spool.complete(
             delivery.queue_id, delivery.domain, self.config.node.name, outcomes, now
         )
+        self._leased.pop((delivery.queue_id, delivery.domain), None)
         for kind, a, cl in reports:
             await self._emit(kind, delivery, a, cl)
             if kind in ("bounced", "expired") and self._suppresses(delivery.meta.tenant):
