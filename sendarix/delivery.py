@@ -68,7 +68,7 @@ from sendarix.routing.pool import EndpointPool, OrderedFallback
 from sendarix.routing.ready import ReadyQueues
 from sendarix.routing.rules import RouteFacts, RuleRouter, RuleTable
 from sendarix.routing.shaping import POOL_PREFIX, Shaping, SiteShape, strictest_tls
-from sendarix.routing.state import write_state
+from sendarix.routing.state import read_state, write_state
 from sendarix.schedule import RetrySchedule
 from sendarix.throttle import MemoryThrottle
 
@@ -85,6 +85,8 @@ STOP_GRACE = 30.0
 MAX_PACE_WAIT = 2.0
 #: The longest a site's drainer sleeps at a time (so a stop is noticed soon).
 DRAIN_NAP = 1.0
+#: The source name in per-source throttle keys when no [[egress.source]] is used.
+SYSTEM_SOURCE = "system"
 #: Seconds between two writes of the routing state file.
 STATE_INTERVAL = 5.0
 
@@ -236,9 +238,11 @@ class DeliveryService(Service):
         self.ready_queues: ReadyQueues[_Ready] = ReadyQueues(window)
         self._routing = 0
         self._leased: dict[tuple[str, str], LeasedDelivery] = {}
-        self._drainers: dict[str, Deferred[None]] = {}
+        self._drainers: dict[str, Deferred[None] | None] = {}
         self._wakeups: dict[str, Deferred[None]] = {}
         self._renewer: LoopingCall | None = None
+        # Sites whose last connection found every egress source at its cap.
+        self._source_capped: set[str] = set()
         #: Spool traffic of the lease poll: deliveries leased, handed back unsent
         #: (released) and kept leased until their site has room (parked).
         self.counters = {"leased": 0, "released": 0, "parked": 0}
@@ -254,6 +258,7 @@ class DeliveryService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._restore_state()
         if self._ready is None:
             self._start_loop()
             return
@@ -322,6 +327,25 @@ class DeliveryService(Service):
             "egress": egress_state,
         }
 
+    def _restore_state(self) -> None:
+        """Take back today's warmup counts and the deprioritization marks from the
+        routing state file a previous run of this node wrote (a small local file,
+        read once at start)."""
+        if self.state_file is None or not isinstance(self.selector, TieredSelector):
+            return
+        state = read_state(self.state_file)
+        if state is None or state.get("node") != self.config.node.name:
+            return
+        written_at = state.get("written_at")
+        entries = state.get("egress")
+        if not isinstance(written_at, (int, float)) or not isinstance(entries, list):
+            return
+        today = datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.UTC).date()
+        taken = self.selector.restore(entries, float(written_at), today)
+        if taken:
+            log.info("took back {n} warmup counts and marks from {path}",
+                     n=taken, path=self.state_file)
+
     def _write_state(self) -> Deferred[Any]:
         assert self.state_file is not None
         d = deferToThreadPool(
@@ -340,6 +364,11 @@ class DeliveryService(Service):
         self._loop = None
         if self._state_loop is not None and self._state_loop.running:
             self._state_loop.stop()
+            # The last word, so a restart takes back today's counts and marks.
+            try:
+                write_state(self.state_file, self.routing_state())  # type: ignore[arg-type]
+            except OSError:
+                log.failure("writing the routing state at stop failed")
         self._state_loop = None
         if self._renewer is not None and self._renewer.running:
             self._renewer.stop()
@@ -532,9 +561,10 @@ class DeliveryService(Service):
             wakeup.callback(None)
         if site in self._drainers or not self.running or not self.ready_queues.queued(site):
             return
+        # Registered before it runs: the drainer's first steps run at once and may
+        # kick the site again (a connection that ends without waiting).
+        self._drainers[site] = None
         d = Deferred.fromCoroutine(self._drain(site))
-        self._drainers[site] = d
-        self._running.add(d)
         d.addErrback(self._failed, "draining the ready queue of {site} failed", site=site)
 
         def finished(_: Any) -> None:
@@ -542,6 +572,9 @@ class DeliveryService(Service):
             self._running.discard(d)
 
         d.addBoth(finished)
+        if not d.called:
+            self._drainers[site] = d
+            self._running.add(d)
 
     def _nap(self, site: str, seconds: float) -> Deferred[None]:
         """Sleep up to ``seconds`` (at most ``DRAIN_NAP``), or until ``_kick(site)``."""
@@ -584,6 +617,11 @@ class DeliveryService(Service):
         shape = self.shaping.get(site)
         conn_key = "conn:" + site
         while self.running and self.ready_queues.queued(site):
+            if site in self._source_capped:
+                # Every source's connections to the site are open: wait for one.
+                self._source_capped.discard(site)
+                await self._nap(site, DRAIN_NAP)
+                continue
             now = self.reactor.seconds()
             reply = self._paused(site, shape, now)
             if reply is not None:
@@ -731,10 +769,19 @@ class DeliveryService(Service):
         window = shape.window
         now = self.reactor.seconds()
         today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
-        # Where it leaves from: a source of the egress pool, within its warmup cap.
+        # Where it leaves from: a source of the egress pool, within its warmup cap and
+        # with a connection to the site free.
         source: EgressSourceConfig | None = None
+        slot: str | None = None
         if self.selector is not None and conn.key.egress_pool is not None:
-            source = self.selector.choose(conn.key.egress_pool, conn.site, now, today)
+            source, slot, capped = await self._choose_source(conn, now, today)
+            if capped:
+                window.release()
+                for delivery in batch:
+                    pending.remove(delivery)
+                    back.append(delivery)
+                self._source_capped.add(conn.site)
+                return
             if source is None:
                 window.release()
                 # Warmup budgets renew at midnight UTC: come back then.
@@ -755,6 +802,61 @@ class DeliveryService(Service):
                     pending.remove(delivery)
                     back.append(delivery)
                 batch = batch[:left]
+        elif shape.max_connections_per_source is not None:
+            slot = f"conn:{SYSTEM_SOURCE}|{conn.site}"
+            if not await maybeDeferred(
+                self.throttle.acquire_connection, slot, shape.max_connections_per_source, now
+            ):
+                window.release()
+                for delivery in batch:
+                    pending.remove(delivery)
+                    back.append(delivery)
+                self._source_capped.add(conn.site)
+                return
+        try:
+            await self._send_from(conn, batch, pending, back, source, now, today)
+        finally:
+            if slot is not None:
+                await maybeDeferred(self.throttle.release_connection, slot)
+
+    async def _choose_source(
+        self, conn: _Connection, now: float, today: datetime.date
+    ) -> tuple[EgressSourceConfig | None, str | None, bool]:
+        """The egress source for one connection of ``conn`` and the throttle key of the
+        per-source connection slot taken for it (None: the site sets no per-source
+        cap), or (None, None, False) when no source has warmup budget left, or
+        (None, None, True) when every source tried has its connections open."""
+        assert self.selector is not None and conn.key.egress_pool is not None
+        cap = conn.shape.max_connections_per_source
+        tried: set[str] = set()
+        for _ in range(2 * len(self.config.egress_sources) + 1):
+            source = self.selector.choose(conn.key.egress_pool, conn.site, now, today)
+            if source is None:
+                return None, None, False
+            if cap is None:
+                return source, None, False
+            if source.name in tried:
+                continue
+            tried.add(source.name)
+            slot = f"conn:{source.name}|{conn.site}"
+            if await maybeDeferred(self.throttle.acquire_connection, slot, cap, now):
+                return source, slot, False
+        return None, None, True
+
+    async def _send_from(
+        self,
+        conn: _Connection,
+        batch: list[LeasedDelivery],
+        pending: list[LeasedDelivery],
+        back: list[LeasedDelivery],
+        source: EgressSourceConfig | None,
+        now: float,
+        today: datetime.date,
+    ) -> None:
+        """The session of :meth:`_send_batch`, from ``source`` (None: the system's
+        address)."""
+        shape = conn.shape
+        window = shape.window
         messages: list[egress.OutboundMessage] = []
         sending: list[LeasedDelivery] = []
         for delivery in batch:
@@ -780,6 +882,19 @@ class DeliveryService(Service):
             window.release()
             return
         hops = conn.strategy.order(conn.hops, now)
+        if source is not None and hops:
+            # A source reaches hops of its own address family only.
+            v6 = egress.is_ipv6(source.address)
+            hops = tuple(h for h in hops if egress.is_ipv6(h.address) == v6)
+            if not hops:
+                window.release()
+                reply = Reply(
+                    451, "4.4.1",
+                    f"{conn.site}: no {'IPv6' if v6 else 'IPv4'} address to send to from "
+                    f"egress source {source.name} ({source.address})",
+                )
+                await self._defer_all(sending, pending, reply)
+                return
         if not hops:
             window.release()
             reply = Reply(

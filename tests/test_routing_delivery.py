@@ -8,6 +8,7 @@ import os
 import smtplib
 import time
 from typing import Any
+from unittest import SkipTest
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -21,8 +22,9 @@ from sendarix.interfaces import IThrottle
 from sendarix.sink import SinkOptions, SinkServer, parse_fault
 from sendarix.throttle import MemoryThrottle
 from tests.dnsserver import start_dns
-from tests.relay import in_thread, start_relay
+from tests.relay import Relay, in_thread, start_relay
 from tests.test_delivery import BODY, RELAY_LISTENER, submit, wait_event
+from tests.test_egress import ipv6_loopback_missing
 from tests.tlsca import TestCA
 
 SENDER = "app@example.com"
@@ -356,6 +358,87 @@ class EgressSourceTests(unittest.TestCase):
         await self._check_shift(relay, sink, "deferred")
 
 
+class IPv6EgressTests(unittest.TestCase):
+    """IPv6 egress sources send to IPv6 hops, IPv4 sources to IPv4 hops."""
+
+    async def test_mixed_families(self) -> None:
+        """With one IPv4 and one IPv6 source and an MX host with A and AAAA records,
+        every message is delivered, each source over its own family (peers 127.0.0.10
+        and ::1 at the sinks)."""
+        missing = ipv6_loopback_missing()
+        if missing:
+            raise SkipTest(missing)
+        sink6 = await start_sink(self, "\\:\\:1")
+        port = sink6.addresses[0][1]
+        sink4 = await start_sink(self, "127.0.0.2", port)
+        dns_port, stop_dns = start_dns({
+            "six.test": {"MX": [(10, "mx.six.test")]},
+            "mx.six.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
+        })
+        self.addCleanup(stop_dns)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            delivery={"mx_port": port},
+            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={"six": {"mx_suffixes": ["six.test"], "messages_per_connection": 1}},
+            egress={"source": [
+                {"name": "v4", "address": "127.0.0.10"},
+                {"name": "v6", "address": "::1"},
+            ]},
+        )
+        recipients = [f"user{n}@six.test" for n in range(16)]
+        await in_thread(submit_many, relay.ports["relay"], recipients)
+        for _ in range(300):
+            if sink4.stats.messages + sink6.stats.messages >= 16:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(sink4.stats.messages + sink6.stats.messages, 16)
+        self.assertEqual({m.peer for m in sink6.messages}, {"::1"})
+        self.assertEqual({m.peer for m in sink4.messages}, {"127.0.0.10"})
+        self.assertTrue(sink6.messages and sink4.messages)
+        events = [await wait_event(relay, r, "delivered") for r in recipients]
+        for e in events:
+            self.assertEqual(e.source_ip, e.mx_ip if e.mx_ip == "::1" else "127.0.0.10")
+
+
+class SourceConnectionCapTests(unittest.TestCase):
+    """max_connections_per_source caps connections per (egress source, site)."""
+
+    async def test_cap_per_source(self) -> None:
+        """With two sources, max_connections = 4 and max_connections_per_source = 1,
+        the sink never sees two connections at once from the same address, and it sees
+        both addresses."""
+        sink = await start_sink(self, "127.0.0.2")
+        dns_port, stop_dns = start_dns(
+            {"cap.test": {"MX": [(10, "mx.cap.test")]}, "mx.cap.test": {"A": ["127.0.0.2"]}}
+        )
+        self.addCleanup(stop_dns)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            delivery={"mx_port": sink.addresses[0][1]},
+            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={"capped": {
+                "mx_suffixes": ["cap.test"], "max_connections": 4,
+                "max_connections_per_source": 1,
+                "messages_per_connection": 2,
+            }},
+            egress={"source": [
+                {"name": "ip10", "address": "127.0.0.10"},
+                {"name": "ip11", "address": "127.0.0.11"},
+            ]},
+        )
+        recipients = [f"user{n}@cap.test" for n in range(60)]
+        await in_thread(submit_many, relay.ports["relay"], recipients, b"Subject: c\r\n\r\nx\r\n")
+        await sink.wait_for(60, timeout=60)
+        by_peer = sink.stats.max_concurrent_by_peer
+        log.info("most connections at once per source: {by_peer}", by_peer=by_peer)
+        self.assertEqual(set(by_peer), {"127.0.0.10", "127.0.0.11"})
+        self.assertEqual(max(by_peer.values()), 1)
+        self.assertGreaterEqual(sink.stats.connections, 30)
+
+
 async def outcome(relay: Any, recipient: str, timeout: float = 15.0) -> Any:
     """The first delivered or deferred event of ``recipient``."""
     for _ in range(int(timeout / 0.1)):
@@ -432,6 +515,39 @@ class RuleRoutingTests(unittest.TestCase):
         from_default = await wait_event(relay, "d@any.test", "delivered")
         self.assertEqual((from_acme.tenant, from_acme.source_ip), ("acme", "127.0.0.11"))
         self.assertEqual((from_default.tenant, from_default.source_ip), ("default", "127.0.0.10"))
+
+
+class RestartTests(unittest.TestCase):
+    """Warmup counts and marks survive a restart of the node."""
+
+    async def test_warmup_cap_holds_across_restart(self) -> None:
+        """A warming source that sent its 3 messages for today sends nothing more after
+        the node restarts on the same directory: the next message is deferred."""
+        sink = await start_sink(self, "127.0.0.3")
+        today = datetime.datetime.now(datetime.UTC).date().isoformat()
+        sections: dict[str, Any] = {
+            "pool": {"relays": {"endpoints": [f"127.0.0.3:{sink.addresses[0][1]}"]}},
+            "route": [{"via": "pool:relays"}],
+            "egress": {"source": [
+                {"name": "ip11", "address": "127.0.0.11",
+                 "warmup": {"start": today, "daily": [3, 10]}},
+            ]},
+        }
+        directory = self.mktemp()
+        first = await Relay(directory, [RELAY_LISTENER], **sections).start()
+        recipients = [f"r{n}@any.test" for n in range(3)]
+        await in_thread(submit_many, first.ports["relay"], recipients)
+        for r in recipients:
+            self.assertEqual((await outcome(first, r)).type, "delivered")
+        await first.stop()
+        second = await Relay(directory, [RELAY_LISTENER], **sections).start()
+        self.addCleanup(second.stop)
+        await in_thread(submit, second.ports["relay"], SENDER, ["late@any.test"])
+        event = await outcome(second, "late@any.test")
+        self.assertEqual(event.type, "deferred")
+        assert event.response is not None
+        self.assertIn("warmup", event.response.text)
+        self.assertEqual(len(sink.messages), 3)
 
 
 class TenantRateTests(unittest.TestCase):
