@@ -43,11 +43,14 @@ class RoutingStateTests(unittest.TestCase):
         self.assertEqual(state["pools"]["relays"][f"relays/127.0.0.3:{port}"], "closed")
         (site,) = state["sites"]
         self.assertEqual(site["site"], "pool:relays")
+        self.assertEqual(site["queued"], 0)
         (source,) = state["egress"]
         self.assertEqual(source["sent_today"], {"pool:relays": 1})
         lines = "\n".join(format_state(state, state["written_at"]))
         self.assertIn(f"relays/127.0.0.5:{port} open", lines)
         self.assertIn("egress ip10 (127.0.0.10", lines)
+        self.assertIn("pool:relays: 0/", lines)
+        self.assertIn("queued 0", lines)
 
         await delivery._write_state()
         written = read_state(state_path(relay.config))
