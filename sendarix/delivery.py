@@ -703,9 +703,15 @@ class DeliveryService(Service):
         finally:
             await maybeDeferred(self.throttle.release_connection, conn_key)
             keep = [r for r in batch if r.delivery in back]
-            self.ready_queues.put_back(site, conn.key, keep)
-            self.ready_queues.done(site, len(batch) - len(keep))
-            self._kick(site)
+            if self.running:
+                self.ready_queues.put_back(site, conn.key, keep)
+                self.ready_queues.done(site, len(batch) - len(keep))
+                self._kick(site)
+            else:
+                # Stopping: the ready queues were handed back already; so is this.
+                self.ready_queues.done(site, len(batch))
+                for ready in keep:
+                    await self._release(ready.delivery)
 
     async def _park(self, delivery: LeasedDelivery, site: str, shape: SiteShape) -> None:
         """Keep ``delivery``'s lease, out of memory, until about when ``site`` can take

@@ -294,6 +294,44 @@ class ReadyQueueTests(unittest.TestCase):
         self.assertGreaterEqual(sum(1 for t in arrivals if t > last_other), 30)
 
 
+class ReadyQueueLeaseTests(unittest.TestCase):
+    """Deliveries waiting in a ready queue keep their leases, and go back at stop."""
+
+    async def test_leases_renewed_then_released_at_stop(self) -> None:
+        """Mail for a provider paced at 1/min waits in the ready queue past its 3 s
+        lease, still leased to this node (renewed); when the node stops it is handed
+        back at once, so another node can lease it."""
+        sink = await start_sink(self, "127.0.0.2")
+        dns_port, stop_dns = start_dns({
+            "slow.test": {"MX": [(10, "mx.slow.test")]}, "mx.slow.test": {"A": ["127.0.0.2"]},
+        })
+        self.addCleanup(stop_dns)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            spool={"url": "sqlite:var/spool.db", "lease_time": "3s"},
+            delivery={"mx_port": sink.addresses[0][1]},
+            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={"slow": {"mx_suffixes": ["slow.test"], "rate": "1/min"}},
+        )
+        delivery = relay.service.delivery
+        await in_thread(submit_many, relay.ports["relay"], [f"u{n}@slow.test" for n in range(5)])
+        spool = relay.stores.spool
+        for _ in range(100):
+            if delivery.ready_queues.queued("slow") == 4:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(delivery.ready_queues.queued("slow"), 4)
+        await deferLater(reactor, 4.0, lambda: None)
+        self.assertEqual(delivery.ready_queues.queued("slow"), 4)
+        self.assertEqual(await spool.lease_due("other-node", time.time(), 10, 60), [])
+        await delivery.stopService()
+        self.assertEqual(delivery.counters["released"], 4)
+        taken = await spool.lease_due("other-node", time.time(), 10, 60)
+        self.assertEqual(len(taken), 4)
+        self.assertEqual(sink.stats.messages, 1)
+
+
 class EgressSourceTests(unittest.TestCase):
     """Connections leave from the configured source addresses."""
 
