@@ -237,6 +237,7 @@ class DeliveryService(Service):
         # queue; ``_leased`` is every lease held (renewed while held).
         self.ready_queues: ReadyQueues[_Ready] = ReadyQueues(window)
         self._routing = 0
+        self._polls = 0
         self._leased: dict[tuple[str, str], LeasedDelivery] = {}
         self._drainers: dict[str, Deferred[None] | None] = {}
         self._wakeups: dict[str, Deferred[None]] = {}
@@ -456,13 +457,14 @@ class DeliveryService(Service):
 
     def _dispatch(self, leased: list[LeasedDelivery]) -> None:
         self.counters["leased"] += len(leased)
+        self._polls += 1
         groups: dict[_GroupKey, list[LeasedDelivery]] = {}
         for delivery in leased:
             self._leased[delivery.queue_id, delivery.domain] = delivery
             groups.setdefault(self._group_key(delivery), []).append(delivery)
         for key, deliveries in groups.items():
             self._routing += len(deliveries)
-            d = self._groups.run(self._group, key, deliveries)
+            d = self._groups.run(self._group, key, deliveries, self._polls)
             self._running.add(d)
 
             def finished(_: Any, d: Deferred[Any] = d, n: int = len(deliveries)) -> None:
@@ -489,10 +491,14 @@ class DeliveryService(Service):
 
     # -- one group ----------------------------------------------------------------
 
-    def _group(self, key: _GroupKey, deliveries: list[LeasedDelivery]) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._run_group(key, deliveries))
+    def _group(
+        self, key: _GroupKey, deliveries: list[LeasedDelivery], poll: int
+    ) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._run_group(key, deliveries, poll))
 
-    async def _run_group(self, key: _GroupKey, deliveries: list[LeasedDelivery]) -> None:
+    async def _run_group(
+        self, key: _GroupKey, deliveries: list[LeasedDelivery], poll: int = 0
+    ) -> None:
         """Route one group's leased deliveries and queue them for their site; simulated
         ones, route errors and paused sites are settled at once.  Errors release the
         deliveries not yet queued."""
@@ -524,9 +530,12 @@ class DeliveryService(Service):
                 await self._defer_all(deliveries, pending, paused)
                 return
             conn = _Connection(key, site, shape, route.hops, strategy)
-            self.ready_queues.note_domain(domain, site)
+            # Mail of a site met for the first time was leased before the poll could
+            # know its site: keep it all (within the window).
+            first = not self.ready_queues.knew(site, poll)
+            self.ready_queues.note_domain(domain, site, poll)
             for delivery in deliveries:
-                if not self.ready_queues.offer(site, key, _Ready(conn, delivery)):
+                if not self.ready_queues.offer(site, key, _Ready(conn, delivery), first):
                     # The site holds its share already (the spool could not leave
                     # this one out): keep the lease until the site can take it.
                     await self._park(delivery, site, shape)

@@ -20,6 +20,10 @@ until it has room for a quarter of its share, and a poll never takes more than a
 left in has room for (:meth:`ReadyQueues.poll_limit`): a slow site is topped up in
 chunks, and the polls between serve everyone else.
 
+**First contact.**  The poll cannot know the site of mail it has never routed; mail
+of a site met for the first time is taken even beyond its share (within the window),
+and the site is then left out of the polls until it has drained below its share.
+
 **Parking.**  A spool that cannot skip domains may still hand over mail of a full site;
 :meth:`ReadyQueues.park_until` gives each such delivery a time to keep its lease until
 (spread at the site's pace behind what the site already holds), so it comes back once,
@@ -58,6 +62,7 @@ class ReadyQueues(Generic[T]):
     _busy: dict[str, int] = field(factory=dict, init=False)
     _domains: dict[str, str] = field(factory=dict, init=False)
     _park_next: dict[str, float] = field(factory=dict, init=False)
+    _seen: dict[str, int] = field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.window < 1:
@@ -100,9 +105,10 @@ class ReadyQueues(Generic[T]):
 
     # -- entries ------------------------------------------------------------------
 
-    def offer(self, site: str, lane: Hashable, item: T) -> bool:
-        """Queue ``item`` for ``site`` when it has room; False (nothing queued) when not."""
-        if self.room(site) <= 0:
+    def offer(self, site: str, lane: Hashable, item: T, force: bool = False) -> bool:
+        """Queue ``item`` for ``site`` when it has room (with ``force``: whenever the
+        window has); False (nothing queued) when not."""
+        if self.room(site) <= 0 and not (force and self.total() < self.window):
             return False
         self._queues.setdefault(site, deque()).append((lane, item))
         return True
@@ -171,13 +177,25 @@ class ReadyQueues(Generic[T]):
 
     # -- the lease poll -----------------------------------------------------------
 
-    def note_domain(self, domain: str, site: str) -> None:
-        """``domain``'s mail goes to ``site`` (remembered for :meth:`skip_domains`)."""
+    def note_domain(self, domain: str, site: str, poll: int = 0) -> None:
+        """``domain``'s mail goes to ``site`` (remembered for :meth:`skip_domains`), as
+        learnt from mail of lease poll number ``poll``."""
         domain = domain.lower()
         self._domains.pop(domain, None)
         self._domains[domain] = site
         while len(self._domains) > self.max_domains:
             self._domains.pop(next(iter(self._domains)))
+        first = self._seen.pop(site, poll)
+        self._seen[site] = first
+        while len(self._seen) > self.max_domains:
+            self._seen.pop(next(iter(self._seen)))
+
+    def knew(self, site: str, poll: int) -> bool:
+        """True when ``site`` was known before lease poll number ``poll`` (which then
+        accounted for it); mail of a site first met in a poll may have come in larger
+        than the site's share."""
+        first = self._seen.get(site)
+        return first is not None and first < poll
 
     def hungry(self, site: str) -> bool:
         """True when ``site`` may take a useful amount more: a quarter of its share
