@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
@@ -35,6 +36,12 @@ class CredentialRealm:
         return d.addCallback(found)
 
 
-def submission_portal(store: ICredentialStore, reactor: Any = None) -> Portal:
-    """A portal checking SMTP AUTH usernames/secrets against ``store``."""
-    return Portal(CredentialRealm(store), [CredentialChecker(store, reactor)])
+def submission_portal(
+    store: ICredentialStore, reactor: Any = None, token_checker: ICredentialsChecker | None = None
+) -> Portal:
+    """A portal checking SMTP AUTH usernames/secrets against ``store``, and XOAUTH2
+    bearer tokens with ``token_checker`` when one is given."""
+    checkers: list[ICredentialsChecker] = [CredentialChecker(store, reactor)]
+    if token_checker is not None:
+        checkers.append(token_checker)
+    return Portal(CredentialRealm(store), checkers)

@@ -598,6 +598,9 @@ class SpoolConfig:
     allow_volatile: bool = _setting(_boolean, False)
     lease_time: float = _setting(_duration(), 300.0)
     password_env: str | None = _setting(_env_name, None)
+    ca_file: str | None = _setting(_path, None)
+    wait_replicas: int = _setting(_integer(0, 16), 0)
+    wait_timeout: float = _setting(_duration(), 2.0)
 
     @property
     def backend(self) -> str:
@@ -624,6 +627,14 @@ class ListenerConfig:
     max_connections_per_ip: int = _setting(_integer(1), 20)
     max_connections: int = _setting(_integer(1), 1000)
     tenant: str = _setting(_name, "default")
+    #: New connections per client address (e.g. "120/min"); None: no rate limit.
+    connection_rate_per_ip: str | None = _setting(_rate, None)
+
+    @property
+    def connection_rate(self) -> tuple[float, float] | None:
+        """``(count, period_seconds)`` from ``connection_rate_per_ip``, or None."""
+        rate = self.connection_rate_per_ip
+        return parse_rate(rate, f"listener.{self.name}.connection_rate_per_ip") if rate else None
 
     @property
     def endpoint_type(self) -> str:
@@ -660,6 +671,14 @@ class LimitsConfig:
     auth_max_failures: int = _setting(_integer(1), 5)
     auth_failure_window: float = _setting(_duration(), 300.0)
     auth_lockout: float = _setting(_duration(), 900.0)
+    #: Recipients per authenticated credential (e.g. "1000/min"); None: no cap.
+    credential_recipient_rate: str | None = _setting(_rate, None)
+
+    @property
+    def recipient_rate(self) -> tuple[float, float] | None:
+        """``(count, period_seconds)`` from ``credential_recipient_rate``, or None."""
+        rate = self.credential_recipient_rate
+        return parse_rate(rate, "limits.credential_recipient_rate") if rate else None
 
 
 _EGRESS_TLS = _choice(*EGRESS_TLS, aliases={"required": "encrypt"})
@@ -680,6 +699,8 @@ class DeliveryConfig:
     max_messages_per_connection: int = _setting(_integer(1), 100)
     tls: str = _setting(_EGRESS_TLS, "may")
     ca_file: str | None = _setting(_path, None)
+    wait_replicas: int = _setting(_integer(0, 16), 0)
+    wait_timeout: float = _setting(_duration(), 2.0)
     soft_bounce_codes: tuple[str, ...] = _setting(_list(_enhanced_code, single=True), ("5.2.2",))
     concurrency: int = _setting(_integer(1), 20)
     hard_bounce_suppresses: bool = _setting(_boolean, True)
@@ -1155,6 +1176,7 @@ def describe(config: Config) -> str:
             f"listener {lst.name}: {lst.endpoint} tls={lst.tls} auth={lst.auth} "
             f"tenant={lst.tenant} trusted={trusted} "
             f"max_connections={lst.max_connections} per_ip={lst.max_connections_per_ip}"
+            + (f" rate_per_ip={lst.connection_rate_per_ip}" if lst.connection_rate_per_ip else "")
         )
     tls = config.tls
     cert = (
@@ -1170,6 +1192,8 @@ def describe(config: Config) -> str:
         f"line {lim.max_line_length}, command {lim.max_command_length}, "
         f"auth lockout after {lim.auth_max_failures} failures in "
         f"{d(lim.auth_failure_window)} for {d(lim.auth_lockout)}"
+        + (f", recipients per credential {lim.credential_recipient_rate}"
+           if lim.credential_recipient_rate else "")
     )
     dl = config.delivery
     lines.append(

@@ -63,6 +63,7 @@ from sendarix.model import (
     TLSInfo,
 )
 from sendarix.providers import ProviderTable
+from sendarix.redisstore.connection import is_outage
 from sendarix.routing.mx import Hop, RouteError
 from sendarix.routing.pool import EndpointPool, OrderedFallback
 from sendarix.routing.ready import ReadyQueues
@@ -242,8 +243,9 @@ class DeliveryService(Service):
         self._drainers: dict[str, Deferred[None] | None] = {}
         self._wakeups: dict[str, Deferred[None]] = {}
         self._renewer: LoopingCall | None = None
-        # Sites whose last connection found every egress source at its cap.
-        self._source_capped: set[str] = set()
+        # Sites whose drainer should wait before the next connection: every egress
+        # source was at its cap, or the spool failed.
+        self._backoff: set[str] = set()
         #: Spool traffic of the lease poll: deliveries leased, handed back unsent
         #: (released) and kept leased until their site has room (parked).
         self.counters = {"leased": 0, "released": 0, "parked": 0}
@@ -411,7 +413,9 @@ class DeliveryService(Service):
     def _failed(self, failure: Failure, what: str, **kw: Any) -> None:
         # While the node stops, the stores close under groups still in flight: that is
         # expected (their leases expire), not an error worth a traceback.
-        if self.running:
+        if self.running and is_outage(failure):
+            log.warn(what + ": {why}", why=failure.getErrorMessage(), **kw)
+        elif self.running:
             log.failure(what, failure, **kw)
         else:
             log.info(what + " while stopping: {why}", why=failure.getErrorMessage(), **kw)
@@ -507,14 +511,20 @@ class DeliveryService(Service):
         try:
             choice = self.routes.choice(key.rule)
             rule = choice.rule
-            if (
+            # The simulator (its domain, or a route to it), and all mail of sandbox
+            # credentials: answered here, never sent out.
+            simulated = (
                 choice.router is None or choice.strategy is None
                 or domain.lower() == self.config.simulator.domain.lower()
-            ):
-                for delivery in deliveries:
-                    await self._simulate(delivery)
-                    pending.remove(delivery)
+            )
+            for delivery in [d for d in deliveries if simulated or d.meta.sandbox]:
+                await self._simulate(delivery)
+                pending.remove(delivery)
+            deliveries = list(pending)
+            if not deliveries:
                 return
+            # Not simulated, so the rule names a real router and strategy.
+            assert choice.router is not None and choice.strategy is not None
             strategy = choice.strategy
             route = await choice.router.route(domain)
             if route.error is not None:
@@ -626,9 +636,10 @@ class DeliveryService(Service):
         shape = self.shaping.get(site)
         conn_key = "conn:" + site
         while self.running and self.ready_queues.queued(site):
-            if site in self._source_capped:
-                # Every source's connections to the site are open: wait for one.
-                self._source_capped.discard(site)
+            if site in self._backoff:
+                # Every source's connections to the site are open, or the spool
+                # failed: wait a while (or for a connection to end).
+                self._backoff.discard(site)
                 await self._nap(site, DRAIN_NAP)
                 continue
             now = self.reactor.seconds()
@@ -702,13 +713,24 @@ class DeliveryService(Service):
         deliveries = [r.delivery for r in batch]
         pending = list(deliveries)
         back: list[LeasedDelivery] = []
+        attempted: list[LeasedDelivery] = []
         try:
-            await self._send_batch(conn, deliveries, pending, back)
+            await self._send_batch(conn, deliveries, pending, back, attempted)
         except Exception:
             conn.shape.window.release()
             self._failed(Failure(), "delivery to {domain} failed", domain=conn.key.domain)
             for delivery in pending:
-                await self._release(delivery)
+                if (
+                    not await self._release(delivery) and self.running
+                    and delivery not in attempted
+                ):
+                    # The spool is down (a store outage) and nothing was sent: keep
+                    # it queued, leased and renewed, and try again after a pause.
+                    # (What may have been sent is never retried early: its lease
+                    # expires first.)
+                    back.append(delivery)
+                    self._backoff.add(site)
+            pending.clear()
         finally:
             await maybeDeferred(self.throttle.release_connection, conn_key)
             keep = [r for r in batch if r.delivery in back]
@@ -775,11 +797,12 @@ class DeliveryService(Service):
         batch: list[LeasedDelivery],
         pending: list[LeasedDelivery],
         back: list[LeasedDelivery],
+        attempted: list[LeasedDelivery],
     ) -> None:
         """One session (per hop tried) for one batch whose first message the site's
         rate has admitted; each delivery leaves ``pending`` once it is settled or
-        moved to ``back`` (not sent: warmup cap or rate).  The caller holds a window
-        slot, which this settles."""
+        moved to ``back`` (not sent: warmup cap or rate); ``attempted`` lists those
+        handed to a session.  The caller holds a window slot, which this settles."""
         shape = conn.shape
         window = shape.window
         now = self.reactor.seconds()
@@ -795,7 +818,7 @@ class DeliveryService(Service):
                 for delivery in batch:
                     pending.remove(delivery)
                     back.append(delivery)
-                self._source_capped.add(conn.site)
+                self._backoff.add(conn.site)
                 return
             if source is None:
                 window.release()
@@ -826,10 +849,10 @@ class DeliveryService(Service):
                 for delivery in batch:
                     pending.remove(delivery)
                     back.append(delivery)
-                self._source_capped.add(conn.site)
+                self._backoff.add(conn.site)
                 return
         try:
-            await self._send_from(conn, batch, pending, back, source, now, today)
+            await self._send_from(conn, batch, pending, back, attempted, source, now, today)
         finally:
             if slot is not None:
                 await maybeDeferred(self.throttle.release_connection, slot)
@@ -864,6 +887,7 @@ class DeliveryService(Service):
         batch: list[LeasedDelivery],
         pending: list[LeasedDelivery],
         back: list[LeasedDelivery],
+        attempted: list[LeasedDelivery],
         source: EgressSourceConfig | None,
         now: float,
         today: datetime.date,
@@ -925,6 +949,7 @@ class DeliveryService(Service):
         result: egress.SessionResult | None = None
         hop: Hop | None = None
         refused_421 = True
+        attempted.extend(sending)
         for hop in hops:
             result = await egress.deliver(
                 self.reactor,
@@ -1027,13 +1052,17 @@ class DeliveryService(Service):
                 source=source.name, address=source.address, site=site,
             )
 
-    async def _release(self, delivery: LeasedDelivery) -> None:
-        self._leased.pop((delivery.queue_id, delivery.domain), None)
-        self.counters["released"] += 1
+    async def _release(self, delivery: LeasedDelivery) -> bool:
+        """Give ``delivery``'s lease back; False when the spool failed (the lease is
+        still ours, and still renewed)."""
         try:
             await self.spool.release(delivery.queue_id, delivery.domain, self.config.node.name)
         except Exception:
             self._failed(Failure(), "releasing {queue_id} failed", queue_id=delivery.queue_id)
+            return False
+        self._leased.pop((delivery.queue_id, delivery.domain), None)
+        self.counters["released"] += 1
+        return True
 
     def _renew_held(self) -> Deferred[Any]:
         """Renew the lease of every delivery held in memory (routing, queued or being

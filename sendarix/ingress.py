@@ -41,16 +41,19 @@ from sendarix.address import (
     parse_params,
     parse_path,
 )
+from sendarix.authlimit import client_key
 from sendarix.cleanup import received_protocol
 from sendarix.config import LimitsConfig, ListenerConfig
 from sendarix.credentials import Credential
 from sendarix.datareader import ChunkDataReader, DataResult, DotDataReader
+from sendarix.domains import DomainKeyring
 from sendarix.intake import Intake, Refused, Submission
 from sendarix.interfaces import IAuthLimiter, ICredentialStore, ISubmitter, ISuppressionStore
 from sendarix.model import Envelope, Reply, TLSInfo
 from sendarix.ratelimit import RateLimiter
-from sendarix.sasl import MECHANISMS, SASLError
-from sendarix.tlsutil import connection_tls_info
+from sendarix.redisstore.connection import is_outage
+from sendarix.sasl import MECHANISMS, SASLError, XOAuth2Mechanism
+from sendarix.tlsutil import ReloadableServerTLS, connection_tls_info
 
 log = Logger()
 
@@ -63,6 +66,8 @@ _MAX_BUFFERED_LINE = 16384
 _PAUSE_ABOVE = 256 * 1024
 _MAX_ERRORS = 20
 _TOO_BIG = "Message size exceeds fixed maximum message size"
+# Session state after a refused XOAUTH2 token: the error challenge awaits its answer.
+_XOAUTH2_REFUSED = object()
 
 
 def _text(b: bytes) -> str:
@@ -82,9 +87,12 @@ class ListenerSettings:
     credentials: ICredentialStore | None
     auth_limiter: IAuthLimiter
     rate_limiter: RateLimiter
-    tls_options: CertificateOptions | None
+    tls_options: CertificateOptions | ReloadableServerTLS | None
     suppressions: ISuppressionStore | None = None
     bare_line_endings: str = "normalize"
+    #: Sending domains, for ``require_verified_domains`` at MAIL FROM.
+    keyring: DomainKeyring | None = None
+    require_verified_domains: bool = False
     #: tenant name → (messages, period seconds) from ``[tenant.NAME] rate``.
     tenant_rates: Mapping[str, tuple[float, float]] = field(factory=dict)
 
@@ -382,8 +390,15 @@ class SubmissionServer(smtp.ESMTP):
         if self.canStartTLS and not self.tls_active:
             ext.append("STARTTLS")
         if self.tls_active and self.s.listener.auth != "none" and self._credential is None:
-            ext.append("AUTH " + " ".join(m.decode() for m in MECHANISMS))
+            ext.append("AUTH " + " ".join(m.decode() for m in self._mechanisms()))
         return ext
+
+    def _mechanisms(self) -> dict[bytes, Any]:
+        """The SASL mechanisms the portal has a checker for."""
+        if self.s.portal is None:
+            return {}
+        supported = self.s.portal.listCredentialsInterfaces()
+        return {n: m for n, m in MECHANISMS.items() if m.credential_interface in supported}
 
     def smtp_NOOP(self, rest: bytes) -> None:
         self.reply(250, "2.0.0", "OK")
@@ -452,7 +467,7 @@ class SubmissionServer(smtp.ESMTP):
             self._close()
             return
         mech_name, _, initial = rest.partition(b" ")
-        mechanism = MECHANISMS.get(mech_name.upper())
+        mechanism = self._mechanisms().get(mech_name.upper())
         if mechanism is None:
             self._error(504, "5.5.4", "Unrecognized authentication type")
             return
@@ -469,6 +484,11 @@ class SubmissionServer(smtp.ESMTP):
 
     def _auth_response(self, line: bytes, initial_response: bool = False) -> None:
         self._mode = COMMAND
+        if self._sasl is _XOAUTH2_REFUSED:
+            # The client's answer to the XOAUTH2 error challenge: now the 535.
+            self._sasl = None
+            self._error(535, "5.7.8", "Authentication credentials invalid")
+            return
         if line == b"*":
             self._sasl = None
             self._error(501, "5.0.0", "Authentication aborted")
@@ -490,7 +510,7 @@ class SubmissionServer(smtp.ESMTP):
         assert self.s.portal is not None
         d: Deferred[Any] = self.s.portal.login(mechanism, None, ISubmitter)
         d.addCallback(self._authenticated)
-        d.addErrback(self._auth_failed)
+        d.addErrback(self._auth_failed, mechanism)
         self._wait(d)
 
     def _authenticated(self, result: tuple[Any, Credential, Callable[[], None]]) -> None:
@@ -505,7 +525,7 @@ class SubmissionServer(smtp.ESMTP):
         self._credential = credential
         self.reply(235, "2.7.0", "Authentication successful")
 
-    def _auth_failed(self, failure: Failure) -> Deferred[None] | None:
+    def _auth_failed(self, failure: Failure, mechanism: Any = None) -> Deferred[None] | None:
         if not failure.check(UnauthorizedLogin):
             log.failure("authentication backend failed", failure)
             self.reply(454, "4.7.0", "Temporary authentication failure")
@@ -521,6 +541,11 @@ class SubmissionServer(smtp.ESMTP):
             if self.s.auth_limiter.is_locked(ip, self.s.clock.seconds()):
                 self.reply(421, "4.7.0", "Too many authentication failures, try again later")
                 self._close()
+            elif isinstance(mechanism, XOAuth2Mechanism):
+                # XOAUTH2: an error challenge first; 535 after the client answers it.
+                self._sasl = _XOAUTH2_REFUSED
+                self._mode = AUTH
+                self.reply(334, None, base64.b64encode(XOAuth2Mechanism.ERROR).decode("ascii"))
             else:
                 self._error(535, "5.7.8", "Authentication credentials invalid")
 
@@ -595,13 +620,16 @@ class SubmissionServer(smtp.ESMTP):
             return
         if self._credential is None:
             if self._tenant_rate_ok(path.address):
-                self._start_transaction(path.address, params, smtputf8)
+                checking = self._start_if_domain_allowed(path.address, params, smtputf8)
+                if checking is not None:
+                    self._wait(checking)
             return
         # Revocation and rotation take effect at once: re-read the credential.
         d: Deferred[Any] = defer.maybeDeferred(self._recheck_credential, path.address)
-        def proceed(ok: bool) -> None:
+        def proceed(ok: bool) -> Deferred[None] | None:
             if ok and self._tenant_rate_ok(path.address):
-                self._start_transaction(path.address, params, smtputf8)
+                return self._start_if_domain_allowed(path.address, params, smtputf8)
+            return None
 
         d.addCallback(proceed)
         d.addErrback(self._internal_error)
@@ -615,7 +643,7 @@ class SubmissionServer(smtp.ESMTP):
         def check(current: Credential | None) -> bool:
             if current is None or not current.active or current.secret_hash != (
                 self._credential.secret_hash if self._credential else None
-            ):
+            ) or not current.allows_ip(self.client_ip):
                 self._credential = None
                 self._refuse(Reply(530, "5.7.0", "Credential no longer valid, authenticate again"),
                              sender=sender)
@@ -639,6 +667,30 @@ class SubmissionServer(smtp.ESMTP):
             return False
         return True
 
+    def _start_if_domain_allowed(
+        self, sender: str, params: dict[str, str | None], smtputf8: bool
+    ) -> Deferred[None] | None:
+        """Start the transaction, or refuse it (550 5.7.1) when verified sending domains
+        are required and the sender's is not one; a Deferred while the lookup runs."""
+        keyring = self.s.keyring
+        if not self.s.require_verified_domains or keyring is None or not sender:
+            self._start_transaction(sender, params, smtputf8)
+            return None
+        domain = sender.rpartition("@")[2].lower()
+        tenant = self._tenant()
+
+        def checked(sd: Any) -> None:
+            if sd is None or not sd.usable or sd.tenant not in (None, tenant):
+                self._refuse(
+                    Reply(550, "5.7.1", f"Sender domain {domain} is not a verified sending domain"),
+                    sender=sender,
+                )
+                return
+            self._start_transaction(sender, params, smtputf8)
+
+        d = keyring.lookup(domain).addCallback(checked)
+        d.addErrback(self._internal_error)
+        return d
     def _tenant_rate_ok(self, sender: str) -> bool:
         """The tenant's ``[tenant.NAME] rate`` (messages per period, all credentials
         and listeners of the tenant together on this node): 450 4.7.1 when over it."""
@@ -684,6 +736,17 @@ class SubmissionServer(smtp.ESMTP):
                 return
         if len(self._recipients) >= self.s.limits.max_recipients:
             self.reply(452, "4.5.3", "Too many recipients")
+            return
+        recipient_rate = self.s.limits.recipient_rate
+        if (
+            recipient_rate is not None
+            and self._credential is not None
+            and not self.s.rate_limiter.allow(
+                "rcpt:" + self._credential.name, *recipient_rate, self.s.clock.seconds()
+            )
+        ):
+            self._refuse(Reply(450, "4.7.1", "Recipient rate limit exceeded, try again later"),
+                         sender=self._sender, recipients=[path.address])
             return
         if self.s.suppressions is None:
             self._recipient_ok(path.address)
@@ -845,7 +908,11 @@ class SubmissionServer(smtp.ESMTP):
             self._refuse(refused.reply, sender=sub.envelope.sender,
                          recipients=sub.envelope.recipients, queue_id=sub.queue_id)
             return
-        log.failure("spool did not take {queue_id}", failure, queue_id=sub.queue_id)
+        if is_outage(failure):
+            log.warn("spool did not take {queue_id}: {why}", queue_id=sub.queue_id,
+                     why=failure.getErrorMessage())
+        else:
+            log.failure("spool did not take {queue_id}", failure, queue_id=sub.queue_id)
         self._refuse(Reply(451, "4.3.0", "Temporary failure storing the message, try again"),
                      sender=sub.envelope.sender, recipients=sub.envelope.recipients)
 
@@ -865,7 +932,10 @@ class SubmissionServer(smtp.ESMTP):
         self._error(reply.code, reply.enhanced or "", reply.text)
 
     def _internal_error(self, failure: Failure) -> None:
-        log.failure("error in SMTP session", failure)
+        if is_outage(failure):
+            log.warn("store unavailable in SMTP session: {why}", why=failure.getErrorMessage())
+        else:
+            log.failure("error in SMTP session", failure)
         self.reply(451, "4.3.0", "Local error in processing, try again")
 
 
@@ -898,6 +968,7 @@ class SubmissionFactory(ServerFactory):
         self.sessions: set[SubmissionServer] = set()
         self._per_ip: dict[str, int] = {}
         self._drained: list[Deferred[None]] = []
+        self._connection_rate = RateLimiter()
 
     def buildProtocol(self, addr: Any) -> Protocol:
         ip = str(getattr(addr, "host", addr))
@@ -908,6 +979,14 @@ class SubmissionFactory(ServerFactory):
             return p
         if self._per_ip.get(ip, 0) >= listener.max_connections_per_ip:
             p = _Refuser(self.settings.hostname, "Too many connections from your address")
+            p.factory = self
+            return p
+        rate = listener.connection_rate
+        if rate is not None and not self._connection_rate.allow(
+            client_key(ip), *rate, self.settings.clock.seconds()
+        ):
+            p = _Refuser(self.settings.hostname, "Too many new connections from your address, "
+                         "slow down")
             p.factory = self
             return p
         proto = SubmissionServer(self.settings)

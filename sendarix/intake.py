@@ -13,15 +13,18 @@ from typing import Any
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from sendarix.address import domain_of
 from sendarix.cleanup import CleanupInfo, cleanup
 from sendarix.credentials import Credential
+from sendarix.domains import DomainKeyring
 from sendarix.events import Event
 from sendarix.interfaces import IContentFilter, IEventSink, ISpool
 from sendarix.model import Envelope, MessageMeta, NewMessage, Reply, TLSInfo
 from sendarix.queueid import QueueIdGenerator
+from sendarix.signing import SigningKey, sign_message
 
 log = Logger()
 
@@ -62,6 +65,12 @@ class Intake:
     filters: Sequence[IContentFilter] = ()
     expose_auth: bool = False
     _ids: QueueIdGenerator | None = None
+    #: Sending domains: DKIM keys for verified header From domains (None: no signing).
+    keyring: DomainKeyring | None = None
+    #: Refuse (550 5.7.1) mail whose header From domain is not verified.
+    require_verified_domains: bool = False
+    #: Runs the signing function off the reactor thread (a test may run it inline).
+    in_thread: Any = deferToThread
 
     def __attrs_post_init__(self) -> None:
         if self._ids is None:
@@ -107,10 +116,15 @@ class Intake:
                 raise Refused(
                     Reply(550, "5.7.1", "Header From address not allowed for this credential")
                 )
+        keys = await self._signing_keys(cleaned.header_from, sub.tenant)
         for content_filter in self.filters:
             verdict = await content_filter.check(sub.envelope, cleaned.body)
             if verdict is not None:
                 raise Refused(verdict)
+        body = cleaned.body
+        if keys:
+            # Hashing a large body and the RSA operation belong off the reactor thread.
+            body = await self.in_thread(sign_message, body, keys, int(now))
         tenant = sub.tenant
         meta = MessageMeta(
             tenant=tenant,
@@ -124,9 +138,10 @@ class Intake:
             tags=cleaned.tags,
             stream=cleaned.stream,
             node=self.node,
+            sandbox=bool(cred and cred.sandbox),
         )
         await self.spool.enqueue(
-            NewMessage(queue_id=sub.queue_id, envelope=sub.envelope, meta=meta, body=cleaned.body)
+            NewMessage(queue_id=sub.queue_id, envelope=sub.envelope, meta=meta, body=body)
         )
         self._emit(
             "accepted",
@@ -139,6 +154,29 @@ class Intake:
             tls=sub.tls,
         )
         return sub.queue_id
+
+    async def _signing_keys(self, header_from: str | None, tenant: str) -> tuple[SigningKey, ...]:
+        """The DKIM keys for the header From domain: its verified keys, when it belongs
+        to ``tenant`` or to no tenant; Refused when verified domains are required and
+        it has no verified key."""
+        if self.keyring is None:
+            return ()
+        domain = domain_of(header_from) if header_from else ""
+        sd = await self.keyring.lookup(domain) if domain else None
+        usable = sd is not None and sd.usable and sd.tenant in (None, tenant)
+        if not usable:
+            if self.require_verified_domains:
+                what = f"domain {domain}" if domain else "address"
+                raise Refused(Reply(
+                    550, "5.7.1", f"Header From {what} is not a verified sending domain"
+                ))
+            return ()
+        try:
+            return await self.keyring.signing_keys(domain)
+        except Exception:
+            # Never send unsigned what should be signed: the client gets 451 and retries.
+            log.failure("cannot load the DKIM keys of {domain}", domain=domain)
+            raise
 
     def rejected(
         self,

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from sendarix.credentials import Credential
+    from sendarix.domains import DKIMKey, SendingDomain
     from sendarix.events import Event, EventPage, EventQuery
     from sendarix.model import (
         Envelope,
@@ -140,6 +141,49 @@ class ICredentialStore(Interface):
 
     def rotate(name: str) -> Deferred[str]:  # noqa: N805
         """Replace the secret; Deferred new secret (old one stops working at once)."""
+
+
+class IDomainStore(Interface):
+    """Sending domains and their DKIM keys (private keys encrypted with the node
+    secret).  Every method returns a Deferred."""
+
+    def add(  # noqa: N805
+        domain: str, tenant: str | None, keys: Sequence[DKIMKey], now: float
+    ) -> Deferred[SendingDomain]:
+        """Add a domain with its keys; fails with
+        L{sendarix.domains.DomainExistsError} when it is already there."""
+
+    def add_keys(domain: str, keys: Sequence[DKIMKey]) -> Deferred[SendingDomain]:  # noqa: N805
+        """Add keys to a domain (rotation); the domain with all its keys.  Fails with
+        L{sendarix.domains.DomainNotFoundError}, or with DomainExistsError when a
+        selector is taken (nothing added)."""
+
+    def get(domain: str) -> Deferred[SendingDomain | None]:  # noqa: N805
+        """The L{sendarix.domains.SendingDomain} with its keys (in the order they were
+        added), or None."""
+
+    def list() -> Deferred[builtins.list[SendingDomain]]:  # noqa: N805
+        """Every sending domain, by name."""
+
+    def set_verified(  # noqa: N805
+        domain: str, verified_at: float | None, selector: str | None = None
+    ) -> Deferred[bool]:
+        """Mark key ``selector`` (None: every key) verified at ``verified_at`` (None:
+        not verified); True when such a key exists."""
+
+    def remove(domain: str, selector: str | None = None) -> Deferred[bool]:  # noqa: N805
+        """Forget one key (``selector``) or the whole domain; True when it existed."""
+
+
+class IBearerToken(Interface):
+    """twisted.cred credentials of SASL XOAUTH2: a user name and a bearer token.
+
+    Any ``ICredentialsChecker`` for this interface registered on the submission
+    portal checks XOAUTH2 logins (the built-in one is
+    L{sendarix.xoauth2.HMACTokenChecker}); its avatar id is the credential name."""
+
+    username = Attribute("The user name the client claims (bytes).")
+    token = Attribute("The bearer token (bytes).")
 
 
 class IAuthLimiter(Interface):

@@ -109,9 +109,13 @@ class MessageMeta:
     tags: tuple[str, ...] = ()
     stream: str | None = None
     node: str = ""
+    #: From a sandbox credential: delivered only to the simulator, never sent out.
+    sandbox: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"sandbox": True} if self.sandbox else {}
         return {
+            **extra,
             "tenant": self.tenant,
             "received_at": self.received_at,
             "client_ip": self.client_ip,
@@ -139,6 +143,7 @@ class MessageMeta:
             tags=tuple(d.get("tags", ())),
             stream=d.get("stream"),
             node=d.get("node", ""),
+            sandbox=bool(d.get("sandbox", False)),
         )
 
 

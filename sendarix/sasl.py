@@ -1,13 +1,21 @@
-"""Server-side SASL mechanisms for SMTP AUTH (RFC 4954): PLAIN and LOGIN.
+"""Server-side SASL mechanisms for SMTP AUTH (RFC 4954): PLAIN, LOGIN and XOAUTH2.
 
 Each mechanism is a small state machine fed the decoded client responses; when it is
-done it holds a username and password (an ``IUsernamePassword`` for twisted.cred).
+done it holds twisted.cred credentials: a username and password
+(``IUsernamePassword``) for PLAIN and LOGIN, a username and bearer token
+(``IBearerToken``) for XOAUTH2.
 """
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from twisted.cred.credentials import IUsernamePassword
 from zope.interface import implementer
+
+from sendarix.interfaces import IBearerToken
+from sendarix.xoauth2 import parse_xoauth2
 
 
 class SASLError(Exception):
@@ -18,6 +26,8 @@ class SASLError(Exception):
 class _Credentials:
     username: bytes
     password: bytes
+    #: What the portal needs a checker for, to offer this mechanism.
+    credential_interface = IUsernamePassword
 
     def __init__(self) -> None:
         self.username = b""
@@ -76,7 +86,35 @@ class LoginMechanism(_Credentials):
             self.done = True
 
 
-MECHANISMS: dict[bytes, type[PlainMechanism] | type[LoginMechanism]] = {
+@implementer(IBearerToken)
+class XOAuth2Mechanism:
+    """XOAUTH2: one response ``user=NAME ^A auth=Bearer TOKEN ^A ^A``.  When the token
+    is refused, the server first sends an error challenge (a JSON status) and answers
+    535 after the client's (empty) reply."""
+
+    name = b"XOAUTH2"
+    credential_interface = IBearerToken
+    #: The error challenge sent when the token is refused.
+    ERROR = json.dumps({"status": "401", "schemes": "bearer"}).encode()
+
+    def __init__(self) -> None:
+        self.username = b""
+        self.token = b""
+        self.done = False
+
+    def challenge(self) -> bytes:
+        return b""
+
+    def respond(self, data: bytes) -> None:
+        try:
+            self.username, self.token = parse_xoauth2(data)
+        except ValueError as e:
+            raise SASLError(str(e)) from None
+        self.done = True
+
+
+MECHANISMS: dict[bytes, Any] = {
     b"PLAIN": PlainMechanism,
     b"LOGIN": LoginMechanism,
+    b"XOAUTH2": XOAuth2Mechanism,
 }

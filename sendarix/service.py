@@ -7,6 +7,7 @@ close first, sessions finish their transaction or get 421, then the stores close
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -21,17 +22,22 @@ from sendarix.authlimit import AuthLimiter
 from sendarix.classify import BounceRules
 from sendarix.config import Config, ListenerConfig, default_config
 from sendarix.delivery import DeliveryService
+from sendarix.domains import DomainKeyring, check_keys_open, count_stored_keys
 from sendarix.egress_select import TieredSelector
+from sendarix.errors import ConfigError
 from sendarix.ingress import ListenerSettings, SubmissionFactory
 from sendarix.intake import Intake
 from sendarix.interfaces import IEgressSelector, IFailoverStrategy, IRouter, IThrottle
+from sendarix.nodesecret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.ratelimit import RateLimiter
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.routing.pool import EndpointPool, PoolRouter
 from sendarix.routing.state import state_path
 from sendarix.stores import Stores
 from sendarix.throttle import MemoryThrottle
-from sendarix.tlsutil import ensure_certificate, server_tls_options
+from sendarix.tlsutil import ReloadableServerTLS, ensure_certificate
+from sendarix.workers import listen_shared
+from sendarix.xoauth2 import HMACTokenChecker
 
 log = Logger()
 
@@ -42,6 +48,41 @@ SHUTDOWN_GRACE = 30.0
 class NodeService(MultiService):
     """The node: children start in order and stop in reverse, each after the one
     added after it has finished stopping (listeners drain before the stores close)."""
+
+    #: The listeners' TLS options (None when no listener uses TLS).
+    tls: ReloadableServerTLS | None = None
+    #: Install a SIGHUP handler that reloads the TLS certificate (twistd does).
+    reload_on_sighup = False
+
+    def startService(self) -> None:
+        super().startService()
+        if self.reload_on_sighup:
+            self.install_sighup_handler()
+
+    def install_sighup_handler(self) -> None:
+        """Make SIGHUP reload the TLS certificate (on the reactor thread)."""
+        import signal
+
+        from twisted.internet import reactor
+
+        def on_hup(signum: int, frame: Any) -> None:
+            reactor.callFromThread(self.reload_tls)  # type: ignore[attr-defined]
+
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def reload_tls(self) -> bool:
+        """Read the TLS certificate and key again: new sessions get them, sessions
+        already running keep theirs.  False (and the old certificate kept) when the
+        files cannot be loaded."""
+        if self.tls is None:
+            return False
+        try:
+            self.tls.reload()
+        except Exception:
+            log.failure("TLS certificate reload failed; keeping the current certificate")
+            return False
+        log.info("TLS certificate reloaded from {cert}", cert=self.tls.cert_path)
+        return True
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
@@ -60,9 +101,13 @@ class StoresService(Service):
 
     name = "stores"
 
-    def __init__(self, stores: Stores, clock: Any) -> None:
+    def __init__(
+        self, stores: Stores, clock: Any, checks: Sequence[Callable[[], Awaitable[None]]] = ()
+    ) -> None:
         self.stores = stores
         self.clock = clock
+        #: Run once the stores are open; a failure keeps the node from serving.
+        self.checks = list(checks)
         self._ready: Deferred[None] | None = None
 
     def ready(self) -> Deferred[None]:
@@ -81,9 +126,14 @@ class StoresService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._ready = self.stores.open()
+        self._ready = ensureDeferred(self._open_and_check())
         self._ready.addCallback(self._start_retention)
         self._ready.addErrback(self._failed)
+
+    async def _open_and_check(self) -> None:
+        await self.stores.open()
+        for check in self.checks:
+            await check()
 
     #: How often old events are trimmed from the delivery log.
     retention_interval = 3600.0
@@ -126,9 +176,10 @@ class ListenerService(Service):
 
     def __init__(
         self, reactor: Any, config: ListenerConfig, factory: SubmissionFactory,
-        stores: StoresService, wrap_tls: Any = None,
+        stores: StoresService, wrap_tls: Any = None, shared: bool = False,
     ) -> None:
         self.name = f"listener:{config.name}"
+        self._shared = shared  # SO_REUSEPORT: worker processes share the port
         self._reactor = reactor
         self._config = config
         self.factory = factory
@@ -160,6 +211,10 @@ class ListenerService(Service):
             )
             return port
 
+        if self._shared:
+            return listen_shared(self._reactor, self._config.endpoint, factory).addCallback(
+                listening
+            )
         return endpoint.listen(factory).addCallback(listening)
 
     def listening(self) -> Deferred[IListeningPort]:
@@ -185,12 +240,47 @@ class ListenerService(Service):
         )
 
 
-def make_throttle(config: Config, reactor: Any = None) -> IThrottle:
+def load_node_secret(config: Config, environ: Any = None) -> NodeSecret | None:
+    """The node secret from the environment, checked against the stored DKIM keys.
+
+    Raises ConfigError (naming ``node.secret_key_env``) when the secret is too short,
+    when it is unset although encrypted keys exist, or when it does not decrypt them:
+    the relay refuses to start rather than send unsigned mail.  Reads the SQLite file
+    directly: this runs once, before the reactor does.
+    """
+    env = config.node.secret_key_env
+    try:
+        secret = node_secret_from_env(env, environ)
+    except SecretError as e:
+        raise ConfigError("node.secret_key_env", str(e)) from None
+    path = config.spool.sqlite_path
+    if path is None:
+        return secret
+    count, sample = count_stored_keys(path)
+    if count and secret is None:
+        raise ConfigError(
+            "node.secret_key_env",
+            f"${env} is not set, but {count} DKIM private key(s) are stored encrypted "
+            "with it: set it to the node secret used by 'sendarix domains add'",
+        )
+    if secret is not None and sample is not None:
+        try:
+            secret.decrypt(sample)
+        except SecretError as e:
+            raise ConfigError("node.secret_key_env", str(e)) from None
+    return secret
+
+
+def make_throttle(config: Config, reactor: Any = None, stores: Stores | None = None) -> IThrottle:
     """The node's L{IThrottle}: connection counts and message rates per site.
 
-    In memory (per node) for now; a Redis-shared throttle for several nodes plugs in
-    here.  Callers treat every answer as possibly a Deferred (``maybeDeferred``).
+    With the stores in Redis, shared by every node (limits per cluster: a
+    L{sendarix.redisstore.throttle.RedisThrottle}, stopped when the stores close);
+    otherwise in memory, per node.  Callers treat every answer as possibly a Deferred
+    (``maybeDeferred``).
     """
+    if stores is not None:
+        return stores.make_throttle(config.node.name)
     return MemoryThrottle()
 
 
@@ -239,23 +329,34 @@ def makeService(
             if config.delivery.bounce_rules else None
         ),
         routers=make_routers(config, resolver),
-        throttle=make_throttle(config, reactor),
+        throttle=make_throttle(config, reactor, stores),
         selector=make_selector(config),
         state_file=state_path(config),
     )
     delivery.setServiceParent(top)
     top.delivery = delivery  # type: ignore[attr-defined]
 
+    secret = load_node_secret(config)
+    keyring = DomainKeyring(stores.domains, secret, reactor)
+    if config.spool.sqlite_path is None:
+        # Redis: the key check cannot run before the reactor; the node does not serve
+        # until it passes.
+        stores_service.checks.append(
+            lambda: check_keys_open(stores.domains, secret, config.node.secret_key_env)
+        )
+    require_verified = config.domains.require_verified_domains
     intake = Intake(
         spool=stores.spool, events=stores.events, clock=reactor,
         node=config.node.name, hostname=config.node.hostname,
+        keyring=keyring, require_verified_domains=require_verified,
     )
     tls_options = None
     if any(lc.tls != "none" for lc in config.listeners):
         cert, key = ensure_certificate(
             config.tls.certificate, config.tls.key, config.var_dir, config.node.hostname
         )
-        tls_options = server_tls_options(cert, key, config.tls.min_version)
+        tls_options = ReloadableServerTLS(cert, key, config.tls.min_version)
+    top.tls = tls_options
     limits = config.limits
     auth_limiter = auth_limiter or AuthLimiter(
         max_failures=limits.auth_max_failures, window=limits.auth_failure_window,
@@ -266,7 +367,10 @@ def makeService(
         name: limit for name, t in config.tenants.items()
         if (limit := t.rate_limit) is not None
     }
-    portal = submission_portal(stores.credentials, reactor)
+    token_checker = (
+        HMACTokenChecker(stores.credentials, secret, reactor) if secret is not None else None
+    )
+    portal = submission_portal(stores.credentials, reactor, token_checker)
     top.listeners = []  # type: ignore[attr-defined]
     for lc in config.listeners:
         settings = ListenerSettings(
@@ -276,10 +380,11 @@ def makeService(
             auth_limiter=auth_limiter,
             rate_limiter=rate_limiter, tls_options=tls_options if lc.tls != "none" else None,
             tenant_rates=tenant_rates,
+            keyring=keyring, require_verified_domains=require_verified,
         )
         service = ListenerService(
             reactor, lc, SubmissionFactory(settings), stores_service,
-            wrap_tls=tls_options if lc.wrap_tls else None,
+            wrap_tls=tls_options if lc.wrap_tls else None, shared=config.node.workers > 1,
         )
         service.setServiceParent(top)
         top.listeners.append(service)  # type: ignore[attr-defined]

@@ -1,18 +1,29 @@
-"""TLS material: the development self-signed certificate and server context options."""
+"""TLS material: the development self-signed certificate, server context options
+(TLS 1.2 or newer, forward-secret AEAD cipher suites only), and
+L{ReloadableServerTLS}, whose certificate is replaced on SIGHUP without dropping
+sessions."""
 
 from __future__ import annotations
 
 import datetime
 import os
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
-from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from zope.interface import implementer
 
 _MIN_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+
+#: TLS 1.2 cipher suites offered by our listeners: forward secrecy (ECDHE/DHE) and
+#: AEAD (AES-GCM, ChaCha20-Poly1305) only; no CBC, RSA key exchange, RC4 or 3DES.
+#: (TLS 1.3 suites are all AEAD and are not affected by this list.)
+SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 
 
 def make_self_signed(hostname: str, cert_path: str, key_path: str) -> None:
@@ -94,7 +105,41 @@ def server_tls_options(
         certificate=certs[0],
         extraCertChain=certs[1:],
         raiseMinimumTo=_MIN_VERSIONS[min_version],
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(SERVER_CIPHERS),
     )
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
+class ReloadableServerTLS:
+    """Server TLS options read from certificate and key files, re-read by ``reload()``.
+
+    Each new handshake (STARTTLS or implicit TLS) uses the options current at that
+    moment; sessions already established keep the certificate they started with.  A
+    reload that fails (missing or mismatched files) raises and keeps the old options.
+    """
+
+    def __init__(self, cert_path: str, key_path: str, min_version: str = "1.2") -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.min_version = min_version
+        self._options = server_tls_options(cert_path, key_path, min_version)
+
+    @property
+    def options(self) -> CertificateOptions:
+        """The current options."""
+        return self._options
+
+    def reload(self) -> None:
+        """Read the certificate and key files again."""
+        options = server_tls_options(self.cert_path, self.key_path, self.min_version)
+        options.getContext()  # a key that does not match the certificate fails here
+        self._options = options
+
+    def getContext(self) -> Any:
+        return self._options.getContext()
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        return self._options.serverConnectionForTLS(tlsProtocol)
 
 
 def _pem_blocks(data: bytes, kind: bytes) -> list[bytes]:

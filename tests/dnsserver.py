@@ -6,7 +6,12 @@ port)::
     {"example.org": {"MX": [(10, "mx1.example.org")], "TTL": 300},
      "mx1.example.org": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
      "nomail.example": {"MX": [(0, ".")]},          # null MX (RFC 7505)
-     "broken.example": {"SERVFAIL": True}}
+     "broken.example": {"SERVFAIL": True},
+     "s1._domainkey.example.org": {"TXT": ["v=DKIM1; k=ed25519; p=..."]}}
+
+A TXT value is a string (split into 255-byte character-strings when longer) or a
+list of strings (published as those character-strings).  ``records`` may be changed
+while the server runs (tests publish a record, then look again).
 
 A name not in the dict is NXDOMAIN; a known name without the asked type has an empty
 answer (dnspython's NoAnswer).
@@ -34,11 +39,11 @@ class _DictResolver(common.ResolverBase):
 
     def __init__(self, records: dict[str, dict[str, Any]]) -> None:
         common.ResolverBase.__init__(self)
-        self.records = {k.lower().rstrip("."): v for k, v in records.items()}
+        self.records = records
 
     def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> defer.Deferred[Any]:
         key = name.decode("ascii").lower().rstrip(".")
-        entry = self.records.get(key)
+        entry = {k.lower().rstrip("."): v for k, v in self.records.items()}.get(key)
         if entry is None:
             return defer.fail(dns.AuthoritativeDomainError(key))
         if entry.get("SERVFAIL"):
@@ -56,6 +61,14 @@ class _DictResolver(common.ResolverBase):
         elif type == dns.AAAA:
             for address in entry.get("AAAA", []):
                 answers.append(self._rr(name, dns.AAAA, dns.Record_AAAA(address, ttl=ttl), ttl))
+        elif type == dns.TXT:
+            for text in entry.get("TXT", []):
+                if isinstance(text, str):
+                    data = text.encode("utf-8")
+                    strings = [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
+                else:
+                    strings = [t.encode("utf-8") for t in text]
+                answers.append(self._rr(name, dns.TXT, dns.Record_TXT(*strings, ttl=ttl), ttl))
         return defer.succeed((answers, [], []))
 
     @staticmethod

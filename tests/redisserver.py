@@ -11,8 +11,14 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 from unittest import SkipTest
+
+from twisted.internet.defer import Deferred
+
+if TYPE_CHECKING:
+    from sendarix.redisstore.connection import RedisClient
 
 _START_TIMEOUT = 10.0
 
@@ -33,12 +39,16 @@ def _answers_ping(port: int) -> bool:
         return False
 
 
-def start_redis(directory: str, aof: bool = True) -> tuple[int, Callable[[], None]]:
+def start_redis(
+    directory: str, aof: bool = True, port: int | None = None, extra: Sequence[str] = ()
+) -> tuple[int, Callable[[], None]]:
     """Start redis-server with its files in ``directory``; return (port, stop).
 
     ``aof``: keep an append-only file fsynced on every write (the durable setting the
-    spool wants); without it the server persists nothing.  ``stop`` kills the server
-    by its PID and waits for it to exit.
+    spool wants); without it the server persists nothing.  ``port``: listen there
+    (a restart of an earlier server), else on a free port.  ``extra``: more
+    redis-server options (TLS, a unix socket, ACL users).  ``stop`` kills the
+    server by its PID (SIGKILL: like a crash) and waits for it to exit.
     """
     binary = shutil.which("redis-server")
     if binary is None:
@@ -47,8 +57,9 @@ def start_redis(directory: str, aof: bool = True) -> tuple[int, Callable[[], Non
         raise SkipTest("redis-server is not installed")
     os.makedirs(directory, exist_ok=True)
     # A port taken between probing and binding fails the start; try a few.
+    wanted = port
     for _ in range(5):
-        port = _free_port()
+        port = wanted or _free_port()
         command = [
             binary,
             "--port", str(port),
@@ -58,6 +69,7 @@ def start_redis(directory: str, aof: bool = True) -> tuple[int, Callable[[], Non
             "--appendonly", "yes" if aof else "no",
             "--appendfsync", "always",
             "--logfile", "redis.log",
+            *extra,
         ]  # fmt: skip
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -78,3 +90,23 @@ def _stopper(process: subprocess.Popen[bytes]) -> Callable[[], None]:
         process.wait(timeout=10)
 
     return stop
+
+
+def redis_client(test: Any, aof: bool = True) -> Deferred[RedisClient]:
+    """Start a server for ``test`` and connect a L{RedisClient} pool to it; both are
+    stopped at the test's cleanup.  Fires once the pool is connected.  Sets
+    ``test.redis_port``, ``test.redis_dir`` and ``test.redis_stop`` (a test that
+    restarts the server replaces ``redis_stop``)."""
+    from twisted.internet import reactor
+
+    from sendarix.redisstore.connection import connect
+
+    directory = os.path.abspath(test.mktemp())
+    port, stop = start_redis(directory, aof=aof)
+    test.addCleanup(lambda: test.redis_stop())
+    test.redis_stop, test.redis_dir = stop, directory
+    client = connect(f"redis://127.0.0.1:{port}/0", poolsize=4)
+    test.addCleanup(client.disconnect)
+    test.redis_port = port
+    d = client.wait_connected(reactor, 10.0)
+    return d.addCallback(lambda _: client)

@@ -103,8 +103,13 @@ def smtp_starttls(port: int, ca_path: str) -> smtplib.SMTP:
 class RawClient:
     """A blocking socket client that sends raw bytes and reads reply lines."""
 
-    def __init__(self, port: int, tls_ca: str | None = None) -> None:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    def __init__(self, port: int, tls_ca: str | None = None, source: str | None = None) -> None:
+        """Connect to 127.0.0.1:``port`` (from the address ``source`` when given, such
+        as 127.0.0.5 for a client outside 127.0.0.1/32)."""
+        sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=30,
+            source_address=(source, 0) if source else None,
+        )
         if tls_ca:
             sock = client_context(tls_ca).wrap_socket(sock, server_hostname=HOSTNAME)
         self.sock = sock

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
@@ -34,7 +34,15 @@ from sendarix.credentials import (
     verify_secret,
 )
 from sendarix.interfaces import ICredentialStore
+from sendarix.redisstore.connection import connect
+from sendarix.redisstore.credentials import RedisCredentialStore
 from sendarix.sqlitedb import SQLiteDatabase
+from tests.redisserver import redis_client
+
+if TYPE_CHECKING:
+    _Base = TestCase
+else:
+    _Base = object
 
 # The global reactor, typed loosely: it provides every reactor interface we pass it as.
 reactor: Any = _reactor
@@ -173,16 +181,15 @@ def make_db(test: TestCase) -> SQLiteDatabase:
     return db
 
 
-class SQLiteCredentialStoreTests(TestCase):
-    """SQLiteCredentialStore on a real SQLite file."""
+class CredentialStoreContractMixin(_Base):
+    """The ICredentialStore contract: every backend passes these tests.
 
-    async def open_store(self) -> tuple[SQLiteCredentialStore, task.Clock, SQLiteDatabase]:
-        clock = task.Clock()
-        clock.advance(1000)
-        db = make_db(self)
-        store = SQLiteCredentialStore(db, clock, threads=reactor)
-        await db.open()
-        return store, clock, db
+    A backend's TestCase implements ``open_store``: a ready store whose clock (a
+    ``task.Clock`` at 1000) is returned with it, and something backend-specific.
+    """
+
+    async def open_store(self) -> tuple[Any, task.Clock, Any]:
+        raise NotImplementedError
 
     async def test_interface(self) -> None:
         """The store provides ICredentialStore."""
@@ -263,6 +270,19 @@ class SQLiteCredentialStoreTests(TestCase):
         with self.assertRaises(CredentialNotFoundError):
             await store.rotate("app")
 
+
+
+class SQLiteCredentialStoreTests(CredentialStoreContractMixin, TestCase):
+    """SQLiteCredentialStore on a real SQLite file."""
+
+    async def open_store(self) -> tuple[SQLiteCredentialStore, task.Clock, SQLiteDatabase]:
+        clock = task.Clock()
+        clock.advance(1000)
+        db = make_db(self)
+        store = SQLiteCredentialStore(db, clock, threads=reactor)
+        await db.open()
+        return store, clock, db
+
     async def test_survives_reopen(self) -> None:
         """Credentials are on disk: a new store on the same file sees them."""
         store, clock, db = await self.open_store()
@@ -273,6 +293,36 @@ class SQLiteCredentialStoreTests(TestCase):
         store2 = SQLiteCredentialStore(db2, clock)
         await db2.open()
         self.assertEqual(await store2.get("app"), cred)
+
+
+class RedisCredentialStoreTests(CredentialStoreContractMixin, TestCase):
+    """RedisCredentialStore on a private redis-server."""
+
+    async def open_store(self) -> tuple[RedisCredentialStore, task.Clock, Any]:
+        clock = task.Clock()
+        clock.advance(1000)
+        redis = await redis_client(self)
+        return RedisCredentialStore(redis, clock, threads=reactor), clock, redis
+
+    async def test_revoke_and_rotate_on_every_node(self) -> None:
+        """Two nodes (two connection pools) share the store: a credential revoked or
+        rotated on one is refused on the other at once, despite its checker's cache."""
+        store, _, _ = await self.open_store()
+        other_pool = connect(f"redis://127.0.0.1:{self.redis_port}/0", poolsize=2)  # type: ignore[attr-defined]
+        self.addCleanup(other_pool.disconnect)
+        await other_pool.wait_connected(reactor, 10.0)
+        other = CredentialChecker(RedisCredentialStore(other_pool, reactor), reactor)
+        _, old = await store.add("app", "t")
+        _, second = await store.add("second", "t")
+        await other.authenticate("app", old)
+        new = await store.rotate("app")
+        with self.assertRaises(UnauthorizedLogin):
+            await other.authenticate("app", old)
+        self.assertEqual((await other.authenticate("app", new)).name, "app")
+        await other.authenticate("second", second)
+        await store.revoke("second")
+        with self.assertRaises(UnauthorizedLogin):
+            await other.authenticate("second", second)
 
 
 @implementer(IRealm)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor as _reactor
+from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import (
     ILogObserver,
@@ -37,7 +38,14 @@ from sendarix.events import (
 )
 from sendarix.interfaces import IEventLog, IEventSink
 from sendarix.model import Reply, TLSInfo
+from sendarix.redisstore.eventlog import RedisEventLog
 from sendarix.sqlitedb import SQLiteDatabase
+from tests.redisserver import redis_client, start_redis
+
+if TYPE_CHECKING:
+    _Base = TestCase
+else:
+    _Base = object
 
 # The global reactor, typed loosely: it provides every reactor interface we pass it as.
 reactor: Any = _reactor
@@ -229,18 +237,20 @@ class FanoutSinkTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 
-class SQLiteEventLogTests(TestCase):
-    """SQLiteEventLog on a real SQLite file."""
+class EventLogContractMixin(_Base):
+    """The IEventLog contract: every delivery log backend passes these tests.
 
-    async def open_log(self) -> SQLiteEventLog:
-        db = SQLiteDatabase(os.path.join(self.mktemp(), "sendarix.db"), reactor)
-        self.addCleanup(db.close)
-        self.db = db
-        log = SQLiteEventLog(db)
-        await db.open()
-        return log
+    A backend's TestCase mixes this in and implements ``open_log`` (a started log)
+    and ``stored_rows`` (how many events and index entries the store still holds).
+    """
 
-    async def emit_all(self, log: SQLiteEventLog, events: list[Event]) -> None:
+    async def open_log(self) -> Any:
+        raise NotImplementedError
+
+    async def stored_rows(self) -> list[int]:
+        raise NotImplementedError
+
+    async def emit_all(self, log: Any, events: list[Event]) -> None:
         await gatherResults([log.emit(e) for e in events])
 
     async def test_interface(self) -> None:
@@ -366,15 +376,102 @@ class SQLiteEventLogTests(TestCase):
         self.assertEqual(list(page.events), list(reversed(new)))
         self.assertEqual(len((await log.search(EventQuery(recipient="s@x"))).events), 0)
         self.assertEqual(len((await log.search(EventQuery(tag="t"))).events), 3)
-        counts = await self.db.run(
-            lambda conn: [
-                conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                for table in ("event_log", "event_recipient", "event_tag")
-            ]
-        )
-        self.assertEqual(counts, [3, 3, 3])
+        self.assertEqual(await self.stored_rows(), [3, 3, 3])
 
-    async def test_page_json(self) -> None:
+    def test_page_json(self) -> None:
         """An EventPage renders as the GET /v1/events body."""
         page = EventPage((full_event(),), "abc")
         self.assertEqual(page.to_json(), {"events": [full_event().to_json()], "next_cursor": "abc"})
+
+
+class SQLiteEventLogTests(EventLogContractMixin, TestCase):
+    """SQLiteEventLog on a real SQLite file."""
+
+    async def open_log(self) -> SQLiteEventLog:
+        db = SQLiteDatabase(os.path.join(self.mktemp(), "sendarix.db"), reactor)
+        self.addCleanup(db.close)
+        self.db = db
+        log = SQLiteEventLog(db)
+        await db.open()
+        return log
+
+    async def stored_rows(self) -> list[int]:
+        return cast(
+            list[int],
+            await self.db.run(
+                lambda conn: [
+                    conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                    for table in ("event_log", "event_recipient", "event_tag")
+                ]
+            ),
+        )
+
+
+class RedisEventLogTests(EventLogContractMixin, TestCase):
+    """RedisEventLog on a private redis-server."""
+
+    async def open_log(self) -> RedisEventLog:
+        self.redis = await redis_client(self)
+        return RedisEventLog(self.redis)
+
+    async def stored_rows(self) -> list[int]:
+        counts = [int(await self.redis.execute_command("ZCARD", "sendarix:ev:all"))]
+        for pattern in ("sendarix:ev:x:r:*", "sendarix:ev:x:g:*"):
+            total = 0
+            for key in await self.redis.execute_command("KEYS", pattern):
+                total += int(await self.redis.execute_command("ZCARD", key))
+            counts.append(total)
+        return counts
+
+    async def test_long_scan_pages_on(self) -> None:
+        """A search that reads scan_limit index entries without filling its page
+        returns what it found with a cursor, and the next page goes on from there."""
+        log = await self.open_log()
+        log.scan_batch = 4
+        log.scan_limit = 8
+        match = Event.make("bounced", 1.0, tenant="t")
+        others = [Event.make("delivered", 2.0 + i, tenant="t") for i in range(12)]
+        for e in [match, *others]:
+            await log.emit(e)
+        first = await log.search(EventQuery(tenant="t", type="bounced"))
+        self.assertEqual(first.events, ())
+        assert first.next_cursor is not None
+        second = await log.search(
+            EventQuery(tenant="t", type="bounced", cursor=first.next_cursor)
+        )
+        self.assertEqual(second.events, (match,))
+        self.assertIsNone(second.next_cursor)
+
+    async def test_outage_buffers_then_writes(self) -> None:
+        """While Redis is down an emitted event waits in memory; it is written once
+        Redis is back, and its Deferred fires then."""
+        log = await self.open_log()
+        log.retry_delay = 0.1
+        self.redis_stop()  # type: ignore[attr-defined]
+        event = Event.make("delivered", 5.0, tenant="t")
+        emitted = log.emit(event)
+        await task.deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(emitted.called)
+        port, stop = start_redis(self.redis_dir, port=self.redis_port)  # type: ignore[attr-defined]
+        self.redis_stop = stop
+        await emitted
+        self.assertEqual((await log.search(EventQuery(tenant="t"))).events, (event,))
+
+    async def test_close_drops_events_during_outage(self) -> None:
+        """Closing while Redis is down drops the waiting events (their Deferreds
+        fire) instead of retrying for ever."""
+        log = await self.open_log()
+        self.redis_stop()  # type: ignore[attr-defined]
+        emitted = log.emit(Event.make("delivered", 5.0, tenant="t"))
+        await task.deferLater(reactor, 0.1, lambda: None)
+        await log.close()
+        self.assertTrue(emitted.called)
+
+    async def test_order_kept_through_the_pool(self) -> None:
+        """Events emitted at once over a pool of connections are numbered in the
+        order they were emitted."""
+        log = await self.open_log()
+        events = [Event.make("delivered", 100.0, tenant="t") for _ in range(300)]
+        await self.emit_all(log, events)
+        page = await log.search(EventQuery(limit=1000))
+        self.assertEqual([e.id for e in page.events], [e.id for e in reversed(events)])

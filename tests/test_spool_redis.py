@@ -10,10 +10,13 @@ import os
 from typing import Any
 
 import txredisapi
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from sendarix.interfaces import ISpool
 from sendarix.model import NewMessage
+from sendarix.redisstore.connection import connect as redis_connect
 from sendarix.spool import SpoolError
 from sendarix.spool.redis import RedisSpool
 from tests.redisserver import start_redis
@@ -127,3 +130,37 @@ class RedisRepliesTests(TestCase):
         (delivery,) = await spool.lease_due("n1", T0, 10, 60)
         self.assertEqual(delivery.queue_id, "0000000000BYTES00001")
         self.assertEqual((await spool.stats()).by_status, {"pending": 1})
+
+
+class RedisReplicaWaitTests(TestCase):
+    """wait_replicas: a message counts as stored once replicas have it too."""
+
+    async def test_wait_for_replica(self) -> None:
+        """With a replica in sync, enqueue succeeds and the replica has the message;
+        with the replica gone, enqueue fails (the client would hear 451)."""
+        folder = os.path.abspath(self.mktemp())
+        port, stop = start_redis(os.path.join(folder, "master"))
+        self.addCleanup(stop)
+        replica_port, stop_replica = start_redis(
+            os.path.join(folder, "replica"), extra=["--replicaof", "127.0.0.1", str(port)]
+        )
+        self.addCleanup(lambda: stop_replica())
+        client = redis_connect(f"redis://127.0.0.1:{port}/0", poolsize=4)
+        self.addCleanup(client.disconnect)
+        await client.wait_connected(reactor, 10.0)
+        for _ in range(100):  # until the replica is attached
+            info = await client.execute_command("INFO", "replication")
+            if "connected_slaves:1" in info and "state=online" in info:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        spool = RedisSpool(client, wait_replicas=1, wait_timeout=0.5)
+        await spool.start()
+        await spool.enqueue(sample_message("0000000000REPLICA001"))
+        replica = redis_connect(f"redis://127.0.0.1:{replica_port}/0", poolsize=1)
+        self.addCleanup(replica.disconnect)
+        await replica.wait_connected(reactor, 10.0)
+        self.assertIsNotNone(await RedisSpool(replica).get("0000000000REPLICA001"))
+        stop_replica()
+        with self.assertRaises(SpoolError) as caught:
+            await spool.enqueue(sample_message("0000000000REPLICA002"))
+        self.assertIn("wait_replicas", str(caught.exception))

@@ -31,7 +31,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import txredisapi
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -47,6 +49,7 @@ from sendarix.model import (
     Reply,
     StoredMessage,
 )
+from sendarix.redisstore.connection import RedisUnavailable
 from sendarix.spool import codec
 from sendarix.spool.errors import DuplicateQueueId, LeaseLost, SpoolError
 
@@ -329,6 +332,12 @@ return cjson.encode({ids = redis.call('ZRANGEBYLEX', ARGV[1] .. 'ids', start, '+
 """
 
 
+async def _sleep(clock: IReactorTime, seconds: float) -> None:
+    d: Deferred[None] = Deferred()
+    clock.callLater(seconds, d.callback, None)
+    await d
+
+
 def _time(value: float) -> str:
     # repr round-trips a float exactly; txredisapi would format it with 6 decimals.
     return repr(float(value))
@@ -373,6 +382,16 @@ class RedisSpool:
     ``allow_volatile``: accept a Redis that does not keep an append-only file (mail
     accepted there is lost if Redis restarts).  ``owns_connection``: disconnect on
     ``stop()``.
+
+    While Redis is unreachable every method fails at once (see
+    :mod:`sendarix.redisstore.connection`), except ``complete``: mail that was just
+    delivered must not be delivered again, so it retries for up to
+    ``outage_patience`` seconds (on ``clock``) until Redis answers.
+
+    ``wait_replicas``: after storing a message, wait (at most ``wait_timeout``
+    seconds) until that many replicas have it too (Redis ``WAIT``, on a connection
+    taken out of the pool for the two commands, so nothing queues behind it), and
+    fail the enqueue (the client hears 451 and sends again) when they do not confirm.
     """
 
     def __init__(
@@ -382,12 +401,24 @@ class RedisSpool:
         allow_volatile: bool = False,
         *,
         owns_connection: bool = False,
+        clock: IReactorTime | None = None,
+        outage_patience: float = 300.0,
+        wait_replicas: int = 0,
+        wait_timeout: float = 2.0,
     ) -> None:
         self._redis = connection
         self._prefix = prefix
         self._allow_volatile = allow_volatile
         self._owns_connection = owns_connection
         self._stopped = False
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor  # type: ignore[assignment]
+        self._clock: IReactorTime = clock  # type: ignore[assignment]
+        self._outage_patience = outage_patience
+        self._wait_replicas = wait_replicas
+        self._wait_timeout = wait_timeout
         factory = getattr(connection, "_factory", None)
         self._charset: str = getattr(factory, "charset", None) or "utf-8"
 
@@ -492,8 +523,33 @@ class RedisSpool:
                 updated_at=received,
             )
             args += [address, domain, _encode_record(record)]
-        if not int(await self._run(_ENQUEUE, *args)):
+        if self._wait_replicas > 0:
+            stored = await self._run_replicated(_ENQUEUE, *args)
+        else:
+            stored = await self._run(_ENQUEUE, *args)
+        if not int(stored):
             raise DuplicateQueueId(message.queue_id)
+
+    async def _run_replicated(self, script: str, *args: Any) -> Any:
+        """Run a script, then WAIT for ``wait_replicas`` replicas, on one connection
+        of our own (WAIT counts that connection's writes, and blocks it)."""
+        if not getattr(self._redis, "connected", True):
+            raise RedisUnavailable("Redis is unreachable")
+        factory = self._redis._factory
+        connection = await factory.getConnection(peek=False)
+        try:
+            reply = await connection.eval(script, [], [self._prefix, *args])
+            acked = await connection.execute_command(
+                "WAIT", str(self._wait_replicas), str(int(self._wait_timeout * 1000))
+            )
+        finally:
+            factory.connectionQueue.put(connection)
+        if int(acked) < self._wait_replicas:
+            raise SpoolError(
+                f"only {int(acked)} of {self._wait_replicas} Redis replicas confirmed the"
+                f" write within {self._wait_timeout:g} s (spool.wait_replicas)"
+            )
+        return reply
 
     # -- leases ---------------------------------------------------------------------
 
@@ -566,10 +622,52 @@ class RedisSpool:
         now: float,
     ) -> None:
         codec.check_outcomes(outcomes)
+        # What the last attempt tried to write, once an attempt may have been applied
+        # without our hearing the answer (its connection dropped or timed out).
+        intended: dict[str, str] = {}
+        ambiguous = False
+        started = self._clock.seconds()
+        delay = 0.1
+        while True:
+            try:
+                await self._complete_once(
+                    queue_id, domain, node, outcomes, now, intended, ambiguous
+                )
+                return
+            except txredisapi.ConnectionError as e:
+                if self._stopped or self._clock.seconds() - started >= self._outage_patience:
+                    raise
+                if not isinstance(e, RedisUnavailable):
+                    ambiguous = True
+                if delay == 0.1:
+                    log.warn(
+                        "Redis unavailable recording the outcome of {queue_id}; retrying"
+                        " ({error})", queue_id=queue_id, error=e,
+                    )
+                await _sleep(self._clock, delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _complete_once(
+        self,
+        queue_id: str,
+        domain: str,
+        node: str,
+        outcomes: tuple[RecipientOutcome, ...],
+        now: float,
+        intended: dict[str, str],
+        ambiguous: bool,
+    ) -> None:
         for _ in range(_CAS_ATTEMPTS):
             current = await self._records(queue_id)
             if current is None:
+                if ambiguous and intended:
+                    return  # our write finished the message, which is gone now
                 raise LeaseLost(queue_id, domain, node)
+            if ambiguous and intended and all(
+                address in current and current[address][0] == text
+                for address, text in intended.items()
+            ):
+                return  # our earlier write was applied
             changed: dict[str, RecipientRecord] = {}
             for outcome in outcomes:
                 record = changed.get(outcome.address)
@@ -582,6 +680,8 @@ class RedisSpool:
                 ):
                     continue
                 changed[outcome.address] = codec.apply_outcome(record, outcome, now)
+            intended.clear()
+            intended.update((a, _encode_record(r)) for a, r in changed.items())
             result = await self._update(queue_id, "complete", domain, node, now, current, changed)
             if result == "lost":
                 raise LeaseLost(queue_id, domain, node)

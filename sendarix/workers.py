@@ -1,0 +1,198 @@
+"""Several reactor processes on one machine: ``[node] workers = N`` or ``--workers N``.
+
+The parent process (:class:`WorkerPool`) runs no listener and no delivery itself: it
+starts N children, each ``twistd -n sendarix`` with the same configuration plus
+``--worker I``, restarts a child that dies, and on stop sends every child SIGTERM
+(each drains its sessions as a single node does) and SIGKILL to any child still
+running after the grace period.  Worker I runs as node ``<name>-wI``: a stable name,
+so its events say which process handled a message and a restarted worker takes back
+its own leases at once.
+
+The children share the spool named by ``[spool] url`` (Redis, or SQLite on this
+machine) and share each TCP listener's port through SO_REUSEPORT: every worker binds
+its own socket to the same address, and the kernel spreads incoming connections
+across them (:func:`listen_shared`; Twisted's ``listenTCP`` cannot set the option, so
+the socket is made here and handed to ``reactor.adoptStreamPort``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+log = Logger()
+
+__all__ = ["TWISTD", "WorkerPool", "listen_shared", "worker_name"]
+
+#: How a child runs twistd (the same interpreter as the parent).
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def worker_name(node: str, index: int) -> str:
+    """The node name of worker ``index`` (1-based) of node ``node``."""
+    return f"{node}-w{index}"
+
+
+def listen_shared(reactor: Any, description: str, factory: Any) -> Deferred[IListeningPort]:
+    """Listen on a server endpoint string with SO_REUSEPORT, so that several processes
+    can each listen on the same TCP address.  ``tcp:``, ``tcp6:`` and ``ssl:`` endpoints
+    are shared; any other kind (``unix:``, ``systemd:``) is listened on as usual."""
+    endpoint = endpoints.serverFromString(reactor, description)
+    tcp = (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint, endpoints.SSL4ServerEndpoint)
+    if not isinstance(endpoint, tcp) or not hasattr(socket, "SO_REUSEPORT"):
+        log.warn("listener {endpoint} cannot be shared between workers", endpoint=description)
+        listening: Deferred[IListeningPort] = endpoint.listen(factory)
+        return listening
+    interface = endpoint._interface or (
+        "::" if isinstance(endpoint, endpoints.TCP6ServerEndpoint) else "0.0.0.0"
+    )
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    if isinstance(endpoint, endpoints.SSL4ServerEndpoint):
+        factory = TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((interface, endpoint._port))
+            sock.listen(endpoint._backlog)
+            sock.setblocking(False)
+            port: IListeningPort = reactor.adoptStreamPort(sock.fileno(), family, factory)
+        finally:
+            sock.close()  # the reactor holds its own duplicate of the descriptor
+    except OSError:
+        return _failed()
+    return succeed(port)
+
+
+def _failed() -> Deferred[IListeningPort]:
+    d: Deferred[IListeningPort] = Deferred()
+    d.errback(Failure())
+    return d
+
+
+class _Child(ProcessProtocol):
+    """One worker process, reporting its end to the pool."""
+
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+        self.pool._ended(self, reason)
+
+
+class WorkerPool(Service):
+    """Starts ``count`` worker processes and keeps them running until stopped.
+
+    ``arguments`` are the sendarix plugin's arguments every child gets (its config);
+    each child also gets ``--worker I``.  ``grace`` is how long a stop waits for the
+    children's own graceful stop before it kills them.
+    """
+
+    name = "workers"
+    #: Seconds before a worker that died is started again (doubling to ``max_delay``).
+    restart_delay = 1.0
+    max_delay = 30.0
+
+    def __init__(
+        self, reactor: Any, count: int, arguments: Sequence[str], grace: float = 40.0
+    ) -> None:
+        self.reactor = reactor
+        self.count = count
+        self.arguments = list(arguments)
+        self.grace = grace
+        self.children: dict[int, _Child] = {}
+        self.pids: dict[int, int] = {}
+        self._delays: dict[int, float] = {}
+
+    def command(self, index: int) -> list[str]:
+        """The command line of worker ``index``."""
+        return [*TWISTD, "-n", "--pidfile=", "sendarix", *self.arguments, "--worker", str(index)]
+
+    #: Pass SIGHUP on to every worker (each reloads its TLS certificate); twistd sets it.
+    forward_sighup = False
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(1, self.count + 1):
+            self._spawn(index)
+        if self.forward_sighup:
+            signal.signal(
+                signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self._hup)
+            )
+
+    def _hup(self) -> None:
+        for child in list(self.children.values()):
+            self._signal(child, signal.SIGHUP)
+
+    def _spawn(self, index: int) -> None:
+        if not self.running:
+            return
+        child = _Child(self, index)
+        transport = self.reactor.spawnProcess(
+            child, sys.executable, self.command(index), env=dict(os.environ),
+            childFDs={0: "w", 1: 1, 2: 2},
+        )
+        self.children[index] = child
+        self.pids[index] = transport.pid
+        log.info("worker {index} started, pid {pid}", index=index, pid=transport.pid)
+
+    def _ended(self, child: _Child, reason: Failure) -> None:
+        if self.children.get(child.index) is child:
+            del self.children[child.index]
+            self.pids.pop(child.index, None)
+        if not self.running:
+            return
+        delay = self._delays.get(child.index, self.restart_delay)
+        self._delays[child.index] = min(delay * 2, self.max_delay)
+        log.warn(
+            "worker {index} ended ({why}); starting it again in {delay:.0f} s",
+            index=child.index, why=reason.getErrorMessage(), delay=delay,
+        )
+        self.reactor.callLater(delay, self._spawn, child.index)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        children = list(self.children.values())
+        for child in children:
+            self._signal(child, signal.SIGTERM)
+        if not children:
+            return succeed(None)
+        killer = self.reactor.callLater(self.grace, self._kill_all, children)
+
+        def done(result: Any) -> Any:
+            if killer.active():
+                killer.cancel()
+            return result
+
+        return DeferredList([c.ended for c in children]).addBoth(done)
+
+    def _kill_all(self, children: list[_Child]) -> None:
+        for child in children:
+            if not child.ended.called:
+                log.warn("worker {index} did not stop in time: killing it", index=child.index)
+                self._signal(child, signal.SIGKILL)
+
+    @staticmethod
+    def _signal(child: _Child, signum: int) -> None:
+        try:
+            if child.transport is not None:
+                child.transport.signalProcess(signum)
+        except Exception:  # already gone
+            pass
