@@ -345,6 +345,72 @@ class ReadyQueueLeaseTests(unittest.TestCase):
         self.assertEqual(sink.stats.messages, 1)
 
 
+class FlakySpool:
+    """The relay's own spool, with ``body`` and ``release`` failing while ``down`` is
+    set (a store outage, as when Redis restarts)."""
+
+    def __init__(self, spool: Any) -> None:
+        self.spool = spool
+        self.down = False
+        self.failures = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.spool, name)
+
+    def _check(self) -> None:
+        if self.down:
+            self.failures += 1
+            raise OSError("spool unavailable (test outage)")
+
+    def body(self, queue_id: str) -> Any:
+        self._check()
+        return self.spool.body(queue_id)
+
+    def release(self, queue_id: str, domain: str, node: str) -> Any:
+        self._check()
+        return self.spool.release(queue_id, domain, node)
+
+
+class SpoolOutageTests(unittest.TestCase):
+    """A store outage while deliveries wait in the ready queue loses nothing."""
+
+    async def test_outage_keeps_queued_deliveries(self) -> None:
+        """While the spool fails, connections find no bodies and cannot hand the
+        deliveries back: they stay queued (leased) and go out, once each, when the
+        spool answers again, long before their leases would expire."""
+        sink = await start_sink(self, "127.0.0.2")
+        dns_port, stop_dns = start_dns({
+            "out.test": {"MX": [(10, "mx.out.test")]}, "mx.out.test": {"A": ["127.0.0.2"]},
+        })
+        self.addCleanup(stop_dns)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            delivery={"mx_port": sink.addresses[0][1]},
+            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={"out": {"mx_suffixes": ["out.test"], "messages_per_connection": 2}},
+        )
+        delivery = relay.service.delivery
+        flaky = FlakySpool(delivery.spool)
+        flaky.down = True
+        delivery.spool = flaky
+        recipients = [f"u{n}@out.test" for n in range(6)]
+        await in_thread(submit_many, relay.ports["relay"], recipients)
+        for _ in range(100):
+            if flaky.failures >= 4:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertGreaterEqual(flaky.failures, 4)
+        self.assertEqual(sink.stats.messages, 0)
+        flaky.down = False
+        messages = await sink.wait_for(6, timeout=20)
+        await deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(sorted(m.recipients[0] for m in messages), sorted(recipients))
+        self.assertEqual(sink.stats.messages, 6)
+        self.assertEqual(delivery.counters["released"], 0)
+        self.flushLoggedErrors(OSError)
+
+
 class EgressSourceTests(unittest.TestCase):
     """Connections leave from the configured source addresses."""
 
