@@ -652,11 +652,13 @@ class RestartTests(unittest.TestCase):
         }
         directory = self.mktemp()
         first = await Relay(directory, [RELAY_LISTENER], **sections).start()
-        recipients = [f"r{n}@any.test" for n in range(3)]
-        await in_thread(submit_many, first.ports["relay"], recipients)
-        for r in recipients:
-            self.assertEqual((await outcome(first, r)).type, "delivered")
-        await first.stop()
+        try:
+            recipients = [f"r{n}@any.test" for n in range(3)]
+            await in_thread(submit_many, first.ports["relay"], recipients)
+            for r in recipients:
+                self.assertEqual((await outcome(first, r)).type, "delivered")
+        finally:
+            await first.stop()
         second = await Relay(directory, [RELAY_LISTENER], **sections).start()
         self.addCleanup(second.stop)
         await in_thread(submit, second.ports["relay"], SENDER, ["late@any.test"])
