@@ -20,6 +20,7 @@ stop the loop.  A stop hands queued deliveries back to the spool at once.
 from __future__ import annotations
 
 import datetime
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -86,6 +87,11 @@ STOP_GRACE = 30.0
 MAX_PACE_WAIT = 2.0
 #: The longest a site's drainer sleeps at a time (so a stop is noticed soon).
 DRAIN_NAP = 1.0
+#: Messages a second one connection is counted on to carry for a paced site: a paced
+#: site gets no more connections at once than its rate needs at this speed.
+PACED_PER_CONNECTION = 10.0
+#: Seconds of a paced site's rate that one connection takes from the ready queue.
+PACED_BATCH_SECONDS = 10.0
 #: The source name in per-source throttle keys when no [[egress.source]] is used.
 SYSTEM_SOURCE = "system"
 #: Seconds between two writes of the routing state file.
@@ -246,6 +252,8 @@ class DeliveryService(Service):
         # Sites whose drainer should wait before the next connection: every egress
         # source was at its cap, or the spool failed.
         self._backoff: set[str] = set()
+        # Connections open (or being opened) per site by its drainer.
+        self._sessions: dict[str, int] = {}
         #: Spool traffic of the lease poll: deliveries leased, handed back unsent
         #: (released) and kept leased until their site has room (parked).
         self.counters = {"leased": 0, "released": 0, "parked": 0}
@@ -648,6 +656,10 @@ class DeliveryService(Service):
                 for ready in self.ready_queues.drain(site):
                     await self._defer_all([ready.delivery], [ready.delivery], reply)
                 return
+            if self._sessions.get(site, 0) >= self._connections_needed(shape):
+                # A paced site's open connections already carry its rate.
+                await self._nap(site, DRAIN_NAP)
+                continue
             if not shape.window.try_acquire(now):
                 await self._nap(site, DRAIN_NAP)
                 continue
@@ -666,6 +678,7 @@ class DeliveryService(Service):
                     if await self._await_rate(site, shape) else []
                 )
                 if batch:
+                    self._sessions[site] = self._sessions.get(site, 0) + 1
                     d = Deferred.fromCoroutine(self._send_taken(site, batch, conn_key))
                     started = True
                     self._running.add(d)
@@ -677,14 +690,23 @@ class DeliveryService(Service):
 
     @staticmethod
     def _batch_size(shape: SiteShape) -> int:
-        """Messages for one connection: no more than the site's rate admits within
-        ``MAX_PACE_WAIT`` or so (a session ends at a longer wait anyway), so what a
-        slow site holds drains a few at a time and its queue is topped up between."""
+        """Messages for one connection: for a paced site no more than its rate admits
+        in ``PACED_BATCH_SECONDS``, so what a slow site holds drains a few at a time
+        and its ready queue is topped up in between."""
         size = shape.messages_per_connection
         rate = shape.current_rate
         if rate is not None:
-            size = min(size, max(1, int(rate / shape.period * MAX_PACE_WAIT) + 1))
+            size = min(size, max(1, int(rate / shape.period * PACED_BATCH_SECONDS) + 1))
         return size
+
+    @staticmethod
+    def _connections_needed(shape: SiteShape) -> int:
+        """The most connections worth opening at once: for a paced site, what its rate
+        needs (more would only share the rate and wait); else the window's limit."""
+        rate = shape.current_rate
+        if rate is None:
+            return shape.window.limit
+        return max(1, math.ceil(rate / shape.period / PACED_PER_CONNECTION))
 
     def _forget(self, result: Any, d: Deferred[Any]) -> Any:
         self._running.discard(d)
@@ -732,6 +754,9 @@ class DeliveryService(Service):
                     self._backoff.add(site)
             pending.clear()
         finally:
+            self._sessions[site] -= 1
+            if not self._sessions[site]:
+                del self._sessions[site]
             await maybeDeferred(self.throttle.release_connection, conn_key)
             keep = [r for r in batch if r.delivery in back]
             if self.running:

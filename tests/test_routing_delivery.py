@@ -251,9 +251,9 @@ class ReadyQueueTests(unittest.TestCase):
 
     async def test_backlog_paced_without_churn(self) -> None:
         """300 messages to a provider paced at 30/s and 5 to one paced at 25/min (a
-        message every 2.4 s) all arrive at their pace while the relay hands nothing back
-        to the spool; mail to another site submitted after the backlog is not held up
-        behind it."""
+        message every 2.4 s) all arrive at their pace, over no more connections at once
+        than the rates need, while the relay hands nothing back to the spool; mail to
+        another site submitted after the backlog is not held up behind it."""
         sink = await start_sink(self, "127.0.0.2")
         port = sink.addresses[0][1]
         other = await start_sink(self, "127.0.0.3", port)
@@ -296,6 +296,9 @@ class ReadyQueueTests(unittest.TestCase):
                  spread=arrivals[-1] - arrivals[0])
         self.assertGreaterEqual(arrivals[-1] - arrivals[0], 299 / 30 - 0.05)
         self.assertGreaterEqual(slow_arrivals[-1] - slow_arrivals[0], 4 * 2.4 - 0.05)
+        # A paced site gets the connections its rate needs (30/s: 3), not its window.
+        self.assertLessEqual(sink.stats.max_concurrent, 3)
+        self.assertEqual(slow.stats.max_concurrent, 1)
         # Before ready queues, mail the rate could not admit within 2 s went back to
         # the spool and was leased again at the next poll: the slow site alone caused
         # dozens of leases and releases (measured: 45 releases for 11 deliveries).
