@@ -87,9 +87,10 @@ STOP_GRACE = 30.0
 MAX_PACE_WAIT = 2.0
 #: The longest a site's drainer sleeps at a time (so a stop is noticed soon).
 DRAIN_NAP = 1.0
-#: Messages a second one connection is counted on to carry for a paced site: a paced
-#: site gets no more connections at once than its rate needs at this speed.
-PACED_PER_CONNECTION = 10.0
+#: Messages a second one connection is counted on to carry for a paced site (a
+#: provider taking up to half a second per message): a paced site gets no more
+#: connections at once than its rate needs at this speed.
+PACED_PER_CONNECTION = 2.0
 #: Seconds of a paced site's rate that one connection takes from the ready queue.
 PACED_BATCH_SECONDS = 10.0
 #: The source name in per-source throttle keys when no [[egress.source]] is used.
@@ -663,7 +664,7 @@ class DeliveryService(Service):
             if not shape.window.try_acquire(now):
                 await self._nap(site, DRAIN_NAP)
                 continue
-            taken = await maybeDeferred(
+            taken = await self._throttled(
                 self.throttle.acquire_connection, conn_key, shape.max_connections, now
             )
             if not taken:
@@ -686,7 +687,7 @@ class DeliveryService(Service):
             finally:
                 if not started:
                     shape.window.release()
-                    await maybeDeferred(self.throttle.release_connection, conn_key)
+                    await self._throttled(self.throttle.release_connection, conn_key)
 
     @staticmethod
     def _batch_size(shape: SiteShape) -> int:
@@ -720,13 +721,25 @@ class DeliveryService(Service):
             rate = shape.current_rate
             if rate is None:
                 return True
-            wait = await maybeDeferred(
+            wait = await self._throttled(
                 self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
             )
-            if wait <= 0:
+            if wait is not None and wait <= 0:
                 return True
-            await deferLater(self.reactor, min(wait, DRAIN_NAP), lambda: None)
+            await deferLater(
+                self.reactor, DRAIN_NAP if wait is None else min(wait, DRAIN_NAP), lambda: None
+            )
         return False
+
+    async def _throttled(self, method: Callable[..., Any], *args: Any) -> Any:
+        """Call an IThrottle method; None when it fails (a shared throttle whose store
+        is unreachable): callers then wait, never count on a slot or a rate."""
+        try:
+            return await maybeDeferred(method, *args)
+        except Exception as e:
+            if self.running:
+                log.warn("throttle {method} failed: {error}", method=method.__name__, error=e)
+            return None
 
     async def _send_taken(self, site: str, batch: list[_Ready], conn_key: str) -> None:
         """Send a batch taken from ``site``'s queue over one connection (slots held);
@@ -757,7 +770,7 @@ class DeliveryService(Service):
             self._sessions[site] -= 1
             if not self._sessions[site]:
                 del self._sessions[site]
-            await maybeDeferred(self.throttle.release_connection, conn_key)
+            await self._throttled(self.throttle.release_connection, conn_key)
             keep = [r for r in batch if r.delivery in back]
             if self.running:
                 self.ready_queues.put_back(site, conn.key, keep)
@@ -790,16 +803,16 @@ class DeliveryService(Service):
         if rate is None:
             return True
         key = "rate:" + conn.site
-        wait = await maybeDeferred(
+        wait = await self._throttled(
             self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
         )
-        while 0 < wait <= MAX_PACE_WAIT:
+        while wait is not None and 0 < wait <= MAX_PACE_WAIT:
             await deferLater(self.reactor, wait, lambda: None)
             rate = shape.current_rate or rate
-            wait = await maybeDeferred(
+            wait = await self._throttled(
                 self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
             )
-        return wait <= 0
+        return wait is not None and wait <= 0
 
     def _pacer(self, conn: _Connection) -> Callable[[], Deferred[bool]] | None:
         """The per-message ``pace`` callback of one session: the first message was
@@ -867,7 +880,7 @@ class DeliveryService(Service):
                 batch = batch[:left]
         elif shape.max_connections_per_source is not None:
             slot = f"conn:{SYSTEM_SOURCE}|{conn.site}"
-            if not await maybeDeferred(
+            if not await self._throttled(
                 self.throttle.acquire_connection, slot, shape.max_connections_per_source, now
             ):
                 window.release()
@@ -880,7 +893,7 @@ class DeliveryService(Service):
             await self._send_from(conn, batch, pending, back, attempted, source, now, today)
         finally:
             if slot is not None:
-                await maybeDeferred(self.throttle.release_connection, slot)
+                await self._throttled(self.throttle.release_connection, slot)
 
     async def _choose_source(
         self, conn: _Connection, now: float, today: datetime.date
@@ -902,7 +915,7 @@ class DeliveryService(Service):
                 continue
             tried.add(source.name)
             slot = f"conn:{source.name}|{conn.site}"
-            if await maybeDeferred(self.throttle.acquire_connection, slot, cap, now):
+            if await self._throttled(self.throttle.acquire_connection, slot, cap, now):
                 return source, slot, False
         return None, None, True
 
