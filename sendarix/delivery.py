@@ -557,7 +557,7 @@ class DeliveryService(Service):
                 if not self.ready_queues.offer(site, key, _Ready(conn, delivery), first):
                     # The site holds its share already (the spool could not leave
                     # this one out): keep the lease until the site can take it.
-                    await self._park(delivery, site, shape)
+                    await self._park(conn, delivery)
                 pending.remove(delivery)
             self._kick(site)
         except Exception:
@@ -782,18 +782,23 @@ class DeliveryService(Service):
                 for ready in keep:
                     await self._release(ready.delivery)
 
-    async def _park(self, delivery: LeasedDelivery, site: str, shape: SiteShape) -> None:
-        """Keep ``delivery``'s lease, out of memory, until about when ``site`` can take
+    async def _park(self, conn: _Connection, delivery: LeasedDelivery) -> None:
+        """Keep ``delivery``'s lease, out of memory, until about when its site can take
         it (its lease then expires and a later poll leases it again)."""
+        site, shape = conn.site, conn.shape
         rate = shape.current_rate
         interval = shape.period / rate if rate else 0.0
         until = self.ready_queues.park_until(site, self.reactor.seconds(), interval)
-        self._leased.pop((delivery.queue_id, delivery.domain), None)
-        self.counters["parked"] += 1
         try:
             await self.spool.renew(delivery.queue_id, delivery.domain, self.config.node.name, until)
         except Exception:
+            # The spool is down: its lease would run its whole time out; keep it in
+            # memory (the poll took it within the window) and send it in its turn.
             self._failed(Failure(), "parking {queue_id} failed", queue_id=delivery.queue_id)
+            self.ready_queues.offer(site, conn.key, _Ready(conn, delivery), force=True)
+            return
+        self._leased.pop((delivery.queue_id, delivery.domain), None)
+        self.counters["parked"] += 1
 
     async def _admit(self, conn: _Connection) -> bool:
         """Ask the site's rate to admit one message (counted when admitted), waiting
