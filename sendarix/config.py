@@ -699,8 +699,6 @@ class DeliveryConfig:
     max_messages_per_connection: int = _setting(_integer(1), 100)
     tls: str = _setting(_EGRESS_TLS, "may")
     ca_file: str | None = _setting(_path, None)
-    wait_replicas: int = _setting(_integer(0, 16), 0)
-    wait_timeout: float = _setting(_duration(), 2.0)
     soft_bounce_codes: tuple[str, ...] = _setting(_list(_enhanced_code, single=True), ("5.2.2",))
     concurrency: int = _setting(_integer(1), 20)
     hard_bounce_suppresses: bool = _setting(_boolean, True)

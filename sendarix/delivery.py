@@ -343,7 +343,8 @@ class DeliveryService(Service):
         """Take back today's warmup counts and the deprioritization marks from the
         routing state file a previous run of this node wrote (a small local file,
         read once at start)."""
-        if self.state_file is None or not isinstance(self.selector, TieredSelector):
+        # A shared (Redis) selector keeps its counts in Redis: nothing to take back.
+        if self.state_file is None or type(self.selector) is not TieredSelector:
             return
         state = read_state(self.state_file)
         if state is None or state.get("node") != self.config.node.name:
@@ -389,20 +390,13 @@ class DeliveryService(Service):
             wakeup.callback(None)
         # What waits in the ready queues goes back to the spool at once; what is
         # being sent finishes (within the grace period).
-        queued = self.ready_queues.drain_all()
-        pending = list(self._running)
-        if queued:
-            pending.append(
-                DeferredList(
-                    [Deferred.fromCoroutine(self._release(r.delivery)) for r in queued],
-                    consumeErrors=True,
-                )
-            )
-        if self._polling is not None:
-            pending.append(self._polling)
-        if not pending:
+        for ready in self.ready_queues.drain_all():
+            released: Deferred[bool] = Deferred.fromCoroutine(self._release(ready.delivery))
+            self._running.add(released)
+            released.addBoth(self._forget, released)
+        if not self._running and self._polling is None:
             return Deferred.fromCoroutine(_nothing())
-        done: Deferred[Any] = DeferredList(pending, consumeErrors=True)
+        done = Deferred.fromCoroutine(self._stopping(self._polling))
         out: Deferred[None] = Deferred()
         def give_up() -> None:
             if not out.called:
@@ -464,11 +458,28 @@ class DeliveryService(Service):
         d.addErrback(self._failed, "leasing due deliveries failed")
         d.addBoth(done)
 
+    async def _stopping(self, polling: Deferred[Any] | None) -> None:
+        """Wait for the poll in flight, then for every group and connection, including
+        those that poll started (its Deferred has its own errback)."""
+        if polling is not None:
+            await polling
+        running = list(self._running)
+        if running:
+            await DeferredList(running, consumeErrors=True)
+
     def _dispatched(self, leased: list[LeasedDelivery]) -> list[LeasedDelivery]:
         self._dispatch(leased)
         return leased
 
     def _dispatch(self, leased: list[LeasedDelivery]) -> None:
+        if not self.running:
+            # Leased while stopping: hand them back at once, so that another node
+            # takes them now rather than when the leases expire.
+            for delivery in leased:
+                released: Deferred[bool] = Deferred.fromCoroutine(self._release(delivery))
+                self._running.add(released)
+                released.addBoth(self._forget, released)
+            return
         self.counters["leased"] += len(leased)
         self._polls += 1
         groups: dict[_GroupKey, list[LeasedDelivery]] = {}

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybe
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 
 from sendarix.auth import submission_portal
 from sendarix.authlimit import AuthLimiter
@@ -30,6 +31,10 @@ from sendarix.intake import Intake
 from sendarix.interfaces import IEgressSelector, IFailoverStrategy, IRouter, IThrottle
 from sendarix.nodesecret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.ratelimit import RateLimiter
+from sendarix.redisstore.connection import is_outage
+from sendarix.redisstore.endpoints import SharedEndpointPool
+from sendarix.redisstore.limits import SharedAuthLimiter, SharedRateLimiter
+from sendarix.redisstore.selector import SharedTieredSelector
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.routing.pool import EndpointPool, PoolRouter
 from sendarix.routing.state import state_path
@@ -109,14 +114,16 @@ class StoresService(Service):
         #: Run once the stores are open; a failure keeps the node from serving.
         self.checks = list(checks)
         self._ready: Deferred[None] | None = None
+        #: Why the stores did not open (every ``ready()`` then fails with it).
+        self._failure: Failure | None = None
 
     def ready(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         assert self._ready is not None, "not started"
 
         def relay(result: Any) -> Any:
-            if isinstance(result, BaseException) or hasattr(result, "raiseException"):
-                d.errback(result)
+            if self._failure is not None:
+                d.errback(self._failure)
             else:
                 d.callback(None)
             return result
@@ -156,12 +163,20 @@ class StoresService(Service):
                 log.info("trimmed {count} events older than the retention", count=count)
 
         d.addCallback(trimmed)
-        d.addErrback(lambda f: log.failure("trimming the event log failed", f))
+        d.addErrback(self._trim_failed)
         return d
 
-    def _failed(self, failure: Any) -> Any:
+    def _trim_failed(self, failure: Failure) -> None:
+        if is_outage(failure):  # Redis down, or closing under the trim
+            log.warn("trimming the event log failed: {why}", why=failure.getErrorMessage())
+        else:
+            log.failure("trimming the event log failed", failure)
+
+    def _failed(self, failure: Failure) -> None:
+        # Logged once here; each ready() caller gets the failure to handle itself (so
+        # no Deferred is left holding an unhandled error).
         log.failure("could not open the stores", failure)
-        return failure
+        self._failure = failure
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -284,20 +299,49 @@ def make_throttle(config: Config, reactor: Any = None, stores: Stores | None = N
     return MemoryThrottle()
 
 
+def make_auth_limiter(config: Config, stores: Stores | None = None) -> AuthLimiter:
+    """The AUTH failure limiter from ``[limits]``: failures and lockouts shared by
+    every node when the stores are in Redis, else counted in this process."""
+    limits = config.limits
+    if stores is not None and stores.redis is not None:
+        return SharedAuthLimiter(
+            stores.redis, max_failures=limits.auth_max_failures,
+            window=limits.auth_failure_window, lockout=limits.auth_lockout,
+        )
+    return AuthLimiter(
+        max_failures=limits.auth_max_failures, window=limits.auth_failure_window,
+        lockout=limits.auth_lockout,
+    )
+
+
 def make_routers(
-    config: Config, resolver: DNSResolver
+    config: Config, resolver: DNSResolver, stores: Stores | None = None
 ) -> dict[str, tuple[IRouter, IFailoverStrategy]]:
     """A router and failover strategy for each ``[pool.NAME]``, keyed ``pool:NAME``
-    (the ``via`` of the routes that use it)."""
+    (the ``via`` of the routes that use it).  With the stores in Redis, endpoint
+    health is shared by every node (L{SharedEndpointPool})."""
+    redis = stores.redis if stores is not None else None
+
+    def strategy(pool: Any) -> IFailoverStrategy:
+        if redis is not None:
+            return SharedEndpointPool(pool, redis=redis)
+        return EndpointPool(pool)
+
     return {
-        f"pool:{name}": (PoolRouter(pool, resolver), EndpointPool(pool))
+        f"pool:{name}": (PoolRouter(pool, resolver), strategy(pool))
         for name, pool in config.pools.items()
     }
 
 
-def make_selector(config: Config) -> IEgressSelector | None:
-    """The egress-source selector over ``[[egress.source]]``; None without sources."""
-    return TieredSelector(config.egress_sources) if config.egress_sources else None
+def make_selector(config: Config, stores: Stores | None = None) -> IEgressSelector | None:
+    """The egress-source selector over ``[[egress.source]]``; None without sources.
+    With the stores in Redis, warmup counts and deprioritization marks are shared by
+    every node (L{sendarix.redisstore.selector.SharedTieredSelector})."""
+    if not config.egress_sources:
+        return None
+    if stores is not None and stores.redis is not None:
+        return SharedTieredSelector(config.egress_sources, redis=stores.redis)
+    return TieredSelector(config.egress_sources)
 
 
 def makeService(
@@ -328,9 +372,9 @@ def makeService(
             BounceRules.from_toml(config.delivery.bounce_rules)
             if config.delivery.bounce_rules else None
         ),
-        routers=make_routers(config, resolver),
+        routers=make_routers(config, resolver, stores),
         throttle=make_throttle(config, reactor, stores),
-        selector=make_selector(config),
+        selector=make_selector(config, stores),
         state_file=state_path(config),
     )
     delivery.setServiceParent(top)
@@ -358,11 +402,11 @@ def makeService(
         tls_options = ReloadableServerTLS(cert, key, config.tls.min_version)
     top.tls = tls_options
     limits = config.limits
-    auth_limiter = auth_limiter or AuthLimiter(
-        max_failures=limits.auth_max_failures, window=limits.auth_failure_window,
-        lockout=limits.auth_lockout,
+    auth_limiter = auth_limiter or make_auth_limiter(config, stores)
+    # With Redis, credential and tenant rates count for the whole cluster.
+    rate_limiter = RateLimiter() if stores.redis is None else SharedRateLimiter(
+        redis=stores.redis
     )
-    rate_limiter = RateLimiter()
     tenant_rates = {
         name: limit for name, t in config.tenants.items()
         if (limit := t.rate_limit) is not None

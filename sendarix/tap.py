@@ -10,7 +10,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from sendarix.config import ConfigError, load_config, resolve_config
-from sendarix.workers import WorkerPool, worker_name
+from sendarix.workers import WorkerPool, twistd_log_file, worker_name
 
 
 class Options(usage.Options):
@@ -64,7 +64,7 @@ def makeService(options: Options) -> IService:
             raise SystemExit(1) from e
         path = options["config"]
         arguments = ["--config", os.path.abspath(path)] if path else []
-        pool = WorkerPool(reactor, workers, arguments)
+        pool = WorkerPool(reactor, workers, arguments, log_file=twistd_log_file(sys.argv))
         pool.forward_sighup = True  # each worker reloads its TLS certificate
         return pool
     try:

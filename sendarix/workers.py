@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 
 log = Logger()
 
-__all__ = ["TWISTD", "WorkerPool", "listen_shared", "worker_name"]
+__all__ = ["TWISTD", "WorkerPool", "listen_shared", "twistd_log_file", "worker_name"]
 
 #: How a child runs twistd (the same interpreter as the parent).
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -78,6 +78,24 @@ def listen_shared(reactor: Any, description: str, factory: Any) -> Deferred[ILis
     return succeed(port)
 
 
+def twistd_log_file(argv: Sequence[str]) -> str | None:
+    """The ``--logfile`` given to twistd in ``argv`` (before the ``sendarix``
+    subcommand), as an absolute path; None for none or standard output (``-``)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == "sendarix":
+            break
+        if arg.startswith("--logfile="):
+            value = arg.split("=", 1)[1]
+        elif arg in ("--logfile", "-l") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("-l") and not arg.startswith("--") and len(arg) > 2:
+            value = arg[2:]
+    if not value or value == "-":
+        return None
+    return os.path.abspath(value)
+
+
 def _failed() -> Deferred[IListeningPort]:
     d: Deferred[IListeningPort] = Deferred()
     d.errback(Failure())
@@ -111,19 +129,30 @@ class WorkerPool(Service):
     max_delay = 30.0
 
     def __init__(
-        self, reactor: Any, count: int, arguments: Sequence[str], grace: float = 40.0
+        self, reactor: Any, count: int, arguments: Sequence[str], grace: float = 40.0,
+        log_file: str | None = None,
     ) -> None:
         self.reactor = reactor
         self.count = count
         self.arguments = list(arguments)
         self.grace = grace
+        self.log_file = log_file
         self.children: dict[int, _Child] = {}
         self.pids: dict[int, int] = {}
         self._delays: dict[int, float] = {}
 
     def command(self, index: int) -> list[str]:
-        """The command line of worker ``index``."""
-        return [*TWISTD, "-n", "--pidfile=", "sendarix", *self.arguments, "--worker", str(index)]
+        """The command line of worker ``index``.  Workers log to the supervisor's
+        standard output, or with ``log_file`` each to its own file next to it
+        (``sendarix.log`` -> ``sendarix-w1.log``)."""
+        logging: list[str] = []
+        if self.log_file:
+            root, ext = os.path.splitext(self.log_file)
+            logging = [f"--logfile={root}-w{index}{ext}"]
+        return [
+            *TWISTD, "-n", "--pidfile=", *logging, "sendarix", *self.arguments,
+            "--worker", str(index),
+        ]
 
     #: Pass SIGHUP on to every worker (each reloads its TLS certificate); twistd sets it.
     forward_sighup = False

@@ -674,3 +674,30 @@ class BounceRulesKeyTests(SynchronousTestCase):
         assert path is not None
         self.assertEqual(path, os.path.join(root, "etc", "bounce-rules.toml"))
         self.assertGreater(len(BounceRules.from_toml(path)), 10)
+
+
+class RedisSpoolKeyTests(SynchronousTestCase):
+    """The Redis keys of ``[spool]``: ca_file, wait_replicas, wait_timeout."""
+
+    def test_parsed(self) -> None:
+        """ca_file resolves against the config folder; the WAIT settings parse."""
+        spool = parse_config(
+            {"spool": {"url": "rediss://r.example:6380/0", "ca_file": "ca.pem",
+                       "wait_replicas": 2, "wait_timeout": "500ms"}},
+            "/etc/sendarix",
+        ).spool
+        self.assertEqual(spool.ca_file, "/etc/sendarix/ca.pem")
+        self.assertEqual((spool.wait_replicas, spool.wait_timeout), (2, 0.5))
+        defaults = parse_config({}, "/etc/sendarix").spool
+        self.assertEqual((defaults.ca_file, defaults.wait_replicas), (None, 0))
+
+    def test_refused(self) -> None:
+        """A negative or huge wait_replicas, and the keys outside [spool], name the key."""
+        for data, key in (
+            ({"spool": {"wait_replicas": -1}}, "spool.wait_replicas"),
+            ({"spool": {"wait_replicas": 99}}, "spool.wait_replicas"),
+            ({"delivery": {"wait_replicas": 1}}, "delivery.wait_replicas"),
+        ):
+            with self.assertRaises(BaseConfigError) as caught:
+                parse_config(data, "/etc/sendarix")
+            self.assertIn(key, str(caught.exception))

@@ -8,12 +8,16 @@ from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor, task
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from sendarix.config import EgressSourceConfig, WarmupConfig
 from sendarix.egress_select import TieredSelector
 from sendarix.interfaces import IEgressSelector
+from sendarix.redisstore.connection import connect
+from sendarix.redisstore.selector import SharedTieredSelector
+from tests.redisserver import redis_client
 
 DAY0 = datetime.date(2024, 1, 1)
 
@@ -148,3 +152,45 @@ class TieredSelectorTests(SynchronousTestCase):
     def test_duplicate_names(self) -> None:
         """Source names must be unique."""
         self.assertRaises(ValueError, TieredSelector, (_src("a"), _src("a")))
+
+
+class SharedTieredSelectorTests(TestCase):
+    """Two nodes' selectors on one Redis share warmup counts and marks."""
+
+    async def two_nodes(self, *sources: EgressSourceConfig) -> list[SharedTieredSelector]:
+        redis = await redis_client(self)
+        other = connect(f"redis://127.0.0.1:{self.redis_port}/0", poolsize=1)  # type: ignore[attr-defined]
+        self.addCleanup(other.disconnect)
+        await other.wait_connected(reactor, 10.0)
+        return [
+            SharedTieredSelector(sources, redis=r, rng=random.Random(4), sync_interval=0.0)
+            for r in (redis, other)
+        ]
+
+    async def test_interface(self) -> None:
+        """SharedTieredSelector provides IEgressSelector."""
+        one, _ = await self.two_nodes(_src("a"))
+        self.assertTrue(verifyObject(IEgressSelector, one))
+
+    async def test_warmup_cap_holds_for_the_cluster(self) -> None:
+        """A warming source's daily cap counts the sends of every node."""
+        one, two = await self.two_nodes(_src("cold", daily=(5,)))
+        for _ in range(3):
+            one.record_send("cold", "gmail", DAY0)
+        await task.deferLater(reactor, 0.1, lambda: None)  # the writes are not waited for
+        await two.sync(0.0, DAY0)
+        self.assertEqual(two.remaining(_src("cold", daily=(5,)), "gmail", DAY0), 2)
+        self.assertEqual(_tally(two, 10, 0.0, DAY0), Counter({"cold": 2, None: 8}))
+
+    async def test_marks_are_shared(self) -> None:
+        """A source marked on one node is avoided by the other, with the same decay."""
+        one, two = await self.two_nodes(_src("a"), _src("bb"))
+        one.penalize("a", "gmail", 100.0)
+        await task.deferLater(reactor, 0.1, lambda: None)
+        await two.sync(100.0, DAY0)
+        self.assertAlmostEqual(two.penalty("a", "gmail", 100.0 + 3600.0), 0.5)
+        self.assertEqual(_tally(two, 50, 110.0, DAY0, record=False), Counter({"bb": 50}))
+        two.penalize("a", "gmail", 110.0)  # adds to the shared mark
+        await task.deferLater(reactor, 0.1, lambda: None)
+        await one.sync(110.0, DAY0)
+        self.assertGreater(one.penalty("a", "gmail", 110.0), 1.9)

@@ -9,13 +9,16 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import reactor, task
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from sendarix.config import PoolConfig, parse_config
 from sendarix.errors import ConfigError
 from sendarix.interfaces import IFailoverStrategy, IRouter
+from sendarix.redisstore.connection import connect
+from sendarix.redisstore.endpoints import SharedEndpointPool
 from sendarix.routing.mx import Hop
 from sendarix.routing.pool import (
     BreakerState,
@@ -24,6 +27,7 @@ from sendarix.routing.pool import (
     OrderedFallback,
     PoolRouter,
 )
+from tests.redisserver import redis_client
 
 
 def pool(**table: Any) -> PoolConfig:
@@ -203,3 +207,39 @@ class PoolRouterTests(SynchronousTestCase):
         route = self.successResultOf(PoolRouter(config).route("example.org"))
         assert route.error is not None
         self.assertFalse(route.error.permanent)
+
+
+class SharedEndpointPoolTests(TestCase):
+    """Two nodes' endpoint pools on one Redis share endpoint health."""
+
+    async def test_health_is_shared(self) -> None:
+        """An endpoint that failed on one node rests on the other too (for the same
+        cooldown), and a success on either closes it for both."""
+        redis = await redis_client(self)
+        other = connect(f"redis://127.0.0.1:{self.redis_port}/0", poolsize=1)  # type: ignore[attr-defined]
+        self.addCleanup(other.disconnect)
+        await other.wait_connected(reactor, 10.0)
+        config = pool(endpoints=[
+            {"host": "127.0.0.2", "priority": 10},
+            {"host": "127.0.0.3", "priority": 20},
+        ], cooldown="60s")
+        one = SharedEndpointPool(config, redis=redis, sync_interval=0.0)
+        two = SharedEndpointPool(config, redis=other, sync_interval=0.0)
+        self.assertTrue(verifyObject(IFailoverStrategy, one))
+        hops = hops_of(config)
+        one.failed(one.order(hops, 100.0)[0], 100.0)
+        await task.deferLater(reactor, 0.1, lambda: None)  # the write is not waited for
+        await two.sync(110.0)
+        self.assertEqual([h.address for h in two.order(hops, 110.0)], ["127.0.0.3"])
+        self.assertEqual(
+            [h.address for h in two.order(hops, 160.0)], ["127.0.0.2", "127.0.0.3"]
+        )  # the cooldown ends at 160 for every node
+        two.failed(hops[0], 170.0)
+        await task.deferLater(reactor, 0.1, lambda: None)
+        await one.sync(171.0)
+        self.assertEqual(one.states(171.0)["relays/127.0.0.2:25"], "open")
+        two.succeeded(hops[0], 172.0)
+        await task.deferLater(reactor, 0.1, lambda: None)
+        fresh = SharedEndpointPool(config, redis=redis)
+        await fresh.sync(173.0)
+        self.assertEqual(fresh.states(173.0)["relays/127.0.0.2:25"], "closed")

@@ -15,8 +15,14 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
+from sendarix.redisstore.connection import connect
+from sendarix.redisstore.endpoints import SharedEndpointPool
+from sendarix.redisstore.limits import SharedAuthLimiter, SharedRateLimiter
+from sendarix.redisstore.selector import SharedTieredSelector
 from sendarix.redisstore.throttle import RedisThrottle
+from sendarix.service import make_auth_limiter
 from sendarix.sink import SinkOptions, SinkServer
+from sendarix.spool.redis import RedisSpool
 from tests.dnsserver import start_dns
 from tests.redisserver import start_redis
 from tests.relay import Relay, in_thread, start_relay
@@ -101,6 +107,22 @@ class RedisRelayTests(TestCase):
         cred = await relay.stores.credentials.get("app")
         self.assertEqual(cred and cred.tenant, "acme")
 
+    async def test_shared_routing_state(self) -> None:
+        """With the stores in Redis, the node's throttle, egress selector, smarthost
+        endpoint health and submission limits are the shared ones."""
+        relay = await start_relay(
+            self, [LISTENER], spool={"url": self.url},
+            egress={"source": [{"name": "s1", "address": "127.0.0.1"}]},
+            pool={"relays": {"endpoints": ["127.0.0.2:2525"]}},
+        )
+        delivery = relay.service.delivery
+        self.assertIsInstance(delivery.throttle, RedisThrottle)
+        self.assertIsInstance(delivery.selector, SharedTieredSelector)
+        self.assertIsInstance(delivery.routes.routers["pool:relays"][1], SharedEndpointPool)
+        settings = relay.service.listeners[0].factory.settings
+        self.assertIsInstance(settings.rate_limiter, SharedRateLimiter)
+        self.assertIsInstance(make_auth_limiter(relay.config, relay.stores), SharedAuthLimiter)
+
     async def test_waits_for_redis_at_start(self) -> None:
         """A node started while Redis is down opens no listener until Redis is up,
         then starts by itself and takes mail."""
@@ -114,6 +136,27 @@ class RedisRelayTests(TestCase):
         await started
         (code, text), = await in_thread(_send, relay.ports["relay"], 1, "late")
         self.assertEqual(code, 250, text)
+
+    async def test_stop_hands_back_leases_of_last_poll(self) -> None:
+        """A node stopping while its last poll is answered gives those leases back
+        before its stop completes, so another node can deliver the mail at once
+        (not after lease_time)."""
+        relay = Relay(self.mktemp(), [LISTENER], spool={"url": self.url})
+        await relay.start()
+        delivery = relay.service.delivery
+        await _until(lambda: delivery._loop is not None, 10, "delivery loop not started")
+        delivery._loop.stop()  # this test polls by hand
+        (code, text), = await in_thread(_send, relay.ports["relay"], 1, "handback")
+        self.assertEqual(code, 250, text)
+        delivery._tick()  # a poll in flight ...
+        self.assertIsNotNone(delivery._polling)
+        await relay.stop()  # ... when the node stops
+        client = connect(self.url, poolsize=1)
+        self.addCleanup(client.disconnect)
+        await client.wait_connected(reactor, 10.0)
+        other = RedisSpool(client)
+        leased = await other.lease_due("other-node", time.time(), 10, 60)
+        self.assertEqual([d.queue_id for d in leased], [text.split()[-1].decode()])
 
     async def test_cli_reports_unreachable_redis(self) -> None:
         """With Redis down, the command exits 1 with one line naming Redis."""

@@ -19,7 +19,7 @@ from sendarix.model import NewMessage
 from sendarix.redisstore.connection import connect as redis_connect
 from sendarix.spool import SpoolError
 from sendarix.spool.redis import RedisSpool
-from tests.redisserver import start_redis
+from tests.redisserver import redis_client, start_redis
 from tests.spool_contract import BIG_BODY, T0, SpoolContractMixin, sample_message
 
 
@@ -164,3 +164,78 @@ class RedisReplicaWaitTests(TestCase):
         with self.assertRaises(SpoolError) as caught:
             await spool.enqueue(sample_message("0000000000REPLICA002"))
         self.assertIn("wait_replicas", str(caught.exception))
+
+
+class _LosesAnswers:
+    """A connection that forwards every command to Redis but, while ``lose`` > 0,
+    drops the answer of a script Redis has run (as when the connection breaks just
+    after Redis executed it): fault injection for the network, not a fake Redis."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._factory = inner._factory
+        self.lose = 0
+
+    def eval(self, *args: Any, **kwargs: Any) -> Any:
+        d = self._inner.eval(*args, **kwargs)
+        if self.lose:
+            self.lose -= 1
+
+            def lost(_: Any) -> None:
+                raise txredisapi.ConnectionError("Lost connection")
+
+            d.addCallback(lost)
+        return d
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class RedisLeaseRecoveryTests(TestCase):
+    """Leases that a Redis outage leaves behind are released at the node's next
+    lease, not after lease_time."""
+
+    async def test_lost_lease_answer(self) -> None:
+        """A lease script whose answer was lost leased deliveries nobody works on;
+        the node's next lease_due releases and offers them again at once."""
+        client = await redis_client(self)
+        lossy = _LosesAnswers(client)
+        spool = RedisSpool(lossy)
+        await spool.start()
+        for qid in ("0000000000LOSTANS001", "0000000000LOSTANS002"):
+            await spool.enqueue(sample_message(qid))
+        lossy.lose = 1
+        with self.assertRaises(txredisapi.ConnectionError):
+            await spool.lease_due("n1", T0, 10, 300)
+        leased = await spool.lease_due("n1", T0 + 1, 10, 300)
+        self.assertEqual(len(leased), 2)
+        # Deliveries this process does hold are left alone by that clean-up.
+        await spool.enqueue(sample_message("0000000000LOSTANS003"))
+        lossy.lose = 1
+        with self.assertRaises(txredisapi.ConnectionError):
+            await spool.lease_due("n1", T0 + 2, 10, 300)
+        again = await spool.lease_due("n1", T0 + 3, 10, 300)
+        self.assertEqual([d.queue_id for d in again], ["0000000000LOSTANS003"])
+        for d in leased:
+            self.assertTrue(await spool.renew(d.queue_id, d.domain, "n1", T0 + 600))
+
+    async def test_release_during_outage(self) -> None:
+        """A release while Redis is down is postponed (no error); after Redis is back
+        the delivery is due again at the node's next lease."""
+        client = await redis_client(self)
+        spool = RedisSpool(client)
+        await spool.start()
+        await spool.enqueue(sample_message("0000000000OUTAGE0001"))
+        (delivery,) = await spool.lease_due("n1", T0, 10, 300)
+        self.redis_stop()  # type: ignore[attr-defined]
+        self.assertFalse(await spool.release(delivery.queue_id, delivery.domain, "n1"))
+        self.redis_stop = start_redis(self.redis_dir, port=self.redis_port)[1]  # type: ignore[attr-defined]
+        await client.wait_connected(reactor, 15.0)
+        for _ in range(50):  # connections to the old server fail until noticed
+            try:
+                leased = await spool.lease_due("n1", T0 + 1, 10, 300)
+                break
+            except txredisapi.ConnectionError:
+                await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual([d.queue_id for d in leased], [delivery.queue_id])
+        self.flushLoggedErrors(txredisapi.ConnectionError)

@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from sendarix.workers import listen_shared, worker_name
+from sendarix.workers import WorkerPool, listen_shared, twistd_log_file, worker_name
 from tests.redisserver import start_redis
 from tests.relayproc import TWISTD, env, free_port, wait_listening
 
@@ -35,6 +35,29 @@ class ListenSharedTests(TestCase):
         self.addCleanup(second.stopListening)
         self.assertEqual(first.getHost().port, port)
         self.assertEqual(second.getHost().port, port)
+
+    def test_child_command(self) -> None:
+        """Children run twistd in the foreground without a pidfile, with the parent's
+        arguments and their number; with a twistd --logfile, each its own file."""
+        pool = WorkerPool(reactor, 2, ["--config", "/etc/s.toml"])
+        command = pool.command(2)
+        self.assertEqual(command[command.index("sendarix"):],
+                         ["sendarix", "--config", "/etc/s.toml", "--worker", "2"])
+        self.assertIn("--pidfile=", command)
+        self.assertFalse([a for a in command if a.startswith("--logfile")])
+        pool.log_file = "/var/log/sendarix.log"
+        self.assertIn("--logfile=/var/log/sendarix-w2.log", pool.command(2))
+
+    def test_twistd_log_file(self) -> None:
+        """The --logfile given to twistd (not to the plugin) is found in argv."""
+        for argv, expected in (
+            (["twistd", "--logfile=/l/x.log", "sendarix"], "/l/x.log"),
+            (["twistd", "-l", "/l/x.log", "sendarix", "--config", "c"], "/l/x.log"),
+            (["twistd", "-l/l/x.log", "sendarix"], "/l/x.log"),
+            (["twistd", "-n", "sendarix", "--logfile", "/no"], None),
+            (["twistd", "--logfile=-", "sendarix"], None),
+        ):
+            self.assertEqual(twistd_log_file(argv), expected, argv)
 
     def test_worker_names(self) -> None:
         """Worker I of node N is named N-wI."""

@@ -161,17 +161,19 @@ class RedisClient:
         return Deferred.fromCoroutine(self._wait(clock, timeout))
 
     async def _wait(self, clock: IReactorTime, timeout: float | None) -> None:
-        waited = 0.0
         step = 0.05
+        steps = 0
         while not self.connected:
-            if timeout is not None and waited >= timeout:
+            if self._factory.disconnectCalled:
+                raise RedisUnavailable(f"connection to Redis ({self.describe}) closed")
+            if timeout is not None and steps * step >= timeout:
                 raise RedisUnavailable(f"cannot connect to Redis ({self.describe})")
-            if waited and int(waited / 10.0) != int((waited - step) / 10.0):
+            if steps and steps % 200 == 0:  # every 10 s
                 log.warn("still waiting for Redis ({where})", where=self.describe)
             d: Deferred[None] = Deferred()
             clock.callLater(step, d.callback, None)
             await d
-            waited += step
+            steps += 1
 
     def disconnect(self) -> Deferred[Any]:
         """Close every connection and stop reconnecting."""
@@ -179,6 +181,23 @@ class RedisClient:
 
         handlers = (self._handler, *self._owned)
         return gatherResults([h.disconnect() for h in handlers], consumeErrors=True)
+
+
+class _SentinelProtocol(txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
+    """txredisapi's Sentinel-aware protocol, whose ROLE check on a new connection
+    leaves its failure unhandled when the connection drops meanwhile (as it does
+    during a failover): the error would be logged as unhandled later."""
+
+    def connectionMade(self) -> Any:
+        d = super().connectionMade()
+        if isinstance(d, Deferred):
+            d.addErrback(lambda f: log.info("Redis role check failed: {why}",
+                                            why=f.getErrorMessage()))
+        return d
+
+
+class _SentinelFactory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
+    protocol = _SentinelProtocol
 
 
 def _tls_options(host: str, ca_file: str | None) -> Any:
@@ -222,7 +241,7 @@ def connect(
         sentinel = txredisapi.Sentinel(list(target.sentinels))
         owned.append(sentinel)
         common.pop("connectTimeout")
-        handler = sentinel.master_for(target.master, **common)
+        handler = sentinel.master_for(target.master, factory_class=_SentinelFactory, **common)
     else:
         tls = _tls_options(target.host, ca_file) if target.tls else False
         handler = txredisapi.lazyConnectionPool(

@@ -35,6 +35,7 @@ import txredisapi
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sendarix.interfaces import ISpool
@@ -251,6 +252,31 @@ return released
 """
 )
 
+# ARGV: prefix, node, then the deliveries the node's process still holds.  Release
+# every other lease the node has: ones granted by a lease script whose answer was
+# lost, and ones whose release failed while Redis was unreachable.
+_RELEASE_UNKNOWN = (
+    _PRELUDE
+    + """
+local node = ARGV[2]
+local keep = {}
+for i = 3, #ARGV do keep[ARGV[i]] = true end
+local released = 0
+for _, member in ipairs(redis.call('SMEMBERS', P .. 'n:' .. node)) do
+  if not keep[member] then
+    local q, domain = split(member)
+    if holder(q, domain) == node then
+      settle(q, domain)
+      released = released + 1
+    else
+      redis.call('SREM', P .. 'n:' .. node, member)
+    end
+  end
+end
+return released
+"""
+)
+
 # Compare and set recipient records.  ARGV: prefix, q, mode, domain, node, now, then
 # address, expected record, new record for each change.  Mode "complete": the node
 # must hold the lease on the domain, which is then settled; mode "retry": deliveries
@@ -419,6 +445,10 @@ class RedisSpool:
         self._outage_patience = outage_patience
         self._wait_replicas = wait_replicas
         self._wait_timeout = wait_timeout
+        # Per node: the deliveries this process holds a lease on, and whether Redis
+        # may hold leases for the node that this process does not know about.
+        self._held: dict[str, set[str]] = {}
+        self._unsure: set[str] = set()
         factory = getattr(connection, "_factory", None)
         self._charset: str = getattr(factory, "charset", None) or "utf-8"
 
@@ -567,7 +597,24 @@ class RedisSpool:
         if limit <= 0:
             return []
         expires = now + lease_for
-        document = await self._json(_LEASE, node, _time(now), _time(expires), str(int(limit)))
+        held = self._held.setdefault(node, set())
+        if node in self._unsure:
+            released = int(await self._run(_RELEASE_UNKNOWN, node, *sorted(held)))
+            self._unsure.discard(node)
+            if released:
+                log.info("released {count} leases left behind by a Redis outage",
+                         count=released)
+        try:
+            document = await self._json(
+                _LEASE, node, _time(now), _time(expires), str(int(limit))
+            )
+        except txredisapi.ConnectionError:
+            # The script may have run without our hearing the answer: leases we do
+            # not know of would wait for their expiry.  Release them next time.
+            self._unsure.add(node)
+            raise
+        leased = _items(document, "leased")
+        held.update(f"{qid}|{domain}" for qid, domain, *_ in leased)
         return [
             LeasedDelivery(
                 queue_id=qid,
@@ -577,8 +624,15 @@ class RedisSpool:
                 recipients=tuple(_decode_record(r) for r in records),
                 lease=Lease(node=node, expires=expires),
             )
-            for qid, domain, envelope, meta, records in _items(document, "leased")
+            for qid, domain, envelope, meta, records in leased
         ]
+
+    def _let_go(self, queue_id: str, domain: str, node: str, applied: bool) -> None:
+        """Forget a lease we held; ``applied``: Redis has dropped it too, else it is
+        released before the node's next lease."""
+        self._held.get(node, set()).discard(f"{queue_id}|{domain}")
+        if not applied:
+            self._unsure.add(node)
 
     def renew(self, queue_id: str, domain: str, node: str, expires: float) -> Deferred[bool]:
         """Move ``node``'s lease expiry to ``expires``; False when it is not ours."""
@@ -587,15 +641,36 @@ class RedisSpool:
         return d
 
     def release(self, queue_id: str, domain: str, node: str) -> Deferred[bool]:
-        """Drop ``node``'s lease; the delivery is due again as it was before the lease."""
-        d = self._run(_RELEASE, queue_id, domain, node)
-        d.addCallback(lambda reply: bool(int(reply)))
-        return d
+        """Drop ``node``'s lease; the delivery is due again as it was before the lease.
+
+        While Redis is unreachable the release is remembered and done before the
+        node's next ``lease_due`` (so the delivery does not wait for its lease to
+        expire); the Deferred then fires with False.
+        """
+
+        def released(reply: Any) -> bool:
+            self._let_go(queue_id, domain, node, True)
+            return bool(int(reply))
+
+        def later(failure: Any) -> bool:
+            failure.trap(txredisapi.ConnectionError)
+            self._let_go(queue_id, domain, node, False)
+            log.warn("releasing {queue_id} postponed: {why}", queue_id=queue_id,
+                     why=failure.getErrorMessage())
+            return False
+
+        return self._run(_RELEASE, queue_id, domain, node).addCallbacks(released, later)
 
     def reclaim(self, node: str) -> Deferred[int]:
         """Release every lease ``node`` holds; the number released."""
         d = self._run(_RECLAIM, node)
-        d.addCallback(int)
+
+        def done(reply: Any) -> int:
+            self._held.pop(node, None)
+            self._unsure.discard(node)
+            return int(reply)
+
+        d.addCallback(done)
         return d
 
     def complete(
@@ -611,7 +686,14 @@ class RedisSpool:
         Outcomes for recipients that are not active at this domain (unknown, or
         already final) are ignored: a final state is never overwritten.
         """
-        return Deferred.fromCoroutine(self._complete(queue_id, domain, node, tuple(outcomes), now))
+        d = Deferred.fromCoroutine(self._complete(queue_id, domain, node, tuple(outcomes), now))
+
+        def settled(result: Any) -> Any:
+            unreachable = isinstance(result, Failure) and result.check(txredisapi.ConnectionError)
+            self._let_go(queue_id, domain, node, not unreachable)
+            return result
+
+        return d.addBoth(settled)
 
     async def _complete(
         self,
