@@ -137,6 +137,20 @@ class ReadyQueuesTests(SynchronousTestCase):
         self.assertEqual(q.park_until("slower", 1000.0, 3600.0), 1000.0 + MIN_PARK)
         self.assertEqual(q.park_until("slower", 1000.0, 3600.0), 1000.0 + MAX_PARK)
 
+    @given(st.integers(0, 200), st.floats(0.0, 100.0), st.integers(1, 50))
+    def test_park_bounds(self, held: int, interval: float, count: int) -> None:
+        """Park times stay between MIN_PARK and MAX_PARK from now, never go down, and
+        are at least one interval apart until the cap."""
+        q: ReadyQueues[int] = ReadyQueues(1000, reserve=0)
+        for i in range(held):
+            q.offer("site", "lane", i)
+        times = [q.park_until("site", 500.0, interval) for _ in range(count)]
+        for a, b in zip(times, times[1:], strict=False):
+            self.assertTrue(b >= a)
+            if b < 500.0 + MAX_PARK:
+                self.assertAlmostEqual(b - a, interval, delta=1e-6 * max(1.0, interval))
+        self.assertTrue(all(500.0 + MIN_PARK <= t <= 500.0 + MAX_PARK for t in times))
+
     def test_bad_sizes(self) -> None:
         """A window below one or a reserve not below the window is refused."""
         self.assertRaises(ValueError, ReadyQueues, 0)
