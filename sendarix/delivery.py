@@ -666,7 +666,12 @@ class DeliveryService(Service):
             reply = self._paused(site, shape, now)
             if reply is not None:
                 for ready in self.ready_queues.drain(site):
-                    await self._defer_all([ready.delivery], [ready.delivery], reply)
+                    try:
+                        await self._defer_all([ready.delivery], [ready.delivery], reply)
+                    except Exception:
+                        self._failed(Failure(), "deferring {queue_id} failed",
+                                     queue_id=ready.delivery.queue_id)
+                        await self._release(ready.delivery)
                 return
             if self._sessions.get(site, 0) >= self._connections_needed(shape):
                 # A paced site's open connections already carry its rate.
@@ -774,6 +779,7 @@ class DeliveryService(Service):
                     # it queued, leased and renewed, and try again after a pause.
                     # (What may have been sent is never retried early: its lease
                     # expires first.)
+                    self._leased[delivery.queue_id, delivery.domain] = delivery
                     back.append(delivery)
                     self._backoff.add(site)
             pending.clear()
@@ -1108,13 +1114,13 @@ class DeliveryService(Service):
 
     async def _release(self, delivery: LeasedDelivery) -> bool:
         """Give ``delivery``'s lease back; False when the spool failed (the lease is
-        still ours, and still renewed)."""
+        still ours until it expires; it is no longer renewed)."""
+        self._leased.pop((delivery.queue_id, delivery.domain), None)
         try:
             await self.spool.release(delivery.queue_id, delivery.domain, self.config.node.name)
         except Exception:
             self._failed(Failure(), "releasing {queue_id} failed", queue_id=delivery.queue_id)
             return False
-        self._leased.pop((delivery.queue_id, delivery.domain), None)
         self.counters["released"] += 1
         return True
 
