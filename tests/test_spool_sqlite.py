@@ -21,9 +21,8 @@ from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface.verify import verifyObject
 
-from sendarix.interfaces import ISelectiveLease, ISpool
+from sendarix.interfaces import ISpool
 from sendarix.spool import SQLiteSpool, open_spool, sqlite_path
 from sendarix.sqlitedb import DatabaseClosed, SQLiteDatabase
 from tests.spool_contract import T0, SpoolContractMixin, sample_message
@@ -43,19 +42,6 @@ class SQLiteSpoolTests(SpoolContractMixin, TestCase):
 
     def make_spool(self) -> ISpool:
         return SQLiteSpool.at_path(self.path, reactor)
-
-    async def test_lease_due_except(self) -> None:
-        """lease_due_except leaves deliveries to the skipped domains (any case) in the
-        spool, due as before, and leases the others oldest first."""
-        spool = await self.started()
-        verifyObject(ISelectiveLease, spool)
-        slow = [await self.enqueued(spool, recipients=(f"u{i}@slow.example",),
-                                    received_at=T0 + i) for i in range(3)]
-        other = await self.enqueued(spool, recipients=("x@other.example",), received_at=T0 + 5)
-        leased = await spool.lease_due_except("n1", T0 + 10, 10, 60, ["SLOW.example"])
-        self.assertEqual([d.queue_id for d in leased], [other.queue_id])
-        rest = await spool.lease_due("n1", T0 + 10, 10, 60)
-        self.assertEqual([d.queue_id for d in rest], [m.queue_id for m in slow])
 
 
 # The child enqueues one message and reports OK; then it keeps 20 enqueues in flight
