@@ -68,6 +68,18 @@ class RoutingStateTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(json.loads(out)["routing"]["pools"], state["pools"])
 
+    def test_site_line(self) -> None:
+        """A site's line shows open connections, the cap per source when set, the
+        window, the ready queue and the rate."""
+        site = {"site": "gmail", "open": 2, "max_connections": 20,
+                "max_connections_per_source": 5, "window": 5, "queued": 42,
+                "rate": 300.0, "period": 60.0, "throttled": 1, "suspended_until": None}
+        line = format_state({"node": "n", "written_at": 0.0, "sites": [site]}, 0.0)[2]
+        self.assertEqual(
+            line.strip(),
+            "gmail: 2/20 (5 per source), window 5, queued 42, rate 300/60s, throttled 1",
+        )
+
     def test_unreadable(self) -> None:
         """A missing or foreign file reads as no state."""
         path = os.path.abspath(self.mktemp())

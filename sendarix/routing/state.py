@@ -68,8 +68,11 @@ def format_state(state: dict[str, Any], now: float) -> list[str]:
                 f", suspended for {max(0.0, s['suspended_until'] - now):.0f} s"
             )
             lines.append(
-                f"    {s['site']}: {s.get('open', 0)}/{s['max_connections']}, "
-                f"window {s['window']}, queued {s.get('queued', 0)}, rate {_rate(s)}, "
+                f"    {s['site']}: {s.get('open', 0)}/{s['max_connections']}"
+                + (f" ({s['max_connections_per_source']} per source)"
+                   if s.get("max_connections_per_source") else "")
+                + ", "
+                + f"window {s['window']}, queued {s.get('queued', 0)}, rate {_rate(s)}, "
                 f"throttled {s['throttled']}{suspended}"
             )
     for pool, endpoints in sorted(state.get("pools", {}).items()):
