@@ -32,6 +32,7 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     DeferredSemaphore,
+    gatherResults,
     maybeDeferred,
     succeed,
 )
@@ -93,6 +94,9 @@ DRAIN_NAP = 1.0
 PACED_PER_CONNECTION = 2.0
 #: Seconds of a paced site's rate that one connection takes from the ready queue.
 PACED_BATCH_SECONDS = 10.0
+#: Failed connection attempts (nothing sent) a queued delivery gets before it is
+#: handed back to the spool.
+MAX_FAILURES = 5
 #: The source name in per-source throttle keys when no [[egress.source]] is used.
 SYSTEM_SOURCE = "system"
 #: Seconds between two writes of the routing state file.
@@ -255,10 +259,13 @@ class DeliveryService(Service):
         self._backoff: set[str] = set()
         # Connections open (or being opened) per site by its drainer.
         self._sessions: dict[str, int] = {}
+        # Failed connection attempts per delivery that was kept queued.
+        self._failures: dict[tuple[str, str], int] = {}
         #: Spool traffic of the lease poll: deliveries leased, handed back unsent
         #: (released) and kept leased until their site has room (parked).
         self.counters = {"leased": 0, "released": 0, "parked": 0}
         self._polling: Deferred[Any] | None = None
+        self._wake_missed = False
         self._running: set[Deferred[Any]] = set()
         self._groups = DeferredSemaphore(config.delivery.concurrency)
         self._trust_root: Any = None
@@ -425,18 +432,26 @@ class DeliveryService(Service):
 
     # -- the loop -----------------------------------------------------------------
 
+    def wake(self) -> None:
+        """New mail is queued: poll now rather than at the next interval.  Wakes while
+        a poll is in flight (or the window is full) are folded into one more poll
+        when it ends (or when a group finishes)."""
+        if self._loop is not None:
+            self._tick()
+
     def _tick(self) -> None:
         # Never return the Deferred: a failing poll must not stop the LoopingCall.
         for site in self.ready_queues.sites():
             if site not in self._drainers:
                 self._kick(site)
-        if self._polling is not None:
-            return
-        free = self.ready_queues.poll_limit(
+        free = 0 if self._polling is not None else self.ready_queues.poll_limit(
             self.window - self.ready_queues.total() - self._routing
         )
         if free <= 0:
+            # Folded into one more poll when this one ends or a delivery settles.
+            self._wake_missed = True
             return
+        self._wake_missed = False
         now = self.reactor.seconds()
         node, lease_time = self.config.node.name, self.config.spool.lease_time
         # Mail of sites whose ready queue is full stays in the spool.
@@ -449,10 +464,11 @@ class DeliveryService(Service):
 
         def done(result: Any) -> None:
             self._polling = None
-            # A full poll (limited by one site's room) likely left more due: go on
-            # at once rather than at the next tick.
-            if isinstance(result, list) and result and len(result) >= free and self.running:
-                self.reactor.callLater(0, self._tick)
+            # A full poll (limited by one site's room) likely left more due, and
+            # wakes while it ran asked for another: go on at once.
+            full = isinstance(result, list) and len(result) > 0 and len(result) >= free
+            if self._wake_missed or (full and self.running):
+                self.wake()
 
         d.addCallback(self._dispatched)
         d.addErrback(self._failed, "leasing due deliveries failed")
@@ -494,6 +510,8 @@ class DeliveryService(Service):
             def finished(_: Any, d: Deferred[Any] = d, n: int = len(deliveries)) -> None:
                 self._running.discard(d)
                 self._routing -= n
+                if self._wake_missed:
+                    self.wake()
 
             d.addBoth(finished)
 
@@ -771,17 +789,18 @@ class DeliveryService(Service):
             conn.shape.window.release()
             self._failed(Failure(), "delivery to {domain} failed", domain=conn.key.domain)
             for delivery in pending:
-                if (
-                    not await self._release(delivery) and self.running
-                    and delivery not in attempted
-                ):
-                    # The spool is down (a store outage) and nothing was sent: keep
-                    # it queued, leased and renewed, and try again after a pause.
-                    # (What may have been sent is never retried early: its lease
-                    # expires first.)
-                    self._leased[delivery.queue_id, delivery.domain] = delivery
+                key = (delivery.queue_id, delivery.domain)
+                tries = self._failures[key] = self._failures.get(key, 0) + 1
+                if self.running and delivery not in attempted and tries <= MAX_FAILURES:
+                    # Nothing was sent (the spool is down, say): keep it queued, still
+                    # leased and renewed, and try again after a pause.
                     back.append(delivery)
                     self._backoff.add(site)
+                else:
+                    # What may have been sent is never retried early (its lease
+                    # expires first); a delivery failing again and again goes back.
+                    self._failures.pop(key, None)
+                    await self._release(delivery)
             pending.clear()
         finally:
             self._sessions[site] -= 1
@@ -793,6 +812,8 @@ class DeliveryService(Service):
                 self.ready_queues.put_back(site, conn.key, keep)
                 self.ready_queues.done(site, len(batch) - len(keep))
                 self._kick(site)
+                if self._wake_missed:
+                    self.wake()
             else:
                 # Stopping: the ready queues were handed back already; so is this.
                 self.ready_queues.done(site, len(batch))
@@ -958,8 +979,11 @@ class DeliveryService(Service):
         window = shape.window
         messages: list[egress.OutboundMessage] = []
         sending: list[LeasedDelivery] = []
-        for delivery in batch:
-            body = await self.spool.body(delivery.queue_id)
+        # All bodies at once: the reads share one database round trip.
+        bodies = await gatherResults(
+            [maybeDeferred(self.spool.body, d.queue_id) for d in batch], consumeErrors=True
+        )
+        for delivery, body in zip(batch, bodies):
             if body is None:
                 # Deleted while leased: nothing to send, nothing to record.
                 pending.remove(delivery)
@@ -1045,12 +1069,16 @@ class DeliveryService(Service):
         assert result is not None and hop is not None  # a Route without error has hops
         self._learn(conn, source, result, refused_421)
         by_id = {m.queue_id: m for m in result.results}
+        settling: list[LeasedDelivery] = []
         for delivery in sending:
             if delivery.queue_id in result.unsent:
                 # Held back by the site's rate: back to the ready queue.
                 pending.remove(delivery)
                 back.append(delivery)
                 continue
+            settling.append(delivery)
+
+        async def settle(delivery: LeasedDelivery) -> None:
             message = by_id[delivery.queue_id]
             replies = {r.address: r.reply for r in message.recipients}
             attempts = [
@@ -1067,6 +1095,11 @@ class DeliveryService(Service):
             ]
             await self._finish(delivery, attempts)
             pending.remove(delivery)
+
+        # Settled together, the outcomes and events of a session share their commits.
+        await gatherResults(
+            [Deferred.fromCoroutine(settle(d)) for d in settling], consumeErrors=True
+        )
 
     def _learn(
         self,
@@ -1113,16 +1146,28 @@ class DeliveryService(Service):
             )
 
     async def _release(self, delivery: LeasedDelivery) -> bool:
-        """Give ``delivery``'s lease back; False when the spool failed (the lease is
-        still ours until it expires; it is no longer renewed)."""
+        """Give ``delivery``'s lease back (no longer renewed).  A release that fails
+        (the spool is down) is retried while the lease lasts: given up at once, the
+        delivery would wait for its lease to expire.  False when it was given up."""
         self._leased.pop((delivery.queue_id, delivery.domain), None)
-        try:
-            await self.spool.release(delivery.queue_id, delivery.domain, self.config.node.name)
-        except Exception:
-            self._failed(Failure(), "releasing {queue_id} failed", queue_id=delivery.queue_id)
-            return False
-        self.counters["released"] += 1
-        return True
+        self._failures.pop((delivery.queue_id, delivery.domain), None)
+        deadline = self.reactor.seconds() + self.config.spool.lease_time
+        delay = 0.5
+        while True:
+            try:
+                await self.spool.release(
+                    delivery.queue_id, delivery.domain, self.config.node.name
+                )
+                self.counters["released"] += 1
+                return True
+            except Exception:
+                if not self.running or self.reactor.seconds() + delay >= deadline:
+                    self._failed(
+                        Failure(), "releasing {queue_id} failed", queue_id=delivery.queue_id
+                    )
+                    return False
+            await deferLater(self.reactor, delay, lambda: None)
+            delay = min(delay * 2, 10.0)
 
     def _renew_held(self) -> Deferred[Any]:
         """Renew the lease of every delivery held in memory (routing, queued or being
@@ -1198,6 +1243,7 @@ class DeliveryService(Service):
             delivery.queue_id, delivery.domain, self.config.node.name, outcomes, now
         )
         self._leased.pop((delivery.queue_id, delivery.domain), None)
+        self._failures.pop((delivery.queue_id, delivery.domain), None)
         for kind, a, cl in reports:
             await self._emit(kind, delivery, a, cl)
             if kind in ("bounced", "expired") and self._suppresses(delivery.meta.tenant):

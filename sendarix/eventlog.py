@@ -13,9 +13,11 @@ import base64
 import binascii
 import json
 import sqlite3
+import threading
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sendarix.events import MAX_LIMIT, Event, EventPage, EventQuery
@@ -84,6 +86,68 @@ def decode_cursor(cursor: str) -> int:
         raise ValueError(f"bad cursor {cursor!r}") from None
 
 
+#: An event waiting to be written: its event_log row, recipients, tags, and the
+#: Deferred its emitter holds.
+_Pending = tuple[tuple[Any, ...], list[str], list[str], "Deferred[None]"]
+
+
+def _insert(conn: sqlite3.Connection, row: tuple[Any, ...], recipients: list[str],
+            tags: list[str]) -> None:
+    cur = conn.execute(
+        "INSERT OR IGNORE INTO event_log"
+        " (id, type, ts, queue_id, message_id, tenant, sender, recipient, body)"
+        " VALUES (?,?,?,?,?,?,?,?,?)",
+        row,
+    )
+    if cur.rowcount == 0:
+        return  # already stored
+    seq = cur.lastrowid
+    if recipients:
+        conn.executemany(
+            "INSERT INTO event_recipient (recipient, seq) VALUES (?, ?)",
+            [(r, seq) for r in recipients],
+        )
+    if tags:
+        conn.executemany("INSERT INTO event_tag (tag, seq) VALUES (?, ?)", [(t, seq) for t in tags])
+
+
+def _insert_all(
+    conn: sqlite3.Connection, batch: list[_Pending]
+) -> list[tuple[Deferred[None], Failure | None]]:
+    """(database thread) Insert a batch of events in one savepoint; when that fails,
+    one by one, so a bad event cannot take the others down with it."""
+    conn.execute("SAVEPOINT events")
+    try:
+        for row, recipients, tags, _ in batch:
+            _insert(conn, row, recipients, tags)
+    except Exception:
+        conn.execute("ROLLBACK TO events")
+        conn.execute("RELEASE events")
+    else:
+        conn.execute("RELEASE events")
+        return [(d, None) for *_, d in batch]
+    outcomes: list[tuple[Deferred[None], Failure | None]] = []
+    for row, recipients, tags, d in batch:
+        conn.execute("SAVEPOINT event")
+        try:
+            _insert(conn, row, recipients, tags)
+        except Exception as e:
+            conn.execute("ROLLBACK TO event")
+            outcomes.append((d, Failure(e)))
+        else:
+            outcomes.append((d, None))
+        conn.execute("RELEASE event")
+    return outcomes
+
+
+def _fire(outcomes: list[tuple[Deferred[None], Failure | None]]) -> None:
+    for d, failure in outcomes:
+        if failure is None:
+            d.callback(None)
+        else:
+            d.errback(failure)
+
+
 @implementer(IEventLog)
 class SQLiteEventLog:
     """The delivery log in the ``event_*`` tables of a shared L{SQLiteDatabase}.
@@ -99,9 +163,17 @@ class SQLiteEventLog:
     def __init__(self, db: SQLiteDatabase) -> None:
         self._db = db
         db.add_schema(_SCHEMA)
+        self._lock = threading.Lock()  # _pending is taken on the database thread
+        self._pending: list[_Pending] = []
+        self._queued = False
 
     def emit(self, event: Event) -> Deferred[None]:
-        """Store one event; the Deferred fires once it is committed."""
+        """Store one event; the Deferred fires once it is committed.
+
+        Events emitted while an earlier write of ours waits in the database's queue
+        join it: one job (one statement set, one savepoint) carries them all, so the
+        log costs the hot path little more than building its row.
+        """
         row = (
             event.id,
             event.type,
@@ -115,26 +187,32 @@ class SQLiteEventLog:
         )
         recipients = sorted({_address(r) for r in event.all_recipients()})
         tags = sorted(set(event.tags))
+        d: Deferred[None] = Deferred()
+        with self._lock:
+            self._pending.append((row, recipients, tags, d))
+            if self._queued:
+                return d
+            self._queued = True
+        taken: list[_Pending] = []
 
-        def insert(conn: sqlite3.Connection) -> None:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO event_log"
-                " (id, type, ts, queue_id, message_id, tenant, sender, recipient, body)"
-                " VALUES (?,?,?,?,?,?,?,?,?)",
-                row,
-            )
-            if cur.rowcount == 0:
-                return  # already stored
-            seq = cur.lastrowid
-            conn.executemany(
-                "INSERT INTO event_recipient (recipient, seq) VALUES (?, ?)",
-                [(r, seq) for r in recipients],
-            )
-            conn.executemany(
-                "INSERT INTO event_tag (tag, seq) VALUES (?, ?)", [(t, seq) for t in tags]
-            )
+        def write(conn: sqlite3.Connection) -> list[tuple[Deferred[None], Failure | None]]:
+            taken.extend(self._take_pending())
+            return _insert_all(conn, taken)
 
-        return self._db.run(insert)
+        def failed(failure: Failure) -> None:
+            # The job failed as a whole (commit error, database closed).  A job that
+            # never ran leaves its events waiting: they fail with it too.
+            for *_, waiting in taken or self._take_pending():
+                waiting.errback(failure)
+
+        self._db.run(write, background=True).addCallbacks(_fire, failed)
+        return d
+
+    def _take_pending(self) -> list[_Pending]:
+        with self._lock:
+            taken, self._pending = self._pending, []
+            self._queued = False
+        return taken
 
     def search(self, query: EventQuery) -> Deferred[EventPage]:
         """A Deferred L{EventPage}: matching events newest first, at most
@@ -155,7 +233,8 @@ class SQLiteEventLog:
             more = len(rows) > limit
             return EventPage(events, encode_cursor(rows[limit - 1][0]) if more else None)
 
-        return self._db.run(select)
+        # In the background queue too: a search sees every event emitted before it.
+        return self._db.run(select, background=True)
 
     def trim(self, before: float) -> Deferred[int]:
         """Delete events with a timestamp before ``before``; Deferred count deleted."""
@@ -178,7 +257,7 @@ class SQLiteEventLog:
 
         total = 0
         while True:
-            deleted = await self._db.run(delete_some)
+            deleted = await self._db.run(delete_some, background=True)
             total += deleted
             if deleted < batch:
                 return total

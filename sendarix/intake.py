@@ -7,7 +7,7 @@ leaves nothing in the spool.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from attrs import define, field, frozen
@@ -71,6 +71,8 @@ class Intake:
     require_verified_domains: bool = False
     #: Runs the signing function off the reactor thread (a test may run it inline).
     in_thread: Any = deferToThread
+    #: Called after each message is spooled (the node wakes its delivery loop).
+    on_queued: Callable[[], None] | None = None
 
     def __attrs_post_init__(self) -> None:
         if self._ids is None:
@@ -143,6 +145,8 @@ class Intake:
         await self.spool.enqueue(
             NewMessage(queue_id=sub.queue_id, envelope=sub.envelope, meta=meta, body=body)
         )
+        if self.on_queued is not None:
+            self.on_queued()
         self._emit(
             "accepted",
             queue_id=sub.queue_id,

@@ -392,7 +392,7 @@ def makeService(
     intake = Intake(
         spool=stores.spool, events=stores.events, clock=reactor,
         node=config.node.name, hostname=config.node.hostname,
-        keyring=keyring, require_verified_domains=require_verified,
+        keyring=keyring, require_verified_domains=require_verified, on_queued=delivery.wake,
     )
     tls_options = None
     if any(lc.tls != "none" for lc in config.listeners):

@@ -13,6 +13,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -39,6 +40,10 @@ class SQLiteDatabase:
     """
 
     max_batch = 512
+    #: A background job runs once no other job came for this long (seconds)...
+    background_idle = 0.001
+    #: ...or with the next batch once it has waited this long.
+    background_delay = 0.02
 
     def __init__(
         self,
@@ -96,17 +101,25 @@ class SQLiteDatabase:
         d.addBoth(relay)
         return out
 
-    def run(self, fn: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
+    def run(
+        self, fn: Callable[[sqlite3.Connection], T], *, background: bool = False
+    ) -> Deferred[T]:
         """Run ``fn(connection)`` in a transaction on the database thread.
 
         The Deferred fires with ``fn``'s result after the transaction commits, or
         fails with ``fn``'s exception (its writes rolled back) or the commit's error.
+
+        A ``background`` job (the delivery log) stays off the mail path: it waits
+        for a quiet moment (no other job for ``background_idle`` seconds), or joins
+        the next batch once it has waited ``background_delay`` seconds, so its pages
+        never lengthen the commit that a 250 or a lease is waiting for.  It may
+        therefore run after jobs queued later.
         """
         d: Deferred[T] = Deferred()
         if self._closed:
             d.errback(DatabaseClosed(self.path))
             return d
-        self._jobs.put((fn, d))
+        self._jobs.put((fn, d, background))
         return d
 
     def close(self) -> Deferred[None]:
@@ -117,7 +130,7 @@ class SQLiteDatabase:
             d.callback(None)
             return d
         self._closed = True
-        self._jobs.put((_STOP, d))
+        self._jobs.put((_STOP, d, False))
         return d
 
     # -- the database thread ----------------------------------------------------
@@ -144,16 +157,39 @@ class SQLiteDatabase:
             return
         self._reactor.callFromThread(self._opened.callback, None)
         stoppers: list[Deferred[None]] = []
+        held: list[Any] = []  # background jobs waiting for a quiet moment
+        held_since = 0.0
         try:
             while not stoppers:
-                batch = [self._jobs.get()]
-                while len(batch) < self.max_batch:
+                timeout = None
+                if held:
+                    due = held_since + self.background_delay - time.monotonic()
+                    timeout = max(0.0, min(self.background_idle, due))
+                try:
+                    items = [self._jobs.get(timeout=timeout)]
+                except queue.Empty:
+                    # Quiet, or they have waited long enough: the held jobs go alone.
+                    batch, held = held[: self.max_batch], held[self.max_batch :]
+                    held_since = time.monotonic()
+                    self._run_batch(conn, batch)
+                    continue
+                while len(items) < self.max_batch:
                     try:
-                        batch.append(self._jobs.get_nowait())
+                        items.append(self._jobs.get_nowait())
                     except queue.Empty:
                         break
-                stoppers = [d for fn, d in batch if fn is _STOP]
-                work = [job for job in batch if job[0] is not _STOP]
+                work = []
+                for fn, d, background in items:
+                    if fn is _STOP:
+                        stoppers.append(d)
+                    elif background:
+                        if not held:
+                            held_since = time.monotonic()
+                        held.append((fn, d))
+                    else:
+                        work.append((fn, d))
+                if stoppers or (held and time.monotonic() - held_since >= self.background_delay):
+                    work, held = work + held, []
                 if work:
                     self._run_batch(conn, work)
             # Jobs queued after close() was called are refused.
@@ -166,7 +202,7 @@ class SQLiteDatabase:
     def _drain_refused(self) -> None:
         while True:
             try:
-                fn, d = self._jobs.get_nowait()
+                fn, d, _ = self._jobs.get_nowait()
             except queue.Empty:
                 return
             if fn is _STOP:
@@ -174,14 +210,34 @@ class SQLiteDatabase:
             else:
                 self._reactor.callFromThread(d.errback, Failure(DatabaseClosed(self.path)))
 
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, waiting for another process's write lock in steps of
+        0.1–2 ms for up to ``busy_timeout_ms``.  SQLite's own busy handler sleeps 1,
+        2, 5, 10... ms, which, with several worker processes on one file, waits far
+        longer than the other writer's commit takes."""
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            delay = 0.0001
+            deadline = time.monotonic() + self._busy_timeout_ms / 1000.0
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or time.monotonic() >= deadline:
+                        raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.002)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
         results: list[tuple[Deferred[Any], bool, Any]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
         except BaseException as e:  # noqa: BLE001
             failure = Failure(e)
-            for _, d in batch:
-                self._reactor.callFromThread(d.errback, failure)
+            self._reactor.callFromThread(_fire, [(d, False, failure) for _, d in batch])
             return
         for fn, d in batch:
             conn.execute("SAVEPOINT job")
@@ -202,11 +258,15 @@ class SQLiteDatabase:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            for d, _, _ in results:
-                self._reactor.callFromThread(d.errback, failure)
-            return
-        for d, ok, value in results:
-            if ok:
-                self._reactor.callFromThread(d.callback, value)
-            else:
-                self._reactor.callFromThread(d.errback, value)
+            results = [(d, False, failure) for d, _, _ in results]
+        # One call into the reactor thread per batch, not one per job.
+        self._reactor.callFromThread(_fire, results)
+
+
+def _fire(results: list[tuple[Deferred[Any], bool, Any]]) -> None:
+    """Fire a batch's Deferreds in order (on the reactor thread)."""
+    for d, ok, value in results:
+        if ok:
+            d.callback(value)
+        else:
+            d.errback(value)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
+import threading
 from typing import TYPE_CHECKING, Any, cast
 
 from hypothesis import given
@@ -39,7 +41,7 @@ from sendarix.events import (
 from sendarix.interfaces import IEventLog, IEventSink
 from sendarix.model import Reply, TLSInfo
 from sendarix.redisstore.eventlog import RedisEventLog
-from sendarix.sqlitedb import SQLiteDatabase
+from sendarix.sqlitedb import DatabaseClosed, SQLiteDatabase
 from tests.redisserver import redis_client, start_redis
 
 if TYPE_CHECKING:
@@ -360,6 +362,15 @@ class EventLogContractMixin(_Base):
         page = await log.search(EventQuery(recipient=e.recipient))
         self.assertEqual(page.events, (e,))
 
+    async def test_search_sees_earlier_emits(self) -> None:
+        """A search queued after an emit that nobody awaited still finds that event
+        (both go through the database's background queue, in order)."""
+        log = await self.open_log()
+        event = Event.make("accepted", 1.0, queue_id="Q1", recipient="a@x")
+        log.emit(event)  # fire and forget, as Intake does
+        page = await log.search(EventQuery(queue_id="Q1"))
+        self.assertEqual(page.events, (event,))
+
     async def test_trim(self) -> None:
         """trim deletes events older than the cut-off, with their search entries."""
         log = await self.open_log()
@@ -405,6 +416,58 @@ class SQLiteEventLogTests(EventLogContractMixin, TestCase):
                 ]
             ),
         )
+
+
+    def hold_database(self) -> threading.Event:
+        """Keep the database thread busy until the returned event is set, so that
+        what is queued meanwhile is batched deterministically."""
+        held = threading.Event()
+        self.db.run(lambda conn: held.wait(10))
+        return held
+
+    async def test_emits_share_one_job(self) -> None:
+        """Events emitted while the log's write waits in the queue ride along with it:
+        a hundred emits make one job, and all are stored."""
+        log = await self.open_log()
+        commits: list[str] = []
+        await self.db.run(lambda conn: conn.set_trace_callback(
+            lambda sql: commits.append(sql) if sql == "RELEASE events" else None))
+        events = [Event.make("accepted", 1000.0 + i, recipient=f"r{i}@x") for i in range(100)]
+        held = self.hold_database()
+        emitted = gatherResults([log.emit(e) for e in events])
+        held.set()
+        await emitted
+        await self.db.run(lambda conn: conn.set_trace_callback(None))
+        self.assertEqual(len(commits), 1)
+        page = await log.search(EventQuery(type="accepted", limit=1000))
+        self.assertEqual(sorted(e.id for e in page.events), sorted(e.id for e in events))
+
+    async def test_bad_event_fails_alone(self) -> None:
+        """An event the database refuses fails its own emit; the events written in
+        the same job are stored."""
+        log = await self.open_log()
+        await self.db.run(lambda conn: conn.execute(
+            "CREATE TEMP TRIGGER refuse BEFORE INSERT ON event_log WHEN NEW.queue_id = 'BAD'"
+            " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"))
+        good = [Event.make("accepted", 1.0, queue_id="Q1", recipient="a@x"),
+                Event.make("accepted", 2.0, queue_id="Q2", recipient="b@x")]
+        bad = Event.make("accepted", 1.5, queue_id="BAD", recipient="c@x")
+        held = self.hold_database()
+        results = [log.emit(good[0]), log.emit(bad), log.emit(good[1])]
+        held.set()
+        await results[0]
+        await results[2]
+        with self.assertRaises(sqlite3.IntegrityError):
+            await results[1]
+        page = await log.search(EventQuery(type="accepted"))
+        self.assertEqual({e.queue_id for e in page.events}, {"Q1", "Q2"})
+
+    async def test_emit_after_close_fails(self) -> None:
+        """After the database is closed, emit fails (nothing waits forever)."""
+        log = await self.open_log()
+        await self.db.close()
+        with self.assertRaises(DatabaseClosed):
+            await log.emit(full_event())
 
 
 class RedisEventLogTests(EventLogContractMixin, TestCase):

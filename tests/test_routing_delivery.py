@@ -11,6 +11,7 @@ from typing import Any
 from unittest import SkipTest
 
 from twisted.internet import reactor
+from twisted.internet.defer import FirstError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.trial import unittest
@@ -410,7 +411,7 @@ class SpoolOutageTests(unittest.TestCase):
         self.assertEqual(sorted(m.recipients[0] for m in messages), sorted(recipients))
         self.assertEqual(sink.stats.messages, 6)
         self.assertEqual(delivery.counters["released"], 0)
-        self.flushLoggedErrors(OSError)
+        self.flushLoggedErrors(OSError, FirstError)
 
 
 @implementer(IThrottle)

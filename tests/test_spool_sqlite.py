@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor as _reactor
+from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
@@ -23,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sendarix.interfaces import ISpool
+from sendarix.model import RecipientOutcome, RecipientStatus, Reply
 from sendarix.spool import SQLiteSpool, open_spool, sqlite_path
 from sendarix.sqlitedb import DatabaseClosed, SQLiteDatabase
 from tests.spool_contract import T0, SpoolContractMixin, sample_message
@@ -167,6 +169,67 @@ class SQLiteSpoolStorageTests(TestCase):
         rows = await db.run(lambda c: c.execute("SELECT n FROM t ORDER BY n").fetchall())
         self.assertEqual(rows, [(1,), (3,)])
 
+    async def test_waits_for_another_writer(self) -> None:
+        """While another connection (another worker process) holds the write lock, a
+        job waits for it, then commits; the connection keeps its busy timeout."""
+        db = SQLiteDatabase(self.path, reactor, schema="CREATE TABLE t (n INTEGER);")
+        await db.open()
+        self.addCleanup(db.close)
+        other = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO t (n) VALUES (1)")
+        job = db.run(lambda c: c.execute("INSERT INTO t (n) VALUES (2)").rowcount)
+        await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(job.called)  # still waiting for the lock
+        other.execute("COMMIT")
+        self.assertEqual(await job, 1)
+        rows, timeout = await db.run(lambda c: (
+            c.execute("SELECT n FROM t ORDER BY n").fetchall(),
+            c.execute("PRAGMA busy_timeout").fetchone()[0],
+        ))
+        self.assertEqual(rows, [(1,), (2,)])
+        self.assertEqual(timeout, 10000)
+
+    async def test_background_job_yields_to_the_mail_path(self) -> None:
+        """A background job queued before a foreground one runs after it, in its own
+        transaction: its writes never lengthen the foreground commit."""
+        db = SQLiteDatabase(self.path, reactor, schema="CREATE TABLE t (n INTEGER);")
+        await db.open()
+        self.addCleanup(db.close)
+        gate = threading.Event()
+        held = db.run(lambda c: gate.wait(10))
+        order: list[str] = []
+
+        def job(name: str) -> Callable[[sqlite3.Connection], int]:
+            def run(conn: sqlite3.Connection) -> int:
+                order.append(name)
+                conn.execute("INSERT INTO t (n) VALUES (1)")
+                return int(conn.total_changes)
+
+            return run
+
+        background = db.run(job("background"), background=True)
+        foreground = db.run(job("foreground"))
+        gate.set()
+        await held
+        await gatherResults([background, foreground])
+        self.assertEqual(order, ["foreground", "background"])
+
+    async def test_background_job_not_starved(self) -> None:
+        """Under a steady stream of foreground jobs, a background job still runs
+        (it joins a batch once it has waited background_delay)."""
+        db = SQLiteDatabase(self.path, reactor)
+        await db.open()
+        self.addCleanup(db.close)
+        background = db.run(lambda c: "done", background=True)
+        deadline = reactor.seconds() + 5.0
+        # Each foreground job queues the next at once: the database is never quiet.
+        while not background.called and reactor.seconds() < deadline:
+            await db.run(lambda c: None)
+        self.assertTrue(background.called)
+        self.assertEqual(await background, "done")
+
     async def test_records_are_versioned_json(self) -> None:
         """Envelope and metadata are stored as JSON carrying "v": 1."""
         db = SQLiteDatabase(self.path, reactor)
@@ -234,6 +297,43 @@ class SQLiteSpoolStorageTests(TestCase):
             self.assertEqual(body, (b"message %d\r\n" % n) * 1024)
             self.assertEqual([r.address for r in message.recipients], [f"r{n}@example.com"])
         self.assertEqual((await spool.stats()).messages, len(listed))
+
+
+class SQLiteSpoolQueryPlanTests(TestCase):
+    """Queries on one message's recipients use the primary key: with many messages to
+    one domain, the (domain, status) index would walk all of them each time."""
+
+    async def test_per_message_queries_use_the_primary_key(self) -> None:
+        """Every recipient query that enqueue, lease_due and complete run is planned
+        on the primary key, never on spool_recipient_domain."""
+        spool = SQLiteSpool.at_path(os.path.join(self.mktemp(), "spool.db"), reactor)
+        await spool.start()
+        self.addCleanup(spool.stop)
+        db = spool._db
+        statements: list[str] = []
+        await db.run(lambda conn: conn.set_trace_callback(statements.append))
+        for i in range(3):
+            await spool.enqueue(sample_message(f"Q{i}", ("a@one.example", "b@one.example")))
+        leased = await spool.lease_due("node", T0 + 1, 10, 60.0)
+        self.assertEqual(len(leased), 3)
+        for d in leased:
+            await spool.complete(
+                d.queue_id, d.domain, "node",
+                [RecipientOutcome(r.address, RecipientStatus.DELIVERED,
+                                  Reply(250, "2.0.0", "ok")) for r in d.recipients],
+                T0 + 2,
+            )
+        await db.run(lambda conn: conn.set_trace_callback(None))
+        selects = sorted({s for s in statements
+                          if s.lstrip().upper().startswith("SELECT") and "spool_recipient" in s})
+        self.assertTrue(selects)
+
+        def plans(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            return [(sql, " / ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)))
+                    for sql in selects]
+
+        for sql, plan in await db.run(plans):
+            self.assertNotIn("spool_recipient_domain", plan, sql)
 
 
 class OpenSpoolTests(SynchronousTestCase):

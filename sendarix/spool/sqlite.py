@@ -80,6 +80,8 @@ SCHEMA: tuple[str, ...] = (
 
 _ACTIVE = tuple(s.value for s in codec.ACTIVE_STATUSES)
 _ACTIVE_SQL = "status IN ({})".format(", ".join(f"'{s}'" for s in _ACTIVE))
+# Queries on one message's recipients write ``+domain``: without it SQLite prefers the
+# (domain, status) index and walks every recipient of the domain (quadratic under load).
 
 _RECIPIENT_COLUMNS = "address, domain, status, attempts, next_attempt, last_reply, updated_at"
 
@@ -257,7 +259,7 @@ class SQLiteSpool:
             _record(row)
             for row in conn.execute(
                 f"SELECT {_RECIPIENT_COLUMNS} FROM spool_recipient"
-                f" WHERE queue_id = ? AND domain = ? AND {_ACTIVE_SQL} ORDER BY rowid",
+                f" WHERE queue_id = ? AND +domain = ? AND {_ACTIVE_SQL} ORDER BY rowid",
                 (qid, domain),
             )
         ]
@@ -344,7 +346,7 @@ class SQLiteSpool:
             for outcome in outcomes:
                 row = conn.execute(
                     f"SELECT {_RECIPIENT_COLUMNS} FROM spool_recipient"
-                    f" WHERE queue_id = ? AND address = ? AND domain = ? AND {_ACTIVE_SQL}",
+                    f" WHERE queue_id = ? AND address = ? AND +domain = ? AND {_ACTIVE_SQL}",
                     (queue_id, outcome.address, domain),
                 ).fetchone()
                 if row is None:
@@ -385,7 +387,7 @@ class SQLiteSpool:
         earliest, active = conn.execute(
             "SELECT MIN(COALESCE(r.next_attempt, m.created)), COUNT(*)"
             " FROM spool_recipient AS r JOIN spool_message AS m USING (queue_id)"
-            f" WHERE r.queue_id = ? AND r.domain = ? AND r.{_ACTIVE_SQL}",
+            f" WHERE r.queue_id = ? AND +r.domain = ? AND r.{_ACTIVE_SQL}",
             (qid, domain),
         ).fetchone()
         if not active:

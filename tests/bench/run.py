@@ -1,0 +1,360 @@
+"""The bench run: Sendarix variants and Postfix, alternated, each measured the same way.
+
+Per system and run: acceptance rate and end-to-end rate (one ``smtp-source`` load:
+``-s`` parallel sessions, one message per session), single-message latency (messages
+sent one at a time, submission start to arrival at the sink), the time to accept one
+large message, and memory with idle sessions open.  Every system relays to one
+``smtp-sink``.  Output: ``name: value`` lines (median, min–max over runs, and the
+Sendarix/Postfix ratio of the medians), then the same as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tests.bench import clients
+from tests.bench.dnsproc import DNSProcess
+from tests.bench.install import ensure_installed
+from tests.bench.postfix import PostfixSystem
+from tests.bench.profile import Profiler, summarize
+from tests.bench.sendarix import DOMAIN, Failed, Refused, SendarixSystem, raise_nofile
+from tests.bench.sink import Sink
+from tests.relayproc import free_port
+
+MIB = 1024 * 1024
+VARIANTS = ("sqlite-w1", "redis-w1", "sqlite-w2", "redis-w2")
+
+#: metric -> (label, unit, format, higher is better)
+METRICS: dict[str, tuple[str, str, str, bool]] = {
+    "accept_rate": ("acceptance rate", "msg/s", "{:.0f}", True),
+    "relay_rate": ("end-to-end relay rate", "msg/s", "{:.0f}", True),
+    "latency_p50": ("latency p50", "ms", "{:.1f}", False),
+    "latency_p99": ("latency p99", "ms", "{:.1f}", False),
+    "large_accept": ("large message accepted in", "s", "{:.2f}", False),
+    "idle_rss": ("RSS with idle sessions", "MiB", "{:.1f}", False),
+    "idle_rss_per_session": ("RSS per idle session", "KiB", "{:.1f}", False),
+    "idle_pss_per_session": ("PSS per idle session", "KiB", "{:.1f}", False),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
+    p.add_argument("--runs", type=int, default=3, help="runs per system (default 3)")
+    p.add_argument("--messages", type=int, default=10000,
+                   help="messages per smtp-source load (default 10000)")
+    p.add_argument("--sessions", type=int, default=20,
+                   help="parallel smtp-source sessions (default 20)")
+    p.add_argument("--size", type=int, default=4096, help="payload octets (default 4096)")
+    p.add_argument("--latency-messages", type=int, default=200,
+                   help="messages sent one at a time for latency (default 200)")
+    p.add_argument("--idle-sessions", type=int, default=10000,
+                   help="idle sessions held open on Sendarix (default 10000)")
+    p.add_argument("--postfix-idle-sessions", type=int, default=1000,
+                   help="idle sessions on Postfix, one smtpd process each (default 1000)")
+    p.add_argument("--memory-runs", type=int, default=1,
+                   help="runs (of --runs) that also measure idle-session memory; the "
+                        "figure hardly varies, and opening the sessions takes time "
+                        "(default 1)")
+    p.add_argument("--large-mib", type=float, default=50.0,
+                   help="size of the large message in MiB (default 50)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"Sendarix variants, comma-separated (default {','.join(VARIANTS)})")
+    p.add_argument("--route", choices=("pool", "mx"), default="pool",
+                   help="how Sendarix reaches the sink: a [pool.sink] smarthost route "
+                        "(default, like Postfix's relayhost) or MX via the bench's DNS")
+    p.add_argument("--time-limit", type=float, default=555.0,
+                   help="start no system run that would end after this many seconds "
+                        "(judged by its previous run; default 555)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 1 run, 500 messages, 20 latency samples, "
+                        "500/100 idle sessions, 5 MiB large message")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not apt-get install missing packages")
+    p.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="record a py-spy profile of each Sendarix variant's first load "
+                        "into DIR and print a summary (needs py-spy)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.runs, args.messages, args.latency_messages = 1, 500, 20
+        args.idle_sessions, args.postfix_idle_sessions, args.large_mib = 500, 100, 5.0
+    args.variants = [v for v in args.variants.split(",") if v]
+    for v in args.variants:
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r} (known: {', '.join(VARIANTS)})")
+    return args
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) by nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+class Bench:
+    """Holds what every system shares (sink, DNS, Redis) and the results."""
+
+    def __init__(self, args: argparse.Namespace, root: str) -> None:
+        self.args = args
+        self.root = root
+        self.results: dict[str, dict[str, list[float]]] = {}
+        self.skipped: dict[str, str] = {}
+        self.profiled: set[str] = set()
+        self.phases: dict[str, float] = {}
+        self.small = clients.message(args.size)
+        self.large = clients.message(int(args.large_mib * MIB) - 64 * 1024, "large")
+        self.size_limit = max(52428800, len(self.large) + 64 * 1024)
+
+    # -- one system, one run --------------------------------------------------
+
+    def measure_memory(self, system: Any, idle_sessions: int,
+                       rss: Callable[[], tuple[int, int]]) -> dict[str, float]:
+        """RSS with ``idle_sessions`` idle sessions open, measured first, on the freshly
+        started system: later loads leave freed heap behind that new sessions would
+        reuse, hiding their cost."""
+        out: dict[str, float] = {}
+        before_rss, before_pss = rss()
+        idle = clients.IdleSessions(system.port, idle_sessions, timeout=120)
+        try:
+            time.sleep(1.0)
+            after_rss, after_pss = rss()
+        finally:
+            idle.close()
+        if idle.opened < idle_sessions:
+            say(f"# {system.name}: only {idle.opened} of {idle_sessions} idle sessions opened")
+        opened = max(idle.opened, 1)
+        out["idle_sessions"] = idle.opened
+        out["idle_rss"] = after_rss / MIB
+        out["idle_rss_per_session"] = (after_rss - before_rss) / opened / 1024
+        out["idle_pss_per_session"] = (after_pss - before_pss) / opened / 1024
+        time.sleep(2.0)  # let the system end those sessions before the load starts
+        return out
+
+    def measure(self, system: Any, sink: Sink, idle_sessions: int,
+                rss: Callable[[], tuple[int, int]], run: int) -> dict[str, float]:
+        a = self.args
+        port = system.port
+        out: dict[str, float] = {}
+        phases: dict[str, float] = {}
+        t = time.monotonic()
+        if run < a.memory_runs:
+            out.update(self.measure_memory(system, idle_sessions, rss))
+        phases["memory"], t = time.monotonic() - t, time.monotonic()
+
+        profiler = self._profiler(system)
+        base = sink.count
+        try:
+            start, end = clients.smtp_source(port, a.sessions, a.messages, a.size, timeout=300)
+            out["accept_rate"] = a.messages / (end - start)
+            if not sink.wait_for(base + a.messages, timeout=300):
+                raise Failed(f"only {sink.count - base} of {a.messages} messages reached the sink")
+            out["relay_rate"] = a.messages / (sink.arrival(base + a.messages) - start)
+        finally:
+            if profiler is not None:
+                profiler.stop()
+                say(f"# profile of {system.name} under the smtp-source load ({profiler.out}):")
+                for line in summarize(profiler.out):
+                    say(f"#   {line}")
+
+        phases["load"], t = time.monotonic() - t, time.monotonic()
+        latencies = []
+        for _ in range(a.latency_messages):
+            base = sink.count
+            t0 = clients.send_message(port, self.small)
+            if not sink.wait_for(base + 1, timeout=30):
+                raise Failed("a latency message did not reach the sink within 30 s")
+            latencies.append(sink.arrival(base + 1) - t0)
+        out["latency_p50"] = percentile(latencies, 0.50) * 1000
+        out["latency_p99"] = percentile(latencies, 0.99) * 1000
+
+        phases["latency"], t = time.monotonic() - t, time.monotonic()
+        base = sink.count
+        t0 = clients.send_message(port, self.large, timeout=120)
+        out["large_accept"] = time.monotonic() - t0
+        sink.wait_for(base + 1, timeout=120)
+        phases["large"] = time.monotonic() - t
+        self.phases = phases
+        return out
+
+    def _profiler(self, system: Any) -> Profiler | None:
+        """A py-spy recording of a Sendarix node's first load, with ``--profile``."""
+        if not self.args.profile or not isinstance(system, SendarixSystem):
+            return None
+        if system.name in self.profiled or system.proc is None:
+            return None
+        self.profiled.add(system.name)
+        os.makedirs(self.args.profile, exist_ok=True)
+        out = os.path.join(os.path.abspath(self.args.profile), f"{system.name}.txt")
+        return Profiler(system.proc.pid, out)
+
+    def run_system(self, system: Any, sink: Sink, idle_sessions: int,
+                   rss: Callable[[], tuple[int, int]], run: int) -> None:
+        started = time.monotonic()
+        self.phases = {}
+        try:
+            system.start()
+            self.phases["start"] = time.monotonic() - started
+            try:
+                values = self.measure(system, sink, idle_sessions, rss, run)
+            finally:
+                t = time.monotonic()
+                system.stop()
+                self.phases["stop"] = time.monotonic() - t
+        except Refused as e:
+            self.skipped[system.name] = str(e)
+            say(f"# {system.name}: skipped ({e})")
+            return
+        except (Failed, OSError) as e:
+            say(f"# {system.name}: run failed: {e}")
+            return
+        for key, value in values.items():
+            self.results.setdefault(system.name, {}).setdefault(key, []).append(value)
+        say(f"# {system.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in values.items())
+            + f" ({time.monotonic() - started:.0f} s: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in self.phases.items()) + ")")
+
+    # -- the whole bench ------------------------------------------------------
+
+    def run(self) -> None:
+        a = self.args
+        t_start = time.monotonic()
+        sink = Sink(free_port())
+        dns = DNSProcess(DOMAIN) if a.route == "mx" else None
+        redis_stop: Callable[[], None] | None = None
+        redis_url = None
+        try:
+            if any(v.startswith("redis") for v in a.variants):
+                from tests.redisserver import start_redis
+
+                redis_port, redis_stop = start_redis(os.path.join(self.root, "redis"))
+                redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            max_idle = max(a.idle_sessions, a.postfix_idle_sessions)
+            postfix = PostfixSystem(
+                os.path.join(self.root, "postfix"), free_port(), sink.port,
+                maxproc=a.postfix_idle_sessions + 100, size_limit=self.size_limit,
+            )
+            systems: list[tuple[Any, int, Callable[[], tuple[int, int]]]] = [
+                (postfix, a.postfix_idle_sessions, postfix.smtpd_rss)
+            ]
+            for variant in a.variants:
+                spool, workers = variant.split("-w")
+                s = SendarixSystem(
+                    os.path.join(self.root, variant), free_port(), sink.port,
+                    dns.port if dns is not None else 0,
+                    spool=spool, workers=int(workers), max_connections=max_idle + 100,
+                    size_limit=self.size_limit, route=a.route, redis_url=redis_url,
+                )
+                systems.append((s, a.idle_sessions, s.rss))
+            durations: dict[str, float] = {}
+            for run in range(a.runs):
+                # Alternate the systems; each run starts from a different one.
+                order = systems[run % len(systems):] + systems[:run % len(systems)]
+                for system, idle, rss in order:
+                    if system.name in self.skipped:
+                        continue
+                    elapsed = time.monotonic() - t_start
+                    if elapsed + durations.get(system.name, 0.0) > a.time_limit:
+                        say(f"# time limit: {system.name} run {run + 1} not started")
+                        continue
+                    if redis_url is not None and getattr(system, "spool", "") == "redis":
+                        _redis_flush(redis_url)
+                    t0 = time.monotonic()
+                    self.run_system(system, sink, idle, rss, run)
+                    durations[system.name] = time.monotonic() - t0
+        finally:
+            sink.stop()
+            if dns is not None:
+                dns.stop()
+            if redis_stop is not None:
+                redis_stop()
+        self.report(time.monotonic() - t_start)
+
+    # -- output ---------------------------------------------------------------
+
+    def report(self, seconds: float) -> None:
+        a = self.args
+        say("")
+        say(f"machine: {platform.node()}, {os.cpu_count()} cores, "
+            f"{platform.platform()}, Python {platform.python_version()}")
+        say(f"load: smtp-source -s {a.sessions} -m {a.messages} -l {a.size}; "
+            f"{a.latency_messages} latency messages; large message {a.large_mib:g} MiB; "
+            f"idle sessions: Sendarix {a.idle_sessions}, Postfix {a.postfix_idle_sessions}; "
+            f"runs: {a.runs}; route: {a.route}; bench time: {seconds:.0f} s")
+        pf = self.results.get("postfix", {})
+        rows: list[list[str]] = []
+        for key, (_, unit, fmt, _) in METRICS.items():
+            if key in pf:
+                say(f"postfix.{key}: {_summary(pf[key], fmt)} {unit}")
+            for name, values in self.results.items():
+                if name == "postfix" or key not in values:
+                    continue
+                ratio = ""
+                if key in pf and statistics.median(pf[key]):
+                    r = statistics.median(values[key]) / statistics.median(pf[key])
+                    ratio = f", ratio {r:.3g}"
+                say(f"{name}.{key}: {_summary(values[key], fmt)} {unit}{ratio}")
+        for name, why in self.skipped.items():
+            say(f"{name}: skipped ({why})")
+        names = [n for n in self.results if n != "postfix"]
+        say("")
+        say("| metric | Postfix | " + " | ".join(f"{n} (ratio)" for n in names) + " |")
+        say("|---|---|" + "---|" * len(names))
+        for key, (label, unit, fmt, _) in METRICS.items():
+            cells = [_median(pf.get(key), fmt)]
+            for n in names:
+                v = self.results[n].get(key)
+                cell = _median(v, fmt)
+                if v and pf.get(key) and statistics.median(pf[key]):
+                    cell += f" ({statistics.median(v) / statistics.median(pf[key]):.3g})"
+                cells.append(cell)
+            rows.append([f"{label} ({unit})", *cells])
+        for row in rows:
+            say("| " + " | ".join(row) + " |")
+
+
+def _summary(values: list[float], fmt: str) -> str:
+    med = fmt.format(statistics.median(values))
+    return f"{med} (min–max {fmt.format(min(values))}–{fmt.format(max(values))}, n={len(values)})"
+
+
+def _median(values: list[float] | None, fmt: str) -> str:
+    return fmt.format(statistics.median(values)) if values else "–"
+
+
+def _redis_flush(url: str) -> None:
+    host_port = url.split("//", 1)[1].split("/", 1)[0]
+    host, port = host_port.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"FLUSHALL\r\n")
+        s.recv(64)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not args.no_install:
+        ensure_installed(say)
+    raise_nofile(max(args.idle_sessions, args.postfix_idle_sessions) + 1000)
+    root = tempfile.mkdtemp(prefix="sendarix-bench-", dir="/var/tmp")
+    os.chmod(root, 0o755)  # Postfix daemons run as the postfix user
+    say(f"# bench folder {root}")
+    try:
+        Bench(args, root).run()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)

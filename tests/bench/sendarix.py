@@ -1,0 +1,250 @@
+"""Sendarix as the bench runs it: ``twistd -n sendarix --config ...`` in a temp folder,
+with a trusted-network listener without AUTH or TLS, relaying to the sink.
+
+The sink is a ``[pool.sink]`` smarthost that a ``[[route]]`` sends the bench domain to
+(as Postfix's ``relayhost``); with ``route="mx"`` it is instead the MX of the bench
+domain, served by a DNS server of our own (``tests.bench.dnsproc``).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import time
+
+from tests.relayproc import TWISTD, env
+
+#: Recipient domain of every bench message.
+DOMAIN = "bench.example"
+
+
+class Failed(Exception):  # noqa: N818 - "raise Failed(why)"
+    """A system could not be started or measured."""
+
+
+class Refused(Failed):  # noqa: N818 - "the relay refused the config"
+    """The relay refused this configuration (a variant this build lacks)."""
+
+
+def raise_nofile(limit: int) -> None:
+    """Raise this process's open-files limit towards ``limit`` (capped at the hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    tree = _children()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(tree.get(p, ()))
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def process_tree_rss(pid: int, only: str | None = None) -> tuple[int, int]:
+    """(RSS, PSS) in bytes summed over ``pid``'s tree (only processes named ``only``)."""
+    rss = pss = 0
+    for p in process_tree(pid):
+        if only is not None and _comm(p) != only:
+            continue
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return rss, pss
+
+
+CONFIG = """\
+[node]
+name = "bench"
+hostname = "sendarix.bench.invalid"
+workers = {workers}
+
+[spool]
+url = "{spool_url}"
+
+[[listener]]
+name = "bench"
+endpoint = "tcp:{port}:interface=127.0.0.1"
+tls = "none"
+auth = "none"
+trusted_networks = ["127.0.0.0/8"]
+max_connections_per_ip = {max_connections}
+max_connections = {max_connections}
+
+[limits]
+max_message_size = {size_limit}
+
+[delivery]
+mx_port = {sink_port}
+"""
+
+DNS = """
+[dns]
+nameservers = ["127.0.0.1:{dns_port}"]
+"""
+
+POOL_ROUTE = """
+[[route]]
+match.recipient_domain = "{domain}"
+via = "pool:sink"
+
+[pool.sink]
+endpoints = ["127.0.0.1:{sink_port}"]
+"""
+
+
+class SendarixSystem:
+    """One Sendarix variant (spool backend, worker count): ``start()`` runs a fresh node."""
+
+    def __init__(self, dir: str, port: int, sink_port: int, dns_port: int, *,
+                 spool: str, workers: int, max_connections: int, size_limit: int,
+                 route: str = "pool", redis_url: str | None = None) -> None:
+        self.dir = os.path.abspath(dir)
+        self.port = port
+        self.sink_port = sink_port
+        self.dns_port = dns_port
+        self.spool = spool
+        self.workers = workers
+        self.max_connections = max_connections
+        self.size_limit = size_limit
+        self.route = route
+        self.redis_url = redis_url
+        self.name = f"sendarix-{spool}-w{workers}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def config_text(self) -> str:
+        spool_url = "sqlite:spool.db" if self.spool == "sqlite" else self.redis_url
+        text = CONFIG.format(
+            workers=self.workers, spool_url=spool_url, port=self.port,
+            max_connections=self.max_connections, size_limit=self.size_limit,
+            sink_port=self.sink_port, dns_port=self.dns_port,
+        )
+        if self.route == "pool":
+            text += POOL_ROUTE.format(domain=DOMAIN, sink_port=self.sink_port)
+        else:
+            text += DNS.format(dns_port=self.dns_port)
+        return text
+
+    def start(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir)
+        config = os.path.join(self.dir, "sendarix.toml")
+        with open(config, "w") as f:
+            f.write(self.config_text())
+        self.log = os.path.join(self.dir, "relay.log")
+        nofile = self.max_connections + 1000
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [*TWISTD, "-n", "--pidfile=", "sendarix", "--config", config],
+                cwd=self.dir, env=env(), stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, preexec_fn=lambda: raise_nofile(nofile),
+            )
+        self._wait_listening(60.0)
+        if self.workers > 1:
+            self._check_workers()
+
+    def _wait_listening(self, timeout: float) -> None:
+        import socket
+
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise Refused(self._why())
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.recv(512)  # the banner: the node is ready, not just bound
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise Failed(f"{self.name} not listening after {timeout:.0f}s; see {self.log}")
+
+    def _check_workers(self) -> None:
+        """A build without worker processes runs one process: that is not this variant."""
+        assert self.proc is not None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if len(self._pythons()) >= self.workers:
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise Refused(f"[node] workers = {self.workers} ran one process (not in this build)")
+
+    def _pythons(self) -> list[int]:
+        assert self.proc is not None
+        return [p for p in process_tree(self.proc.pid) if _comm(p).startswith("python")]
+
+    def _why(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                lines = [line.strip() for line in f if line.strip()]
+        except OSError:
+            return "relay exited"
+        for line in reversed(lines):
+            if "Error" in line or "error" in line or "refus" in line:
+                return line[-200:]
+        return lines[-1][-200:] if lines else "relay exited"
+
+    @property
+    def pids(self) -> list[int]:
+        return self._pythons() if self.proc is not None else []
+
+    def rss(self) -> tuple[int, int]:
+        """(RSS, PSS) in bytes of the node's processes."""
+        if self.proc is None:
+            return 0, 0
+        return process_tree_rss(self.proc.pid)
+
+    def stop(self) -> None:
+        """End the node (SIGTERM by PID, SIGKILL after 20 s)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        tree = process_tree(proc.pid)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for pid in tree[1:]:  # workers that outlived their parent
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
