@@ -26,7 +26,7 @@ from attrs import evolve, field, frozen
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
@@ -284,6 +284,118 @@ class Credential:
         )
 
 
+# -- what every store does ------------------------------------------------------
+
+
+def draft_credential(
+    name: str,
+    tenant: str,
+    domains: Iterable[str],
+    networks: Iterable[str | IPNetwork],
+    scopes: Iterable[str],
+    rate: int | str | None,
+    sandbox: bool,
+    created_at: float,
+) -> Credential:
+    """A new credential, validated but without a secret hash yet.
+
+    Raises ValueError for a bad name, tenant, scope, network or rate, so a store
+    checks everything before paying for a hash.
+    """
+    check_name(name)
+    if not tenant:
+        raise ValueError("a credential needs a tenant")
+    if isinstance(rate, str):
+        rate = parse_rate(rate)
+    elif rate is not None and rate <= 0:
+        raise ValueError(f"bad rate {rate!r}: must be positive")
+    return Credential(
+        name=name,
+        tenant=tenant,
+        domains=domains,
+        networks=networks,
+        scopes=scopes,
+        rate_per_minute=rate,
+        sandbox=sandbox,
+        created_at=created_at,
+    )
+
+
+async def new_hashed_secret(threads: IReactorThreads | None) -> tuple[str, str]:
+    """A fresh secret and its hash, ``(secret, hash)``; hashed in ``threads``'s pool
+    (None: the global reactor's), never on the reactor thread."""
+    secret = new_secret()
+    return secret, await _in_thread(threads, hash_secret, secret)
+
+
+async def with_new_secret(
+    threads: IReactorThreads | None, draft: Credential
+) -> tuple[Credential, str]:
+    """``draft`` with the hash of a fresh secret, and that secret."""
+    secret, hashed = await new_hashed_secret(threads)
+    return evolve(draft, secret_hash=hashed), secret
+
+
+class CredentialStoreBase:
+    """``add`` and ``rotate`` for every credential store: validation, the draft and
+    the hashing (in a thread) are the same; a store supplies only the writes,
+    ``_insert`` and ``_replace_hash``, and sets ``_clock`` and ``_threads``."""
+
+    _clock: IReactorTime
+    _threads: IReactorThreads | None
+
+    def add(
+        self,
+        name: str,
+        tenant: str,
+        domains: Iterable[str] = (),
+        networks: Iterable[str | IPNetwork] = (),
+        scopes: Iterable[str] = DEFAULT_SCOPES,
+        rate: int | str | None = None,
+        sandbox: bool = False,
+    ) -> Deferred[tuple[Credential, str]]:
+        """Create a credential; Deferred ``(Credential, secret)``.
+
+        Fails with ValueError for a bad name, scope, network or rate, and with
+        L{CredentialExistsError} when the name is taken.
+        """
+        try:
+            draft = draft_credential(
+                name, tenant, domains, networks, scopes, rate, sandbox, self._clock.seconds()
+            )
+        except Exception:  # bad values fail the Deferred, as the hashing does
+            return fail()
+        return Deferred.fromCoroutine(self._add(draft))
+
+    async def _add(self, draft: Credential) -> tuple[Credential, str]:
+        cred, secret = await with_new_secret(self._threads, draft)
+        await self._insert(cred)
+        log.info("credential {name} added for tenant {tenant}", name=cred.name, tenant=cred.tenant)
+        return cred, secret
+
+    async def _insert(self, cred: Credential) -> None:
+        """Store the new ``cred``; L{CredentialExistsError} when the name is taken."""
+        raise NotImplementedError
+
+    def rotate(self, name: str) -> Deferred[str]:
+        """Replace the secret; Deferred new secret.  The old secret stops working at once.
+
+        Fails with L{CredentialNotFoundError} for an unknown or revoked credential.
+        """
+        return Deferred.fromCoroutine(self._rotate(name))
+
+    async def _rotate(self, name: str) -> str:
+        secret, hashed = await new_hashed_secret(self._threads)
+        await self._replace_hash(name, hashed)
+        log.info("credential {name} rotated", name=name)
+        return secret
+
+    async def _replace_hash(self, name: str, hashed: str) -> None:
+        """Store ``hashed`` as the secret hash of active credential ``name``;
+        L{CredentialNotFoundError} when there is none."""
+        raise NotImplementedError
+
+
 # -- the SQLite store ------------------------------------------------------------
 
 _SCHEMA = """
@@ -324,7 +436,7 @@ def _from_row(row: tuple[Any, ...]) -> Credential:
 
 
 @implementer(ICredentialStore)
-class SQLiteCredentialStore:
+class SQLiteCredentialStore(CredentialStoreBase):
     """Credentials in table ``cred_credential`` of a shared L{SQLiteDatabase}.
 
     Construct it before ``db.open()`` (it registers its schema).  ``clock`` gives
@@ -345,60 +457,7 @@ class SQLiteCredentialStore:
         self._threads = threads
         db.add_schema(_SCHEMA)
 
-    def _in_thread(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        return _in_thread(self._threads, fn, *args)
-
-    def add(
-        self,
-        name: str,
-        tenant: str,
-        domains: Iterable[str] = (),
-        networks: Iterable[str | IPNetwork] = (),
-        scopes: Iterable[str] = DEFAULT_SCOPES,
-        rate: int | str | None = None,
-        sandbox: bool = False,
-    ) -> Deferred[tuple[Credential, str]]:
-        """Create a credential; Deferred ``(Credential, secret)``.
-
-        Fails with ValueError for a bad name, scope, network or rate, and with
-        L{CredentialExistsError} when the name is taken.
-        """
-        return Deferred.fromCoroutine(
-            self._add(name, tenant, domains, networks, scopes, rate, sandbox)
-        )
-
-    async def _add(
-        self,
-        name: str,
-        tenant: str,
-        domains: Iterable[str],
-        networks: Iterable[str | IPNetwork],
-        scopes: Iterable[str],
-        rate: int | str | None,
-        sandbox: bool,
-    ) -> tuple[Credential, str]:
-        check_name(name)
-        if not tenant:
-            raise ValueError("a credential needs a tenant")
-        if isinstance(rate, str):
-            rate = parse_rate(rate)
-        elif rate is not None and rate <= 0:
-            raise ValueError(f"bad rate {rate!r}: must be positive")
-        # Validate everything before paying for a hash.
-        draft = Credential(
-            name=name,
-            tenant=tenant,
-            domains=domains,
-            networks=networks,
-            scopes=scopes,
-            rate_per_minute=rate,
-            sandbox=sandbox,
-            created_at=self._clock.seconds(),
-        )
-        secret = new_secret()
-        hashed = await self._in_thread(hash_secret, secret)
-        cred = evolve(draft, secret_hash=hashed)
-
+    async def _insert(self, cred: Credential) -> None:
         def insert(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(
@@ -417,11 +476,9 @@ class SQLiteCredentialStore:
                     ),
                 )
             except sqlite3.IntegrityError:
-                raise CredentialExistsError(f"credential {name!r} already exists") from None
+                raise CredentialExistsError(f"credential {cred.name!r} already exists") from None
 
         await self._db.run(insert)
-        log.info("credential {name} added for tenant {tenant}", name=name, tenant=tenant)
-        return cred, secret
 
     def get(self, name: str) -> Deferred[Credential | None]:
         """The credential (active or revoked), or None."""
@@ -467,17 +524,7 @@ class SQLiteCredentialStore:
 
         return self._db.run(update).addCallback(logged)
 
-    def rotate(self, name: str) -> Deferred[str]:
-        """Replace the secret; Deferred new secret.  The old secret stops working at once.
-
-        Fails with L{CredentialNotFoundError} for an unknown or revoked credential.
-        """
-        return Deferred.fromCoroutine(self._rotate(name))
-
-    async def _rotate(self, name: str) -> str:
-        secret = new_secret()
-        hashed = await self._in_thread(hash_secret, secret)
-
+    async def _replace_hash(self, name: str, hashed: str) -> None:
         def update(conn: sqlite3.Connection) -> None:
             cur = conn.execute(
                 "UPDATE cred_credential SET secret_hash = ? WHERE name = ? AND revoked_at IS NULL",
@@ -487,8 +534,6 @@ class SQLiteCredentialStore:
                 raise CredentialNotFoundError(f"no active credential {name!r}")
 
         await self._db.run(update)
-        log.info("credential {name} rotated", name=name)
-        return secret
 
 
 def _in_thread(threads: IReactorThreads | None, fn: Callable[..., T], *args: Any) -> Deferred[T]:

@@ -44,6 +44,24 @@ def normalize_address(address: str) -> str:
     return text
 
 
+def page_start(
+    tenant: str | None, after: str | tuple[str, str] | None
+) -> tuple[str, str] | None:
+    """Where a listing of ``tenant``'s entries (all tenants' when None) pages on from:
+    ``after`` as a ``(tenant, lowercased address)`` pair, or None for the start.
+
+    ``after`` is the last address seen (which needs ``tenant``: ValueError without
+    it) or the last ``(tenant, address)`` pair.
+    """
+    if isinstance(after, str):
+        if tenant is None:
+            raise ValueError("an address as 'after' needs a tenant")
+        after = (tenant, after)
+    if after is None:
+        return None
+    return after[0], after[1].strip().lower()
+
+
 def _source(value: str) -> str:
     if value not in SOURCES:
         raise ValueError(f"unknown suppression source {value!r}")
@@ -156,18 +174,18 @@ class SQLiteSuppressionStore:
         """Up to ``limit`` entries in (tenant, address) order, all tenants' when
         ``tenant`` is None.  ``after`` pages on: the last address seen (with
         ``tenant``) or the last ``(tenant, address)`` pair."""
+        try:
+            start = page_start(tenant, after)
+        except ValueError:
+            return fail()
         where: builtins.list[str] = []
         params: builtins.list[Any] = []
         if tenant is not None:
             where.append("tenant = ?")
             params.append(tenant)
-        if isinstance(after, str):
-            if tenant is None:
-                return fail(ValueError("an address as 'after' needs a tenant"))
-            after = (tenant, after)
-        if after is not None:
+        if start is not None:
             where.append("(tenant, address) > (?, ?)")
-            params += [after[0], after[1].strip().lower()]
+            params += list(start)
         sql = f"SELECT {_COLUMNS} FROM supp_entry"
         if where:
             sql += " WHERE " + " AND ".join(where)

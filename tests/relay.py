@@ -9,7 +9,7 @@ import socket
 import ssl
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThread
 
@@ -89,6 +89,22 @@ def client_context(ca_path: str) -> ssl.SSLContext:
 def in_thread(fn: Any, *args: Any, **kw: Any) -> Deferred[Any]:
     """Run a blocking client in a thread so the relay (in the reactor) can answer."""
     return deferToThread(fn, *args, **kw)
+
+
+async def until(check: Any, timeout: float, what: Any) -> None:
+    """Poll ``check()`` every 0.1 s until it is true, or fail after ``timeout`` seconds.
+
+    ``check`` may return a Deferred (its result counts); ``what`` says what did not
+    happen, as a string or a callable giving one when the wait fails.
+    """
+    for _ in range(int(timeout / 0.1)):
+        result = check()
+        if hasattr(result, "addCallback"):
+            result = await result
+        if result:
+            return
+        await task.deferLater(reactor, 0.1, lambda: None)
+    raise AssertionError(f"{what() if callable(what) else what} within {timeout} s")
 
 
 def smtp_starttls(port: int, ca_path: str) -> smtplib.SMTP:

@@ -10,6 +10,10 @@ import sys
 import time
 from typing import Any
 
+from twisted.internet import reactor
+
+from sendarix.sink import SinkOptions, SinkServer, parse_fault
+
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +41,20 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"relay not listening on {port}")
+
+
+def sink_server(port: int, *faults: str) -> SinkServer:
+    """A sink (not started yet) on 127.0.0.2:``port`` (0: a free port), idling forever,
+    with ``faults`` (see sendarix.sink.parse_fault)."""
+    return SinkServer(
+        SinkOptions(
+            listen=(f"tcp:{port}:interface=127.0.0.2",),
+            hostname="sink.test",
+            idle_timeout=0,
+            faults=tuple(parse_fault(f) for f in faults),
+        ),
+        reactor,
+    )
 
 
 class RelayProcessMixin:

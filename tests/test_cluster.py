@@ -23,11 +23,11 @@ from twisted.trial.unittest import TestCase
 from sendarix.events import EventQuery
 from sendarix.redisstore.connection import connect
 from sendarix.redisstore.eventlog import RedisEventLog
-from sendarix.sink import SinkOptions, SinkServer, parse_fault
+from sendarix.sink import SinkServer
 from tests.dnsserver import start_dns
 from tests.redisserver import start_redis
-from tests.relay import in_thread
-from tests.relayproc import RelayProcessMixin, free_port
+from tests.relay import in_thread, until
+from tests.relayproc import RelayProcessMixin, free_port, sink_server
 
 DOMAIN = "cluster.test"
 
@@ -67,15 +67,6 @@ def submit(port: int, tag: str, count: int, stop: threading.Event | None = None)
     return accepted
 
 
-async def until(check: Any, timeout: float, what: Any) -> None:
-    """Poll ``check()`` every 0.1 s until true, or fail after ``timeout`` seconds."""
-    for _ in range(int(timeout / 0.1)):
-        if check():
-            return
-        await task.deferLater(reactor, 0.1, lambda: None)
-    raise AssertionError(f"{what() if callable(what) else what} within {timeout} s")
-
-
 class ClusterTests(RelayProcessMixin, TestCase):
     """Two relay processes sharing one Redis."""
 
@@ -93,13 +84,7 @@ class ClusterTests(RelayProcessMixin, TestCase):
         self.addCleanup(stop_dns)
 
     async def sink(self, port: int = 0, *faults: str) -> SinkServer:
-        server = SinkServer(
-            SinkOptions(
-                listen=(f"tcp:{port}:interface=127.0.0.2",), hostname="sink.test",
-                idle_timeout=0, faults=tuple(parse_fault(f) for f in faults),
-            ),
-            reactor,
-        )
+        server = sink_server(port, *faults)
         await server.start()
         self.addCleanup(server.stop)
         return server

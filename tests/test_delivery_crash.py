@@ -7,15 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
-from typing import Any
 
 from twisted.internet import reactor, task
 from twisted.trial.unittest import TestCase
 
-from sendarix.sink import SinkOptions, SinkServer, parse_fault
 from tests.dnsserver import start_dns
-from tests.relay import in_thread
-from tests.relayproc import RelayProcessMixin, free_port
+from tests.relay import in_thread, until
+from tests.relayproc import RelayProcessMixin, free_port, sink_server
 
 COUNT = 5
 
@@ -34,37 +32,17 @@ def _submit(port: int) -> list[str]:
     return ids
 
 
-async def _until(check: Any, timeout: float, what: str) -> None:
-    """Poll ``check()`` every 0.1 s until it is true, or fail after ``timeout``."""
-    for _ in range(int(timeout / 0.1)):
-        if check():
-            return
-        await task.deferLater(reactor, 0.1, lambda: None)
-    raise AssertionError(f"{what} within {timeout} s")
-
-
 class DeliveryCrashTests(RelayProcessMixin, TestCase):
     """A relay process killed while its deliveries are in flight."""
 
     timeout = 90
-
-    def _sink(self, port: int, *faults: str) -> SinkServer:
-        return SinkServer(
-            SinkOptions(
-                listen=(f"tcp:{port}:interface=127.0.0.2",),
-                hostname="sink.test",
-                idle_timeout=0,
-                faults=tuple(parse_fault(f) for f in faults),
-            ),
-            reactor,
-        )
 
     async def test_sigkill_mid_delivery(self) -> None:
         """Deliveries stall after the message data; the relay is SIGKILLed, the sink
         replaced by a healthy one on the same port and the relay restarted under its
         node name: all accepted messages reach the sink (its own leases taken back at
         once, not after the 5-minute lease time)."""
-        stalled = self._sink(0, "stall-data")
+        stalled = sink_server(0, "stall-data")
         await stalled.start()
         self.addCleanup(stalled.stop)
         sink_port = stalled.addresses[0][1]
@@ -90,7 +68,7 @@ class DeliveryCrashTests(RelayProcessMixin, TestCase):
 
         proc = await in_thread(self.start_relay)
         ids = await in_thread(_submit, self.port)
-        await _until(lambda: stalled.stats.connections >= 1, 15, "no delivery attempt")
+        await until(lambda: stalled.stats.connections >= 1, 15, "no delivery attempt")
         # Let the stalled session reach the end of DATA before the kill.
         await task.deferLater(reactor, 0.3, lambda: None)
         os.kill(proc.pid, signal.SIGKILL)
@@ -98,11 +76,11 @@ class DeliveryCrashTests(RelayProcessMixin, TestCase):
         self.assertEqual(stalled.stats.messages, 0)
         await stalled.stop()
 
-        healthy = self._sink(sink_port)
+        healthy = sink_server(sink_port)
         await healthy.start()
         self.addCleanup(healthy.stop)
         restarted = await in_thread(self.start_relay)
-        await _until(
+        await until(
             lambda: set(ids) <= set(healthy.stats.message_ids), 20,
             f"not all of {ids} delivered (got {healthy.stats.message_ids})",
         )

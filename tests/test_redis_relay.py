@@ -25,7 +25,7 @@ from sendarix.sink import SinkOptions, SinkServer
 from sendarix.spool.redis import RedisSpool
 from tests.dnsserver import start_dns
 from tests.redisserver import start_redis
-from tests.relay import Relay, in_thread, start_relay
+from tests.relay import Relay, in_thread, start_relay, until
 from tests.test_cli import _run, _write_config
 
 LISTENER = {
@@ -50,18 +50,6 @@ def _send(port: int, count: int, tag: str, domain: str = "example.org") -> list[
                 results.append((e.smtp_code, e.smtp_error))
                 s.rset()
     return results
-
-
-async def _until(check: Any, timeout: float, what: str) -> None:
-    """Poll ``check()`` (a Deferred-returning callable or plain) every 0.1 s."""
-    for _ in range(int(timeout / 0.1)):
-        result = check()
-        if hasattr(result, "addCallback"):
-            result = await result
-        if result:
-            return
-        await task.deferLater(reactor, 0.1, lambda: None)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 class RedisRelayTests(TestCase):
@@ -144,7 +132,7 @@ class RedisRelayTests(TestCase):
         relay = Relay(self.mktemp(), [LISTENER], spool={"url": self.url})
         await relay.start()
         delivery = relay.service.delivery
-        await _until(lambda: delivery._loop is not None, 10, "delivery loop not started")
+        await until(lambda: delivery._loop is not None, 10, "delivery loop not started")
         delivery._loop.stop()  # this test polls by hand: no timer, and no wake-up
         delivery._loop = None  # when mail is queued (wake() polls only while looping)
         (code, text), = await in_thread(_send, relay.ports["relay"], 1, "handback")
@@ -203,16 +191,16 @@ class RedisRelayTests(TestCase):
 
         self.redis_port, self.stop_redis = start_redis(self.redis_dir, port=self.redis_port)
         assert relay.stores.redis is not None
-        await _until(lambda: relay.stores.redis.connected, 20, "no reconnection")
+        await until(lambda: relay.stores.redis.connected, 20, "no reconnection")
         after = await in_thread(_send, port, 5, "after", "out.test")
         self.assertEqual([c for c, _ in after], [250] * 5)
 
         wanted = {f"<before{i}@test>" for i in range(5)} | {f"<after{i}@test>" for i in range(5)}
-        await _until(
+        await until(
             lambda: wanted <= set(sink.stats.message_ids), 30,
             f"not all delivered (got {sink.stats.message_ids})",
         )
-        await _until(lambda: relay.stores.spool.stats().addCallback(
+        await until(lambda: relay.stores.spool.stats().addCallback(
             lambda s: s.messages == 0), 10, "spool not empty")
         delivered = [m for m in sink.stats.message_ids if m in wanted]
         self.assertEqual(sorted(delivered), sorted(wanted))  # each exactly once

@@ -37,7 +37,8 @@ from twisted.logger import Logger
 log = Logger()
 
 __all__ = [
-    "RedisClient", "RedisTarget", "RedisUnavailable", "connect", "is_outage", "parse_redis_url",
+    "RedisClient", "RedisTarget", "RedisUnavailable", "connect", "hash_pairs", "is_outage",
+    "parse_redis_url",
 ]
 
 
@@ -73,6 +74,13 @@ class RedisTarget:
             hosts = ",".join(f"{h}:{p}" for h, p in self.sentinels)
             return f"sentinel {hosts} master {self.master}"
         return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}"
+
+
+def hash_pairs(reply: Any) -> list[tuple[str, str]]:
+    """An HGETALL reply (a flat list, or None for a missing key) as (field, value)
+    pairs of strings."""
+    items = [str(v) for v in reply or []]
+    return list(zip(items[::2], items[1::2], strict=True))
 
 
 def _host_port(text: str, default: int) -> tuple[str, int]:

@@ -11,26 +11,18 @@ from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Iterable
 from typing import Any
 
-from attrs import evolve
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from sendarix.credentials import (
-    DEFAULT_SCOPES,
     Credential,
     CredentialExistsError,
     CredentialNotFoundError,
-    IPNetwork,
-    _in_thread,
-    check_name,
-    hash_secret,
-    new_secret,
-    parse_rate,
+    CredentialStoreBase,
 )
 from sendarix.interfaces import ICredentialStore
 
@@ -101,7 +93,7 @@ def _credential(record: str, revoked_at: str, secret_hash: str) -> Credential:
 
 
 @implementer(ICredentialStore)
-class RedisCredentialStore:
+class RedisCredentialStore(CredentialStoreBase):
     """Credentials in Redis (see the module docstring).
 
     ``clock`` gives ``created_at``/``revoked_at``; hashing runs in ``threads`` (or the
@@ -126,49 +118,9 @@ class RedisCredentialStore:
         d: Deferred[Any] = self._redis.eval(script, [], [self._prefix, *args])
         return d
 
-    def add(
-        self,
-        name: str,
-        tenant: str,
-        domains: Iterable[str] = (),
-        networks: Iterable[str | IPNetwork] = (),
-        scopes: Iterable[str] = DEFAULT_SCOPES,
-        rate: int | str | None = None,
-        sandbox: bool = False,
-    ) -> Deferred[tuple[Credential, str]]:
-        """Create a credential; Deferred ``(Credential, secret)``.  ValueError for bad
-        values, L{CredentialExistsError} for a taken name."""
-        return Deferred.fromCoroutine(
-            self._add(name, tenant, domains, networks, scopes, rate, sandbox)
-        )
-
-    async def _add(
-        self,
-        name: str,
-        tenant: str,
-        domains: Iterable[str],
-        networks: Iterable[str | IPNetwork],
-        scopes: Iterable[str],
-        rate: int | str | None,
-        sandbox: bool,
-    ) -> tuple[Credential, str]:
-        check_name(name)
-        if not tenant:
-            raise ValueError("a credential needs a tenant")
-        if isinstance(rate, str):
-            rate = parse_rate(rate)
-        elif rate is not None and rate <= 0:
-            raise ValueError(f"bad rate {rate!r}: must be positive")
-        draft = Credential(
-            name=name, tenant=tenant, domains=domains, networks=networks, scopes=scopes,
-            rate_per_minute=rate, sandbox=sandbox, created_at=self._clock.seconds(),
-        )
-        secret = new_secret()
-        cred = evolve(draft, secret_hash=await _in_thread(self._threads, hash_secret, secret))
-        if not int(await self._run(_ADD, name, _record(cred), cred.secret_hash)):
-            raise CredentialExistsError(f"credential {name!r} already exists")
-        log.info("credential {name} added for tenant {tenant}", name=name, tenant=tenant)
-        return cred, secret
+    async def _insert(self, cred: Credential) -> None:
+        if not int(await self._run(_ADD, cred.name, _record(cred), cred.secret_hash)):
+            raise CredentialExistsError(f"credential {cred.name!r} already exists")
 
     async def _get(self, names: builtins.list[str]) -> builtins.list[Credential]:
         if not names:
@@ -210,16 +162,6 @@ class RedisCredentialStore:
 
         return d.addCallback(done)
 
-    def rotate(self, name: str) -> Deferred[str]:
-        """Replace the secret; Deferred new secret.  L{CredentialNotFoundError} for an
-        unknown or revoked credential."""
-
-        async def go() -> str:
-            secret = new_secret()
-            hashed = await _in_thread(self._threads, hash_secret, secret)
-            if not int(await self._run(_ROTATE, name, hashed)):
-                raise CredentialNotFoundError(f"no active credential {name!r}")
-            log.info("credential {name} rotated", name=name)
-            return secret
-
-        return Deferred.fromCoroutine(go())
+    async def _replace_hash(self, name: str, hashed: str) -> None:
+        if not int(await self._run(_ROTATE, name, hashed)):
+            raise CredentialNotFoundError(f"no active credential {name!r}")

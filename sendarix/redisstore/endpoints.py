@@ -22,6 +22,7 @@ from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from sendarix.redisstore.connection import hash_pairs
 from sendarix.routing.mx import Hop
 from sendarix.routing.pool import EndpointPool
 
@@ -84,8 +85,7 @@ class SharedEndpointPool(EndpointPool):
             reply = await self.redis.execute_command("HGETALL", self._key)
         finally:
             self._syncing = False
-        items = [str(v) for v in reply or []]
-        for key, value in zip(items[::2], items[1::2], strict=True):
+        for key, value in hash_pairs(reply):
             until = float(value)
             breaker = self.breakers.get(key)
             if breaker is None or until <= now:

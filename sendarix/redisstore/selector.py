@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from sendarix.egress_select import Source, TieredSelector, _name
+from sendarix.redisstore.connection import hash_pairs
 
 log = Logger()
 
@@ -48,11 +49,6 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], string.format('%.17g|%.17g', value + 1, now))
 return 1
 """
-
-
-def _pairs(reply: Any) -> list[tuple[str, str]]:
-    items = [str(v) for v in reply or []]
-    return list(zip(items[::2], items[1::2], strict=True))
 
 
 @define
@@ -107,10 +103,10 @@ class SharedTieredSelector(TieredSelector):
         finally:
             self._syncing = False
         counts = self._sent.setdefault(today, {})
-        for key, value in _pairs(sent):
+        for key, value in hash_pairs(sent):
             name, _, provider = key.partition("|")
             counts[(name, provider)] = max(counts.get((name, provider), 0), int(value))
-        for key, value in _pairs(marks):
+        for key, value in hash_pairs(marks):
             name, _, provider = key.partition("|")
             mark, _, since = value.partition("|")
             shared = float(mark) * 0.5 ** (max(0.0, now - float(since)) / self.half_life)

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
 from sendarix.interfaces import ISuppressionStore
-from sendarix.suppression import Suppression
+from sendarix.suppression import Suppression, page_start
 
 #: Version of the stored entry.
 FORMAT = 1
@@ -116,10 +116,10 @@ class RedisSuppressionStore:
     ) -> Deferred[builtins.list[Suppression]]:
         """Up to ``limit`` entries in (tenant, address) order (all tenants' when
         ``tenant`` is None), after an address of ``tenant`` or a (tenant, address)."""
-        if isinstance(after, str):
-            if tenant is None:
-                return fail(ValueError("an address as 'after' needs a tenant"))
-            after = (tenant, after)
+        try:
+            after = page_start(tenant, after)
+        except ValueError:
+            return fail()
         low = "-" if tenant is None else "[" + tenant + _SEP
         high = "+" if tenant is None else "(" + tenant + chr(1)
         if after is not None:
