@@ -805,6 +805,7 @@ class ProviderConfig:
         metadata={_PARSE: _list(_suffix, nonempty=True, single=True)}
     )
     max_connections: int = _setting(_integer(1), 10)
+    max_connections_per_source: int | None = _setting(_integer(1), None)
     messages_per_connection: int = _setting(_integer(1), 100)
     rate: str | None = _setting(_rate, None)
     tls: str = _setting(_EGRESS_TLS, "may")

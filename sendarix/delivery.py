@@ -1,23 +1,27 @@
 """The delivery agent: leases due deliveries from the spool and sends them out.
 
-Every ``poll_interval`` seconds :class:`DeliveryService` leases what is due (no more than
-its bounded window of deliveries in flight has room for), groups the leased deliveries
-by destination domain and runs each group on its own: route it (MX lookup; the
-simulator domain never leaves the process), hand up to ``max_messages_per_connection``
-messages to one egress session per hop, and try the next hop at once when a hop held
-no session (connection refused, or 421 before any transaction).  Each recipient's
-reply is classified (delivered, deferred, bounced), deferred recipients are rescheduled
-or expired by the retry schedule, and the outcome is recorded with ``ISpool.complete``,
-then reported as one event per recipient (DESIGN.md sections 3, 5, 7, 9 and 12).
+Every ``poll_interval`` seconds :class:`DeliveryService` leases what is due (no more
+than its bounded window of deliveries held has room for, leaving in the spool the mail
+of sites whose ready queue is full), groups the leased deliveries by destination domain
+and routes each group (MX lookup or smarthost pool; the simulator domain never leaves
+the process).  Routed deliveries wait in their site's ready queue
+(:mod:`sendarix.routing.ready`), their leases renewed; one drainer per site sends them,
+up to ``max_messages_per_connection`` per egress session, as the site's window,
+connection cap and rate admit, trying the next hop at once when a hop held no session
+(connection refused, or 421 before any transaction).  Each recipient's reply is
+classified (delivered, deferred, bounced), deferred recipients are rescheduled or
+expired by the retry schedule, and the outcome is recorded with ``ISpool.complete``,
+then reported as one event per recipient (DESIGN.md sections 3, 5, 6, 7, 9 and 12).
 
-Errors in one group are logged and its leases given back; they never stop the loop.
+Errors in one group or connection are logged and its leases given back; they never
+stop the loop.  A stop hands queued deliveries back to the spool at once.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import random
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -47,6 +51,7 @@ from sendarix.interfaces import (
     IEventSink,
     IFailoverStrategy,
     IRouter,
+    ISelectiveLease,
     ISpool,
     ISuppressionStore,
     IThrottle,
@@ -63,9 +68,10 @@ from sendarix.providers import ProviderTable
 from sendarix.redisstore.connection import is_outage
 from sendarix.routing.mx import Hop, RouteError
 from sendarix.routing.pool import EndpointPool, OrderedFallback
+from sendarix.routing.ready import ReadyQueues
 from sendarix.routing.rules import RouteFacts, RuleRouter, RuleTable
 from sendarix.routing.shaping import POOL_PREFIX, Shaping, SiteShape, strictest_tls
-from sendarix.routing.state import write_state
+from sendarix.routing.state import read_state, write_state
 from sendarix.schedule import RetrySchedule
 from sendarix.throttle import MemoryThrottle
 
@@ -78,8 +84,21 @@ SIMULATOR_MX = "simulator"
 #: Seconds a stopping service waits for groups in flight before it lets go.
 STOP_GRACE = 30.0
 #: The longest a connection waits for its site's rate to admit one more message;
-#: beyond it the rest of the batch is handed back to the spool for a later poll.
+#: beyond it the session ends and the rest of the batch goes back to the ready queue.
 MAX_PACE_WAIT = 2.0
+#: The longest a site's drainer sleeps at a time (so a stop is noticed soon).
+DRAIN_NAP = 1.0
+#: Messages a second one connection is counted on to carry for a paced site (a
+#: provider taking up to half a second per message): a paced site gets no more
+#: connections at once than its rate needs at this speed.
+PACED_PER_CONNECTION = 2.0
+#: Seconds of a paced site's rate that one connection takes from the ready queue.
+PACED_BATCH_SECONDS = 10.0
+#: Failed connection attempts (nothing sent) a queued delivery gets before it is
+#: handed back to the spool.
+MAX_FAILURES = 5
+#: The source name in per-source throttle keys when no [[egress.source]] is used.
+SYSTEM_SOURCE = "system"
 #: Seconds between two writes of the routing state file.
 STATE_INTERVAL = 5.0
 
@@ -96,15 +115,21 @@ class _GroupKey:
 
 @define(eq=False)
 class _Connection:
-    """What the connections of one group share."""
+    """Where the deliveries of one group go: what their connections share."""
 
     key: _GroupKey
     site: str
     shape: SiteShape
     hops: tuple[Hop, ...]
     strategy: IFailoverStrategy
-    pending: list[LeasedDelivery]
-    batches: deque[list[LeasedDelivery]]
+
+
+@frozen
+class _Ready:
+    """A leased, routed delivery waiting in its site's ready queue."""
+
+    conn: _Connection
+    delivery: LeasedDelivery
 
 
 @frozen
@@ -220,7 +245,25 @@ class DeliveryService(Service):
         self.state_file = state_file
         self._state_loop: LoopingCall | None = None
         self._loop: LoopingCall | None = None
-        self._active = 0
+        # Leased deliveries held in memory: routed ones wait in their site's ready
+        # queue; ``_leased`` is every lease held (renewed while held).
+        self.ready_queues: ReadyQueues[_Ready] = ReadyQueues(window)
+        self._routing = 0
+        self._polls = 0
+        self._leased: dict[tuple[str, str], LeasedDelivery] = {}
+        self._drainers: dict[str, Deferred[None] | None] = {}
+        self._wakeups: dict[str, Deferred[None]] = {}
+        self._renewer: LoopingCall | None = None
+        # Sites whose drainer should wait before the next connection: every egress
+        # source was at its cap, or the spool failed.
+        self._backoff: set[str] = set()
+        # Connections open (or being opened) per site by its drainer.
+        self._sessions: dict[str, int] = {}
+        # Failed connection attempts per delivery that was kept queued.
+        self._failures: dict[tuple[str, str], int] = {}
+        #: Spool traffic of the lease poll: deliveries leased, handed back unsent
+        #: (released) and kept leased until their site has room (parked).
+        self.counters = {"leased": 0, "released": 0, "parked": 0}
         self._polling: Deferred[Any] | None = None
         self._wake_missed = False
         self._running: set[Deferred[Any]] = set()
@@ -234,6 +277,7 @@ class DeliveryService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._restore_state()
         if self._ready is None:
             self._start_loop()
             return
@@ -261,6 +305,11 @@ class DeliveryService(Service):
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self.reactor
         self._loop.start(self.poll_interval, now=True)
+        self._renewer = LoopingCall(self._renew_held)
+        self._renewer.clock = self.reactor
+        self._renewer.start(self.config.spool.lease_time / 3.0, now=False).addErrback(
+            lambda f: self._failed(f, "renewing leases stopped")
+        )
         if self.state_file is not None:
             self._state_loop = LoopingCall(self._write_state)
             self._state_loop.clock = self.reactor
@@ -276,6 +325,7 @@ class DeliveryService(Service):
         sites = []
         for site, shape in sorted(self.shaping.sites.items()):
             entry = shape.describe(now)
+            entry["queued"] = self.ready_queues.queued(site)
             opened = getattr(self.throttle, "connections", None)
             if callable(opened):
                 entry["open"] = opened("conn:" + site)
@@ -296,6 +346,26 @@ class DeliveryService(Service):
             "egress": egress_state,
         }
 
+    def _restore_state(self) -> None:
+        """Take back today's warmup counts and the deprioritization marks from the
+        routing state file a previous run of this node wrote (a small local file,
+        read once at start)."""
+        # A shared (Redis) selector keeps its counts in Redis: nothing to take back.
+        if self.state_file is None or type(self.selector) is not TieredSelector:
+            return
+        state = read_state(self.state_file)
+        if state is None or state.get("node") != self.config.node.name:
+            return
+        written_at = state.get("written_at")
+        entries = state.get("egress")
+        if not isinstance(written_at, (int, float)) or not isinstance(entries, list):
+            return
+        today = datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.UTC).date()
+        taken = self.selector.restore(entries, float(written_at), today)
+        if taken:
+            log.info("took back {n} warmup counts and marks from {path}",
+                     n=taken, path=self.state_file)
+
     def _write_state(self) -> Deferred[Any]:
         assert self.state_file is not None
         d = deferToThreadPool(
@@ -314,10 +384,26 @@ class DeliveryService(Service):
         self._loop = None
         if self._state_loop is not None and self._state_loop.running:
             self._state_loop.stop()
+            # The last word, so a restart takes back today's counts and marks.
+            try:
+                write_state(self.state_file, self.routing_state())  # type: ignore[arg-type]
+            except OSError:
+                log.failure("writing the routing state at stop failed")
         self._state_loop = None
+        if self._renewer is not None and self._renewer.running:
+            self._renewer.stop()
+        self._renewer = None
+        for wakeup in list(self._wakeups.values()):
+            wakeup.callback(None)
+        # What waits in the ready queues goes back to the spool at once; what is
+        # being sent finishes (within the grace period).
+        for ready in self.ready_queues.drain_all():
+            released: Deferred[bool] = Deferred.fromCoroutine(self._release(ready.delivery))
+            self._running.add(released)
+            released.addBoth(self._forget, released)
         if not self._running and self._polling is None:
             return Deferred.fromCoroutine(_nothing())
-        done = Deferred.fromCoroutine(self._drain(self._polling))
+        done = Deferred.fromCoroutine(self._stopping(self._polling))
         out: Deferred[None] = Deferred()
         def give_up() -> None:
             if not out.called:
@@ -355,59 +441,75 @@ class DeliveryService(Service):
 
     def _tick(self) -> None:
         # Never return the Deferred: a failing poll must not stop the LoopingCall.
-        if self._polling is not None or self.window - self._active <= 0:
+        for site in self.ready_queues.sites():
+            if site not in self._drainers:
+                self._kick(site)
+        free = 0 if self._polling is not None else self.ready_queues.poll_limit(
+            self.window - self.ready_queues.total() - self._routing
+        )
+        if free <= 0:
+            # Folded into one more poll when this one ends or a delivery settles.
             self._wake_missed = True
             return
         self._wake_missed = False
-        free = self.window - self._active
         now = self.reactor.seconds()
-        d = self.spool.lease_due(
-            self.config.node.name, now, free, self.config.spool.lease_time
-        )
+        node, lease_time = self.config.node.name, self.config.spool.lease_time
+        # Mail of sites whose ready queue is full stays in the spool.
+        skip = self.ready_queues.skip_domains()
+        if skip and ISelectiveLease.providedBy(self.spool):
+            d = self.spool.lease_due_except(node, now, free, lease_time, skip)
+        else:
+            d = self.spool.lease_due(node, now, free, lease_time)
         self._polling = d
-        d.addCallback(self._dispatch)
-        d.addErrback(self._failed, "leasing due deliveries failed")
 
-        def done(_: Any) -> None:
+        def done(result: Any) -> None:
             self._polling = None
-            if self._wake_missed:
+            # A full poll (limited by one site's room) likely left more due, and
+            # wakes while it ran asked for another: go on at once.
+            full = isinstance(result, list) and len(result) > 0 and len(result) >= free
+            if self._wake_missed or (full and self.running):
                 self.wake()
 
+        d.addCallback(self._dispatched)
+        d.addErrback(self._failed, "leasing due deliveries failed")
         d.addBoth(done)
 
-    def _forget(self, result: Any, d: Deferred[Any]) -> Any:
-        self._running.discard(d)
-        return result
-
-    async def _drain(self, polling: Deferred[Any] | None) -> None:
-        """Wait for the poll in flight, then for every group, including those that
-        poll started (its Deferred has its own errback)."""
+    async def _stopping(self, polling: Deferred[Any] | None) -> None:
+        """Wait for the poll in flight, then for every group and connection, including
+        those that poll started (its Deferred has its own errback)."""
         if polling is not None:
             await polling
         running = list(self._running)
         if running:
             await DeferredList(running, consumeErrors=True)
 
+    def _dispatched(self, leased: list[LeasedDelivery]) -> list[LeasedDelivery]:
+        self._dispatch(leased)
+        return leased
+
     def _dispatch(self, leased: list[LeasedDelivery]) -> None:
         if not self.running:
             # Leased while stopping: hand them back at once, so that another node
             # takes them now rather than when the leases expire.
             for delivery in leased:
-                released: Deferred[None] = Deferred.fromCoroutine(self._release(delivery))
+                released: Deferred[bool] = Deferred.fromCoroutine(self._release(delivery))
                 self._running.add(released)
                 released.addBoth(self._forget, released)
             return
+        self.counters["leased"] += len(leased)
+        self._polls += 1
         groups: dict[_GroupKey, list[LeasedDelivery]] = {}
         for delivery in leased:
+            self._leased[delivery.queue_id, delivery.domain] = delivery
             groups.setdefault(self._group_key(delivery), []).append(delivery)
         for key, deliveries in groups.items():
-            self._active += len(deliveries)
-            d = self._groups.run(self._group, key, deliveries)
+            self._routing += len(deliveries)
+            d = self._groups.run(self._group, key, deliveries, self._polls)
             self._running.add(d)
 
             def finished(_: Any, d: Deferred[Any] = d, n: int = len(deliveries)) -> None:
                 self._running.discard(d)
-                self._active -= n
+                self._routing -= n
                 if self._wake_missed:
                     self.wake()
 
@@ -431,11 +533,17 @@ class DeliveryService(Service):
 
     # -- one group ----------------------------------------------------------------
 
-    def _group(self, key: _GroupKey, deliveries: list[LeasedDelivery]) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._run_group(key, deliveries))
+    def _group(
+        self, key: _GroupKey, deliveries: list[LeasedDelivery], poll: int
+    ) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._run_group(key, deliveries, poll))
 
-    async def _run_group(self, key: _GroupKey, deliveries: list[LeasedDelivery]) -> None:
-        """Deliver one group's leased deliveries; errors release the unfinished ones."""
+    async def _run_group(
+        self, key: _GroupKey, deliveries: list[LeasedDelivery], poll: int = 0
+    ) -> None:
+        """Route one group's leased deliveries and queue them for their site; simulated
+        ones, route errors and paused sites are settled at once.  Errors release the
+        deliveries not yet queued."""
         domain = key.domain
         pending = list(deliveries)
         try:
@@ -463,49 +571,24 @@ class DeliveryService(Service):
                 return
             site = self._site_of(rule, route.hops)
             shape = self.shaping.get(site)
-            now = self.reactor.seconds()
-            if shape.window.is_dead(now):
-                # Repeated connection failures: defer at once instead of timing out
-                # once per message (Postfix's "dead destination").
-                reply = Reply(451, "4.4.1", f"{domain}: destination not responding, suspended")
-                await self._defer_all(deliveries, pending, reply)
+            # Repeated connection failures (Postfix's "dead destination") or
+            # rate-limit refusals: defer at once instead of trying once per message.
+            paused = self._paused(domain, shape, self.reactor.seconds())
+            if paused is not None:
+                await self._defer_all(deliveries, pending, paused)
                 return
-            if shape.is_suspended(now):
-                assert shape.suspended_until is not None
-                wait = max(1, int(shape.suspended_until - now + 0.999))
-                reply = Reply(
-                    451, "4.7.0",
-                    f"{site}: paused after rate-limit replies, try again in {wait} seconds",
-                )
-                await self._defer_all(deliveries, pending, reply)
-                return
-            size = shape.messages_per_connection
-            batches: deque[list[LeasedDelivery]] = deque(
-                deliveries[i : i + size] for i in range(0, len(deliveries), size)
-            )
-            conn = _Connection(key, site, shape, route.hops, strategy, pending, batches)
-            renewer = self._renew_while_running(pending)
-            try:
-                workers = max(1, min(len(batches), shape.window.limit))
-                # Wait for every worker, even when one fails, before anything is
-                # released: the others may still be sending.
-                outcomes: list[tuple[bool, Any]] = await DeferredList(
-                    [Deferred.fromCoroutine(self._worker(conn)) for _ in range(workers)],
-                    consumeErrors=True,
-                )
-                for ok, value in outcomes:
-                    if not ok:
-                        value.raiseException()
-                # The site's window or connection cap is full, or its rate says wait:
-                # hand the rest back; the next poll leases them again.
-                for batch in batches:
-                    for delivery in batch:
-                        if delivery in pending:
-                            pending.remove(delivery)
-                            await self._release(delivery)
-            finally:
-                if renewer.running:
-                    renewer.stop()
+            conn = _Connection(key, site, shape, route.hops, strategy)
+            # Mail of a site met for the first time was leased before the poll could
+            # know its site: keep it all (within the window).
+            first = not self.ready_queues.knew(site, poll)
+            self.ready_queues.note_domain(domain, site, poll)
+            for delivery in deliveries:
+                if not self.ready_queues.offer(site, key, _Ready(conn, delivery), first):
+                    # The site holds its share already (the spool could not leave
+                    # this one out): keep the lease until the site can take it.
+                    await self._park(conn, delivery)
+                pending.remove(delivery)
+            self._kick(site)
         except Exception:
             self._failed(Failure(), "delivery to {domain} failed", domain=domain)
             for delivery in pending:
@@ -526,35 +609,234 @@ class DeliveryService(Service):
             return POOL_PREFIX + rule.pool
         return self.providers.site_for(h.host for h in hops)
 
-    async def _worker(self, conn: _Connection) -> None:
-        """Send batches of ``conn`` one connection at a time while the site's window,
-        its connection cap and its rate allow."""
-        shape = conn.shape
-        throttle_key = "conn:" + conn.site
-        while conn.batches:
+    # -- the ready queues ---------------------------------------------------------
+
+    def _kick(self, site: str) -> None:
+        """Wake ``site``'s drainer, or start one when its ready queue has none."""
+        wakeup = self._wakeups.pop(site, None)
+        if wakeup is not None and not wakeup.called:
+            wakeup.callback(None)
+        if site in self._drainers or not self.running or not self.ready_queues.queued(site):
+            return
+        # Registered before it runs: the drainer's first steps run at once and may
+        # kick the site again (a connection that ends without waiting).
+        self._drainers[site] = None
+        d = Deferred.fromCoroutine(self._drain(site))
+        d.addErrback(self._failed, "draining the ready queue of {site} failed", site=site)
+
+        def finished(_: Any) -> None:
+            self._drainers.pop(site, None)
+            self._running.discard(d)
+
+        d.addBoth(finished)
+        if not d.called:
+            self._drainers[site] = d
+            self._running.add(d)
+
+    def _nap(self, site: str, seconds: float) -> Deferred[None]:
+        """Sleep up to ``seconds`` (at most ``DRAIN_NAP``), or until ``_kick(site)``."""
+        d: Deferred[None] = Deferred()
+        self._wakeups[site] = d
+
+        def wake() -> None:
+            if not d.called:
+                d.callback(None)
+
+        timer = self.reactor.callLater(max(0.0, min(seconds, DRAIN_NAP)), wake)
+
+        def woken(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if self._wakeups.get(site) is d:
+                del self._wakeups[site]
+            return result
+
+        d.addBoth(woken)
+        return d
+
+    def _paused(self, name: str, shape: SiteShape, now: float) -> Reply | None:
+        """The deferral reply while the site is dead or paused, else None."""
+        if shape.window.is_dead(now):
+            return Reply(451, "4.4.1", f"{name}: destination not responding, suspended")
+        if shape.is_suspended(now):
+            assert shape.suspended_until is not None
+            wait = max(1, int(shape.suspended_until - now + 0.999))
+            return Reply(
+                451, "4.7.0",
+                f"{shape.site}: paused after rate-limit replies, try again in {wait} seconds",
+            )
+        return None
+
+    async def _drain(self, site: str) -> None:
+        """Send ``site``'s ready queue, one connection per batch, as the site's window,
+        connection cap and rate admit; sleep (woken when a connection ends or mail
+        arrives) while they do not."""
+        shape = self.shaping.get(site)
+        conn_key = "conn:" + site
+        while self.running and self.ready_queues.queued(site):
+            if site in self._backoff:
+                # Every source's connections to the site are open, or the spool
+                # failed: wait a while (or for a connection to end).
+                self._backoff.discard(site)
+                await self._nap(site, DRAIN_NAP)
+                continue
             now = self.reactor.seconds()
-            if not shape.window.try_acquire(now):
+            reply = self._paused(site, shape, now)
+            if reply is not None:
+                for ready in self.ready_queues.drain(site):
+                    try:
+                        await self._defer_all([ready.delivery], [ready.delivery], reply)
+                    except Exception:
+                        self._failed(Failure(), "deferring {queue_id} failed",
+                                     queue_id=ready.delivery.queue_id)
+                        await self._release(ready.delivery)
                 return
-            taken = await maybeDeferred(
-                self.throttle.acquire_connection, throttle_key, shape.max_connections, now
+            if self._sessions.get(site, 0) >= self._connections_needed(shape):
+                # A paced site's open connections already carry its rate.
+                await self._nap(site, DRAIN_NAP)
+                continue
+            if not shape.window.try_acquire(now):
+                await self._nap(site, DRAIN_NAP)
+                continue
+            taken = await self._throttled(
+                self.throttle.acquire_connection, conn_key, shape.max_connections, now
             )
             if not taken:
                 shape.window.release()
-                return
+                await self._nap(site, DRAIN_NAP)
+                continue
+            started = False
             try:
-                if not conn.batches:
-                    shape.window.release()
-                    return
-                batch = conn.batches.popleft()
-                try:
-                    go_on = await self._send_batch(conn, batch)
-                except Exception:
-                    shape.window.release()
-                    raise
+                # The first message of the connection waits for the site's rate here.
+                batch = (
+                    self.ready_queues.take(site, self._batch_size(shape))
+                    if await self._await_rate(site, shape) else []
+                )
+                if batch:
+                    self._sessions[site] = self._sessions.get(site, 0) + 1
+                    d = Deferred.fromCoroutine(self._send_taken(site, batch, conn_key))
+                    started = True
+                    self._running.add(d)
+                    d.addBoth(self._forget, d)
             finally:
-                await maybeDeferred(self.throttle.release_connection, throttle_key)
-            if not go_on:
-                return
+                if not started:
+                    shape.window.release()
+                    await self._throttled(self.throttle.release_connection, conn_key)
+
+    @staticmethod
+    def _batch_size(shape: SiteShape) -> int:
+        """Messages for one connection: for a paced site no more than its rate admits
+        in ``PACED_BATCH_SECONDS``, so what a slow site holds drains a few at a time
+        and its ready queue is topped up in between."""
+        size = shape.messages_per_connection
+        rate = shape.current_rate
+        if rate is not None:
+            size = min(size, max(1, int(rate / shape.period * PACED_BATCH_SECONDS) + 1))
+        return size
+
+    @staticmethod
+    def _connections_needed(shape: SiteShape) -> int:
+        """The most connections worth opening at once: for a paced site, what its rate
+        needs (more would only share the rate and wait); else the window's limit."""
+        rate = shape.current_rate
+        if rate is None:
+            return shape.window.limit
+        return max(1, math.ceil(rate / shape.period / PACED_PER_CONNECTION))
+
+    def _forget(self, result: Any, d: Deferred[Any]) -> Any:
+        self._running.discard(d)
+        return result
+
+    async def _await_rate(self, site: str, shape: SiteShape) -> bool:
+        """Wait until the site's rate admits one message (counted); False when the
+        service stops first."""
+        key = "rate:" + site
+        while self.running:
+            rate = shape.current_rate
+            if rate is None:
+                return True
+            wait = await self._throttled(
+                self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
+            )
+            if wait is not None and wait <= 0:
+                return True
+            await deferLater(
+                self.reactor, DRAIN_NAP if wait is None else min(wait, DRAIN_NAP), lambda: None
+            )
+        return False
+
+    async def _throttled(self, method: Callable[..., Any], *args: Any) -> Any:
+        """Call an IThrottle method; None when it fails (a shared throttle whose store
+        is unreachable): callers then wait, never count on a slot or a rate."""
+        try:
+            return await maybeDeferred(method, *args)
+        except Exception as e:
+            if self.running:
+                log.warn("throttle {method} failed: {error}", method=method.__name__, error=e)
+            return None
+
+    async def _send_taken(self, site: str, batch: list[_Ready], conn_key: str) -> None:
+        """Send a batch taken from ``site``'s queue over one connection (slots held);
+        what the session could not send goes back to the queue."""
+        conn = batch[0].conn
+        deliveries = [r.delivery for r in batch]
+        pending = list(deliveries)
+        back: list[LeasedDelivery] = []
+        attempted: list[LeasedDelivery] = []
+        try:
+            await self._send_batch(conn, deliveries, pending, back, attempted)
+        except Exception:
+            conn.shape.window.release()
+            self._failed(Failure(), "delivery to {domain} failed", domain=conn.key.domain)
+            for delivery in pending:
+                key = (delivery.queue_id, delivery.domain)
+                tries = self._failures[key] = self._failures.get(key, 0) + 1
+                if self.running and delivery not in attempted and tries <= MAX_FAILURES:
+                    # Nothing was sent (the spool is down, say): keep it queued, still
+                    # leased and renewed, and try again after a pause.
+                    back.append(delivery)
+                    self._backoff.add(site)
+                else:
+                    # What may have been sent is never retried early (its lease
+                    # expires first); a delivery failing again and again goes back.
+                    self._failures.pop(key, None)
+                    await self._release(delivery)
+            pending.clear()
+        finally:
+            self._sessions[site] -= 1
+            if not self._sessions[site]:
+                del self._sessions[site]
+            await self._throttled(self.throttle.release_connection, conn_key)
+            keep = [r for r in batch if r.delivery in back]
+            if self.running:
+                self.ready_queues.put_back(site, conn.key, keep)
+                self.ready_queues.done(site, len(batch) - len(keep))
+                self._kick(site)
+                if self._wake_missed:
+                    self.wake()
+            else:
+                # Stopping: the ready queues were handed back already; so is this.
+                self.ready_queues.done(site, len(batch))
+                for ready in keep:
+                    await self._release(ready.delivery)
+
+    async def _park(self, conn: _Connection, delivery: LeasedDelivery) -> None:
+        """Keep ``delivery``'s lease, out of memory, until about when its site can take
+        it (its lease then expires and a later poll leases it again)."""
+        site, shape = conn.site, conn.shape
+        rate = shape.current_rate
+        interval = shape.period / rate if rate else 0.0
+        until = self.ready_queues.park_until(site, self.reactor.seconds(), interval)
+        try:
+            await self.spool.renew(delivery.queue_id, delivery.domain, self.config.node.name, until)
+        except Exception:
+            # The spool is down: its lease would run its whole time out; keep it in
+            # memory (the poll took it within the window) and send it in its turn.
+            self._failed(Failure(), "parking {queue_id} failed", queue_id=delivery.queue_id)
+            self.ready_queues.offer(site, conn.key, _Ready(conn, delivery), force=True)
+            return
+        self._leased.pop((delivery.queue_id, delivery.domain), None)
+        self.counters["parked"] += 1
 
     async def _admit(self, conn: _Connection) -> bool:
         """Ask the site's rate to admit one message (counted when admitted), waiting
@@ -564,16 +846,16 @@ class DeliveryService(Service):
         if rate is None:
             return True
         key = "rate:" + conn.site
-        wait = await maybeDeferred(
+        wait = await self._throttled(
             self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
         )
-        while 0 < wait <= MAX_PACE_WAIT:
+        while wait is not None and 0 < wait <= MAX_PACE_WAIT:
             await deferLater(self.reactor, wait, lambda: None)
             rate = shape.current_rate or rate
-            wait = await maybeDeferred(
+            wait = await self._throttled(
                 self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
             )
-        return wait <= 0
+        return wait is not None and wait <= 0
 
     def _pacer(self, conn: _Connection) -> Callable[[], Deferred[bool]] | None:
         """The per-message ``pace`` callback of one session: the first message was
@@ -590,19 +872,35 @@ class DeliveryService(Service):
 
         return pace
 
-    async def _send_batch(self, conn: _Connection, batch: list[LeasedDelivery]) -> bool:
-        """One session (per hop tried) for one batch; each delivery leaves ``pending``
-        once it is settled.  The caller holds a window slot, which this settles.  False
-        when the worker should stop (rate or warmup exhausted)."""
+    async def _send_batch(
+        self,
+        conn: _Connection,
+        batch: list[LeasedDelivery],
+        pending: list[LeasedDelivery],
+        back: list[LeasedDelivery],
+        attempted: list[LeasedDelivery],
+    ) -> None:
+        """One session (per hop tried) for one batch whose first message the site's
+        rate has admitted; each delivery leaves ``pending`` once it is settled or
+        moved to ``back`` (not sent: warmup cap or rate); ``attempted`` lists those
+        handed to a session.  The caller holds a window slot, which this settles."""
         shape = conn.shape
-        pending = conn.pending
         window = shape.window
         now = self.reactor.seconds()
         today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
-        # Where it leaves from: a source of the egress pool, within its warmup cap.
+        # Where it leaves from: a source of the egress pool, within its warmup cap and
+        # with a connection to the site free.
         source: EgressSourceConfig | None = None
+        slot: str | None = None
         if self.selector is not None and conn.key.egress_pool is not None:
-            source = self.selector.choose(conn.key.egress_pool, conn.site, now, today)
+            source, slot, capped = await self._choose_source(conn, now, today)
+            if capped:
+                window.release()
+                for delivery in batch:
+                    pending.remove(delivery)
+                    back.append(delivery)
+                self._backoff.add(conn.site)
+                return
             if source is None:
                 window.release()
                 # Warmup budgets renew at midnight UTC: come back then.
@@ -616,16 +914,69 @@ class DeliveryService(Service):
                     f"try again in {max(1, int(midnight - now + 1))} seconds",
                 )
                 await self._defer_all(batch, pending, reply)
-                return True
+                return
             left = self.selector.remaining(source, conn.site, today)
             if left is not None and left < len(batch):
-                conn.batches.appendleft(batch[left:])
+                for delivery in batch[left:]:
+                    pending.remove(delivery)
+                    back.append(delivery)
                 batch = batch[:left]
-        if not await self._admit(conn):
-            # The site's rate says wait longer than we hold a connection slot for.
-            conn.batches.appendleft(batch)
-            window.release()
-            return False
+        elif shape.max_connections_per_source is not None:
+            slot = f"conn:{SYSTEM_SOURCE}|{conn.site}"
+            if not await self._throttled(
+                self.throttle.acquire_connection, slot, shape.max_connections_per_source, now
+            ):
+                window.release()
+                for delivery in batch:
+                    pending.remove(delivery)
+                    back.append(delivery)
+                self._backoff.add(conn.site)
+                return
+        try:
+            await self._send_from(conn, batch, pending, back, attempted, source, now, today)
+        finally:
+            if slot is not None:
+                await self._throttled(self.throttle.release_connection, slot)
+
+    async def _choose_source(
+        self, conn: _Connection, now: float, today: datetime.date
+    ) -> tuple[EgressSourceConfig | None, str | None, bool]:
+        """The egress source for one connection of ``conn`` and the throttle key of the
+        per-source connection slot taken for it (None: the site sets no per-source
+        cap), or (None, None, False) when no source has warmup budget left, or
+        (None, None, True) when every source tried has its connections open."""
+        assert self.selector is not None and conn.key.egress_pool is not None
+        cap = conn.shape.max_connections_per_source
+        tried: set[str] = set()
+        for _ in range(2 * len(self.config.egress_sources) + 1):
+            source = self.selector.choose(conn.key.egress_pool, conn.site, now, today)
+            if source is None:
+                return None, None, False
+            if cap is None:
+                return source, None, False
+            if source.name in tried:
+                continue
+            tried.add(source.name)
+            slot = f"conn:{source.name}|{conn.site}"
+            if await self._throttled(self.throttle.acquire_connection, slot, cap, now):
+                return source, slot, False
+        return None, None, True
+
+    async def _send_from(
+        self,
+        conn: _Connection,
+        batch: list[LeasedDelivery],
+        pending: list[LeasedDelivery],
+        back: list[LeasedDelivery],
+        attempted: list[LeasedDelivery],
+        source: EgressSourceConfig | None,
+        now: float,
+        today: datetime.date,
+    ) -> None:
+        """The session of :meth:`_send_batch`, from ``source`` (None: the system's
+        address)."""
+        shape = conn.shape
+        window = shape.window
         messages: list[egress.OutboundMessage] = []
         sending: list[LeasedDelivery] = []
         # All bodies at once: the reads share one database round trip.
@@ -652,15 +1003,28 @@ class DeliveryService(Service):
             sending.append(delivery)
         if not sending:
             window.release()
-            return True
+            return
         hops = conn.strategy.order(conn.hops, now)
+        if source is not None and hops:
+            # A source reaches hops of its own address family only.
+            v6 = egress.is_ipv6(source.address)
+            hops = tuple(h for h in hops if egress.is_ipv6(h.address) == v6)
+            if not hops:
+                window.release()
+                reply = Reply(
+                    451, "4.4.1",
+                    f"{conn.site}: no {'IPv6' if v6 else 'IPv4'} address to send to from "
+                    f"egress source {source.name} ({source.address})",
+                )
+                await self._defer_all(sending, pending, reply)
+                return
         if not hops:
             window.release()
             reply = Reply(
                 451, "4.4.1", f"{conn.site}: every endpoint is resting after failures"
             )
             await self._defer_all(sending, pending, reply)
-            return True
+            return
         if source is not None:
             # Counted before sending, so concurrent connections never overshoot a cap.
             for _ in sending:
@@ -669,6 +1033,7 @@ class DeliveryService(Service):
         result: egress.SessionResult | None = None
         hop: Hop | None = None
         refused_421 = True
+        attempted.extend(sending)
         for hop in hops:
             result = await egress.deliver(
                 self.reactor,
@@ -704,14 +1069,12 @@ class DeliveryService(Service):
         assert result is not None and hop is not None  # a Route without error has hops
         self._learn(conn, source, result, refused_421)
         by_id = {m.queue_id: m for m in result.results}
-        go_on = True
         settling: list[LeasedDelivery] = []
         for delivery in sending:
             if delivery.queue_id in result.unsent:
-                # Held back by the site's rate: the next poll leases it again.
+                # Held back by the site's rate: back to the ready queue.
                 pending.remove(delivery)
-                await self._release(delivery)
-                go_on = False
+                back.append(delivery)
                 continue
             settling.append(delivery)
 
@@ -737,7 +1100,6 @@ class DeliveryService(Service):
         await gatherResults(
             [Deferred.fromCoroutine(settle(d)) for d in settling], consumeErrors=True
         )
-        return go_on
 
     def _learn(
         self,
@@ -783,9 +1145,12 @@ class DeliveryService(Service):
                 source=source.name, address=source.address, site=site,
             )
 
-    async def _release(self, delivery: LeasedDelivery) -> None:
-        # A release that fails (the spool is down) is retried while the lease lasts:
-        # given up at once, the delivery would wait for its lease to expire.
+    async def _release(self, delivery: LeasedDelivery) -> bool:
+        """Give ``delivery``'s lease back (no longer renewed).  A release that fails
+        (the spool is down) is retried while the lease lasts: given up at once, the
+        delivery would wait for its lease to expire.  False when it was given up."""
+        self._leased.pop((delivery.queue_id, delivery.domain), None)
+        self._failures.pop((delivery.queue_id, delivery.domain), None)
         deadline = self.reactor.seconds() + self.config.spool.lease_time
         delay = 0.5
         while True:
@@ -793,35 +1158,29 @@ class DeliveryService(Service):
                 await self.spool.release(
                     delivery.queue_id, delivery.domain, self.config.node.name
                 )
-                return
+                self.counters["released"] += 1
+                return True
             except Exception:
                 if not self.running or self.reactor.seconds() + delay >= deadline:
                     self._failed(
                         Failure(), "releasing {queue_id} failed", queue_id=delivery.queue_id
                     )
-                    return
+                    return False
             await deferLater(self.reactor, delay, lambda: None)
             delay = min(delay * 2, 10.0)
 
-    def _renew_while_running(self, pending: list[LeasedDelivery]) -> LoopingCall:
-        """Renew the leases of ``pending`` deliveries every third of the lease time, so
-        a long delivery is not taken over by another node."""
-        lease_time = self.config.spool.lease_time
+    def _renew_held(self) -> Deferred[Any]:
+        """Renew the lease of every delivery held in memory (routing, queued or being
+        sent), every third of the lease time, so no other node takes it over."""
+        expires = self.reactor.seconds() + self.config.spool.lease_time
         node = self.config.node.name
-
-        def renew() -> Deferred[Any]:
-            expires = self.reactor.seconds() + lease_time
-            return DeferredList(
-                [self.spool.renew(d.queue_id, d.domain, node, expires) for d in list(pending)],
-                consumeErrors=True,
-            )
-
-        loop = LoopingCall(renew)
-        loop.clock = self.reactor
-        loop.start(lease_time / 3.0, now=False).addErrback(
-            lambda f: self._failed(f, "renewing leases failed")
+        return DeferredList(
+            [
+                maybeDeferred(self.spool.renew, d.queue_id, d.domain, node, expires)
+                for d in list(self._leased.values())
+            ],
+            consumeErrors=True,
         )
-        return loop
 
     async def _simulate(self, delivery: LeasedDelivery) -> None:
         attempts: list[_Attempt] = []
@@ -883,6 +1242,8 @@ class DeliveryService(Service):
         await self.spool.complete(
             delivery.queue_id, delivery.domain, self.config.node.name, outcomes, now
         )
+        self._leased.pop((delivery.queue_id, delivery.domain), None)
+        self._failures.pop((delivery.queue_id, delivery.domain), None)
         for kind, a, cl in reports:
             await self._emit(kind, delivery, a, cl)
             if kind in ("bounced", "expired") and self._suppresses(delivery.meta.tenant):

@@ -27,7 +27,7 @@ from typing import Any
 from attrs import define, field, frozen
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -43,8 +43,10 @@ __all__ = [
     "OutboundMessage",
     "RecipientReply",
     "SessionResult",
+    "client_endpoint",
     "deliver",
     "dot_stuff",
+    "is_ipv6",
 ]
 
 TLS_POLICIES = ("may", "encrypt", "verify")
@@ -578,6 +580,24 @@ async def _quit(conn: _SMTPConnection) -> None:
             killer.cancel()
 
 
+def is_ipv6(address: str) -> bool:
+    """True for an IPv6 address literal (it has a colon; IPv4 ones never do)."""
+    return ":" in address
+
+
+def client_endpoint(
+    reactor: Any, host: str, port: int, timeout: float, bind_address: str | None = None
+) -> TCP4ClientEndpoint | TCP6ClientEndpoint:
+    """The TCP client endpoint to ``host`` (an IPv4 or IPv6 address), bound to
+    ``bind_address`` when given; a ValueError when the two are of different families."""
+    bind = (bind_address, 0) if bind_address else None
+    if bind_address and is_ipv6(bind_address) != is_ipv6(host):
+        raise ValueError(f"source {bind_address} cannot reach {host}: other address family")
+    if is_ipv6(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
+    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
+
+
 def deliver(
     reactor: Any,
     host: str,
@@ -595,7 +615,8 @@ def deliver(
     greeting_timeout: float | None = None,
     pace: Callable[[], Awaitable[bool]] | None = None,
 ) -> Deferred[SessionResult]:
-    """Send ``messages`` over one SMTP session to ``host``:``port`` (an IPv4 address).
+    """Send ``messages`` over one SMTP session to ``host``:``port`` (an IPv4 or IPv6
+    address; ``bind_address``, the source, must be of the same family).
 
     ``tls`` is the policy: ``"may"`` uses STARTTLS when offered, ``"encrypt"`` requires
     it, ``"verify"`` requires it with the certificate verified for ``tls_hostname``
@@ -614,15 +635,9 @@ def deliver(
     opts = _Options(helo, tls, tls_hostname or host, trust_root, host, auth, pace)
 
     async def run() -> SessionResult:
-        endpoint = TCP4ClientEndpoint(
-            reactor,
-            host,
-            port,
-            timeout=connect_timeout,
-            bindAddress=(bind_address, 0) if bind_address else None,
-        )
         conn = _SMTPConnection(reactor, command_timeout, greeting_timeout)
         try:
+            endpoint = client_endpoint(reactor, host, port, connect_timeout, bind_address)
             await connectProtocol(endpoint, conn)
         except Exception as e:
             why = str(e).strip() or type(e).__name__

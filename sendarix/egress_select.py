@@ -18,6 +18,8 @@ the configured ``[[egress.source]]`` entries:
 
 Warmup counts come from :meth:`TieredSelector.record_send`, called once per message
 actually sent; callers that choose for several messages at once must record each.
+:meth:`TieredSelector.snapshot` and :meth:`TieredSelector.restore` carry today's counts
+and the marks across a restart (through the routing state file).
 """
 
 from __future__ import annotations
@@ -144,6 +146,38 @@ class TieredSelector:
                 "penalties": {k: v for k, v in penalties.items() if v > 0},
             })
         return out
+
+    def restore(
+        self, entries: list[dict[str, object]], written_at: float, today: datetime.date
+    ) -> int:
+        """Take back today's sends and the marks from a :meth:`snapshot` written at
+        ``written_at`` (a node restarting): counts of another day are ignored, marks
+        go on decaying from ``written_at``.  Sources no longer configured are skipped;
+        a count or mark already higher here is kept.  Returns the entries taken."""
+        known = {source.name for source in self.sources}
+        same_day = datetime.datetime.fromtimestamp(written_at, datetime.UTC).date() == today
+        taken = 0
+        for entry in entries:
+            name = entry.get("name")
+            if name not in known or not isinstance(name, str):
+                continue
+            sent = entry.get("sent_today")
+            if same_day and isinstance(sent, dict):
+                counts = self._sent.setdefault(today, {})
+                for provider, n in sent.items():
+                    if isinstance(n, int) and n > counts.get((name, provider), 0):
+                        counts[(name, provider)] = n
+                        taken += 1
+            penalties = entry.get("penalties")
+            if isinstance(penalties, dict):
+                for provider, value in penalties.items():
+                    if not isinstance(value, (int, float)) or value <= 0:
+                        continue
+                    key = (name, provider)
+                    if float(value) > self._decayed(key, written_at):
+                        self._penalties[key] = (float(value), written_at)
+                        taken += 1
+        return taken
 
     def _has_budget(self, source: Source, provider: str, today: datetime.date) -> bool:
         left = self.remaining(source, provider, today)

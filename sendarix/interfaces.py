@@ -253,6 +253,16 @@ class IRouter(Interface):
         """
 
 
+class ISelectiveLease(Interface):
+    """A spool that can lease due deliveries while leaving some domains alone (the
+    delivery agent skips the domains of sites whose ready queue is full)."""
+
+    def lease_due_except(  # noqa: N805
+        node: str, now: float, limit: int, lease_for: float, skip_domains: Sequence[str]
+    ) -> Deferred[list[LeasedDelivery]]:
+        """As L{ISpool.lease_due}, never leasing a delivery to one of ``skip_domains``."""
+
+
 class IThrottle(Interface):
     """Shared pacing state for outbound delivery: connection counts and GCRA rates,
     keyed by a shaping key (a provider name, an MX site, ``source|provider``...).

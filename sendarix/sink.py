@@ -342,7 +342,8 @@ class ReceivedMessage:
 
 @define
 class SinkStats:
-    """Counters of one sink; ``max_concurrent`` is the most connections open at once."""
+    """Counters of one sink; ``max_concurrent`` is the most connections open at once,
+    ``max_concurrent_by_peer`` the same per client address."""
 
     connections: int = 0
     active: int = 0
@@ -353,6 +354,8 @@ class SinkStats:
     rejected_recipients: int = 0
     rejected_messages: int = 0
     message_ids: list[str] = field(factory=list)
+    active_by_peer: dict[str, int] = field(factory=dict)
+    max_concurrent_by_peer: dict[str, int] = field(factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The counters as a JSON-able dict (the stats file's content)."""
@@ -366,6 +369,7 @@ class SinkStats:
             "rejected_recipients": self.rejected_recipients,
             "rejected_messages": self.rejected_messages,
             "message_ids": list(self.message_ids),
+            "max_concurrent_by_peer": dict(self.max_concurrent_by_peer),
         }
 
 
@@ -509,6 +513,11 @@ class SinkProtocol(Protocol, TimeoutMixin):
         if self._mode is not _Mode.STALLED:
             self._send(f"421 4.4.2 {self.factory.hostname} Idle timeout, closing connection")
         self._close()
+
+    @property
+    def peer_address(self) -> str:
+        """The client's IP address (empty before the connection is made)."""
+        return self._peer
 
     def abort(self) -> None:
         """Drop the connection at once (used when the server stops)."""
@@ -1047,12 +1056,21 @@ class SinkFactory(ServerFactory):
         s.connections += 1
         s.active += 1
         s.max_concurrent = max(s.max_concurrent, s.active)
+        peer = proto.peer_address
+        s.active_by_peer[peer] = n = s.active_by_peer.get(peer, 0) + 1
+        s.max_concurrent_by_peer[peer] = max(s.max_concurrent_by_peer.get(peer, 0), n)
         self._changed()
 
     def connection_lost(self, proto: SinkProtocol) -> None:
         if proto in self._protocols:
             self._protocols.discard(proto)
             self.stats.active -= 1
+            peer = proto.peer_address
+            left = self.stats.active_by_peer.get(peer, 0) - 1
+            if left > 0:
+                self.stats.active_by_peer[peer] = left
+            else:
+                self.stats.active_by_peer.pop(peer, None)
             self._changed()
         for d in self._lost.pop(proto, []):
             d.callback(None)

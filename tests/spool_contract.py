@@ -20,12 +20,13 @@ Behaviour pinned here beyond the interface docstrings:
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from unittest import SkipTest
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from sendarix.interfaces import ISpool
+from sendarix.interfaces import ISelectiveLease, ISpool
 from sendarix.model import (
     Envelope,
     LeasedDelivery,
@@ -255,6 +256,21 @@ class SpoolContractMixin(_Base):
             self.assertEqual(delivery.meta, message.meta)
             self.assertEqual((delivery.lease.node, delivery.lease.expires), ("node-1", T0 + 305))
             self.assertTrue(all(r.status is PENDING for r in delivery.recipients))
+
+    async def test_lease_due_except(self) -> None:
+        """lease_due_except leaves deliveries to the skipped domains (any case) in the
+        spool, due as before, and leases the others oldest first."""
+        spool: Any = await self.started()
+        if not ISelectiveLease.providedBy(spool):
+            raise SkipTest("this spool cannot leave domains out of a lease")
+        verifyObject(ISelectiveLease, spool)
+        slow = [await self.enqueued(spool, recipients=(f"u{i}@slow.example",),
+                                    received_at=T0 + i) for i in range(3)]
+        other = await self.enqueued(spool, recipients=("x@other.example",), received_at=T0 + 5)
+        leased = await spool.lease_due_except("n1", T0 + 10, 10, 60, ["SLOW.example"])
+        self.assertEqual([d.queue_id for d in leased], [other.queue_id])
+        rest = await spool.lease_due("n1", T0 + 10, 10, 60)
+        self.assertEqual([d.queue_id for d in rest], [m.queue_id for m in slow])
 
     async def test_not_due_before_received(self) -> None:
         """A delivery is due from the time its message was received, not before."""

@@ -488,6 +488,8 @@ class ErrorTests(SynchronousTestCase):
             ('[provider.gmail]\nmx_suffixes = ["google.com"]\nrate = "fast"\n',
              "provider.gmail.rate", "600/min"),
             ("[provider.gmail]\nmax_connections = 3\n", "provider.gmail.mx_suffixes", "required"),
+            ('[provider.gmail]\nmx_suffixes = ["google.com"]\nmax_connections_per_source = 0\n',
+             "provider.gmail.max_connections_per_source", "at least 1"),
             ('[[egress.source]]\nname = "a"\naddress = "300.1.1.1"\n',
              "egress.source[0].address", "IPv4 or IPv6"),
             ('[[egress.source]]\nname = "a"\naddress = "192.0.2.1"\ntier = 0\n',

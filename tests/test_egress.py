@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
+from unittest import SkipTest
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from sendarix.egress import OutboundMessage, SessionResult, deliver, dot_stuff
+from sendarix.egress import (
+    OutboundMessage,
+    SessionResult,
+    client_endpoint,
+    deliver,
+    dot_stuff,
+)
 from sendarix.sink import SinkOptions, SinkServer, parse_fault
 from tests.tlsca import TestCA
 
@@ -288,3 +300,52 @@ class RoutingHooksTests(TestCase):
         result = await self.send(server, [msg("a")], auth=("relay", "pw"))
         self.assertEqual(self.codes(result), [[(451, "4.7.0")]])
         self.assertEqual(server.stats.messages, 0)
+
+
+def ipv6_loopback_missing() -> str | None:
+    """Why IPv6 over ::1 cannot be tested here, or None when it can."""
+    if not socket.has_ipv6:
+        return "this Python has no IPv6 support (socket.has_ipv6 is false)"
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError as e:
+        return f"cannot bind the IPv6 loopback address ::1 here: {e}"
+    return None
+
+
+class IPv6Tests(TestCase):
+    """Sessions over IPv6, and the address-family check of the source."""
+
+    timeout = 20
+
+    async def test_delivers_over_ipv6(self) -> None:
+        """A session to ::1 from source ::1 delivers; both ends are reported."""
+        missing = ipv6_loopback_missing()
+        if missing:
+            raise SkipTest(missing)
+        server = SinkServer(
+            SinkOptions(listen=("tcp6:0:interface=\\:\\:1",), hostname="sink6.test"), _reactor
+        )
+        await server.start()
+        self.addCleanup(server.stop)
+        host, port = server.addresses[0]
+        self.assertEqual(host, "::1")
+        result = await deliver(_reactor, "::1", port, [msg("q6")], helo="relay.test",
+                               bind_address="::1")
+        self.assertIsNone(result.connect_error)
+        self.assertEqual(result.results[0].recipients[0].reply.code, 250)
+        self.assertEqual((result.mx_ip, result.source_ip), ("::1", "::1"))
+        self.assertEqual(server.messages[0].peer, "::1")
+
+    async def test_family_mismatch(self) -> None:
+        """An IPv6 source cannot reach an IPv4 host: a connect error says so and no
+        connection is tried."""
+        result = await deliver(_reactor, "127.0.0.1", 9, [msg("q")], helo="relay.test",
+                               bind_address="::1")
+        assert result.connect_error is not None
+        self.assertEqual(result.connect_error.code, 421)
+        self.assertIn("other address family", result.connect_error.text)
+        self.assertRaises(ValueError, client_endpoint, _reactor, "::1", 25, 5.0, "127.0.0.1")
+        self.assertIsInstance(client_endpoint(_reactor, "::1", 25, 5.0), TCP6ClientEndpoint)
+        self.assertIsInstance(client_endpoint(_reactor, "127.0.0.1", 25, 5.0), TCP4ClientEndpoint)

@@ -128,6 +128,27 @@ class TieredSelectorTests(SynchronousTestCase):
         sel.penalize("bb", "gmail", 0.0)
         self.assertEqual(_tally(sel, 20, 0.0, DAY0), Counter({"bb": 20}))
 
+    def test_restore_after_restart(self) -> None:
+        """A new selector restored from a snapshot keeps today's counts (so the warmup
+        cap still holds) and the marks, decaying from when the snapshot was written;
+        counts of another day and unknown sources are ignored."""
+        day = DAY0 + datetime.timedelta(days=1)
+        now = datetime.datetime.combine(day, datetime.time(12), datetime.UTC).timestamp()
+        first = TieredSelector((_src("warm", daily=(5, 5)), _src("b")), half_life=3600.0)
+        for _ in range(5):
+            first.record_send("warm", "gmail", day)
+        first.penalize("b", "gmail", now)
+        snapshot = first.snapshot(now, day)
+        snapshot.append({"name": "gone", "sent_today": {"gmail": 9}})
+        second = TieredSelector((_src("warm", daily=(5, 5)), _src("b")), half_life=3600.0)
+        self.assertEqual(second.restore(snapshot, now, day), 2)
+        self.assertEqual(second.remaining(_src("warm", daily=(5, 5)), "gmail", day), 0)
+        self.assertAlmostEqual(second.penalty("b", "gmail", now + 3600.0), 0.5)
+        # Written yesterday: the counts are yesterday's, the warmup budget is whole.
+        third = TieredSelector((_src("warm", daily=(5, 5)), _src("b")))
+        third.restore(snapshot, now, day + datetime.timedelta(days=1))
+        self.assertEqual(third.sent("warm", "gmail", day + datetime.timedelta(days=1)), 0)
+
     def test_duplicate_names(self) -> None:
         """Source names must be unique."""
         self.assertRaises(ValueError, TieredSelector, (_src("a"), _src("a")))

@@ -8,8 +8,10 @@ import os
 import smtplib
 import time
 from typing import Any
+from unittest import SkipTest
 
 from twisted.internet import reactor
+from twisted.internet.defer import FirstError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.trial import unittest
@@ -21,8 +23,9 @@ from sendarix.interfaces import IThrottle
 from sendarix.sink import SinkOptions, SinkServer, parse_fault
 from sendarix.throttle import MemoryThrottle
 from tests.dnsserver import start_dns
-from tests.relay import in_thread, start_relay
+from tests.relay import Relay, in_thread, start_relay
 from tests.test_delivery import BODY, RELAY_LISTENER, submit, wait_event
+from tests.test_egress import ipv6_loopback_missing
 from tests.tlsca import TestCA
 
 SENDER = "app@example.com"
@@ -244,6 +247,241 @@ class ProviderShapingTests(unittest.TestCase):
         self.assertGreaterEqual(spread, 2.9 - 0.05)
 
 
+class ReadyQueueTests(unittest.TestCase):
+    """A slow provider's backlog waits in its ready queue, not in lease churn."""
+
+    async def test_backlog_paced_without_churn(self) -> None:
+        """300 messages to a provider paced at 30/s and 5 to one paced at 25/min (a
+        message every 2.4 s) all arrive at their pace, over no more connections at once
+        than the rates need, while the relay hands nothing back to the spool; mail to
+        another site submitted after the backlog is not held up behind it."""
+        sink = await start_sink(self, "127.0.0.2")
+        port = sink.addresses[0][1]
+        other = await start_sink(self, "127.0.0.3", port)
+        slow = await start_sink(self, "127.0.0.4", port)
+        dns_port, stop_dns = start_dns({
+            "paced.test": {"MX": [(10, "mx.paced.test")]},
+            "mx.paced.test": {"A": ["127.0.0.2"]},
+            "other.test": {"MX": [(10, "mx.other.test")]},
+            "mx.other.test": {"A": ["127.0.0.3"]},
+            "slow.test": {"MX": [(10, "mx.slow.test")]},
+            "mx.slow.test": {"A": ["127.0.0.4"]},
+        })
+        self.addCleanup(stop_dns)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            delivery={"mx_port": port},
+            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={
+                "paced": {"mx_suffixes": ["paced.test"], "rate": "30/s"},
+                "slow": {"mx_suffixes": ["slow.test"], "rate": "25/min"},
+            },
+        )
+        delivery = relay.service.delivery
+        body = b"Subject: backlog\r\n\r\nx\r\n"
+        await in_thread(
+            submit_many, relay.ports["relay"], [f"s{n}@slow.test" for n in range(5)], body
+        )
+        await in_thread(
+            submit_many, relay.ports["relay"], [f"user{n}@paced.test" for n in range(300)], body
+        )
+        await in_thread(
+            submit_many, relay.ports["relay"], [f"o{n}@other.test" for n in range(5)], body
+        )
+        others = await other.wait_for(5, timeout=30)
+        messages = await sink.wait_for(300, timeout=60)
+        slow_arrivals = sorted(m.received_at for m in await slow.wait_for(5, timeout=30))
+        arrivals = sorted(m.received_at for m in messages)
+        log.info("backlog: {counters}, spread {spread:.2f} s", counters=delivery.counters,
+                 spread=arrivals[-1] - arrivals[0])
+        self.assertGreaterEqual(arrivals[-1] - arrivals[0], 299 / 30 - 0.05)
+        self.assertGreaterEqual(slow_arrivals[-1] - slow_arrivals[0], 4 * 2.4 - 0.05)
+        # A slow paced site gets the one connection its rate needs, not its window.
+        self.assertEqual(slow.stats.max_concurrent, 1)
+        # Before ready queues, mail the rate could not admit within 2 s went back to
+        # the spool and was leased again at the next poll: the slow site alone caused
+        # dozens of leases and releases (measured: 45 releases for 11 deliveries).
+        self.assertEqual(delivery.counters["released"], 0)
+        self.assertLessEqual(delivery.counters["parked"], 10)
+        self.assertLessEqual(delivery.counters["leased"], 310 + 10)
+        # The other site's mail did not wait for the backlog.
+        last_other = max(m.received_at for m in others)
+        self.assertGreaterEqual(sum(1 for t in arrivals if t > last_other), 10)
+
+
+class ReadyQueueLeaseTests(unittest.TestCase):
+    """Deliveries waiting in a ready queue keep their leases, and go back at stop."""
+
+    async def test_leases_renewed_then_released_at_stop(self) -> None:
+        """Mail for a provider paced at 1/min waits in the ready queue past its 3 s
+        lease, still leased to this node (renewed); when the node stops it is handed
+        back at once, so another node can lease it."""
+        sink = await start_sink(self, "127.0.0.2")
+        dns_port, stop_dns = start_dns({
+            "slow.test": {"MX": [(10, "mx.slow.test")]}, "mx.slow.test": {"A": ["127.0.0.2"]},
+        })
+        self.addCleanup(stop_dns)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            spool={"url": "sqlite:var/spool.db", "lease_time": "3s"},
+            delivery={"mx_port": sink.addresses[0][1]},
+            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={"slow": {"mx_suffixes": ["slow.test"], "rate": "1/min"}},
+        )
+        delivery = relay.service.delivery
+        await in_thread(submit_many, relay.ports["relay"], [f"u{n}@slow.test" for n in range(5)])
+        spool = relay.stores.spool
+        for _ in range(100):
+            if delivery.ready_queues.queued("slow") == 4:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(delivery.ready_queues.queued("slow"), 4)
+        await deferLater(reactor, 4.0, lambda: None)
+        self.assertEqual(delivery.ready_queues.queued("slow"), 4)
+        self.assertEqual(await spool.lease_due("other-node", time.time(), 10, 60), [])
+        await delivery.stopService()
+        self.assertEqual(delivery.counters["released"], 4)
+        taken = await spool.lease_due("other-node", time.time(), 10, 60)
+        self.assertEqual(len(taken), 4)
+        self.assertEqual(sink.stats.messages, 1)
+
+
+class FlakySpool:
+    """The relay's own spool, with ``body`` and ``release`` failing while ``down`` is
+    set (a store outage, as when Redis restarts)."""
+
+    def __init__(self, spool: Any) -> None:
+        self.spool = spool
+        self.down = False
+        self.failures = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.spool, name)
+
+    def _check(self) -> None:
+        if self.down:
+            self.failures += 1
+            raise OSError("spool unavailable (test outage)")
+
+    def body(self, queue_id: str) -> Any:
+        self._check()
+        return self.spool.body(queue_id)
+
+    def release(self, queue_id: str, domain: str, node: str) -> Any:
+        self._check()
+        return self.spool.release(queue_id, domain, node)
+
+
+class SpoolOutageTests(unittest.TestCase):
+    """A store outage while deliveries wait in the ready queue loses nothing."""
+
+    async def test_outage_keeps_queued_deliveries(self) -> None:
+        """While the spool fails, connections find no bodies and cannot hand the
+        deliveries back: they stay queued (leased) and go out, once each, when the
+        spool answers again, long before their leases would expire."""
+        sink = await start_sink(self, "127.0.0.2")
+        dns_port, stop_dns = start_dns({
+            "out.test": {"MX": [(10, "mx.out.test")]}, "mx.out.test": {"A": ["127.0.0.2"]},
+        })
+        self.addCleanup(stop_dns)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            delivery={"mx_port": sink.addresses[0][1]},
+            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={"out": {"mx_suffixes": ["out.test"], "messages_per_connection": 2}},
+        )
+        delivery = relay.service.delivery
+        flaky = FlakySpool(delivery.spool)
+        flaky.down = True
+        delivery.spool = flaky
+        recipients = [f"u{n}@out.test" for n in range(6)]
+        await in_thread(submit_many, relay.ports["relay"], recipients)
+        for _ in range(100):
+            if flaky.failures >= 4:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertGreaterEqual(flaky.failures, 4)
+        self.assertEqual(sink.stats.messages, 0)
+        flaky.down = False
+        messages = await sink.wait_for(6, timeout=20)
+        await deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(sorted(m.recipients[0] for m in messages), sorted(recipients))
+        self.assertEqual(sink.stats.messages, 6)
+        self.assertEqual(delivery.counters["released"], 0)
+        self.flushLoggedErrors(OSError, FirstError)
+
+
+@implementer(IThrottle)
+class FlakyThrottle:
+    """A MemoryThrottle whose every call fails while ``down`` is set (a shared
+    throttle whose Redis is unreachable)."""
+
+    def __init__(self) -> None:
+        self.memory = MemoryThrottle()
+        self.down = False
+        self.failures = 0
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        if self.down:
+            self.failures += 1
+            raise OSError("throttle unavailable (test outage)")
+        return fn(*args)
+
+    def acquire_connection(self, key: str, limit: int, now: float) -> Any:
+        return self._call(self.memory.acquire_connection, key, limit, now)
+
+    def release_connection(self, key: str) -> Any:
+        return self._call(self.memory.release_connection, key)
+
+    def admit(self, key: str, rate: float, period: float, now: float) -> Any:
+        return self._call(self.memory.admit, key, rate, period, now)
+
+
+class ThrottleOutageTests(unittest.TestCase):
+    """A throttle outage delays delivery; it never wedges a site."""
+
+    async def test_outage_then_delivery(self) -> None:
+        """While the throttle fails for 3 s nothing is sent; afterwards every message
+        goes out once, and no connection slot or window slot is left taken."""
+        sink = await start_sink(self, "127.0.0.2")
+        dns_port, stop_dns = start_dns({
+            "thr.test": {"MX": [(10, "mx.thr.test")]}, "mx.thr.test": {"A": ["127.0.0.2"]},
+        })
+        self.addCleanup(stop_dns)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            delivery={"mx_port": sink.addresses[0][1]},
+            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={"thr": {"mx_suffixes": ["thr.test"], "messages_per_connection": 2,
+                              "rate": "20/s"}},
+        )
+        delivery = relay.service.delivery
+        throttle = FlakyThrottle()
+        verifyObject(IThrottle, throttle)
+        throttle.down = True
+        delivery.throttle = throttle
+        recipients = [f"u{n}@thr.test" for n in range(6)]
+        await in_thread(submit_many, relay.ports["relay"], recipients)
+        await deferLater(reactor, 3.0, lambda: None)
+        self.assertGreater(throttle.failures, 0)
+        self.assertEqual(sink.stats.messages, 0)
+        throttle.down = False
+        messages = await sink.wait_for(6, timeout=20)
+        self.assertEqual(sorted(m.recipients[0] for m in messages), sorted(recipients))
+        for _ in range(100):
+            if (delivery.shaping.get("thr").window.active == 0
+                    and throttle.memory.connections("conn:thr") == 0):
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(delivery.shaping.get("thr").window.active, 0)
+        self.assertEqual(throttle.memory.connections("conn:thr"), 0)
+        self.assertEqual(sink.stats.messages, 6)
+
+
 class EgressSourceTests(unittest.TestCase):
     """Connections leave from the configured source addresses."""
 
@@ -306,6 +544,87 @@ class EgressSourceTests(unittest.TestCase):
         provider leaves from the other source."""
         sink, relay = await self.start("first:1:421:4.7.0:Too many messages, slow down")
         await self._check_shift(relay, sink, "deferred")
+
+
+class IPv6EgressTests(unittest.TestCase):
+    """IPv6 egress sources send to IPv6 hops, IPv4 sources to IPv4 hops."""
+
+    async def test_mixed_families(self) -> None:
+        """With one IPv4 and one IPv6 source and an MX host with A and AAAA records,
+        every message is delivered, each source over its own family (peers 127.0.0.10
+        and ::1 at the sinks)."""
+        missing = ipv6_loopback_missing()
+        if missing:
+            raise SkipTest(missing)
+        sink6 = await start_sink(self, "\\:\\:1")
+        port = sink6.addresses[0][1]
+        sink4 = await start_sink(self, "127.0.0.2", port)
+        dns_port, stop_dns = start_dns({
+            "six.test": {"MX": [(10, "mx.six.test")]},
+            "mx.six.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
+        })
+        self.addCleanup(stop_dns)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            delivery={"mx_port": port},
+            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={"six": {"mx_suffixes": ["six.test"], "messages_per_connection": 1}},
+            egress={"source": [
+                {"name": "v4", "address": "127.0.0.10"},
+                {"name": "v6", "address": "::1"},
+            ]},
+        )
+        recipients = [f"user{n}@six.test" for n in range(16)]
+        await in_thread(submit_many, relay.ports["relay"], recipients)
+        for _ in range(300):
+            if sink4.stats.messages + sink6.stats.messages >= 16:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(sink4.stats.messages + sink6.stats.messages, 16)
+        self.assertEqual({m.peer for m in sink6.messages}, {"::1"})
+        self.assertEqual({m.peer for m in sink4.messages}, {"127.0.0.10"})
+        self.assertTrue(sink6.messages and sink4.messages)
+        events = [await wait_event(relay, r, "delivered") for r in recipients]
+        for e in events:
+            self.assertEqual(e.source_ip, e.mx_ip if e.mx_ip == "::1" else "127.0.0.10")
+
+
+class SourceConnectionCapTests(unittest.TestCase):
+    """max_connections_per_source caps connections per (egress source, site)."""
+
+    async def test_cap_per_source(self) -> None:
+        """With two sources, max_connections = 4 and max_connections_per_source = 1,
+        the sink never sees two connections at once from the same address, and it sees
+        both addresses."""
+        sink = await start_sink(self, "127.0.0.2")
+        dns_port, stop_dns = start_dns(
+            {"cap.test": {"MX": [(10, "mx.cap.test")]}, "mx.cap.test": {"A": ["127.0.0.2"]}}
+        )
+        self.addCleanup(stop_dns)
+        relay = await start_relay(
+            self,
+            [RELAY_LISTENER],
+            delivery={"mx_port": sink.addresses[0][1]},
+            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            provider={"capped": {
+                "mx_suffixes": ["cap.test"], "max_connections": 4,
+                "max_connections_per_source": 1,
+                "messages_per_connection": 2,
+            }},
+            egress={"source": [
+                {"name": "ip10", "address": "127.0.0.10"},
+                {"name": "ip11", "address": "127.0.0.11"},
+            ]},
+        )
+        recipients = [f"user{n}@cap.test" for n in range(60)]
+        await in_thread(submit_many, relay.ports["relay"], recipients, b"Subject: c\r\n\r\nx\r\n")
+        await sink.wait_for(60, timeout=60)
+        by_peer = sink.stats.max_concurrent_by_peer
+        log.info("most connections at once per source: {by_peer}", by_peer=by_peer)
+        self.assertEqual(set(by_peer), {"127.0.0.10", "127.0.0.11"})
+        self.assertEqual(max(by_peer.values()), 1)
+        self.assertGreaterEqual(sink.stats.connections, 30)
 
 
 async def outcome(relay: Any, recipient: str, timeout: float = 15.0) -> Any:
@@ -384,6 +703,41 @@ class RuleRoutingTests(unittest.TestCase):
         from_default = await wait_event(relay, "d@any.test", "delivered")
         self.assertEqual((from_acme.tenant, from_acme.source_ip), ("acme", "127.0.0.11"))
         self.assertEqual((from_default.tenant, from_default.source_ip), ("default", "127.0.0.10"))
+
+
+class RestartTests(unittest.TestCase):
+    """Warmup counts and marks survive a restart of the node."""
+
+    async def test_warmup_cap_holds_across_restart(self) -> None:
+        """A warming source that sent its 3 messages for today sends nothing more after
+        the node restarts on the same directory: the next message is deferred."""
+        sink = await start_sink(self, "127.0.0.3")
+        today = datetime.datetime.now(datetime.UTC).date().isoformat()
+        sections: dict[str, Any] = {
+            "pool": {"relays": {"endpoints": [f"127.0.0.3:{sink.addresses[0][1]}"]}},
+            "route": [{"via": "pool:relays"}],
+            "egress": {"source": [
+                {"name": "ip11", "address": "127.0.0.11",
+                 "warmup": {"start": today, "daily": [3, 10]}},
+            ]},
+        }
+        directory = self.mktemp()
+        first = await Relay(directory, [RELAY_LISTENER], **sections).start()
+        try:
+            recipients = [f"r{n}@any.test" for n in range(3)]
+            await in_thread(submit_many, first.ports["relay"], recipients)
+            for r in recipients:
+                self.assertEqual((await outcome(first, r)).type, "delivered")
+        finally:
+            await first.stop()
+        second = await Relay(directory, [RELAY_LISTENER], **sections).start()
+        self.addCleanup(second.stop)
+        await in_thread(submit, second.ports["relay"], SENDER, ["late@any.test"])
+        event = await outcome(second, "late@any.test")
+        self.assertEqual(event.type, "deferred")
+        assert event.response is not None
+        self.assertIn("warmup", event.response.text)
+        self.assertEqual(len(sink.messages), 3)
 
 
 class TenantRateTests(unittest.TestCase):

@@ -36,6 +36,18 @@ class ShapingTests(SynchronousTestCase):
         self.assertEqual((shape.current_rate, shape.period), (120.0, 60.0))
         self.assertLessEqual(shape.window.limit, 2)
 
+    def test_per_source_cap(self) -> None:
+        """max_connections_per_source is kept, never above the site's own cap; without
+        it there is no per-source cap."""
+        self.assertEqual(
+            shaping(max_connections=3, max_connections_per_source=5)
+            .get("bulk").max_connections_per_source, 3,
+        )
+        self.assertEqual(
+            shaping(max_connections_per_source=1).get("bulk").max_connections_per_source, 1
+        )
+        self.assertIsNone(shaping().get("bulk").max_connections_per_source)
+
     def test_unknown_site(self) -> None:
         """A site that is no provider gets [delivery]'s limits and no pacing."""
         shape = shaping().get("mx:mx1.example.org")

@@ -43,11 +43,14 @@ class RoutingStateTests(unittest.TestCase):
         self.assertEqual(state["pools"]["relays"][f"relays/127.0.0.3:{port}"], "closed")
         (site,) = state["sites"]
         self.assertEqual(site["site"], "pool:relays")
+        self.assertEqual(site["queued"], 0)
         (source,) = state["egress"]
         self.assertEqual(source["sent_today"], {"pool:relays": 1})
         lines = "\n".join(format_state(state, state["written_at"]))
         self.assertIn(f"relays/127.0.0.5:{port} open", lines)
         self.assertIn("egress ip10 (127.0.0.10", lines)
+        self.assertIn("pool:relays: 0/", lines)
+        self.assertIn("queued 0", lines)
 
         await delivery._write_state()
         written = read_state(state_path(relay.config))
@@ -64,6 +67,18 @@ class RoutingStateTests(unittest.TestCase):
         out, err, code = await _run(["--config", "cli.toml", "queue", "stats", "--json"], folder)
         self.assertEqual(code, 0, err)
         self.assertEqual(json.loads(out)["routing"]["pools"], state["pools"])
+
+    def test_site_line(self) -> None:
+        """A site's line shows open connections, the cap per source when set, the
+        window, the ready queue and the rate."""
+        site = {"site": "gmail", "open": 2, "max_connections": 20,
+                "max_connections_per_source": 5, "window": 5, "queued": 42,
+                "rate": 300.0, "period": 60.0, "throttled": 1, "suspended_until": None}
+        line = format_state({"node": "n", "written_at": 0.0, "sites": [site]}, 0.0)[2]
+        self.assertEqual(
+            line.strip(),
+            "gmail: 2/20 (5 per source), window 5, queued 42, rate 300/60s, throttled 1",
+        )
 
     def test_unreadable(self) -> None:
         """A missing or foreign file reads as no state."""

@@ -659,7 +659,8 @@ class SocketTests(TestCase):
 
     @defer.inlineCallbacks
     def test_max_concurrent(self) -> Any:
-        """Connections open at once are counted; active drops back to zero."""
+        """Connections open at once are counted, in all and per client address; active
+        drops back to zero."""
         server, port = yield self.run_start()
         banners: list[defer.Deferred[None]] = []
 
@@ -673,7 +674,11 @@ class SocketTests(TestCase):
                     self.banner.callback(None)
 
         endpoint = TCP4ClientEndpoint(_reactor, "127.0.0.1", port)
-        clients = yield defer.gatherResults([connectProtocol(endpoint, Client()) for _ in range(5)])
+        other = TCP4ClientEndpoint(_reactor, "127.0.0.1", port, bindAddress=("127.0.0.2", 0))
+        clients = yield defer.gatherResults(
+            [connectProtocol(endpoint, Client()) for _ in range(3)]
+            + [connectProtocol(other, Client()) for _ in range(2)]
+        )
         yield defer.gatherResults(banners)
         self.assertEqual((server.stats.active, server.stats.max_concurrent), (5, 5))
         for c in clients:
@@ -684,6 +689,10 @@ class SocketTests(TestCase):
             yield task.deferLater(_reactor, 0.01, lambda: None)
         self.assertEqual((server.stats.active, server.stats.max_concurrent), (0, 5))
         self.assertEqual(server.stats.connections, 5)
+        self.assertEqual(
+            server.stats.max_concurrent_by_peer, {"127.0.0.1": 3, "127.0.0.2": 2}
+        )
+        self.assertEqual(server.stats.active_by_peer, {})
 
     @defer.inlineCallbacks
     def test_maildir_and_stats_file(self) -> Any:

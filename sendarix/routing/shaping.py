@@ -50,6 +50,8 @@ class SiteShape:
     period: float = 60.0
     suspend_for: float = 60.0
     suspend_after: int = 3
+    #: Connections open at once from one egress source (None: only the site's cap).
+    max_connections_per_source: int | None = None
     suspended_until: float | None = field(default=None, init=False)
     throttled_count: int = field(default=0, init=False)
     refusals: int = field(default=0, init=False)
@@ -94,6 +96,7 @@ class SiteShape:
         return {
             "site": self.site,
             "max_connections": self.max_connections,
+            "max_connections_per_source": self.max_connections_per_source,
             "window": self.window.limit,
             "active": self.window.active,
             "rate": self.current_rate,
@@ -127,8 +130,11 @@ class Shaping:
         tls = dc.tls
         rate: AdaptiveRate | None = None
         period = 60.0
+        per_source: int | None = None
         if provider is not None:
             max_connections = min(max_connections, provider.max_connections)
+            if provider.max_connections_per_source is not None:
+                per_source = min(max_connections, provider.max_connections_per_source)
             per_connection = min(per_connection, provider.messages_per_connection)
             tls = strictest_tls(tls, provider.tls)
             limit = provider.rate_limit
@@ -147,4 +153,5 @@ class Shaping:
             rate=rate,
             period=period,
             suspend_for=self.suspend_for,
+            max_connections_per_source=per_source,
         )

@@ -3,8 +3,9 @@ smarthost endpoints and egress sources, for ``sendarix queue stats``.
 
 Throttle and health state lives in the relay's memory; the CLI is another process.
 So the delivery agent writes a small JSON snapshot (``var/routing-state.json``, every
-few seconds, atomically) and the CLI reads it and says how old it is.  The file is
-informational only: nothing reads it back into a node.
+few seconds and at stop, atomically) and the CLI reads it and says how old it is.  At
+start the node reads its own file back for one thing: today's warmup counts and the
+deprioritization marks of its egress sources (the rest is rebuilt from traffic).
 """
 
 from __future__ import annotations
@@ -59,14 +60,20 @@ def format_state(state: dict[str, Any], now: float) -> list[str]:
     lines = [f"routing state of node {state.get('node', '?')} ({age:.0f} s old):"]
     sites = state.get("sites", [])
     if sites:
-        lines.append("  sites (connections open/cap, window, rate now, throttled, suspended):")
+        lines.append(
+            "  sites (connections open/cap, window, ready queue, rate now, throttled, suspended):"
+        )
         for s in sites:
             suspended = "" if s.get("suspended_until") is None else (
                 f", suspended for {max(0.0, s['suspended_until'] - now):.0f} s"
             )
             lines.append(
-                f"    {s['site']}: {s.get('open', 0)}/{s['max_connections']}, "
-                f"window {s['window']}, rate {_rate(s)}, throttled {s['throttled']}{suspended}"
+                f"    {s['site']}: {s.get('open', 0)}/{s['max_connections']}"
+                + (f" ({s['max_connections_per_source']} per source)"
+                   if s.get("max_connections_per_source") else "")
+                + ", "
+                + f"window {s['window']}, queued {s.get('queued', 0)}, rate {_rate(s)}, "
+                f"throttled {s['throttled']}{suspended}"
             )
     for pool, endpoints in sorted(state.get("pools", {}).items()):
         shown = ", ".join(f"{key} {value}" for key, value in sorted(endpoints.items()))

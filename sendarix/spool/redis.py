@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sendarix.interfaces import ISpool
+from sendarix.interfaces import ISelectiveLease, ISpool
 from sendarix.model import (
     Lease,
     LeasedDelivery,
@@ -166,22 +166,38 @@ return 1
 """
 )
 
-# ARGV: prefix, node, now, expires, limit.
+#: Most domains one lease poll leaves out (ARGV of one script call).
+_MAX_SKIP = 500
+
+# ARGV: prefix, node, now, expires, limit, domains to skip...
 _LEASE = (
     _PRELUDE
     + """
 local node, now, expires, limit = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+-- ARGV[6..]: domains to leave alone (ISelectiveLease).  At most ``budget`` of their
+-- deliveries are looked past; beyond that they are leased like the others (the
+-- delivery agent parks them), so one huge backlog cannot hide the rest for long.
+local skip, skipped, budget = {}, 0, 1000 + 10 * limit
+for i = 6, #ARGV do skip[ARGV[i]] = true end
 local leased = {}
 while #leased < limit do
   local members = redis.call('ZRANGEBYSCORE', P .. 'due', '-inf', ARGV[3],
-                             'LIMIT', 0, limit - #leased)
+                             'LIMIT', skipped, math.max(limit - #leased, 100))
   if #members == 0 then break end
-  -- A member that yields no delivery is rescheduled past now or removed, so the
-  -- next pass cannot see it again and the loop ends.
+  -- A member that yields no delivery is rescheduled past now or removed, and a
+  -- skipped one is counted in the offset, so no pass sees one again: the loop ends.
   for _, member in ipairs(members) do
+    if #leased >= limit then break end
     local q, domain = split(member)
-    local message = redis.call('HMGET', P .. 'm:' .. q, 'envelope', 'meta', 'order')
-    if not message[1] then
+    local message = nil
+    if skip[domain] and skipped < budget then
+      skipped = skipped + 1
+    else
+      message = redis.call('HMGET', P .. 'm:' .. q, 'envelope', 'meta', 'order')
+    end
+    if message == nil then
+      -- left in the spool for a later poll
+    elseif not message[1] then
       redis.call('ZREM', P .. 'due', member)
       remove_message(q)
     else
@@ -400,7 +416,7 @@ def _items(document: dict[str, Any], key: str) -> list[Any]:
     return list(value) if isinstance(value, list) else []
 
 
-@implementer(ISpool)
+@implementer(ISpool, ISelectiveLease)
 class RedisSpool:
     """ISpool on a txredisapi connection (or pool): many writes stay in flight at once.
 
@@ -589,8 +605,19 @@ class RedisSpool:
         """Lease up to ``limit`` due deliveries, oldest due first."""
         return Deferred.fromCoroutine(self._lease_due(node, now, limit, lease_for))
 
+    def lease_due_except(
+        self, node: str, now: float, limit: int, lease_for: float,
+        skip_domains: Sequence[str],
+    ) -> Deferred[list[LeasedDelivery]]:
+        """Lease up to ``limit`` due deliveries, oldest due first, looking past those
+        to ``skip_domains`` (at most 1000 + 10 x ``limit`` of them in one call; past
+        that they are leased too)."""
+        skip = sorted({d.lower() for d in skip_domains})[:_MAX_SKIP]
+        return Deferred.fromCoroutine(self._lease_due(node, now, limit, lease_for, skip))
+
     async def _lease_due(
-        self, node: str, now: float, limit: int, lease_for: float
+        self, node: str, now: float, limit: int, lease_for: float,
+        skip: Sequence[str] = (),
     ) -> list[LeasedDelivery]:
         if lease_for <= 0:
             raise ValueError("lease_for must be positive")
@@ -606,7 +633,7 @@ class RedisSpool:
                          count=released)
         try:
             document = await self._json(
-                _LEASE, node, _time(now), _time(expires), str(int(limit))
+                _LEASE, node, _time(now), _time(expires), str(int(limit)), *skip
             )
         except txredisapi.ConnectionError:
             # The script may have run without our hearing the answer: leases we do

@@ -25,7 +25,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from sendarix.interfaces import ISpool
+from sendarix.interfaces import ISelectiveLease, ISpool
 from sendarix.model import (
     Lease,
     LeasedDelivery,
@@ -104,7 +104,11 @@ def _status_value(status: RecipientStatus | str) -> str:
     return RecipientStatus(status).value
 
 
-@implementer(ISpool)
+#: Most domains one lease poll leaves out (SQLite's bound parameters are limited).
+_MAX_SKIP = 500
+
+
+@implementer(ISpool, ISelectiveLease)
 class SQLiteSpool:
     """ISpool on a :class:`SQLiteDatabase`.
 
@@ -196,6 +200,18 @@ class SQLiteSpool:
         self, node: str, now: float, limit: int, lease_for: float
     ) -> Deferred[list[LeasedDelivery]]:
         """Lease up to ``limit`` due deliveries, oldest due first."""
+        return self.lease_due_except(node, now, limit, lease_for, ())
+
+    def lease_due_except(
+        self, node: str, now: float, limit: int, lease_for: float,
+        skip_domains: Sequence[str],
+    ) -> Deferred[list[LeasedDelivery]]:
+        """Lease up to ``limit`` due deliveries, oldest due first, none of them to one
+        of ``skip_domains``."""
+        skip = tuple(sorted({d.lower() for d in skip_domains}))
+        if len(skip) > _MAX_SKIP:
+            skip = skip[:_MAX_SKIP]
+        not_in = f" AND lower(domain) NOT IN ({', '.join('?' * len(skip))})" if skip else ""
         if lease_for <= 0:
             return fail(ValueError("lease_for must be positive"))
         if limit <= 0:
@@ -208,8 +224,8 @@ class SQLiteSpool:
                 rows = conn.execute(
                     "SELECT queue_id, domain FROM spool_delivery"
                     " WHERE due <= ? AND (lease_node IS NULL OR lease_expires <= ?)"
-                    " ORDER BY due, queue_id, domain LIMIT ?",
-                    (now, now, limit - len(leased)),
+                    + not_in + " ORDER BY due, queue_id, domain LIMIT ?",
+                    (now, now, *skip, limit - len(leased)),
                 ).fetchall()
                 if not rows:
                     break
