@@ -167,7 +167,9 @@ class RedisReplicaWaitTests(TestCase):
             if "connected_slaves:1" in info and "state=online" in info:
                 break
             await deferLater(reactor, 0.1, lambda: None)
-        spool = RedisSpool(client, wait_replicas=1, wait_timeout=0.5)
+        # A generous wait while the replica is there (a loaded machine may lag), a
+        # short one once it is gone.
+        spool = RedisSpool(client, wait_replicas=1, wait_timeout=10.0)
         await spool.start()
         await spool.enqueue(sample_message("0000000000REPLICA001"))
         replica = redis_connect(f"redis://127.0.0.1:{replica_port}/0", poolsize=1)
@@ -175,6 +177,8 @@ class RedisReplicaWaitTests(TestCase):
         await replica.wait_connected(reactor, 10.0)
         self.assertIsNotNone(await RedisSpool(replica).get("0000000000REPLICA001"))
         stop_replica()
+        spool = RedisSpool(client, wait_replicas=1, wait_timeout=0.5)
+        await spool.start()
         with self.assertRaises(SpoolError) as caught:
             await spool.enqueue(sample_message("0000000000REPLICA002"))
         self.assertIn("wait_replicas", str(caught.exception))
