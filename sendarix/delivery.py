@@ -184,6 +184,18 @@ def _held_no_session(result: egress.SessionResult) -> bool:
     )
 
 
+def _put_back(
+    deliveries: Sequence[LeasedDelivery],
+    pending: list[LeasedDelivery],
+    back: list[LeasedDelivery],
+) -> None:
+    """Move ``deliveries`` from a connection's ``pending`` list to ``back`` (the site's
+    ready queue takes them again, leases kept)."""
+    for delivery in deliveries:
+        pending.remove(delivery)
+        back.append(delivery)
+
+
 class DeliveryService(Service):
     """Delivers what the spool has due, forever, until stopped.
 
@@ -896,9 +908,7 @@ class DeliveryService(Service):
             source, slot, capped = await self._choose_source(conn, now, today)
             if capped:
                 window.release()
-                for delivery in batch:
-                    pending.remove(delivery)
-                    back.append(delivery)
+                _put_back(batch, pending, back)
                 self._backoff.add(conn.site)
                 return
             if source is None:
@@ -917,9 +927,7 @@ class DeliveryService(Service):
                 return
             left = self.selector.remaining(source, conn.site, today)
             if left is not None and left < len(batch):
-                for delivery in batch[left:]:
-                    pending.remove(delivery)
-                    back.append(delivery)
+                _put_back(batch[left:], pending, back)
                 batch = batch[:left]
         elif shape.max_connections_per_source is not None:
             slot = f"conn:{SYSTEM_SOURCE}|{conn.site}"
@@ -927,9 +935,7 @@ class DeliveryService(Service):
                 self.throttle.acquire_connection, slot, shape.max_connections_per_source, now
             ):
                 window.release()
-                for delivery in batch:
-                    pending.remove(delivery)
-                    back.append(delivery)
+                _put_back(batch, pending, back)
                 self._backoff.add(conn.site)
                 return
         try:

@@ -161,17 +161,17 @@ class AsyncThrottle:
     def __init__(self) -> None:
         self.memory = MemoryThrottle()
 
-    def _later(self, fn: Any, *args: Any) -> Any:
+    def _call(self, fn: Any, *args: Any) -> Any:
         return deferLater(reactor, 0, fn, *args)
 
     def acquire_connection(self, key: str, limit: int, now: float) -> Any:
-        return self._later(self.memory.acquire_connection, key, limit, now)
+        return self._call(self.memory.acquire_connection, key, limit, now)
 
     def release_connection(self, key: str) -> Any:
-        return self._later(self.memory.release_connection, key)
+        return self._call(self.memory.release_connection, key)
 
     def admit(self, key: str, rate: float, period: float, now: float) -> Any:
-        return self._later(self.memory.admit, key, rate, period, now)
+        return self._call(self.memory.admit, key, rate, period, now)
 
 
 class ProviderShapingTests(unittest.TestCase):
@@ -415,12 +415,12 @@ class SpoolOutageTests(unittest.TestCase):
 
 
 @implementer(IThrottle)
-class FlakyThrottle:
-    """A MemoryThrottle whose every call fails while ``down`` is set (a shared
-    throttle whose Redis is unreachable)."""
+class FlakyThrottle(AsyncThrottle):
+    """A throttle answering at once, whose every call fails while ``down`` is set (a
+    shared throttle whose Redis is unreachable)."""
 
     def __init__(self) -> None:
-        self.memory = MemoryThrottle()
+        super().__init__()
         self.down = False
         self.failures = 0
 
@@ -429,15 +429,6 @@ class FlakyThrottle:
             self.failures += 1
             raise OSError("throttle unavailable (test outage)")
         return fn(*args)
-
-    def acquire_connection(self, key: str, limit: int, now: float) -> Any:
-        return self._call(self.memory.acquire_connection, key, limit, now)
-
-    def release_connection(self, key: str) -> Any:
-        return self._call(self.memory.release_connection, key)
-
-    def admit(self, key: str, rate: float, period: float, now: float) -> Any:
-        return self._call(self.memory.admit, key, rate, period, now)
 
 
 class ThrottleOutageTests(unittest.TestCase):
