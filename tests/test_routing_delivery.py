@@ -195,13 +195,10 @@ class ProviderShapingTests(unittest.TestCase):
         domains = [f"d{i}.test" for i in range(10)]
         for domain in domains:
             records[domain] = {"MX": [(10, "mx.bulk.test")]}
-        dns_port, stop_dns = start_dns(records)
-        self.addCleanup(stop_dns)
-        relay = await start_relay(
+        relay = await start_relay_on_dns(
             self,
-            [RELAY_LISTENER],
-            delivery={"mx_port": sink.addresses[0][1]},
-            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            records,
+            sink.addresses[0][1],
             provider={
                 "bulk": {
                     "mx_suffixes": ["bulk.test"],
@@ -227,15 +224,10 @@ class ProviderShapingTests(unittest.TestCase):
         """A provider with rate = "10/s" receives a 30-message burst spread over at
         least 2.9 s (GCRA: one message every 0.1 s), all delivered."""
         sink = await start_sink(self, "127.0.0.2")
-        dns_port, stop_dns = start_dns(
-            {"paced.test": {"MX": [(10, "mx.paced.test")]}, "mx.paced.test": {"A": ["127.0.0.2"]}}
-        )
-        self.addCleanup(stop_dns)
-        relay = await start_relay(
+        relay = await start_relay_on_dns(
             self,
-            [RELAY_LISTENER],
-            delivery={"mx_port": sink.addresses[0][1]},
-            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            {"paced.test": {"MX": [(10, "mx.paced.test")]}, "mx.paced.test": {"A": ["127.0.0.2"]}},
+            sink.addresses[0][1],
             provider={"paced": {"mx_suffixes": ["paced.test"], "rate": "10/s"}},
         )
         recipients = [f"user{n}@paced.test" for n in range(30)]
@@ -259,20 +251,17 @@ class ReadyQueueTests(unittest.TestCase):
         port = sink.addresses[0][1]
         other = await start_sink(self, "127.0.0.3", port)
         slow = await start_sink(self, "127.0.0.4", port)
-        dns_port, stop_dns = start_dns({
-            "paced.test": {"MX": [(10, "mx.paced.test")]},
-            "mx.paced.test": {"A": ["127.0.0.2"]},
-            "other.test": {"MX": [(10, "mx.other.test")]},
-            "mx.other.test": {"A": ["127.0.0.3"]},
-            "slow.test": {"MX": [(10, "mx.slow.test")]},
-            "mx.slow.test": {"A": ["127.0.0.4"]},
-        })
-        self.addCleanup(stop_dns)
-        relay = await start_relay(
+        relay = await start_relay_on_dns(
             self,
-            [RELAY_LISTENER],
-            delivery={"mx_port": port},
-            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            {
+                "paced.test": {"MX": [(10, "mx.paced.test")]},
+                "mx.paced.test": {"A": ["127.0.0.2"]},
+                "other.test": {"MX": [(10, "mx.other.test")]},
+                "mx.other.test": {"A": ["127.0.0.3"]},
+                "slow.test": {"MX": [(10, "mx.slow.test")]},
+                "mx.slow.test": {"A": ["127.0.0.4"]},
+            },
+            port,
             provider={
                 "paced": {"mx_suffixes": ["paced.test"], "rate": "30/s"},
                 "slow": {"mx_suffixes": ["slow.test"], "rate": "25/min"},
@@ -318,16 +307,13 @@ class ReadyQueueLeaseTests(unittest.TestCase):
         lease, still leased to this node (renewed); when the node stops it is handed
         back at once, so another node can lease it."""
         sink = await start_sink(self, "127.0.0.2")
-        dns_port, stop_dns = start_dns({
-            "slow.test": {"MX": [(10, "mx.slow.test")]}, "mx.slow.test": {"A": ["127.0.0.2"]},
-        })
-        self.addCleanup(stop_dns)
-        relay = await start_relay(
+        relay = await start_relay_on_dns(
             self,
-            [RELAY_LISTENER],
+            {
+                "slow.test": {"MX": [(10, "mx.slow.test")]}, "mx.slow.test": {"A": ["127.0.0.2"]},
+            },
+            sink.addresses[0][1],
             spool={"url": "sqlite:var/spool.db", "lease_time": "3s"},
-            delivery={"mx_port": sink.addresses[0][1]},
-            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
             provider={"slow": {"mx_suffixes": ["slow.test"], "rate": "1/min"}},
         )
         delivery = relay.service.delivery
@@ -382,15 +368,12 @@ class SpoolOutageTests(unittest.TestCase):
         deliveries back: they stay queued (leased) and go out, once each, when the
         spool answers again, long before their leases would expire."""
         sink = await start_sink(self, "127.0.0.2")
-        dns_port, stop_dns = start_dns({
-            "out.test": {"MX": [(10, "mx.out.test")]}, "mx.out.test": {"A": ["127.0.0.2"]},
-        })
-        self.addCleanup(stop_dns)
-        relay = await start_relay(
+        relay = await start_relay_on_dns(
             self,
-            [RELAY_LISTENER],
-            delivery={"mx_port": sink.addresses[0][1]},
-            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            {
+                "out.test": {"MX": [(10, "mx.out.test")]}, "mx.out.test": {"A": ["127.0.0.2"]},
+            },
+            sink.addresses[0][1],
             provider={"out": {"mx_suffixes": ["out.test"], "messages_per_connection": 2}},
         )
         delivery = relay.service.delivery
@@ -438,15 +421,12 @@ class ThrottleOutageTests(unittest.TestCase):
         """While the throttle fails for 3 s nothing is sent; afterwards every message
         goes out once, and no connection slot or window slot is left taken."""
         sink = await start_sink(self, "127.0.0.2")
-        dns_port, stop_dns = start_dns({
-            "thr.test": {"MX": [(10, "mx.thr.test")]}, "mx.thr.test": {"A": ["127.0.0.2"]},
-        })
-        self.addCleanup(stop_dns)
-        relay = await start_relay(
+        relay = await start_relay_on_dns(
             self,
-            [RELAY_LISTENER],
-            delivery={"mx_port": sink.addresses[0][1]},
-            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            {
+                "thr.test": {"MX": [(10, "mx.thr.test")]}, "mx.thr.test": {"A": ["127.0.0.2"]},
+            },
+            sink.addresses[0][1],
             provider={"thr": {"mx_suffixes": ["thr.test"], "messages_per_connection": 2,
                               "rate": "20/s"}},
         )
@@ -478,15 +458,10 @@ class EgressSourceTests(unittest.TestCase):
 
     async def start(self, *faults: str) -> tuple[SinkServer, Any]:
         sink = await start_sink(self, "127.0.0.2", 0, *faults)
-        dns_port, stop_dns = start_dns(
-            {"src.test": {"MX": [(10, "mx.src.test")]}, "mx.src.test": {"A": ["127.0.0.2"]}}
-        )
-        self.addCleanup(stop_dns)
-        relay = await start_relay(
+        relay = await start_relay_on_dns(
             self,
-            [RELAY_LISTENER],
-            delivery={"mx_port": sink.addresses[0][1]},
-            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            {"src.test": {"MX": [(10, "mx.src.test")]}, "mx.src.test": {"A": ["127.0.0.2"]}},
+            sink.addresses[0][1],
             provider={"srcmail": {"mx_suffixes": ["src.test"], "messages_per_connection": 1}},
             egress={
                 "source": [
@@ -550,16 +525,13 @@ class IPv6EgressTests(unittest.TestCase):
         sink6 = await start_sink(self, "\\:\\:1")
         port = sink6.addresses[0][1]
         sink4 = await start_sink(self, "127.0.0.2", port)
-        dns_port, stop_dns = start_dns({
-            "six.test": {"MX": [(10, "mx.six.test")]},
-            "mx.six.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
-        })
-        self.addCleanup(stop_dns)
-        relay = await start_relay(
+        relay = await start_relay_on_dns(
             self,
-            [RELAY_LISTENER],
-            delivery={"mx_port": port},
-            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            {
+                "six.test": {"MX": [(10, "mx.six.test")]},
+                "mx.six.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
+            },
+            port,
             provider={"six": {"mx_suffixes": ["six.test"], "messages_per_connection": 1}},
             egress={"source": [
                 {"name": "v4", "address": "127.0.0.10"},
@@ -589,15 +561,10 @@ class SourceConnectionCapTests(unittest.TestCase):
         the sink never sees two connections at once from the same address, and it sees
         both addresses."""
         sink = await start_sink(self, "127.0.0.2")
-        dns_port, stop_dns = start_dns(
-            {"cap.test": {"MX": [(10, "mx.cap.test")]}, "mx.cap.test": {"A": ["127.0.0.2"]}}
-        )
-        self.addCleanup(stop_dns)
-        relay = await start_relay(
+        relay = await start_relay_on_dns(
             self,
-            [RELAY_LISTENER],
-            delivery={"mx_port": sink.addresses[0][1]},
-            dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+            {"cap.test": {"MX": [(10, "mx.cap.test")]}, "mx.cap.test": {"A": ["127.0.0.2"]}},
+            sink.addresses[0][1],
             provider={"capped": {
                 "mx_suffixes": ["cap.test"], "max_connections": 4,
                 "max_connections_per_source": 1,
@@ -616,6 +583,23 @@ class SourceConnectionCapTests(unittest.TestCase):
         self.assertEqual(set(by_peer), {"127.0.0.10", "127.0.0.11"})
         self.assertEqual(max(by_peer.values()), 1)
         self.assertGreaterEqual(sink.stats.connections, 30)
+
+
+async def start_relay_on_dns(
+    testcase: Any, records: dict[str, dict[str, Any]], mx_port: int, **sections: Any
+) -> Any:
+    """Serve ``records`` from a test DNS server and start a relay (one trusted-network
+    listener) that resolves through it and delivers to ``mx_port``; both are stopped
+    in the test's cleanup."""
+    dns_port, stop_dns = start_dns(records)
+    testcase.addCleanup(stop_dns)
+    return await start_relay(
+        testcase,
+        [RELAY_LISTENER],
+        delivery={"mx_port": mx_port},
+        dns={"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2},
+        **sections,
+    )
 
 
 async def outcome(relay: Any, recipient: str, timeout: float = 15.0) -> Any:
