@@ -4,6 +4,8 @@ it, on a config file in the test's folder, and killed by PID at cleanup."""
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +43,59 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"relay not listening on {port}")
+
+
+def listens(pid: int) -> bool:
+    """True once process ``pid`` holds a listening TCP socket (from /proc)."""
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        with open(f"/proc/{pid}/net/tcp") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+        return any(row[3] == "0A" and row[9] in inodes for row in rows)
+    except OSError:
+        return False
+
+
+def start_workers(
+    testcase: Any, folder: str, config: str, port: int, count: int = 2, timeout: float = 30.0
+) -> tuple[subprocess.Popen[bytes], str, list[int]]:
+    """Run ``twistd sendarix --config config --workers count`` in ``folder`` until every
+    worker listens on ``port``.  Returns the parent, its log file and the workers' pids
+    (a list the test may update: every pid in it is SIGKILLed at cleanup, with the
+    parent)."""
+    log_path = os.path.join(folder, "parent.log")
+    log = open(log_path, "wb")
+    testcase.addCleanup(log.close)
+    parent = subprocess.Popen(
+        [*TWISTD, "-n", "--pidfile=", "sendarix", "--config", config, "--workers", str(count)],
+        cwd=folder, env=env(), stdout=log, stderr=subprocess.STDOUT,
+    )
+    children: list[int] = []
+
+    def cleanup() -> None:
+        for pid in [parent.pid, *children]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        parent.wait()
+
+    testcase.addCleanup(cleanup)
+    wait_listening(port, parent)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log_path, "rb") as f:
+            found = re.findall(rb"worker \d+ started, pid (\d+)", f.read())
+        children[:] = [int(p) for p in found]
+        if len(children) == count and all(listens(pid) for pid in children):
+            break
+        time.sleep(0.1)
+    testcase.assertEqual(len(children), count)
+    return parent, log_path, children
 
 
 def sink_server(port: int, *faults: str) -> SinkServer:

@@ -682,10 +682,7 @@ class SighupProcessTests(TestCase):
     def test_kill_hup_with_workers(self) -> None:
         """With ``--workers 2``, SIGHUP to the parent reaches every worker: after it,
         every new session (whichever worker takes it) sees the new certificate."""
-        import subprocess
-
-        from tests.relayproc import TWISTD, env, free_port, wait_listening
-        from tests.test_workers import _listens_child
+        from tests.relayproc import free_port, start_workers
         from tests.tlsca import TestCA
 
         folder = os.path.abspath(self.mktemp())
@@ -703,34 +700,7 @@ class SighupProcessTests(TestCase):
                 f'[[listener]]\nname = "relay"\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
                 'tls = "starttls"\nauth = "none"\ntrusted_networks = ["127.0.0.0/8"]\n'
             )
-        log_path = os.path.join(folder, "parent.log")
-        log = open(log_path, "wb")
-        self.addCleanup(log.close)
-        parent = subprocess.Popen(
-            [*TWISTD, "-n", "--pidfile=", "sendarix", "--config", config, "--workers", "2"],
-            cwd=folder, env=env(), stdout=log, stderr=subprocess.STDOUT,
-        )
-        children: list[int] = []
-
-        def cleanup() -> None:
-            for pid in [parent.pid, *children]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            parent.wait()
-
-        self.addCleanup(cleanup)
-        wait_listening(port, parent)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with open(log_path, "rb") as f:
-                children[:] = [int(p) for p in re.findall(rb"worker \d started, pid (\d+)",
-                                                          f.read())]
-            if len(children) == 2 and all(_listens_child(pid) for pid in children):
-                break
-            time.sleep(0.1)
-        self.assertEqual(len(children), 2)
+        parent, _, _ = start_workers(self, folder, config, port)
 
         def peer() -> bytes:
             c = _tls_session(port, ca.ca_path)

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from sendarix.workers import WorkerPool, listen_shared, twistd_log_file, worker_name
 from tests.redisserver import start_redis
-from tests.relayproc import TWISTD, env, free_port, wait_listening
+from tests.relayproc import env, free_port, listens, start_workers
 
 
 class ListenSharedTests(TestCase):
@@ -98,36 +98,7 @@ class WorkerProcessTests(TestCase):
                 f'endpoint = "tcp:{port}:interface=127.0.0.1"\n'
                 'tls = "none"\nauth = "none"\ntrusted_networks = ["127.0.0.0/8"]\n'
             )
-        log_path = os.path.join(folder, "parent.log")
-        log = open(log_path, "wb")
-        self.addCleanup(log.close)
-        parent = subprocess.Popen(
-            [*TWISTD, "-n", "--pidfile=", "sendarix", "--config", config, "--workers", "2"],
-            cwd=folder, env=env(), stdout=log, stderr=subprocess.STDOUT,
-        )
-        children: list[int] = []
-
-        def cleanup() -> None:
-            for pid in [parent.pid, *children]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            parent.wait()
-
-        self.addCleanup(cleanup)
-        wait_listening(port, parent)
-        deadline = time.monotonic() + 30
-        while len(children) < 2 and time.monotonic() < deadline:
-            with open(log_path, "rb") as f:
-                found = re.findall(rb"worker \d started, pid (\d+)", f.read())
-            children[:] = [int(p) for p in found]
-            time.sleep(0.1)
-        self.assertEqual(len(children), 2)
-        for _ in range(100):  # both workers listening
-            if all(_listens_child(pid) for pid in children):
-                break
-            time.sleep(0.1)
+        parent, log_path, children = start_workers(self, folder, config, port)
         codes = _send_sessions(port, 24)
         self.assertEqual(codes, [250] * 24)
 
@@ -152,7 +123,7 @@ class WorkerProcessTests(TestCase):
         self.assertEqual([int(i) for i, _ in found], [1, 2, 1])
         children.pop(0)
         for _ in range(300):
-            if _listens_child(children[-1]):
+            if listens(children[-1]):
                 break
             time.sleep(0.1)
 
@@ -180,20 +151,5 @@ def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-def _listens_child(pid: int) -> bool:
-    """True once process ``pid`` holds a listening TCP socket (from /proc)."""
-    try:
-        inodes = set()
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-        with open(f"/proc/{pid}/net/tcp") as f:
-            rows = [line.split() for line in f.readlines()[1:]]
-        return any(row[3] == "0A" and row[9] in inodes for row in rows)
     except OSError:
         return False
