@@ -474,6 +474,30 @@ class TLSReloadTests(TestCase):
 _REPLY = re.compile(rb"^\d{3}[ -]")
 
 
+def _starttls_relay_config(path: str, name: str) -> tuple[str, Any, int, str]:
+    """A folder at ``path`` with a test CA and a config for a STARTTLS relay named
+    ``name`` on a free port: ``(folder, ca, port, config path)``."""
+    from tests.relayproc import free_port
+    from tests.tlsca import TestCA
+
+    folder = os.path.abspath(path)
+    os.makedirs(folder)
+    ca = TestCA(os.path.join(folder, "ca"))
+    cert, key = ca.issue(HOSTNAME)
+    port = free_port()
+    config = os.path.join(folder, "sendarix.toml")
+    with open(config, "w") as f:
+        f.write(
+            f'[node]\nname = "{name}"\nhostname = "{HOSTNAME}"\n'
+            '[spool]\nurl = "sqlite:var/spool.db"\n[events]\njson_log = false\n'
+            '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 0.5\n'
+            f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\n'
+            f'[[listener]]\nname = "relay"\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
+            'tls = "starttls"\nauth = "none"\ntrusted_networks = ["127.0.0.0/8"]\n'
+        )
+    return folder, ca, port, config
+
+
 def _session(clock: Clock) -> tuple[Any, StringTransport]:
     """A session on an implicit-TLS listener (AUTH allowed without a handshake), with
     a portal that refuses every password at once and checks XOAUTH2 tokens."""
@@ -630,24 +654,9 @@ class SighupProcessTests(TestCase):
     def test_kill_hup(self) -> None:
         """The running process serves the new certificate to new sessions after
         SIGHUP; a session opened before keeps working."""
-        from tests.relayproc import RelayProcessMixin, free_port
-        from tests.tlsca import TestCA
+        from tests.relayproc import RelayProcessMixin
 
-        folder = os.path.abspath(self.mktemp())
-        os.makedirs(folder)
-        ca = TestCA(os.path.join(folder, "ca"))
-        cert, key = ca.issue(HOSTNAME)
-        port = free_port()
-        config = os.path.join(folder, "sendarix.toml")
-        with open(config, "w") as f:
-            f.write(
-                f'[node]\nname = "hup"\nhostname = "{HOSTNAME}"\n'
-                '[spool]\nurl = "sqlite:var/spool.db"\n[events]\njson_log = false\n'
-                '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 0.5\n'
-                f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\n'
-                f'[[listener]]\nname = "relay"\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
-                'tls = "starttls"\nauth = "none"\ntrusted_networks = ["127.0.0.0/8"]\n'
-            )
+        folder, ca, port, config = _starttls_relay_config(self.mktemp(), "hup")
         runner = RelayProcessMixin()
         runner.dir, runner.config, runner.port = folder, config, port
         runner.addCleanup = self.addCleanup  # type: ignore[method-assign]
@@ -682,24 +691,9 @@ class SighupProcessTests(TestCase):
     def test_kill_hup_with_workers(self) -> None:
         """With ``--workers 2``, SIGHUP to the parent reaches every worker: after it,
         every new session (whichever worker takes it) sees the new certificate."""
-        from tests.relayproc import free_port, start_workers
-        from tests.tlsca import TestCA
+        from tests.relayproc import start_workers
 
-        folder = os.path.abspath(self.mktemp())
-        os.makedirs(folder)
-        ca = TestCA(os.path.join(folder, "ca"))
-        cert, key = ca.issue(HOSTNAME)
-        port = free_port()
-        config = os.path.join(folder, "sendarix.toml")
-        with open(config, "w") as f:
-            f.write(
-                f'[node]\nname = "hupw"\nhostname = "{HOSTNAME}"\n'
-                '[spool]\nurl = "sqlite:var/spool.db"\n[events]\njson_log = false\n'
-                '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 0.5\n'
-                f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\n'
-                f'[[listener]]\nname = "relay"\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
-                'tls = "starttls"\nauth = "none"\ntrusted_networks = ["127.0.0.0/8"]\n'
-            )
+        folder, ca, port, config = _starttls_relay_config(self.mktemp(), "hupw")
         parent, _, _ = start_workers(self, folder, config, port)
 
         def peer() -> bytes:
