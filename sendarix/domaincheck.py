@@ -19,6 +19,7 @@ from attrs import frozen
 from sendarix.config import Config
 from sendarix.dkimkeys import check_record, dns_name, parse_tags, record_line
 from sendarix.domains import SendingDomain
+from sendarix.routing.mx import dnspython_resolver
 
 __all__ = ["DNSLookupError", "Finding", "check_domain", "make_resolver", "txt_records",
            "verify_keys"]
@@ -31,16 +32,7 @@ class DNSLookupError(Exception):
 def make_resolver(config: Config) -> dns.resolver.Resolver:
     """A dnspython resolver for ``[dns]``: its nameservers (with ports), or the
     system's when none are configured."""
-    servers = config.dns.addresses()
-    if servers:
-        resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = [host for host, _ in servers]
-        resolver.nameserver_ports = {host: port for host, port in servers}
-    else:
-        resolver = dns.resolver.Resolver()
-    resolver.lifetime = config.dns.timeout
-    resolver.timeout = config.dns.timeout
-    return resolver
+    return dnspython_resolver(config.dns.addresses(), config.dns.timeout)
 
 
 def txt_records(resolver: dns.resolver.Resolver, name: str) -> list[str]:

@@ -81,6 +81,24 @@ def _normalise(name: str) -> str:
     return name.strip().rstrip(".").lower()
 
 
+
+def dnspython_resolver(
+    nameservers: tuple[tuple[str, int], ...], timeout: float
+) -> dns.resolver.Resolver:
+    """A blocking dnspython resolver asking ``nameservers`` (host, port) pairs, or the
+    system's (/etc/resolv.conf, read once) when there are none; ``timeout`` bounds
+    each lookup.  Call it only from a thread, never on the reactor."""
+    if nameservers:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [host for host, _ in nameservers]
+        resolver.nameserver_ports = {host: port for host, port in nameservers}
+    else:
+        resolver = dns.resolver.Resolver()
+    resolver.timeout = timeout
+    resolver.lifetime = timeout
+    return resolver
+
+
 class DNSResolver:
     """Asynchronous, caching A/AAAA/MX lookups on top of dnspython's blocking resolver.
 
@@ -108,15 +126,7 @@ class DNSResolver:
         clock: IReactorTime,
         threadpool_reactor: IReactorThreads,
     ) -> None:
-        if nameservers:
-            resolver = dns.resolver.Resolver(configure=False)
-            resolver.nameservers = [host for host, _ in nameservers]
-            resolver.nameserver_ports = {host: port for host, port in nameservers}
-        else:
-            # Reads /etc/resolv.conf once, at start-up.
-            resolver = dns.resolver.Resolver()
-        resolver.timeout = timeout
-        resolver.lifetime = timeout
+        resolver = dnspython_resolver(nameservers, timeout)
         resolver.cache = None  # ours is on the injected clock
         self._resolver = resolver
         self.timeout = timeout
