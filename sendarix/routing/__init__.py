@@ -1,1 +1,2 @@
-"""Routing: deciding which hosts and addresses receive mail for a destination."""
+"""Where mail goes: routing rules, MX lookup, smarthost pools, provider shaping and
+the in-memory throttle."""

@@ -32,8 +32,8 @@ from attrs import define, field
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from sendarix.config import EndpointConfig, PoolConfig
-from sendarix.errors import ConfigError
+from sendarix.config.errors import ConfigError
+from sendarix.config.settings import EndpointConfig, PoolConfig
 from sendarix.interfaces import IFailoverStrategy, IRouter
 from sendarix.routing.mx import DNSResolver, Hop, LookupStatus, Route, RouteError
 

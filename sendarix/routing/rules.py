@@ -24,7 +24,7 @@ from attrs import frozen
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from sendarix.config import RouteConfig
+from sendarix.config.settings import RouteConfig
 from sendarix.interfaces import IFailoverStrategy, IRouter
 from sendarix.routing.mx import Route
 

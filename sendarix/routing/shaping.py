@@ -1,11 +1,11 @@
 """Per-site outbound shaping state (pure: time is passed in).
 
-A *site* is the shaping key of a destination (:mod:`sendarix.providers`): a provider
+A *site* is the shaping key of a destination (:mod:`sendarix.routing.providers`): a provider
 name such as ``gmail``, an ``mx:`` rollup of an MX host set, or ``pool:NAME`` for a
 smarthost pool.  :class:`SiteShape` holds what one site allows (connections, messages
 per connection, TLS policy, message rate) and what it has told us lately: its
-concurrency window (:class:`~sendarix.window.DestinationWindow`), its adaptive rate
-(:class:`~sendarix.throttle.AdaptiveRate`: halved by each 421 or 4.7.x rate-limit
+concurrency window (:class:`~sendarix.scheduler.window.DestinationWindow`), its adaptive rate
+(:class:`~sendarix.routing.throttle.AdaptiveRate`: halved by each 421 or 4.7.x rate-limit
 reply, recovered additively by successes) and a suspension after a site refused every
 connection with 421 ``suspend_after`` sessions in a row.  :class:`Shaping` builds them
 on first use from the provider table and ``[delivery]``.
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from attrs import define, field
 
-from sendarix.config import DeliveryConfig
-from sendarix.providers import ProviderTable
-from sendarix.throttle import AdaptiveRate
-from sendarix.window import DestinationWindow
+from sendarix.config.settings import DeliveryConfig
+from sendarix.routing.providers import ProviderTable
+from sendarix.routing.throttle import AdaptiveRate
+from sendarix.scheduler.window import DestinationWindow
 
 __all__ = ["POOL_PREFIX", "Shaping", "SiteShape", "strictest_tls"]
 

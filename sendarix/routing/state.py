@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from sendarix.config import Config
+from sendarix.config.settings import Config
 
 __all__ = ["STATE_FILE", "format_state", "read_state", "state_path", "write_state"]
 

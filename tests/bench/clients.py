@@ -11,7 +11,7 @@ import time
 
 from tests.bench.install import which
 from tests.bench.sendarix import DOMAIN, Failed
-from tests.relayproc import env
+from tests.support.relayproc import env
 
 SENDER = f"bench@{DOMAIN}"
 RECIPIENT = f"user@{DOMAIN}"

@@ -9,14 +9,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.relayproc import env
+from tests.support.relayproc import env
 
 
 def main(domain: str) -> None:
     from twisted.internet import reactor, stdio
     from twisted.internet.protocol import Protocol
 
-    from tests.dnsserver import start_dns
+    from tests.support.dnsserver import start_dns
 
     port, stop = start_dns({
         domain: {"MX": [(10, f"mx.{domain}")]},

@@ -29,7 +29,7 @@ from tests.bench.postfix import PostfixSystem
 from tests.bench.profile import Profiler, summarize
 from tests.bench.sendarix import DOMAIN, Failed, Refused, SendarixSystem, raise_nofile
 from tests.bench.sink import Sink
-from tests.relayproc import free_port
+from tests.support.relayproc import free_port
 
 MIB = 1024 * 1024
 VARIANTS = ("sqlite-w1", "redis-w1", "sqlite-w2", "redis-w2")
@@ -238,7 +238,7 @@ class Bench:
         redis_url = None
         try:
             if any(v.startswith("redis") for v in a.variants):
-                from tests.redisserver import start_redis
+                from tests.support.redisserver import start_redis
 
                 redis_port, redis_stop = start_redis(os.path.join(self.root, "redis"))
                 redis_url = f"redis://127.0.0.1:{redis_port}/0"

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import time
 
-from tests.relayproc import TWISTD, env
+from tests.support.relayproc import TWISTD, env
 
 #: Recipient domain of every bench message.
 DOMAIN = "bench.example"

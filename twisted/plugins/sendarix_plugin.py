@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 sendarix = ServiceMaker(
     "Sendarix",
-    "sendarix.tap",
+    "sendarix.node.tap",
     "SMTP relay: submission, durable spool, delivery.",
     "sendarix",
 )

@@ -1,0 +1,2 @@
+"""Between the session and the queue: header cleanup, DKIM signing and the intake
+that commits a message to the spool (Postfix's cleanup(8))."""

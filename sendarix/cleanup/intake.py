@@ -1,0 +1,225 @@
+"""Intake: the last step before the queue (cleanup, content filters, spool, events).
+
+Both the SMTP server and the HTTP API hand finished messages here.  ``accept`` fires
+with the queue id only once the spool has the message on stable storage; any failure
+leaves nothing in the spool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from sendarix.cleanup.dkim import SigningKey, sign_message
+from sendarix.cleanup.headers import CleanupInfo, cleanup
+from sendarix.events.sinks import Event
+from sendarix.ingress.queueid import QueueIdGenerator
+from sendarix.interfaces import IContentFilter, IEventSink, ISpool
+from sendarix.model.address import domain_of
+from sendarix.model.message import Envelope, MessageMeta, NewMessage, Reply, TLSInfo
+from sendarix.stores.credentials import Credential
+from sendarix.stores.domains import DomainKeyring
+
+log = Logger()
+
+
+class Refused(Exception):  # noqa: N818 - reads as "raise Refused(reply)"
+    """A message (or command) is refused with an SMTP reply."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(f"{reply.code} {reply.enhanced} {reply.text}")
+        self.reply = reply
+
+
+@frozen
+class Submission:
+    """A message as a client handed it over, before cleanup."""
+
+    queue_id: str
+    envelope: Envelope
+    body: bytes = field(repr=lambda b: f"<{len(b)} bytes>")
+    tenant: str
+    client_ip: str = ""
+    helo: str = ""
+    listener: str = ""
+    protocol: str = "ESMTP"
+    tls: TLSInfo | None = None
+    credential: Credential | None = None
+
+
+@define
+class Intake:
+    """Turns submissions into spooled messages and ``accepted`` events."""
+
+    spool: ISpool
+    events: IEventSink
+    clock: IReactorTime
+    node: str
+    hostname: str
+    filters: Sequence[IContentFilter] = ()
+    expose_auth: bool = False
+    _ids: QueueIdGenerator | None = None
+    #: Sending domains: DKIM keys for verified header From domains (None: no signing).
+    keyring: DomainKeyring | None = None
+    #: Refuse (550 5.7.1) mail whose header From domain is not verified.
+    require_verified_domains: bool = False
+    #: Runs the signing function off the reactor thread (a test may run it inline).
+    in_thread: Any = deferToThread
+    #: Called after each message is spooled (the node wakes its delivery loop).
+    on_queued: Callable[[], None] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self._ids is None:
+            self._ids = QueueIdGenerator(self.node, self.clock)
+
+    def new_queue_id(self) -> str:
+        """A fresh queue id (assigned when a transaction starts, as in Received)."""
+        assert self._ids is not None
+        return self._ids.next()
+
+    def accept(self, sub: Submission) -> Deferred[str]:
+        """Clean up, filter and spool ``sub``; fires with its queue id once durable.
+
+        Fails with L{Refused} for a policy or content refusal; any other failure means
+        the spool did not take the message (answer 451 4.3.0).
+        """
+        return ensureDeferred(self._accept(sub))
+
+    async def _accept(self, sub: Submission) -> str:
+        now = self.clock.seconds()
+        cred = sub.credential
+        cleaned = cleanup(
+            sub.body,
+            CleanupInfo(
+                hostname=self.hostname,
+                queue_id=sub.queue_id,
+                helo=sub.helo,
+                client_ip=sub.client_ip,
+                client_name=None,
+                protocol=sub.protocol,
+                tls_version=sub.tls.version if sub.tls else None,
+                tls_cipher=sub.tls.cipher if sub.tls else None,
+                recipients=sub.envelope.recipients,
+                authenticated_as=cred.name if cred else None,
+                expose_auth=self.expose_auth,
+                now=now,
+                message_id_domain=self.hostname,
+            ),
+        )
+        if cred is not None and cred.domains:
+            hdr_domain = domain_of(cleaned.header_from) if cleaned.header_from else ""
+            if not cred.allows_sender_domain(hdr_domain):
+                raise Refused(
+                    Reply(550, "5.7.1", "Header From address not allowed for this credential")
+                )
+        keys = await self._signing_keys(cleaned.header_from, sub.tenant)
+        for content_filter in self.filters:
+            verdict = await content_filter.check(sub.envelope, cleaned.body)
+            if verdict is not None:
+                raise Refused(verdict)
+        body = cleaned.body
+        if keys:
+            # Hashing a large body and the RSA operation belong off the reactor thread.
+            body = await self.in_thread(sign_message, body, keys, int(now))
+        tenant = sub.tenant
+        meta = MessageMeta(
+            tenant=tenant,
+            received_at=now,
+            client_ip=sub.client_ip,
+            helo=sub.helo,
+            credential=cred.name if cred else None,
+            listener=sub.listener,
+            tls=sub.tls,
+            message_id=cleaned.message_id,
+            tags=cleaned.tags,
+            stream=cleaned.stream,
+            node=self.node,
+            sandbox=bool(cred and cred.sandbox),
+        )
+        await self.spool.enqueue(
+            NewMessage(queue_id=sub.queue_id, envelope=sub.envelope, meta=meta, body=body)
+        )
+        if self.on_queued is not None:
+            self.on_queued()
+        self._emit(
+            "accepted",
+            queue_id=sub.queue_id,
+            message_id=cleaned.message_id,
+            tenant=tenant,
+            sender=sub.envelope.sender,
+            recipients=sub.envelope.recipients,
+            tags=cleaned.tags,
+            tls=sub.tls,
+        )
+        return sub.queue_id
+
+    async def _signing_keys(self, header_from: str | None, tenant: str) -> tuple[SigningKey, ...]:
+        """The DKIM keys for the header From domain: its verified keys, when it belongs
+        to ``tenant`` or to no tenant; Refused when verified domains are required and
+        it has no verified key."""
+        if self.keyring is None:
+            return ()
+        domain = domain_of(header_from) if header_from else ""
+        sd = await self.keyring.lookup(domain) if domain else None
+        usable = sd is not None and sd.usable and sd.tenant in (None, tenant)
+        if not usable:
+            if self.require_verified_domains:
+                what = f"domain {domain}" if domain else "address"
+                raise Refused(Reply(
+                    550, "5.7.1", f"Header From {what} is not a verified sending domain"
+                ))
+            return ()
+        try:
+            return await self.keyring.signing_keys(domain)
+        except Exception:
+            # Never send unsigned what should be signed: the client gets 451 and retries.
+            log.failure("cannot load the DKIM keys of {domain}", domain=domain)
+            raise
+
+    def rejected(
+        self,
+        reply: Reply,
+        *,
+        tenant: str,
+        sender: str | None,
+        recipients: Sequence[str] = (),
+        queue_id: str | None = None,
+    ) -> None:
+        """Record a ``rejected`` event for a refused transaction (or command)."""
+        self._emit(
+            "rejected",
+            queue_id=queue_id,
+            tenant=tenant,
+            sender=sender,
+            recipient=recipients[0] if len(recipients) == 1 else None,
+            recipients=tuple(recipients),
+            response=reply,
+        )
+
+    def suppressed(self, recipient: str, *, tenant: str, sender: str | None) -> None:
+        """Record a ``suppressed`` event: RCPT to a suppressed address was refused."""
+        self._emit(
+            "suppressed",
+            tenant=tenant,
+            sender=sender,
+            recipient=recipient,
+            response=Reply(550, "5.1.1", "recipient suppressed"),
+        )
+
+    def _emit(self, type: str, **fields: Any) -> None:
+        """Record an event of ``type`` stamped now, from this node."""
+        event = Event.make(type, self.clock.seconds(), node=self.node, **fields)
+        # The message is already durable; a lost log line must not fail the 250.
+        try:
+            d = self.events.emit(event)
+        except Exception:
+            log.failure("event sink failed for {type}", type=event.type)
+            return
+        if isinstance(d, Deferred):
+            d.addErrback(lambda f: log.failure("event sink failed", f))

@@ -1,0 +1,1 @@
+"""The ``sendarix`` command, one module per command group, and the test sink."""

@@ -1,0 +1,1310 @@
+"""The delivery agent: leases due deliveries from the spool and sends them out.
+
+Every ``poll_interval`` seconds :class:`DeliveryService` leases what is due (no more
+than its bounded window of deliveries held has room for, leaving in the spool the mail
+of sites whose ready queue is full), groups the leased deliveries by destination domain
+and routes each group (MX lookup or smarthost pool; the simulator domain never leaves
+the process).  Routed deliveries wait in their site's ready queue
+(:mod:`sendarix.scheduler.ready`), their leases renewed; one drainer per site sends them,
+up to ``max_messages_per_connection`` per egress session, as the site's window,
+connection cap and rate admit, trying the next hop at once when a hop held no session
+(connection refused, or 421 before any transaction).  Each recipient's reply is
+classified (delivered, deferred, bounced), deferred recipients are rescheduled or
+expired by the retry schedule, and the outcome is recorded with ``ISpool.complete``,
+then reported as one event per recipient (DESIGN.md sections 3, 5, 6, 7, 9 and 12).
+
+Errors in one group or connection are logged and its leases given back; they never
+stop the loop.  A stop hands queued deliveries back to the spool at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from attrs import define, frozen
+from twisted.application.service import Service
+from twisted.internet import ssl
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from sendarix.config.settings import Config, EgressSourceConfig, RouteConfig
+from sendarix.egress import client as egress
+from sendarix.egress.sources import TieredSelector
+from sendarix.events.sinks import Event
+from sendarix.interfaces import (
+    IEgressSelector,
+    IEventSink,
+    IFailoverStrategy,
+    IRouter,
+    ISelectiveLease,
+    ISpool,
+    ISuppressionStore,
+    IThrottle,
+)
+from sendarix.model.message import (
+    LeasedDelivery,
+    RecipientOutcome,
+    RecipientRecord,
+    RecipientStatus,
+    Reply,
+    TLSInfo,
+)
+from sendarix.routing.mx import Hop, RouteError
+from sendarix.routing.pool import EndpointPool, OrderedFallback
+from sendarix.routing.providers import ProviderTable
+from sendarix.routing.rules import RouteFacts, RuleRouter, RuleTable
+from sendarix.routing.shaping import POOL_PREFIX, Shaping, SiteShape, strictest_tls
+from sendarix.routing.state import read_state, write_state
+from sendarix.routing.throttle import MemoryThrottle
+from sendarix.scheduler.classify import BounceRules, Classification, Verdict, classify
+from sendarix.scheduler.ready import ReadyQueues
+from sendarix.scheduler.retry import RetrySchedule
+from sendarix.stores.redis.connection import is_outage
+
+__all__ = ["DeliveryService", "simulate"]
+
+log = Logger()
+
+#: The ``mx`` of events for simulated deliveries.
+SIMULATOR_MX = "simulator"
+#: Seconds a stopping service waits for groups in flight before it lets go.
+STOP_GRACE = 30.0
+#: The longest a connection waits for its site's rate to admit one more message;
+#: beyond it the session ends and the rest of the batch goes back to the ready queue.
+MAX_PACE_WAIT = 2.0
+#: The longest a site's drainer sleeps at a time (so a stop is noticed soon).
+DRAIN_NAP = 1.0
+#: Messages a second one connection is counted on to carry for a paced site (a
+#: provider taking up to half a second per message): a paced site gets no more
+#: connections at once than its rate needs at this speed.
+PACED_PER_CONNECTION = 2.0
+#: Seconds of a paced site's rate that one connection takes from the ready queue.
+PACED_BATCH_SECONDS = 10.0
+#: Failed connection attempts (nothing sent) a queued delivery gets before it is
+#: handed back to the spool.
+MAX_FAILURES = 5
+#: The source name in per-source throttle keys when no [[egress.source]] is used.
+SYSTEM_SOURCE = "system"
+#: Seconds between two writes of the routing state file.
+STATE_INTERVAL = 5.0
+
+
+@frozen
+class _GroupKey:
+    """Deliveries handled together: the rule that routes them (-1: the default
+    route), the egress pool they leave from (None: the system's address), the domain."""
+
+    rule: int
+    egress_pool: str | None
+    domain: str
+
+
+@define(eq=False)
+class _Connection:
+    """Where the deliveries of one group go: what their connections share."""
+
+    key: _GroupKey
+    site: str
+    shape: SiteShape
+    hops: tuple[Hop, ...]
+    strategy: IFailoverStrategy
+
+
+@frozen
+class _Ready:
+    """A leased, routed delivery waiting in its site's ready queue."""
+
+    conn: _Connection
+    delivery: LeasedDelivery
+
+
+@frozen
+class _Attempt:
+    """What one attempt did for one recipient, with where it went."""
+
+    record: RecipientRecord
+    reply: Reply
+    mx: str | None = None
+    mx_ip: str | None = None
+    source_ip: str | None = None
+    tls: TLSInfo | None = None
+
+
+def simulate(local_part: str, attempt: int) -> Reply | None:
+    """The reply the simulator gives a recipient's ``attempt``-th attempt (1-based),
+    by local part (DESIGN.md section 12); None means the recipient is suppressed."""
+    kind = local_part.lower().split("+", 1)[0]
+    if kind == "suppressed":
+        return None
+    if kind == "bounce":
+        return Reply(550, "5.1.1", "simulated bounce: no such user")
+    if kind == "defer" and attempt <= 1:
+        return Reply(421, "4.7.0", "simulated deferral: try again later")
+    if kind == "greylist" and attempt <= 1:
+        return Reply(450, "4.2.0", "simulated greylisting: greylisted, try again later")
+    if kind == "timeout":
+        return Reply(451, "4.4.2", "simulated timeout waiting for the server")
+    return Reply(250, "2.0.0", "simulated delivery: OK")
+
+
+def _route_reply(error: RouteError) -> Reply:
+    if error.permanent:
+        code = 550 if error.enhanced.startswith("5.1.") else 554
+        return Reply(code, error.enhanced, error.reason)
+    return Reply(451, error.enhanced, error.reason)
+
+
+def _held_no_session(result: egress.SessionResult) -> bool:
+    """True when the hop refused us before any transaction: a connect error, no
+    greeting (closed or timed out first), or a 421 (greeting or EHLO) that every
+    message got as its only reply."""
+    if result.connect_error is not None or not result.greeted:
+        return True
+    replies = [m.message_reply for m in result.results]
+    first = replies[0] if replies else None
+    if first is None or first.code != 421:
+        return False
+    return all(
+        m.message_reply == first and all(r.reply == first for r in m.recipients)
+        for m in result.results
+    )
+
+
+def _put_back(
+    deliveries: Sequence[LeasedDelivery],
+    pending: list[LeasedDelivery],
+    back: list[LeasedDelivery],
+) -> None:
+    """Move ``deliveries`` from a connection's ``pending`` list to ``back`` (the site's
+    ready queue takes them again, leases kept)."""
+    for delivery in deliveries:
+        pending.remove(delivery)
+        back.append(delivery)
+
+
+class DeliveryService(Service):
+    """Delivers what the spool has due, forever, until stopped.
+
+    @param ready: a callable returning a Deferred that fires once the stores are open;
+        the loop starts after it (None: at once).
+    @param window: the most leased deliveries in flight at a time.
+    """
+
+    name = "delivery"
+
+    def __init__(
+        self,
+        config: Config,
+        spool: ISpool,
+        events: IEventSink,
+        suppressions: ISuppressionStore,
+        router: IRouter,
+        reactor: Any,
+        *,
+        ready: Callable[[], Deferred[Any]] | None = None,
+        poll_interval: float = 0.5,
+        window: int = 100,
+        rules: BounceRules | None = None,
+        rng: random.Random | None = None,
+        routers: Mapping[str, tuple[IRouter, IFailoverStrategy]] | None = None,
+        throttle: IThrottle | None = None,
+        selector: IEgressSelector | None = None,
+        state_file: str | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.events = events
+        self.suppressions = suppressions
+        self.router = router
+        self.reactor = reactor
+        self.poll_interval = poll_interval
+        self.window = window
+        self.rules = rules if rules is not None else BounceRules.default()
+        self.schedule = RetrySchedule.from_config(config.delivery)
+        self.rng = rng if rng is not None else random.Random()
+        self._ready = ready
+        # MX host → provider name (events' ``provider``), and the shaping key (site).
+        self.providers = ProviderTable.default().merged(config.providers)
+        # [[route]] rules over via → (router, failover strategy); "mx" is ``router``.
+        self.routes = RuleRouter(
+            RuleTable(config.routes),
+            {"mx": (router, OrderedFallback()), **(routers or {})},
+        )
+        self.throttle: IThrottle = throttle if throttle is not None else MemoryThrottle()
+        self.shaping = Shaping(self.providers, config.delivery)
+        # None when no [[egress.source]] is configured: the system's address.
+        self.selector: IEgressSelector | None = None
+        if config.egress_sources:
+            self.selector = (
+                selector if selector is not None else TieredSelector(config.egress_sources)
+            )
+        self._egress_pools = set(config.egress_pools)
+        # Where the routing state is written for `sendarix queue stats` (None: never).
+        self.state_file = state_file
+        self._state_loop: LoopingCall | None = None
+        self._loop: LoopingCall | None = None
+        # Leased deliveries held in memory: routed ones wait in their site's ready
+        # queue; ``_leased`` is every lease held (renewed while held).
+        self.ready_queues: ReadyQueues[_Ready] = ReadyQueues(window)
+        self._routing = 0
+        self._polls = 0
+        self._leased: dict[tuple[str, str], LeasedDelivery] = {}
+        self._drainers: dict[str, Deferred[None] | None] = {}
+        self._wakeups: dict[str, Deferred[None]] = {}
+        self._renewer: LoopingCall | None = None
+        # Sites whose drainer should wait before the next connection: every egress
+        # source was at its cap, or the spool failed.
+        self._backoff: set[str] = set()
+        # Connections open (or being opened) per site by its drainer.
+        self._sessions: dict[str, int] = {}
+        # Failed connection attempts per delivery that was kept queued.
+        self._failures: dict[tuple[str, str], int] = {}
+        #: Spool traffic of the lease poll: deliveries leased, handed back unsent
+        #: (released) and kept leased until their site has room (parked).
+        self.counters = {"leased": 0, "released": 0, "parked": 0}
+        self._polling: Deferred[Any] | None = None
+        self._wake_missed = False
+        self._running: set[Deferred[Any]] = set()
+        self._groups = DeferredSemaphore(config.delivery.concurrency)
+        self._trust_root: Any = None
+        if config.delivery.ca_file:
+            with open(config.delivery.ca_file, "rb") as f:
+                self._trust_root = ssl.Certificate.loadPEM(f.read())
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._restore_state()
+        if self._ready is None:
+            self._start_loop()
+            return
+        d = self._ready()
+        d.addCallback(lambda _: self._start_loop())
+        d.addErrback(lambda f: log.failure("delivery not started", f))
+
+    def _start_loop(self) -> None:
+        if not self.running:
+            return
+        # A node restarting under its own name takes back the leases its previous
+        # life held at once, rather than waiting for them to expire (DESIGN.md 15).
+        d = maybeDeferred(self.spool.reclaim, self.config.node.name)
+        d.addCallback(self._reclaimed)
+        d.addErrback(self._failed, "reclaiming our own leases failed")
+        d.addBoth(lambda _: self._begin_polling())
+
+    def _reclaimed(self, count: Any) -> None:
+        if count:
+            log.info("took back {count} leases held by a previous run", count=count)
+
+    def _begin_polling(self) -> None:
+        if not self.running or self._loop is not None:
+            return
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self.reactor
+        self._loop.start(self.poll_interval, now=True)
+        self._renewer = LoopingCall(self._renew_held)
+        self._renewer.clock = self.reactor
+        self._renewer.start(self.config.spool.lease_time / 3.0, now=False).addErrback(
+            lambda f: self._failed(f, "renewing leases stopped")
+        )
+        if self.state_file is not None:
+            self._state_loop = LoopingCall(self._write_state)
+            self._state_loop.clock = self.reactor
+            self._state_loop.start(STATE_INTERVAL, now=False).addErrback(
+                lambda f: self._failed(f, "writing the routing state stopped")
+            )
+
+    def routing_state(self) -> dict[str, Any]:
+        """What this node knows about sites, pool endpoints and egress sources (the
+        routing state file's content)."""
+        now = self.reactor.seconds()
+        today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+        sites = []
+        for site, shape in sorted(self.shaping.sites.items()):
+            entry = shape.describe(now)
+            entry["queued"] = self.ready_queues.queued(site)
+            opened = getattr(self.throttle, "connections", None)
+            if callable(opened):
+                entry["open"] = opened("conn:" + site)
+            sites.append(entry)
+        pools = {
+            via[5:]: strategy.states(now)
+            for via, (_, strategy) in self.routes.routers.items()
+            if via.startswith("pool:") and isinstance(strategy, EndpointPool)
+        }
+        egress_state: list[dict[str, object]] = []
+        if isinstance(self.selector, TieredSelector):
+            egress_state = self.selector.snapshot(now, today)
+        return {
+            "node": self.config.node.name,
+            "written_at": now,
+            "sites": sites,
+            "pools": pools,
+            "egress": egress_state,
+        }
+
+    def _restore_state(self) -> None:
+        """Take back today's warmup counts and the deprioritization marks from the
+        routing state file a previous run of this node wrote (a small local file,
+        read once at start)."""
+        # A shared (Redis) selector keeps its counts in Redis: nothing to take back.
+        if self.state_file is None or type(self.selector) is not TieredSelector:
+            return
+        state = read_state(self.state_file)
+        if state is None or state.get("node") != self.config.node.name:
+            return
+        written_at = state.get("written_at")
+        entries = state.get("egress")
+        if not isinstance(written_at, (int, float)) or not isinstance(entries, list):
+            return
+        today = datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.UTC).date()
+        taken = self.selector.restore(entries, float(written_at), today)
+        if taken:
+            log.info("took back {n} warmup counts and marks from {path}",
+                     n=taken, path=self.state_file)
+
+    def _write_state(self) -> Deferred[Any]:
+        assert self.state_file is not None
+        d = deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), write_state, self.state_file,
+            self.routing_state(),
+        )
+        d.addErrback(lambda f: self._failed(f, "writing the routing state failed"))
+        return d
+
+    def stopService(self) -> Deferred[Any]:
+        """Stop polling; wait (at most ``STOP_GRACE`` seconds) for groups in flight.
+        Leases of anything not finished simply expire."""
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._state_loop is not None and self._state_loop.running:
+            self._state_loop.stop()
+            # The last word, so a restart takes back today's counts and marks.
+            try:
+                write_state(self.state_file, self.routing_state())  # type: ignore[arg-type]
+            except OSError:
+                log.failure("writing the routing state at stop failed")
+        self._state_loop = None
+        if self._renewer is not None and self._renewer.running:
+            self._renewer.stop()
+        self._renewer = None
+        for wakeup in list(self._wakeups.values()):
+            wakeup.callback(None)
+        # What waits in the ready queues goes back to the spool at once; what is
+        # being sent finishes (within the grace period).
+        for ready in self.ready_queues.drain_all():
+            released: Deferred[bool] = Deferred.fromCoroutine(self._release(ready.delivery))
+            self._running.add(released)
+            released.addBoth(self._forget, released)
+        if not self._running and self._polling is None:
+            return Deferred.fromCoroutine(_nothing())
+        done = Deferred.fromCoroutine(self._stopping(self._polling))
+        out: Deferred[None] = Deferred()
+        def give_up() -> None:
+            if not out.called:
+                out.callback(None)
+
+        timer = self.reactor.callLater(STOP_GRACE, give_up)
+
+        def finished(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not out.called:
+                out.callback(None)
+
+        done.addBoth(finished)
+        return out
+
+    def _failed(self, failure: Failure, what: str, **kw: Any) -> None:
+        # While the node stops, the stores close under groups still in flight: that is
+        # expected (their leases expire), not an error worth a traceback.
+        if self.running and is_outage(failure):
+            log.warn(what + ": {why}", why=failure.getErrorMessage(), **kw)
+        elif self.running:
+            log.failure(what, failure, **kw)
+        else:
+            log.info(what + " while stopping: {why}", why=failure.getErrorMessage(), **kw)
+
+    # -- the loop -----------------------------------------------------------------
+
+    def wake(self) -> None:
+        """New mail is queued: poll now rather than at the next interval.  Wakes while
+        a poll is in flight (or the window is full) are folded into one more poll
+        when it ends (or when a group finishes)."""
+        if self._loop is not None:
+            self._tick()
+
+    def _tick(self) -> None:
+        # Never return the Deferred: a failing poll must not stop the LoopingCall.
+        for site in self.ready_queues.sites():
+            if site not in self._drainers:
+                self._kick(site)
+        free = 0 if self._polling is not None else self.ready_queues.poll_limit(
+            self.window - self.ready_queues.total() - self._routing
+        )
+        if free <= 0:
+            # Folded into one more poll when this one ends or a delivery settles.
+            self._wake_missed = True
+            return
+        self._wake_missed = False
+        now = self.reactor.seconds()
+        node, lease_time = self.config.node.name, self.config.spool.lease_time
+        # Mail of sites whose ready queue is full stays in the spool.
+        skip = self.ready_queues.skip_domains()
+        if skip and ISelectiveLease.providedBy(self.spool):
+            d = self.spool.lease_due_except(node, now, free, lease_time, skip)
+        else:
+            d = self.spool.lease_due(node, now, free, lease_time)
+        self._polling = d
+
+        def done(result: Any) -> None:
+            self._polling = None
+            # A full poll (limited by one site's room) likely left more due, and
+            # wakes while it ran asked for another: go on at once.
+            full = isinstance(result, list) and len(result) > 0 and len(result) >= free
+            if self._wake_missed or (full and self.running):
+                self.wake()
+
+        d.addCallback(self._dispatched)
+        d.addErrback(self._failed, "leasing due deliveries failed")
+        d.addBoth(done)
+
+    async def _stopping(self, polling: Deferred[Any] | None) -> None:
+        """Wait for the poll in flight, then for every group and connection, including
+        those that poll started (its Deferred has its own errback)."""
+        if polling is not None:
+            await polling
+        running = list(self._running)
+        if running:
+            await DeferredList(running, consumeErrors=True)
+
+    def _dispatched(self, leased: list[LeasedDelivery]) -> list[LeasedDelivery]:
+        self._dispatch(leased)
+        return leased
+
+    def _dispatch(self, leased: list[LeasedDelivery]) -> None:
+        if not self.running:
+            # Leased while stopping: hand them back at once, so that another node
+            # takes them now rather than when the leases expire.
+            for delivery in leased:
+                released: Deferred[bool] = Deferred.fromCoroutine(self._release(delivery))
+                self._running.add(released)
+                released.addBoth(self._forget, released)
+            return
+        self.counters["leased"] += len(leased)
+        self._polls += 1
+        groups: dict[_GroupKey, list[LeasedDelivery]] = {}
+        for delivery in leased:
+            self._leased[delivery.queue_id, delivery.domain] = delivery
+            groups.setdefault(self._group_key(delivery), []).append(delivery)
+        for key, deliveries in groups.items():
+            self._routing += len(deliveries)
+            d = self._groups.run(self._group, key, deliveries, self._polls)
+            self._running.add(d)
+
+            def finished(_: Any, d: Deferred[Any] = d, n: int = len(deliveries)) -> None:
+                self._running.discard(d)
+                self._routing -= n
+                if self._wake_missed:
+                    self.wake()
+
+            d.addBoth(finished)
+
+    def _group_key(self, delivery: LeasedDelivery) -> _GroupKey:
+        """Deliveries share a group when the same rule routes them to the same domain
+        from the same egress pool (routing depends on sender, tenant, tags, stream)."""
+        meta = delivery.meta
+        facts = RouteFacts.of(
+            delivery.domain, delivery.envelope.sender, meta.tenant, meta.tags, meta.stream
+        )
+        choice = self.routes.choose(facts)
+        rule = choice.rule
+        pool: str | None = None
+        if self.selector is not None:
+            pool = rule.egress_pool or self.config.tenant(meta.tenant).egress_pool or "default"
+            if pool not in self._egress_pools:
+                pool = None  # no such sources: the system's address
+        return _GroupKey(choice.index, pool, delivery.domain)
+
+    # -- one group ----------------------------------------------------------------
+
+    def _group(
+        self, key: _GroupKey, deliveries: list[LeasedDelivery], poll: int
+    ) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._run_group(key, deliveries, poll))
+
+    async def _run_group(
+        self, key: _GroupKey, deliveries: list[LeasedDelivery], poll: int = 0
+    ) -> None:
+        """Route one group's leased deliveries and queue them for their site; simulated
+        ones, route errors and paused sites are settled at once.  Errors release the
+        deliveries not yet queued."""
+        domain = key.domain
+        pending = list(deliveries)
+        try:
+            choice = self.routes.choice(key.rule)
+            rule = choice.rule
+            # The simulator (its domain, or a route to it), and all mail of sandbox
+            # credentials: answered here, never sent out.
+            simulated = (
+                choice.router is None or choice.strategy is None
+                or domain.lower() == self.config.simulator.domain.lower()
+            )
+            for delivery in [d for d in deliveries if simulated or d.meta.sandbox]:
+                await self._simulate(delivery)
+                pending.remove(delivery)
+            deliveries = list(pending)
+            if not deliveries:
+                return
+            # Not simulated, so the rule names a real router and strategy.
+            assert choice.router is not None and choice.strategy is not None
+            strategy = choice.strategy
+            route = await choice.router.route(domain)
+            if route.error is not None:
+                reply = _route_reply(route.error)
+                await self._defer_all(deliveries, pending, reply)
+                return
+            site = self._site_of(rule, route.hops)
+            shape = self.shaping.get(site)
+            # Repeated connection failures (Postfix's "dead destination") or
+            # rate-limit refusals: defer at once instead of trying once per message.
+            paused = self._paused(domain, shape, self.reactor.seconds())
+            if paused is not None:
+                await self._defer_all(deliveries, pending, paused)
+                return
+            conn = _Connection(key, site, shape, route.hops, strategy)
+            # Mail of a site met for the first time was leased before the poll could
+            # know its site: keep it all (within the window).
+            first = not self.ready_queues.knew(site, poll)
+            self.ready_queues.note_domain(domain, site, poll)
+            for delivery in deliveries:
+                if not self.ready_queues.offer(site, key, _Ready(conn, delivery), first):
+                    # The site holds its share already (the spool could not leave
+                    # this one out): keep the lease until the site can take it.
+                    await self._park(conn, delivery)
+                pending.remove(delivery)
+            self._kick(site)
+        except Exception:
+            self._failed(Failure(), "delivery to {domain} failed", domain=domain)
+            for delivery in pending:
+                await self._release(delivery)
+
+    async def _defer_all(
+        self, deliveries: Sequence[LeasedDelivery], pending: list[LeasedDelivery], reply: Reply
+    ) -> None:
+        for delivery in deliveries:
+            if delivery in pending:
+                await self._finish(delivery, [_Attempt(r, reply) for r in delivery.recipients])
+                pending.remove(delivery)
+
+    def _site_of(self, rule: RouteConfig, hops: Sequence[Hop]) -> str:
+        """The shaping key: ``pool:NAME`` for smarthost routes, else the provider name
+        or MX rollup of the hop hosts."""
+        if rule.pool is not None:
+            return POOL_PREFIX + rule.pool
+        return self.providers.site_for(h.host for h in hops)
+
+    # -- the ready queues ---------------------------------------------------------
+
+    def _kick(self, site: str) -> None:
+        """Wake ``site``'s drainer, or start one when its ready queue has none."""
+        wakeup = self._wakeups.pop(site, None)
+        if wakeup is not None and not wakeup.called:
+            wakeup.callback(None)
+        if site in self._drainers or not self.running or not self.ready_queues.queued(site):
+            return
+        # Registered before it runs: the drainer's first steps run at once and may
+        # kick the site again (a connection that ends without waiting).
+        self._drainers[site] = None
+        d = Deferred.fromCoroutine(self._drain(site))
+        d.addErrback(self._failed, "draining the ready queue of {site} failed", site=site)
+
+        def finished(_: Any) -> None:
+            self._drainers.pop(site, None)
+            self._running.discard(d)
+
+        d.addBoth(finished)
+        if not d.called:
+            self._drainers[site] = d
+            self._running.add(d)
+
+    def _nap(self, site: str, seconds: float) -> Deferred[None]:
+        """Sleep up to ``seconds`` (at most ``DRAIN_NAP``), or until ``_kick(site)``."""
+        d: Deferred[None] = Deferred()
+        self._wakeups[site] = d
+
+        def wake() -> None:
+            if not d.called:
+                d.callback(None)
+
+        timer = self.reactor.callLater(max(0.0, min(seconds, DRAIN_NAP)), wake)
+
+        def woken(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if self._wakeups.get(site) is d:
+                del self._wakeups[site]
+            return result
+
+        d.addBoth(woken)
+        return d
+
+    def _paused(self, name: str, shape: SiteShape, now: float) -> Reply | None:
+        """The deferral reply while the site is dead or paused, else None."""
+        if shape.window.is_dead(now):
+            return Reply(451, "4.4.1", f"{name}: destination not responding, suspended")
+        if shape.is_suspended(now):
+            assert shape.suspended_until is not None
+            wait = max(1, int(shape.suspended_until - now + 0.999))
+            return Reply(
+                451, "4.7.0",
+                f"{shape.site}: paused after rate-limit replies, try again in {wait} seconds",
+            )
+        return None
+
+    async def _drain(self, site: str) -> None:
+        """Send ``site``'s ready queue, one connection per batch, as the site's window,
+        connection cap and rate admit; sleep (woken when a connection ends or mail
+        arrives) while they do not."""
+        shape = self.shaping.get(site)
+        conn_key = "conn:" + site
+        while self.running and self.ready_queues.queued(site):
+            if site in self._backoff:
+                # Every source's connections to the site are open, or the spool
+                # failed: wait a while (or for a connection to end).
+                self._backoff.discard(site)
+                await self._nap(site, DRAIN_NAP)
+                continue
+            now = self.reactor.seconds()
+            reply = self._paused(site, shape, now)
+            if reply is not None:
+                for ready in self.ready_queues.drain(site):
+                    try:
+                        await self._defer_all([ready.delivery], [ready.delivery], reply)
+                    except Exception:
+                        self._failed(Failure(), "deferring {queue_id} failed",
+                                     queue_id=ready.delivery.queue_id)
+                        await self._release(ready.delivery)
+                return
+            if self._sessions.get(site, 0) >= self._connections_needed(shape):
+                # A paced site's open connections already carry its rate.
+                await self._nap(site, DRAIN_NAP)
+                continue
+            if not shape.window.try_acquire(now):
+                await self._nap(site, DRAIN_NAP)
+                continue
+            taken = await self._throttled(
+                self.throttle.acquire_connection, conn_key, shape.max_connections, now
+            )
+            if not taken:
+                shape.window.release()
+                await self._nap(site, DRAIN_NAP)
+                continue
+            started = False
+            try:
+                # The first message of the connection waits for the site's rate here.
+                batch = (
+                    self.ready_queues.take(site, self._batch_size(shape))
+                    if await self._await_rate(site, shape) else []
+                )
+                if batch:
+                    self._sessions[site] = self._sessions.get(site, 0) + 1
+                    d = Deferred.fromCoroutine(self._send_taken(site, batch, conn_key))
+                    started = True
+                    self._running.add(d)
+                    d.addBoth(self._forget, d)
+            finally:
+                if not started:
+                    shape.window.release()
+                    await self._throttled(self.throttle.release_connection, conn_key)
+
+    @staticmethod
+    def _batch_size(shape: SiteShape) -> int:
+        """Messages for one connection: for a paced site no more than its rate admits
+        in ``PACED_BATCH_SECONDS``, so what a slow site holds drains a few at a time
+        and its ready queue is topped up in between."""
+        size = shape.messages_per_connection
+        rate = shape.current_rate
+        if rate is not None:
+            size = min(size, max(1, int(rate / shape.period * PACED_BATCH_SECONDS) + 1))
+        return size
+
+    @staticmethod
+    def _connections_needed(shape: SiteShape) -> int:
+        """The most connections worth opening at once: for a paced site, what its rate
+        needs (more would only share the rate and wait); else the window's limit."""
+        rate = shape.current_rate
+        if rate is None:
+            return shape.window.limit
+        return max(1, math.ceil(rate / shape.period / PACED_PER_CONNECTION))
+
+    def _forget(self, result: Any, d: Deferred[Any]) -> Any:
+        self._running.discard(d)
+        return result
+
+    async def _await_rate(self, site: str, shape: SiteShape) -> bool:
+        """Wait until the site's rate admits one message (counted); False when the
+        service stops first."""
+        key = "rate:" + site
+        while self.running:
+            rate = shape.current_rate
+            if rate is None:
+                return True
+            wait = await self._throttled(
+                self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
+            )
+            if wait is not None and wait <= 0:
+                return True
+            await deferLater(
+                self.reactor, DRAIN_NAP if wait is None else min(wait, DRAIN_NAP), lambda: None
+            )
+        return False
+
+    async def _throttled(self, method: Callable[..., Any], *args: Any) -> Any:
+        """Call an IThrottle method; None when it fails (a shared throttle whose store
+        is unreachable): callers then wait, never count on a slot or a rate."""
+        try:
+            return await maybeDeferred(method, *args)
+        except Exception as e:
+            if self.running:
+                log.warn("throttle {method} failed: {error}", method=method.__name__, error=e)
+            return None
+
+    async def _send_taken(self, site: str, batch: list[_Ready], conn_key: str) -> None:
+        """Send a batch taken from ``site``'s queue over one connection (slots held);
+        what the session could not send goes back to the queue."""
+        conn = batch[0].conn
+        deliveries = [r.delivery for r in batch]
+        pending = list(deliveries)
+        back: list[LeasedDelivery] = []
+        attempted: list[LeasedDelivery] = []
+        try:
+            await self._send_batch(conn, deliveries, pending, back, attempted)
+        except Exception:
+            conn.shape.window.release()
+            self._failed(Failure(), "delivery to {domain} failed", domain=conn.key.domain)
+            for delivery in pending:
+                key = (delivery.queue_id, delivery.domain)
+                tries = self._failures[key] = self._failures.get(key, 0) + 1
+                if self.running and delivery not in attempted and tries <= MAX_FAILURES:
+                    # Nothing was sent (the spool is down, say): keep it queued, still
+                    # leased and renewed, and try again after a pause.
+                    back.append(delivery)
+                    self._backoff.add(site)
+                else:
+                    # What may have been sent is never retried early (its lease
+                    # expires first); a delivery failing again and again goes back.
+                    self._failures.pop(key, None)
+                    await self._release(delivery)
+            pending.clear()
+        finally:
+            self._sessions[site] -= 1
+            if not self._sessions[site]:
+                del self._sessions[site]
+            await self._throttled(self.throttle.release_connection, conn_key)
+            keep = [r for r in batch if r.delivery in back]
+            if self.running:
+                self.ready_queues.put_back(site, conn.key, keep)
+                self.ready_queues.done(site, len(batch) - len(keep))
+                self._kick(site)
+                if self._wake_missed:
+                    self.wake()
+            else:
+                # Stopping: the ready queues were handed back already; so is this.
+                self.ready_queues.done(site, len(batch))
+                for ready in keep:
+                    await self._release(ready.delivery)
+
+    async def _park(self, conn: _Connection, delivery: LeasedDelivery) -> None:
+        """Keep ``delivery``'s lease, out of memory, until about when its site can take
+        it (its lease then expires and a later poll leases it again)."""
+        site, shape = conn.site, conn.shape
+        rate = shape.current_rate
+        interval = shape.period / rate if rate else 0.0
+        until = self.ready_queues.park_until(site, self.reactor.seconds(), interval)
+        try:
+            await self.spool.renew(delivery.queue_id, delivery.domain, self.config.node.name, until)
+        except Exception:
+            # The spool is down: its lease would run its whole time out; keep it in
+            # memory (the poll took it within the window) and send it in its turn.
+            self._failed(Failure(), "parking {queue_id} failed", queue_id=delivery.queue_id)
+            self.ready_queues.offer(site, conn.key, _Ready(conn, delivery), force=True)
+            return
+        self._leased.pop((delivery.queue_id, delivery.domain), None)
+        self.counters["parked"] += 1
+
+    async def _admit(self, conn: _Connection) -> bool:
+        """Ask the site's rate to admit one message (counted when admitted), waiting
+        up to ``MAX_PACE_WAIT`` seconds; False when it would take longer."""
+        shape = conn.shape
+        rate = shape.current_rate
+        if rate is None:
+            return True
+        key = "rate:" + conn.site
+        wait = await self._throttled(
+            self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
+        )
+        while wait is not None and 0 < wait <= MAX_PACE_WAIT:
+            await deferLater(self.reactor, wait, lambda: None)
+            rate = shape.current_rate or rate
+            wait = await self._throttled(
+                self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
+            )
+        return wait is not None and wait <= 0
+
+    def _pacer(self, conn: _Connection) -> Callable[[], Deferred[bool]] | None:
+        """The per-message ``pace`` callback of one session: the first message was
+        admitted before connecting, each further one asks the site's rate."""
+        if conn.shape.current_rate is None:
+            return None
+        first = [True]
+
+        def pace() -> Deferred[bool]:
+            if first[0]:
+                first[0] = False
+                return succeed(True)
+            return Deferred.fromCoroutine(self._admit(conn))
+
+        return pace
+
+    async def _send_batch(
+        self,
+        conn: _Connection,
+        batch: list[LeasedDelivery],
+        pending: list[LeasedDelivery],
+        back: list[LeasedDelivery],
+        attempted: list[LeasedDelivery],
+    ) -> None:
+        """One session (per hop tried) for one batch whose first message the site's
+        rate has admitted; each delivery leaves ``pending`` once it is settled or
+        moved to ``back`` (not sent: warmup cap or rate); ``attempted`` lists those
+        handed to a session.  The caller holds a window slot, which this settles."""
+        shape = conn.shape
+        window = shape.window
+        now = self.reactor.seconds()
+        today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+        # Where it leaves from: a source of the egress pool, within its warmup cap and
+        # with a connection to the site free.
+        source: EgressSourceConfig | None = None
+        slot: str | None = None
+        if self.selector is not None and conn.key.egress_pool is not None:
+            source, slot, capped = await self._choose_source(conn, now, today)
+            if capped:
+                window.release()
+                _put_back(batch, pending, back)
+                self._backoff.add(conn.site)
+                return
+            if source is None:
+                window.release()
+                # Warmup budgets renew at midnight UTC: come back then.
+                midnight = datetime.datetime.combine(
+                    today + datetime.timedelta(days=1), datetime.time(), datetime.UTC
+                ).timestamp()
+                reply = Reply(
+                    451, "4.7.0",
+                    f"no source of egress pool {conn.key.egress_pool} may send to "
+                    f"{conn.site} now (warmup caps reached for today), "
+                    f"try again in {max(1, int(midnight - now + 1))} seconds",
+                )
+                await self._defer_all(batch, pending, reply)
+                return
+            left = self.selector.remaining(source, conn.site, today)
+            if left is not None and left < len(batch):
+                _put_back(batch[left:], pending, back)
+                batch = batch[:left]
+        elif shape.max_connections_per_source is not None:
+            slot = f"conn:{SYSTEM_SOURCE}|{conn.site}"
+            if not await self._throttled(
+                self.throttle.acquire_connection, slot, shape.max_connections_per_source, now
+            ):
+                window.release()
+                _put_back(batch, pending, back)
+                self._backoff.add(conn.site)
+                return
+        try:
+            await self._send_from(conn, batch, pending, back, attempted, source, now, today)
+        finally:
+            if slot is not None:
+                await self._throttled(self.throttle.release_connection, slot)
+
+    async def _choose_source(
+        self, conn: _Connection, now: float, today: datetime.date
+    ) -> tuple[EgressSourceConfig | None, str | None, bool]:
+        """The egress source for one connection of ``conn`` and the throttle key of the
+        per-source connection slot taken for it (None: the site sets no per-source
+        cap), or (None, None, False) when no source has warmup budget left, or
+        (None, None, True) when every source tried has its connections open."""
+        assert self.selector is not None and conn.key.egress_pool is not None
+        cap = conn.shape.max_connections_per_source
+        tried: set[str] = set()
+        for _ in range(2 * len(self.config.egress_sources) + 1):
+            source = self.selector.choose(conn.key.egress_pool, conn.site, now, today)
+            if source is None:
+                return None, None, False
+            if cap is None:
+                return source, None, False
+            if source.name in tried:
+                continue
+            tried.add(source.name)
+            slot = f"conn:{source.name}|{conn.site}"
+            if await self._throttled(self.throttle.acquire_connection, slot, cap, now):
+                return source, slot, False
+        return None, None, True
+
+    async def _send_from(
+        self,
+        conn: _Connection,
+        batch: list[LeasedDelivery],
+        pending: list[LeasedDelivery],
+        back: list[LeasedDelivery],
+        attempted: list[LeasedDelivery],
+        source: EgressSourceConfig | None,
+        now: float,
+        today: datetime.date,
+    ) -> None:
+        """The session of :meth:`_send_batch`, from ``source`` (None: the system's
+        address)."""
+        shape = conn.shape
+        window = shape.window
+        messages: list[egress.OutboundMessage] = []
+        sending: list[LeasedDelivery] = []
+        # All bodies at once: the reads share one database round trip.
+        bodies = await gatherResults(
+            [maybeDeferred(self.spool.body, d.queue_id) for d in batch], consumeErrors=True
+        )
+        for delivery, body in zip(batch, bodies):
+            if body is None:
+                # Deleted while leased: nothing to send, nothing to record.
+                pending.remove(delivery)
+                await self._release(delivery)
+                continue
+            envelope = delivery.envelope
+            messages.append(
+                egress.OutboundMessage(
+                    queue_id=delivery.queue_id,
+                    sender=envelope.sender,
+                    recipients=tuple(r.address for r in delivery.recipients),
+                    body=body,
+                    smtputf8=envelope.smtputf8,
+                    eight_bit=(envelope.body or "").upper() in ("8BITMIME", "BINARYMIME"),
+                )
+            )
+            sending.append(delivery)
+        if not sending:
+            window.release()
+            return
+        hops = conn.strategy.order(conn.hops, now)
+        if source is not None and hops:
+            # A source reaches hops of its own address family only.
+            v6 = egress.is_ipv6(source.address)
+            hops = tuple(h for h in hops if egress.is_ipv6(h.address) == v6)
+            if not hops:
+                window.release()
+                reply = Reply(
+                    451, "4.4.1",
+                    f"{conn.site}: no {'IPv6' if v6 else 'IPv4'} address to send to from "
+                    f"egress source {source.name} ({source.address})",
+                )
+                await self._defer_all(sending, pending, reply)
+                return
+        if not hops:
+            window.release()
+            reply = Reply(
+                451, "4.4.1", f"{conn.site}: every endpoint is resting after failures"
+            )
+            await self._defer_all(sending, pending, reply)
+            return
+        if source is not None:
+            # Counted before sending, so concurrent connections never overshoot a cap.
+            for _ in sending:
+                self.selector.record_send(source.name, conn.site, today)  # type: ignore[union-attr]
+        dc = self.config.delivery
+        result: egress.SessionResult | None = None
+        hop: Hop | None = None
+        refused_421 = True
+        attempted.extend(sending)
+        for hop in hops:
+            result = await egress.deliver(
+                self.reactor,
+                hop.address,
+                hop.port,
+                messages,
+                helo=(source.ehlo if source is not None and source.ehlo else None)
+                or self.config.node.hostname,
+                tls=strictest_tls(shape.tls, hop.tls),
+                tls_hostname=hop.host,
+                trust_root=self._trust_root,
+                bind_address=source.address if source is not None else None,
+                connect_timeout=dc.connect_timeout,
+                command_timeout=dc.command_timeout,
+                auth=(hop.username, hop.password)
+                if hop.username is not None and hop.password is not None else None,
+                # Smarthosts are ours: one that does not greet at once is down.
+                greeting_timeout=dc.connect_timeout if hop.endpoint is not None else None,
+                pace=self._pacer(conn),
+            )
+            if not _held_no_session(result):
+                conn.strategy.succeeded(hop, self.reactor.seconds())
+                break
+            conn.strategy.failed(hop, self.reactor.seconds())
+            first = result.results[0].message_reply if result.results else None
+            if result.connect_error is not None or first is None or first.code != 421:
+                refused_421 = False
+            log.info(
+                "{host} ({address}) held no session: {reply}",
+                host=hop.host, address=hop.address,
+                reply=result.connect_error or result.results[0].message_reply,
+            )
+        assert result is not None and hop is not None  # a Route without error has hops
+        self._learn(conn, source, result, refused_421)
+        by_id = {m.queue_id: m for m in result.results}
+        settling: list[LeasedDelivery] = []
+        for delivery in sending:
+            if delivery.queue_id in result.unsent:
+                # Held back by the site's rate: back to the ready queue.
+                pending.remove(delivery)
+                back.append(delivery)
+                continue
+            settling.append(delivery)
+
+        async def settle(delivery: LeasedDelivery) -> None:
+            message = by_id[delivery.queue_id]
+            replies = {r.address: r.reply for r in message.recipients}
+            attempts = [
+                _Attempt(
+                    record,
+                    replies[record.address],
+                    mx=hop.host,
+                    mx_ip=result.mx_ip,
+                    source_ip=result.source_ip
+                    or (source.address if source is not None else None),
+                    tls=result.tls,
+                )
+                for record in delivery.recipients
+            ]
+            await self._finish(delivery, attempts)
+            pending.remove(delivery)
+
+        # Settled together, the outcomes and events of a session share their commits.
+        await gatherResults(
+            [Deferred.fromCoroutine(settle(d)) for d in settling], consumeErrors=True
+        )
+
+    def _learn(
+        self,
+        conn: _Connection,
+        source: EgressSourceConfig | None,
+        result: egress.SessionResult,
+        refused_421: bool,
+    ) -> None:
+        """Feed one session's outcome to the site's window and rate, and to the egress
+        selector: rate-limit and block replies slow the site and mark the source."""
+        shape = conn.shape
+        now = self.reactor.seconds()
+        if _held_no_session(result):
+            shape.window.failure(now)
+            if refused_421:
+                # Every host answered 421: slow down; refused again and again, the
+                # whole site pauses for a while.
+                shape.throttled(now, refused=True)
+                self._penalize(source, conn.site, now)
+            return
+        shape.window.success()
+        shape.held_session()
+        soft = self.config.delivery.soft_bounce_codes
+        signalled = blocked = False
+        for message in result.results:
+            for r in message.recipients:
+                if 200 <= r.reply.code < 300:
+                    shape.delivered()
+                    continue
+                c = classify(r.reply, self.rules, soft)
+                signalled = signalled or c.throttle
+                blocked = blocked or c.category == "reputation/block"
+        if signalled:
+            shape.throttled(now)
+        if signalled or blocked:
+            self._penalize(source, conn.site, now)
+
+    def _penalize(self, source: EgressSourceConfig | None, site: str, now: float) -> None:
+        if source is not None and self.selector is not None:
+            self.selector.penalize(source.name, site, now)
+            log.info(
+                "egress source {source} ({address}) deprioritized for {site}",
+                source=source.name, address=source.address, site=site,
+            )
+
+    async def _release(self, delivery: LeasedDelivery) -> bool:
+        """Give ``delivery``'s lease back (no longer renewed).  A release that fails
+        (the spool is down) is retried while the lease lasts: given up at once, the
+        delivery would wait for its lease to expire.  False when it was given up."""
+        self._leased.pop((delivery.queue_id, delivery.domain), None)
+        self._failures.pop((delivery.queue_id, delivery.domain), None)
+        deadline = self.reactor.seconds() + self.config.spool.lease_time
+        delay = 0.5
+        while True:
+            try:
+                await self.spool.release(
+                    delivery.queue_id, delivery.domain, self.config.node.name
+                )
+                self.counters["released"] += 1
+                return True
+            except Exception:
+                if not self.running or self.reactor.seconds() + delay >= deadline:
+                    self._failed(
+                        Failure(), "releasing {queue_id} failed", queue_id=delivery.queue_id
+                    )
+                    return False
+            await deferLater(self.reactor, delay, lambda: None)
+            delay = min(delay * 2, 10.0)
+
+    def _renew_held(self) -> Deferred[Any]:
+        """Renew the lease of every delivery held in memory (routing, queued or being
+        sent), every third of the lease time, so no other node takes it over."""
+        expires = self.reactor.seconds() + self.config.spool.lease_time
+        node = self.config.node.name
+        return DeferredList(
+            [
+                maybeDeferred(self.spool.renew, d.queue_id, d.domain, node, expires)
+                for d in list(self._leased.values())
+            ],
+            consumeErrors=True,
+        )
+
+    async def _simulate(self, delivery: LeasedDelivery) -> None:
+        attempts: list[_Attempt] = []
+        suppressed: list[RecipientRecord] = []
+        for record in delivery.recipients:
+            reply = simulate(record.address.rsplit("@", 1)[0], record.attempts + 1)
+            if reply is None:
+                suppressed.append(record)
+            else:
+                attempts.append(_Attempt(record, reply, mx=SIMULATOR_MX))
+        await self._finish(delivery, attempts, suppressed)
+        for a in attempts:
+            local = a.record.address.rsplit("@", 1)[0].lower().split("+", 1)[0]
+            if local == "complaint" and a.reply.code // 100 == 2:
+                await self._emit("complained", delivery, a, None)
+                await self._suppress(delivery, a.record.address, "complaint", "simulated complaint")
+
+    # -- outcomes -----------------------------------------------------------------
+
+    async def _finish(
+        self,
+        delivery: LeasedDelivery,
+        attempts: list[_Attempt],
+        suppressed: Sequence[RecipientRecord] = (),
+    ) -> None:
+        """Classify, record with ``complete``, then emit events and suppress."""
+        now = self.reactor.seconds()
+        soft = self.config.delivery.soft_bounce_codes
+        outcomes: list[RecipientOutcome] = []
+        reports: list[tuple[str, _Attempt, Classification | None]] = []
+        for a in attempts:
+            c = classify(a.reply, self.rules, soft)
+            if c.verdict is Verdict.DELIVERED:
+                outcomes.append(
+                    RecipientOutcome(a.record.address, RecipientStatus.DELIVERED, a.reply)
+                )
+                reports.append(("delivered", a, c))
+            elif c.verdict is Verdict.BOUNCED:
+                outcomes.append(
+                    RecipientOutcome(a.record.address, RecipientStatus.BOUNCED, a.reply)
+                )
+                reports.append(("bounced", a, c))
+            else:
+                when = self.schedule.next_attempt(
+                    a.record.attempts + 1, delivery.meta.received_at, now, self.rng, c
+                )
+                if when is None:
+                    outcomes.append(
+                        RecipientOutcome(a.record.address, RecipientStatus.EXPIRED, a.reply)
+                    )
+                    reports.append(("expired", a, c))
+                else:
+                    outcomes.append(
+                        RecipientOutcome(a.record.address, RecipientStatus.DEFERRED, a.reply, when)
+                    )
+                    reports.append(("deferred", a, c))
+        for record in suppressed:
+            outcomes.append(RecipientOutcome(record.address, RecipientStatus.SUPPRESSED))
+        await self.spool.complete(
+            delivery.queue_id, delivery.domain, self.config.node.name, outcomes, now
+        )
+        self._leased.pop((delivery.queue_id, delivery.domain), None)
+        self._failures.pop((delivery.queue_id, delivery.domain), None)
+        for kind, a, cl in reports:
+            await self._emit(kind, delivery, a, cl)
+            if kind in ("bounced", "expired") and self._suppresses(delivery.meta.tenant):
+                source = "bounce" if kind == "bounced" else "expired"
+                await self._suppress(delivery, a.record.address, source, str(a.reply.code)
+                                     + (f" {a.reply.enhanced}" if a.reply.enhanced else "")
+                                     + f" {a.reply.text}")
+        for record in suppressed:
+            await self._emit("suppressed", delivery, _Attempt(record, Reply(0, None, "")), None)
+
+    def _suppresses(self, tenant: str) -> bool:
+        if not self.config.delivery.hard_bounce_suppresses:
+            return False
+        tenant_config = self.config.tenants.get(tenant)
+        return tenant_config is None or tenant_config.suppress_hard_bounces
+
+    async def _suppress(
+        self, delivery: LeasedDelivery, address: str, source: str, reason: str
+    ) -> None:
+        try:
+            await self.suppressions.add(
+                delivery.meta.tenant, address, reason[:500], source, self.reactor.seconds()
+            )
+        except Exception:
+            self._failed(Failure(), "suppressing {address} failed", address=address)
+
+    async def _emit(
+        self, kind: str, delivery: LeasedDelivery, a: _Attempt, c: Classification | None
+    ) -> None:
+        meta = delivery.meta
+        response = a.reply if a.reply.code else None
+        event = Event.make(
+            kind,
+            self.reactor.seconds(),
+            queue_id=delivery.queue_id,
+            message_id=meta.message_id,
+            tenant=meta.tenant,
+            sender=delivery.envelope.sender,
+            recipient=a.record.address,
+            attempt=a.record.attempts + 1 if response is not None else None,
+            response=response,
+            mx=a.mx,
+            mx_ip=a.mx_ip,
+            source_ip=a.source_ip,
+            tls=a.tls,
+            provider=self.providers.provider_for(a.mx) if a.mx else None,
+            bounce_category=c.category if c is not None and kind != "delivered" else None,
+            tags=meta.tags,
+            node=self.config.node.name,
+        )
+        try:
+            await maybeDeferred(self.events.emit, event)
+        except Exception:
+            self._failed(Failure(), "emitting a {kind} event failed", kind=kind)
+
+
+async def _nothing() -> None:
+    return None

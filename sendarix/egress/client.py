@@ -1,0 +1,661 @@
+"""The egress ESMTP client: one session to one destination host, several messages.
+
+:func:`deliver` connects, says EHLO, negotiates STARTTLS by policy and sends each
+:class:`OutboundMessage` in turn, answering with a :class:`SessionResult` in which every
+message and every recipient has a definite reply, whatever happens to the connection.
+
+Why not ``twisted.mail.smtp.ESMTPClient``: its dot-stuffing corrupts messages (CRLF input,
+first line, 16 KiB chunk boundaries), it never pipelines, sends no MAIL FROM parameters,
+forgets the EHLO capabilities, RSETs after every message and its sender factory's
+Deferred never fires when the server drops the connection (LIBRARY-NOTES.md).  Working
+around all of that costs more than this small protocol: :class:`_SMTPConnection` only
+frames replies and matches them, in order, to the commands sent (a queue of Deferreds,
+so pipelining is just "send several, then await several"); the dialogue itself is one
+coroutine, :func:`_session`, which reads top to bottom like the RFC 5321 exchange.
+A lost connection or a timeout fails every waiting Deferred, and the coroutine turns
+that into a 4xx reply for whatever is still unanswered.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from sendarix.egress.replies import parse_reply_lines
+from sendarix.model.message import Reply, TLSInfo
+
+log = Logger()
+
+__all__ = [
+    "MessageResult",
+    "OutboundMessage",
+    "RecipientReply",
+    "SessionResult",
+    "client_endpoint",
+    "deliver",
+    "dot_stuff",
+    "is_ipv6",
+]
+
+TLS_POLICIES = ("may", "encrypt", "verify")
+
+# A reply line longer than this is a broken or hostile server, not SMTP.
+_MAX_REPLY_LINE = 8192
+# QUIT is a courtesy: do not wait long for its answer.
+_QUIT_TIMEOUT = 10.0
+_STUFF_RE = re.compile(rb"^\.", re.MULTILINE)
+
+
+# --------------------------------------------------------------------------- values
+
+
+@frozen
+class OutboundMessage:
+    """One message to send: envelope and final body bytes (CRLF line endings)."""
+
+    queue_id: str
+    sender: str
+    recipients: tuple[str, ...]
+    body: bytes = field(repr=lambda b: f"<{len(b)} bytes>")
+    smtputf8: bool = False
+    eight_bit: bool = False
+
+
+@frozen
+class RecipientReply:
+    """The destination's (or our synthesized) reply for one recipient."""
+
+    address: str
+    reply: Reply
+
+
+@frozen
+class MessageResult:
+    """The outcome of one message.
+
+    Each recipient's reply is its RCPT refusal if it was refused, otherwise the reply
+    that decided the transaction (end of data, or a MAIL/DATA refusal, or a synthesized
+    reply when the session broke).  ``message_reply`` is that deciding reply, or None
+    when every recipient was refused at RCPT.
+    """
+
+    queue_id: str
+    recipients: tuple[RecipientReply, ...]
+    message_reply: Reply | None
+
+
+@frozen
+class SessionResult:
+    """The outcome of one session: a result for every message given to :func:`deliver`.
+
+    ``connect_error`` is set (and also given to every recipient) when no SMTP session
+    took place; ``greeted`` is False when the connection ended (or timed out) before a
+    220 greeting; ``tls`` is the negotiated TLS version and cipher, if any.
+    ``unsent`` names the messages the ``pace`` callback held back: they have no result.
+    """
+
+    results: tuple[MessageResult, ...]
+    connect_error: Reply | None
+    tls: TLSInfo | None
+    mx_ip: str
+    source_ip: str | None
+    greeted: bool = True
+    unsent: tuple[str, ...] = ()
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """``body`` as DATA content: every line starting with "." gets another "." (the
+    first line too), a final CRLF is added if missing, and the end marker follows."""
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return _STUFF_RE.sub(b"..", body) + b".\r\n"
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+class _SessionBrokenError(Exception):
+    """The session ended early; ``reply`` is what unanswered messages get."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.text)
+        self.reply = reply
+
+
+@define(eq=False)
+class _Response:
+    """A complete reply and its raw lines (the EHLO capabilities live in them)."""
+
+    reply: Reply
+    lines: list[bytes]
+
+
+class _SMTPConnection(Protocol):
+    """Frames replies and hands them, in order, to the Deferreds of the commands sent.
+
+    The banner is the first expected reply.  Each wait has ``timeout`` seconds, counted
+    from when it becomes the oldest outstanding one; on expiry the connection is aborted.
+    When the connection ends every outstanding Deferred fails with :class:`_SessionBrokenError`.
+    """
+
+    def __init__(
+        self, reactor: Any, timeout: float, greeting_timeout: float | None = None
+    ) -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+        self.closed: Deferred[None] = Deferred()
+        self.last_421: Reply | None = None
+        self._buf = b""
+        self._lines: list[bytes] = []
+        self._waiting: deque[tuple[Deferred[_Response], str, float]] = deque()
+        self._timer: IDelayedCall | None = None
+        self._broken: Reply | None = None
+        self._connected = False
+        self.banner = self.expect("banner", greeting_timeout)
+
+    @property
+    def t(self) -> Any:
+        """The TCP (later TLS) transport, untyped: we use its non-ITransport methods."""
+        return self.transport
+
+    # ---- commands
+
+    def expect(self, what: str, timeout: float | None = None) -> Deferred[_Response]:
+        """A Deferred for the next reply not yet claimed (``what`` names it in errors)."""
+        d: Deferred[_Response] = Deferred()
+        if self._broken is not None:
+            d.errback(_SessionBrokenError(self._broken))
+            return d
+        self._waiting.append((d, what, self.timeout if timeout is None else timeout))
+        if len(self._waiting) == 1 and self._connected:
+            self._arm()
+        return d
+
+    def send(self, *commands: str) -> list[Deferred[_Response]]:
+        """Write the command lines in one segment; a Deferred per command's reply."""
+        if self._broken is None:
+            self.t.write(b"".join(c.encode("utf-8") + b"\r\n" for c in commands))
+        return [self.expect(c.split(" ", 1)[0].upper()) for c in commands]
+
+    def command(self, line: str, timeout: float | None = None) -> Deferred[_Response]:
+        """Send one command line; fires with its reply."""
+        if self._broken is None:
+            self.t.write(line.encode("utf-8") + b"\r\n")
+        return self.expect(line.split(" ", 1)[0].upper(), timeout)
+
+    def write(self, data: bytes) -> None:
+        """Raw bytes (the message content)."""
+        if self._broken is None:
+            self.t.write(data)
+
+    # ---- timers
+
+    def _arm(self) -> None:
+        self._disarm()
+        if self._waiting:
+            _, what, timeout = self._waiting[0]
+            self._timer = self.reactor.callLater(timeout, self._timed_out, what)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self, what: str) -> None:
+        self._timer = None
+        self._break(Reply(451, "4.4.2", f"timeout waiting for the reply to {what}"))
+        self.t.abortConnection()
+
+    # ---- connection events
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        # Without it a reused connection stalls on delayed ACKs (LIBRARY-NOTES.md).
+        self.t.setTcpNoDelay(True)
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buf += data
+        while self._broken is None:
+            i = self._buf.find(b"\n")
+            if i < 0:
+                if len(self._buf) > _MAX_REPLY_LINE:
+                    self._protocol_error("reply line too long")
+                return
+            line, self._buf = self._buf[: i + 1].rstrip(b"\r\n"), self._buf[i + 1 :]
+            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+                self._protocol_error(f"malformed reply line {line[:80]!r}")
+                return
+            self._lines.append(line)
+            if line[3:4] == b"-":
+                continue
+            lines, self._lines = self._lines, []
+            if any(x[:3] != line[:3] for x in lines):
+                self._protocol_error("reply lines with different codes")
+                return
+            self._answer(_Response(parse_reply_lines(lines), lines))
+
+    def _answer(self, response: _Response) -> None:
+        if response.reply.code == 421:
+            # The server is closing: this reply is what the rest of the session gets.
+            self.last_421 = response.reply
+        if not self._waiting:
+            log.debug("unsolicited reply {reply}", reply=response.reply)
+            return
+        d, _, _ = self._waiting.popleft()
+        self._arm()
+        d.callback(response)
+
+    def _protocol_error(self, why: str) -> None:
+        self._break(Reply(451, "4.5.0", f"SMTP protocol error: {why}"))
+        self.t.abortConnection()
+
+    def _break(self, reply: Reply) -> None:
+        """Fail every outstanding wait with ``reply`` (the first cause wins)."""
+        if self._broken is None:
+            self._broken = reply
+        self._disarm()
+        waiting, self._waiting = self._waiting, deque()
+        for d, _, _ in waiting:
+            d.errback(_SessionBrokenError(self._broken))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._connected = False
+        lost = self.last_421 or Reply(451, "4.4.2", "connection lost")
+        if reason is not None and self._broken is None and self.last_421 is None:
+            lost = Reply(451, "4.4.2", f"connection lost: {reason.getErrorMessage()}")
+        self._break(lost)
+        self.closed.callback(None)
+
+
+# --------------------------------------------------------------------------- session
+
+
+def _capabilities(lines: list[bytes]) -> dict[str, str]:
+    """EHLO keywords (upper case) to their parameters; the greeting line is skipped."""
+    caps: dict[str, str] = {}
+    for raw in lines[1:]:
+        text = raw[4:].decode("utf-8", errors="replace").strip()
+        if text:
+            keyword, _, params = text.partition(" ")
+            caps[keyword.upper()] = params.strip()
+    return caps
+
+
+def _all_get(messages: Sequence[OutboundMessage], reply: Reply) -> list[MessageResult]:
+    return [
+        MessageResult(m.queue_id, tuple(RecipientReply(r, reply) for r in m.recipients), reply)
+        for m in messages
+    ]
+
+
+@define
+class _Options:
+    helo: str
+    tls: str
+    tls_hostname: str
+    trust_root: Any
+    host: str
+    auth: tuple[str, str] | None = field(default=None, repr=False)
+    pace: Callable[[], Awaitable[bool]] | None = None
+
+
+@define
+class _State:
+    """What the session coroutine learned so far (read by :func:`deliver`)."""
+
+    results: list[MessageResult] = field(factory=list)
+    tls: TLSInfo | None = None
+    greeted: bool = False
+    unsent: tuple[str, ...] = ()
+
+
+async def _hello(conn: _SMTPConnection, helo: str) -> tuple[Reply, dict[str, str] | None]:
+    """EHLO, falling back to HELO on a 5xx; (final reply, capabilities or None)."""
+    ehlo = await conn.command(f"EHLO {helo}")
+    if ehlo.reply.code == 250:
+        return ehlo.reply, _capabilities(ehlo.lines)
+    if ehlo.reply.code // 100 != 5:
+        return ehlo.reply, None
+    helo_r = await conn.command(f"HELO {helo}")
+    return helo_r.reply, {}
+
+
+def _tls_context(opts: _Options) -> Any:
+    if opts.tls == "verify":
+        return ssl.optionsForClientTLS(opts.tls_hostname, trustRoot=opts.trust_root)
+    # may/encrypt: encryption without authentication, as for opportunistic SMTP TLS.
+    return ssl.CertificateOptions()
+
+
+async def _starttls(conn: _SMTPConnection, opts: _Options, state: _State) -> dict[str, str] | None:
+    """STARTTLS and the second EHLO; the new capabilities, or None to go on in clear."""
+    required = opts.tls != "may"
+    r = await conn.command("STARTTLS")
+    if r.reply.code != 220:
+        if required:
+            raise _SessionBrokenError(
+                Reply(451, "4.7.4", f"TLS required but STARTTLS failed: {r.reply.text}")
+            )
+        return None
+    conn.t.startTLS(_tls_context(opts))
+    try:
+        reply, caps = await _hello(conn, opts.helo)
+    except _SessionBrokenError as e:
+        if conn.last_421 is None:
+            raise _SessionBrokenError(
+                Reply(451, "4.7.5", f"TLS negotiation failed: {e.reply.text}")
+            ) from e
+        raise
+    if reply.code != 250 or caps is None:
+        raise _SessionBrokenError(reply if reply.code // 100 in (4, 5) else _lost(conn))
+    try:
+        handle = conn.t.getHandle()
+        state.tls = TLSInfo(
+            version=str(handle.get_protocol_version_name()),
+            cipher=str(handle.get_cipher_name()),
+        )
+    except Exception:
+        state.tls = TLSInfo(version="unknown", cipher="unknown")
+    return caps
+
+
+async def _authenticate(
+    conn: _SMTPConnection, opts: _Options, state: _State, caps: dict[str, str]
+) -> None:
+    """AUTH PLAIN with the smarthost credentials; only inside TLS.  Any failure defers
+    (a wrong password is our configuration, never the recipients' fault)."""
+    assert opts.auth is not None
+    if state.tls is None:
+        raise _SessionBrokenError(
+            Reply(451, "4.7.0", f"refusing to send AUTH credentials to {opts.host} without TLS")
+        )
+    mechanisms = caps.get("AUTH", "").upper().split()
+    if "PLAIN" not in mechanisms:
+        raise _SessionBrokenError(
+            Reply(451, "4.7.0", f"{opts.host} does not offer AUTH PLAIN")
+        )
+    username, password = opts.auth
+    token = base64.b64encode(
+        b"\0" + username.encode("utf-8") + b"\0" + password.encode("utf-8")
+    ).decode("ascii")
+    r = (await conn.command(f"AUTH PLAIN {token}")).reply
+    if r.code == 235:
+        return
+    if r.code == 421:
+        raise _SessionBrokenError(r)
+    raise _SessionBrokenError(
+        Reply(451, "4.7.8", f"AUTH refused by {opts.host}: {r.code} {r.text}")
+    )
+
+
+def _lost(conn: _SMTPConnection) -> Reply:
+    return conn.last_421 or Reply(451, "4.4.2", "unexpected reply, session abandoned")
+
+
+async def _transaction(
+    conn: _SMTPConnection, message: OutboundMessage, caps: dict[str, str]
+) -> MessageResult:
+    """MAIL, RCPTs, DATA and the content of one message; its result.
+
+    Raises :class:`_SessionBrokenError` when the session ends mid-way; the caller then
+    completes this message with the replies gathered so far (see ``partial``).
+    """
+    params = []
+    if "SIZE" in caps:
+        params.append(f"SIZE={len(message.body)}")
+    if message.eight_bit and "8BITMIME" in caps:
+        params.append("BODY=8BITMIME")
+    if message.smtputf8:
+        params.append("SMTPUTF8")
+    mail = " ".join([f"MAIL FROM:<{message.sender}>", *params])
+    rcpts = [f"RCPT TO:<{r}>" for r in message.recipients]
+    refused: dict[int, Reply] = {}
+    accepted: list[int] = []
+    partial = _Partial(message, refused)
+    waits: list[Deferred[_Response]] = []
+    try:
+        if "PIPELINING" in caps:
+            waits = conn.send(mail, *rcpts, "DATA")
+            mail_r = (await waits[0]).reply
+            for i, w in enumerate(waits[1:-1]):
+                rr = (await w).reply
+                if mail_r.code == 250 and rr.code // 100 == 2:
+                    accepted.append(i)
+                else:
+                    refused[i] = rr if mail_r.code == 250 else mail_r
+            data_r = (await waits[-1]).reply
+            if mail_r.code != 250:
+                return _finish(message, refused, mail_r)
+            if data_r.code == 354 and not accepted:
+                # RFC 2920: a 354 after all RCPTs failed still needs a (empty) content.
+                conn.write(b".\r\n")
+                await conn.expect("end of data")
+        else:
+            mail_r = (await conn.command(mail)).reply
+            if mail_r.code != 250:
+                for i in range(len(rcpts)):
+                    refused[i] = mail_r
+                return _finish(message, refused, mail_r)
+            for i, rcpt in enumerate(rcpts):
+                rr = (await conn.command(rcpt)).reply
+                if rr.code // 100 == 2:
+                    accepted.append(i)
+                else:
+                    refused[i] = rr
+            if not accepted:
+                return _finish(message, refused, None)
+            data_r = (await conn.command("DATA")).reply
+        if not accepted:
+            return _finish(message, refused, None)
+        if data_r.code != 354:
+            return _finish(message, refused, data_r)
+        partial.data_sent = True
+        conn.write(dot_stuff(message.body))
+        end_r = (await conn.expect("end of data")).reply
+        return _finish(message, refused, end_r)
+    except _SessionBrokenError as e:
+        raise _InterruptedError(partial.complete(e.reply)) from e
+    finally:
+        # Replies never awaited (the session broke half-way through a pipelined
+        # group) must not be logged as unhandled errors.
+        for w in waits:
+            w.addErrback(lambda _: None)
+
+
+@define
+class _Partial:
+    message: OutboundMessage
+    refused: dict[int, Reply]
+    data_sent: bool = False
+
+    def complete(self, reply: Reply) -> MessageResult:
+        """The result when the session broke with ``reply``: RCPT refusals stand."""
+        return _finish(self.message, self.refused, reply)
+
+
+class _InterruptedError(Exception):
+    """A transaction broken off: ``result`` completes its message, then the session ends."""
+
+    def __init__(self, result: MessageResult) -> None:
+        super().__init__(result.queue_id)
+        self.result = result
+
+
+def _finish(
+    message: OutboundMessage, refused: dict[int, Reply], final: Reply | None
+) -> MessageResult:
+    out = []
+    for i, address in enumerate(message.recipients):
+        reply = refused.get(i, final)
+        assert reply is not None  # final is None only when every recipient was refused
+        out.append(RecipientReply(address, reply))
+    return MessageResult(message.queue_id, tuple(out), final)
+
+
+def _succeeded(result: MessageResult) -> bool:
+    return result.message_reply is not None and result.message_reply.code // 100 == 2
+
+
+async def _session(
+    conn: _SMTPConnection, messages: Sequence[OutboundMessage], opts: _Options, state: _State
+) -> None:
+    """The whole dialogue; appends to ``state.results`` as messages are answered.
+
+    Raises :class:`_SessionBrokenError` when the session cannot go on.
+    """
+    banner = (await conn.banner).reply
+    if banner.code != 220:
+        raise _SessionBrokenError(banner)
+    state.greeted = True
+    reply, caps = await _hello(conn, opts.helo)
+    if caps is None or reply.code != 250:
+        raise _SessionBrokenError(reply if reply.code // 100 in (4, 5) else _lost(conn))
+    if "STARTTLS" in caps:
+        caps = await _starttls(conn, opts, state) or caps
+    elif opts.tls != "may":
+        raise _SessionBrokenError(
+            Reply(451, "4.7.4", f"TLS is required, but was not offered by {opts.host}")
+        )
+    if opts.auth is not None:
+        await _authenticate(conn, opts, state, caps)
+    limit = caps.get("SIZE", "0")
+    max_size = int(limit) if limit.isdigit() else 0
+    dirty = False
+    for i, message in enumerate(messages):
+        if opts.pace is not None and not await opts.pace():
+            state.unsent = tuple(m.queue_id for m in messages[i:])
+            return
+        if message.smtputf8 and "SMTPUTF8" not in caps:
+            reply = Reply(553, "5.6.7", f"{opts.host} does not support SMTPUTF8")
+            state.results.append(_finish(message, {}, reply))
+            continue
+        if max_size and len(message.body) > max_size:
+            reply = Reply(
+                552,
+                "5.3.4",
+                f"message size {len(message.body)} exceeds the limit {max_size} of {opts.host}",
+            )
+            state.results.append(_finish(message, {}, reply))
+            continue
+        if dirty:
+            rset = (await conn.command("RSET")).reply
+            if rset.code != 250:
+                raise _SessionBrokenError(rset if rset.code // 100 == 4 else _lost(conn))
+        try:
+            result = await _transaction(conn, message, caps)
+        except _InterruptedError as e:
+            state.results.append(e.result)
+            raise _SessionBrokenError(e.result.message_reply or _lost(conn)) from e
+        state.results.append(result)
+        dirty = not _succeeded(result)
+        if conn.last_421 is not None:
+            raise _SessionBrokenError(conn.last_421)
+
+
+async def _quit(conn: _SMTPConnection) -> None:
+    """QUIT politely, then make sure the socket is closed before returning."""
+    if not conn.closed.called:
+        try:
+            await conn.command("QUIT", timeout=_QUIT_TIMEOUT)
+        except _SessionBrokenError:
+            pass
+    if not conn.closed.called:
+        conn.t.loseConnection()
+        killer = conn.reactor.callLater(_QUIT_TIMEOUT, conn.t.abortConnection)
+        await conn.closed
+        if killer.active():
+            killer.cancel()
+
+
+def is_ipv6(address: str) -> bool:
+    """True for an IPv6 address literal (it has a colon; IPv4 ones never do)."""
+    return ":" in address
+
+
+def client_endpoint(
+    reactor: Any, host: str, port: int, timeout: float, bind_address: str | None = None
+) -> TCP4ClientEndpoint | TCP6ClientEndpoint:
+    """The TCP client endpoint to ``host`` (an IPv4 or IPv6 address), bound to
+    ``bind_address`` when given; a ValueError when the two are of different families."""
+    bind = (bind_address, 0) if bind_address else None
+    if bind_address and is_ipv6(bind_address) != is_ipv6(host):
+        raise ValueError(f"source {bind_address} cannot reach {host}: other address family")
+    if is_ipv6(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
+    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
+
+
+def deliver(
+    reactor: Any,
+    host: str,
+    port: int,
+    messages: Sequence[OutboundMessage],
+    *,
+    helo: str,
+    tls: str = "may",
+    tls_hostname: str | None = None,
+    trust_root: Any = None,
+    bind_address: str | None = None,
+    connect_timeout: float = 5.0,
+    command_timeout: float = 300.0,
+    auth: tuple[str, str] | None = None,
+    greeting_timeout: float | None = None,
+    pace: Callable[[], Awaitable[bool]] | None = None,
+) -> Deferred[SessionResult]:
+    """Send ``messages`` over one SMTP session to ``host``:``port`` (an IPv4 or IPv6
+    address; ``bind_address``, the source, must be of the same family).
+
+    ``tls`` is the policy: ``"may"`` uses STARTTLS when offered, ``"encrypt"`` requires
+    it, ``"verify"`` requires it with the certificate verified for ``tls_hostname``
+    (default ``host``) against ``trust_root`` (an ``IOpenSSLTrustRoot`` or
+    ``ssl.Certificate``; None: the platform's trust store).  When TLS is required and
+    not available, nothing is sent and every message gets a 4xx reply.  ``auth`` is a
+    ``(username, password)`` pair sent with AUTH PLAIN after STARTTLS (never in clear).
+    ``greeting_timeout`` bounds the wait for the 220 greeting (default: the command
+    timeout).  ``pace``, when given, is awaited before each message: True sends it,
+    False ends the session there (the rest are listed in ``SessionResult.unsent``).
+    The Deferred
+    never fails: every message gets a reply, synthesized (4xx) when the session broke.
+    """
+    if tls not in TLS_POLICIES:
+        raise ValueError(f"tls must be one of {TLS_POLICIES}, not {tls!r}")
+    opts = _Options(helo, tls, tls_hostname or host, trust_root, host, auth, pace)
+
+    async def run() -> SessionResult:
+        conn = _SMTPConnection(reactor, command_timeout, greeting_timeout)
+        try:
+            endpoint = client_endpoint(reactor, host, port, connect_timeout, bind_address)
+            await connectProtocol(endpoint, conn)
+        except Exception as e:
+            why = str(e).strip() or type(e).__name__
+            error = Reply(421, "4.4.1", f"connection to {host}:{port} failed: {why}")
+            return SessionResult(tuple(_all_get(messages, error)), error, None, host, None)
+        mx_ip = conn.t.getPeer().host
+        source_ip = conn.t.getHost().host
+        state = _State()
+        try:
+            await _session(conn, messages, opts, state)
+        except _SessionBrokenError as e:
+            rest = messages[len(state.results) :]
+            state.results.extend(_all_get(rest, e.reply))
+            log.info("session with {host} ended early: {reply}", host=host, reply=e.reply)
+        await _quit(conn)
+        return SessionResult(
+            tuple(state.results), None, state.tls, mx_ip, source_ip, state.greeted,
+            state.unsent,
+        )
+
+    return Deferred.fromCoroutine(run())

@@ -1,0 +1,1 @@
+"""Outcomes made visible: the event record and its sinks."""

@@ -1,0 +1,436 @@
+"""Assembling a node: ``makeService(config)`` returns a MultiService.
+
+Children start in order (stores, then listeners) and stop in reverse: listeners
+close first, sessions finish their transaction or get 421, then the stores close.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from sendarix.cleanup.intake import Intake
+from sendarix.config.errors import ConfigError
+from sendarix.config.secret import NodeSecret, SecretError, node_secret_from_env
+from sendarix.config.settings import Config, ListenerConfig, default_config
+from sendarix.delivery.service import DeliveryService
+from sendarix.egress.sources import TieredSelector
+from sendarix.ingress.auth import submission_portal
+from sendarix.ingress.authlimit import AuthLimiter
+from sendarix.ingress.ratelimit import RateLimiter
+from sendarix.ingress.server import ListenerSettings, SubmissionFactory
+from sendarix.ingress.tls import ReloadableServerTLS, ensure_certificate
+from sendarix.ingress.xoauth2 import HMACTokenChecker
+from sendarix.interfaces import IEgressSelector, IFailoverStrategy, IRouter, IThrottle
+from sendarix.node.workers import listen_shared
+from sendarix.routing.mx import DNSResolver, MXRouter
+from sendarix.routing.pool import EndpointPool, PoolRouter
+from sendarix.routing.state import state_path
+from sendarix.routing.throttle import MemoryThrottle
+from sendarix.scheduler.classify import BounceRules
+from sendarix.stores.backends import Stores
+from sendarix.stores.domains import DomainKeyring, check_keys_open, count_stored_keys
+from sendarix.stores.redis.connection import is_outage
+from sendarix.stores.redis.endpoints import SharedEndpointPool
+from sendarix.stores.redis.limits import SharedAuthLimiter, SharedRateLimiter
+from sendarix.stores.redis.selector import SharedTieredSelector
+
+log = Logger()
+
+#: Seconds a stopping node lets sessions finish their transaction.
+SHUTDOWN_GRACE = 30.0
+
+
+class NodeService(MultiService):
+    """The node: children start in order and stop in reverse, each after the one
+    added after it has finished stopping (listeners drain before the stores close)."""
+
+    #: The listeners' TLS options (None when no listener uses TLS).
+    tls: ReloadableServerTLS | None = None
+    #: Install a SIGHUP handler that reloads the TLS certificate (twistd does).
+    reload_on_sighup = False
+
+    def startService(self) -> None:
+        super().startService()
+        if self.reload_on_sighup:
+            self.install_sighup_handler()
+
+    def install_sighup_handler(self) -> None:
+        """Make SIGHUP reload the TLS certificate (on the reactor thread)."""
+        import signal
+
+        from twisted.internet import reactor
+
+        def on_hup(signum: int, frame: Any) -> None:
+            reactor.callFromThread(self.reload_tls)  # type: ignore[attr-defined]
+
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def reload_tls(self) -> bool:
+        """Read the TLS certificate and key again: new sessions get them, sessions
+        already running keep theirs.  False (and the old certificate kept) when the
+        files cannot be loaded."""
+        if self.tls is None:
+            return False
+        try:
+            self.tls.reload()
+        except Exception:
+            log.failure("TLS certificate reload failed; keeping the current certificate")
+            return False
+        log.info("TLS certificate reloaded from {cert}", cert=self.tls.cert_path)
+        return True
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return ensureDeferred(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("error stopping {name}", name=service.name)
+
+
+class StoresService(Service):
+    """Opens the stores on start, closes them on stop; ``ready`` fires once open."""
+
+    name = "stores"
+
+    def __init__(
+        self, stores: Stores, clock: Any, checks: Sequence[Callable[[], Awaitable[None]]] = ()
+    ) -> None:
+        self.stores = stores
+        self.clock = clock
+        #: Run once the stores are open; a failure keeps the node from serving.
+        self.checks = list(checks)
+        self._ready: Deferred[None] | None = None
+        #: Why the stores did not open (every ``ready()`` then fails with it).
+        self._failure: Failure | None = None
+
+    def ready(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        assert self._ready is not None, "not started"
+
+        def relay(result: Any) -> Any:
+            if self._failure is not None:
+                d.errback(self._failure)
+            else:
+                d.callback(None)
+            return result
+
+        self._ready.addBoth(relay)
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        self._ready = ensureDeferred(self._open_and_check())
+        self._ready.addCallback(self._start_retention)
+        self._ready.addErrback(self._failed)
+
+    async def _open_and_check(self) -> None:
+        await self.stores.open()
+        for check in self.checks:
+            await check()
+
+    #: How often old events are trimmed from the delivery log.
+    retention_interval = 3600.0
+
+    def _start_retention(self, _: object) -> None:
+        from twisted.internet.task import LoopingCall
+
+        self._trimmer = LoopingCall(self._trim)
+        self._trimmer.clock = self.clock
+        self._trimmer.start(self.retention_interval, now=True).addErrback(
+            lambda f: log.failure("event retention stopped", f)
+        )
+
+    def _trim(self) -> Deferred[Any]:
+        before = self.clock.seconds() - self.stores.config.events.retention
+        d = self.stores.eventlog.trim(before)
+
+        def trimmed(count: int) -> None:
+            if count:
+                log.info("trimmed {count} events older than the retention", count=count)
+
+        d.addCallback(trimmed)
+        d.addErrback(self._trim_failed)
+        return d
+
+    def _trim_failed(self, failure: Failure) -> None:
+        if is_outage(failure):  # Redis down, or closing under the trim
+            log.warn("trimming the event log failed: {why}", why=failure.getErrorMessage())
+        else:
+            log.failure("trimming the event log failed", failure)
+
+    def _failed(self, failure: Failure) -> None:
+        # Logged once here; each ready() caller gets the failure to handle itself (so
+        # no Deferred is left holding an unhandled error).
+        log.failure("could not open the stores", failure)
+        self._failure = failure
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        trimmer = getattr(self, "_trimmer", None)
+        if trimmer is not None and trimmer.running:
+            trimmer.stop()
+        return self.stores.close()
+
+
+class ListenerService(Service):
+    """One SMTP listener: listens once the stores are ready, drains on stop."""
+
+    def __init__(
+        self, reactor: Any, config: ListenerConfig, factory: SubmissionFactory,
+        stores: StoresService, wrap_tls: Any = None, shared: bool = False,
+    ) -> None:
+        self.name = f"listener:{config.name}"
+        self._shared = shared  # SO_REUSEPORT: worker processes share the port
+        self._reactor = reactor
+        self._config = config
+        self.factory = factory
+        self._stores = stores
+        self._wrap_tls = wrap_tls
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[Any] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = self._stores.ready()
+        d.addCallback(lambda _: self._listen())
+        d.addErrback(lambda f: log.failure("listener {name} not started", f, name=self.name))
+        self._listening = d
+
+    def _listen(self) -> Deferred[IListeningPort]:
+        endpoint = endpoints.serverFromString(self._reactor, self._config.endpoint)
+        factory: Any = self.factory
+        if self._wrap_tls is not None:
+            factory = TLSMemoryBIOFactory(self._wrap_tls, False, self.factory)
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            address = port.getHost()
+            log.info(
+                "listener {name} on {host}:{port} (tls={tls}, auth={auth})",
+                name=self._config.name, host=getattr(address, "host", address),
+                port=getattr(address, "port", ""), tls=self._config.tls, auth=self._config.auth,
+            )
+            return port
+
+        if self._shared:
+            return listen_shared(self._reactor, self._config.endpoint, factory).addCallback(
+                listening
+            )
+        return endpoint.listen(factory).addCallback(listening)
+
+    def listening(self) -> Deferred[IListeningPort]:
+        """Fires with the listening port (tests use it to learn port 0's number)."""
+        assert self._listening is not None
+        out: Deferred[IListeningPort] = Deferred()
+
+        def relay(result: Any) -> Any:
+            if self.port is not None:
+                out.callback(self.port)
+            else:
+                out.errback(RuntimeError(f"{self.name} is not listening"))
+            return result
+
+        self._listening.addBoth(relay)
+        return out
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        stopped = succeed(None) if self.port is None else maybeDeferred(self.port.stopListening)
+        return DeferredList(
+            [stopped, self.factory.drain(SHUTDOWN_GRACE)], consumeErrors=True
+        )
+
+
+def load_node_secret(config: Config, environ: Any = None) -> NodeSecret | None:
+    """The node secret from the environment, checked against the stored DKIM keys.
+
+    Raises ConfigError (naming ``node.secret_key_env``) when the secret is too short,
+    when it is unset although encrypted keys exist, or when it does not decrypt them:
+    the relay refuses to start rather than send unsigned mail.  Reads the SQLite file
+    directly: this runs once, before the reactor does.
+    """
+    env = config.node.secret_key_env
+    try:
+        secret = node_secret_from_env(env, environ)
+    except SecretError as e:
+        raise ConfigError("node.secret_key_env", str(e)) from None
+    path = config.spool.sqlite_path
+    if path is None:
+        return secret
+    count, sample = count_stored_keys(path)
+    if count and secret is None:
+        raise ConfigError(
+            "node.secret_key_env",
+            f"${env} is not set, but {count} DKIM private key(s) are stored encrypted "
+            "with it: set it to the node secret used by 'sendarix domains add'",
+        )
+    if secret is not None and sample is not None:
+        try:
+            secret.decrypt(sample)
+        except SecretError as e:
+            raise ConfigError("node.secret_key_env", str(e)) from None
+    return secret
+
+
+def make_throttle(config: Config, reactor: Any = None, stores: Stores | None = None) -> IThrottle:
+    """The node's L{IThrottle}: connection counts and message rates per site.
+
+    With the stores in Redis, shared by every node (limits per cluster: a
+    L{sendarix.stores.redis.throttle.RedisThrottle}, stopped when the stores close);
+    otherwise in memory, per node.  Callers treat every answer as possibly a Deferred
+    (``maybeDeferred``).
+    """
+    if stores is not None:
+        return stores.make_throttle(config.node.name)
+    return MemoryThrottle()
+
+
+def make_auth_limiter(config: Config, stores: Stores | None = None) -> AuthLimiter:
+    """The AUTH failure limiter from ``[limits]``: failures and lockouts shared by
+    every node when the stores are in Redis, else counted in this process."""
+    limits = config.limits
+    if stores is not None and stores.redis is not None:
+        return SharedAuthLimiter(
+            stores.redis, max_failures=limits.auth_max_failures,
+            window=limits.auth_failure_window, lockout=limits.auth_lockout,
+        )
+    return AuthLimiter(
+        max_failures=limits.auth_max_failures, window=limits.auth_failure_window,
+        lockout=limits.auth_lockout,
+    )
+
+
+def make_routers(
+    config: Config, resolver: DNSResolver, stores: Stores | None = None
+) -> dict[str, tuple[IRouter, IFailoverStrategy]]:
+    """A router and failover strategy for each ``[pool.NAME]``, keyed ``pool:NAME``
+    (the ``via`` of the routes that use it).  With the stores in Redis, endpoint
+    health is shared by every node (L{SharedEndpointPool})."""
+    redis = stores.redis if stores is not None else None
+
+    def strategy(pool: Any) -> IFailoverStrategy:
+        if redis is not None:
+            return SharedEndpointPool(pool, redis=redis)
+        return EndpointPool(pool)
+
+    return {
+        f"pool:{name}": (PoolRouter(pool, resolver), strategy(pool))
+        for name, pool in config.pools.items()
+    }
+
+
+def make_selector(config: Config, stores: Stores | None = None) -> IEgressSelector | None:
+    """The egress-source selector over ``[[egress.source]]``; None without sources.
+    With the stores in Redis, warmup counts and deprioritization marks are shared by
+    every node (L{sendarix.stores.redis.selector.SharedTieredSelector})."""
+    if not config.egress_sources:
+        return None
+    if stores is not None and stores.redis is not None:
+        return SharedTieredSelector(config.egress_sources, redis=stores.redis)
+    return TieredSelector(config.egress_sources)
+
+
+def makeService(
+    config: Config | None = None, reactor: Any = None, auth_limiter: AuthLimiter | None = None
+) -> NodeService:
+    """The whole node as a MultiService (embed it with ``setServiceParent``).
+
+    ``auth_limiter`` replaces the AUTH failure limiter built from ``[limits]``.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    if config is None:
+        config = default_config()
+    top = NodeService()
+    stores = Stores.from_config(config, reactor)
+    stores_service = StoresService(stores, reactor)
+    stores_service.setServiceParent(top)
+    top.stores = stores  # type: ignore[attr-defined]
+    resolver = DNSResolver(
+        config.dns.addresses(), config.dns.timeout, config.dns.cache_ttl_max, reactor, reactor
+    )
+    delivery = DeliveryService(
+        config, stores.spool, stores.events, stores.suppressions,
+        MXRouter(resolver, port=config.delivery.mx_port), reactor, ready=stores_service.ready,
+        rules=(
+            BounceRules.from_toml(config.delivery.bounce_rules)
+            if config.delivery.bounce_rules else None
+        ),
+        routers=make_routers(config, resolver, stores),
+        throttle=make_throttle(config, reactor, stores),
+        selector=make_selector(config, stores),
+        state_file=state_path(config),
+    )
+    delivery.setServiceParent(top)
+    top.delivery = delivery  # type: ignore[attr-defined]
+
+    secret = load_node_secret(config)
+    keyring = DomainKeyring(stores.domains, secret, reactor)
+    if config.spool.sqlite_path is None:
+        # Redis: the key check cannot run before the reactor; the node does not serve
+        # until it passes.
+        stores_service.checks.append(
+            lambda: check_keys_open(stores.domains, secret, config.node.secret_key_env)
+        )
+    require_verified = config.domains.require_verified_domains
+    intake = Intake(
+        spool=stores.spool, events=stores.events, clock=reactor,
+        node=config.node.name, hostname=config.node.hostname,
+        keyring=keyring, require_verified_domains=require_verified, on_queued=delivery.wake,
+    )
+    tls_options = None
+    if any(lc.tls != "none" for lc in config.listeners):
+        cert, key = ensure_certificate(
+            config.tls.certificate, config.tls.key, config.var_dir, config.node.hostname
+        )
+        tls_options = ReloadableServerTLS(cert, key, config.tls.min_version)
+    top.tls = tls_options
+    limits = config.limits
+    auth_limiter = auth_limiter or make_auth_limiter(config, stores)
+    # With Redis, credential and tenant rates count for the whole cluster.
+    rate_limiter = RateLimiter() if stores.redis is None else SharedRateLimiter(
+        redis=stores.redis
+    )
+    tenant_rates = {
+        name: limit for name, t in config.tenants.items()
+        if (limit := t.rate_limit) is not None
+    }
+    token_checker = (
+        HMACTokenChecker(stores.credentials, secret, reactor) if secret is not None else None
+    )
+    portal = submission_portal(stores.credentials, reactor, token_checker)
+    top.listeners = []  # type: ignore[attr-defined]
+    for lc in config.listeners:
+        settings = ListenerSettings(
+            listener=lc, limits=limits, hostname=config.node.hostname, intake=intake,
+            clock=reactor, portal=portal if lc.auth != "none" else None,
+            credentials=stores.credentials, suppressions=stores.suppressions,
+            auth_limiter=auth_limiter,
+            rate_limiter=rate_limiter, tls_options=tls_options if lc.tls != "none" else None,
+            tenant_rates=tenant_rates,
+            keyring=keyring, require_verified_domains=require_verified,
+        )
+        service = ListenerService(
+            reactor, lc, SubmissionFactory(settings), stores_service,
+            wrap_tls=tls_options if lc.wrap_tls else None, shared=config.node.workers > 1,
+        )
+        service.setServiceParent(top)
+        top.listeners.append(service)  # type: ignore[attr-defined]
+    os.makedirs(config.var_dir, exist_ok=True)
+    return top

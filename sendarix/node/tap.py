@@ -1,0 +1,76 @@
+"""``twistd sendarix``: command-line options and the service maker."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from attrs import evolve
+from twisted.application.service import IService
+from twisted.python import usage
+
+from sendarix.config.settings import ConfigError, load_config, resolve_config
+from sendarix.node.workers import WorkerPool, twistd_log_file, worker_name
+
+
+class Options(usage.Options):
+    """Options of ``twistd -n sendarix``."""
+
+    synopsis = "[--config PATH] [--workers N]"
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (default: ./sendarix.toml if "
+         "present, else the built-in development default)"],
+        ["workers", "w", None, "run N worker processes sharing the listeners' ports "
+         "(default: [node] workers)", int],
+        ["worker", None, None, "(set by the parent process) run as worker number N", int],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            path = self["config"]
+            self["parsed"] = load_config(path) if path else resolve_config(None)
+        except ConfigError as e:
+            raise usage.UsageError(f"configuration error: {e}") from e
+        except OSError as e:
+            raise usage.UsageError(f"cannot read configuration: {e}") from e
+        for key in ("workers", "worker"):
+            if self[key] is not None and not 1 <= self[key] <= 256:
+                raise usage.UsageError(f"--{key} must be between 1 and 256")
+
+
+def makeService(options: Options) -> IService:
+    """Build the node from parsed options: a single node, the parent of ``workers``
+    worker processes, or (``--worker I``) one of those workers."""
+    from sendarix.node.service import makeService as make_node  # noqa: N813
+
+    config = options["parsed"]
+    workers = options["workers"] or config.node.workers
+    index = options["worker"]
+    if index is not None:
+        # A worker: its own stable node name; listeners shared with SO_REUSEPORT.
+        node = evolve(config.node, name=worker_name(config.node.name, index),
+                      workers=max(workers, 2))
+        config = evolve(config, node=node)
+    elif workers > 1:
+        from twisted.internet import reactor
+
+        from sendarix.node.service import load_node_secret
+
+        try:
+            # Refuse here, once, rather than in every worker over and over.
+            load_node_secret(config)
+        except ConfigError as e:
+            sys.stderr.write(f"configuration error: {e}\n")
+            raise SystemExit(1) from e
+        path = options["config"]
+        arguments = ["--config", os.path.abspath(path)] if path else []
+        pool = WorkerPool(reactor, workers, arguments, log_file=twistd_log_file(sys.argv))
+        pool.forward_sighup = True  # each worker reloads its TLS certificate
+        return pool
+    try:
+        node = make_node(config)
+        node.reload_on_sighup = True  # SIGHUP reloads the TLS certificate
+        return node
+    except ConfigError as e:
+        sys.stderr.write(f"configuration error: {e}\n")
+        raise SystemExit(1) from e

@@ -1,7 +1,0 @@
-"""Shared state in Redis for several nodes: the connection (``connection``), credentials,
-suppression lists, the delivery log and the outbound throttle.
-
-The spool itself is :mod:`sendarix.spool.redis`.  Every store here takes the same
-:class:`~sendarix.redisstore.connection.RedisClient` (one txredisapi connection pool per
-process) and keeps its keys under its own part of the key prefix.
-"""

@@ -1,0 +1,114 @@
+"""Egress-source state shared in Redis: warmup counts and deprioritization marks.
+
+:class:`SharedTieredSelector` is the :class:`~sendarix.egress.sources.TieredSelector`
+(the choice stays synchronous and local) whose two kinds of memory every node shares:
+
+- each message sent from a source to a site is also counted in Redis
+  (``sel:sent:YYYY-MM-DD``, a hash ``source|site`` -> count, kept two days), so a
+  warming IP's daily cap holds for the cluster, not per node;
+- each block or rate-limit mark is also added in Redis (``sel:pen``, a hash
+  ``source|site`` -> ``value|since``, decayed with the same half-life), so every
+  node moves traffic away from an IP a provider pushed back on.
+
+Writes go out as they happen (not waited for: a lost write costs precision, never
+mail).  Every ``sync_interval`` seconds, ``choose`` starts a refresh that takes the
+larger of the local and the shared count or mark.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from sendarix.egress.sources import Source, TieredSelector, _name
+from sendarix.stores.redis.connection import hash_pairs
+
+log = Logger()
+
+# ARGV: key, field, ttl seconds.
+_COUNT = """
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: the marks hash.  ARGV: field, now, half-life.
+_PENALIZE = """
+local now, half_life = tonumber(ARGV[2]), tonumber(ARGV[3])
+local value = 0
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local i = string.find(old, '|', 1, true)
+  local v, since = tonumber(string.sub(old, 1, i - 1)), tonumber(string.sub(old, i + 1))
+  value = v * math.pow(0.5, math.max(0, now - since) / half_life)
+end
+redis.call('HSET', KEYS[1], ARGV[1], string.format('%.17g|%.17g', value + 1, now))
+return 1
+"""
+
+
+@define
+class SharedTieredSelector(TieredSelector):
+    """A TieredSelector whose warmup counts and marks are shared through ``redis``."""
+
+    redis: Any = None
+    prefix: str = "sendarix:"
+    sync_interval: float = 2.0
+    _last_sync: float = field(default=float("-inf"), init=False)
+    _syncing: bool = field(default=False, init=False)
+
+    def _sent_key(self, today: datetime.date) -> str:
+        return f"{self.prefix}sel:sent:{today.isoformat()}"
+
+    def _fire(self, d: Deferred[Any]) -> None:
+        d.addErrback(lambda f: log.warn("egress state not shared: {why}", why=f.getErrorMessage()))
+
+    def choose(
+        self, pool: str, provider: str, now: float, today: datetime.date
+    ) -> Source | None:
+        """As TieredSelector's; refreshes the shared state now and then."""
+        if not self._syncing and now - self._last_sync >= self.sync_interval:
+            self._fire(self.sync(now, today))
+        return super().choose(pool, provider, now, today)
+
+    def record_send(self, source: Source | str, provider: str, today: datetime.date) -> None:
+        """Count one message here and in Redis."""
+        super().record_send(source, provider, today)
+        self._fire(self.redis.eval(
+            _COUNT, [self._sent_key(today)], [f"{_name(source)}|{provider}", "172800"]
+        ))
+
+    def penalize(self, source: Source | str, provider: str, now: float) -> None:
+        """Mark ``source`` for ``provider`` here and in Redis."""
+        super().penalize(source, provider, now)
+        self._fire(self.redis.eval(
+            _PENALIZE, [self.prefix + "sel:pen"],
+            [f"{_name(source)}|{provider}", repr(float(now)), repr(float(self.half_life))],
+        ))
+
+    def sync(self, now: float, today: datetime.date) -> Deferred[None]:
+        """Take the other nodes' counts and marks (the larger of ours and theirs)."""
+        self._syncing = True
+        self._last_sync = now
+        return Deferred.fromCoroutine(self._sync(now, today))
+
+    async def _sync(self, now: float, today: datetime.date) -> None:
+        try:
+            sent = await self.redis.execute_command("HGETALL", self._sent_key(today))
+            marks = await self.redis.execute_command("HGETALL", self.prefix + "sel:pen")
+        finally:
+            self._syncing = False
+        counts = self._sent.setdefault(today, {})
+        for key, value in hash_pairs(sent):
+            name, _, provider = key.partition("|")
+            counts[(name, provider)] = max(counts.get((name, provider), 0), int(value))
+        for key, value in hash_pairs(marks):
+            name, _, provider = key.partition("|")
+            mark, _, since = value.partition("|")
+            shared = float(mark) * 0.5 ** (max(0.0, now - float(since)) / self.half_life)
+            if shared > self._decayed((name, provider), now):
+                self._penalties[(name, provider)] = (float(mark), float(since))

@@ -1,0 +1,1 @@
+"""The embedded backend: every store in one SQLite file (WAL, group commit)."""

@@ -1,0 +1,561 @@
+"""The embedded spool: ISpool on one SQLite file.
+
+Durability comes from :class:`sendarix.stores.sqlite.database.SQLiteDatabase` (WAL,
+``synchronous=FULL``, group commit): every method is one job on the database's own
+thread, so each is one transaction and nothing here touches the reactor thread.
+
+Tables (all prefixed ``spool_``; other stores may share the file):
+
+- ``spool_message``: envelope and metadata (versioned JSON), size, creation time;
+- ``spool_body``: the message bytes, once per message however many recipients;
+- ``spool_recipient``: one row per recipient with its own state;
+- ``spool_delivery``: one row per (message, destination domain) with the time it
+  is next due and the lease on it.
+
+While a delivery is leased its ``due`` is the lease's expiry, so the due-time index
+skips deliveries in flight and finds an abandoned lease as soon as it runs out.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from sendarix.interfaces import ISelectiveLease, ISpool
+from sendarix.model.message import (
+    Lease,
+    LeasedDelivery,
+    NewMessage,
+    QueueStats,
+    RecipientOutcome,
+    RecipientRecord,
+    RecipientStatus,
+    StoredMessage,
+)
+from sendarix.stores import codec
+from sendarix.stores.errors import DuplicateQueueId, LeaseLost, SpoolError
+from sendarix.stores.sqlite.database import SQLiteDatabase
+
+SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS spool_info (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS spool_message (
+        queue_id TEXT PRIMARY KEY,
+        envelope TEXT NOT NULL,
+        meta TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS spool_body (
+        queue_id TEXT PRIMARY KEY REFERENCES spool_message (queue_id),
+        body BLOB NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS spool_delivery (
+        queue_id TEXT NOT NULL REFERENCES spool_message (queue_id),
+        domain TEXT NOT NULL,
+        due REAL NOT NULL,
+        lease_node TEXT,
+        lease_expires REAL,
+        PRIMARY KEY (queue_id, domain))""",
+    """CREATE INDEX IF NOT EXISTS spool_delivery_due
+        ON spool_delivery (due, queue_id, domain)""",
+    """CREATE INDEX IF NOT EXISTS spool_delivery_lease
+        ON spool_delivery (lease_node) WHERE lease_node IS NOT NULL""",
+    """CREATE TABLE IF NOT EXISTS spool_recipient (
+        queue_id TEXT NOT NULL REFERENCES spool_message (queue_id),
+        address TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL,
+        last_reply TEXT,
+        updated_at REAL,
+        PRIMARY KEY (queue_id, address))""",
+    """CREATE INDEX IF NOT EXISTS spool_recipient_domain
+        ON spool_recipient (domain, status)""",
+)
+
+_ACTIVE = tuple(s.value for s in codec.ACTIVE_STATUSES)
+_ACTIVE_SQL = "status IN ({})".format(", ".join(f"'{s}'" for s in _ACTIVE))
+# Queries on one message's recipients write ``+domain``: without it SQLite prefers the
+# (domain, status) index and walks every recipient of the domain (quadratic under load).
+
+_RECIPIENT_COLUMNS = "address, domain, status, attempts, next_attempt, last_reply, updated_at"
+
+
+def _record(row: Sequence[Any]) -> RecipientRecord:
+    address, domain, status, attempts, next_attempt, last_reply, updated_at = row
+    return RecipientRecord(
+        address=address,
+        domain=domain,
+        status=RecipientStatus(status),
+        attempts=attempts,
+        next_attempt=next_attempt,
+        last_reply=codec.decode_reply(last_reply),
+        updated_at=updated_at,
+    )
+
+
+def _status_value(status: RecipientStatus | str) -> str:
+    # RecipientStatus(...) refuses unknown values before any SQL runs.
+    return RecipientStatus(status).value
+
+
+#: Most domains one lease poll leaves out (SQLite's bound parameters are limited).
+_MAX_SKIP = 500
+
+
+@implementer(ISpool, ISelectiveLease)
+class SQLiteSpool:
+    """ISpool on a :class:`SQLiteDatabase`.
+
+    ``owns_db``: close the database on ``stop()``.  Leave it False when the database
+    object is shared with other stores; its owner closes it.
+    """
+
+    def __init__(self, db: SQLiteDatabase, *, owns_db: bool = False) -> None:
+        self._db = db
+        self._owns_db = owns_db
+
+    @classmethod
+    def at_path(cls, path: str, reactor: Any) -> SQLiteSpool:
+        """A spool with its own database on ``path`` (closed by ``stop()``)."""
+        return cls(SQLiteDatabase(path, reactor), owns_db=True)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Open the database and create the spool's tables if they are missing."""
+        # The tables are created through run() rather than add_schema(), so that
+        # a database another store has already opened gets them too.
+        d = self._db.open()
+        d.addCallback(lambda _: self._db.run(self._create_schema))
+        return d
+
+    @staticmethod
+    def _create_schema(conn: sqlite3.Connection) -> None:
+        for statement in SCHEMA:
+            conn.execute(statement)
+        row = conn.execute("SELECT value FROM spool_info WHERE key = 'format'").fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO spool_info (key, value) VALUES ('format', ?)", (str(codec.FORMAT),)
+            )
+        elif int(row[0]) > codec.FORMAT:
+            raise SpoolError(f"spool format {row[0]} is newer than this Sendarix knows")
+
+    def stop(self) -> Deferred[None]:
+        """Close the database if this spool owns it (queued jobs finish first)."""
+        if self._owns_db:
+            return self._db.close()
+        return succeed(None)
+
+    # -- accepting mail -----------------------------------------------------------
+
+    def enqueue(self, message: NewMessage) -> Deferred[None]:
+        """Store message, body, recipients and one delivery per domain in one commit."""
+        recipients = codec.unique_recipients(message.envelope.recipients)
+        if not recipients:
+            return fail(ValueError("a message needs at least one recipient"))
+        qid = message.queue_id
+        received = message.meta.received_at
+        domains = {a: codec.recipient_domain(a) for a in recipients}
+
+        def txn(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO spool_message (queue_id, envelope, meta, size, created)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        qid,
+                        codec.encode_envelope(message.envelope),
+                        codec.encode_meta(message.meta),
+                        len(message.body),
+                        received,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise DuplicateQueueId(qid) from None
+            conn.execute(
+                "INSERT INTO spool_body (queue_id, body) VALUES (?, ?)", (qid, message.body)
+            )
+            conn.executemany(
+                "INSERT INTO spool_recipient (queue_id, address, domain, status, attempts,"
+                " updated_at) VALUES (?, ?, ?, 'pending', 0, ?)",
+                [(qid, a, d, received) for a, d in domains.items()],
+            )
+            conn.executemany(
+                "INSERT INTO spool_delivery (queue_id, domain, due) VALUES (?, ?, ?)",
+                [(qid, d, received) for d in dict.fromkeys(domains.values())],
+            )
+
+        return self._db.run(txn)
+
+    # -- leases -------------------------------------------------------------------
+
+    def lease_due(
+        self, node: str, now: float, limit: int, lease_for: float
+    ) -> Deferred[list[LeasedDelivery]]:
+        """Lease up to ``limit`` due deliveries, oldest due first."""
+        return self.lease_due_except(node, now, limit, lease_for, ())
+
+    def lease_due_except(
+        self, node: str, now: float, limit: int, lease_for: float,
+        skip_domains: Sequence[str],
+    ) -> Deferred[list[LeasedDelivery]]:
+        """Lease up to ``limit`` due deliveries, oldest due first, none of them to one
+        of ``skip_domains``."""
+        skip = tuple(sorted({d.lower() for d in skip_domains}))
+        if len(skip) > _MAX_SKIP:
+            skip = skip[:_MAX_SKIP]
+        not_in = f" AND lower(domain) NOT IN ({', '.join('?' * len(skip))})" if skip else ""
+        if lease_for <= 0:
+            return fail(ValueError("lease_for must be positive"))
+        if limit <= 0:
+            return succeed([])
+        expires = now + lease_for
+
+        def txn(conn: sqlite3.Connection) -> list[LeasedDelivery]:
+            leased: list[LeasedDelivery] = []
+            while len(leased) < limit:
+                rows = conn.execute(
+                    "SELECT queue_id, domain FROM spool_delivery"
+                    " WHERE due <= ? AND (lease_node IS NULL OR lease_expires <= ?)"
+                    + not_in + " ORDER BY due, queue_id, domain LIMIT ?",
+                    (now, now, *skip, limit - len(leased)),
+                ).fetchall()
+                if not rows:
+                    break
+                # A row that yields no delivery is rescheduled past ``now`` or
+                # removed, so the next pass cannot see it again and the loop ends.
+                for qid, domain in rows:
+                    delivery = self._lease_one(conn, qid, domain, node, now, expires)
+                    if delivery is not None:
+                        leased.append(delivery)
+            return leased
+
+        return self._db.run(txn)
+
+    def _lease_one(
+        self,
+        conn: sqlite3.Connection,
+        qid: str,
+        domain: str,
+        node: str,
+        now: float,
+        expires: float,
+    ) -> LeasedDelivery | None:
+        message = conn.execute(
+            "SELECT envelope, meta FROM spool_message WHERE queue_id = ?", (qid,)
+        ).fetchone()
+        if message is None:
+            # Rows left without their message: nothing to deliver.
+            self._remove_message(conn, qid)
+            return None
+        records = [
+            _record(row)
+            for row in conn.execute(
+                f"SELECT {_RECIPIENT_COLUMNS} FROM spool_recipient"
+                f" WHERE queue_id = ? AND +domain = ? AND {_ACTIVE_SQL} ORDER BY rowid",
+                (qid, domain),
+            )
+        ]
+        ready = tuple(r for r in records if r.next_attempt is None or r.next_attempt <= now)
+        if not ready:
+            if not self._reschedule(conn, qid, domain):
+                self._remove_if_finished(conn, qid)
+            return None
+        conn.execute(
+            "UPDATE spool_delivery SET lease_node = ?, lease_expires = ?, due = ?"
+            " WHERE queue_id = ? AND domain = ?",
+            (node, expires, expires, qid, domain),
+        )
+        return LeasedDelivery(
+            queue_id=qid,
+            domain=domain,
+            envelope=codec.decode_envelope(message[0]),
+            meta=codec.decode_meta(message[1]),
+            recipients=ready,
+            lease=Lease(node=node, expires=expires),
+        )
+
+    def renew(self, queue_id: str, domain: str, node: str, expires: float) -> Deferred[bool]:
+        """Move ``node``'s lease expiry to ``expires``; False when it is not ours."""
+
+        def txn(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE spool_delivery SET lease_expires = ?, due = ?"
+                " WHERE queue_id = ? AND domain = ? AND lease_node = ?",
+                (expires, expires, queue_id, domain, node),
+            )
+            return cursor.rowcount == 1
+
+        return self._db.run(txn)
+
+    def release(self, queue_id: str, domain: str, node: str) -> Deferred[bool]:
+        """Drop ``node``'s lease; the delivery is due again as it was before the lease."""
+
+        def txn(conn: sqlite3.Connection) -> bool:
+            if not self._holds(conn, queue_id, domain, node):
+                return False
+            if not self._reschedule(conn, queue_id, domain):
+                self._remove_if_finished(conn, queue_id)
+            return True
+
+        return self._db.run(txn)
+
+    def reclaim(self, node: str) -> Deferred[int]:
+        """Release every lease ``node`` holds; the number released."""
+
+        def txn(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT queue_id, domain FROM spool_delivery WHERE lease_node = ?", (node,)
+            ).fetchall()
+            for qid, domain in rows:
+                if not self._reschedule(conn, qid, domain):
+                    self._remove_if_finished(conn, qid)
+            return len(rows)
+
+        return self._db.run(txn)
+
+    def complete(
+        self,
+        queue_id: str,
+        domain: str,
+        node: str,
+        outcomes: Sequence[RecipientOutcome],
+        now: float,
+    ) -> Deferred[None]:
+        """Record outcomes, release the lease; fails with LeaseLost if it is not ours.
+
+        Outcomes for recipients that are not active at this domain (unknown, or
+        already final) are ignored: a final state is never overwritten.
+        """
+        outcomes = tuple(outcomes)
+        try:
+            codec.check_outcomes(outcomes)
+        except ValueError:
+            return fail()
+
+        def txn(conn: sqlite3.Connection) -> None:
+            if not self._holds(conn, queue_id, domain, node):
+                raise LeaseLost(queue_id, domain, node)
+            for outcome in outcomes:
+                row = conn.execute(
+                    f"SELECT {_RECIPIENT_COLUMNS} FROM spool_recipient"
+                    f" WHERE queue_id = ? AND address = ? AND +domain = ? AND {_ACTIVE_SQL}",
+                    (queue_id, outcome.address, domain),
+                ).fetchone()
+                if row is None:
+                    continue
+                new = codec.apply_outcome(_record(row), outcome, now)
+                conn.execute(
+                    "UPDATE spool_recipient SET status = ?, attempts = ?, next_attempt = ?,"
+                    " last_reply = ?, updated_at = ? WHERE queue_id = ? AND address = ?",
+                    (
+                        new.status.value,
+                        new.attempts,
+                        new.next_attempt,
+                        codec.encode_reply(new.last_reply),
+                        new.updated_at,
+                        queue_id,
+                        outcome.address,
+                    ),
+                )
+            if not self._reschedule(conn, queue_id, domain):
+                self._remove_if_finished(conn, queue_id)
+
+        return self._db.run(txn)
+
+    # -- helpers (database thread) -------------------------------------------------
+
+    @staticmethod
+    def _holds(conn: sqlite3.Connection, qid: str, domain: str, node: str) -> bool:
+        row = conn.execute(
+            "SELECT lease_node FROM spool_delivery WHERE queue_id = ? AND domain = ?",
+            (qid, domain),
+        ).fetchone()
+        return row is not None and row[0] == node
+
+    @staticmethod
+    def _reschedule(conn: sqlite3.Connection, qid: str, domain: str) -> bool:
+        """Clear the lease and make the delivery due when its earliest active recipient
+        is (a pending one at once); remove it and return False when none is active."""
+        earliest, active = conn.execute(
+            "SELECT MIN(COALESCE(r.next_attempt, m.created)), COUNT(*)"
+            " FROM spool_recipient AS r JOIN spool_message AS m USING (queue_id)"
+            f" WHERE r.queue_id = ? AND +r.domain = ? AND r.{_ACTIVE_SQL}",
+            (qid, domain),
+        ).fetchone()
+        if not active:
+            conn.execute(
+                "DELETE FROM spool_delivery WHERE queue_id = ? AND domain = ?", (qid, domain)
+            )
+            return False
+        conn.execute(
+            "INSERT INTO spool_delivery (queue_id, domain, due) VALUES (?, ?, ?)"
+            " ON CONFLICT (queue_id, domain) DO UPDATE"
+            " SET due = excluded.due, lease_node = NULL, lease_expires = NULL",
+            (qid, domain, earliest),
+        )
+        return True
+
+    def _remove_if_finished(self, conn: sqlite3.Connection, qid: str) -> bool:
+        """Remove a message whose recipients are all final (the delivery log keeps
+        its history)."""
+        row = conn.execute(
+            f"SELECT 1 FROM spool_recipient WHERE queue_id = ? AND {_ACTIVE_SQL} LIMIT 1",
+            (qid,),
+        ).fetchone()
+        if row is not None:
+            return False
+        self._remove_message(conn, qid)
+        return True
+
+    @staticmethod
+    def _remove_message(conn: sqlite3.Connection, qid: str) -> bool:
+        # Children first: the foreign keys point at spool_message.
+        conn.execute("DELETE FROM spool_delivery WHERE queue_id = ?", (qid,))
+        conn.execute("DELETE FROM spool_recipient WHERE queue_id = ?", (qid,))
+        conn.execute("DELETE FROM spool_body WHERE queue_id = ?", (qid,))
+        cursor = conn.execute("DELETE FROM spool_message WHERE queue_id = ?", (qid,))
+        return cursor.rowcount == 1
+
+    @staticmethod
+    def _recipients(conn: sqlite3.Connection, qid: str) -> tuple[RecipientRecord, ...]:
+        return tuple(
+            _record(row)
+            for row in conn.execute(
+                f"SELECT {_RECIPIENT_COLUMNS} FROM spool_recipient"
+                " WHERE queue_id = ? ORDER BY rowid",
+                (qid,),
+            )
+        )
+
+    def _stored(self, conn: sqlite3.Connection, row: Sequence[Any]) -> StoredMessage:
+        qid, envelope, meta, size = row
+        return StoredMessage(
+            queue_id=qid,
+            envelope=codec.decode_envelope(envelope),
+            meta=codec.decode_meta(meta),
+            size=size,
+            recipients=self._recipients(conn, qid),
+        )
+
+    # -- inspection and operator actions ---------------------------------------------
+
+    def get(self, queue_id: str) -> Deferred[StoredMessage | None]:
+        """The stored message without its body, or None."""
+
+        def txn(conn: sqlite3.Connection) -> StoredMessage | None:
+            row = conn.execute(
+                "SELECT queue_id, envelope, meta, size FROM spool_message WHERE queue_id = ?",
+                (queue_id,),
+            ).fetchone()
+            return None if row is None else self._stored(conn, row)
+
+        return self._db.run(txn)
+
+    def body(self, queue_id: str) -> Deferred[bytes | None]:
+        """The message bytes exactly as enqueued, or None."""
+
+        def txn(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(
+                "SELECT body FROM spool_body WHERE queue_id = ?", (queue_id,)
+            ).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return self._db.run(txn)
+
+    def list_messages(
+        self,
+        status: RecipientStatus | str | None = None,
+        domain: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> Deferred[list[StoredMessage]]:
+        """Messages in queue-id order after ``after`` that have a recipient with
+        ``status`` (and/or) at ``domain``."""
+        conditions: list[str] = []
+        params: list[Any] = []
+        if after is not None:
+            conditions.append("m.queue_id > ?")
+            params.append(after)
+        if status is not None or domain is not None:
+            inner = ["r.queue_id = m.queue_id"]
+            if status is not None:
+                try:
+                    params.append(_status_value(status))
+                except ValueError:
+                    return fail()
+                inner.append("r.status = ?")
+            if domain is not None:
+                inner.append("r.domain = ?")
+                params.append(domain.lower())
+            conditions.append(
+                "EXISTS (SELECT 1 FROM spool_recipient AS r WHERE {})".format(" AND ".join(inner))
+            )
+        where = " WHERE " + " AND ".join(conditions) if conditions else ""
+        params.append(max(0, int(limit)))
+        sql = (
+            "SELECT m.queue_id, m.envelope, m.meta, m.size FROM spool_message AS m"
+            f"{where} ORDER BY m.queue_id LIMIT ?"
+        )
+
+        def txn(conn: sqlite3.Connection) -> list[StoredMessage]:
+            return [self._stored(conn, row) for row in conn.execute(sql, params).fetchall()]
+
+        return self._db.run(txn)
+
+    def stats(self) -> Deferred[QueueStats]:
+        """Messages spooled, recipients by status and by domain (non-zero counts only)."""
+
+        def txn(conn: sqlite3.Connection) -> QueueStats:
+            (messages,) = conn.execute("SELECT COUNT(*) FROM spool_message").fetchone()
+            by_status: dict[str, int] = {}
+            by_domain: dict[str, dict[str, int]] = {}
+            for domain, status, count in conn.execute(
+                "SELECT domain, status, COUNT(*) FROM spool_recipient GROUP BY domain, status"
+            ):
+                by_status[status] = by_status.get(status, 0) + count
+                by_domain.setdefault(domain, {})[status] = count
+            return QueueStats(messages=messages, by_status=by_status, by_domain=by_domain)
+
+        return self._db.run(txn)
+
+    def retry(self, queue_id: str, now: float) -> Deferred[int]:
+        """Make every active recipient due at ``now``; how many there were.
+
+        A delivery in flight keeps its lease; its recipients are due once it completes.
+        """
+
+        def txn(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                f"UPDATE spool_recipient SET next_attempt = ? WHERE queue_id = ? AND {_ACTIVE_SQL}",
+                (now, queue_id),
+            )
+            count = cursor.rowcount
+            domains = conn.execute(
+                f"SELECT DISTINCT domain FROM spool_recipient WHERE queue_id = ? AND {_ACTIVE_SQL}",
+                (queue_id,),
+            ).fetchall()
+            for (domain,) in domains:
+                conn.execute(
+                    "INSERT INTO spool_delivery (queue_id, domain, due) VALUES (?, ?, ?)"
+                    " ON CONFLICT (queue_id, domain) DO UPDATE SET due = excluded.due"
+                    " WHERE spool_delivery.lease_node IS NULL",
+                    (queue_id, domain, now),
+                )
+            return count
+
+        return self._db.run(txn)
+
+    def delete(self, queue_id: str) -> Deferred[bool]:
+        """Remove a message, its body and all its rows; True when it existed.
+
+        A node delivering it at the time gets LeaseLost when it completes.
+        """
+        return self._db.run(lambda conn: self._remove_message(conn, queue_id))

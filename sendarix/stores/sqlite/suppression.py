@@ -1,0 +1,198 @@
+"""Per-tenant suppression lists (DESIGN sections 4, 7, 9 and 11).
+
+A suppressed recipient is refused at RCPT for its tenant (``550 5.1.1 recipient
+suppressed``).  Entries come from hard bounces, expiry, complaints, the operator
+(``sendarix suppressions add``) and the HTTP API.  Addresses are stored lowercased:
+the whole address, because senders and receivers treat local parts case-insensitively
+in practice, and an entry that missed "Bob@" for "bob@" would be worse than useless.
+"""
+
+from __future__ import annotations
+
+import builtins
+import sqlite3
+from typing import Any
+
+from attrs import field, frozen
+from twisted.internet.defer import Deferred, fail
+from zope.interface import implementer
+
+from sendarix.interfaces import ISuppressionStore
+from sendarix.stores.sqlite.database import SQLiteDatabase
+
+#: Where a suppression came from.
+SOURCES = frozenset({"bounce", "expired", "complaint", "manual", "api"})
+
+#: The longest address accepted (RFC 5321: a path is at most 256 octets with <>).
+MAX_ADDRESS = 254
+
+
+def normalize_address(address: str) -> str:
+    """``address`` stripped and lowercased; ValueError unless it is
+    ``local@domain`` with exactly one ``@`` and both parts present."""
+    text = address.strip().lower()
+    local, at, domain = text.partition("@")
+    if (
+        not at
+        or not local
+        or not domain
+        or "@" in domain
+        or len(text) > MAX_ADDRESS
+        or any(c.isspace() or c in "<>" for c in text)
+    ):
+        raise ValueError(f"bad address {address!r}: expected one like user@example.com")
+    return text
+
+
+def page_start(
+    tenant: str | None, after: str | tuple[str, str] | None
+) -> tuple[str, str] | None:
+    """Where a listing of ``tenant``'s entries (all tenants' when None) pages on from:
+    ``after`` as a ``(tenant, lowercased address)`` pair, or None for the start.
+
+    ``after`` is the last address seen (which needs ``tenant``: ValueError without
+    it) or the last ``(tenant, address)`` pair.
+    """
+    if isinstance(after, str):
+        if tenant is None:
+            raise ValueError("an address as 'after' needs a tenant")
+        after = (tenant, after)
+    if after is None:
+        return None
+    return after[0], after[1].strip().lower()
+
+
+def _source(value: str) -> str:
+    if value not in SOURCES:
+        raise ValueError(f"unknown suppression source {value!r}")
+    return value
+
+
+@frozen
+class Suppression:
+    """One suppressed recipient of one tenant."""
+
+    tenant: str
+    address: str = field(converter=normalize_address)
+    reason: str
+    source: str = field(converter=_source)
+    created_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``created_at`` in POSIX seconds)."""
+        return {
+            "tenant": self.tenant,
+            "address": self.address,
+            "reason": self.reason,
+            "source": self.source,
+            "created_at": self.created_at,
+        }
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS supp_entry (
+    tenant     TEXT NOT NULL,
+    address    TEXT NOT NULL,      -- lowercased
+    reason     TEXT NOT NULL,
+    source     TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (tenant, address)
+) WITHOUT ROWID;
+"""
+
+_COLUMNS = "tenant, address, reason, source, created_at"
+
+
+def _from_row(row: tuple[Any, ...]) -> Suppression:
+    return Suppression(row[0], row[1], row[2], row[3], row[4])
+
+
+@implementer(ISuppressionStore)
+class SQLiteSuppressionStore:
+    """Suppression lists in the node's SQLite database (table ``supp_entry``)."""
+
+    def __init__(self, db: SQLiteDatabase) -> None:
+        self._db = db
+        db.add_schema(_SCHEMA)
+
+    def add(
+        self, tenant: str, address: str, reason: str, source: str, now: float
+    ) -> Deferred[bool]:
+        """Suppress ``address`` for ``tenant``; True when new, False when it was there
+        already (a non-empty reason replaces the old one; source and time stay the
+        first ones, so re-adding without a reason loses nothing)."""
+        try:
+            entry = Suppression(tenant, address, reason, source, now)  # validates
+        except ValueError:
+            return fail()
+
+        def work(conn: sqlite3.Connection) -> bool:
+            # Both statements run in one job, so nothing slips in between them.
+            existed = conn.execute(
+                "UPDATE supp_entry SET reason = CASE WHEN ? = '' THEN reason ELSE ? END"
+                " WHERE tenant = ? AND address = ?",
+                (entry.reason, entry.reason, entry.tenant, entry.address),
+            ).rowcount
+            if existed:
+                return False
+            conn.execute(
+                f"INSERT INTO supp_entry ({_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                (entry.tenant, entry.address, entry.reason, entry.source, entry.created_at),
+            )
+            return True
+
+        return self._db.run(work)
+
+    def is_suppressed(self, tenant: str, address: str) -> Deferred[Suppression | None]:
+        """The entry for ``address`` in ``tenant``'s list, or None."""
+        key = (tenant, address.strip().lower())
+
+        def work(conn: sqlite3.Connection) -> Suppression | None:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM supp_entry WHERE tenant = ? AND address = ?", key
+            ).fetchone()
+            return _from_row(row) if row else None
+
+        return self._db.run(work)
+
+    def remove(self, tenant: str, address: str) -> Deferred[bool]:
+        """Lift the suppression; True when there was one."""
+        key = (tenant, address.strip().lower())
+
+        def work(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute("DELETE FROM supp_entry WHERE tenant = ? AND address = ?", key)
+            return cursor.rowcount > 0
+
+        return self._db.run(work)
+
+    def list(
+        self,
+        tenant: str | None = None,
+        limit: int = 100,
+        after: str | tuple[str, str] | None = None,
+    ) -> Deferred[builtins.list[Suppression]]:
+        """Up to ``limit`` entries in (tenant, address) order, all tenants' when
+        ``tenant`` is None.  ``after`` pages on: the last address seen (with
+        ``tenant``) or the last ``(tenant, address)`` pair."""
+        try:
+            start = page_start(tenant, after)
+        except ValueError:
+            return fail()
+        where: builtins.list[str] = []
+        params: builtins.list[Any] = []
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)
+        if start is not None:
+            where.append("(tenant, address) > (?, ?)")
+            params += list(start)
+        sql = f"SELECT {_COLUMNS} FROM supp_entry"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY tenant, address LIMIT ?"
+        params.append(max(0, int(limit)))
+
+        def work(conn: sqlite3.Connection) -> builtins.list[Suppression]:
+            return [_from_row(row) for row in conn.execute(sql, params)]
+
+        return self._db.run(work)

@@ -1,0 +1,155 @@
+"""Worker processes (``--workers N`` / ``[node] workers``): listeners shared through
+SO_REUSEPORT, a stable node name per worker, one spool for all, a clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+
+from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from sendarix.node.workers import WorkerPool, listen_shared, twistd_log_file, worker_name
+from tests.support.redisserver import start_redis
+from tests.support.relayproc import env, free_port, listens, start_workers
+
+
+class ListenSharedTests(TestCase):
+    """listen_shared binds with SO_REUSEPORT."""
+
+    async def test_two_sockets_one_port(self) -> None:
+        """Two listeners on one TCP port at once (as two workers would hold it), and
+        both accept connections."""
+        port = free_port()
+        factory = Factory.forProtocol(Protocol)
+        first = await listen_shared(reactor, f"tcp:{port}:interface=127.0.0.1", factory)
+        self.addCleanup(first.stopListening)
+        second = await listen_shared(reactor, f"tcp:{port}:interface=127.0.0.1", factory)
+        self.addCleanup(second.stopListening)
+        self.assertEqual(first.getHost().port, port)
+        self.assertEqual(second.getHost().port, port)
+
+    def test_child_command(self) -> None:
+        """Children run twistd in the foreground without a pidfile, with the parent's
+        arguments and their number; with a twistd --logfile, each its own file."""
+        pool = WorkerPool(reactor, 2, ["--config", "/etc/s.toml"])
+        command = pool.command(2)
+        self.assertEqual(command[command.index("sendarix"):],
+                         ["sendarix", "--config", "/etc/s.toml", "--worker", "2"])
+        self.assertIn("--pidfile=", command)
+        self.assertFalse([a for a in command if a.startswith("--logfile")])
+        pool.log_file = "/var/log/sendarix.log"
+        self.assertIn("--logfile=/var/log/sendarix-w2.log", pool.command(2))
+
+    def test_twistd_log_file(self) -> None:
+        """The --logfile given to twistd (not to the plugin) is found in argv."""
+        for argv, expected in (
+            (["twistd", "--logfile=/l/x.log", "sendarix"], "/l/x.log"),
+            (["twistd", "-l", "/l/x.log", "sendarix", "--config", "c"], "/l/x.log"),
+            (["twistd", "-l/l/x.log", "sendarix"], "/l/x.log"),
+            (["twistd", "-n", "sendarix", "--logfile", "/no"], None),
+            (["twistd", "--logfile=-", "sendarix"], None),
+        ):
+            self.assertEqual(twistd_log_file(argv), expected, argv)
+
+    def test_worker_names(self) -> None:
+        """Worker I of node N is named N-wI."""
+        self.assertEqual(worker_name("mx1", 3), "mx1-w3")
+
+
+def _send_sessions(port: int, count: int) -> list[int]:
+    """``count`` sessions of one message each (new source ports, so the kernel spreads
+    them over the workers); the DATA reply codes."""
+    codes = []
+    for i in range(count):
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as s:
+            s.ehlo()
+            body = f"Message-ID: <w{i}@test>\r\nSubject: w{i}\r\n\r\nbody\r\n".encode()
+            s.mail("app@example.com")
+            s.rcpt(f"user{i}@example.org")
+            codes.append(s.data(body)[0])
+    return codes
+
+
+class WorkerProcessTests(TestCase):
+    """``twistd -n sendarix --workers 2``, as an operator runs it."""
+
+    timeout = 90
+
+    def run_workers(self, spool_url: str) -> None:
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        port = free_port()
+        config = os.path.join(folder, "sendarix.toml")
+        with open(config, "w") as f:
+            f.write(
+                '[node]\nname = "box"\nhostname = "box.test"\n'
+                f'[spool]\nurl = "{spool_url}"\n'
+                "[events]\njson_log = false\n"
+                '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 0.5\n'
+                '[[listener]]\nname = "relay"\n'
+                f'endpoint = "tcp:{port}:interface=127.0.0.1"\n'
+                'tls = "none"\nauth = "none"\ntrusted_networks = ["127.0.0.0/8"]\n'
+            )
+        parent, log_path, children = start_workers(self, folder, config, port)
+        codes = _send_sessions(port, 24)
+        self.assertEqual(codes, [250] * 24)
+
+        search = subprocess.run(
+            [sys.executable, "-m", "sendarix.cli", "--config", config, "log", "search",
+             "--type", "accepted", "--limit", "100", "--json"],
+            cwd=folder, env=env(), capture_output=True, timeout=60,
+        )
+        self.assertEqual(search.returncode, 0, search.stderr)
+        events = json.loads(search.stdout)
+        self.assertEqual(len(events), 24)
+        self.assertEqual({e["node"] for e in events}, {"box-w1", "box-w2"})
+
+        # A worker that dies is started again (under the same worker number).
+        os.kill(children[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while len(children) < 3 and time.monotonic() < deadline:
+            with open(log_path, "rb") as f:
+                found = re.findall(rb"worker (\d) started, pid (\d+)", f.read())
+            children[:] = [int(p) for _, p in found]
+            time.sleep(0.1)
+        self.assertEqual([int(i) for i, _ in found], [1, 2, 1])
+        children.pop(0)
+        for _ in range(300):
+            if listens(children[-1]):
+                break
+            time.sleep(0.1)
+
+        parent.send_signal(signal.SIGTERM)
+        # twistd stops cleanly on SIGTERM and then exits with that signal's status.
+        self.assertIn(parent.wait(timeout=45), (0, -signal.SIGTERM))
+        for pid in children:
+            self.assertFalse(_alive(pid), f"worker {pid} still running")
+        with open(log_path, "rb") as f:
+            self.assertEqual(f.read().count(b"Server Shut Down"), 3)  # parent, live workers
+
+    def test_workers_on_sqlite(self) -> None:
+        """Two workers on one SQLite spool share the port and both take mail; a killed
+        worker is started again; SIGTERM stops the parent and every worker."""
+        self.run_workers("sqlite:var/spool.db")
+
+    def test_workers_on_redis(self) -> None:
+        """The same with the Redis spool."""
+        redis_port, stop = start_redis(os.path.abspath(self.mktemp()))
+        self.addCleanup(stop)
+        self.run_workers(f"redis://127.0.0.1:{redis_port}/0")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False

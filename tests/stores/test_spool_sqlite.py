@@ -1,0 +1,372 @@
+"""The SQLite spool: the ISpool conformance suite plus what only SQLite has.
+
+Real database files in trial's temporary directory, a real child process for the
+hard-kill test; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet import task
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from sendarix.interfaces import ISpool
+from sendarix.model.message import RecipientOutcome, RecipientStatus, Reply
+from sendarix.stores.spool import SQLiteSpool, open_spool, sqlite_path
+from sendarix.stores.sqlite.database import DatabaseClosed, SQLiteDatabase
+from tests.support.paths import REPO_ROOT
+from tests.support.spool_contract import T0, SpoolContractMixin, sample_message
+
+# The global reactor provides every reactor interface these tests use (threads,
+# processes, time); its stub type names none of them.
+reactor: Any = _reactor
+
+REPO = REPO_ROOT
+
+
+class SQLiteSpoolTests(SpoolContractMixin, TestCase):
+    """The SQLite spool passes the ISpool conformance suite."""
+
+    def setUp(self) -> None:
+        self.path = os.path.abspath(self.mktemp()) + ".db"
+
+    def make_spool(self) -> ISpool:
+        return SQLiteSpool.at_path(self.path, reactor)
+
+
+# The child enqueues one message and reports OK; then it keeps 20 enqueues in flight
+# and reports MORE once 100 more are stored.  The parent kills it at MORE, so the
+# kill lands in the middle of later writes.
+CHILD = r"""
+import sys
+from twisted.internet import reactor
+from sendarix.model.message import Envelope
+from sendarix.model.message import MessageMeta
+from sendarix.model.message import NewMessage
+from sendarix.stores.spool import open_spool
+from tests.support.paths import REPO_ROOT
+
+def message(n):
+    return NewMessage(
+        queue_id="Q%06d" % n,
+        envelope=Envelope(sender="s@example.org", recipients=("r%d@example.com" % n,)),
+        meta=MessageMeta(tenant="t", received_at=1000.0 + n),
+        body=(b"message %d\r\n" % n) * 1024,
+    )
+
+state = {"next": 1, "stored": 0}
+
+def say(text):
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+def one_more(_=None):
+    n = state["next"]
+    if n > 5000:
+        return
+    state["next"] = n + 1
+    spool.enqueue(message(n)).addCallbacks(stored, failed)
+
+def stored(_):
+    state["stored"] += 1
+    if state["stored"] == 100:
+        say("MORE")
+    one_more()
+
+def failed(f):
+    say("ERR %s" % f.getErrorMessage())
+
+def first_stored(_):
+    say("OK")
+    for _ in range(20):
+        one_more()
+
+spool = open_spool("sqlite:" + sys.argv[1], reactor)
+d = spool.start()
+d.addCallback(lambda _: spool.enqueue(message(0)))
+d.addCallbacks(first_stored, failed)
+reactor.run()
+"""
+
+
+class _Child(ProcessProtocol):
+    """Collects the child's output; kills it (by its PID) once it says MORE."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.errors = b""
+        self.ended: Deferred[BaseException | None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if (b"MORE\n" in self.output or b"ERR" in self.output) and self.transport is not None:
+            self.transport.signalProcess("KILL")
+
+    def errReceived(self, data: bytes) -> None:
+        self.errors += data
+
+    def processEnded(self, reason: Failure) -> None:
+        # The exception, not the Failure: a Failure would errback the Deferred.
+        self.ended.callback(reason.value)
+
+
+class SQLiteSpoolStorageTests(TestCase):
+    """Settings and failure behaviour of the SQLite file underneath the spool."""
+
+    def setUp(self) -> None:
+        self.path = os.path.abspath(self.mktemp()) + ".db"
+
+    async def test_wal_and_full_sync(self) -> None:
+        """The spool's connection runs in WAL mode with synchronous=FULL."""
+        db = SQLiteDatabase(self.path, reactor)
+        spool = SQLiteSpool(db, owns_db=True)
+        await spool.start()
+        self.addCleanup(spool.stop)
+        mode, sync = await db.run(
+            lambda c: (
+                c.execute("PRAGMA journal_mode").fetchone()[0],
+                c.execute("PRAGMA synchronous").fetchone()[0],
+            )
+        )
+        self.assertEqual((mode, sync), ("wal", 2))
+
+    async def test_failing_job_keeps_batch(self) -> None:
+        """A job that fails in a group-commit batch rolls back alone."""
+        db = SQLiteDatabase(self.path, reactor, schema="CREATE TABLE t (n INTEGER);")
+        await db.open()
+        self.addCleanup(db.close)
+        gate = threading.Event()
+        # The database thread waits inside this job while the next three are queued,
+        # so those three are taken as one batch.
+        held = db.run(lambda c: gate.wait(10))
+
+        def insert(n: int, then_fail: bool = False) -> Callable[[sqlite3.Connection], int]:
+            def job(conn: sqlite3.Connection) -> int:
+                conn.execute("INSERT INTO t (n) VALUES (?)", (n,))
+                if then_fail:
+                    raise RuntimeError("job failed after writing")
+                return n
+
+            return job
+
+        first = db.run(insert(1))
+        broken = db.run(insert(2, then_fail=True))
+        third = db.run(insert(3))
+        gate.set()
+        self.assertTrue(await held)
+        self.assertEqual(await first, 1)
+        await self.assertFailure(broken, RuntimeError)
+        self.assertEqual(await third, 3)
+        rows = await db.run(lambda c: c.execute("SELECT n FROM t ORDER BY n").fetchall())
+        self.assertEqual(rows, [(1,), (3,)])
+
+    async def test_waits_for_another_writer(self) -> None:
+        """While another connection (another worker process) holds the write lock, a
+        job waits for it, then commits; the connection keeps its busy timeout."""
+        db = SQLiteDatabase(self.path, reactor, schema="CREATE TABLE t (n INTEGER);")
+        await db.open()
+        self.addCleanup(db.close)
+        other = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO t (n) VALUES (1)")
+        job = db.run(lambda c: c.execute("INSERT INTO t (n) VALUES (2)").rowcount)
+        await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(job.called)  # still waiting for the lock
+        other.execute("COMMIT")
+        self.assertEqual(await job, 1)
+        rows, timeout = await db.run(lambda c: (
+            c.execute("SELECT n FROM t ORDER BY n").fetchall(),
+            c.execute("PRAGMA busy_timeout").fetchone()[0],
+        ))
+        self.assertEqual(rows, [(1,), (2,)])
+        self.assertEqual(timeout, 10000)
+
+    async def test_background_job_yields_to_the_mail_path(self) -> None:
+        """A background job queued before a foreground one runs after it, in its own
+        transaction: its writes never lengthen the foreground commit."""
+        db = SQLiteDatabase(self.path, reactor, schema="CREATE TABLE t (n INTEGER);")
+        await db.open()
+        self.addCleanup(db.close)
+        gate = threading.Event()
+        held = db.run(lambda c: gate.wait(10))
+        order: list[str] = []
+
+        def job(name: str) -> Callable[[sqlite3.Connection], int]:
+            def run(conn: sqlite3.Connection) -> int:
+                order.append(name)
+                conn.execute("INSERT INTO t (n) VALUES (1)")
+                return int(conn.total_changes)
+
+            return run
+
+        background = db.run(job("background"), background=True)
+        foreground = db.run(job("foreground"))
+        gate.set()
+        await held
+        await gatherResults([background, foreground])
+        self.assertEqual(order, ["foreground", "background"])
+
+    async def test_background_job_not_starved(self) -> None:
+        """Under a steady stream of foreground jobs, a background job still runs
+        (it joins a batch once it has waited background_delay)."""
+        db = SQLiteDatabase(self.path, reactor)
+        await db.open()
+        self.addCleanup(db.close)
+        background = db.run(lambda c: "done", background=True)
+        deadline = reactor.seconds() + 5.0
+        # Each foreground job queues the next at once: the database is never quiet.
+        while not background.called and reactor.seconds() < deadline:
+            await db.run(lambda c: None)
+        self.assertTrue(background.called)
+        self.assertEqual(await background, "done")
+
+    async def test_records_are_versioned_json(self) -> None:
+        """Envelope and metadata are stored as JSON carrying "v": 1."""
+        db = SQLiteDatabase(self.path, reactor)
+        spool = SQLiteSpool(db, owns_db=True)
+        await spool.start()
+        self.addCleanup(spool.stop)
+        message = sample_message("01HZZZZZZZNODE000001", recipients=("a@x.example",))
+        await spool.enqueue(message)
+        envelope, meta = await db.run(
+            lambda c: c.execute("SELECT envelope, meta FROM spool_message").fetchone()
+        )
+        self.assertEqual(json.loads(envelope)["v"], 1)
+        self.assertEqual(json.loads(meta)["v"], 1)
+        self.assertEqual(json.loads(envelope)["recipients"], list(message.envelope.recipients))
+
+    async def test_shared_database_left_open(self) -> None:
+        """A spool on a shared database does not close it; one that owns it does."""
+        shared = SQLiteDatabase(self.path, reactor)
+        await shared.open()
+        self.addCleanup(shared.close)
+        # The database was opened before the spool started: the tables still appear.
+        spool = open_spool("sqlite:" + self.path, reactor, db=shared)
+        await spool.start()
+        await spool.enqueue(sample_message("01HZZZZZZZNODE000002"))
+        await spool.stop()
+        self.assertEqual(await shared.run(lambda c: 7), 7)
+
+        owned = SQLiteSpool.at_path(self.path, reactor)
+        await owned.start()
+        self.assertEqual((await owned.stats()).messages, 1)
+        await owned.stop()
+        await self.assertFailure(owned.stats(), DatabaseClosed)
+
+    async def test_survives_hard_kill(self) -> None:
+        """A message reported stored survives SIGKILL of the process that stored it,
+        and every message found afterwards is whole."""
+        child = _Child()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+        transport = reactor.spawnProcess(
+            child, sys.executable, [sys.executable, "-c", CHILD, self.path], env=env
+        )
+        # If the child never reports, kill it rather than leave it behind.
+        watchdog = reactor.callLater(20, transport.signalProcess, "KILL")
+        ended = await child.ended
+        if watchdog.active():
+            watchdog.cancel()
+        self.assertEqual(child.output.splitlines()[:2], [b"OK", b"MORE"], child.errors)
+        self.assertIsInstance(ended, ProcessTerminated)
+        assert isinstance(ended, ProcessTerminated)
+        self.assertEqual(ended.signal, signal.SIGKILL)
+
+        spool = SQLiteSpool.at_path(self.path, reactor)
+        await spool.start()
+        self.addCleanup(spool.stop)
+        stored = await spool.get("Q000000")
+        assert stored is not None
+        self.assertEqual(stored.envelope.recipients, ("r0@example.com",))
+        self.assertEqual(await spool.body("Q000000"), b"message 0\r\n" * 1024)
+        listed = await spool.list_messages(limit=10_000)
+        self.assertGreaterEqual(len(listed), 101)
+        bodies = await gatherResults([spool.body(m.queue_id) for m in listed])
+        for message, body in zip(listed, bodies):
+            n = int(message.queue_id[1:])
+            self.assertEqual(body, (b"message %d\r\n" % n) * 1024)
+            self.assertEqual([r.address for r in message.recipients], [f"r{n}@example.com"])
+        self.assertEqual((await spool.stats()).messages, len(listed))
+
+
+class SQLiteSpoolQueryPlanTests(TestCase):
+    """Queries on one message's recipients use the primary key: with many messages to
+    one domain, the (domain, status) index would walk all of them each time."""
+
+    async def test_per_message_queries_use_the_primary_key(self) -> None:
+        """Every recipient query that enqueue, lease_due and complete run is planned
+        on the primary key, never on spool_recipient_domain."""
+        spool = SQLiteSpool.at_path(os.path.join(self.mktemp(), "spool.db"), reactor)
+        await spool.start()
+        self.addCleanup(spool.stop)
+        db = spool._db
+        statements: list[str] = []
+        await db.run(lambda conn: conn.set_trace_callback(statements.append))
+        for i in range(3):
+            await spool.enqueue(sample_message(f"Q{i}", ("a@one.example", "b@one.example")))
+        leased = await spool.lease_due("node", T0 + 1, 10, 60.0)
+        self.assertEqual(len(leased), 3)
+        for d in leased:
+            await spool.complete(
+                d.queue_id, d.domain, "node",
+                [RecipientOutcome(r.address, RecipientStatus.DELIVERED,
+                                  Reply(250, "2.0.0", "ok")) for r in d.recipients],
+                T0 + 2,
+            )
+        await db.run(lambda conn: conn.set_trace_callback(None))
+        selects = sorted({s for s in statements
+                          if s.lstrip().upper().startswith("SELECT") and "spool_recipient" in s})
+        self.assertTrue(selects)
+
+        def plans(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            return [(sql, " / ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)))
+                    for sql in selects]
+
+        for sql, plan in await db.run(plans):
+            self.assertNotIn("spool_recipient_domain", plan, sql)
+
+
+class OpenSpoolTests(SynchronousTestCase):
+    """open_spool picks a backend from the spool URL."""
+
+    def test_sqlite_paths(self) -> None:
+        """sqlite:/p, sqlite:///p and sqlite:p name the file p."""
+        self.assertEqual(sqlite_path("sqlite:/var/spool.db"), "/var/spool.db")
+        self.assertEqual(sqlite_path("sqlite:///var/spool.db"), "/var/spool.db")
+        self.assertEqual(sqlite_path("sqlite:var/spool.db"), "var/spool.db")
+        self.assertRaises(ValueError, sqlite_path, "sqlite:")
+        self.assertRaises(ValueError, sqlite_path, "sqlite://host/spool.db")
+
+    def test_sqlite_spool(self) -> None:
+        """A sqlite URL gives a SQLite spool; a shared database must be the same file."""
+        path = os.path.abspath(self.mktemp())
+        self.assertIsInstance(open_spool("sqlite:" + path, reactor), SQLiteSpool)
+        db = SQLiteDatabase(path, reactor)
+        self.assertIsInstance(open_spool("sqlite://" + path, reactor, db=db), SQLiteSpool)
+        self.assertRaises(ValueError, open_spool, "sqlite:" + path + ".other", reactor, db=db)
+
+    def test_redis_not_yet(self) -> None:
+        """Redis URLs are recognised but not implemented yet; others are refused."""
+        self.assertRaises(NotImplementedError, open_spool, "redis://127.0.0.1:6379/0", reactor)
+        self.assertRaises(NotImplementedError, open_spool, "rediss://cache:6380/0", reactor)
+        self.assertRaises(ValueError, open_spool, "ftp://example.org/spool", reactor)
+
+    def test_lease_needs_positive_length(self) -> None:
+        """lease_due refuses a lease of no length (it would never hold)."""
+        spool = SQLiteSpool.at_path(os.path.abspath(self.mktemp()), reactor)
+        self.failureResultOf(spool.lease_due("n1", T0, 10, 0), ValueError)
+        self.assertEqual(self.successResultOf(spool.lease_due("n1", T0, 0, 60)), [])

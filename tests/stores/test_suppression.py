@@ -1,0 +1,267 @@
+"""Tests for L{sendarix.stores.sqlite.suppression}: the value, the SQLite store, and the
+``sendarix suppressions`` commands (as subprocesses, like tests.cli.test_main)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from sendarix.cli.main import main
+from sendarix.config.settings import load_config
+from sendarix.interfaces import ISuppressionStore
+from sendarix.stores.backends import Stores
+from sendarix.stores.redis.suppression import RedisSuppressionStore
+from sendarix.stores.sqlite.database import SQLiteDatabase
+from sendarix.stores.sqlite.suppression import (
+    SQLiteSuppressionStore,
+    Suppression,
+    normalize_address,
+)
+from tests.cli.test_main import _run, _write_config
+from tests.support.redisserver import redis_client
+
+if TYPE_CHECKING:
+    _Base = TestCase
+else:
+    _Base = object
+
+reactor: Any = _reactor
+T0 = 1_800_000_000.0
+
+
+class SuppressionValueTests(SynchronousTestCase):
+    """Suppression and normalize_address."""
+
+    def test_normalized(self) -> None:
+        """The address is stripped and lowercased; to_dict has every field."""
+        s = Suppression("acme", " Bob@Example.COM ", "hard bounce", "bounce", T0)
+        self.assertEqual(s.address, "bob@example.com")
+        self.assertEqual(
+            s.to_dict(),
+            {
+                "tenant": "acme",
+                "address": "bob@example.com",
+                "reason": "hard bounce",
+                "source": "bounce",
+                "created_at": T0,
+            },
+        )
+
+    def test_refused(self) -> None:
+        """Not exactly one @, an empty part, or an unknown source is a ValueError."""
+        for bad in ("bob", "@example.com", "bob@", "a@b@c", "a b@c", "<a@b>", ""):
+            self.assertRaises(ValueError, normalize_address, bad)
+        self.assertRaises(ValueError, Suppression, "t", "a@b", "", "whim", T0)
+
+
+class SuppressionStoreContractMixin(_Base):
+    """The ISuppressionStore contract: every backend passes these tests.  A backend's
+    TestCase sets ``self.store`` (ready to use) in ``setUp``."""
+
+    store: Any
+
+    def test_interface(self) -> None:
+        """The store provides ISuppressionStore."""
+        self.assertTrue(verifyObject(ISuppressionStore, self.store))
+
+    async def test_add_lookup_case_insensitive(self) -> None:
+        """An entry is found whatever the case of the address asked about."""
+        self.assertTrue(await self.store.add("acme", "Bob@Example.com", "r", "manual", T0))
+        found = await self.store.is_suppressed("acme", "BOB@example.COM")
+        self.assertEqual(found, Suppression("acme", "bob@example.com", "r", "manual", T0))
+        self.assertIsNone(await self.store.is_suppressed("acme", "bobby@example.com"))
+
+    async def test_tenants_isolated(self) -> None:
+        """One tenant's entry does not suppress, and cannot be removed by, another."""
+        await self.store.add("acme", "x@example.com", "", "bounce", T0)
+        self.assertIsNone(await self.store.is_suppressed("beta", "x@example.com"))
+        self.assertFalse(await self.store.remove("beta", "x@example.com"))
+        self.assertIsNotNone(await self.store.is_suppressed("acme", "x@example.com"))
+
+    async def test_add_twice(self) -> None:
+        """A second add answers False and updates only the reason (when one is given)."""
+        self.assertTrue(await self.store.add("acme", "x@example.com", "first", "bounce", T0))
+        again = await self.store.add("acme", "X@example.com", "second", "api", T0 + 5)
+        self.assertFalse(again)
+        self.assertEqual(
+            await self.store.is_suppressed("acme", "x@example.com"),
+            Suppression("acme", "x@example.com", "second", "bounce", T0),
+        )
+        self.assertEqual(len(await self.store.list()), 1)
+        # An empty reason keeps the one recorded.
+        self.assertFalse(await self.store.add("acme", "x@example.com", "", "manual", T0 + 9))
+        found = await self.store.is_suppressed("acme", "x@example.com")
+        self.assertEqual(found and found.reason, "second")
+
+    async def test_remove(self) -> None:
+        """remove is True once, then False; the entry is gone."""
+        await self.store.add("acme", "x@example.com", "", "complaint", T0)
+        self.assertTrue(await self.store.remove("acme", "X@EXAMPLE.com"))
+        self.assertFalse(await self.store.remove("acme", "x@example.com"))
+        self.assertIsNone(await self.store.is_suppressed("acme", "x@example.com"))
+
+    async def test_bad_input_fails_deferred(self) -> None:
+        """A bad address or source fails the Deferred; nothing is stored."""
+        with self.assertRaises(ValueError):
+            await self.store.add("acme", "nobody", "", "manual", T0)
+        with self.assertRaises(ValueError):
+            await self.store.add("acme", "a@b", "", "whim", T0)
+        with self.assertRaises(ValueError):
+            await self.store.list(after="a@b")
+        self.assertEqual(await self.store.list(), [])
+
+    async def test_list_paging(self) -> None:
+        """list orders by (tenant, address), filters by tenant and pages with after."""
+        for tenant, address in [
+            ("beta", "a@x.example"),
+            ("acme", "c@x.example"),
+            ("acme", "a@x.example"),
+            ("acme", "b@x.example"),
+        ]:
+            await self.store.add(tenant, address, "", "manual", T0)
+
+        def keys(entries: list[Suppression]) -> list[tuple[str, str]]:
+            return [(e.tenant, e.address) for e in entries]
+
+        everything = await self.store.list()
+        self.assertEqual(
+            keys(everything),
+            [
+                ("acme", "a@x.example"),
+                ("acme", "b@x.example"),
+                ("acme", "c@x.example"),
+                ("beta", "a@x.example"),
+            ],
+        )
+        first = await self.store.list(tenant="acme", limit=2)
+        self.assertEqual([e.address for e in first], ["a@x.example", "b@x.example"])
+        rest = await self.store.list(tenant="acme", limit=2, after=first[-1].address)
+        self.assertEqual([e.address for e in rest], ["c@x.example"])
+        across = await self.store.list(limit=2, after=("acme", "b@x.example"))
+        self.assertEqual(keys(across), [("acme", "c@x.example"), ("beta", "a@x.example")])
+        self.assertEqual(await self.store.list(tenant="gamma"), [])
+
+
+class SQLiteSuppressionStoreTests(SuppressionStoreContractMixin, TestCase):
+    """The store on a real SQLite file."""
+
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]  # trial waits on it
+        folder = os.path.abspath(self.mktemp())
+        self.db = SQLiteDatabase(os.path.join(folder, "s.db"), reactor)
+        self.store = SQLiteSuppressionStore(self.db)
+        self.addCleanup(self.db.close)
+        return self.db.open()
+
+
+class RedisSuppressionStoreTests(SuppressionStoreContractMixin, TestCase):
+    """The store on a private redis-server."""
+
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]  # trial waits on it
+        def ready(redis: Any) -> None:
+            self.store = RedisSuppressionStore(redis)
+
+        return redis_client(self).addCallback(ready)
+
+    async def test_unusual_tenants_and_reasons(self) -> None:
+        """Tenants that are prefixes of each other stay apart; reasons and times
+        round-trip exactly, also after a reason update."""
+        when = T0 + 0.123456789
+        await self.store.add("ab", "x@example.com", "caf\u00e9 \"quoted\" / 550", "bounce", when)
+        await self.store.add("a", "y@example.com", "", "manual", T0)
+        self.assertEqual([e.address for e in await self.store.list(tenant="a")], ["y@example.com"])
+        await self.store.add("ab", "x@example.com", "second \u2603", "api", T0)
+        self.assertEqual(
+            await self.store.is_suppressed("ab", "x@example.com"),
+            Suppression("ab", "x@example.com", "second \u2603", "bounce", when),
+        )
+
+
+class SuppressionUsageTests(SynchronousTestCase):
+    """Argument errors, caught before any store opens (in-process)."""
+
+    def test_bad_arguments(self) -> None:
+        """A bad address or a missing --tenant exits 1 with one line on stderr."""
+        folder = os.path.abspath(self.mktemp())
+        config = _write_config(folder)
+        cases = [
+            (["suppressions", "add", "no-at-sign", "--tenant", "acme"], "no-at-sign"),
+            (["suppressions", "remove", "a@b@c", "--tenant", "acme"], "a@b@c"),
+            (["suppressions", "add", "a@example.com"], "--tenant"),
+        ]
+        for argv, fragment in cases:
+            err = io.StringIO()
+            self.patch(sys, "stderr", err)
+            self.patch(sys, "stdout", io.StringIO())
+            self.assertEqual(main(["--config", config, *argv]), 1)
+            lines = err.getvalue().splitlines()
+            self.assertEqual(len(lines), 1, lines)
+            self.assertIn(fragment, lines[0])
+        self.assertFalse(os.path.exists(os.path.join(folder, "var")))
+
+
+class SuppressionCommandTests(TestCase):
+    """``sendarix suppressions add|list|remove`` as subprocesses."""
+
+    timeout = 60
+
+    async def test_add_list_remove(self) -> None:
+        """add (twice), list --json, remove, remove again (exit 1, one line)."""
+        folder = os.path.abspath(self.mktemp())
+        config = _write_config(folder)
+
+        out, err, code = await _run(
+            ["suppressions", "add", "Bob@Example.com", "--tenant", "acme",
+             "--reason", "asked us", "--config", config], folder,
+        )  # fmt: skip
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"bob@example.com", out)
+
+        # Seed a second entry (another tenant) through the store in this process.
+        stores = Stores.from_config(load_config(config), reactor, json_log=False)
+        await stores.open()
+        try:
+            await stores.suppressions.add("beta", "x@example.net", "", "bounce", T0)
+        finally:
+            await stores.close()
+
+        out, err, code = await _run(
+            ["suppressions", "list", "--tenant", "acme", "--json", "--config", config], folder
+        )
+        self.assertEqual(code, 0, err)
+        listed = json.loads(out)
+        self.assertEqual(len(listed), 1)
+        entry = listed[0]
+        self.assertEqual(
+            (entry["tenant"], entry["address"], entry["reason"], entry["source"]),
+            ("acme", "bob@example.com", "asked us", "manual"),
+        )
+
+        out, err, code = await _run(
+            ["suppressions", "remove", "BOB@example.com", "--tenant", "acme",
+             "--config", config], folder,
+        )  # fmt: skip
+        self.assertEqual(code, 0, err)
+
+        out, err, code = await _run(
+            ["suppressions", "remove", "bob@example.com", "--tenant", "acme",
+             "--config", config], folder,
+        )  # fmt: skip
+        self.assertEqual((code, out), (1, b""))
+        self.assertEqual(len(err.decode().splitlines()), 1, err)
+        self.assertIn("not suppressed", err.decode())
+
+        stores = Stores.from_config(load_config(config), reactor, json_log=False)
+        await stores.open()
+        try:
+            left = await stores.suppressions.list()
+        finally:
+            await stores.close()
+        self.assertEqual([(e.tenant, e.address) for e in left], [("beta", "x@example.net")])

@@ -1,0 +1,144 @@
+"""The relay as a real process for tests: started with twistd the way operators start
+it, on a config file in the test's folder, and killed by PID at cleanup."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from twisted.internet import reactor
+
+from sendarix.cli.sink import SinkOptions, SinkServer, parse_fault
+from tests.support.paths import REPO_ROOT
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+ROOT = REPO_ROOT
+
+
+def env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"relay exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"relay not listening on {port}")
+
+
+def listens(pid: int) -> bool:
+    """True once process ``pid`` holds a listening TCP socket (from /proc)."""
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        with open(f"/proc/{pid}/net/tcp") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+        return any(row[3] == "0A" and row[9] in inodes for row in rows)
+    except OSError:
+        return False
+
+
+def start_workers(
+    testcase: Any, folder: str, config: str, port: int, count: int = 2, timeout: float = 30.0
+) -> tuple[subprocess.Popen[bytes], str, list[int]]:
+    """Run ``twistd sendarix --config config --workers count`` in ``folder`` until every
+    worker listens on ``port``.  Returns the parent, its log file and the workers' pids
+    (a list the test may update: every pid in it is SIGKILLed at cleanup, with the
+    parent)."""
+    log_path = os.path.join(folder, "parent.log")
+    log = open(log_path, "wb")
+    testcase.addCleanup(log.close)
+    parent = subprocess.Popen(
+        [*TWISTD, "-n", "--pidfile=", "sendarix", "--config", config, "--workers", str(count)],
+        cwd=folder, env=env(), stdout=log, stderr=subprocess.STDOUT,
+    )
+    children: list[int] = []
+
+    def cleanup() -> None:
+        for pid in [parent.pid, *children]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        parent.wait()
+
+    testcase.addCleanup(cleanup)
+    wait_listening(port, parent)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log_path, "rb") as f:
+            found = re.findall(rb"worker \d+ started, pid (\d+)", f.read())
+        children[:] = [int(p) for p in found]
+        if len(children) == count and all(listens(pid) for pid in children):
+            break
+        time.sleep(0.1)
+    testcase.assertEqual(len(children), count)
+    return parent, log_path, children
+
+
+def sink_server(port: int, *faults: str) -> SinkServer:
+    """A sink (not started yet) on 127.0.0.2:``port`` (0: a free port), idling forever,
+    with ``faults`` (see sendarix.cli.sink.parse_fault)."""
+    return SinkServer(
+        SinkOptions(
+            listen=(f"tcp:{port}:interface=127.0.0.2",),
+            hostname="sink.test",
+            idle_timeout=0,
+            faults=tuple(parse_fault(f) for f in faults),
+        ),
+        reactor,
+    )
+
+
+class RelayProcessMixin:
+    """For a TestCase with ``dir``, ``config`` (path) and ``port``: ``start_relay()``
+    runs ``twistd -n sendarix`` there (log in ``relayN.log``); every process started is
+    killed at cleanup."""
+
+    dir: str
+    config: str
+    port: int
+    addCleanup: Any
+
+    def start_relay(self) -> subprocess.Popen[bytes]:
+        procs: list[subprocess.Popen[bytes]] = self.__dict__.setdefault("_relay_procs", [])
+        if not procs:
+            self.addCleanup(self._end_relays)
+        log = open(os.path.join(self.dir, f"relay{len(procs)}.log"), "wb")
+        self.addCleanup(log.close)
+        proc = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "sendarix", "--config", self.config],
+            cwd=self.dir, env=env(), stdout=log, stderr=subprocess.STDOUT,
+        )
+        procs.append(proc)
+        wait_listening(self.port, proc)
+        return proc
+
+    def _end_relays(self) -> None:
+        for proc in self.__dict__.get("_relay_procs", []):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
