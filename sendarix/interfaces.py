@@ -15,7 +15,7 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-    from sendarix.events.sinks import Event, EventPage, EventQuery
+    from sendarix.model.event import Event, EventPage, EventQuery
     from sendarix.model.message import (
         Envelope,
         LeasedDelivery,

@@ -18,10 +18,10 @@ from twisted.logger import Logger
 
 from sendarix.cleanup.dkim import SigningKey, sign_message
 from sendarix.cleanup.headers import CleanupInfo, cleanup
-from sendarix.events.sinks import Event
 from sendarix.ingress.queueid import QueueIdGenerator
 from sendarix.interfaces import IContentFilter, IEventSink, ISpool
 from sendarix.model.address import domain_of
+from sendarix.model.event import Event
 from sendarix.model.message import Envelope, MessageMeta, NewMessage, Reply, TLSInfo
 from sendarix.stores.credentials import Credential
 from sendarix.stores.domains import DomainKeyring

@@ -40,9 +40,9 @@ from sendarix.cli.domaincheck import DNSLookupError, check_domain, make_resolver
 from sendarix.config.secret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.config.settings import Config, ConfigError, describe, resolve_config
 from sendarix.config.units import parse_duration
-from sendarix.events.sinks import EVENT_TYPES, MAX_LIMIT, Event, EventQuery, format_timestamp
-from sendarix.events.sinks import parse_timestamp as parse_rfc3339
 from sendarix.ingress.xoauth2 import mint_token
+from sendarix.model.event import EVENT_TYPES, MAX_LIMIT, Event, EventQuery, format_timestamp
+from sendarix.model.event import parse_timestamp as parse_rfc3339
 from sendarix.model.message import RecipientStatus, StoredMessage
 from sendarix.routing.state import format_state, read_state, state_path
 from sendarix.stores.backends import Stores

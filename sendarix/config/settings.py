@@ -39,7 +39,7 @@ from sendarix.config.units import (
     parse_rate,
     parse_size,
 )
-from sendarix.events.sinks import EVENT_TYPES
+from sendarix.model.event import EVENT_TYPES
 
 __all__ = [
     "APIConfig",

@@ -44,7 +44,6 @@ from twisted.python.failure import Failure
 from sendarix.config.settings import Config, EgressSourceConfig, RouteConfig
 from sendarix.egress import client as egress
 from sendarix.egress.sources import TieredSelector
-from sendarix.events.sinks import Event
 from sendarix.interfaces import (
     IEgressSelector,
     IEventSink,
@@ -55,6 +54,7 @@ from sendarix.interfaces import (
     ISuppressionStore,
     IThrottle,
 )
+from sendarix.model.event import Event
 from sendarix.model.message import (
     LeasedDelivery,
     RecipientOutcome,

@@ -12,7 +12,7 @@ from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from sendarix.cli.sink import SinkOptions, SinkServer, parse_fault
-from sendarix.events.sinks import EventQuery
+from sendarix.model.event import EventQuery
 from tests.delivery.test_service import RELAY_LISTENER, submit, wait_event
 from tests.support.dnsserver import start_dns
 from tests.support.relay import Relay, in_thread, start_relay

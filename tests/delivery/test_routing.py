@@ -19,8 +19,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from sendarix.cli.sink import SinkOptions, SinkServer, parse_fault
-from sendarix.events.sinks import EventQuery
 from sendarix.interfaces import IThrottle
+from sendarix.model.event import EventQuery
 from sendarix.routing.throttle import MemoryThrottle
 from tests.delivery.test_service import BODY, RELAY_LISTENER, submit, wait_event
 from tests.egress.test_client import ipv6_loopback_missing

@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from sendarix.cli.sink import SinkOptions, SinkServer, parse_fault
 from sendarix.delivery.service import simulate
-from sendarix.events.sinks import Event, EventQuery
+from sendarix.model.event import Event, EventQuery
 from tests.support.dnsserver import start_dns
 from tests.support.relay import Relay, in_thread, start_relay
 

@@ -11,7 +11,7 @@ from twisted.trial import unittest
 from sendarix.cleanup.intake import Intake, Submission
 from sendarix.config.settings import parse_config
 from sendarix.delivery.service import DeliveryService
-from sendarix.events.sinks import EventQuery
+from sendarix.model.event import EventQuery
 from sendarix.model.message import Envelope, RecipientStatus
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.stores.backends import Stores

@@ -26,18 +26,17 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from sendarix.events.sinks import (
+from sendarix.events.sinks import FanoutSink, JSONLogSink
+from sendarix.interfaces import IEventLog, IEventSink
+from sendarix.model.event import (
     EVENT_TYPES,
     Event,
     EventPage,
     EventQuery,
-    FanoutSink,
-    JSONLogSink,
     format_timestamp,
     new_event_id,
     parse_timestamp,
 )
-from sendarix.interfaces import IEventLog, IEventSink
 from sendarix.model.message import Reply, TLSInfo
 from sendarix.stores.redis.eventlog import RedisEventLog
 from sendarix.stores.sqlite.database import DatabaseClosed, SQLiteDatabase
@@ -190,7 +189,7 @@ class JSONLogSinkTests(SynchronousTestCase):
         logged = ours[0]
         self.assertEqual(logged["sendarix_event"], event.to_json())
         self.assertEqual(logged["log_level"], LogLevel.info)
-        self.assertEqual(logged["log_namespace"], "sendarix.events.sinks")
+        self.assertEqual(logged["log_namespace"], "sendarix.events")
         self.assertEqual(
             formatEvent(logged), "event bounced queue_id=Q123 recipient=User@Example.org"
         )

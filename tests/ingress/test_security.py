@@ -331,7 +331,7 @@ class SandboxTests(TestCase):
     async def test_sandbox_mail_is_simulated(self) -> None:
         """The sandbox message is delivered by the simulator (mx "simulator"); the
         normal one is deferred (its MX lookup fails in tests: no real DNS)."""
-        from sendarix.events.sinks import EventQuery
+        from sendarix.model.event import EventQuery
 
         relay = await start_relay(self, [STARTTLS])
         sandbox = await relay.add_credential("sandboxed", sandbox=True)

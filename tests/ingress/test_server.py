@@ -11,7 +11,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from sendarix.events.sinks import EventQuery
+from sendarix.model.event import EventQuery
 from tests.support.relay import HOSTNAME, RawClient, Relay, in_thread, smtp_starttls, start_relay
 
 SUBMISSION = {"name": "submission", "endpoint": "tcp:0:interface=127.0.0.1",
@@ -605,7 +605,7 @@ class RetentionTests(TestCase):
         recent one stays."""
         import time
 
-        from sendarix.events.sinks import Event
+        from sendarix.model.event import Event
 
         relay = Relay(self.mktemp(), [RELAY], events={"json_log": False, "retention": "1d"})
         # Write the events with the node's own stores before the node starts.

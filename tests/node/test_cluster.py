@@ -21,7 +21,7 @@ from twisted.internet import reactor, task
 from twisted.trial.unittest import TestCase
 
 from sendarix.cli.sink import SinkServer
-from sendarix.events.sinks import EventQuery
+from sendarix.model.event import EventQuery
 from sendarix.stores.redis.connection import connect
 from sendarix.stores.redis.eventlog import RedisEventLog
 from tests.support.dnsserver import start_dns

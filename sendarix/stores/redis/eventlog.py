@@ -32,8 +32,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sendarix.events.sinks import MAX_LIMIT, Event, EventPage, EventQuery
 from sendarix.interfaces import IEventLog
+from sendarix.model.event import MAX_LIMIT, Event, EventPage, EventQuery
 from sendarix.stores.redis.connection import is_outage
 from sendarix.stores.sqlite.eventlog import decode_cursor, encode_cursor
 

@@ -20,8 +20,8 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sendarix.events.sinks import MAX_LIMIT, Event, EventPage, EventQuery
 from sendarix.interfaces import IEventLog
+from sendarix.model.event import MAX_LIMIT, Event, EventPage, EventQuery
 from sendarix.stores.sqlite.database import SQLiteDatabase
 
 # Every searchable column has its own index.  In SQLite an index entry ends with the
