@@ -15,6 +15,8 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from sendarix.model.credential import Credential
+    from sendarix.model.domain import DKIMKey, SendingDomain
     from sendarix.model.event import Event, EventPage, EventQuery
     from sendarix.model.message import (
         Envelope,
@@ -25,8 +27,6 @@ if TYPE_CHECKING:
         Reply,
         StoredMessage,
     )
-    from sendarix.stores.credentials import Credential
-    from sendarix.stores.domains import DKIMKey, SendingDomain
 
 
 class ISpool(Interface):
@@ -151,15 +151,15 @@ class IDomainStore(Interface):
         domain: str, tenant: str | None, keys: Sequence[DKIMKey], now: float
     ) -> Deferred[SendingDomain]:
         """Add a domain with its keys; fails with
-        L{sendarix.stores.domains.DomainExistsError} when it is already there."""
+        L{sendarix.stores.sqlite.domains.DomainExistsError} when it is already there."""
 
     def add_keys(domain: str, keys: Sequence[DKIMKey]) -> Deferred[SendingDomain]:  # noqa: N805
         """Add keys to a domain (rotation); the domain with all its keys.  Fails with
-        L{sendarix.stores.domains.DomainNotFoundError}, or with DomainExistsError when a
+        L{sendarix.stores.sqlite.domains.DomainNotFoundError}, or with DomainExistsError when a
         selector is taken (nothing added)."""
 
     def get(domain: str) -> Deferred[SendingDomain | None]:  # noqa: N805
-        """The L{sendarix.stores.domains.SendingDomain} with its keys (in the order they were
+        """The L{sendarix.stores.sqlite.domains.SendingDomain} with its keys (in the order they were
         added), or None."""
 
     def list() -> Deferred[builtins.list[SendingDomain]]:  # noqa: N805

@@ -18,13 +18,13 @@ from twisted.logger import Logger
 
 from sendarix.cleanup.dkim import SigningKey, sign_message
 from sendarix.cleanup.headers import CleanupInfo, cleanup
+from sendarix.cleanup.keyring import DomainKeyring
 from sendarix.ingress.queueid import QueueIdGenerator
 from sendarix.interfaces import IContentFilter, IEventSink, ISpool
 from sendarix.model.address import domain_of
+from sendarix.model.credential import Credential
 from sendarix.model.event import Event
 from sendarix.model.message import Envelope, MessageMeta, NewMessage, Reply, TLSInfo
-from sendarix.stores.credentials import Credential
-from sendarix.stores.domains import DomainKeyring
 
 log = Logger()
 

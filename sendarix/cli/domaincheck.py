@@ -18,8 +18,8 @@ from attrs import frozen
 
 from sendarix.cleanup.dkimkeys import check_record, dns_name, parse_tags, record_line
 from sendarix.config.settings import Config
+from sendarix.model.domain import SendingDomain
 from sendarix.routing.mx import dnspython_resolver
-from sendarix.stores.domains import SendingDomain
 
 __all__ = ["DNSLookupError", "Finding", "check_domain", "make_resolver", "txt_records",
            "verify_keys"]

@@ -41,21 +41,16 @@ from sendarix.config.secret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.config.settings import Config, ConfigError, describe, resolve_config
 from sendarix.config.units import parse_duration
 from sendarix.ingress.xoauth2 import mint_token
+from sendarix.model.credential import DEFAULT_SCOPES, SCOPES, Credential
+from sendarix.model.domain import DKIMKey, DomainExistsError, DomainNotFoundError, SendingDomain
 from sendarix.model.event import EVENT_TYPES, MAX_LIMIT, Event, EventQuery, format_timestamp
 from sendarix.model.event import parse_timestamp as parse_rfc3339
 from sendarix.model.message import RecipientStatus, StoredMessage
+from sendarix.model.suppression import normalize_address
 from sendarix.routing.state import format_state, read_state, state_path
 from sendarix.stores.backends import Stores
-from sendarix.stores.credentials import (
-    DEFAULT_SCOPES,
-    SCOPES,
-    Credential,
-    CredentialExistsError,
-    CredentialNotFoundError,
-)
-from sendarix.stores.domains import DKIMKey, DomainExistsError, DomainNotFoundError, SendingDomain
+from sendarix.stores.credentials import CredentialExistsError, CredentialNotFoundError
 from sendarix.stores.errors import SpoolError
-from sendarix.stores.sqlite.suppression import normalize_address
 
 __all__ = ["CommandError", "main", "parse_time", "render_table"]
 

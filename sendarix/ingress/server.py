@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 
 from sendarix.cleanup.headers import received_protocol
 from sendarix.cleanup.intake import Intake, Refused, Submission
+from sendarix.cleanup.keyring import DomainKeyring
 from sendarix.config.settings import LimitsConfig, ListenerConfig
 from sendarix.ingress.authlimit import client_key
 from sendarix.ingress.datareader import ChunkDataReader, DataResult, DotDataReader
@@ -50,9 +51,8 @@ from sendarix.model.address import (
     parse_params,
     parse_path,
 )
+from sendarix.model.credential import Credential
 from sendarix.model.message import Envelope, Reply, TLSInfo
-from sendarix.stores.credentials import Credential
-from sendarix.stores.domains import DomainKeyring
 from sendarix.stores.redis.connection import is_outage
 
 log = Logger()

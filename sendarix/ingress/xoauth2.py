@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from sendarix.config.secret import NodeSecret
 from sendarix.interfaces import IBearerToken, ICredentialStore
-from sendarix.stores.credentials import NAME_PATTERN, Credential
+from sendarix.model.credential import NAME_PATTERN, Credential
 
 __all__ = ["HMACTokenChecker", "mint_token", "parse_xoauth2"]
 

@@ -19,6 +19,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from sendarix.cleanup.intake import Intake
+from sendarix.cleanup.keyring import DomainKeyring, check_keys_open
 from sendarix.config.errors import ConfigError
 from sendarix.config.secret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.config.settings import Config, ListenerConfig, default_config
@@ -38,11 +39,11 @@ from sendarix.routing.state import state_path
 from sendarix.routing.throttle import MemoryThrottle
 from sendarix.scheduler.classify import BounceRules
 from sendarix.stores.backends import Stores
-from sendarix.stores.domains import DomainKeyring, check_keys_open, count_stored_keys
 from sendarix.stores.redis.connection import is_outage
 from sendarix.stores.redis.endpoints import SharedEndpointPool
 from sendarix.stores.redis.limits import SharedAuthLimiter, SharedRateLimiter
 from sendarix.stores.redis.selector import SharedTieredSelector
+from sendarix.stores.sqlite.domains import count_stored_keys
 
 log = Logger()
 

@@ -27,8 +27,6 @@ from sendarix.interfaces import (
     IThrottle,
 )
 from sendarix.routing.throttle import MemoryThrottle
-from sendarix.stores.credentials import SQLiteCredentialStore
-from sendarix.stores.domains import SQLiteDomainStore
 from sendarix.stores.redis.connection import RedisClient, connect
 from sendarix.stores.redis.credentials import RedisCredentialStore
 from sendarix.stores.redis.domains import RedisDomainStore
@@ -37,7 +35,9 @@ from sendarix.stores.redis.spool import RedisSpool
 from sendarix.stores.redis.suppression import RedisSuppressionStore
 from sendarix.stores.redis.throttle import RedisThrottle
 from sendarix.stores.spool import open_spool
+from sendarix.stores.sqlite.credentials import SQLiteCredentialStore
 from sendarix.stores.sqlite.database import SQLiteDatabase
+from sendarix.stores.sqlite.domains import SQLiteDomainStore
 from sendarix.stores.sqlite.eventlog import SQLiteEventLog
 from sendarix.stores.sqlite.suppression import SQLiteSuppressionStore
 

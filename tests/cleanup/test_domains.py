@@ -37,14 +37,10 @@ from sendarix.config.errors import ConfigError
 from sendarix.config.secret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.config.settings import parse_config
 from sendarix.interfaces import IDomainStore
+from sendarix.model.domain import DKIMKey, DomainExistsError, DomainNotFoundError
 from sendarix.node.service import load_node_secret
-from sendarix.stores.domains import (
-    DKIMKey,
-    DomainExistsError,
-    DomainNotFoundError,
-    SQLiteDomainStore,
-)
 from sendarix.stores.sqlite.database import SQLiteDatabase
+from sendarix.stores.sqlite.domains import SQLiteDomainStore
 from tests.support.dnsserver import start_dns
 from tests.support.paths import REPO_ROOT
 from tests.support.relay import RawClient, in_thread, smtp_starttls, start_relay

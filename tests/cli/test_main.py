@@ -31,11 +31,11 @@ from sendarix.cli.main import (
     render_table,
 )
 from sendarix.config.settings import load_config
+from sendarix.ingress.auth import CredentialChecker
 from sendarix.ingress.queueid import QueueIdGenerator
 from sendarix.model.event import Event, format_timestamp
 from sendarix.model.message import Envelope, MessageMeta, NewMessage, Reply
 from sendarix.stores.backends import Stores
-from sendarix.stores.credentials import CredentialChecker
 from tests.support.paths import REPO_ROOT
 
 ROOT = REPO_ROOT

@@ -38,9 +38,10 @@ from sendarix.model.event import (
     parse_timestamp,
 )
 from sendarix.model.message import Reply, TLSInfo
+from sendarix.stores.paging import decode_cursor, encode_cursor
 from sendarix.stores.redis.eventlog import RedisEventLog
 from sendarix.stores.sqlite.database import DatabaseClosed, SQLiteDatabase
-from sendarix.stores.sqlite.eventlog import SQLiteEventLog, decode_cursor, encode_cursor
+from sendarix.stores.sqlite.eventlog import SQLiteEventLog
 from tests.support.redisserver import redis_client, start_redis
 
 if TYPE_CHECKING:

@@ -39,8 +39,9 @@ from sendarix.ingress.ratelimit import RateLimiter
 from sendarix.ingress.sasl import parse_xoauth2
 from sendarix.ingress.server import ListenerSettings, SubmissionFactory
 from sendarix.ingress.xoauth2 import HMACTokenChecker, mint_token
-from sendarix.stores.credentials import Credential, SQLiteCredentialStore
-from sendarix.stores.domains import DKIMKey
+from sendarix.model.credential import Credential
+from sendarix.model.domain import DKIMKey
+from sendarix.stores.sqlite.credentials import SQLiteCredentialStore
 from sendarix.stores.sqlite.database import SQLiteDatabase
 from tests.support.relay import HOSTNAME, RawClient, Relay, client_context, in_thread, start_relay
 

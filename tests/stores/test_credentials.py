@@ -20,22 +20,20 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import Interface, implementer
 from zope.interface.verify import verifyObject
 
+from sendarix.ingress.auth import CredentialChecker
 from sendarix.interfaces import ICredentialStore
+from sendarix.model.credential import Credential, check_name, parse_rate
 from sendarix.stores.credentials import (
     SCRYPT_N,
-    Credential,
-    CredentialChecker,
     CredentialExistsError,
     CredentialNotFoundError,
-    SQLiteCredentialStore,
-    check_name,
     hash_secret,
     new_secret,
-    parse_rate,
     verify_secret,
 )
 from sendarix.stores.redis.connection import connect
 from sendarix.stores.redis.credentials import RedisCredentialStore
+from sendarix.stores.sqlite.credentials import SQLiteCredentialStore
 from sendarix.stores.sqlite.database import SQLiteDatabase
 from tests.support.redisserver import redis_client
 

@@ -17,14 +17,11 @@ from zope.interface.verify import verifyObject
 from sendarix.cli.main import main
 from sendarix.config.settings import load_config
 from sendarix.interfaces import ISuppressionStore
+from sendarix.model.suppression import Suppression, normalize_address
 from sendarix.stores.backends import Stores
 from sendarix.stores.redis.suppression import RedisSuppressionStore
 from sendarix.stores.sqlite.database import SQLiteDatabase
-from sendarix.stores.sqlite.suppression import (
-    SQLiteSuppressionStore,
-    Suppression,
-    normalize_address,
-)
+from sendarix.stores.sqlite.suppression import SQLiteSuppressionStore
 from tests.cli.test_main import _run, _write_config
 from tests.support.redisserver import redis_client
 

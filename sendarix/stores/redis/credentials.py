@@ -19,8 +19,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sendarix.interfaces import ICredentialStore
+from sendarix.model.credential import Credential
 from sendarix.stores.credentials import (
-    Credential,
     CredentialExistsError,
     CredentialNotFoundError,
     CredentialStoreBase,

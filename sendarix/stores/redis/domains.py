@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from sendarix.interfaces import IDomainStore
-from sendarix.stores.domains import DKIMKey, DomainExistsError, DomainNotFoundError, SendingDomain
+from sendarix.model.domain import DKIMKey, DomainExistsError, DomainNotFoundError, SendingDomain
 
 __all__ = ["RedisDomainStore"]
 

@@ -34,8 +34,8 @@ from zope.interface import implementer
 
 from sendarix.interfaces import IEventLog
 from sendarix.model.event import MAX_LIMIT, Event, EventPage, EventQuery
+from sendarix.stores.paging import decode_cursor, encode_cursor
 from sendarix.stores.redis.connection import is_outage
-from sendarix.stores.sqlite.eventlog import decode_cursor, encode_cursor
 
 log = Logger()
 

@@ -16,7 +16,8 @@ from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
 from sendarix.interfaces import ISuppressionStore
-from sendarix.stores.sqlite.suppression import Suppression, page_start
+from sendarix.model.suppression import Suppression
+from sendarix.stores.paging import page_start
 
 #: Version of the stored entry.
 FORMAT = 1

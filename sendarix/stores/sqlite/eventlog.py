@@ -9,8 +9,6 @@ AUTOINCREMENT keeps it from being reused after ``trim``, so cursors stay valid.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import sqlite3
 import threading
@@ -22,6 +20,7 @@ from zope.interface import implementer
 
 from sendarix.interfaces import IEventLog
 from sendarix.model.event import MAX_LIMIT, Event, EventPage, EventQuery
+from sendarix.stores.paging import decode_cursor, encode_cursor
 from sendarix.stores.sqlite.database import SQLiteDatabase
 
 # Every searchable column has its own index.  In SQLite an index entry ends with the
@@ -67,23 +66,6 @@ def _address(value: str) -> str:
 
 def _message_id(value: str) -> str:
     return value.strip().removeprefix("<").removesuffix(">")
-
-
-def encode_cursor(seq: int) -> str:
-    """An opaque cursor for "events older than ``seq``"."""
-    return base64.urlsafe_b64encode(f"v1:{seq}".encode()).decode("ascii").rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    """The ``seq`` inside a cursor; ValueError when it is not one of ours."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-        version, _, seq = raw.partition(":")
-        if version != "v1" or not seq.isdigit():
-            raise ValueError(cursor)
-        return int(seq)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise ValueError(f"bad cursor {cursor!r}") from None
 
 
 #: An event waiting to be written: its event_log row, recipients, tags, and the
