@@ -320,3 +320,53 @@ class IFailoverStrategy(Interface):
 
     def succeeded(hop, now):  # noqa: N805
         """``hop`` held a session."""
+
+
+class IBackend(Interface):
+    """One storage backend (SQLite or Redis) and everything built on it.
+
+    The node and the command line ask the backend for its stores and for the limits
+    and routing state that must be shared wherever the stores are shared; they never
+    ask which backend it is.  Opened once, closed once.
+    """
+
+    spool = Attribute("The ISpool.")
+    credentials = Attribute("The ICredentialStore.")
+    eventlog = Attribute("The IEventLog (the delivery log).")
+    suppressions = Attribute("The ISuppressionStore.")
+    domains = Attribute("The IDomainStore.")
+    location = Attribute("Where the data is, for messages (a file path or a server).")
+    errors = Attribute(
+        "The exception types that mean the store failed (unreachable, unreadable), "
+        "for callers that report them rather than crash."
+    )
+    shares_state = Attribute(
+        "True when limits and routing state are shared by every node of the backend; "
+        "False when they live in this process (and a node keeps its own state file)."
+    )
+    keys_checked_before_start = Attribute(
+        "True when the stored DKIM keys can be checked against the node secret before "
+        "the reactor runs; False when the check must wait until the stores are open."
+    )
+
+    def open(wait):  # noqa: N805
+        """Open the stores (for a server: wait at most ``wait`` seconds, None for as
+        long as it takes); the Deferred fails with StoreUnavailable when it cannot."""
+
+    def close():  # noqa: N805
+        """Close everything opened (queued writes finish first); Deferred."""
+
+    def throttle(node):  # noqa: N805
+        """The IThrottle for ``node``: connection caps and paced rates per site."""
+
+    def auth_limiter(max_failures, window, lockout):  # noqa: N805
+        """The IAuthLimiter: AUTH failure delays and lockouts."""
+
+    def rate_limiter():  # noqa: N805
+        """The submission rate limiter (per credential and per tenant)."""
+
+    def egress_selector(sources):  # noqa: N805
+        """The IEgressSelector over the configured egress sources."""
+
+    def endpoint_strategy(pool):  # noqa: N805
+        """The IFailoverStrategy (endpoint health) of one smarthost pool."""

@@ -22,13 +22,11 @@ import ipaddress
 import json
 import os
 import re
-import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
-import txredisapi
 from attrs import frozen
 from twisted.internet.task import react
 from twisted.internet.threads import deferToThread
@@ -48,9 +46,9 @@ from sendarix.model.event import parse_timestamp as parse_rfc3339
 from sendarix.model.message import RecipientStatus, StoredMessage
 from sendarix.model.suppression import normalize_address
 from sendarix.routing.state import format_state, read_state, state_path
-from sendarix.stores.backends import Stores
+from sendarix.stores.backends import Stores, open_stores
 from sendarix.stores.credentials import CredentialExistsError, CredentialNotFoundError
-from sendarix.stores.errors import SpoolError
+from sendarix.stores.errors import SpoolError, StoreUnavailable
 
 __all__ = ["CommandError", "main", "parse_time", "render_table"]
 
@@ -941,28 +939,24 @@ def _run_with_stores(config: Config, command: StoreCommand, args: argparse.Names
 
     async def work(reactor: Any) -> None:
         try:
-            stores = Stores.from_config(config, reactor, json_log=False)
+            stores = open_stores(config, reactor, json_log=False)
         except (NotImplementedError, ValueError) as e:  # e.g. an unset password_env
             result.append(CommandError(str(e)))
             return
         where = stores.location
-        if stores.db is not None:
-            try:
-                # SQLiteDatabase.close() never fires after a failed open(): only close a
-                # database that opened (a failed spool start still closes it).
-                await stores.db.open()
-            except (sqlite3.Error, OSError) as e:
-                result.append(CommandError(f"cannot open the {where}: {e}"))
-                return
+        failures = tuple(stores.backend.errors)
         try:
             await stores.open(wait=REDIS_WAIT)
+        except StoreUnavailable as e:
+            result.append(CommandError(str(e)))  # it names the store
+            await stores.close()
+            return
+        try:
             result.append(await command(args, stores))
         except CommandError as e:
             result.append(e)
-        except (sqlite3.Error, OSError, SpoolError, txredisapi.ConnectionError) as e:
+        except (SpoolError, StoreUnavailable, *failures) as e:
             result.append(CommandError(f"{where}: {e}"))
-        except txredisapi.ResponseError as e:
-            result.append(CommandError(f"{where}: Redis refused: {e}"))
         except BaseException:
             result.append(Failure())
         finally:

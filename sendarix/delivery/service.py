@@ -73,7 +73,7 @@ from sendarix.routing.throttle import MemoryThrottle
 from sendarix.scheduler.classify import BounceRules, Classification, Verdict, classify
 from sendarix.scheduler.ready import ReadyQueues
 from sendarix.scheduler.retry import RetrySchedule
-from sendarix.stores.redis.connection import is_outage
+from sendarix.stores.errors import StoreUnavailable
 
 __all__ = ["DeliveryService", "simulate"]
 
@@ -435,7 +435,7 @@ class DeliveryService(Service):
     def _failed(self, failure: Failure, what: str, **kw: Any) -> None:
         # While the node stops, the stores close under groups still in flight: that is
         # expected (their leases expire), not an error worth a traceback.
-        if self.running and is_outage(failure):
+        if self.running and failure.check(StoreUnavailable):
             log.warn(what + ": {why}", why=failure.getErrorMessage(), **kw)
         elif self.running:
             log.failure(what, failure, **kw)

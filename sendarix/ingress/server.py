@@ -53,7 +53,7 @@ from sendarix.model.address import (
 )
 from sendarix.model.credential import Credential
 from sendarix.model.message import Envelope, Reply, TLSInfo
-from sendarix.stores.redis.connection import is_outage
+from sendarix.stores.errors import StoreUnavailable
 
 log = Logger()
 
@@ -908,7 +908,7 @@ class SubmissionServer(smtp.ESMTP):
             self._refuse(refused.reply, sender=sub.envelope.sender,
                          recipients=sub.envelope.recipients, queue_id=sub.queue_id)
             return
-        if is_outage(failure):
+        if failure.check(StoreUnavailable):
             log.warn("spool did not take {queue_id}: {why}", queue_id=sub.queue_id,
                      why=failure.getErrorMessage())
         else:
@@ -932,7 +932,7 @@ class SubmissionServer(smtp.ESMTP):
         self._error(reply.code, reply.enhanced or "", reply.text)
 
     def _internal_error(self, failure: Failure) -> None:
-        if is_outage(failure):
+        if failure.check(StoreUnavailable):
             log.warn("store unavailable in SMTP session: {why}", why=failure.getErrorMessage())
         else:
             log.failure("error in SMTP session", failure)

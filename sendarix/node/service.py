@@ -24,26 +24,19 @@ from sendarix.config.errors import ConfigError
 from sendarix.config.secret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.config.settings import Config, ListenerConfig, default_config
 from sendarix.delivery.service import DeliveryService
-from sendarix.egress.sources import TieredSelector
 from sendarix.ingress.auth import submission_portal
-from sendarix.ingress.authlimit import AuthLimiter
-from sendarix.ingress.ratelimit import RateLimiter
 from sendarix.ingress.server import ListenerSettings, SubmissionFactory
 from sendarix.ingress.tls import ReloadableServerTLS, ensure_certificate
 from sendarix.ingress.xoauth2 import HMACTokenChecker
-from sendarix.interfaces import IEgressSelector, IFailoverStrategy, IRouter, IThrottle
+from sendarix.interfaces import IAuthLimiter, IEgressSelector, IFailoverStrategy, IRouter, IThrottle
 from sendarix.node.workers import listen_shared
 from sendarix.routing.mx import DNSResolver, MXRouter
-from sendarix.routing.pool import EndpointPool, PoolRouter
+from sendarix.routing.pool import PoolRouter
 from sendarix.routing.state import state_path
 from sendarix.routing.throttle import MemoryThrottle
 from sendarix.scheduler.classify import BounceRules
-from sendarix.stores.backends import Stores
-from sendarix.stores.redis.connection import is_outage
-from sendarix.stores.redis.endpoints import SharedEndpointPool
-from sendarix.stores.redis.limits import SharedAuthLimiter, SharedRateLimiter
-from sendarix.stores.redis.selector import SharedTieredSelector
-from sendarix.stores.sqlite.domains import count_stored_keys
+from sendarix.stores.backends import Stores, open_stores, stored_keys_before_start
+from sendarix.stores.errors import StoreUnavailable
 
 log = Logger()
 
@@ -168,7 +161,7 @@ class StoresService(Service):
         return d
 
     def _trim_failed(self, failure: Failure) -> None:
-        if is_outage(failure):  # Redis down, or closing under the trim
+        if failure.check(StoreUnavailable):  # Redis down, or closing under the trim
             log.warn("trimming the event log failed: {why}", why=failure.getErrorMessage())
         else:
             log.failure("trimming the event log failed", failure)
@@ -269,10 +262,10 @@ def load_node_secret(config: Config, environ: Any = None) -> NodeSecret | None:
         secret = node_secret_from_env(env, environ)
     except SecretError as e:
         raise ConfigError("node.secret_key_env", str(e)) from None
-    path = config.spool.sqlite_path
-    if path is None:
+    stored = stored_keys_before_start(config)
+    if stored is None:
         return secret
-    count, sample = count_stored_keys(path)
+    count, sample = stored
     if count and secret is None:
         raise ConfigError(
             "node.secret_key_env",
@@ -288,65 +281,48 @@ def load_node_secret(config: Config, environ: Any = None) -> NodeSecret | None:
 
 
 def make_throttle(config: Config, reactor: Any = None, stores: Stores | None = None) -> IThrottle:
-    """The node's L{IThrottle}: connection counts and message rates per site.
+    """The node's :class:`IThrottle`: connection counts and message rates per site.
 
-    With the stores in Redis, shared by every node (limits per cluster: a
-    L{sendarix.stores.redis.throttle.RedisThrottle}, stopped when the stores close);
-    otherwise in memory, per node.  Callers treat every answer as possibly a Deferred
-    (``maybeDeferred``).
+    Built by the stores' backend (for the cluster where the stores are shared, and
+    stopped when they close); without stores, in memory.  Callers treat every answer
+    as possibly a Deferred (``maybeDeferred``).
     """
     if stores is not None:
         return stores.make_throttle(config.node.name)
     return MemoryThrottle()
 
 
-def make_auth_limiter(config: Config, stores: Stores | None = None) -> AuthLimiter:
-    """The AUTH failure limiter from ``[limits]``: failures and lockouts shared by
-    every node when the stores are in Redis, else counted in this process."""
+def make_auth_limiter(config: Config, stores: Stores) -> IAuthLimiter:
+    """The AUTH failure limiter from ``[limits]``, counted wherever the stores' backend
+    keeps shared limits (the cluster, or this process)."""
     limits = config.limits
-    if stores is not None and stores.redis is not None:
-        return SharedAuthLimiter(
-            stores.redis, max_failures=limits.auth_max_failures,
-            window=limits.auth_failure_window, lockout=limits.auth_lockout,
-        )
-    return AuthLimiter(
-        max_failures=limits.auth_max_failures, window=limits.auth_failure_window,
-        lockout=limits.auth_lockout,
+    return stores.backend.auth_limiter(  # type: ignore[no-any-return]
+        limits.auth_max_failures, limits.auth_failure_window, limits.auth_lockout
     )
 
 
 def make_routers(
-    config: Config, resolver: DNSResolver, stores: Stores | None = None
+    config: Config, resolver: DNSResolver, stores: Stores
 ) -> dict[str, tuple[IRouter, IFailoverStrategy]]:
     """A router and failover strategy for each ``[pool.NAME]``, keyed ``pool:NAME``
-    (the ``via`` of the routes that use it).  With the stores in Redis, endpoint
-    health is shared by every node (L{SharedEndpointPool})."""
-    redis = stores.redis if stores is not None else None
-
-    def strategy(pool: Any) -> IFailoverStrategy:
-        if redis is not None:
-            return SharedEndpointPool(pool, redis=redis)
-        return EndpointPool(pool)
-
+    (the ``via`` of the routes that use it); endpoint health is kept by the stores'
+    backend (shared by every node where the stores are)."""
     return {
-        f"pool:{name}": (PoolRouter(pool, resolver), strategy(pool))
+        f"pool:{name}": (PoolRouter(pool, resolver), stores.backend.endpoint_strategy(pool))
         for name, pool in config.pools.items()
     }
 
 
-def make_selector(config: Config, stores: Stores | None = None) -> IEgressSelector | None:
+def make_selector(config: Config, stores: Stores) -> IEgressSelector | None:
     """The egress-source selector over ``[[egress.source]]``; None without sources.
-    With the stores in Redis, warmup counts and deprioritization marks are shared by
-    every node (L{sendarix.stores.redis.selector.SharedTieredSelector})."""
+    Warmup counts and deprioritization marks are kept by the stores' backend."""
     if not config.egress_sources:
         return None
-    if stores is not None and stores.redis is not None:
-        return SharedTieredSelector(config.egress_sources, redis=stores.redis)
-    return TieredSelector(config.egress_sources)
+    return stores.backend.egress_selector(config.egress_sources)  # type: ignore[no-any-return]
 
 
 def makeService(
-    config: Config | None = None, reactor: Any = None, auth_limiter: AuthLimiter | None = None
+    config: Config | None = None, reactor: Any = None, auth_limiter: IAuthLimiter | None = None
 ) -> NodeService:
     """The whole node as a MultiService (embed it with ``setServiceParent``).
 
@@ -359,7 +335,7 @@ def makeService(
     if config is None:
         config = default_config()
     top = NodeService()
-    stores = Stores.from_config(config, reactor)
+    stores = open_stores(config, reactor)
     stores_service = StoresService(stores, reactor)
     stores_service.setServiceParent(top)
     top.stores = stores  # type: ignore[attr-defined]
@@ -383,8 +359,8 @@ def makeService(
 
     secret = load_node_secret(config)
     keyring = DomainKeyring(stores.domains, secret, reactor)
-    if config.spool.sqlite_path is None:
-        # Redis: the key check cannot run before the reactor; the node does not serve
+    if not stores.backend.keys_checked_before_start:
+        # The key check could not run before the reactor; the node does not serve
         # until it passes.
         stores_service.checks.append(
             lambda: check_keys_open(stores.domains, secret, config.node.secret_key_env)
@@ -404,10 +380,8 @@ def makeService(
     top.tls = tls_options
     limits = config.limits
     auth_limiter = auth_limiter or make_auth_limiter(config, stores)
-    # With Redis, credential and tenant rates count for the whole cluster.
-    rate_limiter = RateLimiter() if stores.redis is None else SharedRateLimiter(
-        redis=stores.redis
-    )
+    # Credential and tenant rates count wherever the backend shares limits.
+    rate_limiter = stores.backend.rate_limiter()
     tenant_rates = {
         name: limit for name, t in config.tenants.items()
         if (limit := t.rate_limit) is not None

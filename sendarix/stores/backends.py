@@ -1,23 +1,24 @@
-"""The node's stores, opened from configuration: spool, credentials, delivery log,
-suppression lists, sending domains.
+"""The node's stores, opened from configuration: the one place a backend is chosen.
 
-The ``[spool] url`` picks the backend of all of them: ``sqlite:`` keeps everything in
-one SQLite file (one machine); a Redis URL keeps everything in that Redis, shared by
-every node and worker process (DESIGN.md section 14), over one connection pool.
-The relay and the ``sendarix`` command open the same stores the same way, so the
-command works on a running relay's data (SQLite in WAL mode allows both).
+The ``[spool] url`` picks the backend of everything persistent: ``sqlite:`` keeps it
+all in one SQLite file (one machine: :mod:`sendarix.stores.sqlite.backend`); a Redis
+URL keeps it all in that Redis, shared by every node and worker process
+(:mod:`sendarix.stores.redis.backend`).  Callers get an :class:`IBackend` and never
+ask which one it is.  The relay and the ``sendarix`` command open the stores the same
+way, so the command works on a running relay's data.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from attrs import define, field
-from twisted.internet.defer import Deferred, ensureDeferred
+from attrs import define
+from twisted.internet.defer import Deferred
 
 from sendarix.config.settings import Config
 from sendarix.events.sinks import FanoutSink, JSONLogSink
 from sendarix.interfaces import (
+    IBackend,
     ICredentialStore,
     IDomainStore,
     IEventLog,
@@ -26,129 +27,83 @@ from sendarix.interfaces import (
     ISuppressionStore,
     IThrottle,
 )
-from sendarix.routing.throttle import MemoryThrottle
-from sendarix.stores.redis.connection import RedisClient, connect
-from sendarix.stores.redis.credentials import RedisCredentialStore
-from sendarix.stores.redis.domains import RedisDomainStore
-from sendarix.stores.redis.eventlog import RedisEventLog
-from sendarix.stores.redis.spool import RedisSpool
-from sendarix.stores.redis.suppression import RedisSuppressionStore
-from sendarix.stores.redis.throttle import RedisThrottle
-from sendarix.stores.spool import open_spool
-from sendarix.stores.sqlite.credentials import SQLiteCredentialStore
-from sendarix.stores.sqlite.database import SQLiteDatabase
-from sendarix.stores.sqlite.domains import SQLiteDomainStore
-from sendarix.stores.sqlite.eventlog import SQLiteEventLog
-from sendarix.stores.sqlite.suppression import SQLiteSuppressionStore
+from sendarix.stores.redis.backend import RedisBackend
+from sendarix.stores.sqlite.backend import SQLiteBackend
+from sendarix.stores.sqlite.domains import count_stored_keys
 
-#: Key prefix of everything Sendarix keeps in Redis.
-REDIS_PREFIX = "sendarix:"
+
+def open_backend(config: Config, reactor: Any) -> IBackend:
+    """The (not yet opened) backend ``config``'s ``[spool] url`` names."""
+    if config.spool.sqlite_path is not None:
+        return SQLiteBackend.from_config(config, reactor)
+    return RedisBackend.from_config(config, reactor)
+
+
+def stored_keys_before_start(config: Config) -> tuple[int, str | None] | None:
+    """``(count, one encrypted key)`` of the stored DKIM keys, read before the reactor
+    runs, when the backend allows it (a local file); None when the check has to wait
+    until the stores are open."""
+    path = config.spool.sqlite_path
+    return count_stored_keys(path) if path is not None else None
 
 
 @define
 class Stores:
     """Everything persistent a node uses; ``open()`` before use, ``close()`` after.
 
-    ``db`` is the SQLite database (None with Redis); ``redis`` the Redis connection
-    pool (None with SQLite).
+    ``events`` is where outcome events go: the delivery log, and the JSON log too when
+    ``[events] json_log`` asks for it.
     """
 
     config: Config
-    db: SQLiteDatabase | None
-    spool: ISpool
-    credentials: ICredentialStore
-    eventlog: IEventLog
+    backend: IBackend
     events: IEventSink
-    suppressions: ISuppressionStore
-    domains: IDomainStore
-    redis: RedisClient | None = None
-    clock: Any = None
-    _throttles: list[RedisThrottle] = field(factory=list, init=False)
 
-    @classmethod
-    def from_config(cls, config: Config, reactor: Any, json_log: bool | None = None) -> Stores:
-        """Build (not open) the stores ``config`` names."""
-        use_json = config.events.json_log if json_log is None else json_log
-        path = config.spool.sqlite_path
-        if path is None:
-            return cls._redis_stores(config, reactor, use_json)
-        db = SQLiteDatabase(path, reactor)
-        spool = open_spool(config.spool.url, reactor, db=db)
-        credentials = SQLiteCredentialStore(db, reactor)
-        eventlog = SQLiteEventLog(db)
-        events: IEventSink = (
-            FanoutSink([eventlog, JSONLogSink()]) if use_json else eventlog
-        )
-        suppressions = SQLiteSuppressionStore(db)
-        domains = SQLiteDomainStore(db)
-        return cls(config, db, spool, credentials, eventlog, events, suppressions, domains,
-                   clock=reactor)
+    @property
+    def spool(self) -> ISpool:
+        return self.backend.spool
 
-    @classmethod
-    def _redis_stores(cls, config: Config, reactor: Any, use_json: bool) -> Stores:
-        sc = config.spool
-        # WAIT takes a connection out of the pool while it waits: keep more of them.
-        redis = connect(
-            sc.url, password_env=sc.password_env, ca_file=sc.ca_file,
-            poolsize=16 if sc.wait_replicas else 8,
-        )
-        spool = RedisSpool(
-            redis, REDIS_PREFIX, allow_volatile=sc.allow_volatile, clock=reactor,
-            outage_patience=sc.lease_time, wait_replicas=sc.wait_replicas,
-            wait_timeout=sc.wait_timeout,
-        )
-        eventlog = RedisEventLog(redis, REDIS_PREFIX, reactor)
-        events: IEventSink = (
-            FanoutSink([eventlog, JSONLogSink()]) if use_json else eventlog
-        )
-        return cls(
-            config, None, spool, RedisCredentialStore(redis, reactor, REDIS_PREFIX),
-            eventlog, events, RedisSuppressionStore(redis, REDIS_PREFIX),
-            RedisDomainStore(redis, REDIS_PREFIX), redis, reactor,
-        )
+    @property
+    def credentials(self) -> ICredentialStore:
+        return self.backend.credentials
 
-    def make_throttle(self, node: str) -> IThrottle:
-        """The outbound throttle for ``node``: shared by every node in Redis (limits
-        hold for the cluster; call its ``stop()`` when the node stops), else in memory
-        (limits per process)."""
-        if self.redis is None:
-            return MemoryThrottle()
-        throttle = RedisThrottle(self.redis, self.clock, REDIS_PREFIX, node=node)
-        self._throttles.append(throttle)
-        return throttle
+    @property
+    def eventlog(self) -> IEventLog:
+        return self.backend.eventlog
+
+    @property
+    def suppressions(self) -> ISuppressionStore:
+        return self.backend.suppressions
+
+    @property
+    def domains(self) -> IDomainStore:
+        return self.backend.domains
 
     @property
     def location(self) -> str:
         """Where the stores are, for messages: the database path or the Redis server."""
-        if self.db is not None:
-            return f"database {self.db.path}"
-        assert self.redis is not None
-        return f"Redis ({self.redis.describe})"
+        return str(self.backend.location)
+
+    def make_throttle(self, node: str) -> IThrottle:
+        """The outbound throttle for ``node`` (cluster-wide where the backend is
+        shared; it stops with the stores)."""
+        return self.backend.throttle(node)
 
     def open(self, wait: float | None = None) -> Deferred[None]:
-        """Open the database (or wait for Redis: at most ``wait`` seconds, None for
+        """Open the stores (a server: wait at most ``wait`` seconds for it, None for
         as long as it takes) and start the spool."""
-        return ensureDeferred(self._open(wait))
-
-    async def _open(self, wait: float | None) -> None:
-        if self.db is not None:
-            await self.db.open()
-        if self.redis is not None:
-            await self.redis.wait_connected(self.clock, wait)
-        await self.spool.start()
+        return self.backend.open(wait)
 
     def close(self) -> Deferred[None]:
-        """Stop the spool and close the database or the Redis connections (queued
-        writes finish first)."""
-        return ensureDeferred(self._close())
+        """Stop the spool and close the stores (queued writes finish first)."""
+        return self.backend.close()
 
-    async def _close(self) -> None:
-        for throttle in self._throttles:
-            throttle.stop()  # its connection slots expire in Redis
-        await self.spool.stop()
-        if self.db is not None:
-            await self.db.close()
-        if self.redis is not None:
-            if isinstance(self.eventlog, RedisEventLog):
-                await self.eventlog.close()
-            await self.redis.disconnect()
+
+def open_stores(config: Config, reactor: Any, json_log: bool | None = None) -> Stores:
+    """Build (not open) the stores ``config`` names, on the backend it names."""
+    backend = open_backend(config, reactor)
+    use_json = config.events.json_log if json_log is None else json_log
+    events: IEventSink = (
+        FanoutSink([backend.eventlog, JSONLogSink()]) if use_json else backend.eventlog
+    )
+    return Stores(config, backend, events)

@@ -35,7 +35,7 @@ from sendarix.ingress.auth import CredentialChecker
 from sendarix.ingress.queueid import QueueIdGenerator
 from sendarix.model.event import Event, format_timestamp
 from sendarix.model.message import Envelope, MessageMeta, NewMessage, Reply
-from sendarix.stores.backends import Stores
+from sendarix.stores.backends import Stores, open_stores
 from tests.support.paths import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -182,7 +182,7 @@ class StoreCommandTests(TestCase):
         self.config = _write_config(self.folder)
 
     async def _stores(self) -> Stores:
-        stores = Stores.from_config(load_config(self.config), _reactor, json_log=False)
+        stores = open_stores(load_config(self.config), _reactor, json_log=False)
         await stores.open()
         return stores
 

@@ -14,7 +14,7 @@ from sendarix.delivery.service import DeliveryService
 from sendarix.model.event import EventQuery
 from sendarix.model.message import Envelope, RecipientStatus
 from sendarix.routing.mx import DNSResolver, MXRouter
-from sendarix.stores.backends import Stores
+from sendarix.stores.backends import open_stores
 
 BODY = b"From: <app@example.com>\r\nSubject: wake\r\n\r\nhello\r\n"
 
@@ -29,7 +29,7 @@ class DeliveryWakeTests(unittest.TestCase):
              "spool": {"url": "sqlite:spool.db"}, "events": {"json_log": False}},
             directory,
         )
-        self.stores = Stores.from_config(config, reactor)
+        self.stores = open_stores(config, reactor)
         await self.stores.open()
         self.addCleanup(self.stores.close)
         # The delivery loop runs on a clock that never moves by itself: only a wake

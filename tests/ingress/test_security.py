@@ -635,9 +635,9 @@ class TokenCommandTests(TestCase):
 
         from sendarix.config.settings import parse_config
         from sendarix.ingress.sasl import XOAuth2Mechanism
-        from sendarix.stores.backends import Stores
+        from sendarix.stores.backends import open_stores
 
-        stores = Stores.from_config(parse_config({"spool": {"url": "sqlite:var/spool.db"}},
+        stores = open_stores(parse_config({"spool": {"url": "sqlite:var/spool.db"}},
                                                  folder), reactor, json_log=False)
         await stores.open()
         self.addCleanup(stores.close)

@@ -611,9 +611,9 @@ class RetentionTests(TestCase):
         # Write the events with the node's own stores before the node starts.
         from twisted.internet import reactor
 
-        from sendarix.stores.backends import Stores
+        from sendarix.stores.backends import open_stores
 
-        stores = Stores.from_config(relay.config, reactor, json_log=False)
+        stores = open_stores(relay.config, reactor, json_log=False)
         await stores.open()
         await stores.eventlog.emit(Event.make("accepted", time.time() - 3 * 86400,
                                               recipient="old@example.org"))

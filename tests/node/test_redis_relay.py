@@ -14,9 +14,12 @@ from typing import Any
 from twisted.internet import reactor, task
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
 
 from sendarix.cli.sink import SinkOptions, SinkServer
+from sendarix.interfaces import IBackend
 from sendarix.node.service import make_auth_limiter
+from sendarix.stores.redis.backend import RedisBackend
 from sendarix.stores.redis.connection import connect
 from sendarix.stores.redis.endpoints import SharedEndpointPool
 from sendarix.stores.redis.limits import SharedAuthLimiter, SharedRateLimiter
@@ -69,7 +72,8 @@ class RedisRelayTests(TestCase):
         Redis log; the ``sendarix`` command lists both from the same Redis, and a
         credential it adds is seen by the relay."""
         relay = await start_relay(self, [LISTENER], spool={"url": self.url})
-        self.assertIsNone(relay.stores.db)
+        self.assertIsInstance(relay.stores.backend, RedisBackend)
+        self.assertTrue(verifyObject(IBackend, relay.stores.backend))
         self.assertIsInstance(relay.stores.make_throttle("n"), RedisThrottle)
         (code, text), = await in_thread(_send, relay.ports["relay"], 1, "cli")
         self.assertEqual(code, 250, text)
@@ -190,8 +194,9 @@ class RedisRelayTests(TestCase):
             self.assertIn(b"4.3.0", text)
 
         self.redis_port, self.stop_redis = start_redis(self.redis_dir, port=self.redis_port)
-        assert relay.stores.redis is not None
-        await until(lambda: relay.stores.redis.connected, 20, "no reconnection")
+        backend = relay.stores.backend
+        assert isinstance(backend, RedisBackend)
+        await until(lambda: backend.redis.connected, 20, "no reconnection")
         after = await in_thread(_send, port, 5, "after", "out.test")
         self.assertEqual([c for c, _ in after], [250] * 5)
 

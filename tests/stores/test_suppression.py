@@ -18,7 +18,7 @@ from sendarix.cli.main import main
 from sendarix.config.settings import load_config
 from sendarix.interfaces import ISuppressionStore
 from sendarix.model.suppression import Suppression, normalize_address
-from sendarix.stores.backends import Stores
+from sendarix.stores.backends import open_stores
 from sendarix.stores.redis.suppression import RedisSuppressionStore
 from sendarix.stores.sqlite.database import SQLiteDatabase
 from sendarix.stores.sqlite.suppression import SQLiteSuppressionStore
@@ -222,7 +222,7 @@ class SuppressionCommandTests(TestCase):
         self.assertIn(b"bob@example.com", out)
 
         # Seed a second entry (another tenant) through the store in this process.
-        stores = Stores.from_config(load_config(config), reactor, json_log=False)
+        stores = open_stores(load_config(config), reactor, json_log=False)
         await stores.open()
         try:
             await stores.suppressions.add("beta", "x@example.net", "", "bounce", T0)
@@ -255,7 +255,7 @@ class SuppressionCommandTests(TestCase):
         self.assertEqual(len(err.decode().splitlines()), 1, err)
         self.assertIn("not suppressed", err.decode())
 
-        stores = Stores.from_config(load_config(config), reactor, json_log=False)
+        stores = open_stores(load_config(config), reactor, json_log=False)
         await stores.open()
         try:
             left = await stores.suppressions.list()

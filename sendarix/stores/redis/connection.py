@@ -33,23 +33,34 @@ from attrs import frozen
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from sendarix.stores.errors import StoreUnavailable
 
 log = Logger()
 
 __all__ = [
-    "RedisClient", "RedisTarget", "RedisUnavailable", "connect", "hash_pairs", "is_outage",
+    "RedisClient", "RedisTarget", "RedisUnavailable", "connect", "hash_pairs",
     "parse_redis_url",
 ]
 
 
-class RedisUnavailable(txredisapi.ConnectionError):
-    """No connection to Redis is up (Redis is down, restarting or unreachable)."""
+class RedisUnavailable(txredisapi.ConnectionError, StoreUnavailable):
+    """No connection to Redis is up (Redis is down, restarting or unreachable): the
+    command was not sent."""
 
 
-def is_outage(failure: Any) -> bool:
-    """True when a Failure is Redis being unreachable (down, restarting, timing out):
-    expected during an outage, worth one log line rather than a traceback."""
-    return bool(failure.check(txredisapi.ConnectionError))
+class RedisConnectionLost(txredisapi.ConnectionError, StoreUnavailable):
+    """The connection failed or timed out while a command was under way: the command
+    may or may not have run (the spool's compare-and-set outcomes tell which)."""
+
+
+def _as_store_outage(failure: Failure) -> Failure:
+    # Callers outside this backend only know StoreUnavailable; the spool still sees a
+    # txredisapi.ConnectionError, and RedisUnavailable keeps meaning "never sent".
+    if failure.check(txredisapi.ConnectionError) and not failure.check(StoreUnavailable):
+        return Failure(RedisConnectionLost(failure.getErrorMessage()))
+    return failure
 
 
 @frozen
@@ -159,7 +170,7 @@ class RedisClient:
             if not self.connected:
                 return fail(RedisUnavailable(f"Redis ({self.describe}) is unreachable"))
             d: Deferred[Any] = method(*args, **kwargs)
-            return d
+            return d.addErrback(_as_store_outage)
 
         return call
 

@@ -34,8 +34,8 @@ from zope.interface import implementer
 
 from sendarix.interfaces import IEventLog
 from sendarix.model.event import MAX_LIMIT, Event, EventPage, EventQuery
+from sendarix.stores.errors import StoreUnavailable
 from sendarix.stores.paging import decode_cursor, encode_cursor
-from sendarix.stores.redis.connection import is_outage
 
 log = Logger()
 
@@ -233,7 +233,7 @@ class RedisEventLog:
                 d.callback(None)
 
         def failed(failure: Failure) -> None:
-            if is_outage(failure) and len(self._queue) + len(batch) <= self.max_buffer:
+            if failure.check(StoreUnavailable) and len(self._queue) + len(batch) <= self.max_buffer:
                 # Keep the events (in order) and try again once Redis may be back;
                 # an event id written twice is stored once, so a retry is harmless.
                 self._queue[:0] = batch
