@@ -57,11 +57,8 @@ from sendarix.interfaces import (
 from sendarix.model.event import Event
 from sendarix.model.message import (
     LeasedDelivery,
-    RecipientOutcome,
     RecipientRecord,
-    RecipientStatus,
     Reply,
-    TLSInfo,
 )
 from sendarix.routing.mx import Hop, RouteError
 from sendarix.routing.pool import EndpointPool, OrderedFallback
@@ -70,7 +67,14 @@ from sendarix.routing.rules import RouteFacts, RuleRouter, RuleTable
 from sendarix.routing.shaping import POOL_PREFIX, Shaping, SiteShape, strictest_tls
 from sendarix.routing.state import read_state, write_state
 from sendarix.routing.throttle import MemoryThrottle
-from sendarix.scheduler.classify import BounceRules, Classification, Verdict, classify
+from sendarix.scheduler.classify import BounceRules, classify
+from sendarix.scheduler.outcome import (
+    Attempt,
+    OutcomeRules,
+    Suppress,
+    make_event,
+    plan_outcomes,
+)
 from sendarix.scheduler.ready import ReadyQueues
 from sendarix.scheduler.retry import RetrySchedule
 from sendarix.stores.errors import StoreUnavailable
@@ -130,18 +134,6 @@ class _Ready:
 
     conn: _Connection
     delivery: LeasedDelivery
-
-
-@frozen
-class _Attempt:
-    """What one attempt did for one recipient, with where it went."""
-
-    record: RecipientRecord
-    reply: Reply
-    mx: str | None = None
-    mx_ip: str | None = None
-    source_ip: str | None = None
-    tls: TLSInfo | None = None
 
 
 def simulate(local_part: str, attempt: int) -> Reply | None:
@@ -239,6 +231,11 @@ class DeliveryService(Service):
         self._ready = ready
         # MX host → provider name (events' ``provider``), and the shaping key (site).
         self.providers = ProviderTable.default().merged(config.providers)
+        self.outcome_rules = OutcomeRules(
+            rules=self.rules, soft_codes=config.delivery.soft_bounce_codes,
+            schedule=self.schedule, node=config.node.name, suppresses=self._suppresses,
+            provider_for=self.providers.provider_for,
+        )
         # [[route]] rules over via → (router, failover strategy); "mx" is ``router``.
         self.routes = RuleRouter(
             RuleTable(config.routes),
@@ -611,7 +608,7 @@ class DeliveryService(Service):
     ) -> None:
         for delivery in deliveries:
             if delivery in pending:
-                await self._finish(delivery, [_Attempt(r, reply) for r in delivery.recipients])
+                await self._finish(delivery, [Attempt(r, reply) for r in delivery.recipients])
                 pending.remove(delivery)
 
     def _site_of(self, rule: RouteConfig, hops: Sequence[Hop]) -> str:
@@ -1088,7 +1085,7 @@ class DeliveryService(Service):
             message = by_id[delivery.queue_id]
             replies = {r.address: r.reply for r in message.recipients}
             attempts = [
-                _Attempt(
+                Attempt(
                     record,
                     replies[record.address],
                     mx=hop.host,
@@ -1189,122 +1186,68 @@ class DeliveryService(Service):
         )
 
     async def _simulate(self, delivery: LeasedDelivery) -> None:
-        attempts: list[_Attempt] = []
+        attempts: list[Attempt] = []
         suppressed: list[RecipientRecord] = []
         for record in delivery.recipients:
             reply = simulate(record.address.rsplit("@", 1)[0], record.attempts + 1)
             if reply is None:
                 suppressed.append(record)
             else:
-                attempts.append(_Attempt(record, reply, mx=SIMULATOR_MX))
+                attempts.append(Attempt(record, reply, mx=SIMULATOR_MX))
         await self._finish(delivery, attempts, suppressed)
         for a in attempts:
             local = a.record.address.rsplit("@", 1)[0].lower().split("+", 1)[0]
             if local == "complaint" and a.reply.code // 100 == 2:
-                await self._emit("complained", delivery, a, None)
-                await self._suppress(delivery, a.record.address, "complaint", "simulated complaint")
+                await self._carry_out((
+                    make_event("complained", delivery, a, None, self.reactor.seconds(),
+                               self.outcome_rules),
+                    Suppress(delivery.meta.tenant, a.record.address, "complaint",
+                             "simulated complaint"),
+                ))
 
     # -- outcomes -----------------------------------------------------------------
 
     async def _finish(
         self,
         delivery: LeasedDelivery,
-        attempts: list[_Attempt],
+        attempts: list[Attempt],
         suppressed: Sequence[RecipientRecord] = (),
     ) -> None:
-        """Classify, record with ``complete``, then emit events and suppress."""
-        now = self.reactor.seconds()
-        soft = self.config.delivery.soft_bounce_codes
-        outcomes: list[RecipientOutcome] = []
-        reports: list[tuple[str, _Attempt, Classification | None]] = []
-        for a in attempts:
-            c = classify(a.reply, self.rules, soft)
-            if c.verdict is Verdict.DELIVERED:
-                outcomes.append(
-                    RecipientOutcome(a.record.address, RecipientStatus.DELIVERED, a.reply)
-                )
-                reports.append(("delivered", a, c))
-            elif c.verdict is Verdict.BOUNCED:
-                outcomes.append(
-                    RecipientOutcome(a.record.address, RecipientStatus.BOUNCED, a.reply)
-                )
-                reports.append(("bounced", a, c))
-            else:
-                when = self.schedule.next_attempt(
-                    a.record.attempts + 1, delivery.meta.received_at, now, self.rng, c
-                )
-                if when is None:
-                    outcomes.append(
-                        RecipientOutcome(a.record.address, RecipientStatus.EXPIRED, a.reply)
-                    )
-                    reports.append(("expired", a, c))
-                else:
-                    outcomes.append(
-                        RecipientOutcome(a.record.address, RecipientStatus.DEFERRED, a.reply, when)
-                    )
-                    reports.append(("deferred", a, c))
-        for record in suppressed:
-            outcomes.append(RecipientOutcome(record.address, RecipientStatus.SUPPRESSED))
+        """Record the planned outcomes with ``complete``, then emit and suppress."""
+        plan = plan_outcomes(
+            delivery, attempts, suppressed, self.reactor.seconds(), self.outcome_rules,
+            self.rng,
+        )
         await self.spool.complete(
-            delivery.queue_id, delivery.domain, self.config.node.name, outcomes, now
+            delivery.queue_id, delivery.domain, self.config.node.name, list(plan.outcomes),
+            self.reactor.seconds(),
         )
         self._leased.pop((delivery.queue_id, delivery.domain), None)
         self._failures.pop((delivery.queue_id, delivery.domain), None)
-        for kind, a, cl in reports:
-            await self._emit(kind, delivery, a, cl)
-            if kind in ("bounced", "expired") and self._suppresses(delivery.meta.tenant):
-                source = "bounce" if kind == "bounced" else "expired"
-                await self._suppress(delivery, a.record.address, source, str(a.reply.code)
-                                     + (f" {a.reply.enhanced}" if a.reply.enhanced else "")
-                                     + f" {a.reply.text}")
-        for record in suppressed:
-            await self._emit("suppressed", delivery, _Attempt(record, Reply(0, None, "")), None)
+        await self._carry_out(plan.effects)
+
+    async def _carry_out(self, effects: Sequence[Event | Suppress]) -> None:
+        for effect in effects:
+            if isinstance(effect, Suppress):
+                try:
+                    await self.suppressions.add(
+                        effect.tenant, effect.address, effect.reason, effect.source,
+                        self.reactor.seconds(),
+                    )
+                except Exception:
+                    self._failed(Failure(), "suppressing {address} failed",
+                                 address=effect.address)
+                continue
+            try:
+                await maybeDeferred(self.events.emit, effect)
+            except Exception:
+                self._failed(Failure(), "emitting a {kind} event failed", kind=effect.type)
 
     def _suppresses(self, tenant: str) -> bool:
         if not self.config.delivery.hard_bounce_suppresses:
             return False
         tenant_config = self.config.tenants.get(tenant)
         return tenant_config is None or tenant_config.suppress_hard_bounces
-
-    async def _suppress(
-        self, delivery: LeasedDelivery, address: str, source: str, reason: str
-    ) -> None:
-        try:
-            await self.suppressions.add(
-                delivery.meta.tenant, address, reason[:500], source, self.reactor.seconds()
-            )
-        except Exception:
-            self._failed(Failure(), "suppressing {address} failed", address=address)
-
-    async def _emit(
-        self, kind: str, delivery: LeasedDelivery, a: _Attempt, c: Classification | None
-    ) -> None:
-        meta = delivery.meta
-        response = a.reply if a.reply.code else None
-        event = Event.make(
-            kind,
-            self.reactor.seconds(),
-            queue_id=delivery.queue_id,
-            message_id=meta.message_id,
-            tenant=meta.tenant,
-            sender=delivery.envelope.sender,
-            recipient=a.record.address,
-            attempt=a.record.attempts + 1 if response is not None else None,
-            response=response,
-            mx=a.mx,
-            mx_ip=a.mx_ip,
-            source_ip=a.source_ip,
-            tls=a.tls,
-            provider=self.providers.provider_for(a.mx) if a.mx else None,
-            bounce_category=c.category if c is not None and kind != "delivered" else None,
-            tags=meta.tags,
-            node=self.config.node.name,
-        )
-        try:
-            await maybeDeferred(self.events.emit, event)
-        except Exception:
-            self._failed(Failure(), "emitting a {kind} event failed", kind=kind)
-
 
 async def _nothing() -> None:
     return None
