@@ -32,6 +32,7 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     DeferredSemaphore,
+    FirstError,
     gatherResults,
     maybeDeferred,
     succeed,
@@ -432,6 +433,8 @@ class DeliveryService(Service):
     def _failed(self, failure: Failure, what: str, **kw: Any) -> None:
         # While the node stops, the stores close under groups still in flight: that is
         # expected (their leases expire), not an error worth a traceback.
+        if isinstance(failure.value, FirstError):  # one of several reads at once
+            failure = failure.value.subFailure
         if self.running and failure.check(StoreUnavailable):
             log.warn(what + ": {why}", why=failure.getErrorMessage(), **kw)
         elif self.running:

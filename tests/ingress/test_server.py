@@ -385,7 +385,7 @@ class SubmissionTests(TestCase):
             return c
 
         client = await in_thread(start)
-        await self.relay.stores.db.close()
+        await self.relay.stores.backend.db.close()
 
         def finish() -> list[bytes]:
             client.send(b"Subject: x\r\n\r\nx\r\n.\r\nMAIL FROM:<a@example.com>\r\n"
