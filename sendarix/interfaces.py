@@ -186,6 +186,16 @@ class IBearerToken(Interface):
     token = Attribute("The bearer token (bytes).")
 
 
+class IRateLimiter(Interface):
+    """Message rates at submission, per key (a credential, a tenant, a client
+    address).  Answers at once (no Deferred): the SMTP session asks it inline."""
+
+    def allow(key, rate, period, now, burst=None):  # noqa: N805
+        """True when one more event for ``key`` at ``now`` stays within ``rate``
+        events per ``period`` seconds (``burst`` back to back, default ``rate``); the
+        event is then counted."""
+
+
 class IAuthLimiter(Interface):
     """Slows, then locks out, client addresses that keep failing AUTH."""
 

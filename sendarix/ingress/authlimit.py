@@ -153,6 +153,28 @@ class AuthLimiter:
             # Start afresh when the lockout ends.
             state.failures.clear()
 
+    def merge(self, ip: str, failures: list[float], locked_until: float, now: float) -> None:
+        """Take what was counted for ``ip`` elsewhere (another process): its failure
+        times within the window and its lockout end.  The longer failure list and the
+        later lockout win, so merging never forgets a failure counted here."""
+        failures = sorted(failures)
+        if not failures and locked_until <= now:
+            return
+        key = client_key(ip)
+        state = self._lookup(ip, now)
+        if state is None:
+            self._prune(now)
+            while len(self._clients) >= self.max_tracked:
+                self._clients.popitem(last=False)
+            state = self._clients[key] = _State()
+        else:
+            self._clients.move_to_end(key)
+        state.last_seen = max(state.last_seen, now, *failures)
+        if len(failures) > len(state.failures):
+            state.failures.clear()
+            state.failures.extend(failures)
+        state.locked_until = max(state.locked_until, locked_until)
+
     def succeeded(self, ip: str, now: float) -> None:
         """Record a success of ``ip``: its failures are forgotten."""
         key = client_key(ip)

@@ -1,40 +1,28 @@
-"""A keyed GCRA rate limiter (pure: time is passed in).
-
-GCRA (the generic cell rate algorithm) keeps one number per key, the theoretical
-arrival time, and admits a request when it is not too far ahead of ``now``.
-"""
+"""A keyed submission rate limiter: yes or no for one more message under a rate, on the
+relay's one GCRA (:mod:`sendarix.model.gcra`).  Pure: time is passed in."""
 
 from __future__ import annotations
 
 from attrs import define, field
+from zope.interface import implementer
+
+from sendarix.interfaces import IRateLimiter
+from sendarix.model.gcra import GcraTable, spacing
 
 
+@implementer(IRateLimiter)
 @define
 class RateLimiter:
     """Admits up to ``rate`` events per ``period`` seconds per key, with a burst of
     ``burst`` events (default: the rate itself)."""
 
-    max_keys: int = 100_000
-    _tat: dict[str, float] = field(factory=dict)
+    table: GcraTable = field(factory=GcraTable)
 
     def allow(
         self, key: str, rate: float, period: float, now: float, burst: float | None = None
     ) -> bool:
         """Admit one event for ``key`` at ``now``; False when over the rate."""
-        if rate <= 0:
+        if rate <= 0 or period <= 0:
             return False
-        interval = period / rate
-        tolerance = interval * ((burst if burst is not None else rate) - 1)
-        tat = max(self._tat.get(key, now), now)
-        if tat - now > tolerance:
-            return False
-        if key not in self._tat and len(self._tat) >= self.max_keys:
-            self._prune(now)
-        self._tat[key] = tat + interval
-        return True
-
-    def _prune(self, now: float) -> None:
-        for k in [k for k, t in self._tat.items() if t <= now]:
-            del self._tat[k]
-        while len(self._tat) >= self.max_keys:
-            self._tat.pop(next(iter(self._tat)))
+        interval, tolerance = spacing(rate, period, rate if burst is None else burst)
+        return self.table.admit(key, interval, tolerance, now) == 0.0

@@ -44,7 +44,13 @@ from sendarix.ingress.datareader import ChunkDataReader, DataResult, DotDataRead
 from sendarix.ingress.ratelimit import RateLimiter
 from sendarix.ingress.sasl import MECHANISMS, SASLError, XOAuth2Mechanism
 from sendarix.ingress.tls import ReloadableServerTLS, connection_tls_info
-from sendarix.interfaces import IAuthLimiter, ICredentialStore, ISubmitter, ISuppressionStore
+from sendarix.interfaces import (
+    IAuthLimiter,
+    ICredentialStore,
+    IRateLimiter,
+    ISubmitter,
+    ISuppressionStore,
+)
 from sendarix.model.address import (
     AddressSyntaxError,
     parse_command_arg,
@@ -86,7 +92,7 @@ class ListenerSettings:
     portal: Portal | None
     credentials: ICredentialStore | None
     auth_limiter: IAuthLimiter
-    rate_limiter: RateLimiter
+    rate_limiter: IRateLimiter
     tls_options: CertificateOptions | ReloadableServerTLS | None
     suppressions: ISuppressionStore | None = None
     bare_line_endings: str = "normalize"

@@ -1,7 +1,7 @@
 """Outbound pacing building blocks (sans-IO: time is passed in).
 
 :class:`MemoryThrottle` is the single-node :class:`~sendarix.interfaces.IThrottle`:
-per-key connection counters and a GCRA (generic cell rate algorithm) pacer that says
+per-key connection counters and GCRA pacing (:mod:`sendarix.model.gcra`) that says
 how long to wait rather than only yes or no, so a delivery can be rescheduled for
 exactly when it will be admitted.  :class:`AdaptiveRate` adjusts one destination's
 rate from its replies: a 421 or a 4.7.x deferral halves it (multiplicative decrease,
@@ -15,10 +15,7 @@ from attrs import define, field
 from zope.interface import implementer
 
 from sendarix.interfaces import IThrottle
-
-# Float sums of intervals drift by ulps; a caller that comes back after exactly the
-# wait it was told must be admitted.
-_SLACK = 1e-9
+from sendarix.model.gcra import GcraTable, spacing
 
 
 @implementer(IThrottle)
@@ -31,8 +28,7 @@ class MemoryThrottle:
     """
 
     burst: float = 1.0
-    max_keys: int = 100_000
-    _tat: dict[str, float] = field(factory=dict, init=False)
+    pacing: GcraTable = field(factory=GcraTable)
     _connections: dict[str, int] = field(factory=dict, init=False)
 
     def acquire_connection(self, key: str, limit: int, now: float) -> bool:
@@ -58,25 +54,8 @@ class MemoryThrottle:
     def admit(self, key: str, rate: float, period: float, now: float) -> float:
         """0.0 when one message for ``key`` may go now (it is counted), else the
         seconds until it may."""
-        if rate <= 0 or period <= 0:
-            raise ValueError("rate and period must be positive")
-        interval = period / rate
-        tolerance = interval * (max(self.burst, 1.0) - 1.0)
-        tat = max(self._tat.get(key, now), now)
-        allowed_at = tat - tolerance
-        if allowed_at - now > _SLACK:
-            return allowed_at - now
-        if key not in self._tat and len(self._tat) >= self.max_keys:
-            self._prune(now)
-        self._tat[key] = tat + interval
-        return 0.0
-
-    def _prune(self, now: float) -> None:
-        # A key whose theoretical arrival time has passed holds no state worth keeping.
-        for k in [k for k, t in self._tat.items() if t <= now]:
-            del self._tat[k]
-        while len(self._tat) >= self.max_keys:
-            self._tat.pop(next(iter(self._tat)))
+        interval, tolerance = spacing(rate, period, self.burst)
+        return self.pacing.admit(key, interval, tolerance, now)
 
 
 def is_rate_signal(code: int, enhanced: str | None = None) -> bool:

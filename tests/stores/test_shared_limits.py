@@ -9,7 +9,7 @@ from twisted.internet import reactor, task
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from sendarix.interfaces import IAuthLimiter
+from sendarix.interfaces import IAuthLimiter, IRateLimiter
 from sendarix.stores.redis.connection import connect
 from sendarix.stores.redis.limits import SharedAuthLimiter, SharedRateLimiter
 from tests.support.redisserver import redis_client
@@ -67,6 +67,7 @@ class SharedLimitsTests(TestCase):
         one_pool, two_pool = await self.two_pools()
         one = SharedRateLimiter(redis=one_pool)
         two = SharedRateLimiter(redis=two_pool)
+        self.assertTrue(verifyObject(IRateLimiter, one))
         self.assertTrue(one.allow("cred:app", 1, 60.0, 0.0, burst=1))
         await _settle()
         two.allow("cred:app", 1, 60.0, 1.0, burst=1)  # may pass: it had not heard yet

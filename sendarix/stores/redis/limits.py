@@ -6,12 +6,12 @@ The ingress server asks its limiters synchronously, so the decision stays local 
 immediate; what each process counts is also written to Redis (not waited for), and
 the answer brings back what the other processes counted:
 
-- :class:`SharedAuthLimiter` (an :class:`~sendarix.ingress.authlimit.AuthLimiter`): each AUTH
+- :class:`SharedAuthLimiter` (around an :class:`~sendarix.ingress.authlimit.AuthLimiter`): each AUTH
   failure is added to ``auth:f:<client>`` (a sorted set of failure times within the
   window) and a lockout to ``auth:l:<client>``; asking about a client fetches both,
   so the next attempt of a client that failed on other nodes is slowed or refused
   here too.
-- :class:`SharedRateLimiter` (a :class:`~sendarix.ingress.ratelimit.RateLimiter`): each
+- :class:`SharedRateLimiter` (around a :class:`~sendarix.ingress.ratelimit.RateLimiter`): each
   admission pushes the key's theoretical arrival time to ``rate:<key>`` (the later
   one wins) and takes back the cluster's, so every process paces from the same point.
 
@@ -27,12 +27,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from attrs import define
+from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from sendarix.ingress.authlimit import AuthLimiter, _State, client_key
+from sendarix.ingress.authlimit import AuthLimiter, client_key
 from sendarix.ingress.ratelimit import RateLimiter
+from sendarix.interfaces import IAuthLimiter, IRateLimiter
 
 log = Logger()
 
@@ -75,11 +77,13 @@ def _warn(failure: Any) -> None:
     log.warn("submission limits not shared: {why}", why=failure.getErrorMessage())
 
 
-class SharedAuthLimiter(AuthLimiter):
-    """An AuthLimiter whose failures and lockouts every process shares via ``redis``."""
+@implementer(IAuthLimiter)
+class SharedAuthLimiter:
+    """An :class:`AuthLimiter` whose failures and lockouts every process shares via
+    ``redis``: the local limiter answers, Redis tells it what the others counted."""
 
     def __init__(self, redis: Any, *args: Any, prefix: str = "sendarix:", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        self.local = AuthLimiter(*args, **kwargs)
         self.redis = redis
         self.prefix = prefix
         self._tag = uuid.uuid4().hex[:12]
@@ -88,11 +92,18 @@ class SharedAuthLimiter(AuthLimiter):
         # a failure and the success after it in order.
         self._writes: Deferred[Any] = succeed(None)
 
+    @property
+    def window(self) -> float:
+        return self.local.window
+
+    def __len__(self) -> int:
+        return len(self.local)
+
     def _write(self, send: Callable[[], Deferred[Any]]) -> None:
         def next_write(_: Any) -> Deferred[Any]:
             return send().addErrback(_warn)
 
-        self._writes.addCallback(next_write)
+        self._writes = self._writes.addCallback(next_write)
 
     def _keys(self, ip: str) -> list[str]:
         key = client_key(ip)
@@ -101,74 +112,65 @@ class SharedAuthLimiter(AuthLimiter):
     def is_locked(self, ip: str, now: float) -> bool:
         """As AuthLimiter's; also fetches what other processes counted for ``ip``."""
         self.refresh(ip, now).addErrback(_warn)
-        return super().is_locked(ip, now)
+        return self.local.is_locked(ip, now)
 
     def refresh(self, ip: str, now: float) -> Deferred[None]:
         """Take the cluster's failures and lockout of ``ip`` (the larger wins)."""
         d: Deferred[Any] = self.redis.eval(
-            _STATE, self._keys(ip), [repr(float(now)), repr(float(self.window))]
+            _STATE, self._keys(ip), [repr(float(now)), repr(float(self.local.window))]
         )
         return d.addCallback(self._merge, ip, now)
 
     def _merge(self, reply: Any, ip: str, now: float) -> None:
         shared = json.loads(reply)
-        failures = sorted(float(t) for t in shared.get("failures") or [])
+        failures = [float(t) for t in shared.get("failures") or []]
         locked_until = float(shared["locked_until"]) if shared.get("locked_until") else 0.0
-        if not failures and locked_until <= now:
-            return
-        key = client_key(ip)
-        state = self._lookup(ip, now)
-        if state is None:
-            self._prune(now)
-            while len(self._clients) >= self.max_tracked:
-                self._clients.popitem(last=False)
-            state = self._clients[key] = _State()
-        else:
-            self._clients.move_to_end(key)
-        state.last_seen = max(state.last_seen, now, *failures)
-        if len(failures) > len(state.failures):
-            state.failures.clear()
-            state.failures.extend(failures)
-        state.locked_until = max(state.locked_until, locked_until)
+        self.local.merge(ip, failures, locked_until, now)
+
+    def failures(self, ip: str, now: float) -> int:
+        """As AuthLimiter's (what this process knows)."""
+        return self.local.failures(ip, now)
+
+    def delay_for(self, ip: str, now: float) -> float:
+        """As AuthLimiter's."""
+        return self.local.delay_for(ip, now)
 
     def failed(self, ip: str, now: float) -> None:
         """Count a failure here and for the cluster."""
-        super().failed(ip, now)
+        self.local.failed(ip, now)
+        local = self.local
         member = f"{now!r}|{self._tag}|{next(self._count)}"
-        args = [repr(float(now)), repr(float(self.window)), member, str(self.max_failures),
-                repr(float(self.lockout))]
+        args = [repr(float(now)), repr(float(local.window)), member, str(local.max_failures),
+                repr(float(local.lockout))]
         self._write(lambda: self.redis.eval(_FAILED, self._keys(ip), args))
 
     def succeeded(self, ip: str, now: float) -> None:
         """Forget ``ip``'s failures here and for the cluster (a lockout stays)."""
-        super().succeeded(ip, now)
+        self.local.succeeded(ip, now)
         key = self._keys(ip)[0]
         self._write(lambda: self.redis.execute_command("DEL", key))
 
 
+@implementer(IRateLimiter)
 @define
-class SharedRateLimiter(RateLimiter):
-    """A RateLimiter whose per-key pacing every process shares via ``redis``."""
+class SharedRateLimiter:
+    """A :class:`RateLimiter` whose per-key pacing every process shares via ``redis``."""
 
     redis: Any = None
     prefix: str = "sendarix:"
+    local: RateLimiter = field(factory=RateLimiter)
 
     def allow(
         self, key: str, rate: float, period: float, now: float, burst: float | None = None
     ) -> bool:
         """As RateLimiter's, from the cluster's latest pacing point for ``key``."""
-        admitted = super().allow(key, rate, period, now, burst)
-        tat = self._tat.get(key)
+        admitted = self.local.allow(key, rate, period, now, burst)
+        tat = self.local.table.arrival(key)
         if tat is not None:
             ttl = max(1, int((tat - now + period) * 1000))
             d: Deferred[Any] = self.redis.eval(
                 _TAT, [f"{self.prefix}rate:{key}"], [repr(float(tat)), str(ttl)]
             )
-            d.addCallback(self._merge, key)
+            d.addCallback(lambda reply: self.local.table.merge(key, float(reply)))
             d.addErrback(_warn)
         return admitted
-
-    def _merge(self, reply: Any, key: str) -> None:
-        shared = float(reply)
-        if shared > self._tat.get(key, float("-inf")):
-            self._tat[key] = shared
