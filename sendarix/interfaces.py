@@ -315,6 +315,14 @@ class IEgressSelector(Interface):
         """Messages ``source`` may still send to ``provider`` on ``today`` under its
         warmup schedule; None when it has no cap."""
 
+    def snapshot(now, today):  # noqa: N805
+        """Each source's warmup cap, sends today and current marks, as JSON-able
+        dicts (the routing state file, ``queue stats``)."""
+
+    def restore(entries, written_at, today):  # noqa: N805
+        """Take back a :meth:`snapshot` this node wrote before a restart; returns how
+        many entries were taken (0 where the state is kept elsewhere)."""
+
 
 class IFailoverStrategy(Interface):
     """Which of a route's hops to try, in which order, and what a failure does to the
@@ -330,6 +338,10 @@ class IFailoverStrategy(Interface):
 
     def succeeded(hop, now):  # noqa: N805
         """``hop`` held a session."""
+
+    def states(now):  # noqa: N805
+        """Each endpoint's health (``closed``, ``open``, ``half-open``) by name, for
+        ``queue stats``; empty when the strategy keeps none."""
 
 
 class IBackend(Interface):

@@ -62,7 +62,7 @@ from sendarix.model.message import (
     Reply,
 )
 from sendarix.routing.mx import Hop, RouteError
-from sendarix.routing.pool import EndpointPool, OrderedFallback
+from sendarix.routing.pool import OrderedFallback
 from sendarix.routing.providers import ProviderTable
 from sendarix.routing.rules import RouteFacts, RuleRouter, RuleTable
 from sendarix.routing.shaping import POOL_PREFIX, Shaping, SiteShape, strictest_tls
@@ -343,10 +343,10 @@ class DeliveryService(Service):
         pools = {
             via[5:]: strategy.states(now)
             for via, (_, strategy) in self.routes.routers.items()
-            if via.startswith("pool:") and isinstance(strategy, EndpointPool)
+            if via.startswith("pool:")
         }
         egress_state: list[dict[str, object]] = []
-        if isinstance(self.selector, TieredSelector):
+        if self.selector is not None:
             egress_state = self.selector.snapshot(now, today)
         return {
             "node": self.config.node.name,
@@ -360,8 +360,8 @@ class DeliveryService(Service):
         """Take back today's warmup counts and the deprioritization marks from the
         routing state file a previous run of this node wrote (a small local file,
         read once at start)."""
-        # A shared (Redis) selector keeps its counts in Redis: nothing to take back.
-        if self.state_file is None or type(self.selector) is not TieredSelector:
+        # A shared selector keeps its counts where it shares them: it takes nothing.
+        if self.state_file is None or self.selector is None:
             return
         state = read_state(self.state_file)
         if state is None or state.get("node") != self.config.node.name:

@@ -37,7 +37,8 @@ from sendarix.interfaces import IEgressSelector
 Source = EgressSourceConfig
 
 
-def _name(source: Source | str) -> str:
+def source_name(source: Source | str) -> str:
+    """The name of ``source`` (given as a source or by name)."""
     return source if isinstance(source, str) else source.name
 
 
@@ -87,12 +88,12 @@ class TieredSelector:
         for day in [d for d in self._sent if d < today - datetime.timedelta(days=1)]:
             del self._sent[day]
         counts = self._sent.setdefault(today, {})
-        key = (_name(source), provider)
+        key = (source_name(source), provider)
         counts[key] = counts.get(key, 0) + 1
 
     def sent(self, source: Source | str, provider: str, today: datetime.date) -> int:
         """Messages recorded from ``source`` to ``provider`` on ``today``."""
-        return self._sent.get(today, {}).get((_name(source), provider), 0)
+        return self._sent.get(today, {}).get((source_name(source), provider), 0)
 
     def remaining(self, source: Source, provider: str, today: datetime.date) -> int | None:
         """Messages ``source`` may still send to ``provider`` today; None when warm."""
@@ -103,12 +104,12 @@ class TieredSelector:
 
     def penalize(self, source: Source | str, provider: str, now: float) -> None:
         """``provider`` rate-limited or blocked ``source``: add one to its mark."""
-        key = (_name(source), provider)
+        key = (source_name(source), provider)
         self._penalties[key] = (self._decayed(key, now) + 1.0, now)
 
     def penalty(self, source: Source | str, provider: str, now: float) -> float:
         """The current (decayed) mark of ``source`` for ``provider``; 0 when none."""
-        key = (_name(source), provider)
+        key = (source_name(source), provider)
         value = self._decayed(key, now)
         if key in self._penalties and value < self.threshold / 1000:
             del self._penalties[key]  # faded out: forget it
@@ -178,6 +179,19 @@ class TieredSelector:
                         self._penalties[key] = (float(value), written_at)
                         taken += 1
         return taken
+
+    def merge_sent(self, name: str, provider: str, today: datetime.date, count: int) -> None:
+        """Take a count of today's sends made elsewhere (another node): the larger of
+        the two counts stays."""
+        counts = self._sent.setdefault(today, {})
+        counts[(name, provider)] = max(counts.get((name, provider), 0), count)
+
+    def merge_mark(self, name: str, provider: str, mark: float, since: float, now: float) -> None:
+        """Take a deprioritization mark set elsewhere (``mark`` as of ``since``): it
+        replaces ours when it is the higher one now."""
+        shared = mark * 0.5 ** (max(0.0, now - since) / self.half_life)
+        if shared > self._decayed((name, provider), now):
+            self._penalties[(name, provider)] = (mark, since)
 
     def _has_budget(self, source: Source, provider: str, today: datetime.date) -> bool:
         left = self.remaining(source, provider, today)

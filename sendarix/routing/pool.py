@@ -118,6 +118,10 @@ class OrderedFallback:
     def succeeded(self, hop: Hop, now: float) -> None:
         """Nothing to remember."""
 
+    def states(self, now: float) -> dict[str, str]:
+        """No endpoint health is kept."""
+        return {}
+
 
 @implementer(IFailoverStrategy)
 @define
@@ -135,8 +139,25 @@ class EndpointPool:
             self.breakers[key] = CircuitBreaker(self.pool.cooldown)
             self._weights[key] = ep.weight
 
+    def endpoint_of(self, hop: Hop) -> str:
+        """The name ``hop``'s health is kept under (``pool/host:port``)."""
+        return hop.endpoint or f"{self.pool.name}/{hop.host}:{hop.port}"
+
+    def opened_until(self, hop: Hop) -> float | None:
+        """Until when ``hop``'s breaker rests (None: closed)."""
+        return self._breaker(hop).opened_until
+
+    def merge_open(self, endpoint: str, until: float, now: float) -> None:
+        """Another node opened ``endpoint``'s breaker until ``until``: rest it here
+        too, unless ours already rests longer.  Unknown endpoints are ignored."""
+        breaker = self.breakers.get(endpoint)
+        if breaker is None or until <= now:
+            return
+        if breaker.opened_until is None or breaker.opened_until < until:
+            breaker.opened_until = until
+
     def _breaker(self, hop: Hop) -> CircuitBreaker:
-        key = hop.endpoint or f"{self.pool.name}/{hop.host}:{hop.port}"
+        key = self.endpoint_of(hop)
         breaker = self.breakers.get(key)
         if breaker is None:
             breaker = self.breakers[key] = CircuitBreaker(self.pool.cooldown)

@@ -163,7 +163,7 @@ class SharedTieredSelectorTests(TestCase):
         self.addCleanup(other.disconnect)
         await other.wait_connected(reactor, 10.0)
         return [
-            SharedTieredSelector(sources, redis=r, rng=random.Random(4), sync_interval=0.0)
+            SharedTieredSelector.over(sources, redis=r, rng=random.Random(4), sync_interval=0.0)
             for r in (redis, other)
         ]
 

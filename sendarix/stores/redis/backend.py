@@ -111,7 +111,7 @@ class RedisBackend:
         return SharedRateLimiter(redis=self.redis)
 
     def egress_selector(self, sources: tuple[EgressSourceConfig, ...]) -> IEgressSelector:
-        return SharedTieredSelector(sources, redis=self.redis)
+        return SharedTieredSelector.over(sources, redis=self.redis)
 
     def endpoint_strategy(self, pool: PoolConfig) -> IFailoverStrategy:
         return SharedEndpointPool(pool, redis=self.redis)

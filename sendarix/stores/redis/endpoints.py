@@ -15,13 +15,17 @@ The choice itself stays synchronous and local.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from sendarix.config.settings import PoolConfig
+from sendarix.interfaces import IFailoverStrategy
 from sendarix.routing.mx import Hop
 from sendarix.routing.pool import EndpointPool
 from sendarix.stores.redis.connection import hash_pairs
@@ -36,15 +40,23 @@ return 1
 """
 
 
+@implementer(IFailoverStrategy)
 @define
-class SharedEndpointPool(EndpointPool):
-    """An EndpointPool whose breakers are shared through ``redis``."""
+class SharedEndpointPool:
+    """An :class:`EndpointPool` whose breakers are shared through ``redis``: the local
+    pool orders the hops; Redis tells it which endpoints other nodes saw fail."""
 
+    pool: PoolConfig
     redis: Any = None
     prefix: str = "sendarix:"
     sync_interval: float = 2.0
+    rng: random.Random = field(factory=random.Random)
+    local: EndpointPool = field(init=False)
     _last_sync: float = field(default=float("-inf"), init=False)
     _syncing: bool = field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.local = EndpointPool(self.pool, rng=self.rng)
 
     @property
     def _key(self) -> str:
@@ -54,25 +66,27 @@ class SharedEndpointPool(EndpointPool):
         d.addErrback(lambda f: log.warn("endpoint health not shared: {why}",
                                         why=f.getErrorMessage()))
 
-    def _hop_key(self, hop: Hop) -> str:
-        return hop.endpoint or f"{self.pool.name}/{hop.host}:{hop.port}"
-
     def order(self, hops: Sequence[Hop], now: float) -> tuple[Hop, ...]:
         """As EndpointPool's; refreshes the shared health now and then."""
         if not self._syncing and now - self._last_sync >= self.sync_interval:
             self._fire(self.sync(now))
-        return super().order(hops, now)
+        return self.local.order(hops, now)
 
     def failed(self, hop: Hop, now: float) -> None:
         """Open ``hop``'s breaker here and for every node."""
-        super().failed(hop, now)
-        until = self._breaker(hop).opened_until
-        self._fire(self.redis.eval(_OPEN, [self._key], [self._hop_key(hop), repr(until)]))
+        self.local.failed(hop, now)
+        until = self.local.opened_until(hop)
+        self._fire(self.redis.eval(_OPEN, [self._key],
+                                   [self.local.endpoint_of(hop), repr(until)]))
 
     def succeeded(self, hop: Hop, now: float) -> None:
         """Close ``hop``'s breaker here, and clear the shared mark."""
-        super().succeeded(hop, now)
-        self._fire(self.redis.execute_command("HDEL", self._key, self._hop_key(hop)))
+        self.local.succeeded(hop, now)
+        self._fire(self.redis.execute_command("HDEL", self._key, self.local.endpoint_of(hop)))
+
+    def states(self, now: float) -> dict[str, str]:
+        """As EndpointPool's (what this node has heard)."""
+        return self.local.states(now)
 
     def sync(self, now: float) -> Deferred[None]:
         """Open the local breakers other nodes opened (for longer than ours)."""
@@ -86,9 +100,4 @@ class SharedEndpointPool(EndpointPool):
         finally:
             self._syncing = False
         for key, value in hash_pairs(reply):
-            until = float(value)
-            breaker = self.breakers.get(key)
-            if breaker is None or until <= now:
-                continue
-            if breaker.opened_until is None or breaker.opened_until < until:
-                breaker.opened_until = until
+            self.local.merge_open(key, float(value), now)

@@ -18,13 +18,16 @@ larger of the local and the shared count or mark.
 from __future__ import annotations
 
 import datetime
+import random
 from typing import Any
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from sendarix.egress.sources import Source, TieredSelector, _name
+from sendarix.egress.sources import Source, TieredSelector, source_name
+from sendarix.interfaces import IEgressSelector
 from sendarix.stores.redis.connection import hash_pairs
 
 log = Logger()
@@ -51,15 +54,27 @@ return 1
 """
 
 
+@implementer(IEgressSelector)
 @define
-class SharedTieredSelector(TieredSelector):
-    """A TieredSelector whose warmup counts and marks are shared through ``redis``."""
+class SharedTieredSelector:
+    """A :class:`TieredSelector` whose warmup counts and marks are shared through
+    ``redis``: the local selector chooses; Redis tells it what other nodes counted."""
 
+    local: TieredSelector
     redis: Any = None
     prefix: str = "sendarix:"
     sync_interval: float = 2.0
     _last_sync: float = field(default=float("-inf"), init=False)
     _syncing: bool = field(default=False, init=False)
+
+    @classmethod
+    def over(
+        cls, sources: tuple[Any, ...], redis: Any, rng: random.Random | None = None,
+        **kwargs: Any,
+    ) -> SharedTieredSelector:
+        """A shared selector over ``sources`` (the ``[[egress.source]]`` entries)."""
+        local = TieredSelector(sources, rng=rng if rng is not None else random.Random())
+        return cls(local, redis=redis, **kwargs)
 
     def _sent_key(self, today: datetime.date) -> str:
         return f"{self.prefix}sel:sent:{today.isoformat()}"
@@ -73,22 +88,45 @@ class SharedTieredSelector(TieredSelector):
         """As TieredSelector's; refreshes the shared state now and then."""
         if not self._syncing and now - self._last_sync >= self.sync_interval:
             self._fire(self.sync(now, today))
-        return super().choose(pool, provider, now, today)
+        return self.local.choose(pool, provider, now, today)
 
     def record_send(self, source: Source | str, provider: str, today: datetime.date) -> None:
         """Count one message here and in Redis."""
-        super().record_send(source, provider, today)
+        self.local.record_send(source, provider, today)
         self._fire(self.redis.eval(
-            _COUNT, [self._sent_key(today)], [f"{_name(source)}|{provider}", "172800"]
+            _COUNT, [self._sent_key(today)], [f"{source_name(source)}|{provider}", "172800"]
         ))
 
     def penalize(self, source: Source | str, provider: str, now: float) -> None:
         """Mark ``source`` for ``provider`` here and in Redis."""
-        super().penalize(source, provider, now)
+        self.local.penalize(source, provider, now)
         self._fire(self.redis.eval(
             _PENALIZE, [self.prefix + "sel:pen"],
-            [f"{_name(source)}|{provider}", repr(float(now)), repr(float(self.half_life))],
+            [f"{source_name(source)}|{provider}", repr(float(now)),
+             repr(float(self.local.half_life))],
         ))
+
+    def remaining(self, source: Source, provider: str, today: datetime.date) -> int | None:
+        """As TieredSelector's (what this node has heard)."""
+        return self.local.remaining(source, provider, today)
+
+    def sent(self, source: Source | str, provider: str, today: datetime.date) -> int:
+        """As TieredSelector's (what this node has heard)."""
+        return self.local.sent(source, provider, today)
+
+    def penalty(self, source: Source | str, provider: str, now: float) -> float:
+        """As TieredSelector's (what this node has heard)."""
+        return self.local.penalty(source, provider, now)
+
+    def snapshot(self, now: float, today: datetime.date) -> list[dict[str, object]]:
+        """This node's view of the shared state (for ``queue stats``)."""
+        return self.local.snapshot(now, today)
+
+    def restore(
+        self, entries: list[dict[str, object]], written_at: float, today: datetime.date
+    ) -> int:
+        """Nothing to take back from a local file: the state lives in Redis."""
+        return 0
 
     def sync(self, now: float, today: datetime.date) -> Deferred[None]:
         """Take the other nodes' counts and marks (the larger of ours and theirs)."""
@@ -102,13 +140,10 @@ class SharedTieredSelector(TieredSelector):
             marks = await self.redis.execute_command("HGETALL", self.prefix + "sel:pen")
         finally:
             self._syncing = False
-        counts = self._sent.setdefault(today, {})
         for key, value in hash_pairs(sent):
             name, _, provider = key.partition("|")
-            counts[(name, provider)] = max(counts.get((name, provider), 0), int(value))
+            self.local.merge_sent(name, provider, today, int(value))
         for key, value in hash_pairs(marks):
             name, _, provider = key.partition("|")
             mark, _, since = value.partition("|")
-            shared = float(mark) * 0.5 ** (max(0.0, now - float(since)) / self.half_life)
-            if shared > self._decayed((name, provider), now):
-                self._penalties[(name, provider)] = (float(mark), float(since))
+            self.local.merge_mark(name, provider, float(mark), float(since), now)
