@@ -39,6 +39,7 @@ from sendarix.cleanup.headers import received_protocol
 from sendarix.cleanup.intake import Intake, Refused, Submission
 from sendarix.cleanup.keyring import DomainKeyring
 from sendarix.config.settings import LimitsConfig, ListenerConfig
+from sendarix.ingress import policy
 from sendarix.ingress.authlimit import client_key
 from sendarix.ingress.datareader import ChunkDataReader, DataResult, DotDataReader
 from sendarix.ingress.ratelimit import RateLimiter
@@ -58,6 +59,7 @@ from sendarix.model.address import (
     parse_path,
 )
 from sendarix.model.credential import Credential
+from sendarix.model.domain import SendingDomain
 from sendarix.model.message import Envelope, Reply, TLSInfo
 from sendarix.stores.errors import StoreUnavailable
 
@@ -123,7 +125,7 @@ class SubmissionServer(smtp.ESMTP):
 
     def __init__(self, settings: ListenerSettings) -> None:
         smtp.ESMTP.__init__(self, chal={}, contextFactory=settings.tls_options)
-        self.s = settings
+        self.settings = settings
         self.host = settings.hostname.encode("idna") if settings.hostname else b"localhost"
         self.timeout = int(settings.limits.command_timeout)
         self._inbuf = b""
@@ -138,7 +140,7 @@ class SubmissionServer(smtp.ESMTP):
 
     def callLater(self, period: float, func: Callable[..., Any]) -> Any:
         # TimeoutMixin schedules idle timeouts through this: the injected clock.
-        return self.s.clock.callLater(period, func)
+        return self.settings.clock.callLater(period, func)
 
     # -- state ------------------------------------------------------------------
 
@@ -169,7 +171,7 @@ class SubmissionServer(smtp.ESMTP):
 
     @property
     def tls_active(self) -> bool:
-        return self.s.implicit_tls or self.startedTLS
+        return self.settings.implicit_tls or self.startedTLS
 
     @property
     def in_transaction(self) -> bool:
@@ -182,7 +184,7 @@ class SubmissionServer(smtp.ESMTP):
         return TLSInfo(*info) if info else None
 
     def _tenant(self) -> str:
-        return self._credential.tenant if self._credential else self.s.listener.tenant
+        return self._credential.tenant if self._credential else self.settings.listener.tenant
 
     # -- connection -------------------------------------------------------------
 
@@ -192,14 +194,14 @@ class SubmissionServer(smtp.ESMTP):
         self.canStartTLS = (
             ITLSTransport.providedBy(transport)
             and self.ctx is not None
-            and self.s.listener.tls == "starttls"
+            and self.settings.listener.tls == "starttls"
         )
         if hasattr(transport, "setTcpNoDelay"):
             try:
                 transport.setTcpNoDelay(True)
             except OSError:
                 pass
-        self.reply(220, None, f"{self.s.hostname} ESMTP Sendarix")
+        self.reply(220, None, f"{self.settings.hostname} ESMTP Sendarix")
         self.setTimeout(self.timeout)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -209,7 +211,7 @@ class SubmissionServer(smtp.ESMTP):
         self.factory.session_ended(self)
 
     def timeoutConnection(self) -> None:
-        self.reply(421, "4.4.2", f"{self.s.hostname} Timeout, closing connection")
+        self.reply(421, "4.4.2", f"{self.settings.hostname} Timeout, closing connection")
         self._close()
 
     def shutdown(self) -> None:
@@ -225,13 +227,13 @@ class SubmissionServer(smtp.ESMTP):
             and not self._waiting
             and not self.in_transaction
         ):
-            self.reply(421, "4.3.2", f"{self.s.hostname} Service shutting down")
+            self.reply(421, "4.3.2", f"{self.settings.hostname} Service shutting down")
             self._close()
 
     def force_close(self) -> None:
         """End the session at once (shutdown grace period is over)."""
         if self._mode != CLOSED:
-            self.reply(421, "4.3.2", f"{self.s.hostname} Service shutting down")
+            self.reply(421, "4.3.2", f"{self.settings.hostname} Service shutting down")
             self._close()
 
     def _close(self) -> None:
@@ -266,7 +268,9 @@ class SubmissionServer(smtp.ESMTP):
         self.reply(code, enhanced, text)
         self._errors += 1
         if self._errors >= _MAX_ERRORS:
-            self.reply(421, "4.7.0", f"{self.s.hostname} Too many errors, closing connection")
+            self.reply(
+                421, "4.7.0", f"{self.settings.hostname} Too many errors, closing connection"
+            )
             self._close()
 
     # -- input ------------------------------------------------------------------
@@ -346,7 +350,7 @@ class SubmissionServer(smtp.ESMTP):
     def _command(self, line: bytes) -> None:
         verb, _, rest = line.strip().partition(b" ")
         is_auth = verb.upper() == b"AUTH"
-        if len(line) + 2 > self.s.limits.max_command_length and not is_auth:
+        if len(line) + 2 > self.settings.limits.max_command_length and not is_auth:
             self._error(500, "5.5.2", "Line too long")
             return
         if b"\0" in line or not verb:
@@ -377,7 +381,7 @@ class SubmissionServer(smtp.ESMTP):
         self._reset_transaction()
         self._helo_name = _text(rest)
         self._esmtp = esmtp
-        first = f"{self.s.hostname} Hello {self._helo_name} [{self.client_ip}]"
+        first = f"{self.settings.hostname} Hello {self._helo_name} [{self.client_ip}]"
         if not esmtp:
             self.reply(250, None, first)
             return
@@ -387,7 +391,7 @@ class SubmissionServer(smtp.ESMTP):
         """The EHLO keywords for the current state of the session."""
         ext = [
             "PIPELINING",
-            f"SIZE {self.s.limits.max_message_size}",
+            f"SIZE {self.settings.limits.max_message_size}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
@@ -395,15 +399,15 @@ class SubmissionServer(smtp.ESMTP):
         ]
         if self.canStartTLS and not self.tls_active:
             ext.append("STARTTLS")
-        if self.tls_active and self.s.listener.auth != "none" and self._credential is None:
+        if self.tls_active and self.settings.listener.auth != "none" and self._credential is None:
             ext.append("AUTH " + " ".join(m.decode() for m in self._mechanisms()))
         return ext
 
     def _mechanisms(self) -> dict[bytes, Any]:
         """The SASL mechanisms the portal has a checker for."""
-        if self.s.portal is None:
+        if self.settings.portal is None:
             return {}
-        supported = self.s.portal.listCredentialsInterfaces()
+        supported = self.settings.portal.listCredentialsInterfaces()
         return {n: m for n, m in MECHANISMS.items() if m.credential_interface in supported}
 
     def smtp_NOOP(self, rest: bytes) -> None:
@@ -428,7 +432,7 @@ class SubmissionServer(smtp.ESMTP):
         )
 
     def smtp_QUIT(self, rest: bytes) -> None:
-        self.reply(221, "2.0.0", f"{self.s.hostname} closing connection")
+        self.reply(221, "2.0.0", f"{self.settings.hostname} closing connection")
         self._close()
 
     def smtp_STARTTLS(self, rest: bytes) -> None:
@@ -452,7 +456,7 @@ class SubmissionServer(smtp.ESMTP):
     # -- AUTH -------------------------------------------------------------------
 
     def smtp_AUTH(self, rest: bytes) -> None:
-        if self.s.listener.auth == "none" or self.s.portal is None:
+        if self.settings.listener.auth == "none" or self.settings.portal is None:
             self._error(502, "5.5.1", "AUTH not available")
             return
         if not self.tls_active:
@@ -467,8 +471,8 @@ class SubmissionServer(smtp.ESMTP):
         if self.in_transaction:
             self._error(503, "5.5.1", "AUTH not permitted during a mail transaction")
             return
-        now = self.s.clock.seconds()
-        if self.s.auth_limiter.is_locked(self.client_ip, now):
+        now = self.settings.clock.seconds()
+        if self.settings.auth_limiter.is_locked(self.client_ip, now):
             self.reply(421, "4.7.0", "Too many authentication failures, try again later")
             self._close()
             return
@@ -513,8 +517,8 @@ class SubmissionServer(smtp.ESMTP):
             self._challenge()
             return
         mechanism, self._sasl = self._sasl, None
-        assert self.s.portal is not None
-        d: Deferred[Any] = self.s.portal.login(mechanism, None, ISubmitter)
+        assert self.settings.portal is not None
+        d: Deferred[Any] = self.settings.portal.login(mechanism, None, ISubmitter)
         d.addCallback(self._authenticated)
         d.addErrback(self._auth_failed, mechanism)
         self._wait(d)
@@ -527,7 +531,7 @@ class SubmissionServer(smtp.ESMTP):
             or not credential.allows_ip(self.client_ip)
         ):
             raise UnauthorizedLogin("credential not usable from here")
-        self.s.auth_limiter.succeeded(self.client_ip, self.s.clock.seconds())
+        self.settings.auth_limiter.succeeded(self.client_ip, self.settings.clock.seconds())
         self._credential = credential
         self.reply(235, "2.7.0", "Authentication successful")
 
@@ -536,15 +540,15 @@ class SubmissionServer(smtp.ESMTP):
             log.failure("authentication backend failed", failure)
             self.reply(454, "4.7.0", "Temporary authentication failure")
             return None
-        now = self.s.clock.seconds()
+        now = self.settings.clock.seconds()
         ip = self.client_ip
-        self.s.auth_limiter.failed(ip, now)
-        delay = self.s.auth_limiter.delay_for(ip, now)
+        self.settings.auth_limiter.failed(ip, now)
+        delay = self.settings.auth_limiter.delay_for(ip, now)
 
         def answer() -> None:
             if self._mode == CLOSED:
                 return
-            if self.s.auth_limiter.is_locked(ip, self.s.clock.seconds()):
+            if self.settings.auth_limiter.is_locked(ip, self.settings.clock.seconds()):
                 self.reply(421, "4.7.0", "Too many authentication failures, try again later")
                 self._close()
             elif isinstance(mechanism, XOAuth2Mechanism):
@@ -558,22 +562,13 @@ class SubmissionServer(smtp.ESMTP):
         if delay <= 0:
             answer()
             return None
-        return defer.Deferred.fromCoroutine(_sleep_then(self.s.clock, delay, answer))
+        return defer.Deferred.fromCoroutine(_sleep_then(self.settings.clock, delay, answer))
 
     # -- the mail transaction ---------------------------------------------------
 
-    def _relay_refusal(self) -> Reply | None:
-        """Why this client may not start a transaction, or None."""
-        if self._credential is not None:
-            return None
-        auth = self.s.listener.auth
-        if auth == "optional" and self.s.trusted(self.client_ip):
-            return None
-        if auth == "none":
-            if self.s.trusted(self.client_ip):
-                return None
-            return Reply(554, "5.7.1", "Relay access denied")
-        return Reply(530, "5.7.0", "Authentication required")
+    def _client(self) -> policy.Client:
+        ip = self.client_ip
+        return policy.Client(ip, self.settings.trusted(ip), self._credential)
 
     def smtp_MAIL(self, rest: bytes) -> None:
         if self._helo_name is None:
@@ -596,7 +591,7 @@ class SubmissionServer(smtp.ESMTP):
                 if value is None or not value.isdigit():
                     self._error(501, "5.5.4", "SIZE needs a number")
                     return
-                if int(value) > self.s.limits.max_message_size:
+                if int(value) > self.settings.limits.max_message_size:
                     self._refuse(Reply(552, "5.3.4", _TOO_BIG))
                     return
             elif key == "BODY":
@@ -620,7 +615,7 @@ class SubmissionServer(smtp.ESMTP):
             else:
                 self._error(553, "5.1.7", f"Bad sender address syntax ({e})")
             return
-        refusal = self._relay_refusal()
+        refusal = policy.relay_refusal(self.settings.listener.auth, self._client())
         if refusal is not None:
             self._refuse(refusal, sender=path.address)
             return
@@ -643,33 +638,30 @@ class SubmissionServer(smtp.ESMTP):
 
     def _recheck_credential(self, sender: str) -> Deferred[bool] | bool:
         assert self._credential is not None
-        if self.s.credentials is None:
+        if self.settings.credentials is None:
             return self._check_sender_scope(self._credential, sender)
 
+        presented = self._credential
+
         def check(current: Credential | None) -> bool:
-            if current is None or not current.active or current.secret_hash != (
-                self._credential.secret_hash if self._credential else None
-            ) or not current.allows_ip(self.client_ip):
+            refusal = policy.credential_refusal(presented, current, self.client_ip)
+            if refusal is not None:
                 self._credential = None
-                self._refuse(Reply(530, "5.7.0", "Credential no longer valid, authenticate again"),
-                             sender=sender)
+                self._refuse(refusal, sender=sender)
                 return False
+            assert current is not None
             self._credential = current
             return self._check_sender_scope(current, sender)
 
-        return self.s.credentials.get(self._credential.name).addCallback(check)
+        return self.settings.credentials.get(presented.name).addCallback(check)
 
     def _check_sender_scope(self, cred: Credential, sender: str) -> bool:
-        domain = sender.rpartition("@")[2].lower() if sender else ""
-        if cred.domains and not cred.allows_sender_domain(domain):
-            self._refuse(Reply(550, "5.7.1", "Sender address not allowed for this credential"),
-                         sender=sender)
-            return False
-        if cred.rate_per_minute is not None and not self.s.rate_limiter.allow(
-            "cred:" + cred.name, cred.rate_per_minute, 60.0, self.s.clock.seconds()
-        ):
-            self._refuse(Reply(450, "4.7.1", "Message rate limit exceeded, try again later"),
-                         sender=sender)
+        settings = self.settings
+        refusal = policy.sender_refusal(
+            cred, sender, settings.rate_limiter, settings.clock.seconds()
+        )
+        if refusal is not None:
+            self._refuse(refusal, sender=sender)
             return False
         return True
 
@@ -678,19 +670,19 @@ class SubmissionServer(smtp.ESMTP):
     ) -> Deferred[None] | None:
         """Start the transaction, or refuse it (550 5.7.1) when verified sending domains
         are required and the sender's is not one; a Deferred while the lookup runs."""
-        keyring = self.s.keyring
-        if not self.s.require_verified_domains or keyring is None or not sender:
+        keyring = self.settings.keyring
+        if keyring is None or not policy.needs_verified_domain(
+            self.settings.require_verified_domains, sender
+        ):
             self._start_transaction(sender, params, smtputf8)
             return None
-        domain = sender.rpartition("@")[2].lower()
+        domain = policy.domain_of(sender)
         tenant = self._tenant()
 
-        def checked(sd: Any) -> None:
-            if sd is None or not sd.usable or sd.tenant not in (None, tenant):
-                self._refuse(
-                    Reply(550, "5.7.1", f"Sender domain {domain} is not a verified sending domain"),
-                    sender=sender,
-                )
+        def checked(sd: SendingDomain | None) -> None:
+            refusal = policy.verified_domain_refusal(domain, sd, tenant)
+            if refusal is not None:
+                self._refuse(refusal, sender=sender)
                 return
             self._start_transaction(sender, params, smtputf8)
 
@@ -700,16 +692,13 @@ class SubmissionServer(smtp.ESMTP):
     def _tenant_rate_ok(self, sender: str) -> bool:
         """The tenant's ``[tenant.NAME] rate`` (messages per period, all credentials
         and listeners of the tenant together on this node): 450 4.7.1 when over it."""
-        limit = self.s.tenant_rates.get(self._tenant())
-        if limit is None:
+        settings = self.settings
+        refusal = policy.tenant_rate_refusal(
+            self._tenant(), settings.tenant_rates, settings.rate_limiter, settings.clock.seconds()
+        )
+        if refusal is None:
             return True
-        count, period = limit
-        if self.s.rate_limiter.allow(
-            "tenant:" + self._tenant(), count, period, self.s.clock.seconds()
-        ):
-            return True
-        self._refuse(Reply(450, "4.7.1", "Tenant message rate limit exceeded, try again later"),
-                     sender=sender)
+        self._refuse(refusal, sender=sender)
         return False
 
     def _start_transaction(
@@ -719,7 +708,7 @@ class SubmissionServer(smtp.ESMTP):
         self._sender = sender
         self._body_type = (params.get("BODY") or "").upper() or None
         self._smtputf8 = smtputf8
-        self._queue_id = self.s.intake.new_queue_id()
+        self._queue_id = self.settings.intake.new_queue_id()
         self.reply(250, "2.1.0", "Sender OK")
 
     def smtp_RCPT(self, rest: bytes) -> None:
@@ -740,32 +729,32 @@ class SubmissionServer(smtp.ESMTP):
             if key not in ("NOTIFY", "ORCPT"):
                 self._error(555, "5.5.4", f"Unsupported parameter {key}")
                 return
-        if len(self._recipients) >= self.s.limits.max_recipients:
-            self.reply(452, "4.5.3", "Too many recipients")
+        refusal = policy.recipient_count_refusal(len(self._recipients),
+                                                 self.settings.limits.max_recipients)
+        if refusal is not None:
+            self._send(refusal)  # the client sends the rest in another transaction
             return
-        recipient_rate = self.s.limits.recipient_rate
-        if (
-            recipient_rate is not None
-            and self._credential is not None
-            and not self.s.rate_limiter.allow(
-                "rcpt:" + self._credential.name, *recipient_rate, self.s.clock.seconds()
-            )
-        ):
-            self._refuse(Reply(450, "4.7.1", "Recipient rate limit exceeded, try again later"),
-                         sender=self._sender, recipients=[path.address])
+        refusal = policy.recipient_rate_refusal(
+            self._credential, self.settings.limits.recipient_rate, self.settings.rate_limiter,
+            self.settings.clock.seconds(),
+        )
+        if refusal is not None:
+            self._refuse(refusal, sender=self._sender, recipients=[path.address])
             return
-        if self.s.suppressions is None:
+        if self.settings.suppressions is None:
             self._recipient_ok(path.address)
             return
         tenant = self._tenant()
-        d: Deferred[Any] = self.s.suppressions.is_suppressed(tenant, path.address)
+        d: Deferred[Any] = self.settings.suppressions.is_suppressed(tenant, path.address)
 
         def checked(entry: object) -> None:
-            if entry is None:
+            refusal = policy.suppression_refusal(entry)
+            if refusal is None:
                 self._recipient_ok(path.address)
                 return
-            self.s.intake.suppressed(path.address, tenant=tenant, sender=self._sender)
-            self._error(550, "5.1.1", "recipient suppressed")
+            self.settings.intake.suppressed(path.address, tenant=tenant, sender=self._sender)
+            assert refusal.enhanced is not None
+            self._error(refusal.code, refusal.enhanced, refusal.text)
 
         d.addCallbacks(checked, self._internal_error)
         self._wait(d)
@@ -787,12 +776,12 @@ class SubmissionServer(smtp.ESMTP):
             self._error(554, "5.5.1", "No valid recipients")
             return
         self._reader = DotDataReader(
-            self.s.limits.max_message_size,
-            self.s.limits.max_line_length,
-            self.s.bare_line_endings,
+            self.settings.limits.max_message_size,
+            self.settings.limits.max_line_length,
+            self.settings.bare_line_endings,
         )
         self._mode = DATA
-        self.setTimeout(int(self.s.limits.data_timeout))
+        self.setTimeout(int(self.settings.limits.data_timeout))
         self.reply(354, None, "End data with <CR><LF>.<CR><LF>")
 
     def _consume_data(self) -> None:
@@ -829,12 +818,12 @@ class SubmissionServer(smtp.ESMTP):
             self._bdat_failed = self._bdat_failed or Reply(554, "5.5.1", "No valid recipients")
         if self._chunks is None and self._bdat_failed is None:
             self._chunks = ChunkDataReader(
-                self.s.limits.max_message_size,
-                self.s.limits.max_line_length,
-                self.s.bare_line_endings,
+                self.settings.limits.max_message_size,
+                self.settings.limits.max_line_length,
+                self.settings.bare_line_endings,
             )
         self._mode = BDAT
-        self.setTimeout(int(self.s.limits.data_timeout))
+        self.setTimeout(int(self.settings.limits.data_timeout))
         if size == 0:
             self._end_bdat_chunk()
 
@@ -872,9 +861,9 @@ class SubmissionServer(smtp.ESMTP):
         elif result.long_line:
             refusal = Reply(
                 554, "5.6.0",
-                f"Message has a line longer than {self.s.limits.max_line_length} octets",
+                f"Message has a line longer than {self.settings.limits.max_line_length} octets",
             )
-        elif result.bare_line_ending and self.s.bare_line_endings == "reject":
+        elif result.bare_line_ending and self.settings.bare_line_endings == "reject":
             refusal = Reply(554, "5.6.11", "Bare CR or LF not allowed in message text")
         if refusal is not None:
             self._refuse(refusal, sender=self._sender, recipients=self._recipients)
@@ -894,13 +883,13 @@ class SubmissionServer(smtp.ESMTP):
             tenant=self._tenant(),
             client_ip=self.client_ip,
             helo=self._helo_name or "",
-            listener=self.s.listener.name,
+            listener=self.settings.listener.name,
             protocol=received_protocol(self._esmtp, self.tls_active, self._credential is not None),
             tls=tls,
             credential=self._credential,
         )
         self._reset_transaction()
-        d = self.s.intake.accept(submission)
+        d = self.settings.intake.accept(submission)
         d.addCallbacks(self._queued, self._not_queued, errbackArgs=(submission,))
         self._wait(d)
 
@@ -931,7 +920,7 @@ class SubmissionServer(smtp.ESMTP):
         queue_id: str | None = None,
     ) -> None:
         """Answer a policy refusal and record a ``rejected`` event."""
-        self.s.intake.rejected(
+        self.settings.intake.rejected(
             reply, tenant=self._tenant(), sender=sender, recipients=tuple(recipients),
             queue_id=queue_id,
         )

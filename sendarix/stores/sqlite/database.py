@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -59,6 +59,8 @@ class SQLiteDatabase:
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._opened: Deferred[None] | None = None
+        # Why the opening failed, for every later open() (None: it did not fail).
+        self._open_failure: Failure | None = None
         self._closed = False
 
     def add_schema(self, sql: str) -> None:
@@ -76,6 +78,8 @@ class SQLiteDatabase:
 
     def open(self) -> Deferred[None]:
         """Start the thread, open the file and apply schemas."""
+        if self._open_failure is not None:
+            return fail(self._open_failure)
         if self._opened is not None:
             return self._chain(self._opened)
         self._opened = Deferred()
@@ -86,6 +90,14 @@ class SQLiteDatabase:
         )
         self._thread.start()
         return self._chain(self._opened)
+
+    def _open_failed(self, failure: Failure) -> None:
+        assert self._opened is not None
+        self._open_failure = failure
+        self._opened.errback(failure)
+        # Each opener got the failure through its own chained Deferred; the shared one
+        # keeps nothing, so no "unhandled error" is reported when it is collected.
+        self._opened.addErrback(lambda _: None)
 
     @staticmethod
     def _chain(d: Deferred[None]) -> Deferred[None]:
@@ -152,7 +164,7 @@ class SQLiteDatabase:
         except BaseException as e:  # noqa: BLE001 - reported to the opener
             f = Failure(e)
             self._closed = True
-            self._reactor.callFromThread(self._opened.errback, f)
+            self._reactor.callFromThread(self._open_failed, f)
             self._drain_refused()
             return
         self._reactor.callFromThread(self._opened.callback, None)
