@@ -6,7 +6,7 @@ queue, delivery log, configuration.
 stopped.  ``--config`` may come before or after the command; without it
 ``./sendarix.toml`` is read when present, else the built-in development default.
 
-Output contract (DESIGN sections 11 and 15): listing commands take ``--json`` and then
+Output contract (docs/operator-guide.md): listing commands take ``--json`` and then
 print one JSON array of objects; exit status 0 on success, 1 on a user error with a
 one-line reason on stderr, 2 on an internal error (with a traceback).
 
@@ -700,7 +700,7 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with usage errors as one line and exit status 1 (DESIGN section 11)."""
+    """argparse with usage errors as one line and exit status 1."""
 
     def error(self, message: str) -> NoReturn:
         raise _UsageError(f"{self.prog}: {message} (see --help)")

@@ -11,7 +11,7 @@ connection cap and rate admit, trying the next hop at once when a hop held no se
 (connection refused, or 421 before any transaction).  Each recipient's reply is
 classified (delivered, deferred, bounced), deferred recipients are rescheduled or
 expired by the retry schedule, and the outcome is recorded with ``ISpool.complete``,
-then reported as one event per recipient (DESIGN.md sections 3, 5, 6, 7, 9 and 12).
+then reported as one event per recipient (docs/delivery.md, docs/routing.md).
 
 Errors in one group or connection are logged and its leases given back; they never
 stop the loop.  A stop hands queued deliveries back to the spool at once.
@@ -139,7 +139,7 @@ class _Ready:
 
 def simulate(local_part: str, attempt: int) -> Reply | None:
     """The reply the simulator gives a recipient's ``attempt``-th attempt (1-based),
-    by local part (DESIGN.md section 12); None means the recipient is suppressed."""
+    by local part (docs/delivery.md, "The simulator"); None means the recipient is suppressed."""
     kind = local_part.lower().split("+", 1)[0]
     if kind == "suppressed":
         return None
@@ -299,7 +299,7 @@ class DeliveryService(Service):
         if not self.running:
             return
         # A node restarting under its own name takes back the leases its previous
-        # life held at once, rather than waiting for them to expire (DESIGN.md 15).
+        # life held at once, rather than waiting for them to expire.
         d = maybeDeferred(self.spool.reclaim, self.config.node.name)
         d.addCallback(self._reclaimed)
         d.addErrback(self._failed, "reclaiming our own leases failed")

@@ -7,7 +7,7 @@ message and every recipient has a definite reply, whatever happens to the connec
 Why not ``twisted.mail.smtp.ESMTPClient``: its dot-stuffing corrupts messages (CRLF input,
 first line, 16 KiB chunk boundaries), it never pipelines, sends no MAIL FROM parameters,
 forgets the EHLO capabilities, RSETs after every message and its sender factory's
-Deferred never fires when the server drops the connection (LIBRARY-NOTES.md).  Working
+Deferred never fires when the server drops the connection (docs/library-defects.md).  Working
 around all of that costs more than this small protocol: :class:`_SMTPConnection` only
 frames replies and matches them, in order, to the commands sent (a queue of Deferreds,
 so pipelining is just "send several, then await several"); the dialogue itself is one
@@ -222,7 +222,7 @@ class _SMTPConnection(Protocol):
 
     def connectionMade(self) -> None:
         self._connected = True
-        # Without it a reused connection stalls on delayed ACKs (LIBRARY-NOTES.md).
+        # Without it a reused connection stalls on delayed ACKs (docs/library-defects.md).
         self.t.setTcpNoDelay(True)
         self._arm()
 

@@ -1,5 +1,5 @@
 """The ESMTP submission server: Twisted's ``ESMTP`` with the defects an MTA cannot have
-fixed (see LIBRARY-NOTES.md), and our policy.
+fixed (docs/library-defects.md), and our policy.
 
 What this subclass changes, each covered by a regression test:
 

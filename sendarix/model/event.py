@@ -1,7 +1,7 @@
 """Outcome events (accepted, delivered, bounced, ...) and delivery-log queries.
 
 An :class:`Event` is what the delivery log stores, webhooks POST and the JSON log prints.
-Its JSON form is the public schema of DESIGN section 9: every key is always present
+Its JSON form is the public event schema (docs/operator-guide.md, "The event log"): every key is always present
 (null when unknown) and ``timestamp`` is RFC 3339 UTC with milliseconds.
 """
 
@@ -18,7 +18,7 @@ from attrs import field, frozen
 
 from sendarix.model.message import Reply, TLSInfo
 
-#: The event types of DESIGN.md section 9 (also what a webhook may subscribe to).
+#: Every event type (also what a webhook may subscribe to).
 EVENT_TYPES: tuple[str, ...] = (
     "accepted", "delivered", "deferred", "bounced",
     "expired", "suppressed", "rejected", "complained",

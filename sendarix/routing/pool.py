@@ -1,4 +1,4 @@
-"""Smarthost endpoint pools: ``via = "pool:NAME"`` routes (DESIGN.md section 6).
+"""Smarthost endpoint pools: ``via = "pool:NAME"`` routes (docs/routing.md).
 
 :class:`PoolRouter` (an :class:`~sendarix.interfaces.IRouter`) turns a ``[pool.NAME]``
 into hops, one per endpoint address, each carrying the endpoint's TLS policy and AUTH

@@ -1,6 +1,6 @@
 """What a receiving server's reply means for one recipient: delivered, deferred or bounced.
 
-The verdict follows the reply code (DESIGN.md section 7): 2xx delivered, 4xx deferred,
+The verdict follows the reply code (docs/delivery.md): 2xx delivered, 4xx deferred,
 5xx bounced, except 5xx replies whose enhanced code is configured as soft (5.2.2 mailbox
 full by default), which are deferred and become hard only when the message expires.
 
@@ -46,7 +46,7 @@ __all__ = [
     "retry_hint",
 ]
 
-#: Every bounce category (DESIGN.md section 7), in the order the table groups them.
+#: Every bounce category (docs/delivery.md), in the order the table groups them.
 CATEGORIES: tuple[str, ...] = (
     "bad-mailbox",
     "bad-domain",
@@ -396,7 +396,7 @@ def classify(
         return Classification(Verdict.DEFERRED, category, retry_after=retry_hint(reply.text))
     if code_class != 4:
         return Classification(Verdict.DEFERRED, "protocol")
-    # 421 closes the session: it is a throttle signal, never greylisting (DESIGN.md 15).
+    # 421 closes the session: it is a throttle signal, never greylisting.
     greylist = reply.code != 421 and (
         category == "greylist" or _GREYLIST.search(reply.text) is not None
     )

@@ -1,7 +1,7 @@
 """When to try a deferred recipient again, and when to give up.
 
 The schedule is a pure function of the attempt count, the message's arrival time, the
-current time and the last reply's classification (DESIGN.md sections 5 and 15):
+current time and the last reply's classification (docs/delivery.md, "Retries and expiry"):
 
 - the n-th retry waits ``intervals[n-1]``; the last interval repeats; every delay is
   multiplied by a random factor in [1 - jitter, 1 + jitter], because retries without
@@ -32,7 +32,7 @@ __all__ = [
     "RetrySchedule",
 ]
 
-#: DESIGN.md section 5: 1m, 5m, 15m, 30m, 1h, 2h, 4h, then every 4h.
+#: The default schedule: 1m, 5m, 15m, 30m, 1h, 2h, 4h, then every 4h.
 DEFAULT_INTERVALS: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 DEFAULT_MAX_LIFETIME = 5 * 86400.0
 
@@ -89,7 +89,7 @@ class RetrySchedule:
 
     @classmethod
     def default(cls) -> RetrySchedule:
-        """The schedule of DESIGN.md: 1m ... 4h, then every 4h, for 5 days."""
+        """The default schedule: 1m ... 4h, then every 4h, for 5 days."""
         return cls(DEFAULT_INTERVALS, DEFAULT_MAX_LIFETIME)
 
     @classmethod

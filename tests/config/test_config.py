@@ -164,7 +164,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(default_config().base_dir, os.getcwd())
 
     def test_documented_defaults(self) -> None:
-        """The values DESIGN.md promises operators."""
+        """The defaults docs/configuration.md promises operators."""
         c = default_config(BASE)
         self.assertFalse(c.spool.allow_volatile)
         self.assertEqual(c.spool.lease_time, 300)

@@ -1,5 +1,5 @@
 """End to end routing: a real relay delivering through smarthost pools, provider limits
-and egress sources to in-process sinks on 127.0.0.x (DESIGN.md section 6)."""
+and egress sources to in-process sinks on 127.0.0.x (docs/routing.md)."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ def times_from(gap_list: list[float], start: float = 1000.0) -> list[float]:
 
 
 class AuthLimiterTests(SynchronousTestCase):
-    """AuthLimiter with the DESIGN defaults: 5 failures in 5 minutes lock for 15."""
+    """AuthLimiter with the defaults: 5 failures in 5 minutes lock for 15."""
 
     def test_interface(self) -> None:
         """AuthLimiter provides IAuthLimiter."""

@@ -1,4 +1,4 @@
-"""Several relay processes on one Redis (DESIGN.md section 14), each started with
+"""Several relay processes on one Redis (docs/scaling.md), each started with
 twistd the way operators start it: shared work is delivered exactly once, a node
 killed mid-delivery loses nothing (another node takes its leases when they expire),
 and a Redis crash mid-stream loses nothing that was answered 250.

@@ -418,7 +418,7 @@ class RealWorldTests(SynchronousTestCase):
         self.assertTrue(c.greylist)
 
     def test_421_is_never_greylisting(self) -> None:
-        """A 421 with greylist wording is a throttled deferral (DESIGN.md 15)."""
+        """A 421 with greylist wording is a throttled deferral ."""
         for rules in (BounceRules.default(), BounceRules()):
             c = classify(reply("421 4.7.0 Greylisted, try again in 5 minutes"), rules)
             self.assertEqual(c.verdict, F)

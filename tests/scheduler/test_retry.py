@@ -50,7 +50,7 @@ class RetryScheduleTests(SynchronousTestCase):
     """RetrySchedule.next_attempt, delay, base_delay and expired."""
 
     def test_default(self) -> None:
-        """The default is DESIGN.md's: 1m 5m 15m 30m 1h 2h 4h, 5 days, 5m greylist, 10%."""
+        """The default: 1m 5m 15m 30m 1h 2h 4h, 5 days, 5m greylist, 10%."""
         s = RetrySchedule.default()
         self.assertEqual(s.intervals, (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0))
         self.assertEqual(s.intervals, DEFAULT_INTERVALS)
@@ -239,7 +239,7 @@ class RetryScheduleTests(SynchronousTestCase):
         self.assertEqual(len(set(delays)), 500)
 
     def test_whole_lifetime(self) -> None:
-        """Driven by a clock, a never-delivered recipient is retried on the DESIGN.md
+        """Driven by a clock, a never-delivered recipient is retried on the documented
         schedule and expires after five days with about 35 attempts."""
         s = RetrySchedule.default()
         clock = Clock()

@@ -1,6 +1,6 @@
 """One txredisapi connection pool per process, built from the ``[spool] url``.
 
-URL forms (DESIGN.md sections 13 and 14; the password never appears in the URL, it
+URL forms (docs/configuration.md and docs/scaling.md; the password never appears in the URL, it
 comes from the environment variable ``[spool] password_env`` names):
 
 - ``redis://[user@]host:port/db``

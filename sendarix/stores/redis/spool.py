@@ -1,4 +1,4 @@
-"""The shared spool: ISpool on Redis, for several nodes (DESIGN.md sections 5 and 14).
+"""The shared spool: ISpool on Redis, for several nodes (docs/scaling.md).
 
 Keys, all under ``prefix`` (``Q`` is a queue id):
 

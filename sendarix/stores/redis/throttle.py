@@ -1,6 +1,5 @@
 """IThrottle in Redis: connection caps and GCRA message rates shared by every node, so
-provider and tenant limits hold for the cluster, not per node (DESIGN.md sections 6
-and 15).
+provider and tenant limits hold for the cluster, not per node (docs/routing.md).
 
 Keys under ``prefix``:
 

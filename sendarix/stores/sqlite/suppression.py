@@ -1,4 +1,4 @@
-"""Per-tenant suppression lists (DESIGN sections 4, 7, 9 and 11).
+"""Per-tenant suppression lists in SQLite (docs/operator-guide.md, "Suppression lists").
 
 A suppressed recipient is refused at RCPT for its tenant (``550 5.1.1 recipient
 suppressed``).  Entries come from hard bounces, expiry, complaints, the operator
