@@ -43,7 +43,7 @@ class ISpool(Interface):
         """Flush and close; Deferred fires when closed."""
 
     def enqueue(message: NewMessage) -> Deferred[None]:  # noqa: N805
-        """Store a L{sendarix.model.message.NewMessage} durably.
+        """Store a :obj:`sendarix.model.message.NewMessage` durably.
 
         The Deferred fires (with None) only after the message and all its recipients are
         on stable storage, and fails if nothing was stored; never half-written.
@@ -53,7 +53,7 @@ class ISpool(Interface):
         node: str, now: float, limit: int, lease_for: float
     ) -> Deferred[list[LeasedDelivery]]:
         """Lease up to ``limit`` deliveries due at ``now`` to ``node`` for ``lease_for``
-        seconds: a list of L{sendarix.model.message.LeasedDelivery}.  A delivery whose lease has
+        seconds: a list of :obj:`sendarix.model.message.LeasedDelivery`.  A delivery whose lease has
         expired is due again (another node died holding it)."""
 
     def renew(  # noqa: N805
@@ -70,14 +70,14 @@ class ISpool(Interface):
     def complete(  # noqa: N805
         queue_id: str, domain: str, node: str, outcomes: Sequence[RecipientOutcome], now: float
     ) -> Deferred[Any]:
-        """Record L{sendarix.model.message.RecipientOutcome}s and release the lease.
+        """Record :obj:`sendarix.model.message.RecipientOutcome`s and release the lease.
 
         Deferred recipients are due again at their ``next_attempt``; a message whose
         recipients are all final is removed with its body.
         """
 
     def get(queue_id: str) -> Deferred[StoredMessage | None]:  # noqa: N805
-        """A L{sendarix.model.message.StoredMessage}, or None."""
+        """A :obj:`sendarix.model.message.StoredMessage`, or None."""
 
     def body(queue_id: str) -> Deferred[bytes | None]:  # noqa: N805
         """The message bytes, or None."""
@@ -89,7 +89,7 @@ class ISpool(Interface):
         value and/or destination domain."""
 
     def stats() -> Deferred[QueueStats]:
-        """A L{sendarix.model.message.QueueStats}."""
+        """A :obj:`sendarix.model.message.QueueStats`."""
 
     def retry(queue_id: str, now: float) -> Deferred[int]:  # noqa: N805
         """Make every unfinished recipient of a message due at ``now``; the count."""
@@ -99,7 +99,7 @@ class ISpool(Interface):
 
 
 class IEventSink(Interface):
-    """Where outcome events (L{sendarix.events.sinks.Event}) go."""
+    """Where outcome events (:obj:`sendarix.events.sinks.Event`) go."""
 
     def emit(event: Event) -> Deferred[None] | None:  # noqa: N805
         """Record one event; may return a Deferred that fires once it is stored."""
@@ -109,8 +109,8 @@ class IEventLog(IEventSink):
     """An event sink that can also be searched (the delivery log)."""
 
     def search(query: EventQuery) -> Deferred[EventPage]:  # noqa: N805
-        """A Deferred L{sendarix.events.sinks.EventPage} for an L{sendarix.events.sinks.EventQuery},
-        newest first."""
+        """A Deferred :class:`~sendarix.model.event.EventPage` for an
+        :class:`~sendarix.model.event.EventQuery`, newest first."""
 
     def trim(before: float) -> Deferred[int]:  # noqa: N805
         """Delete events older than ``before`` (retention); the count deleted."""
@@ -131,7 +131,7 @@ class ICredentialStore(Interface):
         """Create a credential; Deferred (Credential, secret).  The secret is shown once."""
 
     def get(name: str) -> Deferred[Credential | None]:  # noqa: N805
-        """The L{sendarix.stores.credentials.Credential} (active or revoked), or None."""
+        """The :obj:`sendarix.stores.credentials.Credential` (active or revoked), or None."""
 
     def list(tenant: str | None = None) -> Deferred[builtins.list[Credential]]:  # noqa: N805
         """Every credential (of ``tenant`` when given)."""
@@ -151,16 +151,16 @@ class IDomainStore(Interface):
         domain: str, tenant: str | None, keys: Sequence[DKIMKey], now: float
     ) -> Deferred[SendingDomain]:
         """Add a domain with its keys; fails with
-        L{sendarix.stores.sqlite.domains.DomainExistsError} when it is already there."""
+        :obj:`sendarix.stores.sqlite.domains.DomainExistsError` when it is already there."""
 
     def add_keys(domain: str, keys: Sequence[DKIMKey]) -> Deferred[SendingDomain]:  # noqa: N805
         """Add keys to a domain (rotation); the domain with all its keys.  Fails with
-        L{sendarix.stores.sqlite.domains.DomainNotFoundError}, or with DomainExistsError when a
+        :obj:`sendarix.stores.sqlite.domains.DomainNotFoundError`, or with DomainExistsError when a
         selector is taken (nothing added)."""
 
     def get(domain: str) -> Deferred[SendingDomain | None]:  # noqa: N805
-        """The L{sendarix.stores.sqlite.domains.SendingDomain} with its keys (in the order they were
-        added), or None."""
+        """The :class:`~sendarix.model.domain.SendingDomain` with its keys (in the order
+        they were added), or None."""
 
     def list() -> Deferred[builtins.list[SendingDomain]]:  # noqa: N805
         """Every sending domain, by name."""
@@ -180,7 +180,7 @@ class IBearerToken(Interface):
 
     Any ``ICredentialsChecker`` for this interface registered on the submission
     portal checks XOAUTH2 logins (the built-in one is
-    L{sendarix.ingress.xoauth2.HMACTokenChecker}); its avatar id is the credential name."""
+    :obj:`sendarix.ingress.xoauth2.HMACTokenChecker`); its avatar id is the credential name."""
 
     username = Attribute("The user name the client claims (bytes).")
     token = Attribute("The bearer token (bytes).")
@@ -218,12 +218,12 @@ class IContentFilter(Interface):
     name = Attribute("A short name for logs.")
 
     def check(envelope: Envelope, body: bytes) -> Deferred[Reply | None]:  # noqa: N805
-        """Deferred None to accept, or a L{sendarix.model.message.Reply} to refuse."""
+        """Deferred None to accept, or a :obj:`sendarix.model.message.Reply` to refuse."""
 
 
 class ISubmitter(Interface):
     """The avatar of an authenticated submission client (twisted.cred): the portal
-    returns the client's L{sendarix.stores.credentials.Credential} under this interface."""
+    returns the client's :obj:`sendarix.stores.credentials.Credential` under this interface."""
 
 
 class ISuppressionStore(Interface):
@@ -240,7 +240,7 @@ class ISuppressionStore(Interface):
         added; False when it was already there (a non-empty reason replaces its reason)."""
 
     def is_suppressed(tenant, address):  # noqa: N805
-        """The L{sendarix.stores.sqlite.suppression.Suppression} for ``address``, or None."""
+        """The :obj:`sendarix.stores.sqlite.suppression.Suppression` for ``address``, or None."""
 
     def remove(tenant, address):  # noqa: N805
         """Lift a suppression; True when there was one."""
@@ -254,11 +254,11 @@ class IRouter(Interface):
     """Finds where mail for a recipient domain goes."""
 
     def route(domain):  # noqa: N805 - zope: no self
-        """Deferred L{sendarix.routing.mx.Route} for ``domain`` (a DNS name or an address
+        """Deferred :obj:`sendarix.routing.mx.Route` for ``domain`` (a DNS name or an address
         literal such as ``[192.0.2.1]``).
 
         Never fails for DNS trouble: the Route carries either the ordered hops to try or
-        a L{sendarix.routing.mx.RouteError} saying whether the failure is permanent
+        a :obj:`sendarix.routing.mx.RouteError` saying whether the failure is permanent
         (bounce) or temporary (defer), with its enhanced status code.
         """
 
@@ -270,14 +270,14 @@ class ISelectiveLease(Interface):
     def lease_due_except(  # noqa: N805
         node: str, now: float, limit: int, lease_for: float, skip_domains: Sequence[str]
     ) -> Deferred[list[LeasedDelivery]]:
-        """As L{ISpool.lease_due}, never leasing a delivery to one of ``skip_domains``."""
+        """As :obj:`ISpool.lease_due`, never leasing a delivery to one of ``skip_domains``."""
 
 
 class IThrottle(Interface):
     """Shared pacing state for outbound delivery: connection counts and GCRA rates,
     keyed by a shaping key (a provider name, an MX site, ``source|provider``...).
 
-    The in-memory implementation (L{sendarix.routing.throttle.MemoryThrottle}) answers
+    The in-memory implementation (:obj:`sendarix.routing.throttle.MemoryThrottle`) answers
     synchronously; a Redis-backed one, for several nodes sharing work, returns
     Deferreds firing with the same values.  Times are POSIX seconds.
     """
@@ -287,7 +287,7 @@ class IThrottle(Interface):
         when ``limit`` connections are already open."""
 
     def release_connection(key):  # noqa: N805
-        """Give back a slot taken by C{acquire_connection}."""
+        """Give back a slot taken by ``acquire_connection``."""
 
     def admit(key, rate, period, now):  # noqa: N805
         """Ask to send one message under ``rate`` messages per ``period`` seconds:
@@ -299,7 +299,7 @@ class IEgressSelector(Interface):
     """Picks the local source address (egress IP) a delivery leaves from."""
 
     def choose(pool, provider, now, today):  # noqa: N805 - zope: no self
-        """The L{sendarix.config.settings.EgressSourceConfig} of ``pool`` to use for mail to
+        """The :obj:`sendarix.config.settings.EgressSourceConfig` of ``pool`` to use for mail to
         ``provider`` (a provider name or site key) at ``now`` (POSIX seconds) on
         ``today`` (a date, for warmup caps), or None when no source may send now."""
 
@@ -329,7 +329,7 @@ class IFailoverStrategy(Interface):
     next choice (endpoint health).  Pure decisions: ``now`` is POSIX seconds."""
 
     def order(hops, now):  # noqa: N805 - zope: no self
-        """The L{sendarix.routing.mx.Hop}s to try for one connection, best first; hops
+        """The :obj:`sendarix.routing.mx.Hop`s to try for one connection, best first; hops
         that are resting after a failure are left out (an empty tuple when none may be
         tried now)."""
 

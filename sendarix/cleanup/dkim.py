@@ -67,7 +67,7 @@ class SigningKey:
 
 
 def load_signing_key(domain: str, selector: str, key_type: str, private_pem: bytes) -> SigningKey:
-    """A L{SigningKey} from a PKCS#8 PEM private key; ValueError if it is not of
+    """A :obj:`SigningKey` from a PKCS#8 PEM private key; ValueError if it is not of
     ``key_type``."""
     key = serialization.load_pem_private_key(private_pem, password=None)
     if key_type == "rsa" and isinstance(key, rsa.RSAPrivateKey):

@@ -86,7 +86,7 @@ class Intake:
     def accept(self, sub: Submission) -> Deferred[str]:
         """Clean up, filter and spool ``sub``; fires with its queue id once durable.
 
-        Fails with L{Refused} for a policy or content refusal; any other failure means
+        Fails with :obj:`Refused` for a policy or content refusal; any other failure means
         the spool did not take the message (answer 451 4.3.0).
         """
         return ensureDeferred(self._accept(sub))

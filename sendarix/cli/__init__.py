@@ -1,1 +1,1 @@
-"""The ``sendarix`` command, one module per command group, and the test sink."""
+"""The ``sendarix`` command (``main.py``) and the test sink (``sink.py``)."""

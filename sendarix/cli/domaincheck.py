@@ -3,7 +3,7 @@ SPF, DKIM and DMARC together (``domains check``).
 
 Lookups use dnspython's blocking resolver, honouring ``[dns] nameservers``; callers
 run these functions in a thread (``deferToThread``), never on the reactor thread.
-Every finding is a L{Finding} whose ``advice`` says what to publish or change.
+Every finding is a :obj:`Finding` whose ``advice`` says what to publish or change.
 """
 
 from __future__ import annotations

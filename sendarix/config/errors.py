@@ -1,4 +1,4 @@
-"""Errors shared across Sendarix modules that are not tied to one subsystem."""
+"""The configuration error: which dotted key is wrong, and why."""
 
 from __future__ import annotations
 

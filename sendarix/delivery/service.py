@@ -192,9 +192,9 @@ def _put_back(
 class DeliveryService(Service):
     """Delivers what the spool has due, forever, until stopped.
 
-    @param ready: a callable returning a Deferred that fires once the stores are open;
+    :param ready: a callable returning a Deferred that fires once the stores are open;
         the loop starts after it (None: at once).
-    @param window: the most leased deliveries in flight at a time.
+    :param window: the most leased deliveries in flight at a time.
     """
 
     name = "delivery"

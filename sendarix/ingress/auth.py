@@ -56,7 +56,7 @@ def submission_portal(
 
 @implementer(ICredentialsChecker)
 class CredentialChecker:
-    """Checks SMTP AUTH user name + password against an L{ICredentialStore}.
+    """Checks SMTP AUTH user name + password against an :obj:`ICredentialStore`.
 
     The avatar id is the credential name, UTF-8 encoded.  The credential is re-read on
     every attempt, so revoke and rotate apply at once; a successful check is cached for
@@ -98,7 +98,7 @@ class CredentialChecker:
         return d.addCallback(_avatar_id)
 
     def authenticate(self, name: str | bytes, secret: str | bytes) -> Deferred[Credential]:
-        """Deferred active L{Credential} for ``name`` and ``secret`` (also for API keys),
+        """Deferred active :obj:`Credential` for ``name`` and ``secret`` (also for API keys),
         or a Failure of UnauthorizedLogin."""
         return Deferred.fromCoroutine(self._request(name, secret))
 

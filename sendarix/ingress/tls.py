@@ -1,6 +1,6 @@
 """TLS material: the development self-signed certificate, server context options
 (TLS 1.2 or newer, forward-secret AEAD cipher suites only), and
-L{ReloadableServerTLS}, whose certificate is replaced on SIGHUP without dropping
+:obj:`ReloadableServerTLS`, whose certificate is replaced on SIGHUP without dropping
 sessions."""
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 XOAUTH2 (Google's format of the RFC 7628 idea) carries a user name and a bearer
 token.  Which tokens are good is decided by whichever twisted.cred checker for
-L{sendarix.interfaces.IBearerToken} is registered on the submission portal, so an
+:obj:`sendarix.interfaces.IBearerToken` is registered on the submission portal, so an
 operator can plug in, for example, a checker that asks an OAuth introspection
-endpoint.  The built-in L{HMACTokenChecker} accepts tokens minted by
+endpoint.  The built-in :obj:`HMACTokenChecker` accepts tokens minted by
 ``sendarix credentials token NAME``::
 
     v1.<credential name, base64url>.<expiry, POSIX seconds>.<fingerprint>.<HMAC>
@@ -79,7 +79,7 @@ def parse_xoauth2(data: bytes) -> tuple[bytes, bytes]:
 
 @implementer(ICredentialsChecker)
 class HMACTokenChecker:
-    """Accepts tokens made by L{mint_token} with this node secret, for an active
+    """Accepts tokens made by :obj:`mint_token` with this node secret, for an active
     credential with the ``smtp`` scope whose secret has not changed since."""
 
     credentialInterfaces = (IBearerToken,)

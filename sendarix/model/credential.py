@@ -154,7 +154,7 @@ class Credential:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Credential:
-        """The inverse of L{to_dict}."""
+        """The inverse of :obj:`to_dict`."""
         return cls(
             name=d["name"],
             tenant=d["tenant"],

@@ -1,8 +1,8 @@
 """Outcome events (accepted, delivered, bounced, ...) and delivery-log queries.
 
 An :class:`Event` is what the delivery log stores, webhooks POST and the JSON log prints.
-Its JSON form is the public event schema (docs/operator-guide.md, "The event log"): every key is always present
-(null when unknown) and ``timestamp`` is RFC 3339 UTC with milliseconds.
+Its JSON form is the public event schema (docs/operator-guide.md, "The event log"):
+every key is always present (null when unknown) and ``timestamp`` is RFC 3339 UTC with milliseconds.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class Event:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Event:
-        """The inverse of L{to_json}; missing keys are unknown (None)."""
+        """The inverse of :obj:`to_json`; missing keys are unknown (None)."""
         attempt = d.get("attempt")
         return cls(
             id=d["id"],
@@ -201,7 +201,7 @@ class EventQuery:
     """A delivery log search; every given field must match (AND).
 
     ``recipient`` and ``sender`` match the whole address, case-insensitively;
-    ``since <= timestamp < until``; ``limit`` is capped at L{MAX_LIMIT}; ``cursor`` is
+    ``since <= timestamp < until``; ``limit`` is capped at :obj:`MAX_LIMIT`; ``cursor`` is
     a previous page's ``next_cursor``.
     """
 

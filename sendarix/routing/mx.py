@@ -1,8 +1,8 @@
 """The default route: MX lookup (RFC 5321 section 5.1) with dnspython, off the reactor.
 
-L{DNSResolver} runs every blocking dnspython query in the reactor's thread pool and keeps
-its own TTL-honouring cache on an injected clock.  L{MXRouter} turns its answers into a
-L{Route}: the hops to try in order, or a L{RouteError} that says whether to bounce or to
+:obj:`DNSResolver` runs every blocking dnspython query in the reactor's thread pool and keeps
+its own TTL-honouring cache on an injected clock.  :obj:`MXRouter` turns its answers into a
+:obj:`Route`: the hops to try in order, or a :obj:`RouteError` that says whether to bounce or to
 defer.
 """
 
@@ -102,11 +102,11 @@ def dnspython_resolver(
 class DNSResolver:
     """Asynchronous, caching A/AAAA/MX lookups on top of dnspython's blocking resolver.
 
-    @param nameservers: ``(ip, port)`` pairs; empty means the system configuration.
-    @param timeout: seconds for one whole question (all servers and retries).
-    @param cache_ttl_max: upper bound on how long any answer is reused (0: no cache).
-    @param clock: the time source for cache expiry.
-    @param threadpool_reactor: a reactor whose thread pool runs the blocking queries.
+    :param nameservers: ``(ip, port)`` pairs; empty means the system configuration.
+    :param timeout: seconds for one whole question (all servers and retries).
+    :param cache_ttl_max: upper bound on how long any answer is reused (0: no cache).
+    :param clock: the time source for cache expiry.
+    :param threadpool_reactor: a reactor whose thread pool runs the blocking queries.
     """
 
     negative_ttl = 60.0
@@ -137,7 +137,7 @@ class DNSResolver:
         self._pending: dict[tuple[str, str], list[Deferred[_Result]]] = {}
 
     def mx(self, domain: str) -> Deferred[MXAnswer]:
-        """The MX records of ``domain``, as an L{MXAnswer}; never fails."""
+        """The MX records of ``domain``, as an :obj:`MXAnswer`; never fails."""
 
         def done(result: _Result) -> MXAnswer:
             return MXAnswer(result.status, result.records, result.detail)
@@ -145,7 +145,7 @@ class DNSResolver:
         return self._lookup(_normalise(domain), "MX").addCallback(done)
 
     def addresses(self, host: str) -> Deferred[AddressAnswer]:
-        """The A then AAAA addresses of ``host``, as an L{AddressAnswer}; never fails."""
+        """The A then AAAA addresses of ``host``, as an :obj:`AddressAnswer`; never fails."""
         name = _normalise(host)
         d = gatherResults([self._lookup(name, "A"), self._lookup(name, "AAAA")])
 
@@ -306,13 +306,13 @@ class MXRouter:
     """The default route: MX records in preference order, ties shuffled, else the
     domain's own A/AAAA (implicit MX); address literals route to themselves.
 
-    @param resolver: the L{DNSResolver} to ask.
-    @param port: the SMTP port of every hop (``[delivery] mx_port``).
-    @param rng: shuffles MX hosts of equal preference (seed it in tests).
-    @param clock: runs the overall deadline; the resolver's clock by default.
-    @param deadline: seconds after which a route still waiting for DNS (for instance
+    :param resolver: the :obj:`DNSResolver` to ask.
+    :param port: the SMTP port of every hop (``[delivery] mx_port``).
+    :param rng: shuffles MX hosts of equal preference (seed it in tests).
+    :param clock: runs the overall deadline; the resolver's clock by default.
+    :param deadline: seconds after which a route still waiting for DNS (for instance
         behind a saturated thread pool) is given up as a temporary failure.
-    @param max_hosts: MX hosts considered at most, against absurdly long MX sets.
+    :param max_hosts: MX hosts considered at most, against absurdly long MX sets.
     """
 
     def __init__(
@@ -332,7 +332,7 @@ class MXRouter:
         self.max_hosts = max_hosts
 
     def route(self, domain: str) -> Deferred[Route]:
-        """See L{IRouter.route}."""
+        """See :obj:`IRouter.route`."""
         name = _normalise(domain)
         d = Deferred.fromCoroutine(self._route(name))
         d.addTimeout(self.deadline, self._clock)

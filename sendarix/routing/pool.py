@@ -227,7 +227,7 @@ class PoolRouter:
             self._credentials[endpoint_key(pool.name, ep)] = (username, password)
 
     def route(self, domain: str) -> Deferred[Route]:
-        """See L{IRouter.route}: every endpoint of the pool, in configured order."""
+        """See :obj:`IRouter.route`: every endpoint of the pool, in configured order."""
         return Deferred.fromCoroutine(self._route(domain))
 
     async def _route(self, domain: str) -> Route:

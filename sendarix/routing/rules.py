@@ -124,7 +124,7 @@ class RouteChoice:
 class RuleRouter:
     """``[[route]]`` rules over the routers they name.
 
-    @param routers: ``via`` → (router, failover strategy); must cover every ``via`` of
+    :param routers: ``via`` → (router, failover strategy); must cover every ``via`` of
         the rules and of the default route except ``simulator``.
     """
 
@@ -150,7 +150,7 @@ class RuleRouter:
         return self.choice(index)
 
     def choice(self, index: int) -> RouteChoice:
-        """The L{RouteChoice} of the rule at ``index``."""
+        """The :obj:`RouteChoice` of the rule at ``index``."""
         rule = self.rule(index)
         if rule.via == "simulator":
             return RouteChoice(index, rule, None, None)
@@ -168,7 +168,7 @@ class RouterChain:
         self.routers = tuple(routers)
 
     def route(self, domain: str) -> Deferred[Route]:
-        """See L{IRouter.route}."""
+        """See :obj:`IRouter.route`."""
         return Deferred.fromCoroutine(self._route(domain))
 
     async def _route(self, domain: str) -> Route:

@@ -165,7 +165,7 @@ class CredentialStoreBase:
         """Create a credential; Deferred ``(Credential, secret)``.
 
         Fails with ValueError for a bad name, scope, network or rate, and with
-        L{CredentialExistsError} when the name is taken.
+        :obj:`CredentialExistsError` when the name is taken.
         """
         try:
             draft = draft_credential(
@@ -182,13 +182,13 @@ class CredentialStoreBase:
         return cred, secret
 
     async def _insert(self, cred: Credential) -> None:
-        """Store the new ``cred``; L{CredentialExistsError} when the name is taken."""
+        """Store the new ``cred``; :obj:`CredentialExistsError` when the name is taken."""
         raise NotImplementedError
 
     def rotate(self, name: str) -> Deferred[str]:
         """Replace the secret; Deferred new secret.  The old secret stops working at once.
 
-        Fails with L{CredentialNotFoundError} for an unknown or revoked credential.
+        Fails with :obj:`CredentialNotFoundError` for an unknown or revoked credential.
         """
         return Deferred.fromCoroutine(self._rotate(name))
 
@@ -200,7 +200,7 @@ class CredentialStoreBase:
 
     async def _replace_hash(self, name: str, hashed: str) -> None:
         """Store ``hashed`` as the secret hash of active credential ``name``;
-        L{CredentialNotFoundError} when there is none."""
+        :obj:`CredentialNotFoundError` when there is none."""
         raise NotImplementedError
 
 

@@ -4,7 +4,7 @@ Commands that only parse arguments or read the configuration never start a react
 so they run in-process through ``main()``.  Commands that open the stores run under
 ``task.react``, which cannot share trial's running reactor: they run as
 ``python -m sendarix.cli`` subprocesses on a temporary configuration, and the test
-prepares or inspects the same SQLite file through L{Stores} in this process.
+prepares or inspects the same SQLite file through :obj:`Stores` in this process.
 """
 
 from __future__ import annotations

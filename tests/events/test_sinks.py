@@ -1,4 +1,4 @@
-"""Tests for L{sendarix.events.sinks} (the Event schema, sinks) and the SQLite event log."""
+"""Tests for :obj:`sendarix.events.sinks` (the Event schema, sinks) and the SQLite event log."""
 
 from __future__ import annotations
 

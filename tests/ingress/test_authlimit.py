@@ -1,4 +1,4 @@
-"""Tests for L{sendarix.ingress.authlimit}: slowing and locking out failing AUTH clients."""
+"""Tests for :obj:`sendarix.ingress.authlimit`: slowing and locking out failing AUTH clients."""
 
 from __future__ import annotations
 

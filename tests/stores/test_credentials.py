@@ -1,4 +1,4 @@
-"""Tests for L{sendarix.stores.credentials}: secret hashing, the value, the store, the checker.
+"""Tests for :obj:`sendarix.stores.credentials`: secret hashing, the value, the store, the checker.
 
 scrypt costs ~50 ms per hash with the real parameters, so each test hashes only a
 few times.

@@ -1,4 +1,4 @@
-"""Tests for L{sendarix.stores.sqlite.suppression}: the value, the SQLite store, and the
+"""Tests for :obj:`sendarix.stores.sqlite.suppression`: the value, the SQLite store, and the
 ``sendarix suppressions`` commands (as subprocesses, like tests.cli.test_main)."""
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def _stopper(process: subprocess.Popen[bytes]) -> Callable[[], None]:
 
 
 def redis_client(test: Any, aof: bool = True) -> Deferred[RedisClient]:
-    """Start a server for ``test`` and connect a L{RedisClient} pool to it; both are
+    """Start a server for ``test`` and connect a :obj:`RedisClient` pool to it; both are
     stopped at the test's cleanup.  Fires once the pool is connected.  Sets
     ``test.redis_port``, ``test.redis_dir`` and ``test.redis_stop`` (a test that
     restarts the server replaces ``redis_stop``)."""

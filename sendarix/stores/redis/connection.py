@@ -113,7 +113,7 @@ def _db(text: str) -> int | None:
 
 
 def parse_redis_url(url: str) -> RedisTarget:
-    """The L{RedisTarget} of a spool URL; ValueError for anything else."""
+    """The :obj:`RedisTarget` of a spool URL; ValueError for anything else."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if parts.password:
@@ -148,7 +148,7 @@ class RedisClient:
     """A txredisapi pool handler that refuses commands at once while disconnected.
 
     Every txredisapi command method is available (``eval``, ``execute_command``...);
-    each returns a Deferred that fails with L{RedisUnavailable} when no connection of
+    each returns a Deferred that fails with :obj:`RedisUnavailable` when no connection of
     the pool is up.  ``describe`` names the server in messages.
     """
 
@@ -175,7 +175,7 @@ class RedisClient:
         return call
 
     def wait_connected(self, clock: IReactorTime, timeout: float | None) -> Deferred[None]:
-        """Fires once a connection is up; fails with L{RedisUnavailable} after
+        """Fires once a connection is up; fails with :obj:`RedisUnavailable` after
         ``timeout`` seconds (None: wait for ever, logging every 10 seconds)."""
         return Deferred.fromCoroutine(self._wait(clock, timeout))
 
@@ -240,7 +240,7 @@ def connect(
     max_retry_delay: float = 2.0,
 ) -> RedisClient:
     """A lazy pool (it connects in the background) for ``url``, wrapped in a
-    L{RedisClient}.  Replies come back as text (UTF-8) and numbers are not converted.
+    :obj:`RedisClient`.  Replies come back as text (UTF-8) and numbers are not converted.
     """
     target = parse_redis_url(url)
     password = os.environ.get(password_env) if password_env else None

@@ -1,6 +1,6 @@
 """ICredentialStore in Redis: every node reads the same credentials, so ``revoke`` and
 ``rotate`` apply on all of them at once (the checker re-reads a credential on every
-attempt; see :class:`sendarix.stores.credentials.CredentialChecker`).
+attempt; see :class:`sendarix.ingress.auth.CredentialChecker`).
 
 Keys under ``prefix``: ``cred:c:NAME`` is a hash holding one credential (versioned
 JSON fields, as the SQLite store's columns), ``cred:names`` a sorted set of every name

@@ -131,7 +131,7 @@ class RedisDomainStore:
     def add(
         self, domain: str, tenant: str | None, keys: Sequence[DKIMKey], now: float
     ) -> Deferred[SendingDomain]:
-        """Add ``domain`` unverified; L{DomainExistsError} when it is already there."""
+        """Add ``domain`` unverified; :obj:`DomainExistsError` when it is already there."""
         sd = SendingDomain(domain, tenant, now, tuple(keys))
         d: Deferred[Any] = self._redis.execute_command("HSETNX", self._key, domain, _encode(sd))
 

@@ -65,7 +65,7 @@ def _from_row(row: tuple[Any, ...]) -> Credential:
 
 @implementer(ICredentialStore)
 class SQLiteCredentialStore(CredentialStoreBase):
-    """Credentials in table ``cred_credential`` of a shared L{SQLiteDatabase}.
+    """Credentials in table ``cred_credential`` of a shared :obj:`SQLiteDatabase`.
 
     Construct it before ``db.open()`` (it registers its schema).  ``clock`` gives
     ``created_at``/``revoked_at``; if it also provides IReactorThreads (a real reactor)

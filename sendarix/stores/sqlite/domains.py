@@ -73,7 +73,7 @@ def _insert_keys(conn: sqlite3.Connection, domain: str, keys: Sequence[DKIMKey])
 @implementer(IDomainStore)
 class SQLiteDomainStore:
     """Sending domains in tables ``dom_domain``/``dom_key`` of a shared
-    L{SQLiteDatabase} (construct it before ``db.open()``: it registers its schema)."""
+    :obj:`SQLiteDatabase` (construct it before ``db.open()``: it registers its schema)."""
 
     def __init__(self, db: SQLiteDatabase) -> None:
         self._db = db
@@ -82,7 +82,7 @@ class SQLiteDomainStore:
     def add(
         self, domain: str, tenant: str | None, keys: Sequence[DKIMKey], now: float
     ) -> Deferred[SendingDomain]:
-        """Add ``domain`` with ``keys``; fails with L{DomainExistsError} when the
+        """Add ``domain`` with ``keys``; fails with :obj:`DomainExistsError` when the
         domain is already there."""
 
         def insert(conn: sqlite3.Connection) -> SendingDomain:
@@ -100,7 +100,7 @@ class SQLiteDomainStore:
 
     def add_keys(self, domain: str, keys: Sequence[DKIMKey]) -> Deferred[SendingDomain]:
         """Add ``keys`` to an existing domain (key rotation); the domain with all its
-        keys.  L{DomainNotFoundError} or L{DomainExistsError} (a selector is taken):
+        keys.  :obj:`DomainNotFoundError` or :obj:`DomainExistsError` (a selector is taken):
         then nothing is added."""
 
         def insert(conn: sqlite3.Connection) -> SendingDomain:

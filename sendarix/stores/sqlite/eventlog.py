@@ -1,4 +1,4 @@
-"""The delivery log in SQLite: every L{Event}, searchable, newest first.
+"""The delivery log in SQLite: every :obj:`Event`, searchable, newest first.
 
 Events live in ``event_log`` (searchable columns plus the JSON body); every recipient
 an event names (``recipient`` and each of ``recipients``) goes to ``event_recipient``
@@ -132,7 +132,7 @@ def _fire(outcomes: list[tuple[Deferred[None], Failure | None]]) -> None:
 
 @implementer(IEventLog)
 class SQLiteEventLog:
-    """The delivery log in the ``event_*`` tables of a shared L{SQLiteDatabase}.
+    """The delivery log in the ``event_*`` tables of a shared :obj:`SQLiteDatabase`.
 
     Construct it before ``db.open()`` (it registers its schema).  ``emit`` is
     idempotent: an event whose ``id`` is already stored is ignored, so at-least-once
@@ -197,7 +197,7 @@ class SQLiteEventLog:
         return taken
 
     def search(self, query: EventQuery) -> Deferred[EventPage]:
-        """A Deferred L{EventPage}: matching events newest first, at most
+        """A Deferred :obj:`EventPage`: matching events newest first, at most
         ``min(query.limit, MAX_LIMIT)`` of them.  Fails with ValueError for a bad
         cursor."""
         try:
