@@ -69,6 +69,7 @@ from sendarix.routing.shaping import POOL_PREFIX, Shaping, SiteShape, strictest_
 from sendarix.routing.state import read_state, write_state
 from sendarix.routing.throttle import MemoryThrottle
 from sendarix.scheduler.classify import BounceRules, classify
+from sendarix.scheduler.core import Release, Scheduler
 from sendarix.scheduler.outcome import (
     Attempt,
     OutcomeRules,
@@ -76,7 +77,6 @@ from sendarix.scheduler.outcome import (
     make_event,
     plan_outcomes,
 )
-from sendarix.scheduler.ready import ReadyQueues
 from sendarix.scheduler.retry import RetrySchedule
 from sendarix.stores.errors import StoreUnavailable
 
@@ -255,12 +255,10 @@ class DeliveryService(Service):
         self.state_file = state_file
         self._state_loop: LoopingCall | None = None
         self._loop: LoopingCall | None = None
-        # Leased deliveries held in memory: routed ones wait in their site's ready
-        # queue; ``_leased`` is every lease held (renewed while held).
-        self.ready_queues: ReadyQueues[_Ready] = ReadyQueues(window)
-        self._routing = 0
-        self._polls = 0
-        self._leased: dict[tuple[str, str], LeasedDelivery] = {}
+        # The lease poll and the ledger of leases held (renewed while held); routed
+        # deliveries wait in their site's ready queue, which the scheduler owns.
+        self.scheduler: Scheduler[_Ready] = Scheduler(window)
+        self.ready_queues = self.scheduler.ready_queues
         self._drainers: dict[str, Deferred[None] | None] = {}
         self._wakeups: dict[str, Deferred[None]] = {}
         self._renewer: LoopingCall | None = None
@@ -273,9 +271,8 @@ class DeliveryService(Service):
         self._failures: dict[tuple[str, str], int] = {}
         #: Spool traffic of the lease poll: deliveries leased, handed back unsent
         #: (released) and kept leased until their site has room (parked).
-        self.counters = {"leased": 0, "released": 0, "parked": 0}
+        self.counters = self.scheduler.counters
         self._polling: Deferred[Any] | None = None
-        self._wake_missed = False
         self._running: set[Deferred[Any]] = set()
         self._groups = DeferredSemaphore(config.delivery.concurrency)
         self._trust_root: Any = None
@@ -287,6 +284,7 @@ class DeliveryService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.scheduler.start()
         self._restore_state()
         if self._ready is None:
             self._start_loop()
@@ -407,8 +405,8 @@ class DeliveryService(Service):
             wakeup.callback(None)
         # What waits in the ready queues goes back to the spool at once; what is
         # being sent finishes (within the grace period).
-        for ready in self.ready_queues.drain_all():
-            released: Deferred[bool] = Deferred.fromCoroutine(self._release(ready.delivery))
+        for release in self.scheduler.stop(lambda ready: ready.delivery):
+            released: Deferred[bool] = Deferred.fromCoroutine(self._release(release.delivery))
             self._running.add(released)
             released.addBoth(self._forget, released)
         if not self._running and self._polling is None:
@@ -456,30 +454,25 @@ class DeliveryService(Service):
         for site in self.ready_queues.sites():
             if site not in self._drainers:
                 self._kick(site)
-        free = 0 if self._polling is not None else self.ready_queues.poll_limit(
-            self.window - self.ready_queues.total() - self._routing
-        )
-        if free <= 0:
-            # Folded into one more poll when this one ends or a delivery settles.
-            self._wake_missed = True
-            return
-        self._wake_missed = False
-        now = self.reactor.seconds()
+        lease = self.scheduler.poll(self.reactor.seconds())
+        if lease is None:
+            return  # folded into one more poll when this one ends or a group settles
         node, lease_time = self.config.node.name, self.config.spool.lease_time
         # Mail of sites whose ready queue is full stays in the spool.
-        skip = self.ready_queues.skip_domains()
-        if skip and ISelectiveLease.providedBy(self.spool):
-            d = self.spool.lease_due_except(node, now, free, lease_time, skip)
+        if lease.skip_domains and ISelectiveLease.providedBy(self.spool):
+            d = self.spool.lease_due_except(
+                node, lease.now, lease.limit, lease_time, list(lease.skip_domains)
+            )
         else:
-            d = self.spool.lease_due(node, now, free, lease_time)
+            d = self.spool.lease_due(node, lease.now, lease.limit, lease_time)
         self._polling = d
 
         def done(result: Any) -> None:
             self._polling = None
             # A full poll (limited by one site's room) likely left more due, and
             # wakes while it ran asked for another: go on at once.
-            full = isinstance(result, list) and len(result) > 0 and len(result) >= free
-            if self._wake_missed or (full and self.running):
+            leased = len(result) if isinstance(result, list) else 0
+            if self.scheduler.poll_done(leased, lease.limit):
                 self.wake()
 
         d.addCallback(self._dispatched)
@@ -500,29 +493,24 @@ class DeliveryService(Service):
         return leased
 
     def _dispatch(self, leased: list[LeasedDelivery]) -> None:
-        if not self.running:
-            # Leased while stopping: hand them back at once, so that another node
-            # takes them now rather than when the leases expire.
-            for delivery in leased:
-                released: Deferred[bool] = Deferred.fromCoroutine(self._release(delivery))
+        for action in self.scheduler.leased(leased, self._group_key):
+            if isinstance(action, Release):
+                # Leased while stopping: hand it back at once, so that another node
+                # takes it now rather than when the lease expires.
+                released: Deferred[bool] = Deferred.fromCoroutine(
+                    self._release(action.delivery)
+                )
                 self._running.add(released)
                 released.addBoth(self._forget, released)
-            return
-        self.counters["leased"] += len(leased)
-        self._polls += 1
-        groups: dict[_GroupKey, list[LeasedDelivery]] = {}
-        for delivery in leased:
-            self._leased[delivery.queue_id, delivery.domain] = delivery
-            groups.setdefault(self._group_key(delivery), []).append(delivery)
-        for key, deliveries in groups.items():
-            self._routing += len(deliveries)
-            d = self._groups.run(self._group, key, deliveries, self._polls)
+                continue
+            key = action.group
+            assert isinstance(key, _GroupKey)
+            d = self._groups.run(self._group, key, list(action.deliveries), action.poll)
             self._running.add(d)
 
-            def finished(_: Any, d: Deferred[Any] = d, n: int = len(deliveries)) -> None:
+            def finished(_: Any, d: Deferred[Any] = d, n: int = len(action.deliveries)) -> None:
                 self._running.discard(d)
-                self._routing -= n
-                if self._wake_missed:
+                if self.scheduler.routed(n):
                     self.wake()
 
             d.addBoth(finished)
@@ -824,7 +812,7 @@ class DeliveryService(Service):
                 self.ready_queues.put_back(site, conn.key, keep)
                 self.ready_queues.done(site, len(batch) - len(keep))
                 self._kick(site)
-                if self._wake_missed:
+                if self.scheduler.wanted:
                     self.wake()
             else:
                 # Stopping: the ready queues were handed back already; so is this.
@@ -847,8 +835,7 @@ class DeliveryService(Service):
             self._failed(Failure(), "parking {queue_id} failed", queue_id=delivery.queue_id)
             self.ready_queues.offer(site, conn.key, _Ready(conn, delivery), force=True)
             return
-        self._leased.pop((delivery.queue_id, delivery.domain), None)
-        self.counters["parked"] += 1
+        self.scheduler.parked(delivery)
 
     async def _admit(self, conn: _Connection) -> bool:
         """Ask the site's rate to admit one message (counted when admitted), waiting
@@ -1155,7 +1142,7 @@ class DeliveryService(Service):
         """Give ``delivery``'s lease back (no longer renewed).  A release that fails
         (the spool is down) is retried while the lease lasts: given up at once, the
         delivery would wait for its lease to expire.  False when it was given up."""
-        self._leased.pop((delivery.queue_id, delivery.domain), None)
+        self.scheduler.releasing(delivery)
         self._failures.pop((delivery.queue_id, delivery.domain), None)
         deadline = self.reactor.seconds() + self.config.spool.lease_time
         delay = 0.5
@@ -1164,7 +1151,7 @@ class DeliveryService(Service):
                 await self.spool.release(
                     delivery.queue_id, delivery.domain, self.config.node.name
                 )
-                self.counters["released"] += 1
+                self.scheduler.released()
                 return True
             except Exception:
                 if not self.running or self.reactor.seconds() + delay >= deadline:
@@ -1183,7 +1170,7 @@ class DeliveryService(Service):
         return DeferredList(
             [
                 maybeDeferred(self.spool.renew, d.queue_id, d.domain, node, expires)
-                for d in list(self._leased.values())
+                for d in self.scheduler.held()
             ],
             consumeErrors=True,
         )
@@ -1225,7 +1212,7 @@ class DeliveryService(Service):
             delivery.queue_id, delivery.domain, self.config.node.name, list(plan.outcomes),
             self.reactor.seconds(),
         )
-        self._leased.pop((delivery.queue_id, delivery.domain), None)
+        self.scheduler.settled(delivery)
         self._failures.pop((delivery.queue_id, delivery.domain), None)
         await self._carry_out(plan.effects)
 

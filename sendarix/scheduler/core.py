@@ -1,0 +1,193 @@
+"""The delivery scheduler's core: when to poll the spool, what to do with what it
+leased, and the account of every lease the node holds (sans-IO).
+
+The delivery agent (:mod:`sendarix.delivery.service`) feeds it what happened, each
+input carrying ``now`` where time matters, and carries out the frozen actions it
+returns: :class:`Lease` (ask the spool), :class:`Route` (route one group),
+:class:`Release` (hand a lease back).  The core keeps the books that make the
+agent's promises checkable without sockets:
+
+- the node never holds more than ``window`` deliveries in memory (routing, queued in a
+  ready queue, or being sent);
+- every lease taken is settled, parked, released or put back exactly once, and a
+  delivery is never settled twice;
+- a stop releases every lease still waiting in a ready queue, and anything leased
+  while stopping goes straight back.
+
+The per-site ready queues themselves (the fair split of the window) are
+:class:`~sendarix.scheduler.ready.ReadyQueues`, which the core owns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Generic, TypeVar
+
+from attrs import define, field, frozen
+
+from sendarix.model.message import LeasedDelivery
+from sendarix.scheduler.ready import ReadyQueues
+
+T = TypeVar("T")
+
+#: A leased delivery's identity: (queue id, destination domain).
+Key = tuple[str, str]
+
+
+def key_of(delivery: LeasedDelivery) -> Key:
+    """The ledger key of ``delivery``."""
+    return delivery.queue_id, delivery.domain
+
+
+@frozen
+class Lease:
+    """Ask the spool for at most ``limit`` due deliveries, leaving out the domains of
+    ``skip_domains`` (sites whose ready queue is full)."""
+
+    now: float
+    limit: int
+    skip_domains: tuple[str, ...]
+
+
+@frozen
+class Route:
+    """Route one group: deliveries that share a rule, an egress pool and a domain."""
+
+    group: Hashable
+    deliveries: tuple[LeasedDelivery, ...]
+    poll: int
+
+
+@frozen
+class Release:
+    """Hand ``delivery``'s lease back to the spool (another node may take it now)."""
+
+    delivery: LeasedDelivery
+
+
+@define
+class Scheduler(Generic[T]):
+    """The lease poll and the ledger of leases held; ``T`` is what the ready queues
+    hold (the agent's routed delivery)."""
+
+    window: int
+    ready_queues: ReadyQueues[T] = field(init=False)
+    #: Spool traffic: deliveries leased, handed back unsent, parked until their turn.
+    counters: dict[str, int] = field(factory=lambda: {"leased": 0, "released": 0,
+                                                      "parked": 0})
+    _held: dict[Key, LeasedDelivery] = field(factory=dict, init=False)
+    _routing: int = field(default=0, init=False)
+    _polls: int = field(default=0, init=False)
+    _polling: bool = field(default=False, init=False)
+    _wake_missed: bool = field(default=False, init=False)
+    _stopped: bool = field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.ready_queues = ReadyQueues(self.window)
+
+    # -- the poll -----------------------------------------------------------------
+
+    def poll(self, now: float) -> Lease | None:
+        """Time to poll (the interval passed, or new mail was queued): the lease to
+        ask for, or None while a poll is under way or the window is full (the wish is
+        remembered and granted by :meth:`wanted` once there is room)."""
+        free = 0
+        if not self._polling and not self._stopped:
+            free = self.ready_queues.poll_limit(
+                self.window - self.ready_queues.total() - self._routing
+            )
+        if free <= 0:
+            self._wake_missed = True
+            return None
+        self._wake_missed = False
+        self._polling = True
+        return Lease(now, free, tuple(self.ready_queues.skip_domains()))
+
+    def leased(
+        self,
+        deliveries: Sequence[LeasedDelivery],
+        group_of: Callable[[LeasedDelivery], Hashable],
+    ) -> list[Route | Release]:
+        """The spool answered a :class:`Lease`: route each group, or hand everything
+        back when the node is stopping."""
+        if self._stopped:
+            return [Release(d) for d in deliveries]
+        self.counters["leased"] += len(deliveries)
+        self._polls += 1
+        groups: dict[Hashable, list[LeasedDelivery]] = {}
+        for delivery in deliveries:
+            self._held[key_of(delivery)] = delivery
+            groups.setdefault(group_of(delivery), []).append(delivery)
+        self._routing += len(deliveries)
+        return [Route(group, tuple(ds), self._polls) for group, ds in groups.items()]
+
+    def poll_done(self, leased: int, limit: int) -> bool:
+        """The poll is over (``leased`` deliveries came back, 0 when it failed): poll
+        again at once?  Yes when wakes came in while it ran, or when it came back full
+        (more is likely due)."""
+        self._polling = False
+        return self._wake_missed or (0 < limit <= leased and not self._stopped)
+
+    def routed(self, count: int) -> bool:
+        """A group of ``count`` deliveries is routed (queued, parked or settled); True
+        when a poll that found no room should now run."""
+        self._routing -= count
+        return self._wake_missed
+
+    @property
+    def wanted(self) -> bool:
+        """A poll was asked for while there was no room."""
+        return self._wake_missed
+
+    @property
+    def polls(self) -> int:
+        return self._polls
+
+    # -- the ledger ---------------------------------------------------------------
+
+    def holds(self, delivery: LeasedDelivery) -> bool:
+        """Is ``delivery``'s lease held in memory (to renew, to settle)?"""
+        return key_of(delivery) in self._held
+
+    def held(self) -> list[LeasedDelivery]:
+        """Every delivery whose lease the node holds in memory (renewed while held)."""
+        return list(self._held.values())
+
+    def hold(self, delivery: LeasedDelivery) -> None:
+        """Hold ``delivery``'s lease again (a park that failed keeps it in memory)."""
+        self._held[key_of(delivery)] = delivery
+
+    def settled(self, delivery: LeasedDelivery) -> bool:
+        """``delivery``'s outcomes are recorded; False when it was not held (settled
+        already, or never leased here)."""
+        return self._held.pop(key_of(delivery), None) is not None
+
+    def parked(self, delivery: LeasedDelivery) -> None:
+        """``delivery``'s lease was extended until its site can take it; it leaves
+        memory and a later poll leases it again."""
+        if self._held.pop(key_of(delivery), None) is not None:
+            self.counters["parked"] += 1
+
+    def releasing(self, delivery: LeasedDelivery) -> None:
+        """``delivery``'s lease is being handed back: no longer held or renewed."""
+        self._held.pop(key_of(delivery), None)
+
+    def released(self) -> None:
+        """A lease went back to the spool (the spool confirmed it)."""
+        self.counters["released"] += 1
+
+    # -- starting and stopping ----------------------------------------------------
+
+    def start(self) -> None:
+        """The node (re)starts delivering: polls lease again."""
+        self._stopped = False
+
+    def stop(self, unwrap: Callable[[T], LeasedDelivery]) -> list[Release]:
+        """The node stops: what waits in the ready queues goes back to the spool at
+        once (what is being sent finishes); later polls lease nothing."""
+        self._stopped = True
+        return [Release(unwrap(item)) for item in self.ready_queues.drain_all()]
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped

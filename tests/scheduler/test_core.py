@@ -1,0 +1,247 @@
+"""Tests for :mod:`sendarix.scheduler.core`: the lease poll and the ledger of leases,
+driven through hundreds of poll / lease / route / send / settle / stop sequences
+without a spool, a socket or a reactor (time is a ``task.Clock``)."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from sendarix.model.message import (
+    Envelope,
+    Lease,
+    LeasedDelivery,
+    MessageMeta,
+    RecipientRecord,
+    RecipientStatus,
+)
+from sendarix.scheduler.core import Release, Route, Scheduler, key_of
+
+DOMAINS = ("a.test", "b.test", "c.test", "d.test")
+_ids = itertools.count()
+
+
+def delivery(domain: str, number: int | None = None) -> LeasedDelivery:
+    qid = f"Q{next(_ids) if number is None else number:06d}"
+    return LeasedDelivery(
+        queue_id=qid, domain=domain,
+        envelope=Envelope("s@x.test", (f"r@{domain}",)),
+        meta=MessageMeta(tenant="t", received_at=0.0),
+        recipients=(RecipientRecord(f"r@{domain}", domain, RecipientStatus.PENDING),),
+        lease=Lease("n1", 300.0),
+    )
+
+
+def by_domain(d: LeasedDelivery) -> str:
+    return d.domain
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """A node's delivery loop, as the agent drives it: the spool is a list of due
+    deliveries, each site is its domain."""
+
+    @initialize(window=st.integers(1, 40))
+    def start(self, window: int) -> None:
+        self.clock = Clock()
+        self.window = window
+        self.scheduler: Scheduler[LeasedDelivery] = Scheduler(window)
+        self.scheduler.start()
+        self.due: list[LeasedDelivery] = []
+        self.routing: list[Route] = []
+        self.sending: list[tuple[str, list[LeasedDelivery]]] = []
+        self.settled: set[tuple[str, str]] = set()
+        self.released: set[tuple[str, str]] = set()
+        self.parked: set[tuple[str, str]] = set()
+        self.in_memory = 0  # routing + queued + sending, as the agent counts it
+        self.numbers = 0
+
+    @rule(domain=st.sampled_from(DOMAINS), count=st.integers(1, 10))
+    def mail_arrives(self, domain: str, count: int) -> None:
+        # Numbered per run, so that every run of the same steps is the same.
+        for _ in range(count):
+            self.due.append(delivery(domain, self.numbers))
+            self.numbers += 1
+
+    @rule(seconds=st.floats(0, 5))
+    def time_passes(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    @rule(answer=st.integers(0, 100))
+    def poll(self, answer: int) -> None:
+        lease = self.scheduler.poll(self.clock.seconds())
+        if lease is None:
+            return
+        assert lease.limit >= 1
+        assert self.in_memory + lease.limit <= self.window, (self.in_memory, lease)
+        skip = set(lease.skip_domains)
+        offered = [d for d in self.due if d.domain not in skip][: min(answer, lease.limit)]
+        for d in offered:
+            self.due.remove(d)
+        actions = self.scheduler.leased(offered, by_domain)
+        self.scheduler.poll_done(len(offered), lease.limit)
+        for action in actions:
+            if isinstance(action, Release):
+                self._release(action.delivery)
+            else:
+                assert isinstance(action, Route)
+                self.routing.append(action)
+                self.in_memory += len(action.deliveries)
+
+    @precondition(lambda self: self.routing)
+    @rule(choice=st.integers(0, 1000), settle_some=st.booleans())
+    def route(self, choice: int, settle_some: bool) -> None:
+        """One group routed: each delivery queued, or parked when its site is full, or
+        settled at once (a route error, the simulator) when ``settle_some``."""
+        group = self.routing.pop(choice % len(self.routing))
+        queues = self.scheduler.ready_queues
+        first = not queues.knew(str(group.group), group.poll)
+        queues.note_domain(str(group.group), str(group.group), group.poll)
+        for d in group.deliveries:
+            if settle_some and int(d.queue_id[1:]) % 3 == 0:
+                self._settle(d)
+                self.in_memory -= 1
+            elif queues.offer(d.domain, d.domain, d, first):
+                pass  # now counted by the ready queues
+            else:
+                self.scheduler.parked(d)
+                self.parked.add(key_of(d))
+                self.in_memory -= 1
+        self.scheduler.routed(len(group.deliveries))
+
+    @precondition(lambda self: self.scheduler.ready_queues.sites())
+    @rule(choice=st.integers(0, 1000), limit=st.integers(1, 10))
+    def connect(self, choice: int, limit: int) -> None:
+        queues = self.scheduler.ready_queues
+        sites = [s for s in queues.sites() if queues.queued(s)]
+        if not sites:
+            return
+        site = sites[choice % len(sites)]
+        taken = queues.take(site, limit)
+        if taken:
+            self.sending.append((site, taken))
+
+    @precondition(lambda self: self.sending)
+    @rule(choice=st.integers(0, 1000), sent=st.integers(0, 10))
+    def session_done(self, choice: int, sent: int) -> None:
+        """A connection ends: the first ``sent`` settle, the rest go back to the queue."""
+        site, batch = self.sending.pop(choice % len(self.sending))
+        done, back = batch[:sent], batch[sent:]
+        for d in done:
+            self._settle(d)
+        queues = self.scheduler.ready_queues
+        if self.scheduler.stopped:
+            queues.done(site, len(batch))
+            for d in back:
+                self._release(d)
+        else:
+            queues.put_back(site, site, back)
+            queues.done(site, len(done))
+
+    @rule()
+    def stop(self) -> None:
+        for action in self.scheduler.stop(lambda d: d):
+            self._release(action.delivery)
+        assert not any(self.scheduler.ready_queues.queued(s) for s in DOMAINS)
+
+    @precondition(lambda self: self.scheduler.stopped)
+    @rule()
+    def restart(self) -> None:
+        self.scheduler.start()
+
+    def _settle(self, d: LeasedDelivery) -> None:
+        assert self.scheduler.settled(d), f"{key_of(d)} settled twice or never held"
+        assert key_of(d) not in self.settled
+        self.settled.add(key_of(d))
+
+    def _release(self, d: LeasedDelivery) -> None:
+        self.scheduler.releasing(d)
+        self.scheduler.released()
+        self.released.add(key_of(d))
+
+    @invariant()
+    def window_never_exceeded(self) -> None:
+        queues = self.scheduler.ready_queues
+        routing = sum(len(r.deliveries) for r in self.routing)
+        assert queues.total() + routing <= self.window
+        self.in_memory = queues.total() + routing
+
+    @invariant()
+    def every_lease_accounted_for(self) -> None:
+        """Each delivery leased is exactly one of: held (routing, queued, sending),
+        settled, parked or released."""
+        held = {key_of(d) for d in self.scheduler.held()}
+        assert not held & self.settled
+        assert not held & self.parked
+        assert not self.settled & self.released
+        queued = {key_of(d) for d in self.scheduler.ready_queues.items()}
+        sending = {key_of(d) for _, batch in self.sending for d in batch}
+        routing = {key_of(d) for r in self.routing for d in r.deliveries}
+        assert queued | sending | routing == held, (queued, sending, routing, held)
+        counters = self.scheduler.counters
+        assert counters["parked"] == len(self.parked)
+        assert counters["released"] == len(self.released)
+
+
+class SchedulerStateMachineTests(SynchronousTestCase):
+    def test_random_sequences(self) -> None:
+        """Hundreds of random sequences through the scheduler core keep the window,
+        account for every lease and settle nothing twice."""
+        run_state_machine_as_test(
+            SchedulerMachine,
+            settings=settings(max_examples=150, stateful_step_count=40, deadline=None),
+        )
+
+
+class SchedulerTests(SynchronousTestCase):
+    """Single decisions, spelled out."""
+
+    def test_no_second_poll_while_one_runs(self) -> None:
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
+        first = scheduler.poll(0.0)
+        assert first is not None
+        self.assertEqual((first.limit, first.skip_domains), (10, ()))
+        self.assertIsNone(scheduler.poll(0.1))
+        self.assertTrue(scheduler.wanted)
+        # The wake that found a poll running asks for another one once it ends.
+        self.assertTrue(scheduler.poll_done(0, first.limit))
+
+    def test_full_poll_polls_again(self) -> None:
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
+        lease = scheduler.poll(0.0)
+        assert lease is not None
+        got = [delivery("a.test") for _ in range(lease.limit)]
+        routes = scheduler.leased(got, by_domain)
+        self.assertEqual([len(r.deliveries) for r in routes if isinstance(r, Route)], [10])
+        self.assertTrue(scheduler.poll_done(len(got), lease.limit))
+        self.assertEqual(scheduler.counters["leased"], 10)
+
+    def test_leased_while_stopping_goes_back(self) -> None:
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
+        lease = scheduler.poll(0.0)
+        assert lease is not None
+        scheduler.stop(lambda d: d)
+        got = [delivery("a.test"), delivery("b.test")]
+        self.assertEqual(scheduler.leased(got, by_domain), [Release(d) for d in got])
+        self.assertEqual(scheduler.held(), [])
+        self.assertIsNone(scheduler.poll(1.0))
+
+    def test_settled_once(self) -> None:
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
+        scheduler.poll(0.0)
+        d = delivery("a.test")
+        scheduler.leased([d], by_domain)
+        self.assertTrue(scheduler.holds(d))
+        self.assertTrue(scheduler.settled(d))
+        self.assertFalse(scheduler.settled(d))
