@@ -1,1 +1,3 @@
-"""The ``sendarix`` command (``main.py``) and the test sink (``sink.py``)."""
+"""The ``sendarix`` command: ``main.py`` parses and dispatches, one module per command
+group adds its commands (``config``, ``credentials``, ``domains``, ``suppressions``,
+``queue``, ``log``), ``common.py`` holds what they share; ``sink.py`` is the test sink."""

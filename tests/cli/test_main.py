@@ -24,12 +24,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sendarix.cli.main import (
     CommandError,
-    _queue_delete,
-    _queue_retry,
     main,
     parse_time,
     render_table,
 )
+from sendarix.cli.queue import _queue_delete, _queue_retry
 from sendarix.config.settings import load_config
 from sendarix.ingress.auth import CredentialChecker
 from sendarix.ingress.queueid import QueueIdGenerator
