@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.support.dnsserver import start_dns
 from tests.support.relay import in_thread, until
-from tests.support.relayproc import RelayProcessMixin, free_port, sink_server
+from tests.support.relayproc import RelayProcessMixin, sink_server
 
 COUNT = 5
 
@@ -50,21 +50,11 @@ class DeliveryCrashTests(RelayProcessMixin, TestCase):
             {"crash.test": {"MX": [(10, "mx.crash.test")]}, "mx.crash.test": {"A": ["127.0.0.2"]}}
         )
         self.addCleanup(stop_dns)
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
-        self.port = free_port()
-        self.config = os.path.join(self.dir, "sendarix.toml")
-        with open(self.config, "w") as f:
-            f.write(
-                "[node]\nname = \"crashy\"\nhostname = \"relay.test\"\n"
-                "[spool]\nurl = \"sqlite:var/spool.db\"\n"
-                "[events]\njson_log = false\n"
-                f"[dns]\nnameservers = [\"127.0.0.1:{dns_port}\"]\ntimeout = 2\n"
-                f"[delivery]\nmx_port = {sink_port}\nretry_schedule = [\"1s\"]\n"
-                "[[listener]]\nname = \"relay\"\n"
-                f"endpoint = \"tcp:{self.port}:interface=127.0.0.1\"\n"
-                "tls = \"none\"\nauth = \"none\"\ntrusted_networks = [\"127.0.0.0/8\"]\n"
-            )
+        self.write_relay_config(
+            "crashy",
+            f"[dns]\nnameservers = [\"127.0.0.1:{dns_port}\"]\ntimeout = 2\n"
+            f"[delivery]\nmx_port = {sink_port}\nretry_schedule = [\"1s\"]\n",
+        )
 
         proc = await in_thread(self.start_relay)
         ids = await in_thread(_submit, self.port)

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.support.relayproc import TWISTD, RelayProcessMixin, env, free_port
+from tests.support.relayproc import TWISTD, RelayProcessMixin, env
 
 
 class RelayProcessTests(RelayProcessMixin, TestCase):
@@ -23,21 +23,10 @@ class RelayProcessTests(RelayProcessMixin, TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
-        self.port = free_port()
-        self.config = os.path.join(self.dir, "sendarix.toml")
-        with open(self.config, "w") as f:
-            f.write(
-                "[node]\nname = \"durable\"\nhostname = \"relay.test\"\n"
-                "[spool]\nurl = \"sqlite:var/spool.db\"\n"
-                "[events]\njson_log = false\n"
-                # No real DNS: the delivery agent defers, so the message stays queued.
-                "[dns]\nnameservers = [\"127.0.0.1:9\"]\ntimeout = 0.5\n"
-                "[[listener]]\nname = \"relay\"\n"
-                f"endpoint = \"tcp:{self.port}:interface=127.0.0.1\"\n"
-                "tls = \"none\"\nauth = \"none\"\ntrusted_networks = [\"127.0.0.0/8\"]\n"
-            )
+        # No real DNS: the delivery agent defers, so the message stays queued.
+        self.write_relay_config(
+            "durable", "[dns]\nnameservers = [\"127.0.0.1:9\"]\ntimeout = 0.5\n"
+        )
 
     def _cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(

@@ -123,6 +123,26 @@ class RelayProcessMixin:
     port: int
     addCleanup: Any
 
+    def write_relay_config(self, node: str, sections: str) -> None:
+        """Make ``dir`` and its ``sendarix.toml`` (``config``) for node ``node``: a
+        SQLite spool, no JSON log, ``sections`` (more TOML), and one listener on a free
+        ``port`` that trusts loopback without AUTH."""
+        test: Any = self
+        self.dir = os.path.abspath(test.mktemp())
+        os.makedirs(self.dir)
+        self.port = free_port()
+        self.config = os.path.join(self.dir, "sendarix.toml")
+        with open(self.config, "w") as f:
+            f.write(
+                f"[node]\nname = \"{node}\"\nhostname = \"relay.test\"\n"
+                "[spool]\nurl = \"sqlite:var/spool.db\"\n"
+                "[events]\njson_log = false\n"
+                + sections
+                + "[[listener]]\nname = \"relay\"\n"
+                f"endpoint = \"tcp:{self.port}:interface=127.0.0.1\"\n"
+                "tls = \"none\"\nauth = \"none\"\ntrusted_networks = [\"127.0.0.0/8\"]\n"
+            )
+
     def start_relay(self) -> subprocess.Popen[bytes]:
         procs: list[subprocess.Popen[bytes]] = self.__dict__.setdefault("_relay_procs", [])
         if not procs:
