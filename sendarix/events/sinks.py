@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
+from attrs import define, field
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -15,7 +17,12 @@ from sendarix.model.event import Event
 # -- sinks -----------------------------------------------------------------------
 
 
+def _sinks(sinks: Iterable[IEventSink]) -> tuple[IEventSink, ...]:
+    return tuple(sinks)
+
+
 @implementer(IEventSink)
+@define
 class JSONLogSink:
     """Writes each event to twisted.logger, the JSON form under ``sendarix_event``.
 
@@ -27,8 +34,7 @@ class JSONLogSink:
         " recipient={sendarix_event[recipient]}"
     )
 
-    def __init__(self, logger: Logger | None = None) -> None:
-        self._log = logger if logger is not None else Logger(namespace="sendarix.events")
+    _log: Logger = field(factory=lambda: Logger(namespace="sendarix.events"), alias="logger")
 
     def emit(self, event: Event) -> None:
         """Log one event."""
@@ -36,6 +42,7 @@ class JSONLogSink:
 
 
 @implementer(IEventSink)
+@define
 class FanoutSink:
     """Emits every event to several sinks; a failing sink is logged and skipped.
 
@@ -43,10 +50,8 @@ class FanoutSink:
     done with the event.
     """
 
-    _log = Logger()
-
-    def __init__(self, sinks: Iterable[IEventSink]) -> None:
-        self.sinks: tuple[IEventSink, ...] = tuple(sinks)
+    sinks: tuple[IEventSink, ...] = field(converter=_sinks)
+    _log: ClassVar[Logger] = Logger()
 
     def emit(self, event: Event) -> Deferred[None]:
         """Hand ``event`` to every sink."""

@@ -9,6 +9,7 @@ import hmac
 import secrets
 from typing import Any
 
+from attrs import define
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -23,11 +24,11 @@ from sendarix.stores.credentials import DUMMY_HASH, in_thread, secret_bytes, ver
 
 
 @implementer(IRealm)
+@define
 class CredentialRealm:
     """Hands out the authenticated client's Credential as its ISubmitter avatar."""
 
-    def __init__(self, store: ICredentialStore) -> None:
-        self._store = store
+    _store: ICredentialStore
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
         if ISubmitter not in interfaces:

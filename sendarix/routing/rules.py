@@ -18,9 +18,9 @@ last error) is the answer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
-from attrs import frozen
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
@@ -159,13 +159,15 @@ class RuleRouter:
 
 
 @implementer(IRouter)
+@define
 class RouterChain:
     """Asks each router in turn; the first route with hops wins."""
 
-    def __init__(self, routers: Sequence[IRouter]) -> None:
-        if not routers:
+    routers: tuple[IRouter, ...] = field(converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.routers:
             raise ValueError("a router chain needs at least one router")
-        self.routers = tuple(routers)
 
     def route(self, domain: str) -> Deferred[Route]:
         """See :obj:`IRouter.route`."""

@@ -16,6 +16,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from attrs import define, field
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
@@ -120,13 +121,16 @@ def _decode(text: str | bytes) -> SendingDomain:
 
 
 @implementer(IDomainStore)
+@define
 class RedisDomainStore:
     """Sending domains in Redis (see the module docstring)."""
 
-    def __init__(self, redis: Any, prefix: str = "sendarix:") -> None:
-        self._redis = redis
-        self._key = prefix + "dom:d"
-        self._prefix = prefix
+    _redis: Any
+    _prefix: str = field(default="sendarix:", alias="prefix")
+    _key: str = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._key = self._prefix + "dom:d"
 
     def add(
         self, domain: str, tenant: str | None, keys: Sequence[DKIMKey], now: float

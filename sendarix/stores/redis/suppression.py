@@ -12,6 +12,7 @@ import builtins
 import json
 from typing import Any
 
+from attrs import define, field
 from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
@@ -69,12 +70,12 @@ def _entry(text: str) -> Suppression:
 
 
 @implementer(ISuppressionStore)
+@define
 class RedisSuppressionStore:
     """Per-tenant suppression lists in Redis (see the module docstring)."""
 
-    def __init__(self, redis: Any, prefix: str = "sendarix:") -> None:
-        self._redis = redis
-        self._prefix = prefix
+    _redis: Any
+    _prefix: str = field(default="sendarix:", alias="prefix")
 
     def _run(self, script: str, *args: Any) -> Deferred[Any]:
         d: Deferred[Any] = self._redis.eval(script, [], [self._prefix, *args])

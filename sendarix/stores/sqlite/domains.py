@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from attrs import define
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -71,13 +72,15 @@ def _insert_keys(conn: sqlite3.Connection, domain: str, keys: Sequence[DKIMKey])
 
 
 @implementer(IDomainStore)
+@define
 class SQLiteDomainStore:
     """Sending domains in tables ``dom_domain``/``dom_key`` of a shared
     :obj:`SQLiteDatabase` (construct it before ``db.open()``: it registers its schema)."""
 
-    def __init__(self, db: SQLiteDatabase) -> None:
-        self._db = db
-        db.add_schema(_SCHEMA)
+    _db: SQLiteDatabase
+
+    def __attrs_post_init__(self) -> None:
+        self._db.add_schema(_SCHEMA)
 
     def add(
         self, domain: str, tenant: str | None, keys: Sequence[DKIMKey], now: float

@@ -13,6 +13,7 @@ import builtins
 import sqlite3
 from typing import Any
 
+from attrs import define
 from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
@@ -40,12 +41,14 @@ def _from_row(row: tuple[Any, ...]) -> Suppression:
 
 
 @implementer(ISuppressionStore)
+@define
 class SQLiteSuppressionStore:
     """Suppression lists in the node's SQLite database (table ``supp_entry``)."""
 
-    def __init__(self, db: SQLiteDatabase) -> None:
-        self._db = db
-        db.add_schema(_SCHEMA)
+    _db: SQLiteDatabase
+
+    def __attrs_post_init__(self) -> None:
+        self._db.add_schema(_SCHEMA)
 
     def add(
         self, tenant: str, address: str, reason: str, source: str, now: float
