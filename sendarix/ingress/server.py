@@ -126,6 +126,8 @@ class SubmissionServer(smtp.ESMTP):
     def __init__(self, settings: ListenerSettings) -> None:
         smtp.ESMTP.__init__(self, chal={}, contextFactory=settings.tls_options)
         self.settings = settings
+        # The address the factory counted this session under (its per-IP limit).
+        self.counted_ip = ""
         self.host = settings.hostname.encode("idna") if settings.hostname else b"localhost"
         self.timeout = int(settings.limits.command_timeout)
         self._inbuf = b""
@@ -988,13 +990,13 @@ class SubmissionFactory(ServerFactory):
         proto.factory = self
         self.sessions.add(proto)
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        proto._factory_ip = ip  # type: ignore[attr-defined]
+        proto.counted_ip = ip
         return proto
 
     def session_ended(self, proto: SubmissionServer) -> None:
         if proto in self.sessions:
             self.sessions.discard(proto)
-            ip = proto._factory_ip  # type: ignore[attr-defined]
+            ip = proto.counted_ip
             left = self._per_ip.get(ip, 1) - 1
             if left <= 0:
                 self._per_ip.pop(ip, None)

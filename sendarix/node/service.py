@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorFromThreads
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -50,6 +50,10 @@ class NodeService(MultiService):
 
     #: The listeners' TLS options (None when no listener uses TLS).
     tls: ReloadableServerTLS | None = None
+    #: The node's parts, for embedding applications and tests (set by makeService).
+    stores: Stores
+    delivery: DeliveryService
+    listeners: list[ListenerService]
     #: Install a SIGHUP handler that reloads the TLS certificate (twistd does).
     reload_on_sighup = False
 
@@ -65,7 +69,7 @@ class NodeService(MultiService):
         from twisted.internet import reactor
 
         def on_hup(signum: int, frame: Any) -> None:
-            reactor.callFromThread(self.reload_tls)  # type: ignore[attr-defined]
+            cast(IReactorFromThreads, reactor).callFromThread(self.reload_tls)
 
         signal.signal(signal.SIGHUP, on_hup)
 
@@ -296,7 +300,7 @@ def make_auth_limiter(config: Config, stores: Stores) -> IAuthLimiter:
     """The AUTH failure limiter from ``[limits]``, counted wherever the stores' backend
     keeps shared limits (the cluster, or this process)."""
     limits = config.limits
-    return stores.backend.auth_limiter(  # type: ignore[no-any-return]
+    return stores.backend.auth_limiter(
         limits.auth_max_failures, limits.auth_failure_window, limits.auth_lockout
     )
 
@@ -318,7 +322,7 @@ def make_selector(config: Config, stores: Stores) -> IEgressSelector | None:
     Warmup counts and deprioritization marks are kept by the stores' backend."""
     if not config.egress_sources:
         return None
-    return stores.backend.egress_selector(config.egress_sources)  # type: ignore[no-any-return]
+    return stores.backend.egress_selector(config.egress_sources)
 
 
 def makeService(
@@ -338,7 +342,7 @@ def makeService(
     stores = open_stores(config, reactor)
     stores_service = StoresService(stores, reactor)
     stores_service.setServiceParent(top)
-    top.stores = stores  # type: ignore[attr-defined]
+    top.stores = stores
     resolver = DNSResolver(
         config.dns.addresses(), config.dns.timeout, config.dns.cache_ttl_max, reactor, reactor
     )
@@ -355,7 +359,7 @@ def makeService(
         state_file=state_path(config),
     )
     delivery.setServiceParent(top)
-    top.delivery = delivery  # type: ignore[attr-defined]
+    top.delivery = delivery
 
     secret = load_node_secret(config)
     keyring = DomainKeyring(stores.domains, secret, reactor)
@@ -390,7 +394,7 @@ def makeService(
         HMACTokenChecker(stores.credentials, secret, reactor) if secret is not None else None
     )
     portal = submission_portal(stores.credentials, reactor, token_checker)
-    top.listeners = []  # type: ignore[attr-defined]
+    top.listeners = []
     for lc in config.listeners:
         settings = ListenerSettings(
             listener=lc, limits=limits, hostname=config.node.hostname, intake=intake,
@@ -406,6 +410,6 @@ def makeService(
             wrap_tls=tls_options if lc.wrap_tls else None, shared=config.node.workers > 1,
         )
         service.setServiceParent(top)
-        top.listeners.append(service)  # type: ignore[attr-defined]
+        top.listeners.append(service)
     os.makedirs(config.var_dir, exist_ok=True)
     return top
