@@ -13,8 +13,9 @@ from typing import Any, NoReturn
 
 from attrs import frozen
 
+from sendarix.config.errors import ConfigError
 from sendarix.config.secret import NodeSecret, SecretError, node_secret_from_env
-from sendarix.config.settings import Config, ConfigError
+from sendarix.config.settings import Config
 from sendarix.config.units import parse_duration
 from sendarix.model.credential import SCOPES
 from sendarix.model.event import parse_timestamp as parse_rfc3339

@@ -10,7 +10,8 @@ from sendarix.cli.common import (
     Output,
     text_lines,
 )
-from sendarix.config.settings import Config, describe
+from sendarix.config.loader import describe
+from sendarix.config.settings import Config
 
 # -- config ------------------------------------------------------------------------
 

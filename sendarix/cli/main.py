@@ -42,7 +42,9 @@ from sendarix.cli.common import (
     parse_time,
     render_table,
 )
-from sendarix.config.settings import Config, ConfigError, resolve_config
+from sendarix.config.errors import ConfigError
+from sendarix.config.loader import resolve_config
+from sendarix.config.settings import Config
 from sendarix.stores.backends import open_stores
 from sendarix.stores.errors import SpoolError, StoreUnavailable
 

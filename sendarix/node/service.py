@@ -21,8 +21,9 @@ from twisted.python.failure import Failure
 from sendarix.cleanup.intake import Intake
 from sendarix.cleanup.keyring import DomainKeyring, check_keys_open
 from sendarix.config.errors import ConfigError
+from sendarix.config.loader import default_config
 from sendarix.config.secret import NodeSecret, SecretError, node_secret_from_env
-from sendarix.config.settings import Config, ListenerConfig, default_config
+from sendarix.config.settings import Config, ListenerConfig
 from sendarix.delivery.service import DeliveryService
 from sendarix.ingress.auth import submission_portal
 from sendarix.ingress.server import ListenerSettings, SubmissionFactory

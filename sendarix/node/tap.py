@@ -9,7 +9,8 @@ from attrs import evolve
 from twisted.application.service import IService
 from twisted.python import usage
 
-from sendarix.config.settings import ConfigError, load_config, resolve_config
+from sendarix.config.errors import ConfigError
+from sendarix.config.loader import load_config, resolve_config
 from sendarix.node.workers import WorkerPool, twistd_log_file, worker_name
 
 

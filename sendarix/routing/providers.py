@@ -16,7 +16,8 @@ from typing import Any
 
 from attrs import field, frozen
 
-from sendarix.config.settings import ProviderConfig, parse_config
+from sendarix.config.loader import parse_config
+from sendarix.config.settings import ProviderConfig
 
 # The built-in table; etc/providers.toml says the same in TOML (a test checks that
 # they agree).  The major providers refuse or junk clear-text mail, hence TLS.

@@ -34,8 +34,8 @@ from sendarix.cleanup.dkimkeys import (
     split_txt,
 )
 from sendarix.config.errors import ConfigError
+from sendarix.config.loader import parse_config
 from sendarix.config.secret import NodeSecret, SecretError, node_secret_from_env
-from sendarix.config.settings import parse_config
 from sendarix.interfaces import IDomainStore
 from sendarix.model.domain import DKIMKey, DomainExistsError, DomainNotFoundError
 from sendarix.node.service import load_node_secret

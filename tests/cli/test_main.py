@@ -29,7 +29,7 @@ from sendarix.cli.main import (
     render_table,
 )
 from sendarix.cli.queue import _queue_delete, _queue_retry
-from sendarix.config.settings import load_config
+from sendarix.config.loader import load_config
 from sendarix.ingress.auth import CredentialChecker
 from sendarix.ingress.queueid import QueueIdGenerator
 from sendarix.model.event import Event, format_timestamp

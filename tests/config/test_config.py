@@ -17,20 +17,23 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
+from sendarix.config import fields as config_fields
 from sendarix.config import settings as config_module
+from sendarix.config.errors import ConfigError
 from sendarix.config.errors import ConfigError as BaseConfigError
-from sendarix.config.settings import (
-    EVENT_TYPES,
-    Config,
-    ConfigError,
-    EndpointConfig,
-    ListenerConfig,
-    SpoolConfig,
+from sendarix.config.loader import (
     default_config,
     describe,
     load_config,
     parse_config,
     resolve_config,
+)
+from sendarix.config.settings import (
+    EVENT_TYPES,
+    Config,
+    EndpointConfig,
+    ListenerConfig,
+    SpoolConfig,
 )
 from sendarix.config.units import (
     DURATION_UNITS,
@@ -615,8 +618,8 @@ class LoadTests(SynchronousTestCase):
         for cls in vars(config_module).values():
             if attrs.has(cls) and cls.__name__.endswith("Config") and cls is not Config:
                 for f in attrs.fields(cls):
-                    if config_module._PARSE in f.metadata and f.name != "match":
-                        names.add(f.metadata.get(config_module._TOML_KEY) or f.name)
+                    if config_fields.PARSE_KEY in f.metadata and f.name != "match":
+                        names.add(f.metadata.get(config_fields.TOML_KEY) or f.name)
         for section in ["[node]", "[spool]", "[[listener]]", "[tls]", "[limits]", "[delivery]",
                         "[dns]", "[[route]]", "[pool.", "[provider.", "[[egress.source]]",
                         "[domains]", "[tenant.", "[api]", "[[webhook]]", "[simulator]",

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 
 from sendarix.cleanup.intake import Intake, Submission
-from sendarix.config.settings import parse_config
+from sendarix.config.loader import parse_config
 from sendarix.delivery.service import DeliveryService
 from sendarix.model.event import EventQuery
 from sendarix.model.message import Envelope, RecipientStatus

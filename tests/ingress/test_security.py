@@ -633,7 +633,7 @@ class TokenCommandTests(TestCase):
         self.assertEqual((code, len(err.splitlines())), (1, 1), err)
         self.assertIn(b"SENDARIX_SECRET_KEY is not set", err)
 
-        from sendarix.config.settings import parse_config
+        from sendarix.config.loader import parse_config
         from sendarix.ingress.sasl import XOAuth2Mechanism
         from sendarix.stores.backends import open_stores
 

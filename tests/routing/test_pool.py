@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from sendarix.config.errors import ConfigError
-from sendarix.config.settings import PoolConfig, parse_config
+from sendarix.config.loader import parse_config
+from sendarix.config.settings import PoolConfig
 from sendarix.interfaces import IFailoverStrategy, IRouter
 from sendarix.routing.mx import Hop
 from sendarix.routing.pool import (

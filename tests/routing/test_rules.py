@@ -11,7 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from sendarix.config.settings import RouteConfig, parse_config
+from sendarix.config.loader import parse_config
+from sendarix.config.settings import RouteConfig
 from sendarix.interfaces import IRouter
 from sendarix.routing.mx import Hop, Route, RouteError
 from sendarix.routing.pool import OrderedFallback

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from sendarix.config.settings import parse_config
+from sendarix.config.loader import parse_config
 from sendarix.routing.providers import ProviderTable
 from sendarix.routing.shaping import Shaping, strictest_tls
 from sendarix.routing.throttle import MemoryThrottle

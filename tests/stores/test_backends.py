@@ -12,7 +12,7 @@ from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from sendarix.config.settings import parse_config
+from sendarix.config.loader import parse_config
 from sendarix.ingress.authlimit import AuthLimiter
 from sendarix.interfaces import (
     IAuthLimiter,

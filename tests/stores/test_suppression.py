@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from sendarix.cli.main import main
-from sendarix.config.settings import load_config
+from sendarix.config.loader import load_config
 from sendarix.interfaces import ISuppressionStore
 from sendarix.model.suppression import Suppression, normalize_address
 from sendarix.stores.backends import open_stores

@@ -13,7 +13,8 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThread
 
-from sendarix.config.settings import Config, parse_config
+from sendarix.config.loader import parse_config
+from sendarix.config.settings import Config
 from sendarix.ingress.authlimit import AuthLimiter
 from sendarix.node.service import makeService
 from tests.support.tlsca import TestCA
