@@ -289,6 +289,9 @@ class IThrottle(Interface):
     def release_connection(key):  # noqa: N805
         """Give back a slot taken by ``acquire_connection``."""
 
+    def connections(key):  # noqa: N805
+        """Connections open for ``key`` by this node now (for ``queue stats``)."""
+
     def admit(key, rate, period, now):  # noqa: N805
         """Ask to send one message under ``rate`` messages per ``period`` seconds:
         0.0 when admitted now (and counted), else the seconds to wait before asking

@@ -334,9 +334,7 @@ class DeliveryService(Service):
         for site, shape in sorted(self.shaping.sites.items()):
             entry = shape.describe(now)
             entry["queued"] = self.ready_queues.queued(site)
-            opened = getattr(self.throttle, "connections", None)
-            if callable(opened):
-                entry["open"] = opened("conn:" + site)
+            entry["open"] = self.throttle.connections("conn:" + site)
             sites.append(entry)
         pools = {
             via[5:]: strategy.states(now)

@@ -14,6 +14,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IReactorFromThreads
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -112,6 +113,7 @@ class StoresService(Service):
         self.clock = clock
         #: Run once the stores are open; a failure keeps the node from serving.
         self.checks = list(checks)
+        self._trimmer: LoopingCall | None = None
         self._ready: Deferred[None] | None = None
         #: Why the stores did not open (every ``ready()`` then fails with it).
         self._failure: Failure | None = None
@@ -145,8 +147,6 @@ class StoresService(Service):
     retention_interval = 3600.0
 
     def _start_retention(self, _: object) -> None:
-        from twisted.internet.task import LoopingCall
-
         self._trimmer = LoopingCall(self._trim)
         self._trimmer.clock = self.clock
         self._trimmer.start(self.retention_interval, now=True).addErrback(
@@ -179,9 +179,8 @@ class StoresService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        trimmer = getattr(self, "_trimmer", None)
-        if trimmer is not None and trimmer.running:
-            trimmer.stop()
+        if self._trimmer is not None and self._trimmer.running:
+            self._trimmer.stop()
         return self.stores.close()
 
 

@@ -173,6 +173,9 @@ class AsyncThrottle:
     def admit(self, key: str, rate: float, period: float, now: float) -> Any:
         return self._call(self.memory.admit, key, rate, period, now)
 
+    def connections(self, key: str) -> int:
+        return self.memory.connections(key)
+
 
 class ProviderShapingTests(unittest.TestCase):
     """Provider limits hold at the destination."""

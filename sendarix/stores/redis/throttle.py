@@ -142,6 +142,10 @@ class RedisThrottle:
         """Slots this node holds now."""
         return sum(len(t) for t in self._held.values())
 
+    def connections(self, key: str) -> int:
+        """Connections this node has open for ``key`` now (other nodes' are in Redis)."""
+        return len(self._held.get(key, ()))
+
     def _start_renewing(self) -> None:
         if self._renewer is None or not self._renewer.running:
             self._renewer = LoopingCall(self.renew)
