@@ -20,7 +20,6 @@ stop the loop.  A stop hands queued deliveries back to the spool at once.
 from __future__ import annotations
 
 import datetime
-import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -69,7 +68,14 @@ from sendarix.routing.shaping import POOL_PREFIX, Shaping, SiteShape, strictest_
 from sendarix.routing.state import read_state, write_state
 from sendarix.routing.throttle import MemoryThrottle
 from sendarix.scheduler.classify import BounceRules, classify
-from sendarix.scheduler.core import Release, Scheduler
+from sendarix.scheduler.core import (
+    DRAIN_NAP,
+    DeferSite,
+    Release,
+    Scheduler,
+    WaitUntil,
+    pause_reply,
+)
 from sendarix.scheduler.outcome import (
     Attempt,
     OutcomeRules,
@@ -91,14 +97,6 @@ STOP_GRACE = 30.0
 #: The longest a connection waits for its site's rate to admit one more message;
 #: beyond it the session ends and the rest of the batch goes back to the ready queue.
 MAX_PACE_WAIT = 2.0
-#: The longest a site's drainer sleeps at a time (so a stop is noticed soon).
-DRAIN_NAP = 1.0
-#: Messages a second one connection is counted on to carry for a paced site (a
-#: provider taking up to half a second per message): a paced site gets no more
-#: connections at once than its rate needs at this speed.
-PACED_PER_CONNECTION = 2.0
-#: Seconds of a paced site's rate that one connection takes from the ready queue.
-PACED_BATCH_SECONDS = 10.0
 #: Failed connection attempts (nothing sent) a queued delivery gets before it is
 #: handed back to the spool.
 MAX_FAILURES = 5
@@ -262,11 +260,6 @@ class DeliveryService(Service):
         self._drainers: dict[str, Deferred[None] | None] = {}
         self._wakeups: dict[str, Deferred[None]] = {}
         self._renewer: LoopingCall | None = None
-        # Sites whose drainer should wait before the next connection: every egress
-        # source was at its cap, or the spool failed.
-        self._backoff: set[str] = set()
-        # Connections open (or being opened) per site by its drainer.
-        self._sessions: dict[str, int] = {}
         # Failed connection attempts per delivery that was kept queued.
         self._failures: dict[tuple[str, str], int] = {}
         #: Spool traffic of the lease poll: deliveries leased, handed back unsent
@@ -571,7 +564,7 @@ class DeliveryService(Service):
             shape = self.shaping.get(site)
             # Repeated connection failures (Postfix's "dead destination") or
             # rate-limit refusals: defer at once instead of trying once per message.
-            paused = self._paused(domain, shape, self.reactor.seconds())
+            paused = pause_reply(domain, shape, self.reactor.seconds())
             if paused is not None:
                 await self._defer_all(deliveries, pending, paused)
                 return
@@ -652,94 +645,53 @@ class DeliveryService(Service):
         d.addBoth(woken)
         return d
 
-    def _paused(self, name: str, shape: SiteShape, now: float) -> Reply | None:
-        """The deferral reply while the site is dead or paused, else None."""
-        if shape.window.is_dead(now):
-            return Reply(451, "4.4.1", f"{name}: destination not responding, suspended")
-        if shape.is_suspended(now):
-            assert shape.suspended_until is not None
-            wait = max(1, int(shape.suspended_until - now + 0.999))
-            return Reply(
-                451, "4.7.0",
-                f"{shape.site}: paused after rate-limit replies, try again in {wait} seconds",
-            )
-        return None
-
     async def _drain(self, site: str) -> None:
-        """Send ``site``'s ready queue, one connection per batch, as the site's window,
-        connection cap and rate admit; sleep (woken when a connection ends or mail
-        arrives) while they do not."""
+        """Send ``site``'s ready queue, one connection per batch, as the scheduler
+        decides (the site's window, pauses, pacing); sleep, woken when a connection
+        ends or mail arrives, while it says wait."""
         shape = self.shaping.get(site)
         conn_key = "conn:" + site
-        while self.running and self.ready_queues.queued(site):
-            if site in self._backoff:
-                # Every source's connections to the site are open, or the spool
-                # failed: wait a while (or for a connection to end).
-                self._backoff.discard(site)
-                await self._nap(site, DRAIN_NAP)
-                continue
+        while self.running:
             now = self.reactor.seconds()
-            reply = self._paused(site, shape, now)
-            if reply is not None:
+            step = self.scheduler.site_step(site, shape, now)
+            if step is None:
+                return
+            if isinstance(step, WaitUntil):
+                await self._nap(site, step.when - now)
+                continue
+            if isinstance(step, DeferSite):
                 for ready in self.ready_queues.drain(site):
                     try:
-                        await self._defer_all([ready.delivery], [ready.delivery], reply)
+                        await self._defer_all([ready.delivery], [ready.delivery], step.reply)
                     except Exception:
                         self._failed(Failure(), "deferring {queue_id} failed",
                                      queue_id=ready.delivery.queue_id)
                         await self._release(ready.delivery)
                 return
-            if self._sessions.get(site, 0) >= self._connections_needed(shape):
-                # A paced site's open connections already carry its rate.
-                await self._nap(site, DRAIN_NAP)
-                continue
-            if not shape.window.try_acquire(now):
-                await self._nap(site, DRAIN_NAP)
-                continue
             taken = await self._throttled(
                 self.throttle.acquire_connection, conn_key, shape.max_connections, now
             )
             if not taken:
-                shape.window.release()
+                self.scheduler.connect_failed(shape)
                 await self._nap(site, DRAIN_NAP)
                 continue
             started = False
             try:
                 # The first message of the connection waits for the site's rate here.
                 batch = (
-                    self.ready_queues.take(site, self._batch_size(shape))
+                    self.ready_queues.take(site, step.batch)
                     if await self._await_rate(site, shape) else []
                 )
                 if batch:
-                    self._sessions[site] = self._sessions.get(site, 0) + 1
+                    self.scheduler.session_started(site)
                     d = Deferred.fromCoroutine(self._send_taken(site, batch, conn_key))
                     started = True
                     self._running.add(d)
                     d.addBoth(self._forget, d)
             finally:
                 if not started:
-                    shape.window.release()
+                    self.scheduler.connect_failed(shape)
                     await self._throttled(self.throttle.release_connection, conn_key)
-
-    @staticmethod
-    def _batch_size(shape: SiteShape) -> int:
-        """Messages for one connection: for a paced site no more than its rate admits
-        in ``PACED_BATCH_SECONDS``, so what a slow site holds drains a few at a time
-        and its ready queue is topped up in between."""
-        size = shape.messages_per_connection
-        rate = shape.current_rate
-        if rate is not None:
-            size = min(size, max(1, int(rate / shape.period * PACED_BATCH_SECONDS) + 1))
-        return size
-
-    @staticmethod
-    def _connections_needed(shape: SiteShape) -> int:
-        """The most connections worth opening at once: for a paced site, what its rate
-        needs (more would only share the rate and wait); else the window's limit."""
-        rate = shape.current_rate
-        if rate is None:
-            return shape.window.limit
-        return max(1, math.ceil(rate / shape.period / PACED_PER_CONNECTION))
 
     def _forget(self, result: Any, d: Deferred[Any]) -> Any:
         self._running.discard(d)
@@ -793,7 +745,7 @@ class DeliveryService(Service):
                     # Nothing was sent (the spool is down, say): keep it queued, still
                     # leased and renewed, and try again after a pause.
                     back.append(delivery)
-                    self._backoff.add(site)
+                    self.scheduler.back_off(site)
                 else:
                     # What may have been sent is never retried early (its lease
                     # expires first); a delivery failing again and again goes back.
@@ -801,9 +753,7 @@ class DeliveryService(Service):
                     await self._release(delivery)
             pending.clear()
         finally:
-            self._sessions[site] -= 1
-            if not self._sessions[site]:
-                del self._sessions[site]
+            self.scheduler.session_ended(site)
             await self._throttled(self.throttle.release_connection, conn_key)
             keep = [r for r in batch if r.delivery in back]
             if self.running:
@@ -894,7 +844,7 @@ class DeliveryService(Service):
             if capped:
                 window.release()
                 _put_back(batch, pending, back)
-                self._backoff.add(conn.site)
+                self.scheduler.back_off(conn.site)
                 return
             if source is None:
                 window.release()
@@ -921,7 +871,7 @@ class DeliveryService(Service):
             ):
                 window.release()
                 _put_back(batch, pending, back)
-                self._backoff.add(conn.site)
+                self.scheduler.back_off(conn.site)
                 return
         try:
             await self._send_from(conn, batch, pending, back, attempted, source, now, today)

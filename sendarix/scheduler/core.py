@@ -20,15 +20,26 @@ The per-site ready queues themselves (the fair split of the window) are
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 from attrs import define, field, frozen
 
-from sendarix.model.message import LeasedDelivery
+from sendarix.model.message import LeasedDelivery, Reply
+from sendarix.routing.shaping import SiteShape
 from sendarix.scheduler.ready import ReadyQueues
 
 T = TypeVar("T")
+
+#: The longest a site's drainer waits at a time (so a stop is noticed soon).
+DRAIN_NAP = 1.0
+#: Messages per second one connection is assumed to carry (a slow provider takes up
+#: to half a second per message): a paced site gets no more connections at once than
+#: its rate needs at this speed.
+PACED_PER_CONNECTION = 2.0
+#: Seconds of a paced site's rate that one connection takes from the ready queue.
+PACED_BATCH_SECONDS = 10.0
 
 #: A leased delivery's identity: (queue id, destination domain).
 Key = tuple[str, str]
@@ -65,6 +76,65 @@ class Release:
     delivery: LeasedDelivery
 
 
+@frozen
+class WaitUntil:
+    """Nothing to start for the site before ``when`` (or before a connection ends or
+    mail arrives, whichever comes first)."""
+
+    when: float
+
+
+@frozen
+class DeferSite:
+    """The site is dead or paused: defer everything its ready queue holds with
+    ``reply`` (the retry schedule brings it back)."""
+
+    reply: Reply
+
+
+@frozen
+class Connect:
+    """Open one more connection to the site (its window slot is taken) and send up to
+    ``batch`` messages over it, once the connection cap and the rate admit it."""
+
+    batch: int
+
+
+def pause_reply(name: str, shape: SiteShape, now: float) -> Reply | None:
+    """The deferral while the site is dead (connections keep failing) or paused (it
+    kept refusing with 421), else None; ``name`` is what the reply names."""
+    if shape.window.is_dead(now):
+        return Reply(451, "4.4.1", f"{name}: destination not responding, suspended")
+    if shape.is_suspended(now):
+        assert shape.suspended_until is not None
+        wait = max(1, int(shape.suspended_until - now + 0.999))
+        return Reply(
+            451, "4.7.0",
+            f"{shape.site}: paused after rate-limit replies, try again in {wait} seconds",
+        )
+    return None
+
+
+def batch_size(shape: SiteShape) -> int:
+    """Messages for one connection: for a paced site no more than its rate admits in
+    ``PACED_BATCH_SECONDS``, so what a slow site holds drains a few at a time and its
+    ready queue is topped up in between."""
+    size = shape.messages_per_connection
+    rate = shape.current_rate
+    if rate is not None:
+        size = min(size, max(1, int(rate / shape.period * PACED_BATCH_SECONDS) + 1))
+    return size
+
+
+def connections_needed(shape: SiteShape) -> int:
+    """The most connections worth opening at once: for a paced site, what its rate
+    needs (more would only share the rate and wait); else the window's limit."""
+    rate = shape.current_rate
+    if rate is None:
+        return shape.window.limit
+    return max(1, math.ceil(rate / shape.period / PACED_PER_CONNECTION))
+
+
 @define
 class Scheduler(Generic[T]):
     """The lease poll and the ledger of leases held; ``T`` is what the ready queues
@@ -81,6 +151,11 @@ class Scheduler(Generic[T]):
     _polling: bool = field(default=False, init=False)
     _wake_missed: bool = field(default=False, init=False)
     _stopped: bool = field(default=False, init=False)
+    #: Connections open (or being opened) per site.
+    _sessions: dict[str, int] = field(factory=dict, init=False)
+    #: Sites whose next connection waits a while (every source was at its cap, or
+    #: the spool failed).
+    _backoff: set[str] = field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.ready_queues = ReadyQueues(self.window)
@@ -175,6 +250,53 @@ class Scheduler(Generic[T]):
     def released(self) -> None:
         """A lease went back to the spool (the spool confirmed it)."""
         self.counters["released"] += 1
+
+    # -- one site's connections ---------------------------------------------------
+
+    def site_step(
+        self, site: str, shape: SiteShape, now: float
+    ) -> WaitUntil | DeferSite | Connect | None:
+        """What ``site``'s drainer does next: None when its ready queue is empty;
+        :class:`Connect` takes a window slot (give it back with
+        :meth:`connect_failed` if no connection is made)."""
+        if not self.ready_queues.queued(site):
+            return None
+        if site in self._backoff:
+            self._backoff.discard(site)
+            return WaitUntil(now + DRAIN_NAP)
+        reply = pause_reply(site, shape, now)
+        if reply is not None:
+            return DeferSite(reply)
+        if self._sessions.get(site, 0) >= connections_needed(shape):
+            # A paced site's open connections already carry its rate.
+            return WaitUntil(now + DRAIN_NAP)
+        if not shape.window.try_acquire(now):
+            return WaitUntil(now + DRAIN_NAP)
+        return Connect(batch_size(shape))
+
+    def connect_failed(self, shape: SiteShape) -> None:
+        """The connection of a :class:`Connect` was not made (no connection slot, or
+        nothing left to send): its window slot is free again."""
+        shape.window.release()
+
+    def session_started(self, site: str) -> None:
+        self._sessions[site] = self._sessions.get(site, 0) + 1
+
+    def session_ended(self, site: str) -> None:
+        left = self._sessions.get(site, 0) - 1
+        if left > 0:
+            self._sessions[site] = left
+        else:
+            self._sessions.pop(site, None)
+
+    def sessions(self, site: str) -> int:
+        """Connections open (or being opened) to ``site``."""
+        return self._sessions.get(site, 0)
+
+    def back_off(self, site: str) -> None:
+        """The site's next connection waits a while (sources at their caps, or the
+        spool failed)."""
+        self._backoff.add(site)
 
     # -- starting and stopping ----------------------------------------------------
 

@@ -26,8 +26,22 @@ from sendarix.model.message import (
     MessageMeta,
     RecipientRecord,
     RecipientStatus,
+    Reply,
 )
-from sendarix.scheduler.core import Release, Route, Scheduler, key_of
+from sendarix.routing.shaping import SiteShape
+from sendarix.routing.throttle import AdaptiveRate
+from sendarix.scheduler.core import (
+    DRAIN_NAP,
+    Connect,
+    DeferSite,
+    Release,
+    Route,
+    Scheduler,
+    WaitUntil,
+    key_of,
+    pause_reply,
+)
+from sendarix.scheduler.window import DestinationWindow
 
 DOMAINS = ("a.test", "b.test", "c.test", "d.test")
 _ids = itertools.count()
@@ -245,3 +259,67 @@ class SchedulerTests(SynchronousTestCase):
         self.assertTrue(scheduler.holds(d))
         self.assertTrue(scheduler.settled(d))
         self.assertFalse(scheduler.settled(d))
+
+
+def shape(site: str = "s", initial: int = 2, rate: float | None = None) -> SiteShape:
+    return SiteShape(
+        site=site, max_connections=10, messages_per_connection=50, tls="may",
+        window=DestinationWindow(initial=initial, maximum=initial, minimum=1, dead_after=1,
+                                 suspend_for=60.0),
+        rate=AdaptiveRate(rate, rate / 10) if rate is not None else None,
+    )
+
+
+class SiteStepTests(SynchronousTestCase):
+    """What a site's drainer does next, decided without a connection."""
+
+    def setUp(self) -> None:
+        self.scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
+        self.d = delivery("a.test")
+        self.scheduler.ready_queues.offer("s", "lane", self.d)
+
+    def test_nothing_queued(self) -> None:
+        self.assertIsNone(self.scheduler.site_step("other", shape("other"), 0.0))
+
+    def test_connect_takes_a_window_slot(self) -> None:
+        """Within the window: connect, with a batch of messages_per_connection; the
+        window's slots run out, and a failed connect gives its slot back."""
+        s = shape(initial=2)
+        self.assertEqual(self.scheduler.site_step("s", s, 0.0), Connect(50))
+        self.assertEqual(self.scheduler.site_step("s", s, 0.0), Connect(50))
+        self.assertEqual(self.scheduler.site_step("s", s, 0.0), WaitUntil(DRAIN_NAP))
+        self.scheduler.connect_failed(s)
+        self.assertEqual(self.scheduler.site_step("s", s, 1.0), Connect(50))
+
+    def test_paced_site(self) -> None:
+        """A paced site opens only the connections its rate needs, and takes a batch
+        of what the rate admits in a few seconds."""
+        s = shape(initial=5, rate=60.0)  # one a second
+        self.assertEqual(self.scheduler.site_step("s", s, 0.0), Connect(11))
+        self.scheduler.session_started("s")
+        self.assertEqual(self.scheduler.site_step("s", s, 0.0), WaitUntil(DRAIN_NAP))
+        self.scheduler.session_ended("s")
+        self.assertEqual(self.scheduler.sessions("s"), 0)
+
+    def test_back_off_once(self) -> None:
+        s = shape()
+        self.scheduler.back_off("s")
+        self.assertEqual(self.scheduler.site_step("s", s, 5.0), WaitUntil(5.0 + DRAIN_NAP))
+        self.assertIsInstance(self.scheduler.site_step("s", s, 5.0), Connect)
+
+    def test_dead_site_is_deferred(self) -> None:
+        s = shape(initial=1)
+        s.window.failure(0.0)
+        step = self.scheduler.site_step("s", s, 1.0)
+        self.assertEqual(step, DeferSite(Reply(451, "4.4.1",
+                                               "s: destination not responding, suspended")))
+
+    def test_paused_site_is_deferred(self) -> None:
+        s = shape()
+        for _ in range(3):
+            s.throttled(0.0, refused=True)
+        step = self.scheduler.site_step("s", s, 10.0)
+        assert isinstance(step, DeferSite)
+        self.assertEqual((step.reply.code, step.reply.enhanced), (451, "4.7.0"))
+        self.assertIn("try again in 50 seconds", step.reply.text)
+        self.assertIsNone(pause_reply("s", s, 61.0))
