@@ -45,6 +45,7 @@ class _State:
 
 
 @implementer(IAuthLimiter)
+@define
 class AuthLimiter:
     """Counts AUTH failures per client address within a sliding ``window``.
 
@@ -57,27 +58,20 @@ class AuthLimiter:
     addresses.
     """
 
-    def __init__(
-        self,
-        max_failures: int = 5,
-        window: float = 300.0,
-        lockout: float = 900.0,
-        base_delay: float = 1.0,
-        max_delay: float = 8.0,
-        max_tracked: int = 100_000,
-    ) -> None:
-        if max_failures < 1 or window <= 0 or lockout < 0 or max_tracked < 1:
+    max_failures: int = 5
+    window: float = 300.0
+    lockout: float = 900.0
+    base_delay: float = 1.0
+    max_delay: float = 8.0
+    max_tracked: int = 100_000
+    # Ordered by last activity, oldest first: pruning and eviction pop from the front.
+    _clients: OrderedDict[str, _State] = field(factory=OrderedDict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_failures < 1 or self.window <= 0 or self.lockout < 0 or self.max_tracked < 1:
             raise ValueError("max_failures, window, max_tracked must be positive")
-        if base_delay < 0 or max_delay < base_delay:
+        if self.base_delay < 0 or self.max_delay < self.base_delay:
             raise ValueError("need 0 <= base_delay <= max_delay")
-        self.max_failures = max_failures
-        self.window = window
-        self.lockout = lockout
-        self.base_delay = base_delay
-        self.max_delay = max_delay
-        self.max_tracked = max_tracked
-        # Ordered by last activity, oldest first: pruning and eviction pop from the front.
-        self._clients: OrderedDict[str, _State] = OrderedDict()
 
     def __len__(self) -> int:
         """How many client addresses are tracked."""
