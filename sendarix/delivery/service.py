@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 
 from sendarix.config.settings import Config, EgressSourceConfig, RouteConfig
 from sendarix.egress import client as egress
+from sendarix.egress.simulator import simulate_delivery
 from sendarix.egress.sources import TieredSelector
 from sendarix.interfaces import (
     IEgressSelector,
@@ -86,12 +87,10 @@ from sendarix.scheduler.outcome import (
 from sendarix.scheduler.retry import RetrySchedule
 from sendarix.stores.errors import StoreUnavailable
 
-__all__ = ["DeliveryService", "simulate"]
+__all__ = ["DeliveryService"]
 
 log = Logger()
 
-#: The ``mx`` of events for simulated deliveries.
-SIMULATOR_MX = "simulator"
 #: Seconds a stopping service waits for groups in flight before it lets go.
 STOP_GRACE = 30.0
 #: The longest a connection waits for its site's rate to admit one more message;
@@ -133,23 +132,6 @@ class _Ready:
 
     conn: _Connection
     delivery: LeasedDelivery
-
-
-def simulate(local_part: str, attempt: int) -> Reply | None:
-    """The reply the simulator gives a recipient's ``attempt``-th attempt (1-based),
-    by local part (docs/delivery.md, "The simulator"); None means the recipient is suppressed."""
-    kind = local_part.lower().split("+", 1)[0]
-    if kind == "suppressed":
-        return None
-    if kind == "bounce":
-        return Reply(550, "5.1.1", "simulated bounce: no such user")
-    if kind == "defer" and attempt <= 1:
-        return Reply(421, "4.7.0", "simulated deferral: try again later")
-    if kind == "greylist" and attempt <= 1:
-        return Reply(450, "4.2.0", "simulated greylisting: greylisted, try again later")
-    if kind == "timeout":
-        return Reply(451, "4.4.2", "simulated timeout waiting for the server")
-    return Reply(250, "2.0.0", "simulated delivery: OK")
 
 
 def _route_reply(error: RouteError) -> Reply:
@@ -1124,24 +1106,15 @@ class DeliveryService(Service):
         )
 
     async def _simulate(self, delivery: LeasedDelivery) -> None:
-        attempts: list[Attempt] = []
-        suppressed: list[RecipientRecord] = []
-        for record in delivery.recipients:
-            reply = simulate(record.address.rsplit("@", 1)[0], record.attempts + 1)
-            if reply is None:
-                suppressed.append(record)
-            else:
-                attempts.append(Attempt(record, reply, mx=SIMULATOR_MX))
-        await self._finish(delivery, attempts, suppressed)
-        for a in attempts:
-            local = a.record.address.rsplit("@", 1)[0].lower().split("+", 1)[0]
-            if local == "complaint" and a.reply.code // 100 == 2:
-                await self._carry_out((
-                    make_event("complained", delivery, a, None, self.reactor.seconds(),
-                               self.outcome_rules),
-                    Suppress(delivery.meta.tenant, a.record.address, "complaint",
-                             "simulated complaint"),
-                ))
+        session = simulate_delivery(delivery)
+        await self._finish(delivery, list(session.attempts), session.suppressed)
+        for a in session.complaints:
+            await self._carry_out((
+                make_event("complained", delivery, a, None, self.reactor.seconds(),
+                           self.outcome_rules),
+                Suppress(delivery.meta.tenant, a.record.address, "complaint",
+                         "simulated complaint"),
+            ))
 
     # -- outcomes -----------------------------------------------------------------
 

@@ -10,7 +10,6 @@ from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from sendarix.cli.sink import SinkOptions, SinkServer, parse_fault
-from sendarix.delivery.service import simulate
 from sendarix.model.event import Event, EventQuery
 from tests.support.dnsserver import start_dns
 from tests.support.relay import Relay, in_thread, start_relay
@@ -46,23 +45,6 @@ async def wait_event(relay: Relay, recipient: str, type: str, timeout: float = 1
             return page.events[0]
         await task.deferLater(reactor, 0.1, lambda: None)
     raise AssertionError(f"no {type} event for {recipient} within {timeout} s")
-
-
-class SimulateTests(unittest.SynchronousTestCase):
-    """The simulator's replies by local part and attempt."""
-
-    def test_outcomes(self) -> None:
-        """Each documented local part gives its reply, and retries of defer and greylist
-        succeed."""
-        self.assertEqual(simulate("success", 1).code, 250)  # type: ignore[union-attr]
-        self.assertEqual(simulate("bounce", 1).enhanced, "5.1.1")  # type: ignore[union-attr]
-        self.assertEqual(simulate("defer", 1).code, 421)  # type: ignore[union-attr]
-        self.assertEqual(simulate("defer", 2).code, 250)  # type: ignore[union-attr]
-        self.assertEqual(simulate("Greylist", 1).code, 450)  # type: ignore[union-attr]
-        self.assertEqual(simulate("greylist", 2).code, 250)  # type: ignore[union-attr]
-        self.assertEqual(simulate("timeout", 3).code, 451)  # type: ignore[union-attr]
-        self.assertIsNone(simulate("suppressed", 1))
-        self.assertEqual(simulate("complaint", 1).code, 250)  # type: ignore[union-attr]
 
 
 class DeliveryTests(unittest.TestCase):
