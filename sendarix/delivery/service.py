@@ -727,7 +727,7 @@ class DeliveryService(Service):
                     # Nothing was sent (the spool is down, say): keep it queued, still
                     # leased and renewed, and try again after a pause.
                     back.append(delivery)
-                    self.scheduler.back_off(site)
+                    self.scheduler.hold_site(site, self.reactor.seconds())
                 else:
                     # What may have been sent is never retried early (its lease
                     # expires first); a delivery failing again and again goes back.

@@ -156,6 +156,8 @@ class Scheduler(Generic[T]):
     #: Sites whose next connection waits a while (every source was at its cap, or
     #: the spool failed).
     _backoff: set[str] = field(factory=set, init=False)
+    #: Sites that open no connection before a time (the spool failed under them).
+    _held_until: dict[str, float] = field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.ready_queues = ReadyQueues(self.window)
@@ -261,6 +263,12 @@ class Scheduler(Generic[T]):
         :meth:`connect_failed` if no connection is made)."""
         if not self.ready_queues.queued(site):
             return None
+        until = self._held_until.get(site)
+        if until is not None:
+            if now < until:
+                # Not cut short when a connection ends: each would fail the same way.
+                return WaitUntil(until)
+            del self._held_until[site]
         if site in self._backoff:
             self._backoff.discard(site)
             return WaitUntil(now + DRAIN_NAP)
@@ -292,6 +300,12 @@ class Scheduler(Generic[T]):
     def sessions(self, site: str) -> int:
         """Connections open (or being opened) to ``site``."""
         return self._sessions.get(site, 0)
+
+    def hold_site(self, site: str, now: float) -> None:
+        """The spool failed under a connection to ``site``: open none before
+        ``DRAIN_NAP`` seconds have passed, even when other connections end meanwhile
+        (each would fail the same way and use up the deliveries' tries)."""
+        self._held_until[site] = max(self._held_until.get(site, now), now + DRAIN_NAP)
 
     def back_off(self, site: str) -> None:
         """The site's next connection waits a while (sources at their caps, or the

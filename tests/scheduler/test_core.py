@@ -323,3 +323,12 @@ class SiteStepTests(SynchronousTestCase):
         self.assertEqual((step.reply.code, step.reply.enhanced), (451, "4.7.0"))
         self.assertIn("try again in 50 seconds", step.reply.text)
         self.assertIsNone(pause_reply("s", s, 61.0))
+
+    def test_hold_is_not_cut_short(self) -> None:
+        """After a spool failure the site opens nothing for DRAIN_NAP seconds, however
+        often the drainer is woken meanwhile."""
+        s = shape()
+        self.scheduler.hold_site("s", 10.0)
+        for now in (10.0, 10.2, 10.9):
+            self.assertEqual(self.scheduler.site_step("s", s, now), WaitUntil(10.0 + DRAIN_NAP))
+        self.assertIsInstance(self.scheduler.site_step("s", s, 11.0), Connect)
