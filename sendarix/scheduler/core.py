@@ -230,10 +230,6 @@ class Scheduler(Generic[T]):
         """Every delivery whose lease the node holds in memory (renewed while held)."""
         return list(self._held.values())
 
-    def hold(self, delivery: LeasedDelivery) -> None:
-        """Hold ``delivery``'s lease again (a park that failed keeps it in memory)."""
-        self._held[key_of(delivery)] = delivery
-
     def settled(self, delivery: LeasedDelivery) -> bool:
         """``delivery``'s outcomes are recorded; False when it was not held (settled
         already, or never leased here)."""
