@@ -7,7 +7,7 @@ from attrs import define, field
 from zope.interface import implementer
 
 from sendarix.interfaces import IRateLimiter
-from sendarix.model.gcra import GcraTable, spacing
+from sendarix.model.gcra import GcraTable, Pacing
 
 
 @implementer(IRateLimiter)
@@ -24,5 +24,5 @@ class RateLimiter:
         """Admit one event for ``key`` at ``now``; False when over the rate."""
         if rate <= 0 or period <= 0:
             return False
-        interval, tolerance = spacing(rate, period, rate if burst is None else burst)
-        return self.table.admit(key, interval, tolerance, now) == 0.0
+        pacing = Pacing.of(rate, period, rate if burst is None else burst)
+        return self.table.admit(key, pacing, now) == 0.0

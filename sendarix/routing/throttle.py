@@ -15,7 +15,7 @@ from attrs import define, field
 from zope.interface import implementer
 
 from sendarix.interfaces import IThrottle
-from sendarix.model.gcra import GcraTable, spacing
+from sendarix.model.gcra import GcraTable, Pacing
 
 
 @implementer(IThrottle)
@@ -54,8 +54,7 @@ class MemoryThrottle:
     def admit(self, key: str, rate: float, period: float, now: float) -> float:
         """0.0 when one message for ``key`` may go now (it is counted), else the
         seconds until it may."""
-        interval, tolerance = spacing(rate, period, self.burst)
-        return self.pacing.admit(key, interval, tolerance, now)
+        return self.pacing.admit(key, Pacing.of(rate, period, self.burst), now)
 
 
 def is_rate_signal(code: int, enhanced: str | None = None) -> bool:

@@ -11,9 +11,10 @@ Keys under ``prefix``:
 Connection slots are leases: a node renews the slots it holds every third of
 ``slot_ttl`` and a slot not renewed in time (its node died or lost Redis) is dropped
 by the next ``acquire_connection``, so a dead node's connections come back.  The
-arithmetic is :class:`sendarix.routing.throttle.MemoryThrottle`'s, done in Lua so that a check
-and its update are one atomic step; times come from the caller (``now``) as in the
-in-memory throttle.  Methods return Deferreds.
+pacing is the relay's one GCRA, :func:`sendarix.model.gcra.step`, written again in Lua
+only so that a check and its update are one atomic step in Redis: its parameters come
+from :meth:`sendarix.model.gcra.Pacing.of` and times from the caller (``now``), as in
+:class:`sendarix.routing.throttle.MemoryThrottle`.  Methods return Deferreds.
 """
 
 from __future__ import annotations
@@ -21,16 +22,22 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from attrs import define, field
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from sendarix.interfaces import IThrottle
+from sendarix.model.gcra import Pacing
 
 log = Logger()
 
-# ARGV: prefix, key, interval, tolerance, now.  The wait as text ("0" when admitted).
+# sendarix.model.gcra.step, line for line: ARGV prefix, key, then Pacing.interval,
+# Pacing.tolerance and now.  The TAT is stored and the wait returned as %.17g text,
+# which a Python float reads back exactly, so both sides compute with the same bits.
+# Answers the wait as text ("0" when admitted).  The key expires a second after its
+# TAT has passed: by then step would start afresh from ``now`` anyway.
 _ADMIT = """
 local key = ARGV[1] .. 'thr:r:' .. ARGV[2]
 local interval, tolerance, now = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -67,6 +74,7 @@ return held
 
 
 @implementer(IThrottle)
+@define(eq=False)  # a node's leases: compared by identity, as a service is
 class RedisThrottle:
     """Cluster-wide pacing in Redis (see the module docstring).
 
@@ -75,23 +83,14 @@ class RedisThrottle:
     slot renewal.  Call ``stop()`` when the node stops (its slots then expire).
     """
 
-    def __init__(
-        self,
-        redis: Any,
-        clock: Any,
-        prefix: str = "sendarix:",
-        node: str = "node",
-        burst: float = 1.0,
-        slot_ttl: float = 60.0,
-    ) -> None:
-        self._redis = redis
-        self._clock = clock
-        self._prefix = prefix
-        self._node = node
-        self.burst = burst
-        self.slot_ttl = slot_ttl
-        self._held: dict[str, list[str]] = {}
-        self._renewer: LoopingCall | None = None
+    _redis: Any
+    _clock: Any
+    _prefix: str = "sendarix:"
+    _node: str = "node"
+    burst: float = 1.0
+    slot_ttl: float = 60.0
+    _held: dict[str, list[str]] = field(factory=dict, init=False)
+    _renewer: LoopingCall | None = field(default=None, init=False)
 
     def _run(self, script: str, *args: Any) -> Deferred[Any]:
         d: Deferred[Any] = self._redis.eval(script, [], [self._prefix, *args])
@@ -100,11 +99,13 @@ class RedisThrottle:
     def admit(self, key: str, rate: float, period: float, now: float) -> Deferred[float]:
         """0.0 when one message for ``key`` may go now (it is counted, cluster-wide),
         else the seconds until it may."""
-        if rate <= 0 or period <= 0:
-            return fail(ValueError("rate and period must be positive"))
-        interval = period / rate
-        tolerance = interval * (max(self.burst, 1.0) - 1.0)
-        d = self._run(_ADMIT, key, repr(interval), repr(tolerance), repr(float(now)))
+        try:
+            pacing = Pacing.of(rate, period, self.burst)
+        except ValueError:
+            return fail()
+        d = self._run(
+            _ADMIT, key, repr(pacing.interval), repr(pacing.tolerance), repr(float(now))
+        )
         return d.addCallback(float)
 
     def acquire_connection(self, key: str, limit: int, now: float) -> Deferred[bool]:
