@@ -28,7 +28,7 @@ import datetime
 import random
 from itertools import groupby
 
-from attrs import define, field
+from attrs import define, field, frozen
 from zope.interface import implementer
 
 from sendarix.config.settings import EgressSourceConfig
@@ -42,6 +42,19 @@ def source_name(source: Source | str) -> str:
     return source if isinstance(source, str) else source.name
 
 
+@frozen
+class Mark:
+    """A deprioritization mark: ``value`` as it stood at ``since``, halving every
+    ``half_life`` seconds after that."""
+
+    value: float
+    since: float
+
+    def at(self, now: float, half_life: float) -> float:
+        """The mark's value at ``now`` (as it was at ``since`` for earlier times)."""
+        return float(self.value * 0.5 ** (max(0.0, now - self.since) / half_life))
+
+
 @implementer(IEgressSelector)
 @define
 class TieredSelector:
@@ -51,8 +64,8 @@ class TieredSelector:
     half_life: float = 3600.0
     threshold: float = 0.1
     rng: random.Random = field(factory=random.Random)
-    # (source, provider) -> (penalty, when it was last updated)
-    _penalties: dict[tuple[str, str], tuple[float, float]] = field(factory=dict, init=False)
+    # (source, provider) -> its mark, as of when it was last updated
+    _penalties: dict[tuple[str, str], Mark] = field(factory=dict, init=False)
     # date -> (source, provider) -> messages sent that day
     _sent: dict[datetime.date, dict[tuple[str, str], int]] = field(factory=dict, init=False)
 
@@ -105,7 +118,7 @@ class TieredSelector:
     def penalize(self, source: Source | str, provider: str, now: float) -> None:
         """``provider`` rate-limited or blocked ``source``: add one to its mark."""
         key = (source_name(source), provider)
-        self._penalties[key] = (self._decayed(key, now) + 1.0, now)
+        self._penalties[key] = Mark(self._decayed(key, now) + 1.0, now)
 
     def penalty(self, source: Source | str, provider: str, now: float) -> float:
         """The current (decayed) mark of ``source`` for ``provider``; 0 when none."""
@@ -115,12 +128,14 @@ class TieredSelector:
             del self._penalties[key]  # faded out: forget it
         return value
 
+    def mark(self, source: Source | str, provider: str) -> Mark | None:
+        """The mark of ``source`` for ``provider`` as last updated (None: none), for
+        :meth:`merge_mark` elsewhere."""
+        return self._penalties.get((source_name(source), provider))
+
     def _decayed(self, key: tuple[str, str], now: float) -> float:
-        entry = self._penalties.get(key)
-        if entry is None:
-            return 0.0
-        value, since = entry
-        return float(value * 0.5 ** (max(0.0, now - since) / self.half_life))
+        mark = self._penalties.get(key)
+        return 0.0 if mark is None else mark.at(now, self.half_life)
 
     def snapshot(self, now: float, today: datetime.date) -> list[dict[str, object]]:
         """Each source's warmup cap, sends today and current marks (for the routing
@@ -176,7 +191,7 @@ class TieredSelector:
                         continue
                     key = (name, provider)
                     if float(value) > self._decayed(key, written_at):
-                        self._penalties[key] = (float(value), written_at)
+                        self._penalties[key] = Mark(float(value), written_at)
                         taken += 1
         return taken
 
@@ -186,12 +201,11 @@ class TieredSelector:
         counts = self._sent.setdefault(today, {})
         counts[(name, provider)] = max(counts.get((name, provider), 0), count)
 
-    def merge_mark(self, name: str, provider: str, mark: float, since: float, now: float) -> None:
-        """Take a deprioritization mark set elsewhere (``mark`` as of ``since``): it
-        replaces ours when it is the higher one now."""
-        shared = mark * 0.5 ** (max(0.0, now - since) / self.half_life)
-        if shared > self._decayed((name, provider), now):
-            self._penalties[(name, provider)] = (mark, since)
+    def merge_mark(self, name: str, provider: str, mark: Mark, now: float) -> None:
+        """Take a deprioritization mark set elsewhere: it replaces ours when it is the
+        higher one now."""
+        if mark.at(now, self.half_life) > self._decayed((name, provider), now):
+            self._penalties[(name, provider)] = mark
 
     def _has_budget(self, source: Source, provider: str, today: datetime.date) -> bool:
         left = self.remaining(source, provider, today)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ipaddress
 from collections import OrderedDict, deque
 
-from attrs import define, field
+from collections.abc import Iterable
+
+from attrs import define, field, frozen
 from zope.interface import implementer
 
 from sendarix.interfaces import IAuthLimiter
@@ -33,6 +35,19 @@ def client_key(ip: str) -> str:
             return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return str(addr)
+
+
+def _in_order(times: Iterable[float]) -> tuple[float, ...]:
+    return tuple(sorted(times))
+
+
+@frozen
+class ClientRecord:
+    """What one process knows of a client address, to hand to another: its failure
+    times within the window (oldest first) and when its lockout ends (0.0: none)."""
+
+    failures: tuple[float, ...] = field(default=(), converter=_in_order)
+    locked_until: float = 0.0
 
 
 @define
@@ -147,12 +162,20 @@ class AuthLimiter:
             # Start afresh when the lockout ends.
             state.failures.clear()
 
-    def merge(self, ip: str, failures: list[float], locked_until: float, now: float) -> None:
+    def record(self, ip: str, now: float) -> ClientRecord:
+        """What is counted for ``ip`` at ``now`` (an empty record when nothing is),
+        for :meth:`merge` elsewhere."""
+        state = self._lookup(ip, now)
+        if state is None:
+            return ClientRecord()
+        return ClientRecord(state.failures, state.locked_until)
+
+    def merge(self, ip: str, record: ClientRecord, now: float) -> None:
         """Take what was counted for ``ip`` elsewhere (another process): its failure
         times within the window and its lockout end.  The longer failure list and the
         later lockout win, so merging never forgets a failure counted here."""
-        failures = sorted(failures)
-        if not failures and locked_until <= now:
+        failures = record.failures
+        if not failures and record.locked_until <= now:
             return
         key = client_key(ip)
         state = self._lookup(ip, now)
@@ -167,7 +190,7 @@ class AuthLimiter:
         if len(failures) > len(state.failures):
             state.failures.clear()
             state.failures.extend(failures)
-        state.locked_until = max(state.locked_until, locked_until)
+        state.locked_until = max(state.locked_until, record.locked_until)
 
     def succeeded(self, ip: str, now: float) -> None:
         """Record a success of ``ip``: its failures are forgotten."""

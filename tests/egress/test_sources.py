@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from sendarix.config.settings import EgressSourceConfig, WarmupConfig
-from sendarix.egress.sources import TieredSelector
+from sendarix.egress.sources import Mark, TieredSelector
 from sendarix.interfaces import IEgressSelector
 from sendarix.stores.redis.connection import connect
 from sendarix.stores.redis.selector import SharedTieredSelector
@@ -152,6 +152,55 @@ class TieredSelectorTests(SynchronousTestCase):
     def test_duplicate_names(self) -> None:
         """Source names must be unique."""
         self.assertRaises(ValueError, TieredSelector, (_src("a"), _src("a")))
+
+    def test_mark_halves_per_half_life(self) -> None:
+        """A mark halves every half-life after it was set, and not before."""
+        mark = Mark(2.0, 100.0)
+        self.assertEqual(mark.at(50.0, 10.0), 2.0)
+        self.assertEqual(mark.at(100.0, 10.0), 2.0)
+        self.assertEqual(mark.at(120.0, 10.0), 0.5)
+
+    def test_merge_sent_keeps_the_larger(self) -> None:
+        """A count from elsewhere replaces ours only when larger."""
+        sel = TieredSelector((_src("a"),))
+        sel.record_send("a", "gmail", DAY0)
+        sel.merge_sent("a", "gmail", DAY0, 4)
+        sel.merge_sent("a", "gmail", DAY0, 2)
+        self.assertEqual(sel.sent("a", "gmail", DAY0), 4)
+
+    def test_merge_mark_keeps_the_higher_now(self) -> None:
+        """A mark from elsewhere replaces ours when it is higher now, decayed from
+        when it was set."""
+        one = TieredSelector((_src("a"),), half_life=100.0)
+        two = TieredSelector((_src("a"),), half_life=100.0)
+        self.assertIsNone(one.mark("a", "gmail"))
+        one.penalize("a", "gmail", 0.0)
+        one.penalize("a", "gmail", 0.0)
+        self.assertEqual(one.mark("a", "gmail"), Mark(2.0, 0.0))
+        two.penalize("a", "gmail", 150.0)  # 1.0 at 150 beats 2.0 set at 0 (0.707)
+        mark = two.mark("a", "gmail")
+        assert mark is not None
+        one.merge_mark("a", "gmail", mark, 150.0)
+        self.assertEqual(one.mark("a", "gmail"), Mark(1.0, 150.0))
+        one.merge_mark("a", "gmail", Mark(4.0, 0.0), 150.0)  # 4 at 0 is 1.41 at 150
+        self.assertAlmostEqual(one.penalty("a", "gmail", 150.0), 4.0 * 0.5**1.5)
+        one.merge_mark("a", "gmail", Mark(0.5, 150.0), 150.0)
+        self.assertEqual(one.mark("a", "gmail"), Mark(4.0, 0.0))
+
+    @given(st.lists(st.tuples(st.booleans(), st.floats(0, 1e5, allow_nan=False)),
+                    max_size=30).map(lambda xs: sorted(xs, key=lambda x: x[1])))
+    def test_exchanging_selectors_agree(self, events: list[tuple[bool, float]]) -> None:
+        """Two selectors that pass each mark they set to the other see the same
+        penalty at every moment after."""
+        pair = (TieredSelector((_src("a"),)), TieredSelector((_src("a"),)))
+        for first, now in events:
+            sender, receiver = pair if first else pair[::-1]
+            sender.penalize("a", "gmail", now)
+            mark = sender.mark("a", "gmail")
+            assert mark is not None
+            receiver.merge_mark("a", "gmail", mark, now)
+            self.assertEqual(receiver.penalty("a", "gmail", now + 60.0),
+                             sender.penalty("a", "gmail", now + 60.0))
 
 
 class SharedTieredSelectorTests(TestCase):

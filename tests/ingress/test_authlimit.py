@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from sendarix.ingress.authlimit import AuthLimiter, client_key
+from sendarix.ingress.authlimit import AuthLimiter, ClientRecord, client_key
 from sendarix.interfaces import IAuthLimiter
 
 IP = "192.0.2.1"
@@ -149,3 +149,50 @@ class AuthLimiterTests(SynchronousTestCase):
             self.assertGreaterEqual(delay, previous)
             self.assertLessEqual(delay, lim.max_delay)
             previous = delay
+
+
+class ExchangeTests(SynchronousTestCase):
+    """What one process counted, another takes with ``record`` and ``merge``."""
+
+    def test_record_and_merge(self) -> None:
+        """A fresh limiter that merges another's record counts the same failures and
+        the same lockout; an unknown address has an empty record."""
+        one, two = AuthLimiter(), AuthLimiter()
+        self.assertEqual(one.record(IP, 0.0), ClientRecord())
+        for t in (10.0, 11.0):
+            one.failed(IP, t)
+        self.assertEqual(one.record(IP, 12.0), ClientRecord((10.0, 11.0), 0.0))
+        two.merge(IP, one.record(IP, 12.0), 12.0)
+        self.assertEqual(two.failures(IP, 12.0), 2)
+        self.assertEqual(two.delay_for(IP, 12.0), one.delay_for(IP, 12.0))
+        two.merge("192.0.2.9", ClientRecord(locked_until=100.0), 12.0)
+        self.assertTrue(two.is_locked("192.0.2.9", 99.0))
+        self.assertFalse(two.is_locked("192.0.2.9", 100.0))
+
+    def test_record_times_in_order(self) -> None:
+        """A record keeps its failure times oldest first, however they were given."""
+        self.assertEqual(ClientRecord([3.0, 1.0, 2.0]).failures, (1.0, 2.0, 3.0))
+
+    def test_merge_never_forgets(self) -> None:
+        """A shorter list or an earlier lockout from elsewhere changes nothing here."""
+        lim = AuthLimiter()
+        for t in (10.0, 11.0, 12.0):
+            lim.failed(IP, t)
+        lim.merge(IP, ClientRecord((5.0,), 0.0), 13.0)
+        self.assertEqual(lim.failures(IP, 13.0), 3)
+        lim.merge(IP, ClientRecord((), 500.0), 13.0)
+        lim.merge(IP, ClientRecord((), 400.0), 13.0)
+        self.assertTrue(lim.is_locked(IP, 499.0))
+        self.assertFalse(lim.is_locked(IP, 500.0))
+
+    @given(gaps, st.lists(st.booleans(), min_size=30, max_size=30))
+    def test_exchanging_limiters_agree(self, gap_list: list[float], who: list[bool]) -> None:
+        """Two limiters that hand each other their record after every failure agree
+        on the lockout, and the receiver counts at least the sender's failures."""
+        pair = (AuthLimiter(), AuthLimiter())
+        for t, first in zip(times_from(gap_list), who, strict=False):
+            sender, receiver = pair if first else pair[::-1]
+            sender.failed(IP, t)
+            receiver.merge(IP, sender.record(IP, t), t)
+            self.assertEqual(receiver.is_locked(IP, t), sender.is_locked(IP, t))
+            self.assertGreaterEqual(receiver.failures(IP, t), sender.failures(IP, t))

@@ -175,6 +175,24 @@ class EndpointPoolTests(SynchronousTestCase):
         self.assertEqual(priorities, sorted(priorities))
 
 
+    def test_merge_open(self) -> None:
+        """A breaker opened elsewhere rests here until then, unless ours rests
+        longer; past times and unknown endpoints change nothing."""
+        config = pool(endpoints=["127.0.0.2:25", "127.0.0.3:25"], cooldown="60s")
+        strategy = EndpointPool(config)
+        first, second = hops_of(config)
+        strategy.merge_open("relays/127.0.0.2:25", 50.0, 10.0)
+        strategy.merge_open("relays/127.0.0.3:25", 5.0, 10.0)
+        strategy.merge_open("elsewhere/127.0.0.9:25", 50.0, 10.0)
+        self.assertEqual((strategy.opened_until(first), strategy.opened_until(second)),
+                         (50.0, None))
+        self.assertEqual(strategy.order((first, second), 49.0), (second,))
+        strategy.failed(first, 40.0)  # now resting until 100
+        strategy.merge_open("relays/127.0.0.2:25", 70.0, 41.0)
+        self.assertEqual(strategy.opened_until(first), 100.0)
+        self.assertNotIn("elsewhere/127.0.0.9:25", strategy.states(41.0))
+
+
 class PoolRouterTests(SynchronousTestCase):
     """Hops carry the endpoint's TLS policy and AUTH credentials."""
 

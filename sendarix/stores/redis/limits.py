@@ -32,7 +32,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sendarix.ingress.authlimit import AuthLimiter, client_key
+from sendarix.ingress.authlimit import AuthLimiter, ClientRecord, client_key
 from sendarix.ingress.ratelimit import RateLimiter
 from sendarix.interfaces import IAuthLimiter, IRateLimiter
 
@@ -125,7 +125,7 @@ class SharedAuthLimiter:
         shared = json.loads(reply)
         failures = [float(t) for t in shared.get("failures") or []]
         locked_until = float(shared["locked_until"]) if shared.get("locked_until") else 0.0
-        self.local.merge(ip, failures, locked_until, now)
+        self.local.merge(ip, ClientRecord(failures, locked_until), now)
 
     def failures(self, ip: str, now: float) -> int:
         """As AuthLimiter's (what this process knows)."""

@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sendarix.egress.sources import Source, TieredSelector, source_name
+from sendarix.egress.sources import Mark, Source, TieredSelector, source_name
 from sendarix.interfaces import IEgressSelector
 from sendarix.stores.redis.connection import hash_pairs
 
@@ -39,7 +39,8 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: the marks hash.  ARGV: field, now, half-life.
+# KEYS: the marks hash.  ARGV: field, now, half-life.  TieredSelector.penalize in one
+# atomic step: the stored ``value|since`` decayed to now (Mark.at), plus one, as of now.
 _PENALIZE = """
 local now, half_life = tonumber(ARGV[2]), tonumber(ARGV[3])
 local value = 0
@@ -146,4 +147,4 @@ class SharedTieredSelector:
         for key, value in hash_pairs(marks):
             name, _, provider = key.partition("|")
             mark, _, since = value.partition("|")
-            self.local.merge_mark(name, provider, float(mark), float(since), now)
+            self.local.merge_mark(name, provider, Mark(float(mark), float(since)), now)
