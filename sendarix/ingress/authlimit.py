@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict, deque
-
 from collections.abc import Iterable
 
 from attrs import define, field, frozen
