@@ -63,7 +63,8 @@ for i = 2, #times, 2 do table.insert(scores, times[i]) end
 return cjson.encode({failures = scores, locked_until = redis.call('GET', KEYS[2]) or false})
 """
 
-# KEYS: the key's TAT.  ARGV: our TAT, expiry ms.  The later of the two, as text.
+# KEYS: the key's TAT.  ARGV: our TAT, expiry ms.  The later of the two, as text:
+# GcraTable.merge on the Redis side (the pacing itself stays sendarix.model.gcra's).
 _TAT = """
 local ours = tonumber(ARGV[1])
 local stored = tonumber(redis.call('GET', KEYS[1]) or '') or ours
@@ -82,6 +83,8 @@ class SharedAuthLimiter:
     """An :class:`AuthLimiter` whose failures and lockouts every process shares via
     ``redis``: the local limiter answers, Redis tells it what the others counted."""
 
+    # Written by hand rather than with attrs: it takes the AuthLimiter's own settings
+    # (max_failures, window, ...) and builds the core from them, as the backend does.
     def __init__(self, redis: Any, *args: Any, prefix: str = "sendarix:", **kwargs: Any) -> None:
         self.local = AuthLimiter(*args, **kwargs)
         self.redis = redis
