@@ -92,11 +92,11 @@ class RuleCheckerTests(SynchronousTestCase):
 
     def test_only_node_and_cli_assemble(self) -> None:
         self.assertIn(
-            "only node and cli assemble the others",
+            "only node and control assemble the others",
             self.rules("sendarix.delivery.service", "from sendarix.node.service import X"),
         )
         self.assertEqual(
-            self.rules("sendarix.cli.main", "from sendarix.node.service import X"), set()
+            self.rules("sendarix.control.cli.main", "from sendarix.node.service import X"), set()
         )
 
     def test_relative_imports_resolved(self) -> None:

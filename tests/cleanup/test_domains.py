@@ -343,7 +343,7 @@ def _cli(args: list[str], cwd: str, secret: str | None = SECRET) -> Any:
     env.pop("SENDARIX_SECRET_KEY", None)
     if secret is not None:
         env["SENDARIX_SECRET_KEY"] = secret
-    return getProcessOutputAndValue(sys.executable, ["-m", "sendarix.cli", *args], env=env,
+    return getProcessOutputAndValue(sys.executable, ["-m", "sendarix.control.cli", *args], env=env,
                                     path=cwd)
 
 
@@ -748,7 +748,7 @@ class DomainCheckTests(TestCase):
                                             "timeout": "2s"}}, os.path.abspath(self.mktemp()))
 
     async def findings(self, domain: str, egress: tuple[str, ...] = ()) -> dict[str, Any]:
-        from sendarix.cli.domaincheck import check_domain, make_resolver
+        from sendarix.control.cli.domaincheck import check_domain, make_resolver
 
         found = await deferToThread(check_domain, make_resolver(self.config), domain, None,
                                     egress)

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet import reactor, task
 from twisted.trial import unittest
 
-from sendarix.cli.sink import SinkOptions, SinkServer, parse_fault
+from sendarix.control.cli.sink import SinkOptions, SinkServer, parse_fault
 from sendarix.model.event import EventQuery
 from tests.delivery.test_service import RELAY_LISTENER, submit, wait_event
 from tests.support.dnsserver import start_dns

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from sendarix.cli.sink import SinkOptions, SinkServer, parse_fault
+from sendarix.control.cli.sink import SinkOptions, SinkServer, parse_fault
 from sendarix.interfaces import IThrottle
 from sendarix.model.event import EventQuery
 from sendarix.routing.throttle import MemoryThrottle

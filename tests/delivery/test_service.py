@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet import reactor, task
 from twisted.trial import unittest
 
-from sendarix.cli.sink import SinkOptions, SinkServer, parse_fault
+from sendarix.control.cli.sink import SinkOptions, SinkServer, parse_fault
 from sendarix.model.event import Event, EventQuery
 from tests.support.dnsserver import start_dns
 from tests.support.relay import Relay, in_thread, start_relay

@@ -18,7 +18,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from sendarix.cli.sink import SinkOptions, SinkServer, parse_fault
+from sendarix.control.cli.sink import SinkOptions, SinkServer, parse_fault
 from sendarix.egress.client import (
     OutboundMessage,
     SessionResult,

@@ -4,7 +4,7 @@ killed mid-delivery loses nothing (another node takes its leases when they expir
 and a Redis crash mid-stream loses nothing that was answered 250.
 
 Each test runs its own redis-server (append-only file, ``appendfsync always``), DNS
-server and sink (sendarix.cli.sink, counting Message-IDs) on loopback.
+server and sink (sendarix.control.cli.sink, counting Message-IDs) on loopback.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 from twisted.internet import reactor, task
 from twisted.trial.unittest import TestCase
 
-from sendarix.cli.sink import SinkServer
+from sendarix.control.cli.sink import SinkServer
 from sendarix.model.event import EventQuery
 from sendarix.stores.redis.connection import connect
 from sendarix.stores.redis.eventlog import RedisEventLog

@@ -16,7 +16,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from sendarix.cli.sink import SinkOptions, SinkServer
+from sendarix.control.cli.sink import SinkOptions, SinkServer
 from sendarix.interfaces import IBackend
 from sendarix.node.service import make_auth_limiter
 from sendarix.stores.redis.backend import RedisBackend
@@ -26,7 +26,7 @@ from sendarix.stores.redis.limits import SharedAuthLimiter, SharedRateLimiter
 from sendarix.stores.redis.selector import SharedTieredSelector
 from sendarix.stores.redis.spool import RedisSpool
 from sendarix.stores.redis.throttle import RedisThrottle
-from tests.cli.test_main import _run, _write_config
+from tests.control.cli.test_main import _run, _write_config
 from tests.support.dnsserver import start_dns
 from tests.support.redisserver import start_redis
 from tests.support.relay import Relay, in_thread, start_relay, until

@@ -103,7 +103,7 @@ class WorkerProcessTests(TestCase):
         self.assertEqual(codes, [250] * 24)
 
         search = subprocess.run(
-            [sys.executable, "-m", "sendarix.cli", "--config", config, "log", "search",
+            [sys.executable, "-m", "sendarix.control.cli", "--config", config, "log", "search",
              "--type", "accepted", "--limit", "100", "--json"],
             cwd=folder, env=env(), capture_output=True, timeout=60,
         )

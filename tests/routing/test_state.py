@@ -10,7 +10,7 @@ from typing import Any
 from twisted.trial import unittest
 
 from sendarix.routing.state import format_state, read_state, state_path, write_state
-from tests.cli.test_main import CONFIG, _run, _write_config
+from tests.control.cli.test_main import CONFIG, _run, _write_config
 from tests.delivery.test_routing import SENDER, start_sink
 from tests.delivery.test_service import RELAY_LISTENER, submit, wait_event
 from tests.support.relay import in_thread, start_relay

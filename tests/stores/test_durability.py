@@ -30,7 +30,7 @@ class RelayProcessTests(RelayProcessMixin, TestCase):
 
     def _cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
-            [sys.executable, "-m", "sendarix.cli", "--config", self.config, *args],
+            [sys.executable, "-m", "sendarix.control.cli", "--config", self.config, *args],
             cwd=self.dir, env=env(), capture_output=True, timeout=60,
         )
 

@@ -1,5 +1,5 @@
 """Tests for :obj:`sendarix.stores.sqlite.suppression`: the value, the SQLite store, and the
-``sendarix suppressions`` commands (as subprocesses, like tests.cli.test_main)."""
+``sendarix suppressions`` commands (as subprocesses, like tests.control.cli.test_main)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from sendarix.cli.main import main
 from sendarix.config.loader import load_config
+from sendarix.control.cli.main import main
 from sendarix.interfaces import ISuppressionStore
 from sendarix.model.suppression import Suppression, normalize_address
 from sendarix.stores.backends import open_stores
 from sendarix.stores.redis.suppression import RedisSuppressionStore
 from sendarix.stores.sqlite.database import SQLiteDatabase
 from sendarix.stores.sqlite.suppression import SQLiteSuppressionStore
-from tests.cli.test_main import _run, _write_config
+from tests.control.cli.test_main import _run, _write_config
 from tests.support.redisserver import redis_client
 
 if TYPE_CHECKING:

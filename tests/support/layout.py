@@ -21,7 +21,7 @@ PACKAGE_ROOT = os.path.join(REPO_ROOT, "sendarix")
 #: The stages, in the order a message meets them; docs/architecture.md follows it.
 STAGES: tuple[str, ...] = (
     "model", "interfaces", "config", "ingress", "cleanup", "stores", "scheduler",
-    "routing", "egress", "delivery", "events", "node", "cli",
+    "routing", "egress", "delivery", "events", "node", "control",
 )  # fmt: skip
 
 #: Packages (or single modules) whose code must not do I/O: decisions and values only.
@@ -47,7 +47,7 @@ IO_MODULES: tuple[str, ...] = (
 #: The modules that speak a protocol on the wire (or drive those that do).
 PROTOCOL_MODULES: tuple[str, ...] = (
     "twisted.mail", "twisted.web", "sendarix.ingress.server", "sendarix.ingress.sasl",
-    "sendarix.egress.client", "sendarix.delivery", "sendarix.node", "sendarix.cli",
+    "sendarix.egress.client", "sendarix.delivery", "sendarix.node", "sendarix.control",
 )  # fmt: skip
 
 # Pure modules that may use an I/O-named module for one non-I/O purpose.  Keep short.
@@ -148,10 +148,10 @@ def check_module(module: str, imported: set[str]) -> list[Violation]:
             if not _within(name, ("sendarix.model", "sendarix.scheduler", "sendarix.config",
                                   "sendarix.interfaces", "sendarix.routing.shaping")):
                 out.append(Violation(module, name, "the scheduler decides; it calls no stage"))
-    if not _within(module, ("sendarix.node", "sendarix.cli")):
+    if not _within(module, ("sendarix.node", "sendarix.control")):
         for name in sorted(own):
-            if _within(name, ("sendarix.node", "sendarix.cli")):
-                out.append(Violation(module, name, "only node and cli assemble the others"))
+            if _within(name, ("sendarix.node", "sendarix.control")):
+                out.append(Violation(module, name, "only node and control assemble the others"))
     return out
 
 

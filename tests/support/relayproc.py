@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet import reactor
 
-from sendarix.cli.sink import SinkOptions, SinkServer, parse_fault
+from sendarix.control.cli.sink import SinkOptions, SinkServer, parse_fault
 from tests.support.paths import REPO_ROOT
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -101,7 +101,7 @@ def start_workers(
 
 def sink_server(port: int, *faults: str) -> SinkServer:
     """A sink (not started yet) on 127.0.0.2:``port`` (0: a free port), idling forever,
-    with ``faults`` (see sendarix.cli.sink.parse_fault)."""
+    with ``faults`` (see sendarix.control.cli.sink.parse_fault)."""
     return SinkServer(
         SinkOptions(
             listen=(f"tcp:{port}:interface=127.0.0.2",),

@@ -37,7 +37,7 @@ its files were written, with ``maildir``).  The stats file lists every received
 message's Message-ID header value in arrival order, duplicates included, so tests can
 detect double deliveries.
 
-Run it with ``sendarix sink --listen tcp:2526 ...`` or ``python -m sendarix.cli.sink ...``;
+Run it with ``sendarix sink --listen tcp:2526 ...`` or ``python -m sendarix.control.cli.sink ...``;
 after listening it prints ``listening on HOST:PORT`` once per endpoint, so a test that
 listens on port 0 can read the port from its stdout.
 """

@@ -1,4 +1,4 @@
-"""Tests for sendarix.cli.sink: fault parsing, the SMTP session, faults, TLS, the CLI."""
+"""Tests for sendarix.control.cli.sink: fault parsing, the SMTP session, faults, TLS, the CLI."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from sendarix.cli.sink import (
+from sendarix.control.cli.sink import (
     FaultKind,
     FaultSpecError,
     SinkCommandOptions,
@@ -774,7 +774,7 @@ class _Process(ProcessProtocol):
 
 
 class CommandTests(TestCase):
-    """``python -m sendarix.cli.sink`` as a separate process."""
+    """``python -m sendarix.control.cli.sink`` as a separate process."""
 
     timeout = 30
 
@@ -785,7 +785,8 @@ class CommandTests(TestCase):
         stats = os.path.abspath(self.mktemp())
         proto = _Process()
         env = dict(os.environ, PYTHONPATH=ROOT)
-        args = [sys.executable, "-m", "sendarix.cli.sink", "--listen", "tcp:0:interface=127.0.0.1"]
+        args = [sys.executable, "-m", "sendarix.control.cli.sink",
+                "--listen", "tcp:0:interface=127.0.0.1"]
         args += ["--stats-file", stats, "--verbose", "--fault", "rcpt:550:no@*"]
         process = _reactor.spawnProcess(proto, sys.executable, args, env=env, path=ROOT)
         try:

@@ -1,9 +1,9 @@
-"""Tests for the ``sendarix`` command (sendarix.cli.main).
+"""Tests for the ``sendarix`` command (sendarix.control.cli.main).
 
 Commands that only parse arguments or read the configuration never start a reactor,
 so they run in-process through ``main()``.  Commands that open the stores run under
 ``task.react``, which cannot share trial's running reactor: they run as
-``python -m sendarix.cli`` subprocesses on a temporary configuration, and the test
+``python -m sendarix.control.cli`` subprocesses on a temporary configuration, and the test
 prepares or inspects the same SQLite file through :obj:`Stores` in this process.
 """
 
@@ -22,14 +22,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from sendarix.cli.main import (
+from sendarix.config.loader import load_config
+from sendarix.control.cli.main import (
     CommandError,
     main,
     parse_time,
     render_table,
 )
-from sendarix.cli.queue import _queue_delete, _queue_retry
-from sendarix.config.loader import load_config
+from sendarix.control.cli.queue import _queue_delete, _queue_retry
 from sendarix.ingress.auth import CredentialChecker
 from sendarix.ingress.queueid import QueueIdGenerator
 from sendarix.model.event import Event, format_timestamp
@@ -60,10 +60,10 @@ def _write_config(folder: str, name: str = "cli.toml", text: str = CONFIG) -> st
 
 
 def _run(args: list[str], cwd: str) -> Deferred[tuple[bytes, bytes, int]]:
-    """Run ``python -m sendarix.cli ARGS`` in ``cwd``: (stdout, stderr, exit status)."""
+    """Run ``python -m sendarix.control.cli ARGS`` in ``cwd``: (stdout, stderr, exit status)."""
     env = dict(os.environ, PYTHONPATH=ROOT)
     return getProcessOutputAndValue(
-        sys.executable, ["-m", "sendarix.cli", *args], env=env, path=cwd
+        sys.executable, ["-m", "sendarix.control.cli", *args], env=env, path=cwd
     )
 
 
@@ -137,7 +137,7 @@ class InProcessTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(os.path.join(self.folder, "var")))
 
     def test_sink_dispatch(self) -> None:
-        """``sink`` hands the rest of the line to sendarix.cli.sink untouched, also after
+        """``sink`` hands the rest of the line to sendarix.control.cli.sink untouched, also after
         ``--config``, without reading the configuration."""
         missing = os.path.join(self.folder, "nope.toml")
         for argv in (["sink", "--no-such-option"], ["--config", missing, "sink", "--bogus"]):

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from sendarix.cli.common import (
+from sendarix.control.cli.common import (
     CommandError,
     Output,
     positive_arg,

@@ -6,12 +6,12 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from sendarix.cli.common import (
+from sendarix.config.loader import describe
+from sendarix.config.settings import Config
+from sendarix.control.cli.common import (
     Output,
     text_lines,
 )
-from sendarix.config.loader import describe
-from sendarix.config.settings import Config
 
 # -- config ------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sendarix.cli.common import (
+from sendarix.control.cli.common import (
     CommandError,
     Output,
     domain_arg,

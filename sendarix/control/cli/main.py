@@ -26,13 +26,16 @@ from twisted.internet.task import react
 from twisted.python.failure import Failure
 
 from sendarix import __version__
-from sendarix.cli import config as config_commands
-from sendarix.cli import credentials as credential_commands
-from sendarix.cli import domains as domain_commands
-from sendarix.cli import log as log_commands
-from sendarix.cli import queue as queue_commands
-from sendarix.cli import suppressions as suppression_commands
-from sendarix.cli.common import (
+from sendarix.config.errors import ConfigError
+from sendarix.config.loader import resolve_config
+from sendarix.config.settings import Config
+from sendarix.control.cli import config as config_commands
+from sendarix.control.cli import credentials as credential_commands
+from sendarix.control.cli import domains as domain_commands
+from sendarix.control.cli import log as log_commands
+from sendarix.control.cli import queue as queue_commands
+from sendarix.control.cli import suppressions as suppression_commands
+from sendarix.control.cli.common import (
     PROG,
     CommandError,
     Output,
@@ -42,9 +45,6 @@ from sendarix.cli.common import (
     parse_time,
     render_table,
 )
-from sendarix.config.errors import ConfigError
-from sendarix.config.loader import resolve_config
-from sendarix.config.settings import Config
 from sendarix.stores.backends import open_stores
 from sendarix.stores.errors import SpoolError, StoreUnavailable
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     sink_args = _sink_arguments(arguments)
     if sink_args is not None:
-        from sendarix.cli import sink
+        from sendarix.control.cli import sink
 
         return sink.main(sink_args)
 

@@ -10,7 +10,8 @@ from typing import Any
 from twisted.internet.threads import deferToThread
 
 from sendarix.cleanup.dkimkeys import ALGORITHMS, check_selector, generate_key, record_line
-from sendarix.cli.common import (
+from sendarix.config.secret import SecretError
+from sendarix.control.cli.common import (
     CommandError,
     Output,
     domain_arg,
@@ -21,8 +22,12 @@ from sendarix.cli.common import (
     text_lines,
     to_json,
 )
-from sendarix.cli.domaincheck import DNSLookupError, check_domain, make_resolver, verify_keys
-from sendarix.config.secret import SecretError
+from sendarix.control.cli.domaincheck import (
+    DNSLookupError,
+    check_domain,
+    make_resolver,
+    verify_keys,
+)
 from sendarix.model.domain import DKIMKey, DomainExistsError, DomainNotFoundError, SendingDomain
 from sendarix.stores.backends import Stores
 
