@@ -226,6 +226,29 @@ class ISubmitter(Interface):
     returns the client's :obj:`sendarix.stores.credentials.Credential` under this interface."""
 
 
+class IIdempotencyStore(Interface):
+    """Idempotency keys of the HTTP API, shared wherever the stores are shared.
+
+    ``scope`` keeps tenants apart (two tenants may use the same key).  Every method
+    returns a Deferred.
+    """
+
+    def claim(scope, key, fingerprint, now):  # noqa: N805 - zope: no self
+        """Claim ``key`` for a request with ``fingerprint``: None when the claim is new
+        (the caller runs the request, then calls ``finish`` or ``release``), else the
+        record already there (finished or still running).  Records older than
+        ``KEY_LIFETIME`` count as absent."""
+
+    def finish(scope, key, status, body):  # noqa: N805
+        """Store the answer of the claimed request."""
+
+    def release(scope, key):  # noqa: N805
+        """Drop a claim whose request did not finish (so a retry may run it)."""
+
+    def trim(before):  # noqa: N805
+        """Delete records created before ``before``; Deferred count."""
+
+
 class ISuppressionStore(Interface):
     """Each tenant's suppression list: recipients that must not be sent to.
 
@@ -360,6 +383,7 @@ class IBackend(Interface):
     eventlog = Attribute("The IEventLog (the delivery log).")
     suppressions = Attribute("The ISuppressionStore.")
     domains = Attribute("The IDomainStore.")
+    idempotency = Attribute("The IIdempotencyStore (HTTP API idempotency keys).")
     location = Attribute("Where the data is, for messages (a file path or a server).")
     errors = Attribute(
         "The exception types that mean the store failed (unreachable, unreadable), "

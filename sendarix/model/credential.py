@@ -6,6 +6,7 @@ it with a hash of its secret; nothing here hashes, stores or checks a secret.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -23,6 +24,33 @@ SCOPES = frozenset({"smtp", "send", "read", "admin"})
 DEFAULT_SCOPES = frozenset({"smtp", "send"})
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._@+-]{1,128}")
+
+#: The prefix of a secret that also serves as an API key (see :func:`api_key_name`).
+API_KEY_PREFIX = "sx1"
+
+
+def api_key(name: str, random_part: str) -> str:
+    """The secret of credential ``name``: ``sx1.<name, base64url>.<random>``.
+
+    The name travels inside the secret so the HTTP API finds the credential from the
+    key alone and checks it against the one stored hash; the random part is what
+    makes it secret.  The whole string is also the SMTP AUTH password.
+    """
+    encoded = base64.urlsafe_b64encode(name.encode("utf-8")).decode("ascii").rstrip("=")
+    return f"{API_KEY_PREFIX}.{encoded}.{random_part}"
+
+
+def api_key_name(key: str) -> str | None:
+    """The credential name inside an API key, or None when ``key`` is not one (secrets
+    made before keys carried a name work for SMTP AUTH only; rotate to get a key)."""
+    parts = key.split(".")
+    if len(parts) != 3 or parts[0] != API_KEY_PREFIX or not parts[1] or not parts[2]:
+        return None
+    try:
+        name = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return name if NAME_PATTERN.fullmatch(name) else None
 
 
 # unit -> (multiply, divide) to turn a count per unit into a count per minute.

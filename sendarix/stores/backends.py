@@ -23,6 +23,7 @@ from sendarix.interfaces import (
     IDomainStore,
     IEventLog,
     IEventSink,
+    IIdempotencyStore,
     ISpool,
     ISuppressionStore,
     IThrottle,
@@ -78,6 +79,10 @@ class Stores:
     @property
     def domains(self) -> IDomainStore:
         return self.backend.domains
+
+    @property
+    def idempotency(self) -> IIdempotencyStore:
+        return self.backend.idempotency
 
     @property
     def location(self) -> str:

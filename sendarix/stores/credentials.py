@@ -26,6 +26,7 @@ from sendarix.model.credential import (
     DEFAULT_SCOPES,
     Credential,
     IPNetwork,
+    api_key,
     draft_credential,
 )
 
@@ -59,9 +60,10 @@ class CredentialNotFoundError(LookupError):
 # -- secrets ---------------------------------------------------------------------
 
 
-def new_secret() -> str:
-    """A fresh random secret: 32 random bytes, URL-safe base64 (43 characters)."""
-    return secrets.token_urlsafe(32)
+def new_secret(name: str) -> str:
+    """A fresh secret for credential ``name``: 32 random bytes (URL-safe base64, 43
+    characters) behind the name, so the same string is the credential's API key."""
+    return api_key(name, secrets.token_urlsafe(32))
 
 
 def _b64(data: bytes) -> str:
@@ -129,10 +131,10 @@ DUMMY_HASH = (
 # -- what every store does ------------------------------------------------------
 
 
-async def new_hashed_secret(threads: IReactorThreads | None) -> tuple[str, str]:
-    """A fresh secret and its hash, ``(secret, hash)``; hashed in ``threads``'s pool
-    (None: the global reactor's), never on the reactor thread."""
-    secret = new_secret()
+async def new_hashed_secret(threads: IReactorThreads | None, name: str) -> tuple[str, str]:
+    """A fresh secret for ``name`` and its hash, ``(secret, hash)``; hashed in
+    ``threads``'s pool (None: the global reactor's), never on the reactor thread."""
+    secret = new_secret(name)
     return secret, await in_thread(threads, hash_secret, secret)
 
 
@@ -140,7 +142,7 @@ async def with_new_secret(
     threads: IReactorThreads | None, draft: Credential
 ) -> tuple[Credential, str]:
     """``draft`` with the hash of a fresh secret, and that secret."""
-    secret, hashed = await new_hashed_secret(threads)
+    secret, hashed = await new_hashed_secret(threads, draft.name)
     return evolve(draft, secret_hash=hashed), secret
 
 
@@ -193,7 +195,7 @@ class CredentialStoreBase:
         return Deferred.fromCoroutine(self._rotate(name))
 
     async def _rotate(self, name: str) -> str:
-        secret, hashed = await new_hashed_secret(self._threads)
+        secret, hashed = await new_hashed_secret(self._threads, name)
         await self._replace_hash(name, hashed)
         log.info("credential {name} rotated", name=name)
         return secret

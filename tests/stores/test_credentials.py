@@ -22,7 +22,7 @@ from zope.interface.verify import verifyObject
 
 from sendarix.ingress.auth import CredentialChecker
 from sendarix.interfaces import ICredentialStore
-from sendarix.model.credential import Credential, check_name, parse_rate
+from sendarix.model.credential import Credential, api_key_name, check_name, parse_rate
 from sendarix.stores.credentials import (
     SCRYPT_N,
     CredentialExistsError,
@@ -78,12 +78,21 @@ class SecretHashTests(SynchronousTestCase):
             self.assertFalse(verify_secret("s", stored), stored)
 
     def test_new_secret(self) -> None:
-        """Secrets are long, URL-safe and different each time."""
-        secrets = {new_secret() for _ in range(50)}
+        """Secrets are long, URL-safe, different each time, and carry the name (so
+        each is also the credential's API key)."""
+        secrets = {new_secret("app@example.com") for _ in range(50)}
         self.assertEqual(len(secrets), 50)
         for s in secrets:
-            self.assertGreaterEqual(len(s), 43)
-            self.assertRegex(s, r"^[A-Za-z0-9_-]+$")
+            self.assertGreaterEqual(len(s.rpartition(".")[2]), 43)
+            self.assertRegex(s, r"^sx1\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
+            self.assertEqual(api_key_name(s), "app@example.com")
+
+    def test_api_key_name_refuses_other_strings(self) -> None:
+        """Old secrets, garbage and names that are not credential names give None."""
+        for key in ("", "abc", "sx1..x", "sx1.!!.x", "sx2.YXBw.x", "sx1.YXBw", "sx1.IA.x",
+                    "sx1.YXBw.x.y", "Bearer sx1.YXBw.x"):
+            self.assertIsNone(api_key_name(key), key)
+        self.assertEqual(api_key_name("sx1.YXBw.x"), "app")
 
 
 class ParseRateTests(SynchronousTestCase):

@@ -21,6 +21,7 @@ from sendarix.stores.redis.connection import RedisClient, connect
 from sendarix.stores.redis.credentials import RedisCredentialStore
 from sendarix.stores.redis.domains import RedisDomainStore
 from sendarix.stores.redis.endpoints import SharedEndpointPool
+from sendarix.stores.redis.idempotency import RedisIdempotencyStore
 from sendarix.stores.redis.eventlog import RedisEventLog
 from sendarix.stores.redis.limits import SharedAuthLimiter, SharedRateLimiter
 from sendarix.stores.redis.selector import SharedTieredSelector
@@ -44,6 +45,7 @@ class RedisBackend:
     eventlog: RedisEventLog
     suppressions: RedisSuppressionStore
     domains: RedisDomainStore
+    idempotency: RedisIdempotencyStore
     # ResponseError: Redis answered, but refused (a wrong password, a read-only replica).
     errors: tuple[type[BaseException], ...] = (
         txredisapi.ConnectionError, txredisapi.ResponseError, OSError,
@@ -74,6 +76,7 @@ class RedisBackend:
             eventlog=RedisEventLog(redis, PREFIX, reactor),
             suppressions=RedisSuppressionStore(redis, PREFIX),
             domains=RedisDomainStore(redis, PREFIX),
+            idempotency=RedisIdempotencyStore(redis, PREFIX),
         )
 
     @property

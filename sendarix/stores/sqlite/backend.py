@@ -28,6 +28,7 @@ from sendarix.stores.spool import open_spool
 from sendarix.stores.sqlite.credentials import SQLiteCredentialStore
 from sendarix.stores.sqlite.database import SQLiteDatabase
 from sendarix.stores.sqlite.domains import SQLiteDomainStore
+from sendarix.stores.sqlite.idempotency import SQLiteIdempotencyStore
 from sendarix.stores.sqlite.eventlog import SQLiteEventLog
 from sendarix.stores.sqlite.suppression import SQLiteSuppressionStore
 
@@ -44,6 +45,7 @@ class SQLiteBackend:
     eventlog: SQLiteEventLog
     suppressions: SQLiteSuppressionStore
     domains: SQLiteDomainStore
+    idempotency: SQLiteIdempotencyStore
     errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
     shares_state: bool = False
     # The file can be read before the reactor runs (load_node_secret does).
@@ -64,6 +66,7 @@ class SQLiteBackend:
             eventlog=SQLiteEventLog(db),
             suppressions=SQLiteSuppressionStore(db),
             domains=SQLiteDomainStore(db),
+            idempotency=SQLiteIdempotencyStore(db),
         )
 
     @property
