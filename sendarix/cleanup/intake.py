@@ -53,6 +53,14 @@ class Submission:
     credential: Credential | None = None
 
 
+@frozen
+class Accepted:
+    """A message on stable storage: its queue id and Message-ID."""
+
+    queue_id: str
+    message_id: str
+
+
 @define
 class Intake:
     """Turns submissions into spooled messages and ``accepted`` events."""
@@ -89,9 +97,13 @@ class Intake:
         Fails with :obj:`Refused` for a policy or content refusal; any other failure means
         the spool did not take the message (answer 451 4.3.0).
         """
+        return ensureDeferred(self._accept(sub)).addCallback(lambda taken: taken.queue_id)
+
+    def accept_message(self, sub: Submission) -> Deferred[Accepted]:
+        """As :meth:`accept`, firing with the queue id and the Message-ID."""
         return ensureDeferred(self._accept(sub))
 
-    async def _accept(self, sub: Submission) -> str:
+    async def _accept(self, sub: Submission) -> Accepted:
         now = self.clock.seconds()
         cred = sub.credential
         cleaned = cleanup(
@@ -157,7 +169,7 @@ class Intake:
             tags=cleaned.tags,
             tls=sub.tls,
         )
-        return sub.queue_id
+        return Accepted(sub.queue_id, cleaned.message_id)
 
     async def _signing_keys(self, header_from: str | None, tenant: str) -> tuple[SigningKey, ...]:
         """The DKIM keys for the header From domain: its verified keys, when it belongs

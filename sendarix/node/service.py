@@ -31,6 +31,7 @@ from sendarix.ingress.server import ListenerSettings, SubmissionFactory
 from sendarix.ingress.tls import ReloadableServerTLS, ensure_certificate
 from sendarix.ingress.xoauth2 import HMACTokenChecker
 from sendarix.interfaces import IAuthLimiter, IEgressSelector, IFailoverStrategy, IRouter, IThrottle
+from sendarix.node.http import HTTPService, make_api_site
 from sendarix.node.workers import listen_shared
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.routing.pool import PoolRouter
@@ -56,6 +57,8 @@ class NodeService(MultiService):
     stores: Stores
     delivery: DeliveryService
     listeners: list[ListenerService]
+    #: The HTTP API (None when ``[api] enabled = false``).
+    api: HTTPService | None = None
     #: Install a SIGHUP handler that reloads the TLS certificate (twistd does).
     reload_on_sighup = False
 
@@ -411,5 +414,15 @@ def makeService(
         )
         service.setServiceParent(top)
         top.listeners.append(service)
+    if config.api.enabled:
+        _, site = make_api_site(
+            config, stores, intake, rate_limiter, keyring, tenant_rates, reactor,
+        )
+        # The API stops first (it is added last): no request reaches closing stores.
+        top.api = HTTPService(
+            reactor, config.api.endpoint, site, stores_service.ready,
+            shared=config.node.workers > 1,
+        )
+        top.api.setServiceParent(top)
     os.makedirs(config.var_dir, exist_ok=True)
     return top

@@ -97,6 +97,9 @@ workers = {workers}
 [spool]
 url = "{spool_url}"
 
+[api]
+endpoint = "tcp:0:interface=127.0.0.1"
+
 [[listener]]
 name = "bench"
 endpoint = "tcp:{port}:interface=127.0.0.1"

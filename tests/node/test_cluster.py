@@ -99,6 +99,7 @@ class ClusterTests(RelayProcessMixin, TestCase):
                 f'[spool]\nurl = "redis://127.0.0.1:{self.redis_port}/0"\n'
                 f'lease_time = "{lease_time}"\n'
                 "[events]\njson_log = false\n"
+                '[api]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
                 f'[dns]\nnameservers = ["127.0.0.1:{self.dns_port}"]\ntimeout = 2\n'
                 f'[delivery]\nmx_port = {sink_port}\nretry_schedule = ["1s"]\n'
                 '[[listener]]\nname = "relay"\n'

@@ -93,6 +93,7 @@ class WorkerProcessTests(TestCase):
                 '[node]\nname = "box"\nhostname = "box.test"\n'
                 f'[spool]\nurl = "{spool_url}"\n'
                 "[events]\njson_log = false\n"
+                '[api]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
                 '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 0.5\n'
                 '[[listener]]\nname = "relay"\n'
                 f'endpoint = "tcp:{port}:interface=127.0.0.1"\n'

@@ -40,11 +40,14 @@ class Relay:
             # Tests never ask real DNS: unless a test names its own server, lookups
             # time out, so the delivery agent defers (never bounces) what it leases.
             "dns": {"nameservers": ["127.0.0.1:9"], "timeout": 0.5},
+            # The HTTP API on a free port (``api_port`` once started).
+            "api": {"endpoint": "tcp:0:interface=127.0.0.1"},
         }
         data.update(sections)
         self.config: Config = parse_config(data, directory)
         self.ca_path = self.ca.ca_path
         self.ports: dict[str, int] = {}
+        self.api_port = 0
         self.secret = ""
         self.service: Any = None
 
@@ -58,6 +61,8 @@ class Relay:
         for listener in self.service.listeners:
             port = await listener.listening()
             self.ports[listener.name.split(":", 1)[1]] = port.getHost().port
+        if self.service.api is not None:
+            self.api_port = (await self.service.api.listening()).getHost().port
         return self
 
     async def add_credential(self, name: str = "app", **kw: Any) -> str:

@@ -113,6 +113,10 @@ def sink_server(port: int, *faults: str) -> SinkServer:
     )
 
 
+#: The HTTP API on a port the system picks (several relays run at once).
+API_ON_FREE_PORT = '[api]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+
+
 class RelayProcessMixin:
     """For a TestCase with ``dir``, ``config`` (path) and ``port``: ``start_relay()``
     runs ``twistd -n sendarix`` there (log in ``relayN.log``); every process started is
@@ -137,6 +141,7 @@ class RelayProcessMixin:
                 f"[node]\nname = \"{node}\"\nhostname = \"relay.test\"\n"
                 "[spool]\nurl = \"sqlite:var/spool.db\"\n"
                 "[events]\njson_log = false\n"
+                + ("" if "[api]" in sections else API_ON_FREE_PORT)
                 + sections
                 + "[[listener]]\nname = \"relay\"\n"
                 f"endpoint = \"tcp:{self.port}:interface=127.0.0.1\"\n"

@@ -21,8 +21,8 @@ from sendarix.stores.redis.connection import RedisClient, connect
 from sendarix.stores.redis.credentials import RedisCredentialStore
 from sendarix.stores.redis.domains import RedisDomainStore
 from sendarix.stores.redis.endpoints import SharedEndpointPool
-from sendarix.stores.redis.idempotency import RedisIdempotencyStore
 from sendarix.stores.redis.eventlog import RedisEventLog
+from sendarix.stores.redis.idempotency import RedisIdempotencyStore
 from sendarix.stores.redis.limits import SharedAuthLimiter, SharedRateLimiter
 from sendarix.stores.redis.selector import SharedTieredSelector
 from sendarix.stores.redis.spool import RedisSpool

@@ -28,8 +28,8 @@ from sendarix.stores.spool import open_spool
 from sendarix.stores.sqlite.credentials import SQLiteCredentialStore
 from sendarix.stores.sqlite.database import SQLiteDatabase
 from sendarix.stores.sqlite.domains import SQLiteDomainStore
-from sendarix.stores.sqlite.idempotency import SQLiteIdempotencyStore
 from sendarix.stores.sqlite.eventlog import SQLiteEventLog
+from sendarix.stores.sqlite.idempotency import SQLiteIdempotencyStore
 from sendarix.stores.sqlite.suppression import SQLiteSuppressionStore
 
 

@@ -1,0 +1,389 @@
+"""The ``/v1`` routes: JSON in, JSON out, one error envelope.
+
+Each route authenticates the caller, checks the scope, restricts what it reads and
+changes to the caller's tenant, and calls the same store functions as the command
+line.  Every POST honours ``Idempotency-Key``.  Nothing here blocks the reactor: the
+stores answer with Deferreds and the slow secret check runs in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from attrs import define, field
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from sendarix.control.api.auth import ApiKeys, Principal
+from sendarix.control.api.errors import (
+    STORE_UNAVAILABLE,
+    ApiError,
+    invalid,
+    json_bytes,
+    not_found,
+)
+from sendarix.control.api.status import message_status
+from sendarix.ingress.compose import InvalidField, compose
+from sendarix.ingress.httpsubmit import HTTPSubmission, SubmitRefused
+from sendarix.interfaces import IEventLog, IIdempotencyStore, ISpool, ISuppressionStore
+from sendarix.model.event import (
+    EVENT_TYPES,
+    MAX_LIMIT,
+    EventQuery,
+    format_timestamp,
+    parse_timestamp,
+)
+from sendarix.model.idempotency import MAX_KEY_LENGTH, fingerprint
+from sendarix.model.suppression import Suppression
+from sendarix.stores.errors import StoreUnavailable
+
+log = Logger()
+
+#: HTTP status for each refusal code of the HTTP door.
+_REFUSAL_STATUS = {
+    "forbidden_ip": 403,
+    "sender_not_allowed": 403,
+    "unverified_domain": 403,
+    "rate_limited": 429,
+    "too_many_recipients": 422,
+    "all_recipients_suppressed": 422,
+    "message_too_large": 413,
+    "content_rejected": 422,
+    "message_refused": 422,
+    "unauthorized": 401,
+}
+
+OPENAPI_PATH = os.path.join(os.path.dirname(__file__), "openapi.yaml")
+
+
+def load_openapi() -> dict[str, Any]:
+    """The OpenAPI document served at ``/v1/openapi.json``."""
+    import yaml
+
+    with open(OPENAPI_PATH, encoding="utf-8") as f:
+        document: dict[str, Any] = yaml.safe_load(f)
+    return document
+
+
+def _json_body(request: Any) -> dict[str, Any]:
+    """The request body as a JSON object: 415 when it is not JSON, 400 when it does
+    not parse or is not an object."""
+    ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    raw = request.content.read() if request.content is not None else b""
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "invalid_json", "the body must be a JSON object")
+    return value
+
+
+def _arg(request: Any, name: str) -> str | None:
+    values = request.args.get(name.encode())
+    if not values:
+        return None
+    if len(values) > 1:
+        raise invalid(name, "given more than once")
+    try:
+        return str(values[0].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise invalid(name, "is not UTF-8") from None
+
+
+def _time_arg(request: Any, name: str) -> float | None:
+    text = _arg(request, name)
+    if text is None:
+        return None
+    try:
+        return parse_timestamp(float(text) if text.replace(".", "", 1).isdigit() else text)
+    except (ValueError, OverflowError):
+        raise invalid(name, "must be an RFC 3339 time or POSIX seconds") from None
+
+
+def _limit_arg(request: Any, default: int = 50) -> int:
+    text = _arg(request, "limit")
+    if text is None:
+        return default
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise invalid("limit", f"must be an integer from 1 to {MAX_LIMIT}")
+    return int(text)
+
+
+#: A route: (request, principal, **path parameters) -> (status, JSON value).
+Handler = Callable[..., Awaitable[tuple[int, Any]]]
+
+
+@define
+class ApiApp:
+    """The routes of ``/v1``; ``resource()`` mounts them in twisted.web."""
+
+    keys: ApiKeys
+    submission: HTTPSubmission
+    spool: ISpool
+    eventlog: IEventLog
+    suppressions: ISuppressionStore
+    idempotency: IIdempotencyStore
+    clock: Any
+    #: Called with (route, status) after every request (metrics).
+    on_request: Callable[[str, int], None] | None = None
+    app: Klein = field(factory=Klein, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        route = self.app.route
+        route("/v1/messages", methods=["POST"])(self._wrap("messages", self.send, "send"))
+        route("/v1/messages/<string:queue_id>", methods=["GET"])(
+            self._wrap("message", self.get_message, "read")
+        )
+        route("/v1/events", methods=["GET"])(self._wrap("events", self.events, "read"))
+        route("/v1/suppressions", methods=["GET"])(
+            self._wrap("suppressions", self.list_suppressions, "read")
+        )
+        route("/v1/suppressions", methods=["POST"])(
+            self._wrap("suppressions", self.add_suppression, "send")
+        )
+        route("/v1/suppressions/<string:address>", methods=["DELETE"])(
+            self._wrap("suppression", self.remove_suppression, "send")
+        )
+        route("/v1/queue", methods=["GET"])(self._wrap("queue", self.queue, "read"))
+        route("/v1/openapi.json", methods=["GET"])(self.openapi)
+        self.app.handle_errors(NotFound)(self._not_found)
+        self.app.handle_errors(MethodNotAllowed)(self._not_allowed)
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _wrap(self, name: str, handler: Handler, scope: str) -> Callable[..., Deferred[bytes]]:
+        def route(request: Any, **params: Any) -> Deferred[bytes]:
+            return Deferred.fromCoroutine(self._serve(name, handler, scope, request, params))
+
+        route.__name__ = f"route_{name}_{handler.__name__}"
+        return route
+
+    async def _serve(
+        self, name: str, handler: Handler, scope: str, request: Any, params: dict[str, Any]
+    ) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        try:
+            principal = await self.keys.principal(request)
+            principal.require(scope)
+            if request.method == b"POST":
+                status, body = await self._idempotent(request, principal, handler, params)
+            else:
+                status, value = await handler(request, principal, **params)
+                body = json_bytes(value)
+        except ApiError as e:
+            status, body = e.status, e.body()
+            for header, value in e.headers.items():
+                request.setHeader(header.encode(), value.encode())
+        except StoreUnavailable:
+            status, body = STORE_UNAVAILABLE.status, STORE_UNAVAILABLE.body()
+            request.setHeader(b"retry-after", b"5")
+        except Exception:
+            log.failure("API request {method} {path} failed", method=request.method,
+                        path=request.path)
+            status, body = 500, ApiError(500, "internal_error", "internal error").body()
+        request.setResponseCode(status)
+        if self.on_request is not None:
+            self.on_request(name, status)
+        return body
+
+    async def _idempotent(
+        self, request: Any, principal: Principal, handler: Handler, params: dict[str, Any]
+    ) -> tuple[int, bytes]:
+        """Run a POST once per ``Idempotency-Key``: a repeat with the same body gets
+        the first answer (``Idempotent-Replayed: true``), another body 409."""
+        raw_key = request.getHeader(b"idempotency-key")
+        if raw_key is None:
+            status, value = await handler(request, principal, **params)
+            return status, json_bytes(value)
+        try:
+            key = raw_key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise invalid("Idempotency-Key", "is not UTF-8") from None
+        if not key or len(key) > MAX_KEY_LENGTH or "\x00" in key:
+            raise invalid("Idempotency-Key", f"must be 1-{MAX_KEY_LENGTH} characters")
+        content = request.content.read() if request.content is not None else b""
+        request.content.seek(0)
+        fp = fingerprint("POST", request.path.decode("latin-1"), content)
+        scope = principal.credential.tenant
+        found = await self.idempotency.claim(scope, key, fp, self.clock.seconds())
+        if found is not None:
+            if found.fingerprint != fp:
+                raise ApiError(409, "idempotency_key_reused",
+                               "this Idempotency-Key was used with another request")
+            if not found.finished:
+                raise ApiError(409, "request_in_progress",
+                               "a request with this Idempotency-Key is still running",
+                               {"Retry-After": "1"})
+            request.setHeader(b"idempotent-replayed", b"true")
+            return int(found.status or 200), (found.body or "").encode("utf-8")
+        try:
+            status, value = await handler(request, principal, **params)
+            body = json_bytes(value)
+        except ApiError as e:
+            if e.status >= 500 or e.status == 429:
+                await self.idempotency.release(scope, key)  # worth retrying as new
+                raise
+            status, body = e.status, e.body()
+        except BaseException:
+            await self.idempotency.release(scope, key)
+            raise
+        await self.idempotency.finish(scope, key, status, body.decode("utf-8"))
+        return status, body
+
+    def _not_found(self, request: Any, failure: Any) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"application/json")
+        return ApiError(404, "not_found", "no such path").body()
+
+    def _not_allowed(self, request: Any, failure: Any) -> bytes:
+        request.setResponseCode(405)
+        request.setHeader(b"content-type", b"application/json")
+        return ApiError(405, "method_not_allowed", "method not allowed on this path").body()
+
+    def openapi(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json_bytes(load_openapi())
+
+    # -- messages ----------------------------------------------------------------
+
+    async def send(self, request: Any, principal: Principal) -> tuple[int, Any]:
+        body = _json_body(request)
+        try:
+            message = compose(body)
+        except InvalidField as e:
+            raise invalid(e.field, e.why) from None
+        if body.get("send_at") is not None or body.get("template") is not None:
+            raise ApiError(422, "not_supported",
+                           "send_at and templates are not available on this node yet")
+        client = request.getClientAddress()
+        client_ip = getattr(client, "host", "")
+        try:
+            result = await self.submission.submit(principal.credential, client_ip, message)
+        except SubmitRefused as e:
+            status = _REFUSAL_STATUS.get(e.code, 422)
+            headers = {"Retry-After": "60"} if status == 429 else None
+            raise ApiError(status, e.code, e.reply.text, headers) from None
+        return 202, result.to_json()
+
+    async def get_message(
+        self, request: Any, principal: Principal, queue_id: str
+    ) -> tuple[int, Any]:
+        stored = await self.spool.get(queue_id)
+        page = await self.eventlog.search(EventQuery(queue_id=queue_id, limit=MAX_LIMIT))
+        events = sorted(page.events, key=lambda e: (e.timestamp, e.id))
+        tenant = stored.meta.tenant if stored is not None else (
+            events[0].tenant if events else None
+        )
+        if (stored is None and not events) or not principal.sees(tenant):
+            raise not_found(f"message {queue_id}")
+        return 200, message_status(queue_id, stored, events)
+
+    async def events(self, request: Any, principal: Principal) -> tuple[int, Any]:
+        kind = _arg(request, "type")
+        if kind is not None and kind not in EVENT_TYPES:
+            raise invalid("type", f"must be one of {', '.join(sorted(EVENT_TYPES))}")
+        known = {"recipient", "sender", "queue_id", "message_id", "type", "tenant", "tag",
+                 "since", "until", "limit", "cursor"}
+        unknown = {k.decode("latin-1") for k in request.args} - known
+        if unknown:
+            raise invalid(sorted(unknown)[0], "is not a known parameter")
+        query = EventQuery(
+            recipient=_arg(request, "recipient"),
+            sender=_arg(request, "sender"),
+            queue_id=_arg(request, "queue_id"),
+            message_id=_arg(request, "message_id"),
+            type=kind,
+            tenant=principal.tenant_filter(_arg(request, "tenant")),
+            tag=_arg(request, "tag"),
+            since=_time_arg(request, "since"),
+            until=_time_arg(request, "until"),
+            limit=_limit_arg(request),
+            cursor=_arg(request, "cursor"),
+        )
+        try:
+            page = await self.eventlog.search(query)
+        except ValueError:
+            raise invalid("cursor", "is not a cursor this API gave out") from None
+        return 200, page.to_json()
+
+    # -- suppressions ------------------------------------------------------------
+
+    async def list_suppressions(self, request: Any, principal: Principal) -> tuple[int, Any]:
+        tenant = principal.tenant_filter(_arg(request, "tenant"))
+        limit = _limit_arg(request, 100)
+        after = _arg(request, "cursor")
+        start: Any = None
+        if after is not None:
+            start = tuple(after.split("\x1f", 1)) if tenant is None else after
+        try:
+            entries = await self.suppressions.list(tenant, limit + 1, start)
+        except ValueError:
+            raise invalid("cursor", "is not a cursor this API gave out") from None
+        more = len(entries) > limit
+        entries = entries[:limit]
+        cursor = None
+        if more:
+            last = entries[-1]
+            cursor = last.address if tenant is not None else f"{last.tenant}\x1f{last.address}"
+        return 200, {"suppressions": [_suppression(e) for e in entries], "next_cursor": cursor}
+
+    async def add_suppression(self, request: Any, principal: Principal) -> tuple[int, Any]:
+        body = _json_body(request)
+        unknown = set(body) - {"address", "reason", "tenant"}
+        if unknown:
+            raise invalid(sorted(unknown)[0], "is not a known field")
+        address = body.get("address")
+        if not isinstance(address, str) or "@" not in address or len(address) > 320:
+            raise invalid("address", "must be an email address")
+        reason = body.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > 500:
+            raise invalid("reason", "must be a string of at most 500 characters")
+        tenant_field = body.get("tenant")
+        if tenant_field is not None and not isinstance(tenant_field, str):
+            raise invalid("tenant", "must be a string")
+        tenant = principal.tenant_filter(tenant_field) or principal.tenant
+        try:
+            added = await self.suppressions.add(
+                tenant, address, reason, "api", self.clock.seconds()
+            )
+        except ValueError as e:
+            raise invalid("address", str(e)) from None
+        entry = await self.suppressions.is_suppressed(tenant, address)
+        return (201 if added else 200), _suppression(entry)
+
+    async def remove_suppression(
+        self, request: Any, principal: Principal, address: str
+    ) -> tuple[int, Any]:
+        tenant = principal.tenant_filter(_arg(request, "tenant")) or principal.tenant
+        if not await self.suppressions.remove(tenant, address):
+            raise not_found(f"suppression of {address}")
+        return 200, {"removed": True, "address": address.lower(), "tenant": tenant}
+
+    # -- queue -------------------------------------------------------------------
+
+    async def queue(self, request: Any, principal: Principal) -> tuple[int, Any]:
+        if not principal.operator:
+            raise ApiError(403, "forbidden_scope", "queue figures need an operator key")
+        stats = await self.spool.stats()
+        return 200, stats.to_dict()
+
+
+def _suppression(entry: Suppression | None) -> dict[str, Any] | None:
+    if entry is None:
+        return None
+    return {
+        "tenant": entry.tenant, "address": entry.address, "reason": entry.reason,
+        "source": entry.source, "created_at": format_timestamp(entry.created_at),
+    }

@@ -1,0 +1,117 @@
+"""The node's HTTP listener: the API (and the operations endpoints) on
+``[api] endpoint``, listening once the stores are open, closed before them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.web.resource import IResource
+
+from sendarix.cleanup.intake import Intake
+from sendarix.cleanup.keyring import DomainKeyring
+from sendarix.config.settings import Config
+from sendarix.control.api.app import ApiApp
+from sendarix.control.api.auth import ApiKeys
+from sendarix.control.api.site import ApiSite, root_resource
+from sendarix.ingress.auth import CredentialChecker
+from sendarix.ingress.httpsubmit import HTTPSubmission
+from sendarix.interfaces import IRateLimiter
+from sendarix.node.workers import listen_shared
+from sendarix.stores.backends import Stores
+
+log = Logger()
+
+
+def make_api_site(
+    config: Config,
+    stores: Stores,
+    intake: Intake,
+    rate_limiter: IRateLimiter,
+    keyring: DomainKeyring | None,
+    tenant_rates: Mapping[str, tuple[float, float]],
+    reactor: Any,
+    extras: Mapping[str, IResource] | None = None,
+) -> tuple[ApiApp, ApiSite]:
+    """The API's routes and the site serving them with ``extras`` (``metrics``, ...)."""
+    submission = HTTPSubmission(
+        intake=intake, clock=reactor, limits=config.limits, rate_limiter=rate_limiter,
+        suppressions=stores.suppressions, keyring=keyring,
+        require_verified_domains=config.domains.require_verified_domains,
+        tenant_rates=tenant_rates,
+    )
+    app = ApiApp(
+        keys=ApiKeys(CredentialChecker(stores.credentials, reactor, required_scope=None)),
+        submission=submission, spool=stores.spool, eventlog=stores.eventlog,
+        suppressions=stores.suppressions, idempotency=stores.idempotency, clock=reactor,
+    )
+    root = root_resource(app.resource(), extras or {})
+    # A JSON request may be as large as a message may be (base64 counts as sent).
+    site = ApiSite(root, max_body=config.limits.max_message_size, reactor=reactor)
+    site.noisy = False
+    return app, site
+
+
+class HTTPService(Service):
+    """Listens on the API endpoint once ``ready()`` fires; stops listening on stop."""
+
+    name = "api"
+
+    def __init__(
+        self, reactor: Any, endpoint: str, site: ApiSite, ready: Any, shared: bool = False
+    ) -> None:
+        self._shared = shared  # SO_REUSEPORT: worker processes share the port
+        self._reactor = reactor
+        self._endpoint = endpoint
+        self.site = site
+        self._ready = ready
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[Any] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = self._ready()
+        d.addCallback(lambda _: self._listen())
+        d.addErrback(lambda f: log.failure("the API did not start", f))
+        self._listening = d
+
+    def _listen(self) -> Deferred[IListeningPort]:
+        endpoint = endpoints.serverFromString(self._reactor, self._endpoint)
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            address = port.getHost()
+            log.info("HTTP API on {host}:{port}", host=getattr(address, "host", address),
+                     port=getattr(address, "port", ""))
+            return port
+
+        if self._shared:
+            return listen_shared(self._reactor, self._endpoint, self.site).addCallback(listening)
+        d: Deferred[IListeningPort] = endpoint.listen(self.site)
+        return d.addCallback(listening)
+
+    def listening(self) -> Deferred[IListeningPort]:
+        """Fires with the listening port (tests learn port 0's number from it)."""
+        assert self._listening is not None
+        out: Deferred[IListeningPort] = Deferred()
+
+        def relay(result: Any) -> Any:
+            if self.port is not None:
+                out.callback(self.port)
+            else:
+                out.errback(RuntimeError("the API is not listening"))
+            return result
+
+        self._listening.addBoth(relay)
+        return out
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self.port is None:
+            return succeed(None)
+        return maybeDeferred(self.port.stopListening)

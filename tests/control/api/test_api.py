@@ -1,0 +1,345 @@
+"""The HTTP API end to end: a running node, real HTTP over loopback (treq), a sink
+as the destination.  Each case checks the status and the error code it promises."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
+
+from sendarix.model.credential import api_key_name
+from tests.delivery.test_routing import start_sink
+from tests.delivery.test_service import RELAY_LISTENER, wait_event
+from tests.support.relay import Relay, in_thread, start_relay
+
+SENDER = "app@sender.test"
+
+
+class ApiTestCase(unittest.TestCase):
+    """A node whose mail for ``sink.test`` (and anything else) goes to a sink on
+    127.0.0.3, with API keys for tenants ``acme`` and ``globex`` and an operator."""
+
+    relay: Relay
+    sink_faults: tuple[str, ...] = ()
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.sink = await start_sink(self, "127.0.0.3", 0, *self.sink_faults)
+        port = self.sink.addresses[0][1]
+        self.relay = await start_relay(
+            self, [RELAY_LISTENER],
+            pool={"sink": {"endpoints": [f"127.0.0.3:{port}"]}},
+            route=[{"via": "pool:sink"}],
+            delivery={"retry_schedule": ["1s"]},
+            limits={"max_message_size": "1MiB"},
+        )
+        self.key = await self.relay.add_credential(
+            "app", tenant="acme", scopes=["send", "read"]
+        )
+        self.other = await self.relay.add_credential(
+            "rival", tenant="globex", scopes=["send", "read"]
+        )
+        self.reader = await self.relay.add_credential("reader", tenant="acme", scopes=["read"])
+        self.operator = await self.relay.add_credential("ops", tenant="*", scopes=["admin"])
+        self.base = f"http://127.0.0.1:{self.relay.api_port}"
+
+    async def call(
+        self, method: str, path: str, body: Any = None, key: str | None = None,
+        headers: dict[str, str] | None = None, raw: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Any, Any]:
+        """(status, parsed JSON body, response headers)."""
+        sent = {"Content-Type": content_type, **(headers or {})}
+        if key is not False:
+            sent["Authorization"] = f"Bearer {key or self.key}"
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        # A fresh connection per request: nothing stays open after the test.
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = await treq.request(
+            method, self.base + path, data=data, headers=sent, pool=pool
+        )
+        content = await response.content()
+        try:
+            parsed = json.loads(content)
+        except ValueError:
+            parsed = content
+        return response.code, parsed, response.headers
+
+    def message(self, **fields: Any) -> dict[str, Any]:
+        out = {"from": f"App <{SENDER}>", "to": ["user@sink.test"], "subject": "Hello",
+               "text": "Hi there"}
+        out.update(fields)
+        return out
+
+    def assertError(self, result: tuple[int, Any, Any], status: int, code: str) -> str:  # noqa: N802
+        got, body, _ = result
+        self.assertEqual((got, body["error"]["code"]), (status, code), body)
+        return str(body["error"]["message"])
+
+
+class SendTests(ApiTestCase):
+    async def test_send_delivers_and_status_follows(self) -> None:
+        """202 after the spool commit; the sink gets the message; GET shows it delivered
+        with its events."""
+        status, body, _ = await self.call("POST", "/v1/messages", self.message(
+            to=["Zoë <user@sink.test>"], cc="copy@sink.test", bcc=["hidden@sink.test"],
+            subject="Grüße ✓", html="<p>Hi</p>", tags=["welcome"],
+            attachments=[{"filename": "r.csv", "content_type": "text/csv",
+                          "content_b64": base64.b64encode(b"a,b\n1,2\n").decode()}],
+        ))
+        self.assertEqual(status, 202, body)
+        self.assertEqual(
+            body["recipients"],
+            [{"address": a, "status": "queued"}
+             for a in ("user@sink.test", "copy@sink.test", "hidden@sink.test")],
+        )
+        queue_id = body["id"]
+        (received,) = await self.sink.wait_for(1)
+        self.assertEqual(received.sender, SENDER)
+        self.assertEqual(set(received.recipients),
+                         {"user@sink.test", "copy@sink.test", "hidden@sink.test"})
+        self.assertIn(f"<{body['message_id']}>".encode(), received.body)
+        self.assertNotIn(b"hidden@sink.test", received.body.split(b"\r\n\r\n")[0])
+        self.assertIn(b"filename=\"r.csv\"", received.body)
+        await wait_event(self.relay, "user@sink.test", "delivered")
+        status, found, _ = await self.call("GET", f"/v1/messages/{queue_id}")
+        self.assertEqual(status, 200, found)
+        self.assertEqual(found["tenant"], "acme")
+        self.assertEqual(found["tags"], ["welcome"])
+        by_address = {r["address"]: r["status"] for r in found["recipients"]}
+        for address in ("user@sink.test", "copy@sink.test", "hidden@sink.test"):
+            await wait_event(self.relay, address, "delivered")
+        status, found, _ = await self.call("GET", f"/v1/messages/{queue_id}")
+        by_address = {r["address"]: r["status"] for r in found["recipients"]}
+        self.assertEqual(set(by_address.values()), {"delivered"}, found)
+        types = [e["type"] for e in found["events"]]
+        self.assertEqual(types[0], "accepted")
+        self.assertEqual(types.count("delivered"), 3)
+
+    async def test_raw_message(self) -> None:
+        """``raw_b64`` is sent as given (bare LF made CR LF); the envelope comes from
+        ``from`` and ``to``."""
+        raw = b"From: app@sender.test\nTo: list@sink.test\nSubject: raw\n\nline one\n"
+        status, body, _ = await self.call("POST", "/v1/messages", {
+            "from": SENDER, "to": "user@sink.test",
+            "raw_b64": base64.b64encode(raw).decode(),
+        })
+        self.assertEqual(status, 202, body)
+        (received,) = await self.sink.wait_for(1)
+        self.assertEqual(received.recipients, ("user@sink.test",))
+        self.assertIn(b"Subject: raw\r\n", received.body)
+        self.assertIn(b"\r\n\r\nline one\r\n", received.body)
+
+    async def test_idempotency_key(self) -> None:
+        """The same key and body twice: one message at the sink, the same answer; the
+        same key with another body: 409."""
+        headers = {"Idempotency-Key": "order-42"}
+        first = await self.call("POST", "/v1/messages", self.message(), headers=headers)
+        second = await self.call("POST", "/v1/messages", self.message(), headers=headers)
+        self.assertEqual(first[0], 202)
+        self.assertEqual((second[0], second[1]), (first[0], first[1]))
+        self.assertEqual(second[2].getRawHeaders("idempotent-replayed"), ["true"])
+        self.assertError(
+            await self.call("POST", "/v1/messages", self.message(subject="other"),
+                            headers=headers),
+            409, "idempotency_key_reused",
+        )
+        # Another tenant's same key is its own.
+        third = await self.call("POST", "/v1/messages", self.message(), key=self.other,
+                                headers=headers)
+        self.assertEqual(third[0], 202)
+        self.assertNotEqual(third[1]["id"], first[1]["id"])
+        await self.sink.wait_for(2)
+        await wait_event(self.relay, "user@sink.test", "delivered")
+        self.assertEqual(self.sink.stats.messages, 2)
+
+    async def test_suppressed_recipient(self) -> None:
+        """A suppressed recipient is reported and not sent to; all suppressed is 422."""
+        status, _, _ = await self.call(
+            "POST", "/v1/suppressions", {"address": "gone@sink.test", "reason": "left"}
+        )
+        self.assertEqual(status, 201)
+        status, body, _ = await self.call(
+            "POST", "/v1/messages", self.message(to=["gone@sink.test", "user@sink.test"])
+        )
+        self.assertEqual(status, 202, body)
+        self.assertEqual([r["status"] for r in body["recipients"]], ["suppressed", "queued"])
+        (received,) = await self.sink.wait_for(1)
+        self.assertEqual(received.recipients, ("user@sink.test",))
+        self.assertError(
+            await self.call("POST", "/v1/messages", self.message(to="Gone@sink.test")),
+            422, "all_recipients_suppressed",
+        )
+        # Globex has its own list: the address is not suppressed for it.
+        status, body, _ = await self.call(
+            "POST", "/v1/messages", self.message(to="gone@sink.test"), key=self.other
+        )
+        self.assertEqual(status, 202, body)
+
+
+class BounceStatusTests(ApiTestCase):
+    sink_faults = ("rcpt:550:nobody@*",)
+
+    async def test_status_after_a_550(self) -> None:
+        """A 550 from the destination shows as bounced with its reply and category."""
+        status, body, _ = await self.call(
+            "POST", "/v1/messages", self.message(to=["nobody@sink.test", "user@sink.test"])
+        )
+        self.assertEqual(status, 202, body)
+        await wait_event(self.relay, "nobody@sink.test", "bounced")
+        await wait_event(self.relay, "user@sink.test", "delivered")
+        status, found, _ = await self.call("GET", f"/v1/messages/{body['id']}")
+        recipients = {r["address"]: r for r in found["recipients"]}
+        self.assertEqual(recipients["nobody@sink.test"]["status"], "bounced")
+        self.assertEqual(recipients["nobody@sink.test"]["last_response"]["code"], 550)
+        self.assertIsNotNone(recipients["nobody@sink.test"]["bounce_category"])
+        self.assertEqual(recipients["user@sink.test"]["status"], "delivered")
+
+
+class AccessTests(ApiTestCase):
+    async def test_tenant_isolation(self) -> None:
+        """Tenant B gets 404 for tenant A's message and none of A's events; the
+        operator sees both."""
+        status, body, _ = await self.call("POST", "/v1/messages", self.message())
+        queue_id = body["id"]
+        await wait_event(self.relay, "user@sink.test", "delivered")
+        self.assertError(await self.call("GET", f"/v1/messages/{queue_id}", key=self.other),
+                         404, "not_found")
+        status, page, _ = await self.call("GET", "/v1/events?recipient=user@sink.test",
+                                          key=self.other)
+        self.assertEqual((status, page["events"]), (200, []))
+        self.assertError(await self.call("GET", "/v1/events?tenant=acme", key=self.other),
+                         403, "forbidden_tenant")
+        status, page, _ = await self.call("GET", "/v1/events?recipient=user@sink.test")
+        self.assertEqual({e["tenant"] for e in page["events"]}, {"acme"})
+        self.assertIn("delivered", [e["type"] for e in page["events"]])
+        status, found, _ = await self.call("GET", f"/v1/messages/{queue_id}", key=self.operator)
+        self.assertEqual((status, found["tenant"]), (200, "acme"))
+
+    async def test_keys_and_scopes(self) -> None:
+        """No key, a wrong key, an old-style secret: 401; a read-only key cannot send:
+        403; a revoked key stops at once."""
+        self.assertError(await self.call("GET", "/v1/events", key=False), 401, "unauthorized")
+        self.assertError(await self.call("GET", "/v1/events", key=self.key + "x"),
+                         401, "unauthorized")
+        self.assertError(await self.call("GET", "/v1/events", key="plain-old-secret"),
+                         401, "unauthorized")
+        self.assertEqual(api_key_name(self.key), "app")
+        self.assertError(await self.call("POST", "/v1/messages", self.message(),
+                                         key=self.reader), 403, "forbidden_scope")
+        self.assertError(await self.call("GET", "/v1/queue"), 403, "forbidden_scope")
+        status, _, _ = await self.call("GET", "/v1/queue", key=self.operator)
+        self.assertEqual(status, 200)
+        await self.relay.stores.credentials.revoke("app")
+        self.assertError(await self.call("GET", "/v1/events"), 401, "unauthorized")
+
+    async def test_same_secret_for_smtp_auth(self) -> None:
+        """The API key is also the SMTP AUTH password of the credential."""
+        self.assertTrue(self.key.startswith("sx1."))
+        cred = await self.relay.stores.credentials.get("app")
+        from sendarix.stores.credentials import verify_secret
+
+        self.assertTrue(await in_thread(verify_secret, self.key, cred.secret_hash))
+
+
+class BadRequestTests(ApiTestCase):
+    async def test_bad_bodies(self) -> None:
+        """Each kind of bad request gets its status and code, and nothing is queued."""
+        post = "/v1/messages"
+        self.assertError(await self.call("POST", post, raw=b"{not json"), 400, "invalid_json")
+        self.assertError(await self.call("POST", post, raw=b"[1, 2]"), 400, "invalid_json")
+        self.assertError(await self.call("POST", post, self.message(), content_type="text/plain"),
+                         415, "unsupported_media_type")
+        message = self.assertError(
+            await self.call("POST", post, self.message(htlm="<p>")), 400, "invalid_request"
+        )
+        self.assertIn("htlm", message)
+        message = self.assertError(
+            await self.call("POST", post, self.message(to=["ok@sink.test", 7])),
+            400, "invalid_request",
+        )
+        self.assertIn("to", message)
+        message = self.assertError(
+            await self.call("POST", post, self.message(to=["ok@sink.test", "not an address"])),
+            400, "invalid_request",
+        )
+        self.assertIn("to[1]", message)
+        self.assertError(await self.call("POST", post, self.message(subject="a\r\nBcc: x@y.z")),
+                         400, "invalid_request")
+        self.assertError(await self.call("POST", post, self.message(headers={"From": "x@y.z"})),
+                         400, "invalid_request")
+        self.assertError(await self.call("POST", post, {"to": "a@sink.test", "text": "x"}),
+                         400, "invalid_request")
+        self.assertError(await self.call(
+            "POST", post, self.message(attachments=[{"filename": "a", "content_b64": "!!"}])
+        ), 400, "invalid_request")
+        self.assertError(await self.call("POST", post, self.message(text="x" * 1_100_000)),
+                         413, "payload_too_large")
+        self.assertError(await self.call("GET", "/v1/nothing"), 404, "not_found")
+        self.assertError(await self.call("DELETE", "/v1/messages"), 405, "method_not_allowed")
+        self.assertError(await self.call("GET", "/v1/events?limit=0"), 400, "invalid_request")
+        self.assertError(await self.call("GET", "/v1/events?type=opened"), 400, "invalid_request")
+        self.assertError(await self.call("GET", "/v1/events?cursor=zzz"), 400, "invalid_request")
+        self.assertError(await self.call("GET", "/v1/events?colour=red"), 400, "invalid_request")
+        stats = await self.relay.stores.spool.stats()
+        self.assertEqual(stats.messages, 0)
+
+    def test_huge_body_refused_before_it_is_read(self) -> None:
+        """A 60 MB announced body gets 413 at once, without the body being sent."""
+
+        def exchange() -> bytes:
+            with socket.create_connection(("127.0.0.1", self.relay.api_port), timeout=10) as s:
+                s.sendall(
+                    b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\n"
+                    b"Authorization: Bearer " + self.key.encode() + b"\r\n"
+                    b"Content-Length: 60000000\r\n\r\n{"
+                )
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+                return data
+
+        def check(data: bytes) -> None:
+            head, _, body = data.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 413"), data)
+            self.assertEqual(json.loads(body)["error"]["code"], "payload_too_large")
+
+        return in_thread(exchange).addCallback(check)  # type: ignore[return-value]
+
+    async def test_concurrent_requests(self) -> None:
+        """Twenty sends at once all answer 202 with distinct ids."""
+        results = await gatherResults([
+            Deferred.fromCoroutine(
+                self.call("POST", "/v1/messages", self.message(to=f"u{i}@sink.test"))
+            )
+            for i in range(20)
+        ])
+        self.assertEqual({r[0] for r in results}, {202})
+        self.assertEqual(len({r[1]["id"] for r in results}), 20)
+
+
+class OpenAPITests(unittest.TestCase):
+    def test_document_is_valid_and_served_paths_exist(self) -> None:
+        """docs/openapi.yaml is a valid OpenAPI 3.1 document, and it is the one the
+        server serves."""
+        import os
+
+        import yaml
+        from openapi_spec_validator import validate
+
+        from sendarix.control.api.app import load_openapi
+        from tests.support.paths import REPO_ROOT
+
+        with open(os.path.join(REPO_ROOT, "docs", "openapi.yaml"), encoding="utf-8") as f:
+            document = yaml.safe_load(f)
+        validate(document)
+        self.assertEqual(document, load_openapi())
+        self.assertEqual(document["openapi"], "3.1.0")
+
