@@ -37,6 +37,7 @@ def make_api_site(
     tenant_rates: Mapping[str, tuple[float, float]],
     reactor: Any,
     extras: Mapping[str, IResource] | None = None,
+    on_request: Any = None,
 ) -> tuple[ApiApp, ApiSite]:
     """The API's routes and the site serving them with ``extras`` (``metrics``, ...)."""
     submission = HTTPSubmission(
@@ -49,6 +50,7 @@ def make_api_site(
         keys=ApiKeys(CredentialChecker(stores.credentials, reactor, required_scope=None)),
         submission=submission, spool=stores.spool, eventlog=stores.eventlog,
         suppressions=stores.suppressions, idempotency=stores.idempotency, clock=reactor,
+        on_request=on_request,
     )
     root = root_resource(app.resource(), extras or {})
     # A JSON request may be as large as a message may be (base64 counts as sent).

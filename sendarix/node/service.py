@@ -25,7 +25,10 @@ from sendarix.config.errors import ConfigError
 from sendarix.config.loader import default_config
 from sendarix.config.secret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.config.settings import Config, ListenerConfig
+from sendarix.control.api.operations import HealthResource, MetricsResource, ReadyResource
 from sendarix.delivery.service import DeliveryService
+from sendarix.events.metrics import Metrics, MetricsSink, QueueSampler, label_sets
+from sendarix.events.sinks import FanoutSink
 from sendarix.ingress.auth import submission_portal
 from sendarix.ingress.server import ListenerSettings, SubmissionFactory
 from sendarix.ingress.tls import ReloadableServerTLS, ensure_certificate
@@ -35,6 +38,7 @@ from sendarix.node.http import HTTPService, make_api_site
 from sendarix.node.workers import listen_shared
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.routing.pool import PoolRouter
+from sendarix.routing.providers import ProviderTable
 from sendarix.routing.state import state_path
 from sendarix.routing.throttle import MemoryThrottle
 from sendarix.scheduler.classify import BounceRules
@@ -59,6 +63,8 @@ class NodeService(MultiService):
     listeners: list[ListenerService]
     #: The HTTP API (None when ``[api] enabled = false``).
     api: HTTPService | None = None
+    #: This process's Prometheus metrics.
+    metrics: Metrics
     #: Install a SIGHUP handler that reloads the TLS certificate (twistd does).
     reload_on_sighup = False
 
@@ -117,6 +123,10 @@ class StoresService(Service):
         #: Run once the stores are open; a failure keeps the node from serving.
         self.checks = list(checks)
         self._trimmer: LoopingCall | None = None
+        #: Called once the stores are open and checked.
+        self.on_open: list[Callable[[], None]] = []
+        #: Called when the service stops, before the stores close.
+        self.on_stop: list[Callable[[], None]] = []
         self._ready: Deferred[None] | None = None
         #: Why the stores did not open (every ``ready()`` then fails with it).
         self._failure: Failure | None = None
@@ -150,6 +160,8 @@ class StoresService(Service):
     retention_interval = 3600.0
 
     def _start_retention(self, _: object) -> None:
+        for start in self.on_open:
+            start()
         self._trimmer = LoopingCall(self._trim)
         self._trimmer.clock = self.clock
         self._trimmer.start(self.retention_interval, now=True).addErrback(
@@ -184,6 +196,8 @@ class StoresService(Service):
         super().stopService()
         if self._trimmer is not None and self._trimmer.running:
             self._trimmer.stop()
+        for stop in self.on_stop:
+            stop()
         return self.stores.close()
 
 
@@ -254,6 +268,17 @@ class ListenerService(Service):
         return DeferredList(
             [stopped, self.factory.drain(SHUTDOWN_GRACE)], consumeErrors=True
         )
+
+
+async def readiness(node: NodeService) -> list[str]:
+    """What keeps ``node`` from being ready: stores that do not answer, listeners not
+    listening (empty when ready)."""
+    problems = [f"{lc.name} is not listening" for lc in node.listeners if lc.port is None]
+    try:
+        await node.stores.suppressions.is_suppressed("", "readiness@probe.invalid")
+    except Exception as e:  # noqa: BLE001 - any failure means "not ready"
+        problems.append(f"the stores do not answer ({e.__class__.__name__})")
+    return problems
 
 
 def load_node_secret(config: Config, environ: Any = None) -> NodeSecret | None:
@@ -346,11 +371,17 @@ def makeService(
     stores_service = StoresService(stores, reactor)
     stores_service.setServiceParent(top)
     top.stores = stores
+    metrics = top.metrics = Metrics(
+        providers=label_sets(ProviderTable.default().merged(config.providers).providers),
+        tenants=label_sets(["default", *config.tenants, *(lc.tenant for lc in config.listeners)]),
+    )
+    # Every outcome reaches the delivery log (and JSON log) and the metrics.
+    events = FanoutSink([stores.events, MetricsSink(metrics)])
     resolver = DNSResolver(
         config.dns.addresses(), config.dns.timeout, config.dns.cache_ttl_max, reactor, reactor
     )
     delivery = DeliveryService(
-        config, stores.spool, stores.events, stores.suppressions,
+        config, stores.spool, events, stores.suppressions,
         MXRouter(resolver, port=config.delivery.mx_port), reactor, ready=stores_service.ready,
         rules=(
             BounceRules.from_toml(config.delivery.bounce_rules)
@@ -374,7 +405,7 @@ def makeService(
         )
     require_verified = config.domains.require_verified_domains
     intake = Intake(
-        spool=stores.spool, events=stores.events, clock=reactor,
+        spool=stores.spool, events=events, clock=reactor,
         node=config.node.name, hostname=config.node.hostname,
         keyring=keyring, require_verified_domains=require_verified, on_queued=delivery.wake,
     )
@@ -414,9 +445,18 @@ def makeService(
         )
         service.setServiceParent(top)
         top.listeners.append(service)
+    sampler = QueueSampler(metrics, stores.spool, reactor)
+    stores_service.on_open.append(sampler.start)
+    stores_service.on_stop.append(sampler.stop)
     if config.api.enabled:
+        extras = {
+            "metrics": MetricsResource(metrics),
+            "healthz": HealthResource(),
+            "readyz": ReadyResource(lambda: Deferred.fromCoroutine(readiness(top))),
+        }
         _, site = make_api_site(
             config, stores, intake, rate_limiter, keyring, tenant_rates, reactor,
+            extras=extras, on_request=metrics.http_request,
         )
         # The API stops first (it is added last): no request reaches closing stores.
         top.api = HTTPService(

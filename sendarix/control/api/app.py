@@ -8,6 +8,7 @@ stores answer with Deferreds and the slow secret check runs in a thread.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -323,10 +324,7 @@ class ApiApp:
     async def list_suppressions(self, request: Any, principal: Principal) -> tuple[int, Any]:
         tenant = principal.tenant_filter(_arg(request, "tenant"))
         limit = _limit_arg(request, 100)
-        after = _arg(request, "cursor")
-        start: Any = None
-        if after is not None:
-            start = tuple(after.split("\x1f", 1)) if tenant is None else after
+        start = _page_key(_arg(request, "cursor"), tenant)
         try:
             entries = await self.suppressions.list(tenant, limit + 1, start)
         except ValueError:
@@ -336,7 +334,7 @@ class ApiApp:
         cursor = None
         if more:
             last = entries[-1]
-            cursor = last.address if tenant is not None else f"{last.tenant}\x1f{last.address}"
+            cursor = _cursor(last.tenant, last.address)
         return 200, {"suppressions": [_suppression(e) for e in entries], "next_cursor": cursor}
 
     async def add_suppression(self, request: Any, principal: Principal) -> tuple[int, Any]:
@@ -378,6 +376,30 @@ class ApiApp:
             raise ApiError(403, "forbidden_scope", "queue figures need an operator key")
         stats = await self.spool.stats()
         return 200, stats.to_dict()
+
+
+def _cursor(tenant: str, address: str) -> str:
+    """An opaque cursor for the suppression after (tenant, address)."""
+    return base64.urlsafe_b64encode(json_bytes([tenant, address])).decode("ascii")
+
+
+def _page_key(cursor: str | None, tenant: str | None) -> Any:
+    """The store's page key from a cursor: the address within ``tenant``, or the
+    (tenant, address) pair when listing every tenant; 400 for anything else."""
+    if cursor is None:
+        return None
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor.encode("ascii")))
+    except (ValueError, UnicodeError):
+        raise invalid("cursor", "is not a cursor this API gave out") from None
+    if not (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, str) for v in value)):
+        raise invalid("cursor", "is not a cursor this API gave out")
+    if tenant is not None:
+        if value[0] != tenant:
+            raise invalid("cursor", "belongs to another listing")
+        return value[1]
+    return (value[0], value[1])
 
 
 def _suppression(entry: Suppression | None) -> dict[str, Any] | None:

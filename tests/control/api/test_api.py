@@ -343,3 +343,44 @@ class OpenAPITests(unittest.TestCase):
         self.assertEqual(document, load_openapi())
         self.assertEqual(document["openapi"], "3.1.0")
 
+
+
+class OperationsTests(ApiTestCase):
+    async def test_metrics_health_and_readiness(self) -> None:
+        """Without a key: /healthz and /readyz answer 200, /metrics counts the mail
+        sent and the API requests made (parsed with prometheus-client's parser)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        status, body, _ = await self.call("POST", "/v1/messages", self.message())
+        self.assertEqual(status, 202)
+        await wait_event(self.relay, "user@sink.test", "delivered")
+        for path in ("/healthz", "/readyz"):
+            status, body, _ = await self.call("GET", path, key=False)
+            self.assertEqual(status, 200, (path, body))
+        status, text, headers = await self.call("GET", "/metrics", key=False)
+        self.assertEqual(status, 200)
+        self.assertTrue(headers.getRawHeaders("content-type")[0].startswith("text/plain"))
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.decode())
+            for s in family.samples
+        }
+        self.assertEqual(
+            samples[("sendarix_messages_accepted_total", (("tenant", "other"),))], 1.0
+        )
+        self.assertEqual(samples[(
+            "sendarix_outcomes_total",
+            (("outcome", "delivered"), ("provider", "other"), ("tenant", "other")),
+        )], 1.0)
+        self.assertEqual(
+            samples[("sendarix_http_requests_total", (("code", "202"), ("route", "messages")))],
+            1.0,
+        )
+        self.assertNotIn("sink.test", text.decode())
+
+    async def test_not_ready_when_the_stores_fail(self) -> None:
+        """/readyz says 503 and why once the stores are closed under it."""
+        await self.relay.stores.close()
+        status, body, _ = await self.call("GET", "/readyz", key=False)
+        self.assertEqual(status, 503, body)
+        self.assertIn("stores", body["problems"][0])
