@@ -60,7 +60,7 @@ class MetricsTests(SynchronousTestCase):
         metrics = Metrics(providers=frozenset({"gmail"}), tenants=frozenset({"acme"}))
         metrics.observe_event(Event.make("deferred", 1.0, tenant=tenant, provider=provider,
                                          recipient="x@example.com"))
-        for (name, labels), _ in samples(metrics).items():
+        for _name, labels in samples(metrics):
             values = dict(labels)
             if "provider" in values:
                 self.assertIn(values["provider"], {"gmail", "other"})
