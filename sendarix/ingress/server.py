@@ -327,18 +327,21 @@ class SubmissionServer(smtp.ESMTP):
     def _consume_line(self) -> bool:
         idx = self._inbuf.find(b"\n")
         if idx < 0:
-            if len(self._inbuf) > _MAX_BUFFERED_LINE:
-                # Keep no more of an endless line; answer once its end arrives.
+            if len(self._inbuf) > self._line_limit():
+                # Keep no more of an endless line, and answer at once: a client that
+                # never sends CR LF must not wait for the command timeout.  The rest
+                # of the line, up to its end, is dropped without another reply.
                 self._inbuf = b""
-                self._skipping_long_line = True
+                if not self._skipping_long_line:
+                    self._skipping_long_line = True
+                    if self._mode == AUTH:
+                        self._mode = COMMAND
+                        self._sasl = None
+                    self._error(500, "5.5.2", "Line too long")
             return False
         line, self._inbuf = self._inbuf[:idx], self._inbuf[idx + 1 :]
         if self._skipping_long_line:
             self._skipping_long_line = False
-            if self._mode == AUTH:
-                self._mode = COMMAND
-                self._sasl = None
-            self._error(500, "5.5.2", "Line too long")
             return True
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -348,6 +351,14 @@ class SubmissionServer(smtp.ESMTP):
         else:
             self._command(line)
         return True
+
+    def _line_limit(self) -> int:
+        """The longest partial line kept while waiting for its end: a command line's
+        limit, or the SASL bound for AUTH (its responses and initial responses, such
+        as XOAUTH2 tokens, are long)."""
+        if self._mode == AUTH or self._inbuf[:5].upper() == b"AUTH ":
+            return _MAX_BUFFERED_LINE
+        return self.settings.limits.max_command_length
 
     def _command(self, line: bytes) -> None:
         verb, _, rest = line.strip().partition(b" ")

@@ -360,6 +360,35 @@ class SubmissionTests(TestCase):
         self.assertTrue(codes[2].startswith(b"554 5.6.0"), codes)
         self.assertEqual(codes[3], b"250 2.0.0 OK")
 
+    async def test_long_line_answered_before_its_end(self) -> None:
+        """A command, AUTH continuation or BDAT line that passes its limit without a
+        line end gets 500 5.5.2 at once (not at the command timeout); the session
+        goes on after the line ends, and nothing is queued."""
+        def run() -> list[bytes]:
+            c = RawClient(self.relay.ports["relay"])
+            c.reply()
+            c.send(b"EHLO " + b"A" * 100_000)
+            first = c.codes(1)  # no CR LF sent: the reply must come anyway
+            c.send(b"A" * 100_000 + b"\r\nNOOP\r\n")
+            first += c.codes(1)
+            c.send(b"BDAT " + b"9" * 20_000)
+            first += c.codes(1)
+            c.send(b"\r\nAUTH PLAIN\r\n")
+            first += c.codes(1)
+            c.send(b"Q" * 40_000)
+            first += c.codes(1)
+            c.send(b"\r\nNOOP\r\n")
+            return first + c.codes(1)
+
+        codes = await in_thread(run)
+        self.assertEqual(codes[0], b"500 5.5.2 Line too long")
+        self.assertEqual(codes[1], b"250 2.0.0 OK")
+        self.assertEqual(codes[2], b"500 5.5.2 Line too long")
+        self.assertTrue(codes[3].startswith((b"334", b"530", b"503")), codes)
+        self.assertEqual(codes[-1], b"250 2.0.0 OK")
+        stats = await self.relay.stores.spool.stats()
+        self.assertEqual(stats.messages, 0)
+
     async def test_garbage_and_misc_commands(self) -> None:
         """NULs and unknown verbs: 500 5.5.2; NOOP, RSET, VRFY (252), HELP answered."""
         def run() -> list[bytes]:
