@@ -315,7 +315,3 @@ def _raw(fields: Mapping[str, Any]) -> ComposedMessage:
     utf8 = not all(a.isascii() for a in (sender, *recipients))
     return ComposedMessage(sender, recipients, normalized, tags, utf8)
 
-
-def header_addresses(value: str) -> list[str]:
-    """The addresses of a header field value (for tests and the raw form's checks)."""
-    return [a for _, a in getaddresses([value]) if a]

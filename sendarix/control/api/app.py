@@ -261,13 +261,13 @@ class ApiApp:
 
     async def send(self, request: Any, principal: Principal) -> tuple[int, Any]:
         body = _json_body(request)
+        if body.get("send_at") is not None or body.get("template") is not None:
+            raise ApiError(422, "not_supported",
+                           "send_at and templates are not available on this node yet")
         try:
             message = compose(body)
         except InvalidField as e:
             raise invalid(e.field, e.why) from None
-        if body.get("send_at") is not None or body.get("template") is not None:
-            raise ApiError(422, "not_supported",
-                           "send_at and templates are not available on this node yet")
         client = request.getClientAddress()
         client_ip = getattr(client, "host", "")
         try:
