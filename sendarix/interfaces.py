@@ -249,6 +249,63 @@ class IIdempotencyStore(Interface):
         """Delete records created before ``before``; Deferred count."""
 
 
+class IWebhookOutbox(Interface):
+    """The durable outbox of webhook deliveries, shared wherever the stores are shared.
+
+    An event enters it together with its delivery-log entry (one transaction), so an
+    event is queued for its endpoints exactly when it is logged.  Queued events are
+    formed into batches of at most ``max_events``, once the oldest has waited
+    ``fill_time`` seconds or the batch is full.  A batch is leased by one node at a
+    time, like a delivery; a lease that runs out makes the batch due again.  Endpoints
+    are names (``[[webhook]] name``).  Every method returns a Deferred; ``now`` and
+    ``due`` are POSIX seconds.
+    """
+
+    def add(event, endpoints):  # noqa: N805 - zope: no self
+        """Store ``event`` in the delivery log and queue it for each of ``endpoints``
+        (a disabled endpoint is skipped), all in one transaction.  An event whose id
+        is already logged is neither logged nor queued again."""
+
+    def lease_due(node, now, limits, lease_for, fill_time, max_events):  # noqa: N805
+        """Lease, for ``node`` until ``now + lease_for``, up to ``limits[endpoint]``
+        batches of each endpoint named: first batches due for a retry, then new ones
+        formed from queued events.  A list of
+        :obj:`sendarix.model.webhook.WebhookBatch`, each endpoint's oldest first."""
+
+    def ack(batch_id):  # noqa: N805
+        """The batch was accepted by its receiver: forget it.  True when it was there."""
+
+    def retry(batch_id, node, due, error):  # noqa: N805
+        """An attempt failed: count it, and make the batch due at ``due``.  False (and
+        nothing changes) unless ``node`` holds the lease."""
+
+    def dead_letter(batch_id, node, error, now):  # noqa: N805
+        """Give the batch up: it is kept, listed by ``list_dead``, until replayed.
+        False unless ``node`` holds the lease."""
+
+    def list_dead(endpoint, limit):  # noqa: N805
+        """Dead batches (of ``endpoint``, or of all when None), most recent first:
+        a list of :obj:`sendarix.model.webhook.DeadBatch`."""
+
+    def replay(batch_id, now):  # noqa: N805
+        """Make a dead batch due at ``now`` with a fresh attempt count (same id and
+        body).  True when it was dead."""
+
+    def disable(endpoint, reason, now):  # noqa: N805
+        """Stop queueing and sending to ``endpoint`` (its receiver answered 410)."""
+
+    def enable(endpoint):  # noqa: N805
+        """Undo ``disable``; True when the endpoint was disabled."""
+
+    def disabled():  # noqa: N805
+        """Every disabled endpoint: a list of
+        :obj:`sendarix.model.webhook.DisabledEndpoint`."""
+
+    def counts(endpoint):  # noqa: N805
+        """``{"queued": events not yet in a batch, "batches": live batches,
+        "dead": dead batches}`` of ``endpoint``."""
+
+
 class ISuppressionStore(Interface):
     """Each tenant's suppression list: recipients that must not be sent to.
 
@@ -384,6 +441,7 @@ class IBackend(Interface):
     suppressions = Attribute("The ISuppressionStore.")
     domains = Attribute("The IDomainStore.")
     idempotency = Attribute("The IIdempotencyStore (HTTP API idempotency keys).")
+    outbox = Attribute("The IWebhookOutbox (webhook deliveries, written with the log).")
     location = Attribute("Where the data is, for messages (a file path or a server).")
     errors = Attribute(
         "The exception types that mean the store failed (unreachable, unreadable), "

@@ -15,7 +15,13 @@ from sendarix.config.fields import (
     build,
     join_key,
 )
-from sendarix.config.settings import Config, ListenerConfig, PoolConfig, TLSConfig
+from sendarix.config.settings import (
+    Config,
+    ListenerConfig,
+    PoolConfig,
+    TLSConfig,
+    WebhookConfig,
+)
 from sendarix.config.units import (
     format_duration,
     format_size,
@@ -71,10 +77,21 @@ def _check_pool(pool: PoolConfig, path: str) -> None:
             )
 
 
+def _check_webhook(webhook: WebhookConfig, path: str) -> None:
+    schedule = webhook.retry_schedule
+    for i in range(1, len(schedule)):
+        if schedule[i] < schedule[i - 1]:
+            raise ConfigError(
+                f"{join_key(path, 'retry_schedule')}[{i}]",
+                "attempts are counted from the first one: each entry is at least the one before",
+            )
+
+
 CHECKS: dict[type, Callable[[Any, str], None]] = {
     ListenerConfig: _check_listener,
     TLSConfig: _check_tls,
     PoolConfig: _check_pool,
+    WebhookConfig: _check_webhook,
 }
 
 
@@ -93,6 +110,9 @@ def _check_references(config: Config) -> None:
         [x.name for x in config.egress_sources],
         lambda i: f"egress.source[{i}].name",
         "egress source name",
+    )
+    _unique(
+        [x.endpoint_name for x in config.webhooks], lambda i: f"webhook[{i}].name", "webhook name"
     )
     pools = ", ".join(sorted(config.pools)) or "none defined"
     egress_pools = config.egress_pools

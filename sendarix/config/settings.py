@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 import ipaddress
 import os
 import socket
@@ -69,6 +70,7 @@ from sendarix.config.units import (
     parse_rate,
 )
 from sendarix.model.event import EVENT_TYPES
+from sendarix.model.webhook import STANDARD_RETRY_SCHEDULE
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -410,12 +412,35 @@ class APIConfig:
 
 @frozen
 class WebhookConfig:
-    """A webhook from the configuration file (more are added with the CLI or API)."""
+    """A webhook endpoint: where a tenant's events of the listed types are POSTed.
+
+    ``retry_schedule`` lists when each attempt is due, in seconds after the first
+    (docs/webhooks.md); ``name`` keys the endpoint's queue in the outbox (by default
+    the tenant and a digest of the URL, so reordering the file changes nothing).
+    """
 
     url: str = field(metadata={PARSE_KEY: http_url_parser})
     tenant: str = setting(name_parser, "default")
     events: tuple[str, ...] = setting(events_parser, EVENT_TYPES)
     secret_env: str | None = setting(env_name_parser, None)
+    retry_schedule: tuple[float, ...] = setting(
+        list_parser(duration_parser(positive=False), nonempty=True), STANDARD_RETRY_SCHEDULE
+    )
+    name: str | None = setting(name_parser, None)
+
+    @property
+    def endpoint_name(self) -> str:
+        """``name``, or ``<tenant>-<8 hex digits of the URL's SHA-256>``."""
+        if self.name is not None:
+            return self.name
+        return f"{self.tenant}-{hashlib.sha256(self.url.encode()).hexdigest()[:8]}"
+
+
+@frozen
+class WebhooksConfig:
+    """What every webhook shares: whether private destinations are allowed."""
+
+    allow_private: bool = setting(boolean_parser, False)
 
 
 @frozen
@@ -475,6 +500,9 @@ class Config:
     api: APIConfig = _section(APIConfig)
     webhooks: tuple[WebhookConfig, ...] = setting(
         tables_parser(WebhookConfig), (), toml_key="webhook"
+    )
+    webhook_options: WebhooksConfig = setting(
+        table_parser(WebhooksConfig), factory=WebhooksConfig, absent={}, toml_key="webhooks"
     )
     simulator: SimulatorConfig = _section(SimulatorConfig)
     events: EventsConfig = _section(EventsConfig)

@@ -27,6 +27,7 @@ from sendarix.interfaces import (
     ISpool,
     ISuppressionStore,
     IThrottle,
+    IWebhookOutbox,
 )
 from sendarix.stores.redis.backend import RedisBackend
 from sendarix.stores.sqlite.backend import SQLiteBackend
@@ -83,6 +84,10 @@ class Stores:
     @property
     def idempotency(self) -> IIdempotencyStore:
         return self.backend.idempotency
+
+    @property
+    def outbox(self) -> IWebhookOutbox:
+        return self.backend.outbox
 
     @property
     def location(self) -> str:

@@ -24,6 +24,7 @@ from sendarix.stores.redis.endpoints import SharedEndpointPool
 from sendarix.stores.redis.eventlog import RedisEventLog
 from sendarix.stores.redis.idempotency import RedisIdempotencyStore
 from sendarix.stores.redis.limits import SharedAuthLimiter, SharedRateLimiter
+from sendarix.stores.redis.outbox import RedisWebhookOutbox
 from sendarix.stores.redis.selector import SharedTieredSelector
 from sendarix.stores.redis.spool import RedisSpool
 from sendarix.stores.redis.suppression import RedisSuppressionStore
@@ -46,6 +47,7 @@ class RedisBackend:
     suppressions: RedisSuppressionStore
     domains: RedisDomainStore
     idempotency: RedisIdempotencyStore
+    outbox: RedisWebhookOutbox
     # ResponseError: Redis answered, but refused (a wrong password, a read-only replica).
     errors: tuple[type[BaseException], ...] = (
         txredisapi.ConnectionError, txredisapi.ResponseError, OSError,
@@ -77,6 +79,7 @@ class RedisBackend:
             suppressions=RedisSuppressionStore(redis, PREFIX),
             domains=RedisDomainStore(redis, PREFIX),
             idempotency=RedisIdempotencyStore(redis, PREFIX),
+            outbox=RedisWebhookOutbox(redis, PREFIX),
         )
 
     @property

@@ -111,7 +111,8 @@ def _message_id(value: str) -> str:
     return value.strip().removeprefix("<").removesuffix(">")
 
 
-def _index_keys(event: Event) -> list[str]:
+def index_keys(event: Event) -> list[str]:
+    """The index keys (below the prefix) an event is filed under."""
     keys = [f"ev:x:y:{event.type}"]
     for code, value in (
         ("s", _address(event.sender) if event.sender is not None else None),
@@ -207,7 +208,7 @@ class RedisEventLog:
 
     def emit(self, event: Event) -> Deferred[None]:
         """Store one event; the Deferred fires once Redis has it."""
-        keys = _index_keys(event)
+        keys = index_keys(event)
         body = json.dumps(event.to_json(), separators=(",", ":"))
         args = [event.id, repr(float(event.timestamp)), body, str(len(keys)), *keys]
         d: Deferred[None] = Deferred()

@@ -30,6 +30,7 @@ from sendarix.stores.sqlite.database import SQLiteDatabase
 from sendarix.stores.sqlite.domains import SQLiteDomainStore
 from sendarix.stores.sqlite.eventlog import SQLiteEventLog
 from sendarix.stores.sqlite.idempotency import SQLiteIdempotencyStore
+from sendarix.stores.sqlite.outbox import SQLiteWebhookOutbox
 from sendarix.stores.sqlite.suppression import SQLiteSuppressionStore
 
 
@@ -46,6 +47,7 @@ class SQLiteBackend:
     suppressions: SQLiteSuppressionStore
     domains: SQLiteDomainStore
     idempotency: SQLiteIdempotencyStore
+    outbox: SQLiteWebhookOutbox
     errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
     shares_state: bool = False
     # The file can be read before the reactor runs (load_node_secret does).
@@ -67,6 +69,7 @@ class SQLiteBackend:
             suppressions=SQLiteSuppressionStore(db),
             domains=SQLiteDomainStore(db),
             idempotency=SQLiteIdempotencyStore(db),
+            outbox=SQLiteWebhookOutbox(db),
         )
 
     @property

@@ -73,8 +73,28 @@ def _message_id(value: str) -> str:
 _Pending = tuple[tuple[Any, ...], list[str], list[str], "Deferred[None]"]
 
 
-def _insert(conn: sqlite3.Connection, row: tuple[Any, ...], recipients: list[str],
-            tags: list[str]) -> None:
+def event_row(event: Event) -> tuple[tuple[Any, ...], list[str], list[str]]:
+    """What :func:`insert_event` writes for ``event``: its ``event_log`` row (the JSON
+    body last), its recipients and its tags."""
+    row = (
+        event.id,
+        event.type,
+        event.timestamp,
+        event.queue_id,
+        _message_id(event.message_id) if event.message_id is not None else None,
+        event.tenant,
+        _address(event.sender) if event.sender is not None else None,
+        _address(event.recipient) if event.recipient is not None else None,
+        json.dumps(event.to_json(), separators=(",", ":")),
+    )
+    recipients = sorted({_address(r) for r in event.all_recipients()})
+    return row, recipients, sorted(set(event.tags))
+
+
+def insert_event(conn: sqlite3.Connection, row: tuple[Any, ...], recipients: list[str],
+                 tags: list[str]) -> int | None:
+    """(database thread) Store one event row; its ``seq``, or None when an event with
+    its id is already stored."""
     cur = conn.execute(
         "INSERT OR IGNORE INTO event_log"
         " (id, type, ts, queue_id, message_id, tenant, sender, recipient, body)"
@@ -82,7 +102,7 @@ def _insert(conn: sqlite3.Connection, row: tuple[Any, ...], recipients: list[str
         row,
     )
     if cur.rowcount == 0:
-        return  # already stored
+        return None  # already stored
     seq = cur.lastrowid
     if recipients:
         conn.executemany(
@@ -91,6 +111,7 @@ def _insert(conn: sqlite3.Connection, row: tuple[Any, ...], recipients: list[str
         )
     if tags:
         conn.executemany("INSERT INTO event_tag (tag, seq) VALUES (?, ?)", [(t, seq) for t in tags])
+    return seq
 
 
 def _insert_all(
@@ -101,7 +122,7 @@ def _insert_all(
     conn.execute("SAVEPOINT events")
     try:
         for row, recipients, tags, _ in batch:
-            _insert(conn, row, recipients, tags)
+            insert_event(conn, row, recipients, tags)
     except Exception:
         conn.execute("ROLLBACK TO events")
         conn.execute("RELEASE events")
@@ -112,7 +133,7 @@ def _insert_all(
     for row, recipients, tags, d in batch:
         conn.execute("SAVEPOINT event")
         try:
-            _insert(conn, row, recipients, tags)
+            insert_event(conn, row, recipients, tags)
         except Exception as e:
             conn.execute("ROLLBACK TO event")
             outcomes.append((d, Failure(e)))
@@ -156,19 +177,7 @@ class SQLiteEventLog:
         join it: one job (one statement set, one savepoint) carries them all, so the
         log costs the hot path little more than building its row.
         """
-        row = (
-            event.id,
-            event.type,
-            event.timestamp,
-            event.queue_id,
-            _message_id(event.message_id) if event.message_id is not None else None,
-            event.tenant,
-            _address(event.sender) if event.sender is not None else None,
-            _address(event.recipient) if event.recipient is not None else None,
-            json.dumps(event.to_json(), separators=(",", ":")),
-        )
-        recipients = sorted({_address(r) for r in event.all_recipients()})
-        tags = sorted(set(event.tags))
+        row, recipients, tags = event_row(event)
         d: Deferred[None] = Deferred()
         with self._lock:
             self._pending.append((row, recipients, tags, d))

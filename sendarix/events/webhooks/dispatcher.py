@@ -1,0 +1,275 @@
+"""The webhook dispatcher: leases due batches from the outbox, POSTs them, and records
+what the receiver answered.
+
+Every ``interval`` seconds (once the stores are ready) the dispatcher asks the outbox
+for due batches, at most ``concurrency`` in flight per endpoint, so one endpoint that
+is slow or failing holds only its own slots: mail and other endpoints go on.  A
+batch is POSTed with its ``webhook-*`` headers (signed again on every attempt, with a
+fresh ``webhook-timestamp``), through an HTTP client whose connections pass the
+address guard (:mod:`sendarix.events.webhooks.ssrf`), with a ``timeout`` on the
+whole exchange and no redirects followed.  A 2xx answer acknowledges the batch; 410
+disables the endpoint and dead-letters the batch; any other answer or error counts
+as a failed attempt, tried again on the endpoint's schedule (``Retry-After``
+honoured) until the schedule is used up and the batch is dead-lettered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import treq
+import treq.client
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IPolicyForHTTPS
+
+from sendarix.events.webhooks.endpoints import WebhookEndpoint
+from sendarix.events.webhooks.schedule import GiveUp, after_failure, parse_retry_after
+from sendarix.events.webhooks.signature import headers as signed_headers
+from sendarix.events.webhooks.ssrf import GuardedEndpointFactory
+from sendarix.interfaces import IWebhookOutbox
+from sendarix.model.webhook import BATCH_FILL_TIME, MAX_BATCH_EVENTS, WebhookBatch
+
+log = Logger()
+
+#: Bytes of an answer's body read (and then dropped) at most.
+MAX_ANSWER = 64 * 1024
+
+
+def guarded_agent(
+    reactor: Any,
+    allow_private: bool = False,
+    connect_timeout: float = 10.0,
+    resolver: Any = None,
+    tls_policy: IPolicyForHTTPS | None = None,
+) -> tuple[IAgent, HTTPConnectionPool]:
+    """An HTTP agent (and its connection pool) that connects only to allowed addresses."""
+    factory = GuardedEndpointFactory(
+        reactor, allow_private=allow_private, connect_timeout=connect_timeout, resolver=resolver,
+        **({"tls_policy": tls_policy} if tls_policy is not None else {}),
+    )
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 4
+    return Agent.usingEndpointFactory(reactor, factory, pool=pool), pool
+
+
+class _Failed(Exception):  # noqa: N818
+    """An attempt that the receiver did not accept."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class WebhookDispatcher(Service):
+    """Sends the outbox's batches (see the module docstring); a child service of the node."""
+
+    name = "webhooks"
+
+    def __init__(
+        self,
+        outbox: IWebhookOutbox,
+        endpoints: Sequence[WebhookEndpoint],
+        node: str,
+        clock: Any,
+        agent: IAgent,
+        pool: HTTPConnectionPool | None = None,
+        ready: Callable[[], Deferred[Any]] | None = None,
+        interval: float = 0.5,
+        lease_for: float = 60.0,
+        concurrency: int = 4,
+        timeout: float = 10.0,
+        fill_time: float = BATCH_FILL_TIME,
+        max_events: int = MAX_BATCH_EVENTS,
+    ) -> None:
+        self.outbox = outbox
+        self.endpoints = {e.name: e for e in endpoints}
+        self.node = node
+        self.clock = clock
+        self.pool = pool
+        self.ready = ready
+        self.interval = interval
+        self.lease_for = lease_for
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.fill_time = fill_time
+        self.max_events = max_events
+        self._agent = agent
+        self._in_flight: dict[str, int] = dict.fromkeys(self.endpoints, 0)
+        self._sending: set[Deferred[None]] = set()
+        self._polling = False
+        self._loop: LoopingCall | None = None
+        self._waiting: Deferred[Any] | None = None
+
+    # -- the service --------------------------------------------------------------
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        if not self.endpoints:
+            return
+        if self.ready is None:
+            self._start_loop()
+            return
+        self._waiting = self.ready()
+        self._waiting.addCallback(lambda _: self._start_loop() if self.running else None)
+        self._waiting.addErrback(lambda f: log.failure("webhooks not started", f))
+
+    def _start_loop(self) -> None:
+        self._loop = LoopingCall(self.poll)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True).addErrback(
+            lambda f: log.failure("webhook dispatcher stopped", f)
+        )
+
+    def stopService(self) -> Deferred[Any]:  # noqa: N802
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        # Sends end within their timeout; their leases run out if the stores close first.
+        done = DeferredList(list(self._sending), consumeErrors=True)
+
+        def close(_: object) -> Any:
+            return self.pool.closeCachedConnections() if self.pool is not None else None
+
+        return done.addCallback(close)
+
+    # -- one round ----------------------------------------------------------------
+
+    def poll(self) -> Deferred[None]:
+        """Lease what is due (within each endpoint's free slots) and start sending it."""
+        if self._polling:
+            return succeed(None)
+        limits = {
+            name: self.concurrency - busy
+            for name, busy in self._in_flight.items()
+            if busy < self.concurrency
+        }
+        if not limits:
+            return succeed(None)
+        self._polling = True
+        now = self.clock.seconds()
+        d = self.outbox.lease_due(
+            self.node, now, limits, self.lease_for, self.fill_time, self.max_events
+        )
+
+        def leased(batches: list[WebhookBatch]) -> None:
+            for batch in batches:
+                self._start(batch)
+
+        def done(result: object) -> None:
+            self._polling = False
+
+        d.addCallback(leased)
+        d.addErrback(lambda f: log.failure("could not lease webhook batches", f))
+        return d.addBoth(done)
+
+    def _start(self, batch: WebhookBatch) -> None:
+        endpoint = self.endpoints.get(batch.endpoint)
+        if endpoint is None:
+            return  # not this node's endpoint: its lease runs out
+        self._in_flight[endpoint.name] += 1
+        d = Deferred.fromCoroutine(self._send(endpoint, batch))
+        self._sending.add(d)
+
+        def finished(result: object) -> None:
+            self._sending.discard(d)
+            self._in_flight[endpoint.name] -= 1
+
+        d.addErrback(lambda f: log.failure("webhook batch {id} not recorded", f, id=batch.id))
+        d.addBoth(finished)
+
+    async def _send(self, endpoint: WebhookEndpoint, batch: WebhookBatch) -> None:
+        try:
+            status = await self._post(endpoint, batch)
+        except _Failed as e:
+            await self._failed(endpoint, batch, str(e), e.retry_after)
+            return
+        except Exception as e:  # noqa: BLE001 - every error is a failed attempt
+            await self._failed(endpoint, batch, _describe(e), None)
+            return
+        if status == 410:
+            log.warn(
+                "webhook endpoint {endpoint} answered 410 Gone: disabled", endpoint=endpoint.name
+            )
+            await self.outbox.disable(endpoint.name, "HTTP 410 Gone", self.clock.seconds())
+            await self.outbox.dead_letter(
+                batch.id, self.node, "HTTP 410 Gone: endpoint disabled", self.clock.seconds()
+            )
+            return
+        await self.outbox.ack(batch.id)
+
+    async def _post(self, endpoint: WebhookEndpoint, batch: WebhookBatch) -> int:
+        """POST ``batch``; its status when 2xx or 410, else raises :class:`_Failed`."""
+        body = batch.body.encode("utf-8")
+        sent_at = int(self.clock.seconds())
+        headers = signed_headers(list(endpoint.keys), batch.id, sent_at, body)
+        headers["content-type"] = "application/json"
+        headers["user-agent"] = "Sendarix-Webhooks/1"
+        client = treq.client.HTTPClient(self._agent)
+        request = client.post(
+            endpoint.url,
+            data=body,
+            headers=Headers({k: [v] for k, v in headers.items()}),
+            allow_redirects=False,
+            reactor=self.clock,
+            timeout=self.timeout,
+        )
+        response = await request
+        status = int(response.code)
+        await self._drain(response)
+        if 200 <= status < 300 or status == 410:
+            return status
+        retry_after = None
+        if status in (429, 503):
+            values = response.headers.getRawHeaders(b"retry-after") or [None]
+            raw = values[0]
+            text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+            retry_after = parse_retry_after(text, self.clock.seconds())
+        raise _Failed(f"HTTP {status}", retry_after)
+
+    async def _drain(self, response: Any) -> None:
+        """Read (and drop) at most :data:`MAX_ANSWER` bytes of the answer, within the
+        timeout, so the connection can be used again."""
+        seen = 0
+
+        def chunk(data: bytes) -> None:
+            nonlocal seen
+            seen += len(data)
+            if seen > MAX_ANSWER:
+                raise _Failed("answer too long")
+
+        d = treq.collect(response, chunk)
+        timer = self.clock.callLater(self.timeout, d.cancel)
+        try:
+            await d
+        except Exception:  # noqa: BLE001 - the status decides; the body is not needed
+            pass
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def _failed(
+        self, endpoint: WebhookEndpoint, batch: WebhookBatch, error: str, retry_after: float | None
+    ) -> None:
+        now = self.clock.seconds()
+        decision = after_failure(
+            batch.created, batch.attempts + 1, now, endpoint.retry_schedule, retry_after
+        )
+        if isinstance(decision, GiveUp):
+            log.warn(
+                "webhook batch {id} to {endpoint} dead-lettered after {attempts} attempts: {error}",
+                id=batch.id, endpoint=endpoint.name, attempts=batch.attempts + 1, error=error,
+            )
+            await self.outbox.dead_letter(batch.id, self.node, error, now)
+            return
+        await self.outbox.retry(batch.id, self.node, decision.due, error)
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}"[:500]
