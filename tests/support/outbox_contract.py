@@ -55,7 +55,9 @@ class OutboxContractMixin(_Base):
     async def setUp(self) -> None:  # type: ignore[override]
         self.outbox, self.log = await self.open_outbox()
 
-    async def lease(self, node: str = "n1", now: float = T0 + FILL, **limits: int) -> list[WebhookBatch]:
+    async def lease(
+        self, node: str = "n1", now: float = T0 + FILL, **limits: int
+    ) -> list[WebhookBatch]:
         wanted = limits or {"hook": 10}
         batches: list[WebhookBatch] = await self.outbox.lease_due(
             node, now, wanted, LEASE, FILL, MAX

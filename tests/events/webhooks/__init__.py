@@ -1,0 +1,1 @@
+"""Tests of sendarix.events.webhooks."""
