@@ -60,6 +60,8 @@ class Receiver:
 
     clock: Any
     answer: Callable[[Received], Answer] = lambda r: (200, {})
+    #: Where it listens, once the test has it listening.
+    url: str = ""
     received: list[Received] = field(factory=list)
     hanging: list[Request] = field(factory=list)
     _waiters: list[tuple[int, Deferred[None]]] = field(factory=list)

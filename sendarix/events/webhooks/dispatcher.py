@@ -138,6 +138,10 @@ class WebhookDispatcher(Service):
 
         return done.addCallback(close)
 
+    def idle(self) -> Deferred[Any]:
+        """Fires once every send started so far has been recorded."""
+        return DeferredList(list(self._sending), consumeErrors=True)
+
     # -- one round ----------------------------------------------------------------
 
     def poll(self) -> Deferred[None]:
