@@ -32,6 +32,8 @@ PURE: tuple[str, ...] = (
     "sendarix.routing.rules",
     "sendarix.routing.shaping",
     "sendarix.ingress.policy",
+    "sendarix.events.webhooks.signature",
+    "sendarix.events.webhooks.schedule",
 )
 
 #: Imports that mean I/O (sockets, files through a database, threads, the reactor).
