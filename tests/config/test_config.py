@@ -44,6 +44,7 @@ from sendarix.config.units import (
     parse_rate,
     parse_size,
 )
+from sendarix.model.webhook import STANDARD_RETRY_SCHEDULE
 from tests.support.paths import REPO_ROOT
 
 SAMPLE = os.path.join(
@@ -317,6 +318,9 @@ class ParsedValuesTests(SynchronousTestCase):
         )
         self.assertEqual(c.webhooks[0].events, EVENT_TYPES)
         self.assertEqual(c.webhooks[0].tenant, "default")
+        self.assertEqual(c.webhooks[0].retry_schedule, STANDARD_RETRY_SCHEDULE)
+        self.assertRegex(c.webhooks[0].endpoint_name, r"^default-[0-9a-f]{8}$")
+        self.assertFalse(c.webhook_options.allow_private)
         self.assertEqual(
             c.dns.addresses(),
             (("127.0.0.1", 5353), ("::1", 53), ("192.0.2.1", 53), ("::1", 53)),
@@ -505,6 +509,16 @@ class ErrorTests(SynchronousTestCase):
              '[[egress.source]]\nname = "a"\naddress = "192.0.2.2"\n',
              "egress.source[1].name", "duplicate"),
             ('[[webhook]]\nurl = "ftp://x"\n', "webhook[0].url", "https://"),
+            ('[[webhook]]\nurl = "https://x.example"\nsecret = "whsec_x"\n',
+             "webhook[0].secret", "unknown"),
+            ('[[webhook]]\nurl = "https://x.example"\nretry_schedule = ["5m", "5s"]\n',
+             "webhook[0].retry_schedule[1]", "at least the one before"),
+            ('[[webhook]]\nurl = "https://x.example"\nretry_schedule = []\n',
+             "webhook[0].retry_schedule", "empty"),
+            ('[[webhook]]\nurl = "https://x.example"\n[[webhook]]\nurl = "https://x.example"\n',
+             "webhook[1].name", "duplicate"),
+            ('[webhooks]\nallow_private = "yes"\n', "webhooks.allow_private", "true or false"),
+            ('[webhooks]\nallow_loopback = true\n', "webhooks.allow_loopback", "unknown"),
             ('[[webhook]]\nurl = "https://x.example"\nevents = ["opened"]\n',
              "webhook[0].events[0]", "delivered"),
             ('[dns]\nnameservers = ["dns.example"]\n', "dns.nameservers[0]", "IP address"),
@@ -622,8 +636,8 @@ class LoadTests(SynchronousTestCase):
                         names.add(f.metadata.get(config_fields.TOML_KEY) or f.name)
         for section in ["[node]", "[spool]", "[[listener]]", "[tls]", "[limits]", "[delivery]",
                         "[dns]", "[[route]]", "[pool.", "[provider.", "[[egress.source]]",
-                        "[domains]", "[tenant.", "[api]", "[[webhook]]", "[simulator]",
-                        "[events]"]:  # fmt: skip
+                        "[domains]", "[tenant.", "[api]", "[[webhook]]", "[webhooks]",
+                        "[simulator]", "[events]"]:  # fmt: skip
             self.assertIn(section, text)
         for name in names:
             self.assertTrue(re.search(rf"(^|[\s{{,])#?\s*{re.escape(name)}\s*=", text, re.M), name)
