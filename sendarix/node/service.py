@@ -29,6 +29,8 @@ from sendarix.control.api.operations import HealthResource, MetricsResource, Rea
 from sendarix.delivery.service import DeliveryService
 from sendarix.events.metrics import Metrics, MetricsSink, QueueSampler, label_sets
 from sendarix.events.sinks import FanoutSink
+from sendarix.events.webhooks.dispatcher import WebhookDispatcher, guarded_agent
+from sendarix.events.webhooks.endpoints import Subscriptions, endpoints_from_config
 from sendarix.ingress.auth import submission_portal
 from sendarix.ingress.server import ListenerSettings, SubmissionFactory
 from sendarix.ingress.tls import ReloadableServerTLS, ensure_certificate
@@ -63,6 +65,8 @@ class NodeService(MultiService):
     listeners: list[ListenerService]
     #: The HTTP API (None when ``[api] enabled = false``).
     api: HTTPService | None = None
+    #: The webhook dispatcher (None without ``[[webhook]]``).
+    webhooks: WebhookDispatcher | None = None
     #: This process's Prometheus metrics.
     metrics: Metrics
     #: Install a SIGHUP handler that reloads the TLS certificate (twistd does).
@@ -367,7 +371,9 @@ def makeService(
     if config is None:
         config = default_config()
     top = NodeService()
-    stores = open_stores(config, reactor)
+    # Webhook secrets are read now: a missing one stops the node before it serves.
+    webhook_endpoints = endpoints_from_config(config, os.environ)
+    stores = open_stores(config, reactor, webhooks=Subscriptions.of(webhook_endpoints))
     stores_service = StoresService(stores, reactor)
     stores_service.setServiceParent(top)
     top.stores = stores
@@ -394,6 +400,13 @@ def makeService(
     )
     delivery.setServiceParent(top)
     top.delivery = delivery
+    if webhook_endpoints:
+        agent, pool = guarded_agent(reactor, config.webhook_options.allow_private)
+        top.webhooks = WebhookDispatcher(
+            stores.outbox, webhook_endpoints, config.node.name, reactor, agent, pool,
+            ready=stores_service.ready,
+        )
+        top.webhooks.setServiceParent(top)
 
     secret = load_node_secret(config)
     keyring = DomainKeyring(stores.domains, secret, reactor)

@@ -17,6 +17,8 @@ from twisted.internet.defer import Deferred
 
 from sendarix.config.settings import Config
 from sendarix.events.sinks import FanoutSink, JSONLogSink
+from sendarix.events.webhooks.endpoints import Subscriptions
+from sendarix.events.webhooks.sink import OutboxSink
 from sendarix.interfaces import (
     IBackend,
     ICredentialStore,
@@ -109,11 +111,19 @@ class Stores:
         return self.backend.close()
 
 
-def open_stores(config: Config, reactor: Any, json_log: bool | None = None) -> Stores:
-    """Build (not open) the stores ``config`` names, on the backend it names."""
+def open_stores(
+    config: Config, reactor: Any, json_log: bool | None = None,
+    webhooks: Subscriptions | None = None,
+) -> Stores:
+    """Build (not open) the stores ``config`` names, on the backend it names.
+
+    With ``webhooks``, an event some endpoint subscribed to is logged and queued in the
+    webhook outbox together (:class:`OutboxSink` takes the delivery log's place).
+    """
     backend = open_backend(config, reactor)
     use_json = config.events.json_log if json_log is None else json_log
-    events: IEventSink = (
-        FanoutSink([backend.eventlog, JSONLogSink()]) if use_json else backend.eventlog
-    )
+    logged: IEventSink = backend.eventlog
+    if webhooks is not None and webhooks.endpoints:
+        logged = OutboxSink(backend.eventlog, backend.outbox, webhooks)
+    events: IEventSink = FanoutSink([logged, JSONLogSink()]) if use_json else logged
     return Stores(config, backend, events)
