@@ -1,3 +1,4 @@
 """The ``sendarix`` command: ``main.py`` parses and dispatches, one module per command
 group adds its commands (``config``, ``credentials``, ``domains``, ``suppressions``,
-``queue``, ``log``), ``common.py`` holds what they share; ``sink.py`` is the test sink."""
+``queue``, ``log``, ``webhooks``), ``common.py`` holds what they share; ``sink.py`` is
+the test sink."""

@@ -1,5 +1,5 @@
 """The ``sendarix`` operator command: credentials, sending domains, suppressions,
-queue, delivery log, configuration.
+queue, delivery log, webhooks, configuration.
 
 ``sendarix [--config PATH] COMMAND ...`` works directly on the stores the relay uses
 (SQLite in WAL mode lets both share the file), so it also works while the relay is
@@ -35,6 +35,7 @@ from sendarix.control.cli import domains as domain_commands
 from sendarix.control.cli import log as log_commands
 from sendarix.control.cli import queue as queue_commands
 from sendarix.control.cli import suppressions as suppression_commands
+from sendarix.control.cli import webhooks as webhook_commands
 from sendarix.control.cli.common import (
     PROG,
     CommandError,
@@ -87,7 +88,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     # One module per command group, each adding its own commands.
     for commands_of in (config_commands, credential_commands, domain_commands,
-                        suppression_commands, queue_commands, log_commands):
+                        suppression_commands, queue_commands, log_commands,
+                        webhook_commands):
         commands_of.register(group, common, listing)
 
     # sink: dispatched before parsing (see main); listed here for --help.
