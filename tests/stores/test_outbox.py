@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from twisted.internet import reactor as _reactor
+from twisted.internet import task
 from twisted.trial.unittest import TestCase
 
 from sendarix.model.event import EventQuery
@@ -54,7 +55,31 @@ class RedisOutboxTests(OutboxContractMixin, TestCase):
         self.redis = await redis_client(self)
         log = RedisEventLog(self.redis)
         self.addCleanup(log.close)
-        return RedisWebhookOutbox(self.redis), log
+        outbox = RedisWebhookOutbox(self.redis)
+        self.addCleanup(outbox.close)
+        return outbox, log
+
+    async def test_outage_buffers_then_writes(self) -> None:
+        """While Redis is down an added event waits in memory; once Redis is back it
+        is logged and queued, and its Deferred fires then."""
+        self.outbox.retry_delay = 0.1
+        self.redis_stop()
+        added = self.outbox.add(event(queue_id="Q1"), ["hook"])
+        await task.deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(added.called)
+        port, stop = start_redis(self.redis_dir, port=self.redis_port)
+        self.redis_stop = stop
+        await added
+        (batch,) = await self.lease(now=T0 + 5)
+        self.assertEqual(payload(batch)[0]["queue_id"], "Q1")
+        self.assertEqual(len((await self.log.search(EventQuery(queue_id="Q1"))).events), 1)
+
+    async def test_close_drops_events_during_outage(self) -> None:
+        self.redis_stop()
+        added = self.outbox.add(event(), ["hook"])
+        await task.deferLater(reactor, 0.1, lambda: None)
+        await self.outbox.close()
+        self.assertTrue(added.called)
 
     async def test_kept_across_a_crash(self) -> None:
         """After ``add`` fires, the event and its queue entry survive a SIGKILL of Redis

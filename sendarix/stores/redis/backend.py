@@ -79,7 +79,7 @@ class RedisBackend:
             suppressions=RedisSuppressionStore(redis, PREFIX),
             domains=RedisDomainStore(redis, PREFIX),
             idempotency=RedisIdempotencyStore(redis, PREFIX),
-            outbox=RedisWebhookOutbox(redis, PREFIX),
+            outbox=RedisWebhookOutbox(redis, PREFIX, reactor),
         )
 
     @property
@@ -101,6 +101,7 @@ class RedisBackend:
             throttle.stop()  # its connection slots expire in Redis
         await self.spool.stop()
         await self.eventlog.close()
+        await self.outbox.close()
         await self.redis.disconnect()
 
     def throttle(self, node: str) -> IThrottle:
