@@ -305,6 +305,13 @@ class IWebhookOutbox(Interface):
         """``{"queued": events not yet in a batch, "batches": live batches,
         "dead": dead batches}`` of ``endpoint``."""
 
+    def reclaim(node):  # noqa: N805
+        """Make every batch ``node`` holds a lease on due again (a restarting node takes
+        back its own leases at once); the count."""
+
+    def trim(before):  # noqa: N805
+        """Delete dead batches given up before ``before``; the count."""
+
 
 class ISuppressionStore(Interface):
     """Each tenant's suppression list: recipients that must not be sent to.

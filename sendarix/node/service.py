@@ -404,7 +404,7 @@ def makeService(
         agent, pool = guarded_agent(reactor, config.webhook_options.allow_private)
         top.webhooks = WebhookDispatcher(
             stores.outbox, webhook_endpoints, config.node.name, reactor, agent, pool,
-            ready=stores_service.ready,
+            ready=stores_service.ready, dead_retention=config.events.retention,
         )
         top.webhooks.setServiceParent(top)
 

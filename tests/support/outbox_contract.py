@@ -213,3 +213,30 @@ class OutboxContractMixin(_Base):
         (sent,) = payload(batch)
         self.assertEqual(sent["recipient"], "josé@exämple.com")
         self.assertEqual(sent["tags"], ["ünï", 'quote"d'])
+
+    async def test_reclaim_own_leases(self) -> None:
+        """A restarting node takes its leases back at once; others' stay leased."""
+        await self.outbox.add(event(queue_id="Q1"), ["a"])
+        await self.outbox.add(event(queue_id="Q2"), ["b"])
+        (mine,) = await self.lease("n1", a=1)
+        (theirs,) = await self.lease("n2", b=1)
+        self.assertEqual(await self.outbox.reclaim("n1"), 1)
+        self.assertEqual(await self.outbox.reclaim("n1"), 0)
+        (again,) = await self.lease("n3", now=T0 + 2, a=1, b=1)
+        self.assertEqual(again.id, mine.id)
+        self.assertFalse(await self.outbox.retry(mine.id, "n1", T0 + 9, "late"))
+        self.assertTrue(await self.outbox.retry(theirs.id, "n2", T0 + 9, "HTTP 500"))
+
+    async def test_trim_dead(self) -> None:
+        """Dead batches older than the retention go; newer ones and live ones stay."""
+        for i in range(3):
+            await self.outbox.add(event(queue_id=f"Q{i}"), ["hook"])
+        old, new, live = await self.outbox.lease_due("n1", T0 + 1, {"hook": 3}, LEASE, FILL, 1)
+        await self.outbox.dead_letter(old.id, "n1", "HTTP 500", T0 + 10)
+        await self.outbox.dead_letter(new.id, "n1", "HTTP 500", T0 + 20)
+        self.assertEqual(await self.outbox.trim(T0 + 15), 1)
+        self.assertEqual(await self.outbox.trim(T0 + 15), 0)
+        self.assertEqual([d.id for d in await self.outbox.list_dead(None, 10)], [new.id])
+        self.assertEqual([d.id for d in await self.outbox.list_dead("hook", 10)], [new.id])
+        self.assertFalse(await self.outbox.replay(old.id, T0 + 30))
+        self.assertTrue(await self.outbox.ack(live.id))

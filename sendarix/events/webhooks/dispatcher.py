@@ -11,6 +11,9 @@ whole exchange and no redirects followed.  A 2xx answer acknowledges the batch; 
 disables the endpoint and dead-letters the batch; any other answer or error counts
 as a failed attempt, tried again on the endpoint's schedule (``Retry-After``
 honoured) until the schedule is used up and the batch is dead-lettered.
+
+On start the dispatcher takes back the batches its node leased before a restart;
+every hour it deletes dead batches older than ``dead_retention``.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class WebhookDispatcher(Service):
         timeout: float = 10.0,
         fill_time: float = BATCH_FILL_TIME,
         max_events: int = MAX_BATCH_EVENTS,
+        dead_retention: float | None = None,
     ) -> None:
         self.outbox = outbox
         self.endpoints = {e.name: e for e in endpoints}
@@ -99,11 +103,13 @@ class WebhookDispatcher(Service):
         self.timeout = timeout
         self.fill_time = fill_time
         self.max_events = max_events
+        self.dead_retention = dead_retention
         self._agent = agent
         self._in_flight: dict[str, int] = dict.fromkeys(self.endpoints, 0)
         self._sending: set[Deferred[None]] = set()
         self._polling = False
         self._loop: LoopingCall | None = None
+        self._trimmer: LoopingCall | None = None
         self._waiting: Deferred[Any] | None = None
 
     # -- the service --------------------------------------------------------------
@@ -119,17 +125,50 @@ class WebhookDispatcher(Service):
         self._waiting.addCallback(lambda _: self._start_loop() if self.running else None)
         self._waiting.addErrback(lambda f: log.failure("webhooks not started", f))
 
-    def _start_loop(self) -> None:
+    #: Seconds between deletions of dead batches older than ``dead_retention``.
+    trim_interval = 3600.0
+
+    def _start_loop(self) -> Deferred[None]:
+        """Take back this node's own leases (it is starting: nothing of it is in
+        flight), then poll every ``interval`` seconds."""
+        d = Deferred.fromCoroutine(self._reclaim_and_loop())
+        d.addErrback(lambda f: log.failure("webhook dispatcher stopped", f))
+        return d
+
+    async def _reclaim_and_loop(self) -> None:
+        count = await self.outbox.reclaim(self.node)
+        if count:
+            log.info("took back {count} webhook batches leased before a restart", count=count)
+        if not self.running:
+            return
         self._loop = LoopingCall(self.poll)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=True).addErrback(
             lambda f: log.failure("webhook dispatcher stopped", f)
         )
+        if self.dead_retention is not None:
+            self._trimmer = LoopingCall(self._trim)
+            self._trimmer.clock = self.clock
+            self._trimmer.start(self.trim_interval, now=True)
+
+    def _trim(self) -> Deferred[None]:
+        assert self.dead_retention is not None
+        d = self.outbox.trim(self.clock.seconds() - self.dead_retention)
+
+        def trimmed(count: int) -> None:
+            if count:
+                log.info("deleted {count} dead webhook batches past retention", count=count)
+
+        d.addCallback(trimmed)
+        d.addErrback(lambda f: log.warn("trimming dead webhook batches failed: {why}",
+                                        why=f.getErrorMessage()))
+        return d
 
     def stopService(self) -> Deferred[Any]:  # noqa: N802
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        for loop in (self._loop, self._trimmer):
+            if loop is not None and loop.running:
+                loop.stop()
         # Sends end within their timeout; their leases run out if the stores close first.
         done = DeferredList(list(self._sending), consumeErrors=True)
 

@@ -206,6 +206,36 @@ if #out == 0 then return '[]' end
 return cjson.encode(out)
 """
 
+# ARGV: prefix, node.  The number of batches made due again.
+_RECLAIM = """
+local P, node = ARGV[1], ARGV[2]
+local count = 0
+for _, id in ipairs(redis.call('ZRANGE', P .. 'hook:leased', 0, -1)) do
+  local b = redis.call('HMGET', P .. 'hook:b:' .. id, 'node', 'endpoint', 'due')
+  if b[1] == node then
+    redis.call('ZREM', P .. 'hook:leased', id)
+    redis.call('HSET', P .. 'hook:b:' .. id, 'state', 'ready', 'node', '')
+    redis.call('ZADD', P .. 'hook:due:' .. b[2], b[3], id)
+    count = count + 1
+  end
+end
+return count
+"""
+
+# ARGV: prefix, before (exclusive), count.  The number of dead batches deleted.
+_TRIM = """
+local P = ARGV[1]
+local ids = redis.call('ZRANGEBYSCORE', P .. 'hook:dead', '-inf', '(' .. ARGV[2],
+                       'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  local ep = redis.call('HGET', P .. 'hook:b:' .. id, 'endpoint')
+  redis.call('DEL', P .. 'hook:b:' .. id)
+  redis.call('ZREM', P .. 'hook:dead', id)
+  if ep then redis.call('ZREM', P .. 'hook:dead:' .. ep, id) end
+end
+return #ids
+"""
+
 
 @implementer(IWebhookOutbox)
 class RedisWebhookOutbox:
@@ -217,6 +247,8 @@ class RedisWebhookOutbox:
     max_buffer = 100_000
     #: Seconds between writes retried during an outage.
     retry_delay = 1.0
+    #: Dead batches deleted per script by ``trim``.
+    trim_batch = 1000
 
     def __init__(self, redis: Any, prefix: str = "sendarix:", clock: Any = None) -> None:
         self._redis = redis
@@ -364,6 +396,22 @@ class RedisWebhookOutbox:
 
         d = self._redis.hgetall(self._prefix + "hook:off")
         return d.addCallback(parse)  # type: ignore[no-any-return]
+
+    def reclaim(self, node: str) -> Deferred[int]:
+        return self._run(_RECLAIM, node).addCallback(int)
+
+    def trim(self, before: float) -> Deferred[int]:
+        batch = self.trim_batch
+
+        async def go() -> int:
+            total = 0
+            while True:
+                deleted = int(await self._run(_TRIM, repr(float(before)), str(batch)))
+                total += deleted
+                if deleted < batch:
+                    return total
+
+        return Deferred.fromCoroutine(go())
 
     def counts(self, endpoint: str) -> Deferred[dict[str, int]]:
         async def go() -> dict[str, int]:

@@ -244,6 +244,25 @@ class SQLiteWebhookOutbox:
 
         return self._db.run(select, background=True)
 
+    def reclaim(self, node: str) -> Deferred[int]:
+        def update(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE hook_batch SET state = 'ready', node = NULL, lease_until = NULL"
+                " WHERE state = 'leased' AND node = ?", (node,),
+            )
+            return cur.rowcount
+
+        return self._db.run(update)
+
+    def trim(self, before: float) -> Deferred[int]:
+        def delete(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "DELETE FROM hook_batch WHERE state = 'dead' AND failed_at < ?", (before,)
+            )
+            return cur.rowcount
+
+        return self._db.run(delete, background=True)
+
 
 def _form(
     conn: sqlite3.Connection, endpoint: str, now: float, stamp: str, fill_time: float,
