@@ -23,7 +23,7 @@ from attrs import define, field
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.error import DNSLookupError
+from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IHostResolution,
@@ -141,8 +141,9 @@ def _literal(host: str) -> str | None:
 @implementer(IStreamClientEndpoint)
 @define
 class GuardedEndpoint:
-    """Resolves ``host``, and connects to its first allowed address (by number), or
-    fails with :class:`AddressRefused` without opening any connection."""
+    """Resolves ``host`` and connects to its allowed addresses (by number) in turn until
+    one answers, or fails with :class:`AddressRefused` without opening any connection
+    when none is allowed."""
 
     reactor: Any
     resolver: IHostnameResolver
@@ -168,20 +169,32 @@ class GuardedEndpoint:
             if not addresses:
                 raise DNSLookupError(self.host)
         refused = []
+        allowed = []
         for address in addresses:
             reason = refusal(address, self.allow_private)
-            if reason is not None:
-                refused.append(f"{address} is {reason}")
-                continue
-            endpoint: Any
-            if ":" in address:
-                endpoint = TCP6ClientEndpoint(self.reactor, address, self.port, self.timeout)
+            if reason is None:
+                allowed.append(address)
             else:
-                endpoint = TCP4ClientEndpoint(self.reactor, address, self.port, self.timeout)
-            if self.tls is not None:
-                endpoint = wrapClientTLS(self.tls, endpoint)
-            return await endpoint.connect(factory)
-        raise AddressRefused(f"{self.host}: " + "; ".join(refused))
+                refused.append(f"{address} is {reason}")
+        if not allowed:
+            raise AddressRefused(f"{self.host}: " + "; ".join(refused))
+        # Each allowed address in turn, until one connects.
+        for address in allowed[:-1]:
+            try:
+                return await self._endpoint(address).connect(factory)
+            except ConnectError:
+                continue
+        return await self._endpoint(allowed[-1]).connect(factory)
+
+    def _endpoint(self, address: str) -> Any:
+        endpoint: Any
+        if ":" in address:
+            endpoint = TCP6ClientEndpoint(self.reactor, address, self.port, self.timeout)
+        else:
+            endpoint = TCP4ClientEndpoint(self.reactor, address, self.port, self.timeout)
+        if self.tls is not None:
+            endpoint = wrapClientTLS(self.tls, endpoint)
+        return endpoint
 
 
 @implementer(IAgentEndpointFactory)

@@ -3,18 +3,31 @@ guard of the HTTP client, which must not open a connection to a refused address.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import treq
+import treq.client
+from twisted.internet import reactor as _reactor
 from twisted.internet.error import DNSLookupError
+from twisted.internet.ssl import Certificate, PrivateCertificate
 from twisted.internet.testing import MemoryReactorClock
-from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import URI
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import (
+    URI,
+    BrowserLikePolicyForHTTPS,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface.verify import verifyObject
 
 from sendarix.events.webhooks.dispatcher import guarded_agent
 from sendarix.events.webhooks.ssrf import AddressRefused, GuardedEndpointFactory, refusal
-from tests.support.webhooks import StaticResolver
+from tests.support.tlsca import TestCA
+from tests.support.webhooks import Receiver, StaticResolver
+
+reactor: Any = _reactor
 
 #: address, refused without allow_private, refused with it.
 TABLE: list[tuple[str, bool, bool]] = [
@@ -124,3 +137,54 @@ class GuardTests(SynchronousTestCase):
         failure = self.failureResultOf(agent.request(b"POST", b"http://nowhere.example/"))
         self.assertTrue(failure.check(DNSLookupError))
         self.assertEqual(self.reactor.tcpClients, [])
+
+
+class LoopbackGuardTests(TestCase):
+    """The guard over real loopback sockets: the fallback between addresses, and
+    verified TLS for the URL's host name."""
+
+    def setUp(self) -> None:
+        self.receiver = Receiver(reactor)
+
+    def listen_tls(self) -> tuple[int, Certificate]:
+        ca = TestCA(os.path.abspath(self.mktemp()))
+        cert_path, key_path = ca.issue("hooks.test")
+        with open(cert_path) as c, open(key_path) as k:
+            server = PrivateCertificate.loadPEM(c.read() + k.read())
+        port = reactor.listenSSL(0, self.receiver.site(), server.options(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        with open(ca.ca_path) as f:
+            return port.getHost().port, Certificate.loadPEM(f.read())
+
+    def agent(self, trust: Certificate | None = None) -> Any:
+        resolver = StaticResolver({"hooks.test": ["127.0.0.1"], "other.test": ["127.0.0.1"],
+                                   "two.test": ["127.0.0.2", "127.0.0.1"]})
+        policy = BrowserLikePolicyForHTTPS(trustRoot=trust) if trust is not None else None
+        agent, pool = guarded_agent(reactor, allow_private=True, resolver=resolver,
+                                    tls_policy=policy)
+        self.addCleanup(pool.closeCachedConnections)
+        return agent
+
+    async def post(self, agent: Any, url: str) -> int:
+        response = await treq.client.HTTPClient(agent).post(url, data=b"{}", timeout=5)
+        await treq.content(response)
+        return int(response.code)
+
+    async def test_tls_verified_for_the_host_name(self) -> None:
+        port, trust = self.listen_tls()
+        self.assertEqual(await self.post(self.agent(trust), f"https://hooks.test:{port}/h"), 200)
+        tls_failed = (RequestTransmissionFailed, ResponseNeverReceived)
+        with self.assertRaises(tls_failed) as wrong_name:
+            await self.post(self.agent(trust), f"https://other.test:{port}/h")
+        self.assertIn("other.test", repr(wrong_name.exception.reasons[0].value))
+        with self.assertRaises(tls_failed):  # not trusted by the system roots
+            await self.post(self.agent(), f"https://hooks.test:{port}/h")
+        self.assertEqual(len(self.receiver.received), 1)
+
+    async def test_next_address_when_one_refuses(self) -> None:
+        """127.0.0.2 refuses the connection; the POST goes to 127.0.0.1."""
+        port = reactor.listenTCP(0, self.receiver.site(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://two.test:{port.getHost().port}/h"
+        self.assertEqual(await self.post(self.agent(), url), 200)
+        self.assertEqual(len(self.receiver.received), 1)
