@@ -240,7 +240,9 @@ def describe(config: Config) -> str:
     lines.append(f"tenants configured: {', '.join(config.tenants) or 'none'}")
     api = config.api
     lines.append(f"api: {api.endpoint}" if api.enabled else "api: disabled")
-    lines.append(f"webhooks in file: {len(config.webhooks)}")
+    hooks = ", ".join(f"{w.endpoint_name} ({w.tenant})" for w in config.webhooks) or "none"
+    private = ", private destinations allowed" if config.webhook_options.allow_private else ""
+    lines.append(f"webhooks: {hooks}{private}")
     lines.append(f"simulator: {config.simulator.domain}")
     json_log = "on" if config.events.json_log else "off"
     lines.append(f"events: kept {d(config.events.retention)}, JSON log {json_log}")

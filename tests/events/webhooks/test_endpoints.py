@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from sendarix.config.errors import ConfigError
-from sendarix.config.loader import parse_config
+from sendarix.config.loader import describe, parse_config
 from sendarix.events.webhooks.endpoints import Subscriptions, endpoints_from_config
 from sendarix.events.webhooks.signature import generate_secret, parse_secret
 from sendarix.model.event import Event
@@ -53,3 +53,8 @@ class EndpointTests(SynchronousTestCase):
         unsigned = parse_config({"webhook": [{"url": "https://x.example/"}]}, "/tmp")
         with self.assertRaises(ConfigError):
             endpoints_from_config(unsigned, {})
+
+    def test_described(self) -> None:
+        text = describe(parse_config({**CONFIG, "webhooks": {"allow_private": True}}, "/tmp"))
+        self.assertIn("webhooks: a (acme), globex-", text)
+        self.assertIn("private destinations allowed", text)
