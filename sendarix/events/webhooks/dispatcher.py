@@ -201,6 +201,8 @@ class WebhookDispatcher(Service):
         )
 
         def leased(batches: list[WebhookBatch]) -> None:
+            if not self.running and self._loop is not None:
+                return  # stopping: the leases run out, or come back at the next start
             for batch in batches:
                 self._start(batch)
 
