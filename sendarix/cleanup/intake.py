@@ -51,6 +51,8 @@ class Submission:
     protocol: str = "ESMTP"
     tls: TLSInfo | None = None
     credential: Credential | None = None
+    #: A scheduled send: not delivered before this time (POSIX seconds).
+    not_before: float | None = None
 
 
 @frozen
@@ -155,7 +157,10 @@ class Intake:
             sandbox=bool(cred and cred.sandbox),
         )
         await self.spool.enqueue(
-            NewMessage(queue_id=sub.queue_id, envelope=sub.envelope, meta=meta, body=body)
+            NewMessage(
+                queue_id=sub.queue_id, envelope=sub.envelope, meta=meta, body=body,
+                not_before=sub.not_before,
+            )
         )
         if self.on_queued is not None:
             self.on_queued()

@@ -32,7 +32,7 @@ OTHER = "other"
 
 #: Event types counted as outcomes (``accepted`` has its own counter).
 OUTCOMES = ("delivered", "deferred", "bounced", "expired", "suppressed", "rejected",
-            "complained")  # fmt: skip
+            "complained", "cancelled")  # fmt: skip
 
 
 def _version() -> str:

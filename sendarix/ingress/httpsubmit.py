@@ -88,14 +88,17 @@ class HTTPSubmission:
     tenant_rates: Mapping[str, tuple[float, float]] = {}
 
     def submit(
-        self, credential: Credential, client_ip: str, message: ComposedMessage
+        self, credential: Credential, client_ip: str, message: ComposedMessage,
+        not_before: float | None = None,
     ) -> Deferred[SubmitResult]:
         """Check, clean up, sign and spool ``message`` for ``credential``; fires once
-        the spool has it, or fails with :obj:`SubmitRefused` (nothing queued)."""
-        return Deferred.fromCoroutine(self._submit(credential, client_ip, message))
+        the spool has it, or fails with :obj:`SubmitRefused` (nothing queued).
+        ``not_before`` holds it in the spool until then (a scheduled send)."""
+        return Deferred.fromCoroutine(self._submit(credential, client_ip, message, not_before))
 
     async def _submit(
-        self, cred: Credential, client_ip: str, message: ComposedMessage
+        self, cred: Credential, client_ip: str, message: ComposedMessage,
+        not_before: float | None,
     ) -> SubmitResult:
         now = self.clock.seconds()
         tenant = cred.tenant
@@ -162,6 +165,7 @@ class HTTPSubmission:
             listener="api",
             protocol="HTTP",
             credential=cred,
+            not_before=not_before,
         )
         try:
             taken = await self.intake.accept_message(submission)

@@ -21,7 +21,7 @@ from sendarix.model.message import Reply, TLSInfo
 #: Every event type (also what a webhook may subscribe to).
 EVENT_TYPES: tuple[str, ...] = (
     "accepted", "delivered", "deferred", "bounced",
-    "expired", "suppressed", "rejected", "complained",
+    "expired", "suppressed", "rejected", "complained", "cancelled",
 )  # fmt: skip
 
 #: The most events one search returns.

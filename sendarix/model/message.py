@@ -155,6 +155,14 @@ class NewMessage:
     envelope: Envelope
     meta: MessageMeta
     body: bytes = field(repr=lambda b: f"<{len(b)} bytes>")
+    #: A scheduled send: no delivery before this time (POSIX seconds; None: at once).
+    not_before: float | None = None
+
+    @property
+    def due(self) -> float:
+        """When the first delivery attempt is due."""
+        received = self.meta.received_at
+        return received if self.not_before is None else max(received, self.not_before)
 
 
 @frozen

@@ -257,6 +257,22 @@ class SpoolContractMixin(_Base):
             self.assertEqual((delivery.lease.node, delivery.lease.expires), ("node-1", T0 + 305))
             self.assertTrue(all(r.status is PENDING for r in delivery.recipients))
 
+    async def test_scheduled_message_waits(self) -> None:
+        """A message with ``not_before`` is stored at once but leased only from then on;
+        its recipients show the time as their next attempt."""
+        from attrs import evolve
+
+        spool = await self.started()
+        message = evolve(self.new_message(recipients=("a@one.example",)), not_before=T0 + 3600)
+        await spool.enqueue(message)
+        self.assertEqual(await spool.lease_due("node-1", T0 + 5, 10, 300), [])
+        stored = await spool.get(message.queue_id)
+        assert stored is not None
+        self.assertEqual(stored.recipients[0].next_attempt, T0 + 3600)
+        self.assertEqual(stored.recipients[0].status, PENDING)
+        leased = await spool.lease_due("node-1", T0 + 3600, 10, 300)
+        self.assertEqual([d.queue_id for d in leased], [message.queue_id])
+
     async def test_lease_due_except(self) -> None:
         """lease_due_except leaves deliveries to the skipped domains (any case) in the
         spool, due as before, and leases the others oldest first."""

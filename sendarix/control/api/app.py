@@ -16,7 +16,7 @@ from typing import Any
 
 from attrs import define, field
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -35,6 +35,7 @@ from sendarix.interfaces import IEventLog, IIdempotencyStore, ISpool, ISuppressi
 from sendarix.model.event import (
     EVENT_TYPES,
     MAX_LIMIT,
+    Event,
     EventQuery,
     format_timestamp,
     parse_timestamp,
@@ -58,6 +59,12 @@ _REFUSAL_STATUS = {
     "message_refused": 422,
     "unauthorized": 401,
 }
+
+#: Most messages in one batch request.
+MAX_BATCH = 500
+
+#: How far ahead ``send_at`` may be (seconds).
+MAX_SCHEDULE = 72 * 3600.0
 
 OPENAPI_PATH = os.path.join(os.path.dirname(__file__), "openapi.yaml")
 
@@ -140,6 +147,12 @@ class ApiApp:
     def __attrs_post_init__(self) -> None:
         route = self.app.route
         route("/v1/messages", methods=["POST"])(self._wrap("messages", self.send, "send"))
+        route("/v1/messages/batch", methods=["POST"])(
+            self._wrap("messages_batch", self.send_batch, "send")
+        )
+        route("/v1/messages/<string:queue_id>/cancel", methods=["POST"])(
+            self._wrap("message_cancel", self.cancel, "send")
+        )
         route("/v1/messages/<string:queue_id>", methods=["GET"])(
             self._wrap("message", self.get_message, "read")
         )
@@ -261,22 +274,94 @@ class ApiApp:
 
     async def send(self, request: Any, principal: Principal) -> tuple[int, Any]:
         body = _json_body(request)
-        if body.get("send_at") is not None or body.get("template") is not None:
-            raise ApiError(422, "not_supported",
-                           "send_at and templates are not available on this node yet")
+        return 202, await self._send_one(request, principal, body, "")
+
+    async def send_batch(self, request: Any, principal: Principal) -> tuple[int, Any]:
+        """Up to ``MAX_BATCH`` messages, each checked and queued on its own: one bad
+        message does not stop the others, and each result says what happened."""
+        body = _json_body(request)
+        unknown = set(body) - {"messages"}
+        if unknown:
+            raise invalid(sorted(unknown)[0], "is not a known field")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_BATCH:
+            raise invalid("messages", f"must be a list of 1 to {MAX_BATCH} messages")
+        results: list[dict[str, Any]] = []
+        for i, item in enumerate(messages):
+            try:
+                if not isinstance(item, dict):
+                    raise invalid(f"messages[{i}]", "must be an object")
+                sent = await self._send_one(request, principal, item, f"messages[{i}].")
+                results.append({"status": 202, **sent})
+            except ApiError as e:
+                results.append({"status": e.status, "error": {"code": e.code,
+                                                              "message": e.message}})
+        return 200, {"results": results}
+
+    async def _send_one(
+        self, request: Any, principal: Principal, body: dict[str, Any], where: str
+    ) -> dict[str, Any]:
+        """Compose, check and queue one message; its 202 body, or ApiError."""
+        if body.get("template") is not None or body.get("variables") is not None:
+            raise ApiError(422, "not_supported", "templates are not available on this node yet")
+        not_before = self._send_at(body.get("send_at"), where)
         try:
             message = compose(body)
         except InvalidField as e:
-            raise invalid(e.field, e.why) from None
+            raise invalid(where + e.field, e.why) from None
         client = request.getClientAddress()
         client_ip = getattr(client, "host", "")
         try:
-            result = await self.submission.submit(principal.credential, client_ip, message)
+            result = await self.submission.submit(
+                principal.credential, client_ip, message, not_before=not_before
+            )
         except SubmitRefused as e:
             status = _REFUSAL_STATUS.get(e.code, 422)
             headers = {"Retry-After": "60"} if status == 429 else None
             raise ApiError(status, e.code, e.reply.text, headers) from None
-        return 202, result.to_json()
+        answer = result.to_json()
+        if not_before is not None:
+            answer["send_at"] = format_timestamp(not_before)
+        return answer
+
+    def _send_at(self, value: Any, where: str) -> float | None:
+        """``send_at`` as POSIX seconds: RFC 3339 with an offset, in the future, at
+        most ``MAX_SCHEDULE`` ahead (a time already past means now)."""
+        if value is None:
+            return None
+        field = where + "send_at"
+        if not isinstance(value, str):
+            raise invalid(field, "must be an RFC 3339 time such as 2026-12-24T09:00:00Z")
+        text = value.strip()
+        if not (text.endswith(("Z", "z")) or text[-6:-5] in ("+", "-")):
+            raise invalid(field, "needs a time zone offset (Z or +01:00)")
+        try:
+            when = parse_timestamp(text[:-1] + "+00:00" if text[-1] in "Zz" else text)
+        except (ValueError, OverflowError):
+            raise invalid(field, "must be an RFC 3339 time such as 2026-12-24T09:00:00Z") from None
+        now = self.clock.seconds()
+        if when > now + MAX_SCHEDULE:
+            raise invalid(field, "may be at most 72 hours ahead")
+        return when if when > now else None
+
+    async def cancel(self, request: Any, principal: Principal, queue_id: str) -> tuple[int, Any]:
+        """Cancel the recipients of a message that have not been delivered, bounced
+        or expired yet (scheduled or waiting in the queue)."""
+        stored = await self.spool.get(queue_id)
+        if stored is None or not principal.sees(stored.meta.tenant):
+            raise not_found(f"message {queue_id} in the queue")
+        open_ = [r.address for r in stored.recipients if not r.status.final]
+        if not await self.spool.delete(queue_id):
+            raise not_found(f"message {queue_id} in the queue")
+        now = self.clock.seconds()
+        for address in open_:
+            event = Event.make(
+                "cancelled", now, queue_id=queue_id, message_id=stored.meta.message_id,
+                tenant=stored.meta.tenant, sender=stored.envelope.sender, recipient=address,
+                tags=stored.meta.tags, node=self.submission.intake.node,
+            )
+            await maybeDeferred(self.submission.intake.events.emit, event)
+        return 200, {"id": queue_id, "cancelled": open_}
 
     async def get_message(
         self, request: Any, principal: Principal, queue_id: str

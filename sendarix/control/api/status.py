@@ -22,6 +22,7 @@ _EVENT_STATUS = {
     "expired": "expired",
     "suppressed": "suppressed",
     "complained": "delivered",
+    "cancelled": "cancelled",
 }
 
 

@@ -146,8 +146,8 @@ local function settle(q, domain)
 end
 """
 
-# ARGV: prefix, q, envelope, meta, size, created, order, body, then address, domain,
-# record for each recipient.
+# ARGV: prefix, q, envelope, meta, size, created, order, body, due, then address,
+# domain, record for each recipient.
 _ENQUEUE = (
     _PRELUDE
     + """
@@ -156,10 +156,11 @@ if redis.call('EXISTS', P .. 'm:' .. q) == 1 then return 0 end
 redis.call('HSET', P .. 'm:' .. q, 'envelope', ARGV[3], 'meta', ARGV[4], 'size', ARGV[5],
            'created', ARGV[6], 'order', ARGV[7])
 redis.call('SET', P .. 'b:' .. q, ARGV[8])
-for i = 9, #ARGV, 3 do
+-- ARGV[9]: when the first attempt is due (a scheduled send's time, or now).
+for i = 10, #ARGV, 3 do
   redis.call('HSET', P .. 'r:' .. q, ARGV[i], ARGV[i + 2])
   count('pending', ARGV[i + 1], 1)
-  redis.call('ZADD', P .. 'due', ARGV[6], q .. '|' .. ARGV[i + 1])
+  redis.call('ZADD', P .. 'due', ARGV[9], q .. '|' .. ARGV[i + 1])
 end
 redis.call('ZADD', P .. 'ids', 0, q)
 return 1
@@ -558,6 +559,7 @@ class RedisSpool:
             _time(received),
             json.dumps(list(recipients)),
             message.body,
+            _time(message.due),
         ]
         for address in recipients:
             domain = codec.recipient_domain(address)
@@ -566,6 +568,7 @@ class RedisSpool:
                 domain=domain,
                 status=RecipientStatus.PENDING,
                 attempts=0,
+                next_attempt=message.not_before,
                 updated_at=received,
             )
             args += [address, domain, _encode_record(record)]

@@ -184,12 +184,12 @@ class SQLiteSpool:
             )
             conn.executemany(
                 "INSERT INTO spool_recipient (queue_id, address, domain, status, attempts,"
-                " updated_at) VALUES (?, ?, ?, 'pending', 0, ?)",
-                [(qid, a, d, received) for a, d in domains.items()],
+                " next_attempt, updated_at) VALUES (?, ?, ?, 'pending', 0, ?, ?)",
+                [(qid, a, d, message.not_before, received) for a, d in domains.items()],
             )
             conn.executemany(
                 "INSERT INTO spool_delivery (queue_id, domain, due) VALUES (?, ?, ?)",
-                [(qid, d, received) for d in dict.fromkeys(domains.values())],
+                [(qid, d, message.due) for d in dict.fromkeys(domains.values())],
             )
 
         return self._db.run(txn)
