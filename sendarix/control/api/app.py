@@ -334,7 +334,7 @@ class ApiApp:
             raise invalid(field, "must be an RFC 3339 time such as 2026-12-24T09:00:00Z")
         text = value.strip()
         if not (text.endswith(("Z", "z")) or text[-6:-5] in ("+", "-")):
-            raise invalid(field, "needs a time zone offset (Z or +01:00)")
+            raise invalid(field, "must be an RFC 3339 time with an offset (Z or +01:00)")
         try:
             when = parse_timestamp(text[:-1] + "+00:00" if text[-1] in "Zz" else text)
         except (ValueError, OverflowError):

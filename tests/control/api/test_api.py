@@ -77,6 +77,19 @@ class ApiTestCase(unittest.TestCase):
         out.update(fields)
         return out
 
+    def assertMatchesDocument(  # noqa: N802
+        self, path: str, method: str, status: str, body: Any
+    ) -> None:
+        """``body`` is valid for that answer in the OpenAPI document."""
+        import jsonschema
+
+        from sendarix.control.api.app import load_openapi
+
+        document = load_openapi()
+        schema = document["paths"][path][method]["responses"][status]["content"][
+            "application/json"]["schema"]
+        jsonschema.validate(body, {**schema, "components": document["components"]})
+
     def assertError(self, result: tuple[int, Any, Any], status: int, code: str) -> str:  # noqa: N802
         got, body, _ = result
         self.assertEqual((got, body["error"]["code"]), (status, code), body)
@@ -384,3 +397,87 @@ class OperationsTests(ApiTestCase):
         status, body, _ = await self.call("GET", "/readyz", key=False)
         self.assertEqual(status, 503, body)
         self.assertIn("stores", body["problems"][0])
+
+
+def _rfc3339(when: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(when, UTC).isoformat().replace("+00:00", "Z")
+
+
+class ScheduleAndBatchTests(ApiTestCase):
+    async def test_send_at_holds_then_delivers(self) -> None:
+        """A message for two seconds ahead is queued at once, shown with its next
+        attempt, not sent before its time, then delivered."""
+        import time
+
+        from twisted.internet import task
+
+        start = time.time()
+        status, body, _ = await self.call(
+            "POST", "/v1/messages", self.message(send_at=_rfc3339(start + 2.5))
+        )
+        self.assertEqual(status, 202, body)
+        self.assertIn("send_at", body)
+        status, found, _ = await self.call("GET", f"/v1/messages/{body['id']}")
+        (recipient,) = found["recipients"]
+        self.assertEqual(recipient["status"], "queued")
+        self.assertIsNotNone(recipient["next_attempt"])
+        await task.deferLater(reactor, 1.0, lambda: None)
+        self.assertEqual(self.sink.stats.messages, 0)
+        await wait_event(self.relay, "user@sink.test", "delivered")
+        self.assertGreaterEqual(time.time(), start + 2.4)
+
+    async def test_cancel_before_send_at(self) -> None:
+        """A scheduled message cancelled before its time is never sent; its recipients
+        show as cancelled, and a second cancel is 404."""
+        import time
+
+        status, body, _ = await self.call("POST", "/v1/messages", self.message(
+            to=["user@sink.test", "other@sink.test"], send_at=_rfc3339(time.time() + 3600)
+        ))
+        self.assertEqual(status, 202, body)
+        self.assertError(await self.call("POST", f"/v1/messages/{body['id']}/cancel", {},
+                                         key=self.other), 404, "not_found")
+        status, done, _ = await self.call("POST", f"/v1/messages/{body['id']}/cancel", {})
+        self.assertEqual((status, sorted(done["cancelled"])),
+                         (200, ["other@sink.test", "user@sink.test"]))
+        status, found, _ = await self.call("GET", f"/v1/messages/{body['id']}")
+        self.assertEqual({r["status"] for r in found["recipients"]}, {"cancelled"})
+        self.assertFalse(found["in_queue"])
+        self.assertError(await self.call("POST", f"/v1/messages/{body['id']}/cancel", {}),
+                         404, "not_found")
+        self.assertEqual(self.sink.stats.messages, 0)
+
+    async def test_send_at_checks(self) -> None:
+        import time
+
+        for value, why in ((_rfc3339(time.time() + 80 * 3600), "72 hours"),
+                           ("2026-12-24T09:00:00", "offset"), ("soon", "RFC 3339"), (5, "RFC")):
+            message = self.assertError(
+                await self.call("POST", "/v1/messages", self.message(send_at=value)),
+                400, "invalid_request",
+            )
+            self.assertIn("send_at", message)
+            self.assertIn(why, message)
+
+    async def test_batch(self) -> None:
+        """Each item gets its own result; a bad item does not stop the others."""
+        status, body, _ = await self.call("POST", "/v1/messages/batch", {"messages": [
+            self.message(to="a@sink.test"), self.message(to="not-an-address"),
+            "nope", self.message(to="b@sink.test"),
+        ]})
+        self.assertEqual(status, 200, body)
+        results = body["results"]
+        self.assertEqual([r["status"] for r in results], [202, 400, 400, 202])
+        self.assertIn("messages[1].to[0]", results[1]["error"]["message"])
+        self.assertIn("messages[2]", results[2]["error"]["message"])
+        self.assertMatchesDocument("/v1/messages/batch", "post", "200", body)
+        await self.sink.wait_for(2)
+        self.assertError(await self.call("POST", "/v1/messages/batch", {"messages": []}),
+                         400, "invalid_request")
+        self.assertError(
+            await self.call("POST", "/v1/messages/batch",
+                            {"messages": [self.message()] * 501}),
+            400, "invalid_request",
+        )
