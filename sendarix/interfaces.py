@@ -313,6 +313,22 @@ class IWebhookOutbox(Interface):
         """Delete dead batches given up before ``before``; the count."""
 
 
+class ITemplateStore(Interface):
+    """Each tenant's message templates, every version kept.  Deferreds throughout."""
+
+    def save(tenant, name, subject, text, html, now):  # noqa: N805 - zope: no self
+        """Store a new version of ``name`` (version 1 when new); the saved Template."""
+
+    def get(tenant, name, version=None):  # noqa: N805
+        """The newest version of ``name`` (or ``version``), or None."""
+
+    def list(tenant):  # noqa: N805
+        """The newest version of each of the tenant's templates, by name."""
+
+    def delete(tenant, name):  # noqa: N805
+        """Delete every version of ``name``; True when there was one."""
+
+
 class ISuppressionStore(Interface):
     """Each tenant's suppression list: recipients that must not be sent to.
 
@@ -448,6 +464,7 @@ class IBackend(Interface):
     suppressions = Attribute("The ISuppressionStore.")
     domains = Attribute("The IDomainStore.")
     idempotency = Attribute("The IIdempotencyStore (HTTP API idempotency keys).")
+    templates = Attribute("The ITemplateStore (message templates of the HTTP API).")
     outbox = Attribute("The IWebhookOutbox (webhook deliveries, written with the log).")
     location = Attribute("Where the data is, for messages (a file path or a server).")
     errors = Attribute(

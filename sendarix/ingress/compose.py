@@ -28,7 +28,7 @@ from sendarix.model.address import AddressSyntaxError, parse_path
 MESSAGE_FIELDS = frozenset({
     "from", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "headers",
     "attachments", "tags", "metadata", "raw_b64", "send_at", "dsn", "template",
-    "variables",
+    "template_version", "variables",
 })  # fmt: skip
 
 #: Header fields a request may not set: the envelope, cleanup and DKIM own them.

@@ -49,7 +49,8 @@ def make_api_site(
     app = ApiApp(
         keys=ApiKeys(CredentialChecker(stores.credentials, reactor, required_scope=None)),
         submission=submission, spool=stores.spool, eventlog=stores.eventlog,
-        suppressions=stores.suppressions, idempotency=stores.idempotency, clock=reactor,
+        suppressions=stores.suppressions, idempotency=stores.idempotency,
+        templates=stores.templates, clock=reactor,
         on_request=on_request,
     )
     root = root_resource(app.resource(), extras or {})

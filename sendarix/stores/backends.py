@@ -28,6 +28,7 @@ from sendarix.interfaces import (
     IIdempotencyStore,
     ISpool,
     ISuppressionStore,
+    ITemplateStore,
     IThrottle,
     IWebhookOutbox,
 )
@@ -90,6 +91,10 @@ class Stores:
     @property
     def outbox(self) -> IWebhookOutbox:
         return self.backend.outbox
+
+    @property
+    def templates(self) -> ITemplateStore:
+        return self.backend.templates
 
     @property
     def location(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from attrs import define, field
 from klein import Klein
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -31,7 +32,15 @@ from sendarix.control.api.errors import (
 from sendarix.control.api.status import message_status
 from sendarix.ingress.compose import InvalidField, compose
 from sendarix.ingress.httpsubmit import HTTPSubmission, SubmitRefused
-from sendarix.interfaces import IEventLog, IIdempotencyStore, ISpool, ISuppressionStore
+from sendarix.ingress.render import RenderError, render
+from sendarix.ingress.render import check as check_template
+from sendarix.interfaces import (
+    IEventLog,
+    IIdempotencyStore,
+    ISpool,
+    ISuppressionStore,
+    ITemplateStore,
+)
 from sendarix.model.event import (
     EVENT_TYPES,
     MAX_LIMIT,
@@ -42,6 +51,8 @@ from sendarix.model.event import (
 )
 from sendarix.model.idempotency import MAX_KEY_LENGTH, fingerprint
 from sendarix.model.suppression import Suppression
+from sendarix.model.template import MAX_PART, Template
+from sendarix.model.template import NAME_PATTERN as TEMPLATE_NAME
 from sendarix.stores.errors import StoreUnavailable
 
 log = Logger()
@@ -139,6 +150,7 @@ class ApiApp:
     eventlog: IEventLog
     suppressions: ISuppressionStore
     idempotency: IIdempotencyStore
+    templates: ITemplateStore
     clock: Any
     #: Called with (route, status) after every request (metrics).
     on_request: Callable[[str, int], None] | None = None
@@ -165,6 +177,21 @@ class ApiApp:
         )
         route("/v1/suppressions/<string:address>", methods=["DELETE"])(
             self._wrap("suppression", self.remove_suppression, "send")
+        )
+        route("/v1/templates", methods=["GET"])(
+            self._wrap("templates", self.list_templates, "read")
+        )
+        route("/v1/templates", methods=["POST"])(
+            self._wrap("templates", self.create_template, "send")
+        )
+        route("/v1/templates/<string:name>", methods=["GET"])(
+            self._wrap("template", self.get_template, "read")
+        )
+        route("/v1/templates/<string:name>", methods=["PUT"])(
+            self._wrap("template", self.put_template, "send")
+        )
+        route("/v1/templates/<string:name>", methods=["DELETE"])(
+            self._wrap("template", self.delete_template, "send")
         )
         route("/v1/queue", methods=["GET"])(self._wrap("queue", self.queue, "read"))
         route("/v1/openapi.json", methods=["GET"])(self.openapi)
@@ -302,8 +329,10 @@ class ApiApp:
         self, request: Any, principal: Principal, body: dict[str, Any], where: str
     ) -> dict[str, Any]:
         """Compose, check and queue one message; its 202 body, or ApiError."""
-        if body.get("template") is not None or body.get("variables") is not None:
-            raise ApiError(422, "not_supported", "templates are not available on this node yet")
+        if body.get("template") is not None:
+            body = await self._rendered(principal, body, where)
+        elif body.get("variables") is not None or body.get("template_version") is not None:
+            raise invalid(where + "template", "is required with variables or template_version")
         not_before = self._send_at(body.get("send_at"), where)
         try:
             message = compose(body)
@@ -323,6 +352,102 @@ class ApiApp:
         if not_before is not None:
             answer["send_at"] = format_timestamp(not_before)
         return answer
+
+    async def _rendered(
+        self, principal: Principal, body: dict[str, Any], where: str
+    ) -> dict[str, Any]:
+        """``body`` with its template rendered into subject, text and html (422
+        ``template_error`` naming the template, line and variable)."""
+        name = body["template"]
+        if not isinstance(name, str) or not TEMPLATE_NAME.fullmatch(name):
+            raise invalid(where + "template", "must be a template name")
+        version = body.get("template_version")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)
+                                    or version < 1):
+            raise invalid(where + "template_version", "must be a positive integer")
+        variables = body.get("variables", {})
+        if not isinstance(variables, dict):
+            raise invalid(where + "variables", "must be an object")
+        given = [part for part in ("subject", "text", "html") if body.get(part) is not None]
+        if given:
+            raise invalid(where + given[0], "cannot be combined with a template")
+        template = await self.templates.get(principal.tenant, name, version)
+        if template is None:
+            raise ApiError(422, "template_not_found", f"{where}template {name!r} not found")
+        try:
+            rendered = await deferToThread(render, template, variables)
+        except RenderError as e:
+            raise ApiError(422, "template_error", str(e)) from None
+        fields = {k: v for k, v in body.items()
+                  if k not in ("template", "template_version", "variables")}
+        for part in ("subject", "text", "html"):
+            if getattr(rendered, part) is not None:
+                fields[part] = getattr(rendered, part)
+        return fields
+
+    # -- templates ---------------------------------------------------------------
+
+    async def list_templates(self, request: Any, principal: Principal) -> tuple[int, Any]:
+        found = await self.templates.list(principal.tenant)
+        return 200, {"templates": [_template(t) for t in found]}
+
+    async def get_template(self, request: Any, principal: Principal, name: str) -> tuple[int, Any]:
+        version_text = _arg(request, "version")
+        version = None
+        if version_text is not None:
+            if not version_text.isdigit() or int(version_text) < 1:
+                raise invalid("version", "must be a positive integer")
+            version = int(version_text)
+        template = await self.templates.get(principal.tenant, name, version)
+        if template is None:
+            raise not_found(f"template {name}")
+        return 200, _template(template)
+
+    async def create_template(self, request: Any, principal: Principal) -> tuple[int, Any]:
+        body = _json_body(request)
+        name = body.get("name")
+        if not isinstance(name, str) or not TEMPLATE_NAME.fullmatch(name):
+            raise invalid("name", "must be 1-64 letters, digits or . _ - (starting with a "
+                                  "letter or digit)")
+        return 201, await self._save_template(principal, name, body, {"name"})
+
+    async def put_template(self, request: Any, principal: Principal, name: str) -> tuple[int, Any]:
+        if not TEMPLATE_NAME.fullmatch(name):
+            raise invalid("name", "must be 1-64 letters, digits or . _ -")
+        return 200, await self._save_template(principal, name, _json_body(request), set())
+
+    async def _save_template(
+        self, principal: Principal, name: str, body: dict[str, Any], extra: set[str]
+    ) -> dict[str, Any]:
+        unknown = set(body) - {"subject", "text", "html"} - extra
+        if unknown:
+            raise invalid(sorted(unknown)[0], "is not a known field")
+        parts: dict[str, str | None] = {}
+        for part in ("subject", "text", "html"):
+            value = body.get(part)
+            if value is not None and (not isinstance(value, str) or len(value) > MAX_PART):
+                raise invalid(part, f"must be a string of at most {MAX_PART} characters")
+            parts[part] = value
+        if parts["text"] is None and parts["html"] is None:
+            raise invalid("text", "a template needs text or html")
+        draft = Template(principal.tenant, name, 0, parts["subject"], parts["text"],
+                         parts["html"], self.clock.seconds())
+        try:
+            check_template(draft)
+        except RenderError as e:
+            raise ApiError(422, "template_error", str(e)) from None
+        saved = await self.templates.save(
+            principal.tenant, name, parts["subject"], parts["text"], parts["html"],
+            self.clock.seconds(),
+        )
+        return _template(saved)
+
+    async def delete_template(
+        self, request: Any, principal: Principal, name: str
+    ) -> tuple[int, Any]:
+        if not await self.templates.delete(principal.tenant, name):
+            raise not_found(f"template {name}")
+        return 200, {"deleted": True, "name": name}
 
     def _send_at(self, value: Any, where: str) -> float | None:
         """``send_at`` as POSIX seconds: RFC 3339 with an offset, in the future, at
@@ -485,6 +610,14 @@ def _page_key(cursor: str | None, tenant: str | None) -> Any:
             raise invalid("cursor", "belongs to another listing")
         return value[1]
     return (value[0], value[1])
+
+
+def _template(template: Template) -> dict[str, Any]:
+    return {
+        "name": template.name, "version": template.version, "subject": template.subject,
+        "text": template.text, "html": template.html,
+        "created_at": format_timestamp(template.created_at),
+    }
 
 
 def _suppression(entry: Suppression | None) -> dict[str, Any] | None:

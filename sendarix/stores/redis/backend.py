@@ -28,6 +28,7 @@ from sendarix.stores.redis.outbox import RedisWebhookOutbox
 from sendarix.stores.redis.selector import SharedTieredSelector
 from sendarix.stores.redis.spool import RedisSpool
 from sendarix.stores.redis.suppression import RedisSuppressionStore
+from sendarix.stores.redis.templates import RedisTemplateStore
 from sendarix.stores.redis.throttle import RedisThrottle
 
 #: Key prefix of everything Sendarix keeps in Redis.
@@ -47,6 +48,7 @@ class RedisBackend:
     suppressions: RedisSuppressionStore
     domains: RedisDomainStore
     idempotency: RedisIdempotencyStore
+    templates: RedisTemplateStore
     outbox: RedisWebhookOutbox
     # ResponseError: Redis answered, but refused (a wrong password, a read-only replica).
     errors: tuple[type[BaseException], ...] = (
@@ -79,6 +81,7 @@ class RedisBackend:
             suppressions=RedisSuppressionStore(redis, PREFIX),
             domains=RedisDomainStore(redis, PREFIX),
             idempotency=RedisIdempotencyStore(redis, PREFIX),
+            templates=RedisTemplateStore(redis, PREFIX),
             outbox=RedisWebhookOutbox(redis, PREFIX, reactor),
         )
 

@@ -32,6 +32,7 @@ from sendarix.stores.sqlite.eventlog import SQLiteEventLog
 from sendarix.stores.sqlite.idempotency import SQLiteIdempotencyStore
 from sendarix.stores.sqlite.outbox import SQLiteWebhookOutbox
 from sendarix.stores.sqlite.suppression import SQLiteSuppressionStore
+from sendarix.stores.sqlite.templates import SQLiteTemplateStore
 
 
 @implementer(IBackend)
@@ -47,6 +48,7 @@ class SQLiteBackend:
     suppressions: SQLiteSuppressionStore
     domains: SQLiteDomainStore
     idempotency: SQLiteIdempotencyStore
+    templates: SQLiteTemplateStore
     outbox: SQLiteWebhookOutbox
     errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
     shares_state: bool = False
@@ -69,6 +71,7 @@ class SQLiteBackend:
             suppressions=SQLiteSuppressionStore(db),
             domains=SQLiteDomainStore(db),
             idempotency=SQLiteIdempotencyStore(db),
+            templates=SQLiteTemplateStore(db),
             outbox=SQLiteWebhookOutbox(db),
         )
 

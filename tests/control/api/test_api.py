@@ -481,3 +481,70 @@ class ScheduleAndBatchTests(ApiTestCase):
                             {"messages": [self.message()] * 501}),
             400, "invalid_request",
         )
+
+
+class TemplateTests(ApiTestCase):
+    async def test_templates_end_to_end(self) -> None:
+        """Save (a new version each time), list, get; a batch send with per-recipient
+        variables renders each message; tenants do not see each other's templates."""
+        status, saved, _ = await self.call("POST", "/v1/templates", {
+            "name": "welcome", "subject": "Welcome, {{ name }}",
+            "text": "Hello {{ name }}, your code is {{ code }}.",
+            "html": "<p>Hello {{ name }}</p>",
+        })
+        self.assertEqual((status, saved["version"]), (201, 1), saved)
+        status, saved, _ = await self.call("PUT", "/v1/templates/welcome", {
+            "subject": "Welcome, {{ name }}!", "text": "Hi {{ name }}, code {{ code }}.",
+            "html": "<p>Hi {{ name }}</p>",
+        })
+        self.assertEqual((status, saved["version"]), (200, 2))
+        status, listed, _ = await self.call("GET", "/v1/templates")
+        self.assertEqual([(t["name"], t["version"]) for t in listed["templates"]],
+                         [("welcome", 2)])
+        status, old, _ = await self.call("GET", "/v1/templates/welcome?version=1")
+        self.assertEqual(old["subject"], "Welcome, {{ name }}")
+        self.assertError(await self.call("GET", "/v1/templates/welcome", key=self.other),
+                         404, "not_found")
+        status, body, _ = await self.call("POST", "/v1/messages/batch", {"messages": [
+            {"from": SENDER, "to": "ann@sink.test", "template": "welcome",
+             "variables": {"name": "Ann <admin>", "code": 1}},
+            {"from": SENDER, "to": "bob@sink.test", "template": "welcome",
+             "template_version": 1, "variables": {"name": "Bob", "code": 2}},
+        ]})
+        self.assertEqual([r["status"] for r in body["results"]], [202, 202], body)
+        received = {m.recipients[0]: m.body for m in await self.sink.wait_for(2)}
+        ann, bob = received["ann@sink.test"], received["bob@sink.test"]
+        self.assertIn(b"Subject: Welcome, Ann <admin>!", ann)
+        self.assertIn(b"Hi Ann <admin>, code 1.", ann)
+        self.assertIn(b"<p>Hi Ann &lt;admin&gt;</p>", ann)
+        self.assertIn(b"Subject: Welcome, Bob\r\n", bob)
+
+    async def test_template_errors_are_422_before_queueing(self) -> None:
+        """A missing variable, a template reaching for Python internals and a syntax
+        error are 422 naming the template and line; nothing is queued."""
+        await self.call("POST", "/v1/templates", {"name": "t", "text": "a\n{{ who }}"})
+        message = self.assertError(await self.call(
+            "POST", "/v1/messages", {"from": SENDER, "to": "x@sink.test", "template": "t"}
+        ), 422, "template_error")
+        self.assertIn("'t'", message)
+        self.assertIn("line 2", message)
+        self.assertIn("'who'", message)
+        await self.call("POST", "/v1/templates", {
+            "name": "evil", "text": "{{ ''.__class__.__mro__[1].__subclasses__() }}"})
+        self.assertError(await self.call(
+            "POST", "/v1/messages", {"from": SENDER, "to": "x@sink.test", "template": "evil"}
+        ), 422, "template_error")
+        message = self.assertError(await self.call(
+            "POST", "/v1/templates", {"name": "broken", "html": "<p>{% if x %}</p>"}
+        ), 422, "template_error")
+        self.assertIn("html line 1", message)
+        self.assertError(await self.call(
+            "POST", "/v1/messages", {"from": SENDER, "to": "x@sink.test", "template": "none"}
+        ), 422, "template_not_found")
+        self.assertError(await self.call("POST", "/v1/messages", {
+            "from": SENDER, "to": "x@sink.test", "template": "t", "text": "also"
+        }), 400, "invalid_request")
+        status, _, _ = await self.call("DELETE", "/v1/templates/t")
+        self.assertEqual(status, 200)
+        self.assertError(await self.call("DELETE", "/v1/templates/t"), 404, "not_found")
+        self.assertEqual((await self.relay.stores.spool.stats()).messages, 0)
