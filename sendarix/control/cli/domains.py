@@ -9,8 +9,7 @@ from typing import Any
 
 from twisted.internet.threads import deferToThread
 
-from sendarix.cleanup.dkimkeys import ALGORITHMS, check_selector, generate_key, record_line
-from sendarix.config.secret import SecretError
+from sendarix.cleanup.dkimkeys import ALGORITHMS
 from sendarix.control.cli.common import (
     CommandError,
     Output,
@@ -22,92 +21,42 @@ from sendarix.control.cli.common import (
     text_lines,
     to_json,
 )
-from sendarix.control.cli.domaincheck import (
-    DNSLookupError,
-    check_domain,
-    make_resolver,
-    verify_keys,
-)
-from sendarix.model.domain import DKIMKey, DomainExistsError, DomainNotFoundError, SendingDomain
+from sendarix.control.domaincheck import DNSLookupError, check_domain, make_resolver
+from sendarix.control.domainops import DomainOpError, add_domain, record_lines, verify_domain
+from sendarix.model.domain import SendingDomain
 from sendarix.stores.backends import Stores
 
 # -- sending domains -------------------------------------------------------------------
 
 
-def _selectors(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(selector, key type) for each key ``domains add`` creates."""
-    types = ALGORITHMS[args.algorithm]
-    try:
-        base = check_selector(args.selector or time.strftime("sx%Y%m", time.gmtime()))
-    except ValueError as e:
-        raise CommandError(str(e)) from None
-    if len(types) == 1:
-        return [(base, types[0])]
-    return [(f"{base}-{'rsa' if t == 'rsa' else 'ed25519'}", t) for t in types]
-
-
 def _record_lines(sd: SendingDomain) -> list[str]:
-    return [record_line(k.selector, sd.domain, k.key_type, k.public_b64) for k in sd.keys]
+    return record_lines(sd)
 
 
 async def _domains_add(args: argparse.Namespace, stores: Stores) -> Output:
     secret = node_secret(stores.config)
-    existing_domain = await stores.domains.get(args.domain)
-    if existing_domain is not None:
-        if args.selector is None:
-            raise CommandError(
-                f"domain {args.domain} was already added; to rotate its keys, add new ones "
-                "with --selector NEW (see: sendarix domains list)"
-            )
-        if args.tenant is not None and args.tenant != existing_domain.tenant:
-            raise CommandError(f"domain {args.domain} belongs to tenant "
-                               f"{existing_domain.tenant or 'any'}; --tenant cannot change it")
-    # Every stored key must open with the one node secret the relay will have.
-    existing = [k for d in await stores.domains.list() for k in d.keys]
-    if existing:
-        try:
-            secret.decrypt(existing[0].private_encrypted)
-        except SecretError as e:
-            raise CommandError(f"{e}; use the secret the relay uses") from None
-    now = time.time()
-    keys = []
-    for selector, key_type in _selectors(args):
-        if existing_domain is not None and existing_domain.key(selector) is not None:
-            raise CommandError(f"selector {selector} of {args.domain} already exists")
-        pair = await deferToThread(generate_key, key_type)  # RSA takes ~0.1 s
-        keys.append(DKIMKey(selector, key_type, pair.public_b64,
-                            secret.encrypt(pair.private_pem), now))
     try:
-        if existing_domain is None:
-            sd = await stores.domains.add(args.domain, args.tenant, keys, now)
-        else:
-            sd = await stores.domains.add_keys(args.domain, keys)
-    except (DomainExistsError, DomainNotFoundError) as e:
-        raise CommandError(str(e)) from None
-    added = [k.selector for k in keys]
-    new = SendingDomain(sd.domain, sd.tenant, sd.created_at,
-                        tuple(k for k in sd.keys if k.selector in added))
+        new = await add_domain(stores, secret, args.domain, args.tenant, args.selector,
+                               args.algorithm, time.time())
+    except DomainOpError as e:
+        raise CommandError(_cli_words(str(e))) from None
     if args.json:
-        return text_lines(to_json({**new.to_dict(), "records": _record_lines(new)}))
-    return text_lines(*_record_lines(new))
+        return text_lines(to_json({**new.to_dict(), "records": record_lines(new)}))
+    return text_lines(*record_lines(new))
+
+
+def _cli_words(message: str) -> str:
+    """An operation's message in the command line's terms."""
+    return (message.replace("with a new selector", "with --selector NEW (see: sendarix "
+                            "domains list)")
+            .replace("add it first", "add it first with sendarix domains add"))
 
 
 async def _domains_verify(args: argparse.Namespace, stores: Stores) -> Output:
-    sd = await stores.domains.get(args.domain)
-    if sd is None:
-        raise CommandError(f"no domain {args.domain}: add it first with sendarix domains add")
-    if not sd.keys:
-        raise CommandError(f"{args.domain} has no keys: add one with sendarix domains add "
-                           f"{args.domain} --selector NAME")
-    resolver = make_resolver(stores.config)
     try:
-        results = await deferToThread(verify_keys, resolver, sd)
-    except DNSLookupError as e:
-        raise CommandError(f"{args.domain} not verified: {e} (nothing changed)") from None
-    now = time.time()
-    for key, (_, reason) in zip(sd.keys, results, strict=True):
-        await stores.domains.set_verified(args.domain, now if reason is None else None,
-                                          key.selector)
+        sd, results = await verify_domain(stores, args.domain, time.time())
+    except DomainOpError as e:
+        raise CommandError(_cli_words(str(e))) from None
     failed = [f"{name}: {reason}" for name, reason in results if reason is not None]
     if failed:
         signing = [k.selector for k, (_, r) in zip(sd.keys, results, strict=True) if r is None]
