@@ -6,7 +6,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sendarix.control.domainops import DomainOpError, key_names
 
-DEC_2026 = 1_796_000_000.0  # 2026-12-1x
+DEC_2026 = 1_796_601_600.0  # 2026-12-05
 
 
 class KeyNameTests(SynchronousTestCase):
