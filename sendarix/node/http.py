@@ -38,6 +38,7 @@ def make_api_site(
     reactor: Any,
     extras: Mapping[str, IResource] | None = None,
     on_request: Any = None,
+    secret: Any = None,
 ) -> tuple[ApiApp, ApiSite]:
     """The API's routes and the site serving them with ``extras`` (``metrics``, ...)."""
     submission = HTTPSubmission(
@@ -50,7 +51,7 @@ def make_api_site(
         keys=ApiKeys(CredentialChecker(stores.credentials, reactor, required_scope=None)),
         submission=submission, spool=stores.spool, eventlog=stores.eventlog,
         suppressions=stores.suppressions, idempotency=stores.idempotency,
-        templates=stores.templates, clock=reactor,
+        templates=stores.templates, clock=reactor, stores=stores, secret=secret,
         on_request=on_request,
     )
     root = root_resource(app.resource(), extras or {})

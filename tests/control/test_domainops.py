@@ -6,7 +6,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sendarix.control.domainops import DomainOpError, key_names
 
-DEC_2026 = 1_796_601_600.0  # 2026-12-05
+DEC_2026 = 1_796_601_600.0  # 2026-12-07
 
 
 class KeyNameTests(SynchronousTestCase):

@@ -21,7 +21,10 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from sendarix.config.secret import NodeSecret
+from sendarix.control.api.admin import AdminRoutes
 from sendarix.control.api.auth import ApiKeys, Principal
+from sendarix.control.api.body import json_body
 from sendarix.control.api.errors import (
     STORE_UNAVAILABLE,
     ApiError,
@@ -89,22 +92,6 @@ def load_openapi() -> dict[str, Any]:
     return document
 
 
-def _json_body(request: Any) -> dict[str, Any]:
-    """The request body as a JSON object: 415 when it is not JSON, 400 when it does
-    not parse or is not an object."""
-    ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
-    if ctype.split(";")[0].strip().lower() != "application/json":
-        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-    raw = request.content.read() if request.content is not None else b""
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ApiError(400, "invalid_json", "the body must be a JSON object")
-    return value
-
-
 def _arg(request: Any, name: str) -> str | None:
     values = request.args.get(name.encode())
     if not values:
@@ -141,7 +128,7 @@ Handler = Callable[..., Awaitable[tuple[int, Any]]]
 
 
 @define
-class ApiApp:
+class ApiApp(AdminRoutes):
     """The routes of ``/v1``; ``resource()`` mounts them in twisted.web."""
 
     keys: ApiKeys
@@ -152,6 +139,10 @@ class ApiApp:
     idempotency: IIdempotencyStore
     templates: ITemplateStore
     clock: Any
+    #: Every store (the administration routes' operations take them together).
+    stores: Any = None
+    #: The node secret, which encrypts new DKIM keys (None: domains cannot be added).
+    secret: NodeSecret | None = None
     #: Called with (route, status) after every request (metrics).
     on_request: Callable[[str, int], None] | None = None
     app: Klein = field(factory=Klein, init=False)
@@ -193,6 +184,18 @@ class ApiApp:
         route("/v1/templates/<string:name>", methods=["DELETE"])(
             self._wrap("template", self.delete_template, "send")
         )
+        for path, method, handler in (
+            ("/v1/credentials", "GET", self.list_credentials),
+            ("/v1/credentials", "POST", self.add_credential),
+            ("/v1/credentials/<string:name>", "DELETE", self.revoke_credential),
+            ("/v1/credentials/<string:name>/rotate", "POST", self.rotate_credential),
+            ("/v1/domains", "GET", self.list_domains),
+            ("/v1/domains", "POST", self.add_domain),
+            ("/v1/domains/<string:domain>/verify", "POST", self.verify_domain),
+        ):
+            scope = "read" if path == "/v1/domains" and method == "GET" else "admin"
+            name = path.split("/")[2]
+            route(path, methods=[method])(self._wrap(name, handler, scope))
         route("/v1/queue", methods=["GET"])(self._wrap("queue", self.queue, "read"))
         route("/v1/openapi.json", methods=["GET"])(self.openapi)
         self.app.handle_errors(NotFound)(self._not_found)
@@ -300,13 +303,13 @@ class ApiApp:
     # -- messages ----------------------------------------------------------------
 
     async def send(self, request: Any, principal: Principal) -> tuple[int, Any]:
-        body = _json_body(request)
+        body = json_body(request)
         return 202, await self._send_one(request, principal, body, "")
 
     async def send_batch(self, request: Any, principal: Principal) -> tuple[int, Any]:
         """Up to ``MAX_BATCH`` messages, each checked and queued on its own: one bad
         message does not stop the others, and each result says what happened."""
-        body = _json_body(request)
+        body = json_body(request)
         unknown = set(body) - {"messages"}
         if unknown:
             raise invalid(sorted(unknown)[0], "is not a known field")
@@ -404,7 +407,7 @@ class ApiApp:
         return 200, _template(template)
 
     async def create_template(self, request: Any, principal: Principal) -> tuple[int, Any]:
-        body = _json_body(request)
+        body = json_body(request)
         name = body.get("name")
         if not isinstance(name, str) or not TEMPLATE_NAME.fullmatch(name):
             raise invalid("name", "must be 1-64 letters, digits or . _ - (starting with a "
@@ -414,7 +417,7 @@ class ApiApp:
     async def put_template(self, request: Any, principal: Principal, name: str) -> tuple[int, Any]:
         if not TEMPLATE_NAME.fullmatch(name):
             raise invalid("name", "must be 1-64 letters, digits or . _ -")
-        return 200, await self._save_template(principal, name, _json_body(request), set())
+        return 200, await self._save_template(principal, name, json_body(request), set())
 
     async def _save_template(
         self, principal: Principal, name: str, body: dict[str, Any], extra: set[str]
@@ -548,7 +551,7 @@ class ApiApp:
         return 200, {"suppressions": [_suppression(e) for e in entries], "next_cursor": cursor}
 
     async def add_suppression(self, request: Any, principal: Principal) -> tuple[int, Any]:
-        body = _json_body(request)
+        body = json_body(request)
         unknown = set(body) - {"address", "reason", "tenant"}
         if unknown:
             raise invalid(sorted(unknown)[0], "is not a known field")

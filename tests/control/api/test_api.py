@@ -548,3 +548,96 @@ class TemplateTests(ApiTestCase):
         self.assertEqual(status, 200)
         self.assertError(await self.call("DELETE", "/v1/templates/t"), 404, "not_found")
         self.assertEqual((await self.relay.stores.spool.stats()).messages, 0)
+
+
+class AdminTests(ApiTestCase):
+    """Credentials and sending domains over the API, with the node secret set and a
+    test DNS server for verification."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        import os
+
+        from tests.cleanup.test_domains import SECRET
+        from tests.support.dnsserver import start_dns
+
+        self.patch(os, "environ", dict(os.environ, SENDARIX_SECRET_KEY=SECRET))
+        self.zone: dict[str, dict[str, Any]] = {}
+        self.dns_port, stop = start_dns(self.zone)
+        self.addCleanup(stop)
+        self.sink = await start_sink(self, "127.0.0.3")
+        self.relay = await start_relay(
+            self, [RELAY_LISTENER],
+            pool={"sink": {"endpoints": [f"127.0.0.3:{self.sink.addresses[0][1]}"]}},
+            route=[{"via": "pool:sink"}],
+            dns={"nameservers": [f"127.0.0.1:{self.dns_port}"], "timeout": 2},
+        )
+        self.key = await self.relay.add_credential("app", tenant="acme", scopes=["send", "read"])
+        self.other = await self.relay.add_credential("rival", tenant="globex", scopes=["send"])
+        self.admin = await self.relay.add_credential("acme-admin", tenant="acme",
+                                                     scopes=["admin"])
+        self.operator = await self.relay.add_credential("ops", tenant="*", scopes=["admin"])
+        self.base = f"http://127.0.0.1:{self.relay.api_port}"
+
+    async def test_credentials(self) -> None:
+        """An admin key adds a credential to its own tenant; the printed secret is a
+        working key at once; rotate replaces it; revoke ends it; other tenants' stay
+        out of sight."""
+        self.assertError(await self.call("POST", "/v1/credentials", {"name": "x"}),
+                         403, "forbidden_scope")
+        status, made, _ = await self.call("POST", "/v1/credentials", {
+            "name": "ci-bot", "scopes": ["send", "read"], "rate": "10/min"}, key=self.admin)
+        self.assertEqual((status, made["tenant"], made["scopes"]), (201, "acme",
+                                                                     ["read", "send"]))
+        self.assertNotIn("secret_hash", made)
+        status, _, _ = await self.call("GET", "/v1/events", key=made["secret"])
+        self.assertEqual(status, 200)
+        self.assertError(await self.call("POST", "/v1/credentials", {"name": "ci-bot"},
+                                         key=self.admin), 409, "conflict")
+        self.assertError(await self.call("POST", "/v1/credentials", {
+            "name": "x", "tenant": "globex"}, key=self.admin), 403, "forbidden_tenant")
+        self.assertError(await self.call("POST", "/v1/credentials", {"name": "x"},
+                                         key=self.operator), 400, "invalid_request")
+        status, listed, _ = await self.call("GET", "/v1/credentials", key=self.admin)
+        self.assertEqual({c["tenant"] for c in listed["credentials"]}, {"acme"})
+        self.assertError(await self.call("POST", "/v1/credentials/rival/rotate", {},
+                                         key=self.admin), 404, "not_found")
+        status, rotated, _ = await self.call("POST", "/v1/credentials/ci-bot/rotate", {},
+                                             key=self.admin)
+        self.assertEqual(status, 200)
+        self.assertError(await self.call("GET", "/v1/events", key=made["secret"]),
+                         401, "unauthorized")
+        status, _, _ = await self.call("GET", "/v1/events", key=rotated["secret"])
+        self.assertEqual(status, 200)
+        status, _, _ = await self.call("DELETE", "/v1/credentials/ci-bot", key=self.admin)
+        self.assertEqual(status, 200)
+        self.assertError(await self.call("GET", "/v1/events", key=rotated["secret"]),
+                         401, "unauthorized")
+
+    async def test_domains(self) -> None:
+        """Add a domain with a named selector (used exactly), publish its records in
+        DNS, verify; the records are what the CLI prints."""
+        status, added, _ = await self.call("POST", "/v1/domains", {
+            "domain": "example.com", "selector": "s1"}, key=self.admin)
+        self.assertEqual(status, 201, added)
+        self.assertEqual([k["selector"] for k in added["keys"]], ["s1", "s1-ed25519"])
+        self.assertEqual(added["tenant"], "acme")
+        status, result, _ = await self.call("POST", "/v1/domains/example.com/verify", {},
+                                            key=self.admin)
+        self.assertEqual((status, result["verified"]), (200, False))
+        for line in added["records"]:
+            name, _, rest = line.removeprefix("record: ").partition(" TXT ")
+            value = "".join(part for part in rest.split('"')[1::2])
+            self.zone[name] = {"TXT": [value]}
+        status, result, _ = await self.call("POST", "/v1/domains/example.com/verify", {},
+                                            key=self.admin)
+        self.assertEqual((status, result["verified"]), (200, True), result)
+        status, listed, _ = await self.call("GET", "/v1/domains")
+        self.assertEqual(listed["domains"][0]["state"], "verified")
+        self.assertError(await self.call("POST", "/v1/domains/example.com/verify", {},
+                                         key=self.other), 403, "forbidden_scope")
+        self.assertError(await self.call("POST", "/v1/domains", {
+            "domain": "example.com", "selector": "s1"}, key=self.admin), 409, "conflict")
+        reader = await self.relay.add_credential("globex-reader", tenant="globex",
+                                                 scopes=["read"])
+        status, listed, _ = await self.call("GET", "/v1/domains", key=reader)
+        self.assertEqual((status, listed["domains"]), (200, []))

@@ -54,6 +54,13 @@ def run_schema(base_url: str, key: str) -> list[str]:
 
 
 class SchemaTests(ApiTestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        # With a node secret, so that adding a sending domain can succeed.
+        from tests.cleanup.test_domains import SECRET
+
+        self.patch(os, "environ", dict(os.environ, SENDARIX_SECRET_KEY=SECRET))
+        await super().setUp()
+
     async def test_generated_requests_match_the_document(self) -> None:
         """No 5xx and no answer outside the document, for an operator key (which may
         call everything)."""
