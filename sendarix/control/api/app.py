@@ -196,6 +196,12 @@ class ApiApp(AdminRoutes):
             scope = "read" if path == "/v1/domains" and method == "GET" else "admin"
             name = path.split("/")[2]
             route(path, methods=[method])(self._wrap(name, handler, scope))
+        route("/v1/queue/messages/<string:queue_id>/retry", methods=["POST"])(
+            self._wrap("queue_retry", self.queue_retry, "admin")
+        )
+        route("/v1/queue/messages/<string:queue_id>", methods=["DELETE"])(
+            self._wrap("queue_delete", self.queue_delete, "admin")
+        )
         route("/v1/queue", methods=["GET"])(self._wrap("queue", self.queue, "read"))
         route("/v1/openapi.json", methods=["GET"])(self.openapi)
         self.app.handle_errors(NotFound)(self._not_found)
@@ -589,6 +595,29 @@ class ApiApp(AdminRoutes):
             raise ApiError(403, "forbidden_scope", "queue figures need an operator key")
         stats = await self.spool.stats()
         return 200, stats.to_dict()
+
+    async def queue_retry(
+        self, request: Any, principal: Principal, queue_id: str
+    ) -> tuple[int, Any]:
+        """Make a queued message's waiting recipients due now (like ``queue retry``)."""
+        await self._queued(principal, queue_id)
+        count = await self.spool.retry(queue_id, self.clock.seconds())
+        return 200, {"id": queue_id, "rescheduled": count}
+
+    async def queue_delete(
+        self, request: Any, principal: Principal, queue_id: str
+    ) -> tuple[int, Any]:
+        """Remove a message from the queue without events for its recipients (like
+        ``queue delete``; cancelling records a ``cancelled`` event instead)."""
+        await self._queued(principal, queue_id)
+        if not await self.spool.delete(queue_id):
+            raise not_found(f"message {queue_id} in the queue")
+        return 200, {"id": queue_id, "deleted": True}
+
+    async def _queued(self, principal: Principal, queue_id: str) -> None:
+        stored = await self.spool.get(queue_id)
+        if stored is None or not principal.sees(stored.meta.tenant):
+            raise not_found(f"message {queue_id} in the queue")
 
 
 def _cursor(tenant: str, address: str) -> str:

@@ -641,3 +641,31 @@ class AdminTests(ApiTestCase):
                                                  scopes=["read"])
         status, listed, _ = await self.call("GET", "/v1/domains", key=reader)
         self.assertEqual((status, listed["domains"]), (200, []))
+
+
+class QueueActionTests(ApiTestCase):
+    sink_faults = ("rcpt:451:later@*",)
+
+    async def test_retry_and_delete(self) -> None:
+        """A deferred message is retried on request, then deleted; another tenant's
+        admin cannot touch it."""
+        admin = await self.relay.add_credential("acme-admin", tenant="acme", scopes=["admin"])
+        rival = await self.relay.add_credential("globex-admin", tenant="globex",
+                                                scopes=["admin"])
+        status, body, _ = await self.call(
+            "POST", "/v1/messages", self.message(to="later@sink.test")
+        )
+        queue_id = body["id"]
+        await wait_event(self.relay, "later@sink.test", "deferred")
+        self.assertError(await self.call("POST", f"/v1/queue/messages/{queue_id}/retry", {},
+                                         key=rival), 404, "not_found")
+        self.assertError(await self.call("POST", f"/v1/queue/messages/{queue_id}/retry", {}),
+                         403, "forbidden_scope")
+        status, done, _ = await self.call("POST", f"/v1/queue/messages/{queue_id}/retry", {},
+                                          key=admin)
+        self.assertEqual((status, done["rescheduled"]), (200, 1))
+        status, done, _ = await self.call("DELETE", f"/v1/queue/messages/{queue_id}", key=admin)
+        self.assertEqual(status, 200)
+        self.assertIsNone(await self.relay.stores.spool.get(queue_id))
+        self.assertError(await self.call("DELETE", f"/v1/queue/messages/{queue_id}", key=admin),
+                         404, "not_found")
