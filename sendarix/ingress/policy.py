@@ -47,14 +47,28 @@ def domain_of(sender: str) -> str:
 
 def relay_refusal(auth_mode: str, client: Client) -> Reply | None:
     """May this client start a transaction at all?  ``auth_mode`` is the listener's
-    ``auth`` (``required``, ``optional`` for trusted networks, ``none``)."""
+    ``auth`` (``required``, ``optional`` for trusted networks, ``none``).
+
+    On an ``auth = "none"`` listener every client may start one: an untrusted client
+    is refused at RCPT instead (:func:`recipient_relay_refusal`), because the same
+    client may be a mailbox provider delivering a report to a feedback address.
+    """
     if client.credential is not None:
         return None
     if auth_mode == "optional" and client.trusted:
         return None
     if auth_mode == "none":
-        return None if client.trusted else RELAY_DENIED
+        return None
     return AUTH_REQUIRED
+
+
+def recipient_relay_refusal(auth_mode: str, client: Client) -> Reply | None:
+    """A recipient from a client that may not relay: 554 5.7.1 (an untrusted client of
+    an ``auth = "none"`` listener; addresses the node itself handles are not relayed
+    and are checked before this)."""
+    if auth_mode == "none" and not client.trusted and client.credential is None:
+        return RELAY_DENIED
+    return None
 
 
 def credential_refusal(presented: Credential, current: Credential | None, ip: str) -> Reply | None:

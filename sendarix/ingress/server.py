@@ -633,6 +633,10 @@ class SubmissionServer(smtp.ESMTP):
             self._refuse(refusal, sender=path.address)
             return
         if self._credential is None:
+            if policy.recipient_relay_refusal(self.settings.listener.auth, self._client()):
+                # Every recipient will be refused: nothing to count or look up.
+                self._start_transaction(path.address, params, smtputf8)
+                return
             if self._tenant_rate_ok(path.address):
                 checking = self._start_if_domain_allowed(path.address, params, smtputf8)
                 if checking is not None:
@@ -742,6 +746,10 @@ class SubmissionServer(smtp.ESMTP):
             if key not in ("NOTIFY", "ORCPT"):
                 self._error(555, "5.5.4", f"Unsupported parameter {key}")
                 return
+        refusal = policy.recipient_relay_refusal(self.settings.listener.auth, self._client())
+        if refusal is not None:
+            self._refuse(refusal, sender=self._sender, recipients=[path.address])
+            return
         refusal = policy.recipient_count_refusal(len(self._recipients),
                                                  self.settings.limits.max_recipients)
         if refusal is not None:

@@ -43,12 +43,19 @@ class RelayTests(SynchronousTestCase):
         )
 
     def test_none(self) -> None:
-        """No AUTH offered: trusted networks relay, anyone else is refused 554 5.7.1."""
-        self.assertIsNone(policy.relay_refusal("none", policy.Client("10.0.0.1", True, None)))
+        """No AUTH offered: anyone starts a transaction; trusted networks relay, anyone
+        else is refused 554 5.7.1 at each recipient."""
+        trusted = policy.Client("10.0.0.1", True, None)
+        outside = policy.Client("192.0.2.1", False, None)
+        self.assertIsNone(policy.relay_refusal("none", trusted))
+        self.assertIsNone(policy.relay_refusal("none", outside))
+        self.assertIsNone(policy.recipient_relay_refusal("none", trusted))
         self.assertEqual(
-            policy.relay_refusal("none", policy.Client("192.0.2.1", False, None)),
+            policy.recipient_relay_refusal("none", outside),
             Reply(554, "5.7.1", "Relay access denied"),
         )
+        for mode in ("required", "optional"):
+            self.assertIsNone(policy.recipient_relay_refusal(mode, outside))
 
 
 class CredentialTests(SynchronousTestCase):
