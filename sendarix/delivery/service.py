@@ -40,12 +40,14 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from sendarix.config.settings import Config, EgressSourceConfig, RouteConfig
 from sendarix.egress import client as egress
 from sendarix.egress.simulator import simulate_delivery
 from sendarix.egress.sources import TieredSelector
 from sendarix.interfaces import (
+    IDestinationControl,
     IEgressSelector,
     IEventSink,
     IFailoverStrategy,
@@ -169,6 +171,7 @@ def _put_back(
         back.append(delivery)
 
 
+@implementer(IDestinationControl)
 class DeliveryService(Service):
     """Delivers what the spool has due, forever, until stopped.
 
