@@ -347,6 +347,14 @@ def operator_session(base: str, key: str, queue_id: str) -> None:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def click(element: Any) -> None:
+        """Click and wait for the next page to replace this one."""
+        page = driver.find_element(By.TAG_NAME, "html")
+        element.click()
+        WebDriverWait(driver, 10).until(expected_conditions.staleness_of(page))
 
     options = webdriver.ChromeOptions()
     assert CHROMIUM is not None and CHROMEDRIVER is not None
@@ -360,26 +368,26 @@ def operator_session(base: str, key: str, queue_id: str) -> None:
         driver.get(base + "/")
         assert driver.current_url.endswith("/login"), driver.current_url
         driver.find_element(By.ID, "key").send_keys(key)
-        driver.find_element(By.ID, "login").click()
+        click(driver.find_element(By.ID, "login"))
         assert driver.current_url == base + "/", driver.current_url
         # The sent message is among the recent events; its timeline opens.
         recent = driver.find_element(By.ID, "recent-events")
         assert queue_id in recent.text, recent.text
-        recent.find_element(By.LINK_TEXT, queue_id).click()
+        click(recent.find_element(By.LINK_TEXT, queue_id))
         timeline = driver.find_element(By.ID, "timeline")
         assert "accepted" in timeline.text and "delivered" in timeline.text, timeline.text
         assert "user@sink.test" in driver.find_element(By.TAG_NAME, "main").text
         # A search by recipient finds it, and only it.
-        driver.find_element(By.LINK_TEXT, "Events").click()
+        click(driver.find_element(By.LINK_TEXT, "Events"))
         driver.find_element(By.ID, "search-recipient").send_keys("user@sink.test")
-        driver.find_element(By.ID, "search").click()
+        click(driver.find_element(By.ID, "search"))
         found = driver.find_element(By.ID, "events").text
         assert queue_id in found and "bounce@" not in found, found
         # Suspend the destination, then resume it.
-        driver.find_element(By.LINK_TEXT, "Overview").click()
-        driver.find_element(By.ID, "suspend-pool:sink").click()
+        click(driver.find_element(By.LINK_TEXT, "Overview"))
+        click(driver.find_element(By.ID, "suspend-pool:sink"))
         assert "is suspended" in driver.find_element(By.ID, "flash").text
-        driver.find_element(By.ID, "resume-pool:sink").click()
+        click(driver.find_element(By.ID, "resume-pool:sink"))
         assert "is resumed" in driver.find_element(By.ID, "flash").text
         driver.find_element(By.ID, "suspend-pool:sink")
         if os.environ.get("SENDARIX_UPDATE_SCREENSHOT") == "1":
