@@ -86,7 +86,9 @@ class FigureTests(SynchronousTestCase):
         self.assertEqual((other.provider, other.deferral_rate), ("other", 1.0))
 
     def test_queue_ages(self) -> None:
-        def message(qid: str, received: float, *records: tuple[str, RecipientStatus]) -> StoredMessage:
+        def message(
+            qid: str, received: float, *records: tuple[str, RecipientStatus]
+        ) -> StoredMessage:
             return StoredMessage(
                 queue_id=qid, envelope=Envelope("a@b.test", tuple(a for a, _ in records)),
                 meta=MessageMeta(tenant="t", received_at=received), size=1,
