@@ -20,13 +20,19 @@ from urllib.parse import urlencode
 
 import treq
 from twisted.internet import reactor
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial import unittest
-from twisted.web.client import HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
+from sendarix.interfaces import IDestinationControl
 from tests.delivery.test_routing import start_sink
 from tests.delivery.test_service import RELAY_LISTENER, wait_event
 from tests.support.paths import REPO_ROOT
-from tests.support.relay import Relay, in_thread, start_relay, until
+from tests.support.relay import HOSTNAME, Relay, in_thread, start_relay, until
+from tests.support.tlsca import TestCA
 
 SENDER = "app@sender.test"
 SCREENSHOT = os.path.join(REPO_ROOT, "docs", "dashboard.png")
@@ -199,6 +205,48 @@ class LoginTests(DashboardTestCase):
         self.assertTrue(headers.getRawHeaders("content-type")[0].startswith("text/css"))
 
 
+@implementer(IPolicyForHTTPS)
+class _TrustTestCA:
+    """Clients that trust the test CA and expect the relay's name (whatever the
+    address connected to)."""
+
+    def __init__(self, ca_path: str) -> None:
+        with open(ca_path, "rb") as f:
+            self.root = Certificate.loadPEM(f.read())
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:  # noqa: N802
+        return optionsForClientTLS(HOSTNAME, trustRoot=self.root)
+
+
+class TLSLoginTests(unittest.TestCase):
+    async def test_secure_cookie_over_tls(self) -> None:
+        """Reached over TLS, the session cookie is also ``Secure``."""
+        ca = TestCA(os.path.abspath(self.mktemp()))
+        cert, key = ca.issue(HOSTNAME)
+        relay = await start_relay(
+            self, [RELAY_LISTENER],
+            api={"endpoint": f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"},
+        )
+        operator = await relay.add_credential("ops", tenant="*", scopes=["admin"])
+        agent = Agent(reactor, contextFactory=_TrustTestCA(ca.ca_path),
+                      pool=HTTPConnectionPool(reactor, persistent=False))
+        base = f"https://127.0.0.1:{relay.api_port}"
+        response = await treq.get(base + "/login", agent=agent)
+        token = form_token(await response.text("utf-8"))
+        login_cookie = set_cookies(response.headers)["sendarix_login"]
+        self.assertTrue(login_cookie["secure"])
+        response = await treq.post(
+            base + "/login", data={"csrf": token, "key": operator}, agent=agent,
+            headers={"Cookie": f"sendarix_login={login_cookie.value}"}, allow_redirects=False,
+        )
+        await response.content()
+        self.assertEqual(response.code, 303)
+        (raw,) = [c for c in response.headers.getRawHeaders("set-cookie")
+                  if c.startswith("sendarix_session=")]
+        flags = {part.strip().lower() for part in raw.split(";")[1:]}
+        self.assertTrue({"secure", "httponly", "samesite=strict"} <= flags, flags)
+
+
 class ActionTests(DashboardTestCase):
     async def test_post_without_token_is_forbidden(self) -> None:
         """A form without the session's token, with another session's token, or from
@@ -233,6 +281,7 @@ class ActionTests(DashboardTestCase):
         )
         self.assertEqual(status, 303)
         delivery = self.relay.service.delivery
+        verifyObject(IDestinationControl, delivery)
         (site,) = [s for s in delivery.routing_state()["sites"] if s["site"] == "pool:sink"]
         self.assertLess(abs(site["held_until"] - (reactor.seconds() + 3600)), 30)
         # Mail for the site waits meanwhile: deferred, not sent.
