@@ -128,7 +128,8 @@ def search_form(values: Mapping[str, str | None]) -> Html:
 def queue_section(stats: QueueStats | None, ages: Sequence[DomainAge]) -> Html:
     if stats is None:
         return Html("")
-    cards = [("messages", stats.messages)] + sorted(stats.by_status.items())
+    by_status = {"pending": 0, "deferred": 0, **stats.by_status}
+    cards = [("messages", stats.messages), *sorted(by_status.items())]
     shown = join(
         html('<div class="card" id="depth-$l"><div class="value">$v</div>'
              '<div class="label">$l</div></div>', l=label, v=value)
