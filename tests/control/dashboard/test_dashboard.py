@@ -28,6 +28,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from sendarix.interfaces import IDestinationControl
+from sendarix.model.event import EventQuery
 from tests.delivery.test_routing import start_sink
 from tests.delivery.test_service import RELAY_LISTENER, wait_event
 from tests.support.paths import REPO_ROOT
@@ -377,72 +378,114 @@ class BrowserTests(DashboardTestCase):
         queue_id = await self.send("user@sink.test", "Quarterly report")
         await wait_event(self.relay, "user@sink.test", "delivered")
         # Some other outcomes for the charts (the simulator answers for its domain).
-        for local in ("bounce", "defer", "success"):
+        for local in ("bounce", "defer", "success", "success"):
             await self.send(f"{local}@simulator.sendarix.invalid")
         await until(lambda: self.relay.stores.eventlog.search(
-            _query("bounced")).addCallback(lambda p: bool(p.events)), 10, "no bounce")
-        await in_thread(operator_session, self.base, self.operator_key, queue_id)
+            EventQuery(type="bounced")).addCallback(lambda p: bool(p.events)), 10, "no bounce")
+        browser = await in_thread(Browser, self.base)
+        self.addCleanup(in_thread, browser.quit)
+        await in_thread(browser.log_in, self.operator_key)
+        await in_thread(browser.follow_message, queue_id)
+        await in_thread(browser.search, queue_id)
+        await in_thread(browser.suspend)
+        # Mail for the suspended destination waits in the queue, deferred.
+        held = await self.send("later@sink.test", "Held back")
+        await wait_event(self.relay, "later@sink.test", "deferred")
+        await in_thread(browser.see_queued, held)
+        await in_thread(browser.resume)
         self.assertEqual(self.relay.service.delivery.scheduler.suspensions(reactor.seconds()), {})
+        await wait_event(self.relay, "later@sink.test", "delivered", timeout=15)
 
 
-def _query(kind: str) -> Any:
-    from sendarix.model.event import EventQuery
+class Browser:
+    """Headless Chromium on the dashboard (blocking: each step runs in a thread while
+    the node serves)."""
 
-    return EventQuery(type=kind)
+    def __init__(self, base: str) -> None:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
 
+        options = webdriver.ChromeOptions()
+        assert CHROMIUM is not None and CHROMEDRIVER is not None
+        options.binary_location = CHROMIUM
+        for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--disable-gpu", "--window-size=1400,1000", "--hide-scrollbars"):
+            options.add_argument(flag)
+        self.base = base
+        self.driver = webdriver.Chrome(options=options,
+                                       service=Service(executable_path=CHROMEDRIVER))
+        self.driver.implicitly_wait(5)
 
-def operator_session(base: str, key: str, queue_id: str) -> None:
-    """The browser's part (blocking: runs in a thread while the node serves)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
+    def quit(self) -> None:
+        self.driver.quit()
 
-    def click(element: Any) -> None:
+    def find(self, how: str, what: str, within: Any = None) -> Any:
+        return (within or self.driver).find_element(how, what)
+
+    def click(self, element: Any) -> None:
         """Click and wait for the next page to replace this one."""
-        page = driver.find_element(By.TAG_NAME, "html")
-        element.click()
-        WebDriverWait(driver, 10).until(expected_conditions.staleness_of(page))
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    assert CHROMIUM is not None and CHROMEDRIVER is not None
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--window-size=1400,1000", "--hide-scrollbars"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-    driver.implicitly_wait(5)
-    try:
-        driver.get(base + "/")
-        assert driver.current_url.endswith("/login"), driver.current_url
-        driver.find_element(By.ID, "key").send_keys(key)
-        click(driver.find_element(By.ID, "login"))
-        assert driver.current_url == base + "/", driver.current_url
-        # The sent message is among the recent events; its timeline opens.
-        recent = driver.find_element(By.ID, "recent-events")
+        page = self.driver.find_element(By.TAG_NAME, "html")
+        element.click()
+        WebDriverWait(self.driver, 10).until(expected_conditions.staleness_of(page))
+
+    def log_in(self, key: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        self.driver.get(self.base + "/")
+        assert self.driver.current_url.endswith("/login"), self.driver.current_url
+        self.find(By.ID, "key").send_keys(key)
+        self.click(self.find(By.ID, "login"))
+        assert self.driver.current_url == self.base + "/", self.driver.current_url
+
+    def follow_message(self, queue_id: str) -> None:
+        """The sent message is among the recent events; its timeline opens."""
+        from selenium.webdriver.common.by import By
+
+        recent = self.find(By.ID, "recent-events")
         assert queue_id in recent.text, recent.text
-        click(recent.find_element(By.LINK_TEXT, queue_id))
-        timeline = driver.find_element(By.ID, "timeline")
-        assert "accepted" in timeline.text and "delivered" in timeline.text, timeline.text
-        assert "user@sink.test" in driver.find_element(By.TAG_NAME, "main").text
-        # A search by recipient finds it, and only it.
-        click(driver.find_element(By.LINK_TEXT, "Events"))
-        driver.find_element(By.ID, "search-recipient").send_keys("user@sink.test")
-        click(driver.find_element(By.ID, "search"))
-        found = driver.find_element(By.ID, "events").text
-        assert queue_id in found and "bounce@" not in found, found
-        # Suspend the destination, then resume it.
-        click(driver.find_element(By.LINK_TEXT, "Overview"))
-        click(driver.find_element(By.ID, "suspend-pool:sink"))
-        assert "is suspended" in driver.find_element(By.ID, "flash").text
-        click(driver.find_element(By.ID, "resume-pool:sink"))
-        assert "is resumed" in driver.find_element(By.ID, "flash").text
-        driver.find_element(By.ID, "suspend-pool:sink")
+        self.click(self.find(By.LINK_TEXT, queue_id, recent))
+        timeline = self.find(By.ID, "timeline").text
+        assert "accepted" in timeline and "delivered" in timeline, timeline
+        assert "user@sink.test" in self.find(By.TAG_NAME, "main").text
+
+    def search(self, queue_id: str) -> None:
+        """A search by recipient finds that message, and only it."""
+        from selenium.webdriver.common.by import By
+
+        self.click(self.find(By.LINK_TEXT, "Events"))
+        self.find(By.ID, "search-recipient").send_keys("user@sink.test")
+        self.click(self.find(By.ID, "search"))
+        found = self.find(By.ID, "events").text
+        assert queue_id in found and "simulator" not in found, found
+
+    def suspend(self) -> None:
+        from selenium.webdriver.common.by import By
+
+        self.click(self.find(By.LINK_TEXT, "Overview"))
+        self.click(self.find(By.ID, "suspend-pool:sink"))
+        assert "is suspended" in self.find(By.ID, "flash").text
+
+    def see_queued(self, queue_id: str) -> None:
+        """The overview shows the waiting message and the suspended destination (and
+        is the screenshot, when asked for)."""
+        from selenium.webdriver.common.by import By
+
+        self.driver.get(self.base + "/")
+        assert self.find(By.ID, "depth-deferred").text.split()[0] == "1"
+        assert "suspended" in self.find(By.ID, "sites").text
         if os.environ.get("SENDARIX_UPDATE_SCREENSHOT") == "1":
-            driver.get(base + "/")
-            height = driver.execute_script("return document.documentElement.scrollHeight")
-            driver.set_window_size(1400, int(height) + 40)
-            driver.save_screenshot(SCREENSHOT)
-    finally:
-        driver.quit()
+            height = self.driver.execute_script("return document.documentElement.scrollHeight")
+            self.driver.set_window_size(1400, int(height) + 40)
+            self.driver.save_screenshot(SCREENSHOT)
+            self.driver.set_window_size(1400, 1000)
+
+    def resume(self) -> None:
+        from selenium.webdriver.common.by import By
+
+        self.click(self.find(By.ID, "resume-pool:sink"))
+        assert "is resumed" in self.find(By.ID, "flash").text
+        self.find(By.ID, "suspend-pool:sink")
