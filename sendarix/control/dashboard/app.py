@@ -34,7 +34,7 @@ from sendarix.control.dashboard.figures import (
     queue_ages,
     series,
 )
-from sendarix.control.dashboard.markup import Html, html, render
+from sendarix.control.dashboard.markup import Html, html, load_templates, render
 from sendarix.control.dashboard.sessions import (
     COOKIE,
     LOGIN_COOKIE,
@@ -162,6 +162,7 @@ class Dashboard:
     _static: dict[str, tuple[bytes, bytes]] = field(factory=_load_static, init=False)
 
     def __attrs_post_init__(self) -> None:
+        load_templates()
         route = self.app.route
         route("/login", methods=["GET"])(self._plain(self.login_form))
         route("/login", methods=["POST"])(self._plain(self.login))

@@ -50,6 +50,13 @@ def _template(name: str) -> Template:
         return Template(f.read())
 
 
+def load_templates() -> None:
+    """Read every template now (at start), so no page waits for the disk."""
+    for name in sorted(os.listdir(TEMPLATE_DIR)):
+        if name.endswith(".html"):
+            _template(name)
+
+
 def render(name: str, **values: Any) -> Html:
     """The package template ``name`` (from ``templates/``) with each value escaped."""
     return Html(_template(name).substitute({k: escape(v) for k, v in values.items()}))
