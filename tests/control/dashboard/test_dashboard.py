@@ -315,6 +315,18 @@ class ActionTests(DashboardTestCase):
         self.assertEqual(status, 403)
         status, body, _ = await self.request("GET", "/events?tenant=globex", cookies=cookies)
         self.assertIn(queue_id, body)
+        # Another tenant's message is not there for this key, nor its events.
+        self.sender_key = await self.relay.add_credential("rival", tenant="globex",
+                                                          scopes=["send"])
+        theirs = await self.send("rival@sink.test")
+        await wait_event(self.relay, "rival@sink.test", "delivered")
+        status, _, _ = await self.request("GET", f"/messages/{theirs}", cookies=cookies)
+        self.assertEqual(status, 404)
+        status, body, _ = await self.request("GET", "/events", cookies=cookies)
+        self.assertNotIn(theirs, body)
+        status, _, _ = await self.request("POST", f"/messages/{theirs}/retry", {"csrf": token},
+                                          cookies=cookies)
+        self.assertEqual(status, 404)
 
     async def test_retry_delete_and_suppression(self) -> None:
         await self.relay.stores.suppressions.add("acme", "gone@sink.test", "bounced", "api",
