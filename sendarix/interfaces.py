@@ -450,6 +450,21 @@ class IFailoverStrategy(Interface):
         ``queue stats``; empty when the strategy keeps none."""
 
 
+class IDestinationControl(Interface):
+    """The delivery agent as an operator sees it: what it knows about destinations,
+    and suspending one."""
+
+    def routing_state() -> dict[str, Any]:
+        """Sites (with ``held_until`` for an operator's suspension), pool endpoints'
+        health and egress sources, as JSON-able values."""
+
+    def suspend(site: str, until: float) -> None:  # noqa: N805
+        """Send nothing to ``site`` before ``until`` (POSIX seconds)."""
+
+    def resume(site: str) -> bool:  # noqa: N805
+        """Lift ``site``'s suspension; False when it was not suspended."""
+
+
 class IBackend(Interface):
     """One storage backend (SQLite or Redis) and everything built on it.
 

@@ -40,12 +40,14 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from sendarix.config.settings import Config, EgressSourceConfig, RouteConfig
 from sendarix.egress import client as egress
 from sendarix.egress.simulator import simulate_delivery
 from sendarix.egress.sources import TieredSelector
 from sendarix.interfaces import (
+    IDestinationControl,
     IEgressSelector,
     IEventSink,
     IFailoverStrategy,
@@ -169,6 +171,7 @@ def _put_back(
         back.append(delivery)
 
 
+@implementer(IDestinationControl)
 class DeliveryService(Service):
     """Delivers what the spool has due, forever, until stopped.
 
@@ -310,6 +313,7 @@ class DeliveryService(Service):
             entry = shape.describe(now)
             entry["queued"] = self.ready_queues.queued(site)
             entry["open"] = self.throttle.connections("conn:" + site)
+            entry["held_until"] = self.scheduler.suspended_until(site, now)
             sites.append(entry)
         pools = {
             via[5:]: strategy.states(now)
@@ -326,6 +330,24 @@ class DeliveryService(Service):
             "pools": pools,
             "egress": egress_state,
         }
+
+    def suspend(self, site: str, until: float) -> None:
+        """Send nothing to ``site`` (a provider name, an ``mx:`` or ``pool:`` key)
+        before ``until``: its mail is deferred meanwhile.  Kept by this node only, in
+        memory."""
+        self.shaping.get(site)  # listed in the routing state from now on
+        self.scheduler.suspend(site, until)
+        log.info("site {site} suspended by the operator until {until}", site=site,
+                 until=datetime.datetime.fromtimestamp(until, datetime.UTC).isoformat())
+        self._kick(site)
+
+    def resume(self, site: str) -> bool:
+        """Lift ``site``'s suspension at once; False when it was not suspended."""
+        resumed = self.scheduler.resume(site)
+        if resumed:
+            log.info("site {site} resumed by the operator", site=site)
+            self._kick(site)
+        return resumed
 
     def _restore_state(self) -> None:
         """Take back today's warmup counts and the deprioritization marks from the

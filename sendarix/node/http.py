@@ -1,5 +1,6 @@
-"""The node's HTTP listener: the API (and the operations endpoints) on
-``[api] endpoint``, listening once the stores are open, closed before them."""
+"""The node's HTTP listener: the API (with the operations endpoints and the
+dashboard) on ``[api] endpoint``, listening once the stores are open, closed before
+them."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from sendarix.config.settings import Config
 from sendarix.control.api.app import ApiApp
 from sendarix.control.api.auth import ApiKeys
 from sendarix.control.api.site import ApiSite, root_resource
+from sendarix.control.dashboard.app import SEGMENTS, Dashboard
 from sendarix.ingress.auth import CredentialChecker
 from sendarix.ingress.httpsubmit import HTTPSubmission
-from sendarix.interfaces import IRateLimiter
+from sendarix.interfaces import IDestinationControl, IRateLimiter
 from sendarix.node.workers import listen_shared
 from sendarix.stores.backends import Stores
 
@@ -39,22 +41,32 @@ def make_api_site(
     extras: Mapping[str, IResource] | None = None,
     on_request: Any = None,
     secret: Any = None,
+    delivery: IDestinationControl | None = None,
 ) -> tuple[ApiApp, ApiSite]:
-    """The API's routes and the site serving them with ``extras`` (``metrics``, ...)."""
+    """The API's routes and the site serving them with ``extras`` (``metrics``, ...)
+    and the dashboard (over ``delivery``'s destinations when given)."""
     submission = HTTPSubmission(
         intake=intake, clock=reactor, limits=config.limits, rate_limiter=rate_limiter,
         suppressions=stores.suppressions, keyring=keyring,
         require_verified_domains=config.domains.require_verified_domains,
         tenant_rates=tenant_rates,
     )
+    keys = ApiKeys(CredentialChecker(stores.credentials, reactor, required_scope=None))
     app = ApiApp(
-        keys=ApiKeys(CredentialChecker(stores.credentials, reactor, required_scope=None)),
+        keys=keys,
         submission=submission, spool=stores.spool, eventlog=stores.eventlog,
         suppressions=stores.suppressions, idempotency=stores.idempotency,
         templates=stores.templates, clock=reactor, stores=stores, secret=secret,
         on_request=on_request,
     )
-    root = root_resource(app.resource(), extras or {})
+    dashboard = Dashboard(
+        keys=keys, credentials=stores.credentials, spool=stores.spool,
+        eventlog=stores.eventlog, suppressions=stores.suppressions, clock=reactor,
+        delivery=delivery,
+    )
+    root = root_resource(
+        app.resource(), extras or {}, pages=dashboard.resource(), page_segments=SEGMENTS
+    )
     # A JSON request may be as large as a message may be (base64 counts as sent).
     site = ApiSite(root, max_body=config.limits.max_message_size, reactor=reactor)
     site.noisy = False

@@ -470,6 +470,7 @@ def makeService(
         _, site = make_api_site(
             config, stores, intake, rate_limiter, keyring, tenant_rates, reactor,
             extras=extras, on_request=metrics.http_request, secret=secret,
+            delivery=delivery,
         )
         # The API stops first (it is added last): no request reaches closing stores.
         top.api = HTTPService(

@@ -67,6 +67,10 @@ def format_state(state: dict[str, Any], now: float) -> list[str]:
             suspended = "" if s.get("suspended_until") is None else (
                 f", suspended for {max(0.0, s['suspended_until'] - now):.0f} s"
             )
+            if s.get("held_until") is not None:
+                suspended += (
+                    f", suspended by the operator for {max(0.0, s['held_until'] - now):.0f} s"
+                )
             lines.append(
                 f"    {s['site']}: {s.get('open', 0)}/{s['max_connections']}"
                 + (f" ({s['max_connections_per_source']} per source)"

@@ -158,6 +158,8 @@ class Scheduler(Generic[T]):
     _backoff: set[str] = field(factory=set, init=False)
     #: Sites that open no connection before a time (the spool failed under them).
     _held_until: dict[str, float] = field(factory=dict, init=False)
+    #: Sites an operator suspended, and until when.
+    _suspended: dict[str, float] = field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.ready_queues = ReadyQueues(self.window)
@@ -265,6 +267,8 @@ class Scheduler(Generic[T]):
                 # Not cut short when a connection ends: each would fail the same way.
                 return WaitUntil(until)
             del self._held_until[site]
+        if self.suspended_until(site, now) is not None:
+            return DeferSite(Reply(451, "4.7.0", f"{site}: suspended by the operator"))
         if site in self._backoff:
             self._backoff.discard(site)
             return WaitUntil(now + DRAIN_NAP)
@@ -307,6 +311,34 @@ class Scheduler(Generic[T]):
         """The site's next connection waits a while (sources at their caps, or the
         spool failed)."""
         self._backoff.add(site)
+
+    # -- the operator's suspensions -------------------------------------------------
+
+    def suspend(self, site: str, until: float) -> None:
+        """Send nothing to ``site`` before ``until``: what its ready queue holds, and
+        whatever is routed to it meanwhile, is deferred (the retry schedule brings it
+        back)."""
+        self._suspended[site] = until
+
+    def resume(self, site: str) -> bool:
+        """Lift ``site``'s suspension; False when it was not suspended."""
+        return self._suspended.pop(site, None) is not None
+
+    def suspended_until(self, site: str, now: float) -> float | None:
+        """When ``site``'s suspension ends, or None when it is not suspended (an
+        expired suspension is forgotten here)."""
+        until = self._suspended.get(site)
+        if until is not None and now >= until:
+            del self._suspended[site]
+            return None
+        return until
+
+    def suspensions(self, now: float) -> dict[str, float]:
+        """Every site suspended now, with when its suspension ends."""
+        return {
+            site: until for site in sorted(self._suspended)
+            if (until := self.suspended_until(site, now)) is not None
+        }
 
     # -- starting and stopping ----------------------------------------------------
 

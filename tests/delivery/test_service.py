@@ -122,6 +122,22 @@ class DeliveryTests(unittest.TestCase):
         self.assertEqual(event.response.code, 250)
         self.assertEqual(len(self.backup.messages), 0)
 
+    async def test_suspended_site(self) -> None:
+        """Mail for a site the operator suspended is deferred, not sent; once resumed
+        (and due) it goes out."""
+        delivery = self.relay.service.delivery
+        delivery.suspend("goodmail", reactor.seconds() + 600)
+        await in_thread(submit, self.port, "app@example.com", ["held@good.test"])
+        event = await wait_event(self.relay, "held@good.test", "deferred")
+        assert event.response is not None and event.queue_id is not None
+        self.assertEqual((event.response.code, event.response.text),
+                         (451, "goodmail: suspended by the operator"))
+        self.assertEqual(len(self.sink.messages), 0)
+        self.assertTrue(delivery.resume("goodmail"))
+        self.assertFalse(delivery.resume("goodmail"))
+        await self.relay.stores.spool.retry(event.queue_id, reactor.seconds())
+        await self.sink.wait_for(1)
+
     async def test_mx_fallback(self) -> None:
         """With nothing listening at the preferred MX, the next MX gets the message."""
         await in_thread(submit, self.port, "app@example.com", ["someone@fallback.test"])

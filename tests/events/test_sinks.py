@@ -143,6 +143,7 @@ class EventTests(SynchronousTestCase):
                 "expired",
                 "suppressed",
                 "rejected",
+                "cancelled",
                 "complained",
             },
         )

@@ -80,6 +80,13 @@ class RoutingStateTests(unittest.TestCase):
             "gmail: 2/20 (5 per source), window 5, queued 42, rate 300/60s, throttled 1",
         )
 
+    def test_operator_suspension_shown(self) -> None:
+        site = {"site": "gmail", "open": 0, "max_connections": 20, "window": 5,
+                "queued": 0, "rate": None, "throttled": 0, "suspended_until": None,
+                "held_until": 900.0}
+        line = format_state({"node": "n", "written_at": 0.0, "sites": [site]}, 0.0)[2]
+        self.assertTrue(line.endswith(", suspended by the operator for 900 s"), line)
+
     def test_unreadable(self) -> None:
         """A missing or foreign file reads as no state."""
         path = os.path.abspath(self.mktemp())

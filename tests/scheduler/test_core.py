@@ -332,3 +332,19 @@ class SiteStepTests(SynchronousTestCase):
         for now in (10.0, 10.2, 10.9):
             self.assertEqual(self.scheduler.site_step("s", s, now), WaitUntil(10.0 + DRAIN_NAP))
         self.assertIsInstance(self.scheduler.site_step("s", s, 11.0), Connect)
+
+    def test_operator_suspension(self) -> None:
+        """A suspended site defers what it holds until the suspension ends or is
+        lifted; an ended suspension is forgotten."""
+        s = shape()
+        self.scheduler.suspend("s", 100.0)
+        self.assertEqual(self.scheduler.suspensions(50.0), {"s": 100.0})
+        step = self.scheduler.site_step("s", s, 50.0)
+        self.assertEqual(step, DeferSite(Reply(451, "4.7.0", "s: suspended by the operator")))
+        self.assertIsInstance(self.scheduler.site_step("s", s, 100.0), Connect)
+        self.assertEqual(self.scheduler.suspensions(100.0), {})
+        self.assertFalse(self.scheduler.resume("s"))
+        self.scheduler.suspend("s", 200.0)
+        self.assertTrue(self.scheduler.resume("s"))
+        self.assertIsNone(self.scheduler.suspended_until("s", 150.0))
+        self.assertIsInstance(self.scheduler.site_step("s", s, 150.0), Connect)

@@ -67,6 +67,11 @@ class ApiKeys:
         key = value.strip()
         if scheme.lower() != "bearer" or not key:
             raise UNAUTHORIZED
+        return await self.from_key(key)
+
+    async def from_key(self, key: str) -> Principal:
+        """The principal of an API key given some other way (the dashboard's login
+        form); 401 ``unauthorized`` (:class:`ApiError`) when it is not a valid key."""
         name = api_key_name(key)
         if name is None:
             raise UNAUTHORIZED

@@ -1,5 +1,6 @@
 """The API's twisted.web server: a request body limit enforced before the body is
-read, and the root resource that puts ``/v1`` and the operations endpoints together.
+read, and the root resource that puts ``/v1``, the operations endpoints and the
+dashboard together.
 
 twisted.web reads a whole request body before any resource sees it; a client that
 announces (or streams) more than the limit gets ``413`` and the connection is closed
@@ -8,7 +9,7 @@ as soon as the limit is passed, so a 60 MB upload costs neither memory nor disk.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from twisted.web.resource import IResource, Resource
@@ -76,15 +77,23 @@ class ApiSite(Site):
         self.max_body = max_body
 
 
-def root_resource(api: IResource, extras: Mapping[str, IResource]) -> Resource:
-    """``/v1/...`` (and ``/``) served by ``api``; each of ``extras`` (``metrics``,
-    ``healthz``, ``readyz``) as its own child."""
+def root_resource(
+    api: IResource, extras: Mapping[str, IResource],
+    pages: IResource | None = None, page_segments: Collection[str] = (),
+) -> Resource:
+    """``/v1/...`` served by ``api``; each of ``extras`` (``metrics``, ``healthz``,
+    ``readyz``) as its own child; paths whose first segment is one of
+    ``page_segments`` (``""`` is ``/`` itself) served by ``pages`` (the dashboard)."""
+    segments = frozenset(s.encode() for s in page_segments) if pages is not None else frozenset()
 
     class Root(Resource):
         def getChild(self, path: bytes, request: Any) -> IResource:  # noqa: N802
             # Klein routes on the whole path: put the segment back.
             request.prepath.pop()
             request.postpath.insert(0, path)
+            if path in segments:
+                assert pages is not None
+                return pages
             return api
 
     root = Root()
