@@ -57,6 +57,7 @@ def make_api_site(
         submission=submission, spool=stores.spool, eventlog=stores.eventlog,
         suppressions=stores.suppressions, idempotency=stores.idempotency,
         templates=stores.templates, clock=reactor, stores=stores, secret=secret,
+        delivery=delivery,
         on_request=on_request,
     )
     dashboard = Dashboard(

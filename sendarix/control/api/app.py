@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from sendarix.config.secret import NodeSecret
+from sendarix.config.units import parse_duration
 from sendarix.control.api.admin import AdminRoutes
 from sendarix.control.api.auth import ApiKeys, Principal
 from sendarix.control.api.body import json_body
@@ -38,6 +39,7 @@ from sendarix.ingress.httpsubmit import HTTPSubmission, SubmitRefused
 from sendarix.ingress.render import RenderError, render
 from sendarix.ingress.render import check as check_template
 from sendarix.interfaces import (
+    IDestinationControl,
     IEventLog,
     IIdempotencyStore,
     ISpool,
@@ -143,6 +145,8 @@ class ApiApp(AdminRoutes):
     stores: Any = None
     #: The node secret, which encrypts new DKIM keys (None: domains cannot be added).
     secret: NodeSecret | None = None
+    #: The delivery agent's destinations (None: a node without one).
+    delivery: IDestinationControl | None = None
     #: Called with (route, status) after every request (metrics).
     on_request: Callable[[str, int], None] | None = None
     app: Klein = field(factory=Klein, init=False)
@@ -201,6 +205,15 @@ class ApiApp(AdminRoutes):
         )
         route("/v1/queue/messages/<string:queue_id>", methods=["DELETE"])(
             self._wrap("queue_delete", self.queue_delete, "admin")
+        )
+        route("/v1/queue/destinations", methods=["GET"])(
+            self._wrap("destinations", self.destinations, "admin")
+        )
+        route("/v1/queue/destinations/<string:site>/suspend", methods=["POST"])(
+            self._wrap("destination_suspend", self.suspend, "admin")
+        )
+        route("/v1/queue/destinations/<string:site>/resume", methods=["POST"])(
+            self._wrap("destination_resume", self.resume, "admin")
         )
         route("/v1/queue", methods=["GET"])(self._wrap("queue", self.queue, "read"))
         route("/v1/openapi.json", methods=["GET"])(self.openapi)
@@ -613,6 +626,41 @@ class ApiApp(AdminRoutes):
         if not await self.spool.delete(queue_id):
             raise not_found(f"message {queue_id} in the queue")
         return 200, {"id": queue_id, "deleted": True}
+
+    def _destinations(self, principal: Principal) -> IDestinationControl:
+        if not principal.operator:
+            raise ApiError(403, "forbidden_scope", "destinations need an operator key")
+        if self.delivery is None:
+            raise ApiError(503, "no_delivery_agent", "this node runs no delivery agent")
+        return self.delivery
+
+    async def destinations(self, request: Any, principal: Principal) -> tuple[int, Any]:
+        """The delivery agent's destinations (sites), endpoint health and sources."""
+        return 200, self._destinations(principal).routing_state()
+
+    async def suspend(self, request: Any, principal: Principal, site: str) -> tuple[int, Any]:
+        """Send nothing to ``site`` for a while (``{"for": "1h"}``, at most 7 days);
+        its mail waits in the queue (deferred, never bounced by this)."""
+        control = self._destinations(principal)
+        body = json_body(request)
+        unknown = set(body) - {"for"}
+        if unknown:
+            raise invalid(sorted(unknown)[0], "is not a known field")
+        try:
+            seconds = parse_duration(body.get("for", "1h"), "for")
+        except ValueError:
+            raise invalid("for", "must be a duration such as \"30m\" or \"2h\"") from None
+        if not 0 < seconds <= 7 * 86400:
+            raise invalid("for", "must be more than 0 and at most 7 days")
+        until = self.clock.seconds() + seconds
+        control.suspend(site, until)
+        return 200, {"site": site, "suspended_until": format_timestamp(until)}
+
+    async def resume(self, request: Any, principal: Principal, site: str) -> tuple[int, Any]:
+        control = self._destinations(principal)
+        if not control.resume(site):
+            raise not_found(f"suspension of {site}")
+        return 200, {"site": site, "resumed": True}
 
     async def _queued(self, principal: Principal, queue_id: str) -> None:
         stored = await self.spool.get(queue_id)

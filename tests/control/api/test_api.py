@@ -669,3 +669,29 @@ class QueueActionTests(ApiTestCase):
         self.assertIsNone(await self.relay.stores.spool.get(queue_id))
         self.assertError(await self.call("DELETE", f"/v1/queue/messages/{queue_id}", key=admin),
                          404, "not_found")
+
+
+class DestinationTests(ApiTestCase):
+    async def test_suspend_and_resume(self) -> None:
+        """An operator suspends the pool: mail waits (deferred, not sent); resumed, it
+        goes out.  Tenant keys cannot."""
+        self.assertError(await self.call("POST", "/v1/queue/destinations/pool:sink/suspend",
+                                         {"for": "1h"}), 403, "forbidden_scope")
+        status, body, _ = await self.call("POST", "/v1/queue/destinations/pool:sink/suspend",
+                                          {"for": "1h"}, key=self.operator)
+        self.assertEqual(status, 200, body)
+        self.assertError(await self.call("POST", "/v1/queue/destinations/pool:sink/suspend",
+                                         {"for": "9d"}, key=self.operator),
+                         400, "invalid_request")
+        status, sent, _ = await self.call("POST", "/v1/messages", self.message())
+        await wait_event(self.relay, "user@sink.test", "deferred")
+        self.assertEqual(self.sink.stats.messages, 0)
+        status, state, _ = await self.call("GET", "/v1/queue/destinations", key=self.operator)
+        self.assertEqual(status, 200)
+        status, body, _ = await self.call("POST", "/v1/queue/destinations/pool:sink/resume",
+                                          {}, key=self.operator)
+        self.assertEqual((status, body["resumed"]), (200, True))
+        self.assertError(await self.call("POST", "/v1/queue/destinations/pool:sink/resume",
+                                         {}, key=self.operator), 404, "not_found")
+        await self.call("POST", f"/v1/queue/messages/{sent['id']}/retry", {}, key=self.operator)
+        await self.sink.wait_for(1)
