@@ -100,6 +100,8 @@ class Metrics:
     listeners: frozenset[str] = frozenset()
     #: Smarthost pool names (a site ``pool:NAME`` is a label value when NAME is one).
     pools: frozenset[str] = frozenset()
+    #: This process's node name (``<name>-wI`` for worker I), in the build info.
+    node: str = ""
     registry: CollectorRegistry = field(factory=CollectorRegistry, init=False)
     accepted: Counter = field(init=False)
     received: Counter = field(init=False)
@@ -117,7 +119,7 @@ class Metrics:
     def __attrs_post_init__(self) -> None:
         r = self.registry
         Info("sendarix_build", "Sendarix build information", registry=r).info(
-            {"version": _version()}
+            {"version": _version(), "node": self.node}
         )
         self.accepted = Counter(
             "sendarix_messages_accepted", "Messages accepted into the spool",

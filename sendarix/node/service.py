@@ -375,7 +375,7 @@ def makeService(
         providers=label_sets(ProviderTable.default().merged(config.providers).providers),
         tenants=label_sets(["default", *config.tenants, *(lc.tenant for lc in config.listeners)]),
         listeners=label_sets(lc.name for lc in config.listeners),
-        pools=label_sets(config.pools),
+        pools=label_sets(config.pools), node=config.node.name,
     )
     # Every outcome reaches the delivery log (and JSON log) and the metrics.
     events = FanoutSink([stores.events, MetricsSink(metrics)])
