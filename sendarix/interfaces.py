@@ -465,6 +465,18 @@ class IDestinationControl(Interface):
         """Lift ``site``'s suspension; False when it was not suspended."""
 
 
+class IDeliveryObserver(Interface):
+    """Told what the delivery agent does on the wire that no event records (for the
+    metrics).  Called on the reactor thread; must not block or fail."""
+
+    def outbound_connection(site, ok):  # noqa: N805 - zope: no self
+        """A connection to one host of ``site`` (a shaping key) held a session
+        (``ok``), or did not (connection error, timeout, 421 greeting)."""
+
+    def throttle_wait(site, seconds):  # noqa: N805
+        """A message for ``site`` waited ``seconds`` for the site's rate."""
+
+
 class IBackend(Interface):
     """One storage backend (SQLite or Redis) and everything built on it.
 

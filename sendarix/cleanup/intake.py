@@ -83,6 +83,8 @@ class Intake:
     in_thread: Any = deferToThread
     #: Called after each message is spooled (the node wakes its delivery loop).
     on_queued: Callable[[], None] | None = None
+    #: Called with the listener's name and the tenant of each message spooled.
+    on_received: Callable[[str, str], None] | None = None
 
     def __attrs_post_init__(self) -> None:
         if self._ids is None:
@@ -164,6 +166,12 @@ class Intake:
         )
         if self.on_queued is not None:
             self.on_queued()
+        if self.on_received is not None:
+            try:
+                self.on_received(sub.listener, tenant)
+            except Exception:
+                # Durable already: a counting error must not fail the 250 either.
+                log.failure("counting a received message failed")
         self._emit(
             "accepted",
             queue_id=sub.queue_id,

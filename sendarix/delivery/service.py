@@ -47,6 +47,7 @@ from sendarix.egress import client as egress
 from sendarix.egress.simulator import simulate_delivery
 from sendarix.egress.sources import TieredSelector
 from sendarix.interfaces import (
+    IDeliveryObserver,
     IDestinationControl,
     IEgressSelector,
     IEventSink,
@@ -200,6 +201,7 @@ class DeliveryService(Service):
         throttle: IThrottle | None = None,
         selector: IEgressSelector | None = None,
         state_file: str | None = None,
+        observer: IDeliveryObserver | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -236,6 +238,8 @@ class DeliveryService(Service):
         self._egress_pools = set(config.egress_pools)
         # Where the routing state is written for `sendarix queue stats` (None: never).
         self.state_file = state_file
+        #: Told of connections and rate waits (the metrics); None: nobody.
+        self.observer = observer
         self._state_loop: LoopingCall | None = None
         self._loop: LoopingCall | None = None
         # The lease poll and the ledger of leases held (renewed while held); routed
@@ -705,6 +709,7 @@ class DeliveryService(Service):
         """Wait until the site's rate admits one message (counted); False when the
         service stops first."""
         key = "rate:" + site
+        started = self.reactor.seconds()
         while self.running:
             rate = shape.current_rate
             if rate is None:
@@ -713,6 +718,7 @@ class DeliveryService(Service):
                 self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
             )
             if wait is not None and wait <= 0:
+                self._waited(site, started)
                 return True
             await deferLater(
                 self.reactor, DRAIN_NAP if wait is None else min(wait, DRAIN_NAP), lambda: None
@@ -797,8 +803,9 @@ class DeliveryService(Service):
         if rate is None:
             return True
         key = "rate:" + conn.site
+        started = self.reactor.seconds()
         wait = await self._throttled(
-            self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
+            self.throttle.admit, key, rate, shape.period, started
         )
         while wait is not None and 0 < wait <= MAX_PACE_WAIT:
             await deferLater(self.reactor, wait, lambda: None)
@@ -806,7 +813,15 @@ class DeliveryService(Service):
             wait = await self._throttled(
                 self.throttle.admit, key, rate, shape.period, self.reactor.seconds()
             )
-        return wait is not None and wait <= 0
+        if wait is not None and wait <= 0:
+            self._waited(conn.site, started)
+            return True
+        return False
+
+    def _waited(self, site: str, started: float) -> None:
+        """Tell the observer how long a message for ``site`` waited for its rate."""
+        if self.observer is not None:
+            self.observer.throttle_wait(site, self.reactor.seconds() - started)
 
     def _pacer(self, conn: _Connection) -> Callable[[], Deferred[bool]] | None:
         """The per-message ``pace`` callback of one session: the first message was
@@ -999,7 +1014,10 @@ class DeliveryService(Service):
                 greeting_timeout=dc.connect_timeout if hop.endpoint is not None else None,
                 pace=self._pacer(conn),
             )
-            if not _held_no_session(result):
+            held = not _held_no_session(result)
+            if self.observer is not None:
+                self.observer.outbound_connection(conn.site, held)
+            if held:
                 conn.strategy.succeeded(hop, self.reactor.seconds())
                 break
             conn.strategy.failed(hop, self.reactor.seconds())

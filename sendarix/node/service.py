@@ -380,6 +380,8 @@ def makeService(
     metrics = top.metrics = Metrics(
         providers=label_sets(ProviderTable.default().merged(config.providers).providers),
         tenants=label_sets(["default", *config.tenants, *(lc.tenant for lc in config.listeners)]),
+        listeners=label_sets(lc.name for lc in config.listeners),
+        pools=label_sets(config.pools), node=config.node.name,
     )
     # Every outcome reaches the delivery log (and JSON log) and the metrics.
     events = FanoutSink([stores.events, MetricsSink(metrics)])
@@ -397,7 +399,9 @@ def makeService(
         throttle=make_throttle(config, reactor, stores),
         selector=make_selector(config, stores),
         state_file=state_path(config),
+        observer=metrics,
     )
+    metrics.watch_routing(delivery.routing_state)
     delivery.setServiceParent(top)
     top.delivery = delivery
     if webhook_endpoints:
@@ -421,6 +425,7 @@ def makeService(
         spool=stores.spool, events=events, clock=reactor,
         node=config.node.name, hostname=config.node.hostname,
         keyring=keyring, require_verified_domains=require_verified, on_queued=delivery.wake,
+        on_received=metrics.message_received,
     )
     tls_options = None
     if any(lc.tls != "none" for lc in config.listeners):
