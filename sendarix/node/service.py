@@ -409,6 +409,7 @@ def makeService(
         top.webhooks = WebhookDispatcher(
             stores.outbox, webhook_endpoints, config.node.name, reactor, agent, pool,
             ready=stores_service.ready, dead_retention=config.events.retention,
+            on_result=metrics.webhook_delivery,
         )
         top.webhooks.setServiceParent(top)
 

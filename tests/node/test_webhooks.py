@@ -64,6 +64,10 @@ class NodeWebhookTests(unittest.TestCase):
         self.assertEqual({e["tenant"] for e in ordered}, {"acme"})
         logged = await relay.stores.eventlog.search(EventQuery(queue_id=ordered[0]["queue_id"]))
         self.assertEqual({e.id for e in logged.events}, {e["id"] for e in ordered})
+        # Each acknowledged POST counts in the node's metrics (once its ack is written).
+        counter = relay.service.metrics.webhook_deliveries.labels("delivered")
+        await until(lambda: counter._value.get() == len(receiver.received), 5.0,
+                    "the webhook deliveries counted")
 
     def test_missing_secret_stops_the_node(self) -> None:
         """A webhook whose secret variable is not set fails before the node serves."""

@@ -90,7 +90,10 @@ class WebhookDispatcher(Service):
         fill_time: float = BATCH_FILL_TIME,
         max_events: int = MAX_BATCH_EVENTS,
         dead_retention: float | None = None,
+        on_result: Callable[[str], None] | None = None,
     ) -> None:
+        #: Told each POST's result: ``delivered``, ``failed`` or ``dead_lettered``.
+        self.on_result = on_result
         self.outbox = outbox
         self.endpoints = {e.name: e for e in endpoints}
         self.node = node
@@ -245,8 +248,14 @@ class WebhookDispatcher(Service):
             await self.outbox.dead_letter(
                 batch.id, self.node, "HTTP 410 Gone: endpoint disabled", self.clock.seconds()
             )
+            self._tell("dead_lettered")
             return
         await self.outbox.ack(batch.id)
+        self._tell("delivered")
+
+    def _tell(self, result: str) -> None:
+        if self.on_result is not None:
+            self.on_result(result)
 
     async def _post(self, endpoint: WebhookEndpoint, batch: WebhookBatch) -> int:
         """POST ``batch``; its status when 2xx or 410, else raises :class:`_Failed`."""
@@ -311,8 +320,10 @@ class WebhookDispatcher(Service):
                 id=batch.id, endpoint=endpoint.name, attempts=batch.attempts + 1, error=error,
             )
             await self.outbox.dead_letter(batch.id, self.node, error, now)
+            self._tell("dead_lettered")
             return
         await self.outbox.retry(batch.id, self.node, decision.due, error)
+        self._tell("failed")
 
 
 def _describe(error: BaseException) -> str:
