@@ -329,6 +329,21 @@ class ITemplateStore(Interface):
         """Delete every version of ``name``; True when there was one."""
 
 
+class IStatsStore(Interface):
+    """Event counts per hour, tenant, event type and provider (for ``/v1/stats``),
+    shared wherever the stores are shared.  Deferreds throughout."""
+
+    def add(counts):  # noqa: N805 - zope: no self
+        """Add ``counts``: a mapping ``(hour start, tenant, type, provider) -> n``."""
+
+    def query(since, until, tenant=None):  # noqa: N805
+        """``(hour start, tenant, type, provider, n)`` rows for the hours in
+        ``[since, until)``, of one tenant or (None) all."""
+
+    def trim(before):  # noqa: N805
+        """Forget hours before ``before``; Deferred count of rows removed."""
+
+
 class ISuppressionStore(Interface):
     """Each tenant's suppression list: recipients that must not be sent to.
 
@@ -492,6 +507,7 @@ class IBackend(Interface):
     domains = Attribute("The IDomainStore.")
     idempotency = Attribute("The IIdempotencyStore (HTTP API idempotency keys).")
     templates = Attribute("The ITemplateStore (message templates of the HTTP API).")
+    stats = Attribute("The IStatsStore (hourly event counts).")
     outbox = Attribute("The IWebhookOutbox (webhook deliveries, written with the log).")
     location = Attribute("Where the data is, for messages (a file path or a server).")
     errors = Attribute(

@@ -29,6 +29,7 @@ from sendarix.control.api.operations import HealthResource, MetricsResource, Rea
 from sendarix.delivery.service import DeliveryService
 from sendarix.events.metrics import Metrics, MetricsSink, QueueSampler, label_sets
 from sendarix.events.sinks import FanoutSink
+from sendarix.events.stats import StatsSink
 from sendarix.events.webhooks.dispatcher import WebhookDispatcher, guarded_agent
 from sendarix.events.webhooks.endpoints import Subscriptions, endpoints_from_config
 from sendarix.ingress.auth import submission_portal
@@ -129,8 +130,9 @@ class StoresService(Service):
         self._trimmer: LoopingCall | None = None
         #: Called once the stores are open and checked.
         self.on_open: list[Callable[[], None]] = []
-        #: Called when the service stops, before the stores close.
-        self.on_stop: list[Callable[[], None]] = []
+        #: Called when the service stops, before the stores close (a Deferred is
+        #: waited for).
+        self.on_stop: list[Callable[[], Any]] = []
         self._ready: Deferred[None] | None = None
         #: Why the stores did not open (every ``ready()`` then fails with it).
         self._failure: Failure | None = None
@@ -175,6 +177,8 @@ class StoresService(Service):
     def _trim(self) -> Deferred[Any]:
         before = self.clock.seconds() - self.stores.config.events.retention
         d = self.stores.eventlog.trim(before)
+        # Hourly statistics are kept as long as the events they count.
+        d.addCallback(lambda count: self.stores.stats.trim(before).addCallback(lambda _: count))
 
         def trimmed(count: int) -> None:
             if count:
@@ -200,9 +204,15 @@ class StoresService(Service):
         super().stopService()
         if self._trimmer is not None and self._trimmer.running:
             self._trimmer.stop()
+        return ensureDeferred(self._stop_then_close())
+
+    async def _stop_then_close(self) -> None:
         for stop in self.on_stop:
-            stop()
-        return self.stores.close()
+            try:
+                await maybeDeferred(stop)
+            except Exception:
+                log.failure("error while stopping before the stores close")
+        await self.stores.close()
 
 
 class ListenerService(Service):
@@ -384,7 +394,10 @@ def makeService(
         pools=label_sets(config.pools), node=config.node.name,
     )
     # Every outcome reaches the delivery log (and JSON log) and the metrics.
-    events = FanoutSink([stores.events, MetricsSink(metrics)])
+    stats = StatsSink(stores.stats, reactor)
+    events = FanoutSink([stores.events, MetricsSink(metrics), stats])
+    stores_service.on_open.append(stats.start)
+    stores_service.on_stop.append(stats.stop)
     resolver = DNSResolver(
         config.dns.addresses(), config.dns.timeout, config.dns.cache_ttl_max, reactor, reactor
     )

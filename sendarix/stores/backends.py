@@ -27,6 +27,7 @@ from sendarix.interfaces import (
     IEventSink,
     IIdempotencyStore,
     ISpool,
+    IStatsStore,
     ISuppressionStore,
     ITemplateStore,
     IThrottle,
@@ -95,6 +96,10 @@ class Stores:
     @property
     def templates(self) -> ITemplateStore:
         return self.backend.templates
+
+    @property
+    def stats(self) -> IStatsStore:
+        return self.backend.stats
 
     @property
     def location(self) -> str:

@@ -34,6 +34,7 @@ from sendarix.control.api.errors import (
     not_found,
 )
 from sendarix.control.api.status import message_status
+from sendarix.events.stats import hour_of
 from sendarix.ingress.compose import InvalidField, compose
 from sendarix.ingress.httpsubmit import HTTPSubmission, SubmitRefused
 from sendarix.ingress.render import RenderError, render
@@ -215,6 +216,7 @@ class ApiApp(AdminRoutes):
         route("/v1/queue/destinations/<string:site>/resume", methods=["POST"])(
             self._wrap("destination_resume", self.resume, "admin")
         )
+        route("/v1/stats", methods=["GET"])(self._wrap("stats", self.stats, "read"))
         route("/v1/queue", methods=["GET"])(self._wrap("queue", self.queue, "read"))
         route("/v1/openapi.json", methods=["GET"])(self.openapi)
         self.app.handle_errors(NotFound)(self._not_found)
@@ -627,6 +629,23 @@ class ApiApp(AdminRoutes):
             raise not_found(f"message {queue_id} in the queue")
         return 200, {"id": queue_id, "deleted": True}
 
+    async def stats(self, request: Any, principal: Principal) -> tuple[int, Any]:
+        """Event counts per hour or day, by type, provider and tenant."""
+        granularity = _arg(request, "granularity") or "hour"
+        if granularity not in ("hour", "day"):
+            raise invalid("granularity", "must be hour or day")
+        now = self.clock.seconds()
+        until = _time_arg(request, "until") or now
+        since = _time_arg(request, "since")
+        if since is None:
+            since = until - (86400.0 if granularity == "hour" else 30 * 86400.0)
+        if not since < until or until - since > 31 * 86400.0:
+            raise invalid("since", "must be before until, at most 31 days apart")
+        tenant = principal.tenant_filter(_arg(request, "tenant"))
+        rows = await self.stores.stats.query(hour_of(since), until, tenant)
+        return 200, {"granularity": granularity, "since": format_timestamp(since),
+                     "until": format_timestamp(until), "buckets": stat_buckets(rows, granularity)}
+
     def _destinations(self, principal: Principal) -> IDestinationControl:
         if not principal.operator:
             raise ApiError(403, "forbidden_scope", "destinations need an operator key")
@@ -666,6 +685,24 @@ class ApiApp(AdminRoutes):
         stored = await self.spool.get(queue_id)
         if stored is None or not principal.sees(stored.meta.tenant):
             raise not_found(f"message {queue_id} in the queue")
+
+
+def stat_buckets(
+    rows: list[tuple[float, str, str, str, int]], granularity: str
+) -> list[dict[str, Any]]:
+    """Hourly rows gathered into buckets (hours or UTC days), oldest first."""
+    size = 3600.0 if granularity == "hour" else 86400.0
+    buckets: dict[float, dict[str, Any]] = {}
+    for hour, tenant, kind, provider, n in rows:
+        start = (hour // size) * size
+        b = buckets.setdefault(start, {"start": format_timestamp(start), "counts": {},
+                                       "by_provider": {}, "by_tenant": {}})
+        b["counts"][kind] = b["counts"].get(kind, 0) + n
+        per_provider = b["by_provider"].setdefault(provider, {})
+        per_provider[kind] = per_provider.get(kind, 0) + n
+        per_tenant = b["by_tenant"].setdefault(tenant, {})
+        per_tenant[kind] = per_tenant.get(kind, 0) + n
+    return [buckets[k] for k in sorted(buckets)]
 
 
 def _cursor(tenant: str, address: str) -> str:

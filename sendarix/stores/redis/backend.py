@@ -27,6 +27,7 @@ from sendarix.stores.redis.limits import SharedAuthLimiter, SharedRateLimiter
 from sendarix.stores.redis.outbox import RedisWebhookOutbox
 from sendarix.stores.redis.selector import SharedTieredSelector
 from sendarix.stores.redis.spool import RedisSpool
+from sendarix.stores.redis.stats import RedisStatsStore
 from sendarix.stores.redis.suppression import RedisSuppressionStore
 from sendarix.stores.redis.templates import RedisTemplateStore
 from sendarix.stores.redis.throttle import RedisThrottle
@@ -49,6 +50,7 @@ class RedisBackend:
     domains: RedisDomainStore
     idempotency: RedisIdempotencyStore
     templates: RedisTemplateStore
+    stats: RedisStatsStore
     outbox: RedisWebhookOutbox
     # ResponseError: Redis answered, but refused (a wrong password, a read-only replica).
     errors: tuple[type[BaseException], ...] = (
@@ -82,6 +84,7 @@ class RedisBackend:
             domains=RedisDomainStore(redis, PREFIX),
             idempotency=RedisIdempotencyStore(redis, PREFIX),
             templates=RedisTemplateStore(redis, PREFIX),
+            stats=RedisStatsStore(redis, PREFIX, retention=config.events.retention),
             outbox=RedisWebhookOutbox(redis, PREFIX, reactor),
         )
 

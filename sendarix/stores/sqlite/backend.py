@@ -31,6 +31,7 @@ from sendarix.stores.sqlite.domains import SQLiteDomainStore
 from sendarix.stores.sqlite.eventlog import SQLiteEventLog
 from sendarix.stores.sqlite.idempotency import SQLiteIdempotencyStore
 from sendarix.stores.sqlite.outbox import SQLiteWebhookOutbox
+from sendarix.stores.sqlite.stats import SQLiteStatsStore
 from sendarix.stores.sqlite.suppression import SQLiteSuppressionStore
 from sendarix.stores.sqlite.templates import SQLiteTemplateStore
 
@@ -49,6 +50,7 @@ class SQLiteBackend:
     domains: SQLiteDomainStore
     idempotency: SQLiteIdempotencyStore
     templates: SQLiteTemplateStore
+    stats: SQLiteStatsStore
     outbox: SQLiteWebhookOutbox
     errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
     shares_state: bool = False
@@ -72,6 +74,7 @@ class SQLiteBackend:
             domains=SQLiteDomainStore(db),
             idempotency=SQLiteIdempotencyStore(db),
             templates=SQLiteTemplateStore(db),
+            stats=SQLiteStatsStore(db),
             outbox=SQLiteWebhookOutbox(db),
         )
 

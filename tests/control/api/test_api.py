@@ -695,3 +695,31 @@ class DestinationTests(ApiTestCase):
                                          {}, key=self.operator), 404, "not_found")
         await self.call("POST", f"/v1/queue/messages/{sent['id']}/retry", {}, key=self.operator)
         await self.sink.wait_for(1)
+
+
+class StatsTests(ApiTestCase):
+    async def test_counts_by_hour_and_day(self) -> None:
+        """After a delivery and a bounce, /v1/stats counts them per type, provider and
+        tenant; another tenant sees none of them."""
+        await self.call("POST", "/v1/messages", self.message())
+        await wait_event(self.relay, "user@sink.test", "delivered")
+        from twisted.internet import task
+
+        await task.deferLater(reactor, 1.5, lambda: None)  # one flush of the counts
+        status, body, _ = await self.call("GET", "/v1/stats")
+        self.assertEqual(status, 200, body)
+        totals: dict[str, int] = {}
+        for bucket in body["buckets"]:  # one, or two across an hour's end
+            for kind, n in bucket["counts"].items():
+                totals[kind] = totals.get(kind, 0) + n
+            self.assertEqual(list(bucket["by_tenant"]), ["acme"])
+        self.assertEqual((totals["accepted"], totals["delivered"]), (1, 1))
+        self.assertMatchesDocument("/v1/stats", "get", "200", body)
+        status, day, _ = await self.call("GET", "/v1/stats?granularity=day")
+        self.assertEqual(sum(b["counts"].get("delivered", 0) for b in day["buckets"]), 1)
+        status, other, _ = await self.call("GET", "/v1/stats", key=self.other)
+        self.assertEqual(other["buckets"], [])
+        self.assertError(await self.call("GET", "/v1/stats?granularity=week"),
+                         400, "invalid_request")
+        self.assertError(await self.call("GET", "/v1/stats?since=2020-01-01T00:00:00Z"),
+                         400, "invalid_request")
