@@ -444,6 +444,20 @@ class WebhooksConfig:
 
 
 @frozen
+class FeedbackConfig:
+    """Domains whose mail is a report (ARF complaint, delivery status) to read, never
+    to relay: every listener accepts it from any client."""
+
+    domains: tuple[str, ...] = setting(list_parser(domain_parser), ())
+
+    def is_feedback(self, address: str) -> bool:
+        """Is ``address`` at one of the feedback domains?"""
+        return bool(self.domains) and address.rpartition("@")[2].lower().rstrip(".") in (
+            self.domains
+        )
+
+
+@frozen
 class SimulatorConfig:
     """The simulator's domain: mail to it is never sent out."""
 
@@ -504,6 +518,7 @@ class Config:
     webhook_options: WebhooksConfig = setting(
         table_parser(WebhooksConfig), factory=WebhooksConfig, absent={}, toml_key="webhooks"
     )
+    feedback: FeedbackConfig = _section(FeedbackConfig)
     simulator: SimulatorConfig = _section(SimulatorConfig)
     events: EventsConfig = _section(EventsConfig)
 
