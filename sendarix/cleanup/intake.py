@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from sendarix.cleanup.dkim import SigningKey, sign_message
 from sendarix.cleanup.headers import CleanupInfo, cleanup
 from sendarix.cleanup.keyring import DomainKeyring
+from sendarix.cleanup.reference import header_line
 from sendarix.ingress.queueid import QueueIdGenerator
 from sendarix.interfaces import IContentFilter, IEventSink, ISpool
 from sendarix.model.address import domain_of
@@ -83,6 +84,12 @@ class Intake:
     in_thread: Any = deferToThread
     #: Called after each message is spooled (the node wakes its delivery loop).
     on_queued: Callable[[], None] | None = None
+    #: The key of the reference each message carries (None: no reference).
+    reference_key: bytes | None = None
+    #: Reads reports sent to feedback addresses (None: there are none).
+    feedback: Any = None
+    #: Is this recipient a feedback address (its mail is a report, never relayed)?
+    is_feedback: Callable[[str], bool] = lambda address: False
     #: Called with the listener's name and the tenant of each message spooled.
     on_received: Callable[[str, str], None] | None = None
 
@@ -108,6 +115,15 @@ class Intake:
         return ensureDeferred(self._accept(sub))
 
     async def _accept(self, sub: Submission) -> Accepted:
+        if self.feedback is not None:
+            reports = [r for r in sub.envelope.recipients if self.is_feedback(r)]
+            if reports:
+                # A report is read, never relayed; other recipients go on as usual.
+                await self._read_report(sub)
+                rest = tuple(r for r in sub.envelope.recipients if r not in reports)
+                if not rest:
+                    return Accepted(sub.queue_id, "")
+                sub = evolve(sub, envelope=evolve(sub.envelope, recipients=rest))
         now = self.clock.seconds()
         cred = sub.credential
         cleaned = cleanup(
@@ -140,6 +156,13 @@ class Intake:
             if verdict is not None:
                 raise Refused(verdict)
         body = cleaned.body
+        end = body.find(b"\r\n\r\n")
+        if self.reference_key is not None and end >= 0:
+            # At the end of the header, before signing: reports quote it back to us.
+            end += 2
+            body = body[:end] + header_line(self.reference_key, sub.queue_id, sub.tenant) + (
+                body[end:]
+            )
         if keys:
             # Hashing a large body and the RSA operation belong off the reactor thread.
             body = await self.in_thread(sign_message, body, keys, int(now))
@@ -206,6 +229,17 @@ class Intake:
             # Never send unsigned what should be signed: the client gets 451 and retries.
             log.failure("cannot load the DKIM keys of {domain}", domain=domain)
             raise
+
+    async def _read_report(self, sub: Submission) -> None:
+        try:
+            outcome = await self.feedback.handle(sub.body)
+        except Exception:
+            # The sender gets its 250 anyway: a report we cannot use is not an error
+            # it could fix, and a retry would not help.
+            log.failure("feedback report {queue_id} could not be read", queue_id=sub.queue_id)
+            return
+        log.info("feedback report {queue_id} from {ip}: {outcome}", queue_id=sub.queue_id,
+                 ip=sub.client_ip, outcome=outcome)
 
     def rejected(
         self,

@@ -114,6 +114,7 @@ class Metrics:
     outbound_connections: Counter = field(init=False)
     throttle_waits: Histogram = field(init=False)
     http_requests: Counter = field(init=False)
+    feedback_reports: Counter = field(init=False)
     webhook_deliveries: Counter = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -166,6 +167,10 @@ class Metrics:
         self.http_requests = Counter(
             "sendarix_http_requests", "HTTP API requests by route and status code",
             ["route", "code"], registry=r,
+        )
+        self.feedback_reports = Counter(
+            "sendarix_feedback_reports", "Mail to the feedback domains by result",
+            ["result"], registry=r,
         )
         self.webhook_deliveries = Counter(
             "sendarix_webhook_deliveries", "Webhook POSTs by result",
@@ -244,6 +249,11 @@ class Metrics:
     def throttle_wait(self, site: str, seconds: float) -> None:
         """A message for ``site`` waited ``seconds`` for the site's rate."""
         self.throttle_waits.labels(self.site_label(site)).observe(max(0.0, seconds))
+
+    def feedback_report(self, result: str) -> None:
+        """A report read (``recorded``) or ``dropped``."""
+        self.feedback_reports.labels("dropped" if result.startswith("dropped") else
+                                     "recorded").inc()
 
     def http_request(self, route: str, code: int) -> None:
         """One API request answered (``route`` is the route's name, never a path)."""

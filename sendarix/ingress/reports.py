@@ -96,15 +96,20 @@ def _original_headers(report: Message) -> Message | None:
         ctype = part.get_content_type()
         if ctype in ("message/rfc822", "message/global"):
             inner = part.get_payload()
-            if isinstance(inner, list) and inner:
-                first: Message = inner[0]
-                return first
+            if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+                return inner[0]
         if ctype in ("text/rfc822-headers", "message/rfc822-headers",
                      "message/global-headers"):
             data = part.get_payload(decode=True)
             if isinstance(data, bytes):
                 return BytesHeaderParser(policy=policy.compat32).parsebytes(data)
     return None
+
+
+def _bare(value: str) -> str:
+    """The address inside ``Name <address>`` (or the value itself)."""
+    inner = re.search(r"<([^<>]+)>", value)
+    return inner.group(1) if inner else value
 
 
 def _message_id(value: str | None) -> str | None:
@@ -145,8 +150,7 @@ def _arf(
     if not rcpts and original is not None:
         # No Original-Rcpt-To (many providers redact it): the original's To, when it
         # names one address, is the recipient who complained.
-        to = [a for v in str(original.get("To", "")).split(",") if (a := _address(
-            re.search(r"<([^<>]+)>", v).group(1) if "<" in v else v))]
+        to = [a for v in str(original.get("To", "")).split(",") if (a := _address(_bare(v)))]
         rcpts = to if len(to) == 1 else []
     message_id = message_id or _message_id(fields.get("original-message-id"))
     kind = "complaint" if feedback_type == "abuse" else "feedback"

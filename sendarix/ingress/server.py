@@ -103,6 +103,9 @@ class ListenerSettings:
     require_verified_domains: bool = False
     #: tenant name → (messages, period seconds) from ``[tenant.NAME] rate``.
     tenant_rates: Mapping[str, tuple[float, float]] = field(factory=dict)
+    #: Is this recipient a feedback address (a report: accepted from anyone, read,
+    #: never relayed)?
+    is_feedback: Callable[[str], bool] = lambda address: False
 
     @property
     def implicit_tls(self) -> bool:
@@ -746,6 +749,11 @@ class SubmissionServer(smtp.ESMTP):
             if key not in ("NOTIFY", "ORCPT"):
                 self._error(555, "5.5.4", f"Unsupported parameter {key}")
                 return
+        if self.settings.is_feedback(path.address):
+            # Reports come from anyone (mailbox providers): no relay, rate or
+            # suppression check applies; the message is read, never relayed.
+            self._recipient_ok(path.address)
+            return
         refusal = policy.recipient_relay_refusal(self.settings.listener.auth, self._client())
         if refusal is not None:
             self._refuse(refusal, sender=self._sender, recipients=[path.address])

@@ -12,7 +12,15 @@ from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    FirstError,
+    ensureDeferred,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IListeningPort, IReactorFromThreads
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -21,6 +29,7 @@ from twisted.python.failure import Failure
 
 from sendarix.cleanup.intake import Intake
 from sendarix.cleanup.keyring import DomainKeyring, check_keys_open
+from sendarix.cleanup.reference import KEY_PURPOSE as REFERENCE_KEY_PURPOSE
 from sendarix.config.errors import ConfigError
 from sendarix.config.loader import default_config
 from sendarix.config.secret import NodeSecret, SecretError, node_secret_from_env
@@ -33,6 +42,7 @@ from sendarix.events.stats import StatsSink
 from sendarix.events.webhooks.dispatcher import WebhookDispatcher, guarded_agent
 from sendarix.events.webhooks.endpoints import Subscriptions, endpoints_from_config
 from sendarix.ingress.auth import submission_portal
+from sendarix.ingress.feedback import FeedbackHandler
 from sendarix.ingress.server import ListenerSettings, SubmissionFactory
 from sendarix.ingress.tls import ReloadableServerTLS, ensure_certificate
 from sendarix.ingress.xoauth2 import HMACTokenChecker
@@ -176,9 +186,13 @@ class StoresService(Service):
 
     def _trim(self) -> Deferred[Any]:
         before = self.clock.seconds() - self.stores.config.events.retention
-        d = self.stores.eventlog.trim(before)
-        # Hourly statistics are kept as long as the events they count.
-        d.addCallback(lambda count: self.stores.stats.trim(before).addCallback(lambda _: count))
+        # Hourly statistics are kept as long as the events they count.  Both trims
+        # are queued now, so a stop that closes the stores lets both finish.
+        d = gatherResults(
+            [self.stores.eventlog.trim(before), self.stores.stats.trim(before)],
+            consumeErrors=True,
+        ).addCallback(lambda counts: counts[0])
+        d.addErrback(_first_failure)
 
         def trimmed(count: int) -> None:
             if count:
@@ -213,6 +227,15 @@ class StoresService(Service):
             except Exception:
                 log.failure("error while stopping before the stores close")
         await self.stores.close()
+
+
+def _first_failure(failure: Failure) -> Failure:
+    """The failure inside a gatherResults FirstError (or the failure itself)."""
+    error = failure.value
+    if isinstance(error, FirstError):
+        inner: Failure = error.subFailure
+        return inner
+    return failure
 
 
 class ListenerService(Service):
@@ -435,11 +458,24 @@ def makeService(
             lambda: check_keys_open(stores.domains, secret, config.node.secret_key_env)
         )
     require_verified = config.domains.require_verified_domains
+    # Every message carries a reference reports can be traced back by (it needs the
+    # node secret's key: without a secret, reports are matched by Message-ID only).
+    reference_key = secret.derive(REFERENCE_KEY_PURPOSE) if secret is not None else None
+    feedback = None
+    if config.feedback.domains:
+        feedback = FeedbackHandler(
+            events=events, eventlog=stores.eventlog, suppressions=stores.suppressions,
+            clock=reactor, node=config.node.name, key=reference_key,
+            rules=delivery.rules,
+            suppress_hard=lambda tenant: config.tenant(tenant).suppress_hard_bounces,
+            on_result=metrics.feedback_report,
+        )
     intake = Intake(
         spool=stores.spool, events=events, clock=reactor,
         node=config.node.name, hostname=config.node.hostname,
         keyring=keyring, require_verified_domains=require_verified, on_queued=delivery.wake,
-        on_received=metrics.message_received,
+        on_received=metrics.message_received, reference_key=reference_key,
+        feedback=feedback, is_feedback=config.feedback.is_feedback,
     )
     tls_options = None
     if any(lc.tls != "none" for lc in config.listeners):
@@ -470,6 +506,7 @@ def makeService(
             rate_limiter=rate_limiter, tls_options=tls_options if lc.tls != "none" else None,
             tenant_rates=tenant_rates,
             keyring=keyring, require_verified_domains=require_verified,
+            is_feedback=config.feedback.is_feedback,
         )
         service = ListenerService(
             reactor, lc, SubmissionFactory(settings), stores_service,
