@@ -103,6 +103,24 @@ def integer_parser(low: int, high: int | None = None) -> Parser:
     return parse
 
 
+def share_parser(value: Any, key: str, ctx: Context) -> float:
+    """A share: a fraction (``0.003``) or a percentage string (``"0.3%"``), 0 to 1."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            share = float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise ConfigError(
+                key, f"expected a share like 0.003 or \"0.3%\", got {value!r}"
+            ) from None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        share = float(value)
+    else:
+        raise ConfigError(key, f"expected a share like 0.003 or \"0.3%\", got {value!r}")
+    if not 0 <= share <= 1:
+        raise ConfigError(key, f"must be between 0 and 1 (0% and 100%), got {value!r}")
+    return share
+
+
 def duration_parser(positive: bool = True) -> Parser:
     def parse(value: Any, key: str, ctx: Context) -> float:
         seconds = parse_duration(value, key)

@@ -58,6 +58,7 @@ from sendarix.config.fields import (
     reject_unknown,
     server_endpoint_parser,
     setting,
+    share_parser,
     size_parser,
     split_host_port,
     spool_url_parser,
@@ -394,7 +395,13 @@ class TenantConfig:
     name: str
     egress_pool: str | None = setting(name_parser, None)
     rate: str | None = setting(rate_parser, None)
+    #: Messages the tenant may submit per day (a rolling day), all nodes' counting
+    #: where limits are shared.
+    quota: int | None = setting(integer_parser(1), None)
     suppress_hard_bounces: bool = setting(boolean_parser, True)
+    #: The share of complaints over recent deliveries the tenant should stay under
+    #: (0.3 %: what large mailbox providers publish as their limit).
+    max_complaint_rate: float = setting(share_parser, 0.003)
 
     @property
     def rate_limit(self) -> tuple[float, float] | None:

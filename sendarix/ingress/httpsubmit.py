@@ -66,6 +66,7 @@ _CODES: dict[Reply, str] = {
     policy.TENANT_RATE: "rate_limited",
     policy.RECIPIENT_RATE: "rate_limited",
     policy.TOO_MANY_RECIPIENTS: "too_many_recipients",
+    policy.TENANT_QUOTA: "quota_exceeded",
     policy.CREDENTIAL_VOID: "unauthorized",
 }
 
@@ -86,6 +87,7 @@ class HTTPSubmission:
     keyring: DomainKeyring | None = None
     require_verified_domains: bool = False
     tenant_rates: Mapping[str, tuple[float, float]] = {}
+    tenant_quotas: Mapping[str, int] = {}
 
     def submit(
         self, credential: Credential, client_ip: str, message: ComposedMessage,
@@ -114,8 +116,10 @@ class HTTPSubmission:
             )
         if len(message.recipients) > self.limits.max_recipients:
             raise _refused(policy.TOO_MANY_RECIPIENTS)
-        refusal = policy.sender_refusal(cred, sender, self.rate_limiter, now) or (
-            policy.tenant_rate_refusal(tenant, self.tenant_rates, self.rate_limiter, now)
+        refusal = (
+            policy.sender_refusal(cred, sender, self.rate_limiter, now)
+            or policy.tenant_rate_refusal(tenant, self.tenant_rates, self.rate_limiter, now)
+            or policy.tenant_quota_refusal(tenant, self.tenant_quotas, self.rate_limiter, now)
         )
         if refusal is not None:
             self._rejected(refusal, tenant, sender, message.recipients)

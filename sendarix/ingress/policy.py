@@ -25,6 +25,7 @@ SENDER_NOT_ALLOWED = Reply(550, "5.7.1", "Sender address not allowed for this cr
 MESSAGE_RATE = Reply(450, "4.7.1", "Message rate limit exceeded, try again later")
 TENANT_RATE = Reply(450, "4.7.1", "Tenant message rate limit exceeded, try again later")
 RECIPIENT_RATE = Reply(450, "4.7.1", "Recipient rate limit exceeded, try again later")
+TENANT_QUOTA = Reply(450, "4.7.1", "Tenant daily quota reached, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 SUPPRESSED = Reply(550, "5.1.1", "recipient suppressed")
 
@@ -113,6 +114,17 @@ def tenant_rate_refusal(
     if limiter.allow("tenant:" + tenant, count, period, now):
         return None
     return TENANT_RATE
+
+
+def tenant_quota_refusal(
+    tenant: str, quotas: Mapping[str, int], limiter: IRateLimiter, now: float
+) -> Reply | None:
+    """The tenant's daily ``quota`` (messages over a rolling day, every credential and
+    listener together)."""
+    quota = quotas.get(tenant)
+    if quota is None or limiter.allow("quota:" + tenant, quota, 86400.0, now):
+        return None
+    return TENANT_QUOTA
 
 
 def needs_verified_domain(required: bool, sender: str) -> bool:

@@ -103,6 +103,8 @@ class ListenerSettings:
     require_verified_domains: bool = False
     #: tenant name → (messages, period seconds) from ``[tenant.NAME] rate``.
     tenant_rates: Mapping[str, tuple[float, float]] = field(factory=dict)
+    #: tenant name → messages per rolling day, from ``[tenant.NAME] quota``.
+    tenant_quotas: Mapping[str, int] = field(factory=dict)
     #: Is this recipient a feedback address (a report: accepted from anyone, read,
     #: never relayed)?
     is_feedback: Callable[[str], bool] = lambda address: False
@@ -713,8 +715,11 @@ class SubmissionServer(smtp.ESMTP):
         """The tenant's ``[tenant.NAME] rate`` (messages per period, all credentials
         and listeners of the tenant together on this node): 450 4.7.1 when over it."""
         settings = self.settings
+        now = settings.clock.seconds()
         refusal = policy.tenant_rate_refusal(
-            self._tenant(), settings.tenant_rates, settings.rate_limiter, settings.clock.seconds()
+            self._tenant(), settings.tenant_rates, settings.rate_limiter, now
+        ) or policy.tenant_quota_refusal(
+            self._tenant(), settings.tenant_quotas, settings.rate_limiter, now
         )
         if refusal is None:
             return True

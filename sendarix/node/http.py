@@ -50,6 +50,7 @@ def make_api_site(
         suppressions=stores.suppressions, keyring=keyring,
         require_verified_domains=config.domains.require_verified_domains,
         tenant_rates=tenant_rates,
+        tenant_quotas={name: t.quota for name, t in config.tenants.items() if t.quota},
     )
     keys = ApiKeys(CredentialChecker(stores.credentials, reactor, required_scope=None))
     app = ApiApp(

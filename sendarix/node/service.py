@@ -507,6 +507,7 @@ def makeService(
             tenant_rates=tenant_rates,
             keyring=keyring, require_verified_domains=require_verified,
             is_feedback=config.feedback.is_feedback,
+            tenant_quotas={name: t.quota for name, t in config.tenants.items() if t.quota},
         )
         service = ListenerService(
             reactor, lc, SubmissionFactory(settings), stores_service,

@@ -14,6 +14,7 @@ from sendarix.control.api.auth import OPERATOR_TENANT, Principal
 from sendarix.control.api.body import json_body
 from sendarix.control.api.errors import ApiError, invalid, not_found
 from sendarix.control.domainops import DomainOpError, add_domain, record_lines, verify_domain
+from sendarix.control.tenantops import tenant_names, tenant_summary
 from sendarix.model.credential import SCOPES
 from sendarix.model.domain import SendingDomain
 from sendarix.stores.credentials import CredentialExistsError, CredentialNotFoundError
@@ -121,6 +122,25 @@ class AdminRoutes:
         except CredentialNotFoundError:
             raise not_found(f"credential {name}") from None
         return 200, {"name": name, "secret": secret}
+
+    # -- tenants -------------------------------------------------------------------------
+
+    async def list_tenants(self, request: Any, principal: Principal) -> tuple[int, Any]:
+        """Every tenant for an operator; a tenant's own otherwise."""
+        now = self.clock.seconds()
+        names = await tenant_names(self.stores, self.stores.config)
+        if not principal.operator:
+            names = [principal.tenant]
+        return 200, {"tenants": [await tenant_summary(self.stores, self.stores.config, n, now)
+                                 for n in names]}
+
+    async def get_tenant(self, request: Any, principal: Principal, name: str) -> tuple[int, Any]:
+        if not principal.sees(name) or name not in await tenant_names(
+            self.stores, self.stores.config
+        ):
+            raise not_found(f"tenant {name}")
+        return 200, await tenant_summary(self.stores, self.stores.config, name,
+                                         self.clock.seconds())
 
     # -- sending domains ---------------------------------------------------------------
 

@@ -69,6 +69,7 @@ _REFUSAL_STATUS = {
     "sender_not_allowed": 403,
     "unverified_domain": 403,
     "rate_limited": 429,
+    "quota_exceeded": 429,
     "too_many_recipients": 422,
     "all_recipients_suppressed": 422,
     "message_too_large": 413,
@@ -197,6 +198,8 @@ class ApiApp(AdminRoutes):
             ("/v1/domains", "GET", self.list_domains),
             ("/v1/domains", "POST", self.add_domain),
             ("/v1/domains/<string:domain>/verify", "POST", self.verify_domain),
+            ("/v1/tenants", "GET", self.list_tenants),
+            ("/v1/tenants/<string:name>", "GET", self.get_tenant),
         ):
             scope = "read" if path == "/v1/domains" and method == "GET" else "admin"
             name = path.split("/")[2]

@@ -35,6 +35,7 @@ from sendarix.control.cli import domains as domain_commands
 from sendarix.control.cli import log as log_commands
 from sendarix.control.cli import queue as queue_commands
 from sendarix.control.cli import suppressions as suppression_commands
+from sendarix.control.cli import tenants as tenant_commands
 from sendarix.control.cli import webhooks as webhook_commands
 from sendarix.control.cli.common import (
     PROG,
@@ -89,7 +90,7 @@ def _build_parser() -> argparse.ArgumentParser:
     # One module per command group, each adding its own commands.
     for commands_of in (config_commands, credential_commands, domain_commands,
                         suppression_commands, queue_commands, log_commands,
-                        webhook_commands):
+                        webhook_commands, tenant_commands):
         commands_of.register(group, common, listing)
 
     # sink: dispatched before parsing (see main); listed here for --help.
