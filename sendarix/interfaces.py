@@ -344,6 +344,24 @@ class IStatsStore(Interface):
         """Forget hours before ``before``; Deferred count of rows removed."""
 
 
+class ITenantHolds(Interface):
+    """Tenants whose outgoing mail is held (complaint rate over the limit), shared
+    wherever the stores are shared.  Deferreds throughout."""
+
+    def hold(tenant, reason, now):  # noqa: N805 - zope: no self
+        """Hold ``tenant``'s mail; True when it was not held already."""
+
+    def release(tenant, now):  # noqa: N805
+        """Release it (and remember when, so a guard leaves it alone for a while);
+        True when it was held."""
+
+    def all():  # noqa: N805
+        """``{tenant: (reason, held since)}`` of every held tenant."""
+
+    def released_at(tenant):  # noqa: N805
+        """When ``tenant`` was last released, or None."""
+
+
 class ISuppressionStore(Interface):
     """Each tenant's suppression list: recipients that must not be sent to.
 
@@ -508,6 +526,7 @@ class IBackend(Interface):
     idempotency = Attribute("The IIdempotencyStore (HTTP API idempotency keys).")
     templates = Attribute("The ITemplateStore (message templates of the HTTP API).")
     stats = Attribute("The IStatsStore (hourly event counts).")
+    holds = Attribute("The ITenantHolds (tenants whose mail is held).")
     outbox = Attribute("The IWebhookOutbox (webhook deliveries, written with the log).")
     location = Attribute("Where the data is, for messages (a file path or a server).")
     errors = Attribute(

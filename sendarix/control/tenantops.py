@@ -39,6 +39,7 @@ async def tenant_summary(stores: Stores, config: Config, name: str, now: float) 
             figures[kind] += n
     delivered = figures["delivered"]
     rate = figures["complained"] / delivered if delivered else None
+    held = (await stores.holds.all()).get(name)
     return {
         "name": name,
         "configured": name in config.tenants,
@@ -51,4 +52,12 @@ async def tenant_summary(stores: Stores, config: Config, name: str, now: float) 
         "last_24h": figures,
         "complaint_rate": rate,
         "over_complaint_limit": rate is not None and rate > settings.max_complaint_rate,
+        "held": held[0] if held else None,
+        "held_since": held[1] if held else None,
     }
+
+
+async def resume_tenant(stores: Stores, name: str, now: float) -> bool:
+    """Release a held tenant's mail (the guard leaves it alone for a day); False when
+    it was not held.  Nodes pick the release up within seconds."""
+    return bool(await stores.holds.release(name, now))

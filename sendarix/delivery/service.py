@@ -212,6 +212,8 @@ class DeliveryService(Service):
         self.poll_interval = poll_interval
         self.window = window
         self.rules = rules if rules is not None else BounceRules.default()
+        #: tenant -> why its mail is held (kept current by the complaint guard).
+        self.held_tenants: dict[str, str] = {}
         self.schedule = RetrySchedule.from_config(config.delivery)
         self.rng = rng if rng is not None else random.Random()
         self._ready = ready
@@ -558,6 +560,14 @@ class DeliveryService(Service):
                 await self._simulate(delivery)
                 pending.remove(delivery)
             deliveries = list(pending)
+            # A tenant held by the complaint guard sends nothing until released.
+            held = [d for d in deliveries if d.meta.tenant in self.held_tenants]
+            if held:
+                reason = self.held_tenants[held[0].meta.tenant]
+                await self._defer_all(held, pending, Reply(
+                    451, "4.7.1", f"Tenant's mail held by the operator's guard: {reason}"
+                ))
+                deliveries = list(pending)
             if not deliveries:
                 return
             # Not simulated, so the rule names a real router and strategy.

@@ -115,6 +115,7 @@ class Metrics:
     throttle_waits: Histogram = field(init=False)
     http_requests: Counter = field(init=False)
     feedback_reports: Counter = field(init=False)
+    tenants_held: Gauge = field(init=False)
     webhook_deliveries: Counter = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -167,6 +168,10 @@ class Metrics:
         self.http_requests = Counter(
             "sendarix_http_requests", "HTTP API requests by route and status code",
             ["route", "code"], registry=r,
+        )
+        self.tenants_held = Gauge(
+            "sendarix_tenant_held", "1 while a tenant's outgoing mail is held (complaint rate)",
+            ["tenant"], registry=r,
         )
         self.feedback_reports = Counter(
             "sendarix_feedback_reports", "Mail to the feedback domains by result",
@@ -249,6 +254,11 @@ class Metrics:
     def throttle_wait(self, site: str, seconds: float) -> None:
         """A message for ``site`` waited ``seconds`` for the site's rate."""
         self.throttle_waits.labels(self.site_label(site)).observe(max(0.0, seconds))
+
+    def set_held_tenants(self, held: Mapping[str, str]) -> None:
+        """Which tenants are held now (the others shown 0)."""
+        for tenant in self.tenants | set(held):
+            self.tenants_held.labels(self.tenant_label(tenant)).set(1 if tenant in held else 0)
 
     def feedback_report(self, result: str) -> None:
         """A report read (``recorded``) or ``dropped``."""

@@ -36,6 +36,7 @@ from sendarix.config.secret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.config.settings import Config, ListenerConfig
 from sendarix.control.api.operations import HealthResource, MetricsResource, ReadyResource
 from sendarix.delivery.service import DeliveryService
+from sendarix.events.guard import ComplaintGuard
 from sendarix.events.metrics import Metrics, MetricsSink, QueueSampler, label_sets
 from sendarix.events.sinks import FanoutSink
 from sendarix.events.stats import StatsSink
@@ -80,6 +81,8 @@ class NodeService(MultiService):
     webhooks: WebhookDispatcher | None = None
     #: This process's Prometheus metrics.
     metrics: Metrics
+    #: The complaint-rate guard (holds tenants' mail).
+    guard: ComplaintGuard
     #: Install a SIGHUP handler that reloads the TLS certificate (twistd does).
     reload_on_sighup = False
 
@@ -440,6 +443,19 @@ def makeService(
     metrics.watch_routing(delivery.routing_state)
     delivery.setServiceParent(top)
     top.delivery = delivery
+
+    def set_held(held: dict[str, str]) -> None:
+        delivery.held_tenants = held
+        metrics.set_held_tenants(held)
+
+    guard = ComplaintGuard(
+        stats=stores.stats, holds=stores.holds, clock=reactor,
+        limit_of=lambda tenant: config.tenant(tenant).max_complaint_rate,
+        on_held=set_held,
+    )
+    top.guard = guard
+    stores_service.on_open.append(guard.start)
+    stores_service.on_stop.append(guard.stop)
     if webhook_endpoints:
         agent, pool = guarded_agent(reactor, config.webhook_options.allow_private)
         top.webhooks = WebhookDispatcher(

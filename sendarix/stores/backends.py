@@ -30,6 +30,7 @@ from sendarix.interfaces import (
     IStatsStore,
     ISuppressionStore,
     ITemplateStore,
+    ITenantHolds,
     IThrottle,
     IWebhookOutbox,
 )
@@ -100,6 +101,10 @@ class Stores:
     @property
     def stats(self) -> IStatsStore:
         return self.backend.stats
+
+    @property
+    def holds(self) -> ITenantHolds:
+        return self.backend.holds
 
     @property
     def location(self) -> str:

@@ -14,7 +14,7 @@ from sendarix.control.api.auth import OPERATOR_TENANT, Principal
 from sendarix.control.api.body import json_body
 from sendarix.control.api.errors import ApiError, invalid, not_found
 from sendarix.control.domainops import DomainOpError, add_domain, record_lines, verify_domain
-from sendarix.control.tenantops import tenant_names, tenant_summary
+from sendarix.control.tenantops import resume_tenant, tenant_names, tenant_summary
 from sendarix.model.credential import SCOPES
 from sendarix.model.domain import SendingDomain
 from sendarix.stores.credentials import CredentialExistsError, CredentialNotFoundError
@@ -141,6 +141,15 @@ class AdminRoutes:
             raise not_found(f"tenant {name}")
         return 200, await tenant_summary(self.stores, self.stores.config, name,
                                          self.clock.seconds())
+
+    async def release_tenant(
+        self, request: Any, principal: Principal, name: str
+    ) -> tuple[int, Any]:
+        if not principal.operator:
+            raise ApiError(403, "forbidden_scope", "releasing a tenant needs an operator key")
+        if not await resume_tenant(self.stores, name, self.clock.seconds()):
+            raise not_found(f"hold of tenant {name}")
+        return 200, {"name": name, "resumed": True}
 
     # -- sending domains ---------------------------------------------------------------
 

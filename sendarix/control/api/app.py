@@ -200,6 +200,7 @@ class ApiApp(AdminRoutes):
             ("/v1/domains/<string:domain>/verify", "POST", self.verify_domain),
             ("/v1/tenants", "GET", self.list_tenants),
             ("/v1/tenants/<string:name>", "GET", self.get_tenant),
+            ("/v1/tenants/<string:name>/resume", "POST", self.release_tenant),
         ):
             scope = "read" if path == "/v1/domains" and method == "GET" else "admin"
             name = path.split("/")[2]

@@ -15,7 +15,7 @@ from sendarix.control.cli.common import (
     text_lines,
     to_json,
 )
-from sendarix.control.tenantops import tenant_names, tenant_summary
+from sendarix.control.tenantops import resume_tenant, tenant_names, tenant_summary
 from sendarix.stores.backends import Stores
 
 
@@ -32,7 +32,7 @@ async def _tenants_list(args: argparse.Namespace, stores: Stores) -> Output:
     rows = [(s["name"], str(len(s["credentials"])), str(s["quota"] or "-"),
              str(s["last_24h"]["accepted"]), str(s["last_24h"]["delivered"]),
              str(s["last_24h"]["bounced"]), _rate(s["complaint_rate"]),
-             "OVER LIMIT" if s["over_complaint_limit"] else "")
+             "HELD" if s["held"] else ("OVER LIMIT" if s["over_complaint_limit"] else ""))
             for s in summaries]
     return text_lines(render_table(
         ("tenant", "credentials", "quota/day", "accepted 24h", "delivered", "bounced",
@@ -57,7 +57,15 @@ async def _tenants_show(args: argparse.Namespace, stores: Stores) -> Output:
         f"complaint rate: {_rate(s['complaint_rate'])} (limit "
         f"{s['max_complaint_rate'] * 100:.2f}%)"
         + (" OVER THE LIMIT" if s["over_complaint_limit"] else ""),
+        f"held: {s['held']}" if s["held"] else "held: no",
     )
+
+
+async def _tenants_resume(args: argparse.Namespace, stores: Stores) -> Output:
+    if not await resume_tenant(stores, args.name, time.time()):
+        raise CommandError(f"tenant {args.name}'s mail is not held")
+    return text_lines(f"tenant {args.name} resumed: its held mail goes out on the next retry "
+                      "(sendarix queue retry to send it now)")
 
 
 def register(group: Callable[[str, str], Any], common: list[Any], listing: list[Any]) -> None:
@@ -68,3 +76,6 @@ def register(group: Callable[[str, str], Any], common: list[Any], listing: list[
     p = tenants.add_parser("show", parents=listing, help="one tenant")
     p.add_argument("name", metavar="TENANT", type=tenant_arg)
     p.set_defaults(store=_tenants_show)
+    p = tenants.add_parser("resume", parents=common, help="release a held tenant's mail")
+    p.add_argument("name", metavar="TENANT", type=tenant_arg)
+    p.set_defaults(store=_tenants_resume)

@@ -22,6 +22,7 @@ from sendarix.stores.redis.credentials import RedisCredentialStore
 from sendarix.stores.redis.domains import RedisDomainStore
 from sendarix.stores.redis.endpoints import SharedEndpointPool
 from sendarix.stores.redis.eventlog import RedisEventLog
+from sendarix.stores.redis.holds import RedisTenantHolds
 from sendarix.stores.redis.idempotency import RedisIdempotencyStore
 from sendarix.stores.redis.limits import SharedAuthLimiter, SharedRateLimiter
 from sendarix.stores.redis.outbox import RedisWebhookOutbox
@@ -51,6 +52,7 @@ class RedisBackend:
     idempotency: RedisIdempotencyStore
     templates: RedisTemplateStore
     stats: RedisStatsStore
+    holds: RedisTenantHolds
     outbox: RedisWebhookOutbox
     # ResponseError: Redis answered, but refused (a wrong password, a read-only replica).
     errors: tuple[type[BaseException], ...] = (
@@ -85,6 +87,7 @@ class RedisBackend:
             idempotency=RedisIdempotencyStore(redis, PREFIX),
             templates=RedisTemplateStore(redis, PREFIX),
             stats=RedisStatsStore(redis, PREFIX, retention=config.events.retention),
+            holds=RedisTenantHolds(redis, PREFIX),
             outbox=RedisWebhookOutbox(redis, PREFIX, reactor),
         )
 

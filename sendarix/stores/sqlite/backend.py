@@ -29,6 +29,7 @@ from sendarix.stores.sqlite.credentials import SQLiteCredentialStore
 from sendarix.stores.sqlite.database import SQLiteDatabase
 from sendarix.stores.sqlite.domains import SQLiteDomainStore
 from sendarix.stores.sqlite.eventlog import SQLiteEventLog
+from sendarix.stores.sqlite.holds import SQLiteTenantHolds
 from sendarix.stores.sqlite.idempotency import SQLiteIdempotencyStore
 from sendarix.stores.sqlite.outbox import SQLiteWebhookOutbox
 from sendarix.stores.sqlite.stats import SQLiteStatsStore
@@ -51,6 +52,7 @@ class SQLiteBackend:
     idempotency: SQLiteIdempotencyStore
     templates: SQLiteTemplateStore
     stats: SQLiteStatsStore
+    holds: SQLiteTenantHolds
     outbox: SQLiteWebhookOutbox
     errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
     shares_state: bool = False
@@ -75,6 +77,7 @@ class SQLiteBackend:
             idempotency=SQLiteIdempotencyStore(db),
             templates=SQLiteTemplateStore(db),
             stats=SQLiteStatsStore(db),
+            holds=SQLiteTenantHolds(db),
             outbox=SQLiteWebhookOutbox(db),
         )
 
