@@ -399,6 +399,9 @@ class TenantConfig:
     #: where limits are shared.
     quota: int | None = setting(integer_parser(1), None)
     suppress_hard_bounces: bool = setting(boolean_parser, True)
+    #: Send DSNs for final failures when the client did not say (NOTIFY) whether it
+    #: wants them; applications usually follow events and webhooks instead.
+    dsn: bool = setting(boolean_parser, False)
     #: The share of complaints over recent deliveries the tenant should stay under
     #: (0.3 %: what large mailbox providers publish as their limit).
     max_complaint_rate: float = setting(share_parser, 0.003)

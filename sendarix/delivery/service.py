@@ -212,6 +212,8 @@ class DeliveryService(Service):
         self.poll_interval = poll_interval
         self.window = window
         self.rules = rules if rules is not None else BounceRules.default()
+        #: Tells senders of final failures (DSNs); set by the node once intake exists.
+        self.notifier: Any = None
         #: tenant -> why its mail is held (kept current by the complaint guard).
         self.held_tenants: dict[str, str] = {}
         self.schedule = RetrySchedule.from_config(config.delivery)
@@ -1179,6 +1181,15 @@ class DeliveryService(Service):
             delivery, attempts, suppressed, self.reactor.seconds(), self.outcome_rules,
             self.rng,
         )
+        notices: list[Event] = []
+        original: bytes | None = None
+        if self.notifier is not None:
+            events = [e for e in plan.effects if isinstance(e, Event)]
+            notices = self.notifier.failures(delivery, events)
+            if notices:
+                # Read before completing: a message whose last recipient fails leaves
+                # the spool with its body.
+                original = await self.spool.body(delivery.queue_id)
         await self.spool.complete(
             delivery.queue_id, delivery.domain, self.config.node.name, list(plan.outcomes),
             self.reactor.seconds(),
@@ -1186,6 +1197,12 @@ class DeliveryService(Service):
         self.scheduler.settled(delivery)
         self._failures.pop((delivery.queue_id, delivery.domain), None)
         await self._carry_out(plan.effects)
+        if notices and original is not None:
+            try:
+                await self.notifier.notify(delivery, notices, bytes(original))
+            except Exception:
+                self._failed(Failure(), "the DSN for {queue_id} was not queued",
+                             queue_id=delivery.queue_id)
 
     async def _carry_out(self, effects: Sequence[Event | Suppress]) -> None:
         for effect in effects:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -72,6 +73,19 @@ COMMAND, DATA, BDAT, AUTH, CLOSED = "COMMAND", "DATA", "BDAT", "AUTH", "CLOSED"
 _MAX_BUFFERED_LINE = 16384
 # While a reply is pending, stop reading from the socket past this much input.
 _PAUSE_ABOVE = 256 * 1024
+
+# RFC 3461 xtext: printable ASCII without "+" and "=", and "+XX" hex escapes.
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
+_ORCPT = re.compile(r"[A-Za-z0-9-]+;(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
+_NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+
+
+def _valid_notify(value: str | None) -> bool:
+    """NOTIFY=NEVER, or a comma list of SUCCESS, FAILURE and DELAY (RFC 3461 4.1)."""
+    if not value:
+        return False
+    words = value.split(",")
+    return words == ["NEVER"] or (len(set(words)) == len(words) and set(words) <= _NOTIFY_WORDS)
 _MAX_ERRORS = 20
 _TOO_BIG = "Message size exceeds fixed maximum message size"
 # Session state after a refused XOAUTH2 token: the error challenge awaits its answer.
@@ -160,6 +174,10 @@ class SubmissionServer(smtp.ESMTP):
         self._reset_transaction()
 
     def _reset_transaction(self) -> None:
+        self._ret: str | None = None
+        self._envid: str | None = None
+        self._notify: dict[str, str] = {}
+        self._orcpt: dict[str, str] = {}
         self._sender: str | None = None
         self._recipients: list[str] = []
         self._body_type: str | None = None
@@ -414,6 +432,7 @@ class SubmissionServer(smtp.ESMTP):
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
             "CHUNKING",
+            "DSN",
         ]
         if self.canStartTLS and not self.tls_active:
             ext.append("STARTTLS")
@@ -620,8 +639,16 @@ class SubmissionServer(smtp.ESMTP):
                 if value is not None:
                     self._error(501, "5.5.4", "SMTPUTF8 takes no value")
                     return
-            elif key in ("AUTH", "ENVID", "RET"):
-                pass  # accepted and ignored: we do not offer DSN, AUTH= is advisory
+            elif key == "RET":
+                if (value or "").upper() not in ("FULL", "HDRS"):
+                    self._error(501, "5.5.4", "RET must be FULL or HDRS")
+                    return
+            elif key == "ENVID":
+                if not value or len(value) > 100 or not _XTEXT.fullmatch(value):
+                    self._error(501, "5.5.4", "ENVID must be xtext of at most 100 characters")
+                    return
+            elif key == "AUTH":
+                pass  # advisory (RFC 4954): who the message is on behalf of
             else:
                 self._error(555, "5.5.4", f"Unsupported parameter {key}")
                 return
@@ -733,6 +760,8 @@ class SubmissionServer(smtp.ESMTP):
         self._sender = sender
         self._body_type = (params.get("BODY") or "").upper() or None
         self._smtputf8 = smtputf8
+        self._ret = (params.get("RET") or "").upper() or None
+        self._envid = params.get("ENVID")
         self._queue_id = self.settings.intake.new_queue_id()
         self.reply(250, "2.1.0", "Sender OK")
 
@@ -754,6 +783,18 @@ class SubmissionServer(smtp.ESMTP):
             if key not in ("NOTIFY", "ORCPT"):
                 self._error(555, "5.5.4", f"Unsupported parameter {key}")
                 return
+        notify = (params.get("NOTIFY") or "").upper() or None
+        if "NOTIFY" in params and not _valid_notify(notify):
+            self._error(501, "5.5.4", "NOTIFY must be NEVER or SUCCESS, FAILURE, DELAY")
+            return
+        orcpt = params.get("ORCPT")
+        if "ORCPT" in params and not (orcpt and _ORCPT.fullmatch(orcpt)):
+            self._error(501, "5.5.4", "ORCPT must be addr-type;xtext")
+            return
+        if notify:
+            self._notify[path.address] = notify
+        if orcpt:
+            self._orcpt[path.address] = orcpt
         if self.settings.is_feedback(path.address):
             # Reports come from anyone (mailbox providers): no relay, rate or
             # suppression check applies; the message is read, never relayed.
@@ -912,6 +953,10 @@ class SubmissionServer(smtp.ESMTP):
                 recipients=tuple(self._recipients),
                 body=self._body_type,
                 smtputf8=self._smtputf8,
+                ret=self._ret,
+                envid=self._envid,
+                notify=tuple((a, n) for a, n in self._notify.items() if a in self._recipients),
+                orcpt=tuple((a, o) for a, o in self._orcpt.items() if a in self._recipients),
             ),
             body=result.body,
             tenant=self._tenant(),

@@ -75,20 +75,44 @@ class Envelope:
     recipients: tuple[str, ...]
     body: str | None = None
     smtputf8: bool = False
+    #: Delivery status notification requests (RFC 3461): ``RET`` (``FULL``/``HDRS``),
+    #: ``ENVID``, and per recipient ``NOTIFY`` and ``ORCPT`` as (address, value) pairs.
+    ret: str | None = None
+    envid: str | None = None
+    notify: tuple[tuple[str, str], ...] = ()
+    orcpt: tuple[tuple[str, str], ...] = ()
+
+    def notify_of(self, recipient: str) -> str | None:
+        """The ``NOTIFY`` the client gave for ``recipient`` (None: it gave none)."""
+        return dict(self.notify).get(recipient)
+
+    def orcpt_of(self, recipient: str) -> str | None:
+        return dict(self.orcpt).get(recipient)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "sender": self.sender,
             "recipients": list(self.recipients),
             "body": self.body,
             "smtputf8": self.smtputf8,
         }
+        # Only when asked for: stored envelopes stay as they were for most mail.
+        if self.ret or self.envid or self.notify or self.orcpt:
+            d["dsn"] = {"ret": self.ret, "envid": self.envid,
+                        "notify": [list(p) for p in self.notify],
+                        "orcpt": [list(p) for p in self.orcpt]}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Envelope:
+        dsn = d.get("dsn") or {}
         return cls(
             sender=d["sender"],
             recipients=tuple(d["recipients"]),
+            ret=dsn.get("ret"),
+            envid=dsn.get("envid"),
+            notify=tuple((str(a), str(v)) for a, v in dsn.get("notify") or ()),
+            orcpt=tuple((str(a), str(v)) for a, v in dsn.get("orcpt") or ()),
             body=d.get("body"),
             smtputf8=bool(d.get("smtputf8", False)),
         )

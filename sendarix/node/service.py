@@ -35,6 +35,7 @@ from sendarix.config.loader import default_config
 from sendarix.config.secret import NodeSecret, SecretError, node_secret_from_env
 from sendarix.config.settings import Config, ListenerConfig
 from sendarix.control.api.operations import HealthResource, MetricsResource, ReadyResource
+from sendarix.delivery.notify import DSNNotifier
 from sendarix.delivery.service import DeliveryService
 from sendarix.events.guard import ComplaintGuard
 from sendarix.events.metrics import Metrics, MetricsSink, QueueSampler, label_sets
@@ -492,6 +493,10 @@ def makeService(
         keyring=keyring, require_verified_domains=require_verified, on_queued=delivery.wake,
         on_received=metrics.message_received, reference_key=reference_key,
         feedback=feedback, is_feedback=config.feedback.is_feedback,
+    )
+    delivery.notifier = DSNNotifier(
+        intake=intake, hostname=config.node.hostname, clock=reactor,
+        tenant_default=lambda tenant: config.tenant(tenant).dsn,
     )
     tls_options = None
     if any(lc.tls != "none" for lc in config.listeners):
