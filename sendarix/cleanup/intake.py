@@ -119,7 +119,7 @@ class Intake:
             reports = [r for r in sub.envelope.recipients if self.is_feedback(r)]
             if reports:
                 # A report is read, never relayed; other recipients go on as usual.
-                await self._read_report(sub)
+                await self._read_report(sub, reports)
                 rest = tuple(r for r in sub.envelope.recipients if r not in reports)
                 if not rest:
                     return Accepted(sub.queue_id, "")
@@ -230,9 +230,9 @@ class Intake:
             log.failure("cannot load the DKIM keys of {domain}", domain=domain)
             raise
 
-    async def _read_report(self, sub: Submission) -> None:
+    async def _read_report(self, sub: Submission, recipients: list[str]) -> None:
         try:
-            outcome = await self.feedback.handle(sub.body)
+            outcome = await self.feedback.handle(sub.body, recipients)
         except Exception:
             # The sender gets its 250 anyway: a report we cannot use is not an error
             # it could fix, and a retry would not help.

@@ -67,3 +67,24 @@ def read_reference(key: bytes, text: str) -> Reference | None:
 def header_line(key: bytes, queue_id: str, tenant: str) -> bytes:
     """The header field to prepend to the message (CR LF ended)."""
     return f"{HEADER}: {make_reference(key, queue_id, tenant)}\r\n".encode("ascii")
+
+
+# -- VERP return paths ----------------------------------------------------------------
+
+
+def verp_address(key: bytes, queue_id: str, domain: str) -> str:
+    """The envelope sender for message ``queue_id`` at a tenant's return-path
+    ``domain``: ``b-<queue id>-<MAC>@domain``, so a bounce sent to it names the message
+    (and nobody can make one that names another)."""
+    mac = hmac.new(key, b"verp\x00" + queue_id.encode(), hashlib.sha256).hexdigest()[:20]
+    return f"b-{queue_id}-{mac}@{domain}"
+
+
+def read_verp(key: bytes, address: str) -> str | None:
+    """The queue id a VERP address made with ``key`` names, or None."""
+    local = address.rpartition("@")[0]
+    if not local.lower().startswith("b-") or "-" not in local[2:]:
+        return None
+    queue_id, _, mac = local[2:].rpartition("-")
+    expected = hmac.new(key, b"verp\x00" + queue_id.encode(), hashlib.sha256).hexdigest()[:20]
+    return queue_id if queue_id and hmac.compare_digest(mac.lower(), expected) else None

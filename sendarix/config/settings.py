@@ -402,6 +402,9 @@ class TenantConfig:
     #: Send DSNs for final failures when the client did not say (NOTIFY) whether it
     #: wants them; applications usually follow events and webhooks instead.
     dsn: bool = setting(boolean_parser, False)
+    #: A domain (its MX at Sendarix) for VERP envelope senders, so that bounces
+    #: coming back later reach the node rather than the sender's mailbox.
+    return_path_domain: str | None = setting(domain_parser, None)
     #: The share of complaints over recent deliveries the tenant should stay under
     #: (0.3 %: what large mailbox providers publish as their limit).
     max_complaint_rate: float = setting(share_parser, 0.003)
@@ -465,6 +468,14 @@ class FeedbackConfig:
         return bool(self.domains) and address.rpartition("@")[2].lower().rstrip(".") in (
             self.domains
         )
+
+
+def report_domains(config: Config) -> frozenset[str]:
+    """Every domain whose mail is a report: ``[feedback] domains`` and the tenants'
+    ``return_path_domain``."""
+    return frozenset(config.feedback.domains) | frozenset(
+        t.return_path_domain for t in config.tenants.values() if t.return_path_domain
+    )
 
 
 @frozen

@@ -212,6 +212,9 @@ class DeliveryService(Service):
         self.poll_interval = poll_interval
         self.window = window
         self.rules = rules if rules is not None else BounceRules.default()
+        #: The envelope sender a delivery goes out with (a tenant's VERP return path,
+        #: or the sender as given).
+        self.return_path: Callable[[LeasedDelivery], str] = lambda d: d.envelope.sender
         #: Tells senders of final failures (DSNs); set by the node once intake exists.
         self.notifier: Any = None
         #: tenant -> why its mail is held (kept current by the complaint guard).
@@ -965,7 +968,7 @@ class DeliveryService(Service):
             messages.append(
                 egress.OutboundMessage(
                     queue_id=delivery.queue_id,
-                    sender=envelope.sender,
+                    sender=self.return_path(delivery),
                     recipients=tuple(r.address for r in delivery.recipients),
                     body=body,
                     smtputf8=envelope.smtputf8,

@@ -16,14 +16,14 @@ else is dropped with a log line (and counted, through ``on_result``).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from attrs import define
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
-from sendarix.cleanup.reference import read_reference
+from sendarix.cleanup.reference import read_reference, read_verp
 from sendarix.ingress.reports import Report, ReportedRecipient, parse_report
 from sendarix.interfaces import IEventLog, IEventSink, ISuppressionStore
 from sendarix.model.event import Event, EventQuery
@@ -72,9 +72,9 @@ class FeedbackHandler:
     #: Told what came of each report (``dropped: ...`` or what was recorded; metrics).
     on_result: Callable[[str], None] | None = None
 
-    def handle(self, body: bytes) -> Deferred[str]:
-        """Read one report; fires with what came of it (for logs and tests)."""
-        d = Deferred.fromCoroutine(self._handle(body))
+    def handle(self, body: bytes, recipients: Sequence[str] = ()) -> Deferred[str]:
+        """Read one report sent to ``recipients``; fires with what came of it."""
+        d = Deferred.fromCoroutine(self._handle(body, tuple(recipients)))
         if self.on_result is not None:
             d.addCallback(self._tell)
         return d
@@ -84,7 +84,7 @@ class FeedbackHandler:
         self.on_result(result)
         return result
 
-    async def _handle(self, body: bytes) -> str:
+    async def _handle(self, body: bytes, recipients: tuple[str, ...]) -> str:
         try:
             report = parse_report(body)
         except Exception:  # noqa: BLE001 - a report that breaks the parser is dropped
@@ -92,7 +92,7 @@ class FeedbackHandler:
             report = None
         if report is None:
             return self._dropped("not an ARF or DSN report")
-        original = await self._original(report)
+        original = await self._original(report, recipients)
         if original is None:
             return self._dropped("no message of ours matches the report")
         done = []
@@ -112,7 +112,7 @@ class FeedbackHandler:
         log.info("feedback report dropped: {why}", why=why)
         return f"dropped: {why}"
 
-    async def _original(self, report: Report) -> Original | None:
+    async def _original(self, report: Report, recipients: tuple[str, ...]) -> Original | None:
         if report.reference and self.key is not None:
             ref = read_reference(self.key, report.reference)
             if ref is not None:
@@ -128,6 +128,17 @@ class FeedbackHandler:
                                                        type="accepted", limit=1))
             if accepted is not None and accepted.queue_id and accepted.tenant:
                 return Original(accepted.queue_id, accepted.tenant, accepted.message_id,
+                                accepted.sender)
+        # A bounce to a VERP return path names its message in the address itself.
+        for address in recipients if self.key is not None else ():
+            assert self.key is not None
+            queue_id = read_verp(self.key, address)
+            if queue_id is None:
+                continue
+            accepted = await self._accepted(EventQuery(queue_id=queue_id, type="accepted",
+                                                       limit=1))
+            if accepted is not None and accepted.tenant:
+                return Original(queue_id, accepted.tenant, accepted.message_id,
                                 accepted.sender)
         return None
 

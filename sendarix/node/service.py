@@ -30,10 +30,11 @@ from twisted.python.failure import Failure
 from sendarix.cleanup.intake import Intake
 from sendarix.cleanup.keyring import DomainKeyring, check_keys_open
 from sendarix.cleanup.reference import KEY_PURPOSE as REFERENCE_KEY_PURPOSE
+from sendarix.cleanup.reference import verp_address
 from sendarix.config.errors import ConfigError
 from sendarix.config.loader import default_config
 from sendarix.config.secret import NodeSecret, SecretError, node_secret_from_env
-from sendarix.config.settings import Config, ListenerConfig
+from sendarix.config.settings import Config, ListenerConfig, report_domains
 from sendarix.control.api.operations import HealthResource, MetricsResource, ReadyResource
 from sendarix.delivery.notify import DSNNotifier
 from sendarix.delivery.service import DeliveryService
@@ -49,6 +50,8 @@ from sendarix.ingress.server import ListenerSettings, SubmissionFactory
 from sendarix.ingress.tls import ReloadableServerTLS, ensure_certificate
 from sendarix.ingress.xoauth2 import HMACTokenChecker
 from sendarix.interfaces import IAuthLimiter, IEgressSelector, IFailoverStrategy, IRouter, IThrottle
+from sendarix.model.address import domain_of
+from sendarix.model.message import LeasedDelivery
 from sendarix.node.http import HTTPService, make_api_site
 from sendarix.node.workers import listen_shared
 from sendarix.routing.mx import DNSResolver, MXRouter
@@ -231,6 +234,16 @@ class StoresService(Service):
             except Exception:
                 log.failure("error while stopping before the stores close")
         await self.stores.close()
+
+
+def _return_path(config: Config, key: bytes, delivery: LeasedDelivery) -> str:
+    """The envelope sender ``delivery`` goes out with: a VERP address at its tenant's
+    ``return_path_domain`` (never for the null sender), else the sender as given."""
+    sender = delivery.envelope.sender
+    domain = config.tenant(delivery.meta.tenant).return_path_domain
+    if not sender or domain is None:
+        return sender
+    return verp_address(key, delivery.queue_id, domain)
 
 
 def _first_failure(failure: Failure) -> Failure:
@@ -479,7 +492,14 @@ def makeService(
     # node secret's key: without a secret, reports are matched by Message-ID only).
     reference_key = secret.derive(REFERENCE_KEY_PURPOSE) if secret is not None else None
     feedback = None
-    if config.feedback.domains:
+    reports_to = report_domains(config)
+
+    def is_report(address: str) -> bool:
+        return bool(reports_to) and domain_of(address).rstrip(".") in reports_to
+
+    if reference_key is not None:
+        delivery.return_path = lambda d: _return_path(config, reference_key, d)
+    if reports_to:
         feedback = FeedbackHandler(
             events=events, eventlog=stores.eventlog, suppressions=stores.suppressions,
             clock=reactor, node=config.node.name, key=reference_key,
@@ -492,7 +512,7 @@ def makeService(
         node=config.node.name, hostname=config.node.hostname,
         keyring=keyring, require_verified_domains=require_verified, on_queued=delivery.wake,
         on_received=metrics.message_received, reference_key=reference_key,
-        feedback=feedback, is_feedback=config.feedback.is_feedback,
+        feedback=feedback, is_feedback=is_report,
     )
     delivery.notifier = DSNNotifier(
         intake=intake, hostname=config.node.hostname, clock=reactor,
@@ -527,7 +547,7 @@ def makeService(
             rate_limiter=rate_limiter, tls_options=tls_options if lc.tls != "none" else None,
             tenant_rates=tenant_rates,
             keyring=keyring, require_verified_domains=require_verified,
-            is_feedback=config.feedback.is_feedback,
+            is_feedback=is_report,
             tenant_quotas={name: t.quota for name, t in config.tenants.items() if t.quota},
         )
         service = ListenerService(

@@ -24,8 +24,12 @@ RELAY = {"name": "relay", "endpoint": "tcp:0:interface=127.0.0.1", "tls": "none"
          "auth": "none", "trusted_networks": ["127.0.0.1/32"], "tenant": "acme"}
 
 
-class FeedbackLoopTests(TestCase):
+class _Harness(TestCase):
+    """A node with a sink, sending from the trusted address and reporting from an
+    untrusted one."""
+
     timeout = 60
+    port = 0
 
     async def setUp(self) -> None:  # type: ignore[override]
         self.patch(os, "environ", dict(os.environ, SENDARIX_SECRET_KEY=SECRET))
@@ -67,6 +71,9 @@ class FeedbackLoopTests(TestCase):
         finally:
             c.close()
 
+
+
+class FeedbackLoopTests(_Harness):
     async def test_complaint(self) -> None:
         original = await self.delivered("user@sink.test")
         self.assertIn(b"X-Sendarix-Ref: ", original)
@@ -113,3 +120,36 @@ class FeedbackLoopTests(TestCase):
             self.assertIsNone(await self.relay.stores.suppressions.is_suppressed("acme", address))
         counter: Any = self.relay.service.metrics.feedback_reports
         self.assertEqual(counter.labels("dropped")._value.get(), 3)
+
+
+class ReturnPathTests(_Harness):
+    """A tenant with a return-path domain: its mail leaves with a VERP envelope
+    sender there, and a bounce to that address finds its message by the address
+    alone."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.patch(os, "environ", dict(os.environ, SENDARIX_SECRET_KEY=SECRET))
+        self.sink = await start_sink(self, "127.0.0.3")
+        self.relay = await start_relay(
+            self, [RELAY],
+            pool={"sink": {"endpoints": [f"127.0.0.3:{self.sink.addresses[0][1]}"]}},
+            route=[{"via": "pool:sink"}],
+            tenant={"acme": {"return_path_domain": "bounces.relay.test"}},
+        )
+        self.port = self.relay.ports["relay"]
+
+    async def test_verp_bounce(self) -> None:
+        original = await self.delivered("late@sink.test")
+        (received,) = [m for m in self.sink.messages if "late@sink.test" in m.recipients]
+        self.assertRegex(received.sender, r"^b-.+-[0-9a-f]{20}@bounces\.relay\.test$")
+        # A provider that returns nothing of the original: only the address tells.
+        bare = b"From: x@y\r\n\r\n"
+        replies = await in_thread(self.report, received.sender, dsn(bare, "late@sink.test"))
+        self.assertTrue(replies[-1].startswith(b"250"), replies)
+        await wait_event(self.relay, "late@sink.test", "bounced")
+        # A made-up VERP address names nothing.
+        forged = re.sub(r"-[0-9a-f]{20}@", "-" + "0" * 20 + "@", received.sender)
+        await in_thread(self.report, forged, dsn(bare, "late@sink.test"))
+        page = await self.relay.stores.eventlog.search(EventQuery(type="bounced"))
+        self.assertEqual(len(page.events), 1)
+        self.assertIn(b"X-Sendarix-Ref", original)

@@ -22,14 +22,17 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from sendarix.stores.errors import StoreUnavailable
+
 T = TypeVar("T")
 log = Logger()
 
 _STOP = object()
 
 
-class DatabaseClosed(Exception):  # noqa: N818
-    """The database was closed before the job ran."""
+class DatabaseClosed(StoreUnavailable):
+    """The database was closed before the job ran (the node is stopping): the store
+    is unavailable, as a server would be."""
 
 
 class SQLiteDatabase:
