@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from sendarix.cleanup.filters import filter_chains
 from sendarix.cleanup.intake import Intake
 from sendarix.cleanup.keyring import DomainKeyring, check_keys_open
 from sendarix.config.errors import ConfigError
@@ -440,6 +441,7 @@ def makeService(
         node=config.node.name, hostname=config.node.hostname,
         keyring=keyring, require_verified_domains=require_verified, on_queued=delivery.wake,
         on_received=metrics.message_received,
+        chains=filter_chains(config, reactor), on_filtered=metrics.filter_decision,
     )
     tls_options = None
     if any(lc.tls != "none" for lc in config.listeners):
