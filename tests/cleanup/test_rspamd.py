@@ -9,9 +9,11 @@ import json
 import smtplib
 from typing import Any
 
+import treq
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface.verify import verifyObject
@@ -181,6 +183,27 @@ class RealRspamdTests(unittest.TestCase):
         self.assertEqual(error.smtp_code, 451)
         self.assertEqual(counter.labels("rspamd", "error")._value.get(), 1)
 
+    async def test_api_mail_is_filtered_by_default_chain(self) -> None:
+        relay = await start_relay(self, [], filtering={"filters": ["rspamd"]},
+                                  rspamd={"url": f"http://127.0.0.1:{self.port}"})
+        key = await relay.add_credential("app", tenant="acme", scopes=["send"])
+        code, answer = await _post(relay, key, GTUBE.decode())
+        self.assertEqual((code, answer["error"]["code"]), (422, "content_rejected"), answer)
+        code, answer = await _post(relay, key, "hello there")
+        self.assertEqual(code, 202, answer)
+
+
+async def _post(relay: Any, key: str, text: str) -> tuple[int, dict[str, Any]]:
+    """POST a message over the HTTP API; its status and JSON answer."""
+    response = await treq.post(
+        f"http://127.0.0.1:{relay.api_port}/v1/messages",
+        json={"from": "app@acme.example", "to": ["a@example.org"], "subject": "s",
+              "text": text},
+        headers={"Authorization": f"Bearer {key}"},
+        pool=HTTPConnectionPool(reactor, persistent=False),
+    )
+    return response.code, json.loads(await response.text())
+
 
 def _send(port: int, message: bytes) -> str:
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
@@ -242,6 +265,17 @@ class StandInTests(unittest.TestCase):
         counter = self.relay.service.metrics.filter_decisions
         self.assertEqual(counter.labels("pass", "accept")._value.get(), 1)
         self.assertEqual(counter.labels("rspamd", "rewrite subject")._value.get(), 1)
+
+    async def test_api_mail_goes_as_authenticated_and_is_not_greylisted(self) -> None:
+        self.canned.answer = {"action": "greylist"}
+        key = await self.relay.add_credential("app", tenant="acme", scopes=["send"])
+        code, answer = await _post(self.relay, key, "hello there")
+        self.assertEqual(code, 202, answer)
+        [sent] = self.canned.requests
+        self.assertEqual(sent["headers"]["User"], ["app"])
+        # Unauthenticated mail is greylisted: 451 4.7.1.
+        error = await in_thread(_send_expecting_refusal, self.relay.ports["smtp"], CLEAN)
+        self.assertEqual((error.smtp_code, error.smtp_error[:5]), (451, b"4.7.1"))
 
     async def test_soft_reject_is_451_and_an_event(self) -> None:
         self.canned.answer = {"action": "soft reject",
