@@ -18,13 +18,12 @@ if TYPE_CHECKING:
     from sendarix.model.credential import Credential
     from sendarix.model.domain import DKIMKey, SendingDomain
     from sendarix.model.event import Event, EventPage, EventQuery
+    from sendarix.model.filtering import FilterContext, FilterVerdict
     from sendarix.model.message import (
-        Envelope,
         LeasedDelivery,
         NewMessage,
         QueueStats,
         RecipientOutcome,
-        Reply,
         StoredMessage,
     )
 
@@ -217,8 +216,11 @@ class IContentFilter(Interface):
 
     name = Attribute("A short name for logs.")
 
-    def check(envelope: Envelope, body: bytes) -> Deferred[Reply | None]:  # noqa: N805
-        """Deferred None to accept, or a :obj:`sendarix.model.message.Reply` to refuse."""
+    def check(context: FilterContext, body: bytes) -> Deferred[FilterVerdict]:  # noqa: N805
+        """A Deferred :obj:`sendarix.model.filtering.FilterVerdict` on the message
+        ``body`` (after cleanup) sent with the envelope and session facts ``context``:
+        accept, accept with headers added or a new Subject, or refuse with a reply.
+        It never fails: a filter that cannot answer decides by its own error policy."""
 
 
 class ISubmitter(Interface):

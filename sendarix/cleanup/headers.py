@@ -2,7 +2,8 @@
 
 It reads and removes our internal ``X-Sendarix-*`` header fields, adds
 ``Message-ID:`` and ``Date:`` when the message has none, and puts a ``Received:``
-trace field on top.  Only the header block is parsed (as bytes, with unfolding);
+trace field on top; :func:`amend` adds a content filter's fields and new Subject
+afterwards.  Only the header block is parsed (as bytes, with unfolding);
 the body after it is copied exactly once, into the result, and never changed.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from email.header import Header
 from email.utils import format_datetime, getaddresses
 
 from attrs import frozen
@@ -232,3 +235,43 @@ def cleanup(body: bytes, info: CleanupInfo) -> CleanedMessage:
         stream=stream,
         tenant_hint=tenant,
     )
+
+
+def amend(message: bytes, add: Sequence[tuple[str, str]], subject: str | None) -> bytes:
+    """``message`` with the fields ``add`` inserted after its first field (the Received
+    field cleanup put first) and, when ``subject`` is given, its Subject replaced by
+    it (RFC 2047-encoded when it is not ASCII).  Values are single lines already."""
+    if not add and subject is None:
+        return message
+    fields, body_start = _split_header(message)
+    out: list[bytes | memoryview] = []
+    new = [_fold(name, [_clean_value(value)]) for name, value in add]
+    if not fields:
+        out.extend(new)
+    replaced = False
+    for i, f in enumerate(fields):
+        raw = f.raw if f.raw.endswith(b"\n") else f.raw + CRLF
+        if f.name == b"subject" and subject is not None:
+            if replaced:
+                continue
+            raw, replaced = _subject(subject), True
+        out.append(raw)
+        if i == 0:
+            out.extend(new)
+    if subject is not None and not replaced:
+        out.append(_subject(subject))
+    out.append(CRLF)
+    out.append(memoryview(message)[body_start:])
+    return b"".join(out)
+
+
+def _clean_value(text: str) -> str:
+    return _CONTROL.sub(" ", text).strip()
+
+
+def _subject(text: str) -> bytes:
+    text = _clean_value(text)
+    if text.isascii():
+        return _fold("Subject", [text])
+    encoded = Header(text, "utf-8", header_name="Subject").encode(linesep="\r\n")
+    return f"Subject: {encoded}\r\n".encode("ascii")

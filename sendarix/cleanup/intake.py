@@ -17,7 +17,8 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from sendarix.cleanup.dkim import SigningKey, sign_message
-from sendarix.cleanup.headers import CleanupInfo, cleanup
+from sendarix.cleanup.filters import FilterChains
+from sendarix.cleanup.headers import CleanupInfo, amend, cleanup
 from sendarix.cleanup.keyring import DomainKeyring
 from sendarix.cleanup.reference import header_line
 from sendarix.ingress.queueid import QueueIdGenerator
@@ -25,6 +26,7 @@ from sendarix.interfaces import IContentFilter, IEventSink, ISpool
 from sendarix.model.address import domain_of
 from sendarix.model.credential import Credential
 from sendarix.model.event import Event
+from sendarix.model.filtering import FilterContext
 from sendarix.model.message import Envelope, MessageMeta, NewMessage, Reply, TLSInfo
 
 log = Logger()
@@ -73,7 +75,12 @@ class Intake:
     clock: IReactorTime
     node: str
     hostname: str
+    #: The content filters of every message, unless ``chains`` chooses them.
     filters: Sequence[IContentFilter] = ()
+    #: Each message's filters by its tenant and listener (docs/filtering.md).
+    chains: FilterChains | None = None
+    #: Called with a filter's name and its action for each decision (a metric).
+    on_filtered: Callable[[str, str], None] | None = None
     expose_auth: bool = False
     _ids: QueueIdGenerator | None = None
     #: Sending domains: DKIM keys for verified header From domains (None: no signing).
@@ -151,11 +158,7 @@ class Intake:
                     Reply(550, "5.7.1", "Header From address not allowed for this credential")
                 )
         keys = await self._signing_keys(cleaned.header_from, sub.tenant)
-        for content_filter in self.filters:
-            verdict = await content_filter.check(sub.envelope, cleaned.body)
-            if verdict is not None:
-                raise Refused(verdict)
-        body = cleaned.body
+        body = await self._filter(sub, cleaned.body)
         end = body.find(b"\r\n\r\n")
         if self.reference_key is not None and end >= 0:
             # At the end of the header, before signing: reports quote it back to us.
@@ -206,6 +209,29 @@ class Intake:
             tls=sub.tls,
         )
         return Accepted(sub.queue_id, cleaned.message_id)
+
+    async def _filter(self, sub: Submission, body: bytes) -> bytes:
+        """Run the message's filter chain over ``body``; the body with the headers
+        (and Subject) the filters asked for, or Refused by the first that refuses."""
+        chain = self.chains.chain(sub.tenant, sub.listener) if self.chains else self.filters
+        if not chain:
+            return body
+        context = FilterContext(
+            queue_id=sub.queue_id, envelope=sub.envelope, tenant=sub.tenant,
+            client_ip=sub.client_ip, helo=sub.helo, listener=sub.listener,
+            user=sub.credential.name if sub.credential else None,
+        )
+        for content_filter in chain:
+            verdict = await content_filter.check(context, body)
+            if self.on_filtered is not None:
+                try:
+                    self.on_filtered(content_filter.name, verdict.action)
+                except Exception:
+                    log.failure("counting a filter decision failed")
+            if verdict.reply is not None:
+                raise Refused(verdict.reply)
+            body = amend(body, verdict.headers, verdict.subject)
+        return body
 
     async def _signing_keys(self, header_from: str | None, tenant: str) -> tuple[SigningKey, ...]:
         """The DKIM keys for the header From domain: its verified keys, when it belongs

@@ -244,6 +244,14 @@ def describe(config: Config) -> str:
     private = ", private destinations allowed" if config.webhook_options.allow_private else ""
     lines.append(f"webhooks: {hooks}{private}")
     lines.append(f"simulator: {config.simulator.domain}")
+    chains = [f"default [{', '.join(config.filtering.filters)}]"]
+    chains += [f"listener {x.name} [{', '.join(x.filters)}]"
+               for x in config.listeners if x.filters is not None]
+    chains += [f"tenant {name} [{', '.join(t.filters)}]"
+               for name, t in config.tenants.items() if t.filters is not None]
+    lines.append("filters: " + ", ".join(chains))
+    rs = config.rspamd
+    lines.append(f"rspamd: {rs.url} (timeout {d(rs.timeout)}, on error {rs.on_error})")
     json_log = "on" if config.events.json_log else "off"
     lines.append(f"events: kept {d(config.events.retention)}, JSON log {json_log}")
     return "\n".join(lines)

@@ -79,6 +79,20 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: Egress TLS policies; "required" is accepted as another word for "encrypt".
 EGRESS_TLS = ("may", "encrypt", "verify")
 
+#: The content filters a ``filters`` list may name (docs/filtering.md).
+FILTERS = ("pass", "rspamd")
+
+_FILTER_NAMES = list_parser(choice_parser(*FILTERS), single=True)
+
+
+def _filters(value: Any, key: str, ctx: Context) -> tuple[str, ...]:
+    names: tuple[str, ...] = _FILTER_NAMES(value, key, ctx)
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"{key}[{i}]", f"{name!r} is listed twice")
+    return names
+
+
 DEFAULT_SUBMISSION: dict[str, Any] = {
     "name": "submission",
     "endpoint": "tcp:2525:interface=127.0.0.1",
@@ -150,6 +164,8 @@ class ListenerConfig:
     tenant: str = setting(name_parser, "default")
     #: New connections per client address (e.g. "120/min"); None: no rate limit.
     connection_rate_per_ip: str | None = setting(rate_parser, None)
+    #: The content filters of mail taken in here, in order; None: ``[filtering]``'s.
+    filters: tuple[str, ...] | None = setting(_filters, None)
 
     @property
     def connection_rate(self) -> tuple[float, float] | None:
@@ -408,11 +424,30 @@ class TenantConfig:
     #: The share of complaints over recent deliveries the tenant should stay under
     #: (0.3 %: what large mailbox providers publish as their limit).
     max_complaint_rate: float = setting(share_parser, 0.003)
+    #: The content filters of this tenant's mail, in order; None: the listener's.
+    filters: tuple[str, ...] | None = setting(_filters, None)
 
     @property
     def rate_limit(self) -> tuple[float, float] | None:
         """``(count, period_seconds)`` from ``rate``, or None."""
         return parse_rate(self.rate, f"tenant.{self.name}.rate") if self.rate else None
+
+
+@frozen
+class FilteringConfig:
+    """The content filters of mail whose tenant and listener name none."""
+
+    filters: tuple[str, ...] = setting(_filters, ())
+
+
+@frozen
+class RspamdConfig:
+    """The rspamd filter: where rspamd's normal worker listens, how long a check may
+    take, and what happens to a message when rspamd does not answer in time."""
+
+    url: str = setting(http_url_parser, "http://127.0.0.1:11333")
+    timeout: float = setting(duration_parser(), 10.0)
+    on_error: str = setting(choice_parser("accept", "defer"), "accept")
 
 
 @frozen
@@ -542,6 +577,8 @@ class Config:
     feedback: FeedbackConfig = _section(FeedbackConfig)
     simulator: SimulatorConfig = _section(SimulatorConfig)
     events: EventsConfig = _section(EventsConfig)
+    filtering: FilteringConfig = _section(FilteringConfig)
+    rspamd: RspamdConfig = _section(RspamdConfig)
 
     @property
     def var_dir(self) -> str:

@@ -18,7 +18,8 @@ limit:
 * ``listener`` is a configured listener's name or ``api``, else ``other``;
 * ``source``, ``pool`` and ``endpoint`` come from the configuration only;
 * every other label (``outcome``, ``category``, ``status``, ``result``, ``route``,
-  ``code``) has a fixed set of values or comes from a fixed set in the code calling.
+  ``code``, ``filter``, ``action``) has a fixed set of values or comes from a fixed
+  set in the code calling.
 
 Everything here runs on the reactor thread; so does the rendering (see
 :mod:`sendarix.control.api.operations`), so a scrape sees consistent figures.
@@ -58,6 +59,12 @@ OUTCOMES = ("delivered", "deferred", "bounced", "expired", "suppressed", "reject
 #: Results of one webhook POST: the endpoint took it, it failed and will be retried,
 #: or it failed for the last time and went to the dead-letter list.
 WEBHOOK_RESULTS = ("delivered", "failed", "dead_lettered")
+
+#: A content filter's actions (rspamd's, ``accept`` and ``error``); others count as ``other``.
+FILTER_ACTIONS = (
+    "accept", "no action", "greylist", "add header", "rewrite subject", "soft reject",
+    "reject", "error",
+)
 
 #: The breaker states of a smarthost endpoint (``sendarix.routing.pool``).
 ENDPOINT_STATES = ("closed", "half-open", "open")
@@ -117,6 +124,7 @@ class Metrics:
     feedback_reports: Counter = field(init=False)
     tenants_held: Gauge = field(init=False)
     webhook_deliveries: Counter = field(init=False)
+    filter_decisions: Counter = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -180,6 +188,10 @@ class Metrics:
         self.webhook_deliveries = Counter(
             "sendarix_webhook_deliveries", "Webhook POSTs by result",
             ["result"], registry=r,
+        )
+        self.filter_decisions = Counter(
+            "sendarix_filter_decisions", "Content-filter decisions by filter and action",
+            ["filter", "action"], registry=r,
         )
 
     # -- label values ----------------------------------------------------------------
@@ -272,6 +284,11 @@ class Metrics:
     def webhook_delivery(self, result: str) -> None:
         """One webhook POST ended with ``result`` (see :data:`WEBHOOK_RESULTS`)."""
         self.webhook_deliveries.labels(result if result in WEBHOOK_RESULTS else OTHER).inc()
+
+    def filter_decision(self, name: str, action: str) -> None:
+        """Content filter ``name`` decided ``action`` (rspamd's words, or ``error``)."""
+        known = action if action in FILTER_ACTIONS else OTHER
+        self.filter_decisions.labels(name, known).inc()
 
     def watch_routing(self, state: RoutingState) -> None:
         """Read ``state`` at each scrape for the site, endpoint and egress families

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from sendarix.cleanup.filters import filter_chains
 from sendarix.cleanup.intake import Intake
 from sendarix.cleanup.keyring import DomainKeyring, check_keys_open
 from sendarix.cleanup.reference import KEY_PURPOSE as REFERENCE_KEY_PURPOSE
@@ -513,6 +514,7 @@ def makeService(
         keyring=keyring, require_verified_domains=require_verified, on_queued=delivery.wake,
         on_received=metrics.message_received, reference_key=reference_key,
         feedback=feedback, is_feedback=is_report,
+        chains=filter_chains(config, reactor), on_filtered=metrics.filter_decision,
     )
     delivery.notifier = DSNNotifier(
         intake=intake, hostname=config.node.hostname, clock=reactor,

@@ -637,7 +637,7 @@ class LoadTests(SynchronousTestCase):
         for section in ["[node]", "[spool]", "[[listener]]", "[tls]", "[limits]", "[delivery]",
                         "[dns]", "[[route]]", "[pool.", "[provider.", "[[egress.source]]",
                         "[domains]", "[tenant.", "[api]", "[[webhook]]", "[webhooks]",
-                        "[simulator]", "[events]"]:  # fmt: skip
+                        "[simulator]", "[events]", "[filtering]", "[rspamd]"]:  # fmt: skip
             self.assertIn(section, text)
         for name in names:
             self.assertTrue(re.search(rf"(^|[\s{{,])#?\s*{re.escape(name)}\s*=", text, re.M), name)
