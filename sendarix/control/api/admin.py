@@ -15,6 +15,7 @@ from sendarix.control.api.body import json_body
 from sendarix.control.api.errors import ApiError, invalid, not_found
 from sendarix.control.domainops import DomainOpError, add_domain, record_lines, verify_domain
 from sendarix.control.tenantops import resume_tenant, tenant_names, tenant_summary
+from sendarix.control.webhookops import replay_dead, webhook_rows
 from sendarix.model.credential import SCOPES
 from sendarix.model.domain import SendingDomain
 from sendarix.stores.credentials import CredentialExistsError, CredentialNotFoundError
@@ -150,6 +151,32 @@ class AdminRoutes:
         if not await resume_tenant(self.stores, name, self.clock.seconds()):
             raise not_found(f"hold of tenant {name}")
         return 200, {"name": name, "resumed": True}
+
+    # -- webhooks ------------------------------------------------------------------------
+
+    async def list_webhooks(self, request: Any, principal: Principal) -> tuple[int, Any]:
+        tenant = None if principal.operator else principal.tenant
+        return 200, {"webhooks": await webhook_rows(self.stores, tenant)}
+
+    async def _own_webhook(self, principal: Principal, name: str) -> None:
+        rows = await webhook_rows(self.stores, None if principal.operator else principal.tenant)
+        if name not in {r["name"] for r in rows}:
+            raise not_found(f"webhook {name}")
+
+    async def replay_webhook(
+        self, request: Any, principal: Principal, name: str
+    ) -> tuple[int, Any]:
+        await self._own_webhook(principal, name)
+        replayed = await replay_dead(self.stores, name, self.clock.seconds())
+        return 200, {"name": name, "replayed": replayed}
+
+    async def enable_webhook(
+        self, request: Any, principal: Principal, name: str
+    ) -> tuple[int, Any]:
+        await self._own_webhook(principal, name)
+        if not await self.stores.outbox.enable(name):
+            raise ApiError(409, "conflict", f"webhook {name} is not disabled")
+        return 200, {"name": name, "enabled": True}
 
     # -- sending domains ---------------------------------------------------------------
 

@@ -17,23 +17,12 @@ from sendarix.control.cli.common import (
     text_lines,
     to_json,
 )
-from sendarix.events.webhooks.endpoints import endpoints_from_config
+from sendarix.control.webhookops import webhook_rows
 from sendarix.stores.backends import Stores
 
 
 async def _webhooks_list(args: argparse.Namespace, stores: Stores) -> Output:
-    endpoints = endpoints_from_config(stores.config, None)
-    disabled = {d.endpoint: d for d in await stores.outbox.disabled()}
-    rows: list[dict[str, Any]] = []
-    for e in endpoints:
-        counts = await stores.outbox.counts(e.name)
-        off = disabled.get(e.name)
-        rows.append({
-            "name": e.name, "tenant": e.tenant, "url": e.url, "events": sorted(e.events),
-            "disabled_at": off.disabled_at if off else None,
-            "disabled_reason": off.reason if off else None,
-            **counts,
-        })  # fmt: skip
+    rows = await webhook_rows(stores, None)
     if args.json:
         return text_lines(to_json(rows))
     if not rows:

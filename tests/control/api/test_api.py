@@ -723,3 +723,56 @@ class StatsTests(ApiTestCase):
                          400, "invalid_request")
         self.assertError(await self.call("GET", "/v1/stats?since=2020-01-01T00:00:00Z"),
                          400, "invalid_request")
+
+
+class WebhookApiTests(ApiTestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        import os
+
+        from sendarix.events.webhooks.signature import generate_secret
+
+        env = f"SENDARIX_TEST_API_HOOK_{os.getpid()}"
+        self.patch(os, "environ", dict(os.environ, **{env: generate_secret()}))
+        self.sink = await start_sink(self, "127.0.0.3")
+        self.relay = await start_relay(
+            self, [RELAY_LISTENER],
+            pool={"sink": {"endpoints": [f"127.0.0.3:{self.sink.addresses[0][1]}"]}},
+            route=[{"via": "pool:sink"}],
+            # Nothing listens on port 9: every POST fails, and one try is all.
+            webhook=[{"tenant": "acme", "url": "http://127.0.0.1:9/hook", "name": "acme-hook",
+                      "events": ["accepted"], "secret_env": env, "retry_schedule": ["0s"]}],
+            webhooks={"allow_private": True},
+        )
+        self.key = await self.relay.add_credential("app", tenant="acme", scopes=["send", "read"])
+        self.other = await self.relay.add_credential("rival", tenant="globex",
+                                                     scopes=["send", "read"])
+        self.admin = await self.relay.add_credential("acme-admin", tenant="acme",
+                                                     scopes=["admin"])
+        self.base = f"http://127.0.0.1:{self.relay.api_port}"
+
+    async def test_list_and_replay(self) -> None:
+        """The tenant sees its endpoint with a dead batch; replay puts it back in
+        line; another tenant sees no endpoint and cannot replay it."""
+        from tests.support.relay import until
+
+        await self.call("POST", "/v1/messages", self.message())
+
+        async def dead() -> int:
+            status, body, _ = await self.call("GET", "/v1/webhooks")
+            return int(body["webhooks"][0]["dead"]) if body["webhooks"] else 0
+
+        await until(lambda: Deferred.fromCoroutine(dead()), 15.0,
+                    "a dead-lettered webhook batch")
+        status, body, _ = await self.call("GET", "/v1/webhooks")
+        (hook,) = body["webhooks"]
+        self.assertEqual((hook["name"], hook["tenant"]), ("acme-hook", "acme"))
+        self.assertNotIn("secret", json.dumps(body))
+        status, other, _ = await self.call("GET", "/v1/webhooks", key=self.other)
+        self.assertEqual(other["webhooks"], [])
+        self.assertError(await self.call("POST", "/v1/webhooks/acme-hook/replay", {},
+                                         key=self.key), 403, "forbidden_scope")
+        status, replayed, _ = await self.call("POST", "/v1/webhooks/acme-hook/replay", {},
+                                              key=self.admin)
+        self.assertEqual((status, len(replayed["replayed"])), (200, 1))
+        self.assertError(await self.call("POST", "/v1/webhooks/acme-hook/enable", {},
+                                         key=self.admin), 409, "conflict")
