@@ -13,7 +13,13 @@ from twisted.internet.threads import deferToThread
 
 from sendarix.cleanup.dkimkeys import ALGORITHMS, check_selector, generate_key, record_line
 from sendarix.config.secret import NodeSecret, SecretError
-from sendarix.control.domaincheck import DNSLookupError, make_resolver, verify_keys
+from sendarix.control.domaincheck import (
+    DNSLookupError,
+    Finding,
+    check_domain,
+    make_resolver,
+    verify_keys,
+)
 from sendarix.model.domain import DKIMKey, DomainExistsError, DomainNotFoundError, SendingDomain
 from sendarix.stores.backends import Stores
 
@@ -115,3 +121,17 @@ async def verify_domain(
     for key, (_, reason) in zip(sd.keys, results, strict=True):
         await stores.domains.set_verified(domain, now if reason is None else None, key.selector)
     return sd, results
+
+
+async def check_dns(stores: Stores, domain: str) -> list[Finding]:
+    """What DNS says of ``domain``'s SPF (against the egress addresses), DKIM keys
+    and DMARC."""
+    sd = await stores.domains.get(domain)
+    resolver = make_resolver(stores.config)
+    egress = [s.address for s in stores.config.egress_sources]
+    try:
+        findings: list[Finding] = await deferToThread(check_domain, resolver, domain, sd,
+                                                      egress)
+    except DNSLookupError as e:
+        raise DomainOpError("invalid", f"cannot check {domain}: {e}") from None
+    return findings

@@ -13,7 +13,13 @@ from sendarix.config.secret import NodeSecret
 from sendarix.control.api.auth import OPERATOR_TENANT, Principal
 from sendarix.control.api.body import json_body
 from sendarix.control.api.errors import ApiError, invalid, not_found
-from sendarix.control.domainops import DomainOpError, add_domain, record_lines, verify_domain
+from sendarix.control.domainops import (
+    DomainOpError,
+    add_domain,
+    check_dns,
+    record_lines,
+    verify_domain,
+)
 from sendarix.control.tenantops import resume_tenant, tenant_names, tenant_summary
 from sendarix.control.webhookops import replay_dead, webhook_rows
 from sendarix.model.credential import SCOPES
@@ -217,6 +223,21 @@ class AdminRoutes:
         except DomainOpError as e:
             raise ApiError(_DOMAIN_ERRORS[e.kind], e.kind, str(e)) from None
         return 201, _domain_json(sd, records=True)
+
+    async def check_domain(
+        self, request: Any, principal: Principal, domain: str
+    ) -> tuple[int, Any]:
+        """SPF, DKIM and DMARC as DNS has them, with advice (``sendarix domains check``)."""
+        existing = await self.stores.domains.get(domain)
+        if existing is None or not principal.sees(existing.tenant):
+            raise not_found(f"domain {domain}")
+        try:
+            findings = await check_dns(self.stores, domain)
+        except DomainOpError as e:
+            raise ApiError(_DOMAIN_ERRORS[e.kind], e.kind, str(e)) from None
+        problems = sum(1 for f in findings if f.status in ("missing", "wrong"))
+        return 200, {"domain": domain, "problems": problems,
+                     "findings": [f.to_dict() for f in findings]}
 
     async def verify_domain(
         self, request: Any, principal: Principal, domain: str

@@ -198,6 +198,7 @@ class ApiApp(AdminRoutes):
             ("/v1/domains", "GET", self.list_domains),
             ("/v1/domains", "POST", self.add_domain),
             ("/v1/domains/<string:domain>/verify", "POST", self.verify_domain),
+            ("/v1/domains/<string:domain>/check", "GET", self.check_domain),
             ("/v1/webhooks", "GET", self.list_webhooks),
             ("/v1/webhooks/<string:name>/replay", "POST", self.replay_webhook),
             ("/v1/webhooks/<string:name>/enable", "POST", self.enable_webhook),
@@ -205,9 +206,9 @@ class ApiApp(AdminRoutes):
             ("/v1/tenants/<string:name>", "GET", self.get_tenant),
             ("/v1/tenants/<string:name>/resume", "POST", self.release_tenant),
         ):
-            scope = "read" if path in ("/v1/domains", "/v1/webhooks") and method == "GET" else (
-                "admin"
-            )
+            scope = "read" if method == "GET" and not path.startswith(
+                ("/v1/credentials", "/v1/tenants")
+            ) else "admin"
             name = path.split("/")[2]
             route(path, methods=[method])(self._wrap(name, handler, scope))
         route("/v1/queue/messages/<string:queue_id>/retry", methods=["POST"])(

@@ -7,8 +7,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.threads import deferToThread
-
 from sendarix.cleanup.dkimkeys import ALGORITHMS
 from sendarix.control.cli.common import (
     CommandError,
@@ -21,8 +19,13 @@ from sendarix.control.cli.common import (
     text_lines,
     to_json,
 )
-from sendarix.control.domaincheck import DNSLookupError, check_domain, make_resolver
-from sendarix.control.domainops import DomainOpError, add_domain, record_lines, verify_domain
+from sendarix.control.domainops import (
+    DomainOpError,
+    add_domain,
+    check_dns,
+    record_lines,
+    verify_domain,
+)
 from sendarix.model.domain import SendingDomain
 from sendarix.stores.backends import Stores
 
@@ -104,13 +107,10 @@ async def _domains_list(args: argparse.Namespace, stores: Stores) -> Output:
 
 
 async def _domains_check(args: argparse.Namespace, stores: Stores) -> Output:
-    sd = await stores.domains.get(args.domain)
-    resolver = make_resolver(stores.config)
-    egress = [s.address for s in stores.config.egress_sources]
     try:
-        findings = await deferToThread(check_domain, resolver, args.domain, sd, egress)
-    except DNSLookupError as e:
-        raise CommandError(f"cannot check {args.domain}: {e}") from None
+        findings = await check_dns(stores, args.domain)
+    except DomainOpError as e:
+        raise CommandError(str(e)) from None
     if args.json:
         return text_lines(to_json([f.to_dict() for f in findings]))
     rows: list[tuple[str, ...]] = []

@@ -633,6 +633,12 @@ class AdminTests(ApiTestCase):
         self.assertEqual((status, result["verified"]), (200, True), result)
         status, listed, _ = await self.call("GET", "/v1/domains")
         self.assertEqual(listed["domains"][0]["state"], "verified")
+        status, checked, _ = await self.call("GET", "/v1/domains/example.com/check")
+        self.assertEqual(status, 200, checked)
+        kinds = {(f["kind"], f["status"]) for f in checked["findings"]}
+        self.assertIn(("DKIM", "ok"), kinds)
+        self.assertIn(("SPF", "missing"), kinds)  # nothing published for SPF in this zone
+        self.assertGreaterEqual(checked["problems"], 1)
         self.assertError(await self.call("POST", "/v1/domains/example.com/verify", {},
                                          key=self.other), 403, "forbidden_scope")
         self.assertError(await self.call("POST", "/v1/domains", {
