@@ -456,6 +456,8 @@ class APIConfig:
 
     endpoint: str = setting(server_endpoint_parser, "tcp:8025:interface=127.0.0.1")
     enabled: bool = setting(boolean_parser, True)
+    #: Serve HTTPS with the listeners' ``[tls]`` certificate (reloaded with it).
+    tls: bool = setting(boolean_parser, False)
 
 
 @frozen

@@ -12,6 +12,7 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import IResource
 
 from sendarix.cleanup.intake import Intake
@@ -81,8 +82,11 @@ class HTTPService(Service):
     name = "api"
 
     def __init__(
-        self, reactor: Any, endpoint: str, site: ApiSite, ready: Any, shared: bool = False
+        self, reactor: Any, endpoint: str, site: ApiSite, ready: Any, shared: bool = False,
+        tls: Any = None,
     ) -> None:
+        #: Server TLS options (HTTPS with the listeners' certificate), or None.
+        self._tls = tls
         self._shared = shared  # SO_REUSEPORT: worker processes share the port
         self._reactor = reactor
         self._endpoint = endpoint
@@ -108,9 +112,12 @@ class HTTPService(Service):
                      port=getattr(address, "port", ""))
             return port
 
+        factory: Any = self.site
+        if self._tls is not None:
+            factory = TLSMemoryBIOFactory(self._tls, False, self.site)
         if self._shared:
-            return listen_shared(self._reactor, self._endpoint, self.site).addCallback(listening)
-        d: Deferred[IListeningPort] = endpoint.listen(self.site)
+            return listen_shared(self._reactor, self._endpoint, factory).addCallback(listening)
+        d: Deferred[IListeningPort] = endpoint.listen(factory)
         return d.addCallback(listening)
 
     def listening(self) -> Deferred[IListeningPort]:

@@ -521,7 +521,9 @@ def makeService(
         tenant_default=lambda tenant: config.tenant(tenant).dsn,
     )
     tls_options = None
-    if any(lc.tls != "none" for lc in config.listeners):
+    if any(lc.tls != "none" for lc in config.listeners) or (
+        config.api.enabled and config.api.tls
+    ):
         cert, key = ensure_certificate(
             config.tls.certificate, config.tls.key, config.var_dir, config.node.hostname
         )
@@ -576,6 +578,7 @@ def makeService(
         top.api = HTTPService(
             reactor, config.api.endpoint, site, stores_service.ready,
             shared=config.node.workers > 1,
+            tls=tls_options if config.api.tls else None,
         )
         top.api.setServiceParent(top)
     os.makedirs(config.var_dir, exist_ok=True)

@@ -782,3 +782,54 @@ class WebhookApiTests(ApiTestCase):
         self.assertEqual((status, len(replayed["replayed"])), (200, 1))
         self.assertError(await self.call("POST", "/v1/webhooks/acme-hook/enable", {},
                                          key=self.admin), 409, "conflict")
+
+
+class HTTPSTests(ApiTestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.relay = await start_relay(
+            self, [RELAY_LISTENER], api={"endpoint": "tcp:0:interface=127.0.0.1", "tls": True}
+        )
+        self.key = await self.relay.add_credential("app", tenant="acme", scopes=["read"])
+
+    async def test_api_over_https(self) -> None:
+        """With [api] tls, the API answers over TLS with the listeners' certificate
+        (checked against the test CA and the host name); plain HTTP gets nothing."""
+        import ssl
+        import urllib.error
+        import urllib.request
+
+        from tests.support.relay import HOSTNAME, client_context
+
+        port = self.relay.api_port
+
+        def fetch() -> tuple[int, bytes]:
+            context = client_context(self.relay.ca_path)
+            context.check_hostname = False  # the name is checked below, on the peer
+            request = urllib.request.Request(
+                f"https://127.0.0.1:{port}/v1/events",
+                headers={"Authorization": f"Bearer {self.key}"},
+            )
+            with urllib.request.urlopen(request, context=context, timeout=10) as response:
+                return response.status, response.read()
+
+        status, body = await in_thread(fetch)
+        self.assertEqual(status, 200)
+        self.assertIn(b'"events"', body)
+
+        def certificate_names() -> Any:
+            context = client_context(self.relay.ca_path)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                    context.wrap_socket(raw, server_hostname=HOSTNAME) as tls:
+                return tls.getpeercert()
+
+        self.assertIsNotNone(await in_thread(certificate_names))
+
+        def plain() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                try:
+                    return s.recv(100)
+                except (ssl.SSLError, OSError):
+                    return b""
+
+        self.assertFalse((await in_thread(plain)).startswith(b"HTTP/1.1 200"))
