@@ -50,16 +50,18 @@ def build_dsn(
     boundary = f"dsn-{secrets.token_hex(8)}"
     date = format_datetime(datetime.fromtimestamp(now, UTC))
     lines = "\r\n".join(f"  {f.recipient}: {f.diagnostic}" for f in failures)
-    failed = any(f.action == "failed" for f in failures)
-    subject = ("Undelivered Mail Returned to Sender" if failed
-               else "Delayed Mail (still being retried)")
-    human = (
-        f"This is the mail system at {hostname}.\r\n\r\n"
-        + ("Your message could not be delivered to the following recipients:\r\n\r\n"
-           if failed else "Your message has not been delivered yet; the mail system keeps "
-           "trying for these recipients:\r\n\r\n")
-        + lines + "\r\n"
-    )
+    actions = {f.action for f in failures}
+    if "failed" in actions:
+        subject = "Undelivered Mail Returned to Sender"
+        intro = "Your message could not be delivered to the following recipients:"
+    elif "delayed" in actions:
+        subject = "Delayed Mail (still being retried)"
+        intro = ("Your message has not been delivered yet; the mail system keeps trying "
+                 "for these recipients:")
+    else:
+        subject = "Successful Mail Delivery Report"
+        intro = "Your message was delivered to the following recipients:"
+    human = f"This is the mail system at {hostname}.\r\n\r\n{intro}\r\n\r\n{lines}\r\n"
     per_message = f"Reporting-MTA: dns; {hostname}\r\n"
     if envid:
         per_message += f"Original-Envelope-Id: {envid}\r\n"

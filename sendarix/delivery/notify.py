@@ -23,14 +23,25 @@ from sendarix.model.message import Envelope, LeasedDelivery
 log = Logger()
 
 
+#: The NOTIFY word that asks for each kind of notice.
+_WORD = {"bounced": "FAILURE", "expired": "FAILURE", "delivered": "SUCCESS",
+         "deferred": "DELAY"}
+
+
 def wants_failure_notice(envelope: Envelope, recipient: str, tenant_default: bool) -> bool:
     """Does the sender want to hear that ``recipient`` failed?"""
-    if not envelope.sender:
+    return wants_notice(envelope, recipient, "bounced", tenant_default)
+
+
+def wants_notice(envelope: Envelope, recipient: str, kind: str, tenant_default: bool) -> bool:
+    """Does the sender want a notice of ``kind`` (an event type) for ``recipient``?
+    Without NOTIFY, only failures, and only when the tenant's ``dsn`` says so."""
+    if not envelope.sender or kind not in _WORD:
         return False
     notify = envelope.notify_of(recipient)
     if notify is None:
-        return tenant_default
-    return "FAILURE" in notify.split(",")
+        return tenant_default and _WORD[kind] == "FAILURE"
+    return _WORD[kind] in notify.split(",")
 
 
 @define
@@ -44,11 +55,14 @@ class DSNNotifier:
     tenant_default: Callable[[str], bool] = lambda tenant: False
 
     def failures(self, delivery: LeasedDelivery, events: Sequence[Event]) -> list[Event]:
-        """The final failures of ``delivery`` its sender wants to hear about."""
+        """The outcomes of ``delivery`` its sender wants to hear about: final failures
+        (NOTIFY=FAILURE), deliveries (SUCCESS) and first deferrals (DELAY: one notice
+        per recipient, at its first deferral)."""
         default = self.tenant_default(delivery.meta.tenant)
         return [e for e in events
-                if e.type in ("bounced", "expired") and e.recipient
-                and wants_failure_notice(delivery.envelope, e.recipient, default)]
+                if e.recipient
+                and (e.type != "deferred" or e.attempt == 1)
+                and wants_notice(delivery.envelope, e.recipient, e.type, default)]
 
     async def notify(self, delivery: LeasedDelivery, failed: Sequence[Event],
                      original: bytes) -> str:
@@ -58,13 +72,16 @@ class DSNNotifier:
         for event in failed:
             assert event.recipient is not None
             reply = event.response
-            status = (reply.enhanced if reply and reply.enhanced else
-                      ("5.0.0" if event.type == "bounced" else "4.4.7"))
+            action = {"delivered": "delivered", "deferred": "delayed"}.get(event.type,
+                                                                            "failed")
+            fallback = {"delivered": "2.0.0", "delayed": "4.0.0"}.get(action, "5.0.0")
+            status = reply.enhanced if reply and reply.enhanced else fallback
+            if event.type == "expired" and not status.startswith("5"):
+                status = "4.4.7"  # RFC 3463: delivery time expired
             diagnostic = (f"{reply.code} {reply.enhanced + ' ' if reply.enhanced else ''}"
                           f"{reply.text}" if reply else "delivery time expired")
             failures.append(Failure(
-                event.recipient, envelope.orcpt_of(event.recipient), "failed",
-                status if event.type == "bounced" or status.startswith("5") else "4.4.7",
+                event.recipient, envelope.orcpt_of(event.recipient), action, status,
                 diagnostic, event.mx,
             ))
         body = build_dsn(self.hostname, envelope.sender, envelope.envid, failures, original,

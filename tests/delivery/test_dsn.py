@@ -61,7 +61,8 @@ class DSNTests(TestCase):
     timeout = 60
 
     async def setUp(self) -> None:  # type: ignore[override]
-        self.sink = await start_sink(self, "127.0.0.3", 0, "rcpt:550:5.1.1:nobody*@*")
+        self.sink = await start_sink(self, "127.0.0.3", 0, "rcpt:550:5.1.1:nobody*@*",
+                                     "rcpt:451:4.7.1:slow*@*")
         self.relay = await start_relay(
             self, [RELAY],
             pool={"sink": {"endpoints": [f"127.0.0.3:{self.sink.addresses[0][1]}"]}},
@@ -117,6 +118,22 @@ class DSNTests(TestCase):
         senders = sorted(e.sender or "" for e in page.events)
         self.assertEqual(senders, ["", "nobody-sender@sink.test"])  # the message, one DSN
         self.assertEqual(len(self.sink.messages), 0)
+
+    async def test_success_and_delay_notices(self) -> None:
+        """NOTIFY=SUCCESS: a "delivered" report; NOTIFY=DELAY: one "delayed" report at
+        the first deferral."""
+        await in_thread(self.send, "app@sender.test", [
+            ("user@sink.test", " NOTIFY=SUCCESS"), ("slow@sink.test", " NOTIFY=DELAY,FAILURE"),
+        ])
+        await wait_event(self.relay, "user@sink.test", "delivered")
+        await wait_event(self.relay, "slow@sink.test", "deferred")
+        await wait_event(self.relay, "app@sender.test", "delivered")  # the report
+        reports = [parse_report(bytes(m.body)) for m in self.sink.messages if m.sender == ""]
+        # One attempt at sink.test settled both: one report names both recipients.
+        actions = sorted((r.address, r.action) for report in reports if report is not None
+                         for r in report.recipients)
+        self.assertEqual(actions, [("slow@sink.test", "delayed"),
+                                   ("user@sink.test", "delivered")])
 
     async def test_bad_dsn_parameters(self) -> None:
         def run() -> list[bytes]:
