@@ -335,7 +335,12 @@ async def _hello(conn: _SMTPConnection, helo: str) -> tuple[Reply, dict[str, str
 
 def _tls_context(opts: _Options) -> Any:
     if opts.tls == "verify":
-        return ssl.optionsForClientTLS(opts.tls_hostname, trustRoot=opts.trust_root)
+        # Authenticated TLS is for destinations that must be trusted: nothing older
+        # than TLS 1.2, whatever the system's OpenSSL would allow.
+        return ssl.optionsForClientTLS(
+            opts.tls_hostname, trustRoot=opts.trust_root,
+            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+        )
     # may/encrypt: encryption without authentication, as for opportunistic SMTP TLS.
     return ssl.CertificateOptions()
 
