@@ -514,7 +514,7 @@ class RedisEventLogTests(EventLogContractMixin, TestCase):
         """While Redis is down an emitted event waits in memory; it is written once
         Redis is back, and its Deferred fires then."""
         log = await self.open_log()
-        log.retry_delay = 0.1
+        log.writer.retry_delay = 0.1
         self.redis_stop()  # type: ignore[attr-defined]
         event = Event.make("delivered", 5.0, tenant="t")
         emitted = log.emit(event)

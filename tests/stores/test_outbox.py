@@ -62,7 +62,7 @@ class RedisOutboxTests(OutboxContractMixin, TestCase):
     async def test_outage_buffers_then_writes(self) -> None:
         """While Redis is down an added event waits in memory; once Redis is back it
         is logged and queued, and its Deferred fires then."""
-        self.outbox.retry_delay = 0.1
+        self.outbox.writer.retry_delay = 0.1
         self.redis_stop()
         added = self.outbox.add(event(queue_id="Q1"), ["hook"])
         await task.deferLater(reactor, 0.3, lambda: None)

@@ -18,8 +18,8 @@ it stops after ``scan_limit`` entries and then returns a short page whose cursor
 continues where it stopped.  Events are written in batches by one writer per
 process, in the order ``emit`` was called, so seq order is emission order even
 though the pool has several connections.  While Redis is unreachable the writer
-keeps events in memory (up to ``max_buffer``) and writes them once it is back; their
-Deferreds fire then.
+(:class:`~sendarix.stores.redis.writer.BufferedScript`) keeps events in memory and
+writes them once it is back; their Deferreds fire then.
 """
 
 from __future__ import annotations
@@ -27,15 +27,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sendarix.interfaces import IEventLog
 from sendarix.model.event import MAX_LIMIT, Event, EventPage, EventQuery
-from sendarix.stores.errors import StoreUnavailable
 from sendarix.stores.paging import decode_cursor, encode_cursor
+from sendarix.stores.redis.writer import BufferedScript
 
 log = Logger()
 
@@ -183,22 +182,15 @@ class RedisEventLog:
     #: Events written per script.
     emit_batch = 200
 
-    #: Events kept in memory while Redis is unreachable; beyond this, emits fail.
-    max_buffer = 100_000
-    #: Seconds between writes retried during an outage.
-    retry_delay = 1.0
-
     def __init__(self, redis: Any, prefix: str = "sendarix:", clock: Any = None) -> None:
         self._redis = redis
         self._prefix = prefix
         if clock is None:
             from twisted.internet import reactor as clock
-        self._clock = clock
-        self._queue: list[tuple[list[str], Deferred[None]]] = []
-        self._writing = False
-        self._retry: Any = None
-        self._closing = False
-        self._idle: list[Deferred[None]] = []
+        #: The writes of ``emit``, kept across an outage.
+        self.writer = BufferedScript(
+            lambda args: self._run(_EMIT, *args), self.emit_batch, clock, "events not logged"
+        )
 
     def _run(self, script: str, *args: Any) -> Deferred[Any]:
         d: Deferred[Any] = self._redis.eval(script, [], [self._prefix, *args])
@@ -210,70 +202,14 @@ class RedisEventLog:
         """Store one event; the Deferred fires once Redis has it."""
         keys = index_keys(event)
         body = json.dumps(event.to_json(), separators=(",", ":"))
-        args = [event.id, repr(float(event.timestamp)), body, str(len(keys)), *keys]
-        d: Deferred[None] = Deferred()
-        self._queue.append((args, d))
-        if not self._writing:
-            self._writing = True
-            self._write_next()
-        return d
-
-    def _write_next(self) -> None:
-        self._retry = None
-        if not self._queue:
-            self._writing = False
-            idle, self._idle = self._idle, []
-            for d in idle:
-                d.callback(None)
-            return
-        batch, self._queue = self._queue[: self.emit_batch], self._queue[self.emit_batch :]
-        args = [a for entry, _ in batch for a in entry]
-
-        def stored(_: Any) -> None:
-            for _, d in batch:
-                d.callback(None)
-
-        def failed(failure: Failure) -> None:
-            if failure.check(StoreUnavailable) and len(self._queue) + len(batch) <= self.max_buffer:
-                # Keep the events (in order) and try again once Redis may be back;
-                # an event id written twice is stored once, so a retry is harmless.
-                self._queue[:0] = batch
-                if self._closing:
-                    self._drop_queue()
-                else:
-                    self._retry = self._clock.callLater(self.retry_delay, self._write_next)
-                return
-            for _, d in batch:
-                d.errback(failure)
-            self._write_next()
-
-        def ok(_: Any) -> None:
-            stored(None)
-            self._write_next()
-
-        self._run(_EMIT, *args).addCallbacks(ok, failed)
+        return self.writer.write(
+            [event.id, repr(float(event.timestamp)), body, str(len(keys)), *keys]
+        )
 
     def close(self) -> Deferred[None]:
-        """Before the connection closes: fires once the events waiting are written.
-        While Redis is unavailable they are dropped instead (no more retries), with a
-        warning that says how many."""
-        self._closing = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-            self._drop_queue()
-        if not self._writing:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._idle.append(d)
-        return d
-
-    def _drop_queue(self) -> None:
-        dropped, self._queue = self._queue, []
-        if dropped:
-            log.warn("{count} events not logged: Redis unavailable at stop", count=len(dropped))
-        for _, d in dropped:
-            d.callback(None)
-        self._write_next()
+        """Before the connection closes: fires once the events waiting are written
+        (see :meth:`BufferedScript.close`)."""
+        return self.writer.close()
 
     # -- reading --------------------------------------------------------------------
 

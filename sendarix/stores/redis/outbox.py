@@ -18,7 +18,7 @@ Keys under ``prefix``:
 
 Events are written by one writer per process, in the order ``add`` was called, so a
 message's events get their sequence numbers in the order they happened.  While Redis
-is unreachable the writer keeps them in memory (up to ``max_buffer``) and writes them
+is unreachable the writer (the delivery log's kind) keeps them in memory and writes them
 once it is back, as the delivery log does; an event id written twice is stored once.
 """
 
@@ -28,16 +28,15 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sendarix.interfaces import IWebhookOutbox
 from sendarix.model.event import Event, format_timestamp
 from sendarix.model.webhook import DeadBatch, DisabledEndpoint, WebhookBatch, new_batch_id
-from sendarix.stores.errors import StoreUnavailable
 from sendarix.stores.redis.eventlog import index_keys
+from sendarix.stores.redis.writer import BufferedScript
 
 log = Logger()
 
@@ -243,10 +242,6 @@ class RedisWebhookOutbox:
 
     #: Events written per script.
     add_batch = 200
-    #: Events kept in memory while Redis is unreachable; beyond this, adds fail.
-    max_buffer = 100_000
-    #: Seconds between writes retried during an outage.
-    retry_delay = 1.0
     #: Dead batches deleted per script by ``trim``.
     trim_batch = 1000
 
@@ -255,12 +250,11 @@ class RedisWebhookOutbox:
         self._prefix = prefix
         if clock is None:
             from twisted.internet import reactor as clock
-        self._clock = clock
-        self._queue: list[tuple[list[str], Deferred[None]]] = []
-        self._writing = False
-        self._retry: Any = None
-        self._closing = False
-        self._idle: list[Deferred[None]] = []
+        #: The writes of ``add``, kept across an outage.
+        self.writer = BufferedScript(
+            lambda args: self._run(_ADD, *args), self.add_batch, clock,
+            "events not logged or queued for webhooks",
+        )
 
     def _run(self, script: str, *args: Any) -> Deferred[Any]:
         d: Deferred[Any] = self._redis.eval(script, [], [self._prefix, *args])
@@ -274,66 +268,12 @@ class RedisWebhookOutbox:
             event.id, repr(float(event.timestamp)), body, event.queue_id or "",
             str(len(keys)), *keys, str(len(wanted)), *wanted,
         ]  # fmt: skip
-        d: Deferred[None] = Deferred()
-        self._queue.append((args, d))
-        if not self._writing:
-            self._writing = True
-            self._write_next()
-        return d
-
-    def _write_next(self) -> None:
-        self._retry = None
-        if not self._queue:
-            self._writing = False
-            idle, self._idle = self._idle, []
-            for d in idle:
-                d.callback(None)
-            return
-        batch, self._queue = self._queue[: self.add_batch], self._queue[self.add_batch :]
-
-        def done(result: object) -> None:
-            if isinstance(result, Failure):
-                if (result.check(StoreUnavailable)
-                        and len(self._queue) + len(batch) <= self.max_buffer):
-                    # Keep them, in order, and try again once Redis may be back.
-                    self._queue[:0] = batch
-                    if self._closing:
-                        self._drop_queue()
-                    else:
-                        self._retry = self._clock.callLater(self.retry_delay, self._write_next)
-                    return
-                for _, d in batch:
-                    d.errback(result)
-            else:
-                for _, d in batch:
-                    d.callback(None)
-            self._write_next()
-
-        self._run(_ADD, *[a for args, _ in batch for a in args]).addBoth(done)
+        return self.writer.write(args)
 
     def close(self) -> Deferred[None]:
-        """Before the connection closes: fires once the events waiting are written.
-        While Redis is unavailable they are dropped instead, with a warning."""
-        self._closing = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-            self._drop_queue()
-        if not self._writing:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._idle.append(d)
-        return d
-
-    def _drop_queue(self) -> None:
-        dropped, self._queue = self._queue, []
-        if dropped:
-            log.warn(
-                "{count} events not logged or queued for webhooks: Redis unavailable at stop",
-                count=len(dropped),
-            )
-        for _, d in dropped:
-            d.callback(None)
-        self._write_next()
+        """Before the connection closes: fires once the events waiting are written
+        (see :meth:`BufferedScript.close`)."""
+        return self.writer.close()
 
     def lease_due(
         self, node: str, now: float, limits: Mapping[str, int], lease_for: float,
