@@ -7,12 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import IResource
 
 from sendarix.cleanup.intake import Intake
@@ -25,7 +20,7 @@ from sendarix.control.dashboard.app import SEGMENTS, Dashboard
 from sendarix.ingress.auth import CredentialChecker
 from sendarix.ingress.httpsubmit import HTTPSubmission
 from sendarix.interfaces import IDestinationControl, IRateLimiter
-from sendarix.node.workers import listen_shared
+from sendarix.node.listening import PortService
 from sendarix.stores.backends import Stores
 
 log = Logger()
@@ -76,7 +71,7 @@ def make_api_site(
     return app, site
 
 
-class HTTPService(Service):
+class HTTPService(PortService):
     """Listens on the API endpoint once ``ready()`` fires; stops listening on stop."""
 
     name = "api"
@@ -85,58 +80,6 @@ class HTTPService(Service):
         self, reactor: Any, endpoint: str, site: ApiSite, ready: Any, shared: bool = False,
         tls: Any = None,
     ) -> None:
-        #: Server TLS options (HTTPS with the listeners' certificate), or None.
-        self._tls = tls
-        self._shared = shared  # SO_REUSEPORT: worker processes share the port
-        self._reactor = reactor
-        self._endpoint = endpoint
+        super().__init__(reactor, endpoint, site, ready,
+                         lambda host, port: f"HTTP API on {host}:{port}", tls=tls, shared=shared)
         self.site = site
-        self._ready = ready
-        self.port: IListeningPort | None = None
-        self._listening: Deferred[Any] | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        d = self._ready()
-        d.addCallback(lambda _: self._listen())
-        d.addErrback(lambda f: log.failure("the API did not start", f))
-        self._listening = d
-
-    def _listen(self) -> Deferred[IListeningPort]:
-        endpoint = endpoints.serverFromString(self._reactor, self._endpoint)
-
-        def listening(port: IListeningPort) -> IListeningPort:
-            self.port = port
-            address = port.getHost()
-            log.info("HTTP API on {host}:{port}", host=getattr(address, "host", address),
-                     port=getattr(address, "port", ""))
-            return port
-
-        factory: Any = self.site
-        if self._tls is not None:
-            factory = TLSMemoryBIOFactory(self._tls, False, self.site)
-        if self._shared:
-            return listen_shared(self._reactor, self._endpoint, factory).addCallback(listening)
-        d: Deferred[IListeningPort] = endpoint.listen(factory)
-        return d.addCallback(listening)
-
-    def listening(self) -> Deferred[IListeningPort]:
-        """Fires with the listening port (tests learn port 0's number from it)."""
-        assert self._listening is not None
-        out: Deferred[IListeningPort] = Deferred()
-
-        def relay(result: Any) -> Any:
-            if self.port is not None:
-                out.callback(self.port)
-            else:
-                out.errback(RuntimeError("the API is not listening"))
-            return result
-
-        self._listening.addBoth(relay)
-        return out
-
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        if self.port is None:
-            return succeed(None)
-        return maybeDeferred(self.port.stopListening)

@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import endpoints
 from twisted.internet.defer import (
     Deferred,
     DeferredList,
@@ -19,12 +18,10 @@ from twisted.internet.defer import (
     ensureDeferred,
     gatherResults,
     maybeDeferred,
-    succeed,
 )
-from twisted.internet.interfaces import IListeningPort, IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from sendarix.cleanup.filters import filter_chains
@@ -54,7 +51,7 @@ from sendarix.interfaces import IAuthLimiter, IEgressSelector, IFailoverStrategy
 from sendarix.model.address import domain_of
 from sendarix.model.message import LeasedDelivery
 from sendarix.node.http import HTTPService, make_api_site
-from sendarix.node.workers import listen_shared
+from sendarix.node.listening import PortService
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.routing.pool import PoolRouter
 from sendarix.routing.providers import ProviderTable
@@ -256,70 +253,24 @@ def _first_failure(failure: Failure) -> Failure:
     return failure
 
 
-class ListenerService(Service):
+class ListenerService(PortService):
     """One SMTP listener: listens once the stores are ready, drains on stop."""
 
     def __init__(
         self, reactor: Any, config: ListenerConfig, factory: SubmissionFactory,
         stores: StoresService, wrap_tls: Any = None, shared: bool = False,
     ) -> None:
+        def describe(host: str, port: str) -> str:
+            return (f"listener {config.name} on {host}:{port} "
+                    f"(tls={config.tls}, auth={config.auth})")
+
+        super().__init__(reactor, config.endpoint, factory, stores.ready, describe,
+                         tls=wrap_tls, shared=shared)
         self.name = f"listener:{config.name}"
-        self._shared = shared  # SO_REUSEPORT: worker processes share the port
-        self._reactor = reactor
-        self._config = config
-        self.factory = factory
-        self._stores = stores
-        self._wrap_tls = wrap_tls
-        self.port: IListeningPort | None = None
-        self._listening: Deferred[Any] | None = None
+        self.factory: SubmissionFactory = factory
 
-    def startService(self) -> None:
-        super().startService()
-        d = self._stores.ready()
-        d.addCallback(lambda _: self._listen())
-        d.addErrback(lambda f: log.failure("listener {name} not started", f, name=self.name))
-        self._listening = d
-
-    def _listen(self) -> Deferred[IListeningPort]:
-        endpoint = endpoints.serverFromString(self._reactor, self._config.endpoint)
-        factory: Any = self.factory
-        if self._wrap_tls is not None:
-            factory = TLSMemoryBIOFactory(self._wrap_tls, False, self.factory)
-
-        def listening(port: IListeningPort) -> IListeningPort:
-            self.port = port
-            address = port.getHost()
-            log.info(
-                "listener {name} on {host}:{port} (tls={tls}, auth={auth})",
-                name=self._config.name, host=getattr(address, "host", address),
-                port=getattr(address, "port", ""), tls=self._config.tls, auth=self._config.auth,
-            )
-            return port
-
-        if self._shared:
-            return listen_shared(self._reactor, self._config.endpoint, factory).addCallback(
-                listening
-            )
-        return endpoint.listen(factory).addCallback(listening)
-
-    def listening(self) -> Deferred[IListeningPort]:
-        """Fires with the listening port (tests use it to learn port 0's number)."""
-        assert self._listening is not None
-        out: Deferred[IListeningPort] = Deferred()
-
-        def relay(result: Any) -> Any:
-            if self.port is not None:
-                out.callback(self.port)
-            else:
-                out.errback(RuntimeError(f"{self.name} is not listening"))
-            return result
-
-        self._listening.addBoth(relay)
-        return out
-
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        stopped = succeed(None) if self.port is None else maybeDeferred(self.port.stopListening)
+    def stopService(self) -> Deferred[Any]:  # noqa: N802
+        stopped = super().stopService()
         return DeferredList(
             [stopped, self.factory.drain(SHUTDOWN_GRACE)], consumeErrors=True
         )
