@@ -206,9 +206,13 @@ class Dashboard:
         return route
 
     async def _serve_plain(self, handler: Callable[[Any], Awaitable[bytes]], request: Any) -> bytes:
+        return await self._answered(request, handler(request))
+
+    async def _answered(self, request: Any, page: Awaitable[bytes]) -> bytes:
+        """``page``'s bytes, or the error page that says what went wrong."""
         _secure_headers(request)
         try:
-            return await handler(request)
+            return await page
         except PageError as e:
             return _error(request, e)
         except StoreUnavailable:
@@ -220,27 +224,23 @@ class Dashboard:
     async def _serve(
         self, handler: Handler, request: Any, params: dict[str, Any], post: bool
     ) -> bytes:
-        _secure_headers(request)
-        try:
-            session = await self._session(request)
-            if session is None:
-                if post:
-                    raise forbidden("Your session has ended: log in again.")
-                return _redirect(request, "/login")
+        return await self._answered(request, self._page(handler, request, params, post))
+
+    async def _page(
+        self, handler: Handler, request: Any, params: dict[str, Any], post: bool
+    ) -> bytes:
+        session = await self._session(request)
+        if session is None:
             if post:
-                self._check_post(request, session)
-            result = await handler(request, session, **params)
-            if isinstance(result, Redirect):
-                return _redirect(request, result.location)
-            title, body = result
-            return self._layout(session, title, body)
-        except PageError as e:
-            return _error(request, e)
-        except StoreUnavailable:
-            return _error(request, _unavailable())
-        except Exception:
-            log.failure("dashboard request {path} failed", path=request.path)
-            return _error(request, PageError(500, "Internal error", "Something went wrong."))
+                raise forbidden("Your session has ended: log in again.")
+            return _redirect(request, "/login")
+        if post:
+            self._check_post(request, session)
+        result = await handler(request, session, **params)
+        if isinstance(result, Redirect):
+            return _redirect(request, result.location)
+        title, body = result
+        return self._layout(session, title, body)
 
     async def _session(self, request: Any) -> Session | None:
         """The request's live session whose credential still holds, else None (and a
