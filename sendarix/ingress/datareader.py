@@ -169,6 +169,14 @@ class _BodyBuilder:
             body += CRLF
         return body
 
+    def result(self, size: int) -> DataResult:
+        """The message and what was found in it, ``size`` bytes received."""
+        body = self.finish()
+        return DataResult(
+            body=body, size=size, oversize=self.oversize, long_line=self.long_line,
+            bare_line_ending=self.bare,
+        )
+
     def _process(self, region: bytes) -> None:
         starts_after_crlf = self._after_crlf
         self._after_crlf = region.endswith(CRLF)
@@ -271,15 +279,7 @@ class DotDataReader:
         return pos + len(MARKER) - t
 
     def _finish(self) -> None:
-        b = self._builder
-        body = b.finish()
-        self._result = DataResult(
-            body=body,
-            size=b.size,
-            oversize=b.oversize,
-            long_line=b.long_line,
-            bare_line_ending=b.bare,
-        )
+        self._result = self._builder.result(self._builder.size)
 
     def result(self) -> DataResult:
         """The message, once ``feed`` has returned a count."""
@@ -318,13 +318,5 @@ class ChunkDataReader:
     def result(self) -> DataResult:
         """The message after the LAST chunk (stored with a final CR LF)."""
         if self._result is None:
-            b = self._builder
-            body = b.finish()
-            self._result = DataResult(
-                body=body,
-                size=self._received,
-                oversize=b.oversize,
-                long_line=b.long_line,
-                bare_line_ending=b.bare,
-            )
+            self._result = self._builder.result(self._received)
         return self._result
