@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,31 +24,29 @@ from sendarix.stores.errors import StoreUnavailable
 log = Logger()
 
 
+@define
 class BufferedScript:
     """One Lua script's writes, batched and kept across an outage.
 
     :param run: runs the script with flat string arguments.
     :param batch: writes per script call.
+    :param clock: schedules the retries.
     :param lost: what the warning calls the writes dropped at stop, e.g. "events not logged".
     """
 
+    _run: Callable[[list[str]], Deferred[Any]] = field(alias="run")
+    _batch: int = field(alias="batch")
+    _clock: Any = field(alias="clock")
+    _lost: str = field(alias="lost")
     #: Writes kept in memory while Redis is unreachable; beyond this, writes fail.
-    max_buffer = 100_000
+    max_buffer: int = 100_000
     #: Seconds between writes retried during an outage.
-    retry_delay = 1.0
-
-    def __init__(
-        self, run: Callable[[list[str]], Deferred[Any]], batch: int, clock: Any, lost: str
-    ) -> None:
-        self._run = run
-        self._batch = batch
-        self._clock = clock
-        self._lost = lost
-        self._queue: list[tuple[list[str], Deferred[None]]] = []
-        self._writing = False
-        self._retry: Any = None
-        self._closing = False
-        self._idle: list[Deferred[None]] = []
+    retry_delay: float = 1.0
+    _queue: list[tuple[list[str], Deferred[None]]] = field(init=False, factory=list)
+    _writing: bool = field(init=False, default=False)
+    _retry: Any = field(init=False, default=None)
+    _closing: bool = field(init=False, default=False)
+    _idle: list[Deferred[None]] = field(init=False, factory=list)
 
     def write(self, args: list[str]) -> Deferred[None]:
         """Queue one write; the Deferred fires once Redis has it."""
