@@ -85,6 +85,11 @@ class WebhookDirectory:
 
     # -- keeping current ---------------------------------------------------------------
 
+    @property
+    def reading(self) -> Deferred[None] | None:
+        """The read of the store under way (None when none is)."""
+        return self._reading
+
     def start(self) -> None:
         """Read the store every ``interval`` seconds (the first read after one
         interval: call :meth:`refresh` first to have them at once)."""
@@ -115,11 +120,16 @@ class WebhookDirectory:
             "could not read the webhook endpoints: {why}", why=f.getErrorMessage()
         ))
 
+        finished = False
+
         def done(result: object) -> None:
+            nonlocal finished
+            finished = True
             self._reading = None
 
         d.addBoth(done)
-        self._reading = d
+        if not finished:  # a store that answers at once leaves nothing under way
+            self._reading = d
         return d
 
     def apply(self, stored: Iterable[StoredWebhook]) -> None:
