@@ -245,6 +245,10 @@ class WebhookDispatcher(Service):
 
         return done.addCallback(close)
 
+    def busy(self) -> dict[str, int]:
+        """The POSTs under way, per endpoint name (endpoints with none are left out)."""
+        return {name: n for name, n in self._in_flight.items() if n > 0}
+
     def idle(self) -> Deferred[Any]:
         """Fires once every send started so far has been recorded."""
         return DeferredList(list(self._sending), consumeErrors=True)
