@@ -64,6 +64,7 @@ class WebhookDirectory:
         self._warned: set[str] = set()
         self._loop: LoopingCall | None = None
         self._reading: Deferred[None] | None = None
+        self._failing = False
 
     # -- lookups ---------------------------------------------------------------------
 
@@ -115,10 +116,8 @@ class WebhookDirectory:
         if self._reading is not None:
             return succeed(None)
         d: Deferred[Any] = self.store.list(None)
-        d.addCallback(self.apply)
-        d.addErrback(lambda f: log.warn(
-            "could not read the webhook endpoints: {why}", why=f.getErrorMessage()
-        ))
+        d.addCallback(self._read)
+        d.addErrback(self._read_failed)
 
         finished = False
 
@@ -131,6 +130,19 @@ class WebhookDirectory:
         if not finished:  # a store that answers at once leaves nothing under way
             self._reading = d
         return d
+
+    def _read(self, stored: Iterable[StoredWebhook]) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("webhook endpoints read again")
+        self.apply(stored)
+
+    def _read_failed(self, failure: Any) -> None:
+        # Once per outage: the stores' own users report it too.
+        if not self._failing:
+            self._failing = True
+            log.warn("could not read the webhook endpoints (keeping the ones known): {why}",
+                     why=failure.getErrorMessage())
 
     def apply(self, stored: Iterable[StoredWebhook]) -> None:
         """Make the stored endpoints ``stored``, and tell the listeners what changed."""

@@ -36,6 +36,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IPolicyForHTTPS
@@ -47,6 +48,7 @@ from sendarix.events.webhooks.signature import headers as signed_headers
 from sendarix.events.webhooks.ssrf import GuardedEndpointFactory
 from sendarix.interfaces import IWebhookOutbox
 from sendarix.model.webhook import BATCH_FILL_TIME, MAX_BATCH_EVENTS, WebhookBatch
+from sendarix.stores.errors import StoreUnavailable
 
 log = Logger()
 
@@ -181,6 +183,7 @@ class WebhookDispatcher(Service):
         self._loop: LoopingCall | None = None
         self._trimmer: LoopingCall | None = None
         self._waiting: Deferred[Any] | None = None
+        self._restart: Any = None
 
     # -- the service --------------------------------------------------------------
 
@@ -196,12 +199,27 @@ class WebhookDispatcher(Service):
     #: Seconds between deletions of dead batches older than ``dead_retention``.
     trim_interval = 3600.0
 
+    #: Seconds before starting again when the stores did not answer at start.
+    start_retry = 1.0
+
     def _start_loop(self) -> Deferred[None]:
         """Take back this node's own leases (it is starting: nothing of it is in
         flight), then poll every ``interval`` seconds."""
+        self._restart = None
         d = Deferred.fromCoroutine(self._reclaim_and_loop())
-        d.addErrback(lambda f: log.failure("webhook dispatcher stopped", f))
+        d.addErrback(self._start_failed)
         return d
+
+    def _start_failed(self, failure: Failure) -> None:
+        if failure.check(StoreUnavailable):
+            if not self.running:
+                return  # stopping: the stores closed under the start
+            # Redis went away while the node started: try again.
+            log.warn("webhook dispatcher waits for the stores: {why}",
+                     why=failure.getErrorMessage())
+            self._restart = self.clock.callLater(self.start_retry, self._start_loop)
+            return
+        log.failure("webhook dispatcher stopped", failure)
 
     async def _reclaim_and_loop(self) -> None:
         count = await self.outbox.reclaim(self.node)
@@ -234,6 +252,8 @@ class WebhookDispatcher(Service):
 
     def stopService(self) -> Deferred[Any]:  # noqa: N802
         super().stopService()
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
         for loop in (self._loop, self._trimmer):
             if loop is not None and loop.running:
                 loop.stop()
