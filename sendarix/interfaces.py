@@ -314,6 +314,29 @@ class IWebhookOutbox(Interface):
     def trim(before):  # noqa: N805
         """Delete dead batches given up before ``before``; the count."""
 
+    def purge(endpoint):  # noqa: N805
+        """Drop everything of ``endpoint`` (a removed endpoint): its queued events and
+        its batches, live or dead.  ``{"queued": events, "batches": live batches,
+        "dead": dead batches}`` dropped."""
+
+
+class IWebhookEndpointStore(Interface):
+    """Webhook endpoints added at run time (each a
+    :obj:`sendarix.model.webhook.StoredWebhook`), shared wherever the stores are
+    shared, so every node picks them up.  Every method returns a Deferred."""
+
+    def add(endpoint):  # noqa: N805 - zope: no self
+        """Store ``endpoint``; False (and nothing changes) when its name is taken."""
+
+    def get(name):  # noqa: N805
+        """The endpoint named ``name``, or None."""
+
+    def list(tenant=None):  # noqa: N805
+        """The endpoints of ``tenant`` (None: of every tenant), by name."""
+
+    def remove(name):  # noqa: N805
+        """Forget ``name``; True when it was there."""
+
 
 class ITemplateStore(Interface):
     """Each tenant's message templates, every version kept.  Deferreds throughout."""
@@ -530,6 +553,7 @@ class IBackend(Interface):
     stats = Attribute("The IStatsStore (hourly event counts).")
     holds = Attribute("The ITenantHolds (tenants whose mail is held).")
     outbox = Attribute("The IWebhookOutbox (webhook deliveries, written with the log).")
+    webhook_endpoints = Attribute("The IWebhookEndpointStore (endpoints added at run time).")
     location = Attribute("Where the data is, for messages (a file path or a server).")
     errors = Attribute(
         "The exception types that mean the store failed (unreachable, unreadable), "

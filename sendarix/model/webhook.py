@@ -1,5 +1,5 @@
-"""Webhook deliveries as values: batches of events in the outbox, dead letters, and
-the JSON a batch is POSTed as.
+"""Webhook deliveries as values: batches of events in the outbox, dead letters, the
+JSON a batch is POSTed as, and the endpoints added at run time (API or CLI).
 
 A batch's body is built once, when the batch is formed, and sent unchanged on every
 attempt, so a retry carries the same ``webhook-id`` and the same bytes.  Each event in
@@ -11,6 +11,8 @@ message.
 from __future__ import annotations
 
 import json
+import re
+from typing import Any
 
 from attrs import frozen
 
@@ -97,3 +99,46 @@ class DisabledEndpoint:
     endpoint: str
     disabled_at: float
     reason: str
+
+
+#: The names of endpoints added at run time: ``wh_`` and a time-ordered unique id in
+#: lower case (adding one checks that no ``[[webhook]]`` has the name).
+STORED_NAME = re.compile(r"wh_[0-9a-z]{26}")
+
+
+def new_endpoint_name(now: float | None = None) -> str:
+    """A fresh name for an endpoint added at run time."""
+    return "wh_" + new_event_id(now).lower()
+
+
+@frozen
+class StoredWebhook:
+    """An endpoint added at run time (``POST /v1/webhooks``, ``sendarix webhooks add``).
+
+    ``sealed`` holds its ``whsec_`` secrets encrypted with a key derived from the node
+    secret (signing needs them in the clear, so they cannot be kept as a hash); only a
+    node or command with the node secret can open it.
+    """
+
+    name: str
+    tenant: str
+    url: str
+    events: tuple[str, ...]
+    retry_schedule: tuple[float, ...]
+    created: float
+    sealed: str
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "v": 1, "name": self.name, "tenant": self.tenant, "url": self.url,
+            "events": list(self.events), "retry_schedule": list(self.retry_schedule),
+            "created": self.created, "sealed": self.sealed,
+        })  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str) -> StoredWebhook:
+        d: dict[str, Any] = json.loads(text)
+        return cls(
+            d["name"], d["tenant"], d["url"], tuple(d["events"]),
+            tuple(float(x) for x in d["retry_schedule"]), float(d["created"]), d["sealed"],
+        )

@@ -40,8 +40,10 @@ from sendarix.events.guard import ComplaintGuard
 from sendarix.events.metrics import Metrics, MetricsSink, QueueSampler, label_sets
 from sendarix.events.sinks import FanoutSink
 from sendarix.events.stats import StatsSink
+from sendarix.events.webhooks.directory import WebhookDirectory
 from sendarix.events.webhooks.dispatcher import WebhookDispatcher, guarded_agent
-from sendarix.events.webhooks.endpoints import Subscriptions, endpoints_from_config
+from sendarix.events.webhooks.endpoints import KEY_PURPOSE as WEBHOOK_KEY_PURPOSE
+from sendarix.events.webhooks.endpoints import endpoints_from_config
 from sendarix.ingress.auth import submission_portal
 from sendarix.ingress.feedback import FeedbackHandler
 from sendarix.ingress.server import ListenerSettings, SubmissionFactory
@@ -79,8 +81,10 @@ class NodeService(MultiService):
     listeners: list[ListenerService]
     #: The HTTP API (None when ``[api] enabled = false``).
     api: HTTPService | None = None
-    #: The webhook dispatcher (None without ``[[webhook]]``).
+    #: The webhook dispatcher.
     webhooks: WebhookDispatcher | None = None
+    #: Every webhook endpoint the node sends to (configured and added at run time).
+    webhook_directory: WebhookDirectory
     #: This process's Prometheus metrics.
     metrics: Metrics
     #: The complaint-rate guard (holds tenants' mail).
@@ -374,11 +378,14 @@ def makeService(
         config = default_config()
     top = NodeService()
     # Webhook secrets are read now: a missing one stops the node before it serves.
-    webhook_endpoints = endpoints_from_config(config, os.environ)
-    stores = open_stores(config, reactor, webhooks=Subscriptions.of(webhook_endpoints))
+    # Endpoints added at run time join the directory once the stores are open.
+    webhooks = WebhookDirectory(endpoints_from_config(config, os.environ), reactor)
+    stores = open_stores(config, reactor, webhooks=webhooks)
+    webhooks.store = stores.webhook_endpoints
     stores_service = StoresService(stores, reactor)
     stores_service.setServiceParent(top)
     top.stores = stores
+    top.webhook_directory = webhooks
     metrics = top.metrics = Metrics(
         providers=label_sets(ProviderTable.default().merged(config.providers).providers),
         tenants=label_sets(["default", *config.tenants, *(lc.tenant for lc in config.listeners)]),
@@ -422,16 +429,19 @@ def makeService(
     top.guard = guard
     stores_service.on_open.append(guard.start)
     stores_service.on_stop.append(guard.stop)
-    if webhook_endpoints:
-        agent, pool = guarded_agent(reactor, config.webhook_options.allow_private)
-        top.webhooks = WebhookDispatcher(
-            stores.outbox, webhook_endpoints, config.node.name, reactor, agent, pool,
-            ready=stores_service.ready, dead_retention=config.events.retention,
-            on_result=metrics.webhook_delivery,
-        )
-        top.webhooks.setServiceParent(top)
-
     secret = load_node_secret(config)
+    # The stored endpoints are read before the node serves, then every few seconds.
+    webhooks.key = secret.derive(WEBHOOK_KEY_PURPOSE) if secret is not None else None
+    stores_service.checks.append(webhooks.refresh)
+    stores_service.on_open.append(webhooks.start)
+    stores_service.on_stop.append(webhooks.stop)
+    agent, pool = guarded_agent(reactor, config.webhook_options.allow_private)
+    top.webhooks = WebhookDispatcher(
+        stores.outbox, webhooks, config.node.name, reactor, agent, pool,
+        ready=stores_service.ready, dead_retention=config.events.retention,
+        on_result=metrics.webhook_delivery,
+    )
+    top.webhooks.setServiceParent(top)
     keyring = DomainKeyring(stores.domains, secret, reactor)
     if not stores.backend.keys_checked_before_start:
         # The key check could not run before the reactor; the node does not serve

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from sendarix.config.settings import Config
 from sendarix.events.sinks import FanoutSink, JSONLogSink
 from sendarix.events.webhooks.endpoints import Subscriptions
-from sendarix.events.webhooks.sink import OutboxSink
+from sendarix.events.webhooks.sink import Matcher, OutboxSink
 from sendarix.interfaces import (
     IBackend,
     ICredentialStore,
@@ -32,6 +32,7 @@ from sendarix.interfaces import (
     ITemplateStore,
     ITenantHolds,
     IThrottle,
+    IWebhookEndpointStore,
     IWebhookOutbox,
 )
 from sendarix.stores.redis.backend import RedisBackend
@@ -95,6 +96,10 @@ class Stores:
         return self.backend.outbox
 
     @property
+    def webhook_endpoints(self) -> IWebhookEndpointStore:
+        return self.backend.webhook_endpoints
+
+    @property
     def templates(self) -> ITemplateStore:
         return self.backend.templates
 
@@ -128,17 +133,21 @@ class Stores:
 
 def open_stores(
     config: Config, reactor: Any, json_log: bool | None = None,
-    webhooks: Subscriptions | None = None,
+    webhooks: Matcher | None = None,
 ) -> Stores:
     """Build (not open) the stores ``config`` names, on the backend it names.
 
     With ``webhooks``, an event some endpoint subscribed to is logged and queued in the
-    webhook outbox together (:class:`OutboxSink` takes the delivery log's place).
+    webhook outbox together (:class:`OutboxSink` takes the delivery log's place).  A
+    node passes its webhook directory even when it has no endpoint yet: one may be
+    added while it runs.
     """
     backend = open_backend(config, reactor)
     use_json = config.events.json_log if json_log is None else json_log
     logged: IEventSink = backend.eventlog
-    if webhooks is not None and webhooks.endpoints:
+    if isinstance(webhooks, Subscriptions) and not webhooks.endpoints:
+        webhooks = None
+    if webhooks is not None:
         logged = OutboxSink(backend.eventlog, backend.outbox, webhooks)
     events: IEventSink = FanoutSink([logged, JSONLogSink()]) if use_json else logged
     return Stores(config, backend, events)

@@ -191,6 +191,31 @@ class OutboxContractMixin(_Base):
         (again,) = await self.lease(now=T0 + 100, hook=1)
         self.assertEqual((again.id, again.body, again.attempts), (batch.id, batch.body, 0))
 
+    async def test_purge_drops_one_endpoint(self) -> None:
+        """``purge`` drops an endpoint's queued events and batches (leased, ready and
+        dead) and says how many; another endpoint's stay; the log keeps the events."""
+        for i in range(3):
+            await self.outbox.add(event(queue_id=f"Q{i}"), ["hook", "other"])
+        (leased,) = await self.lease(hook=1)
+        await self.outbox.add(event(queue_id="Q9", ts=T0 + 2), ["hook"])
+        await self.outbox.add(event(queue_id="Q8", ts=T0 + 2), ["hook"])
+        (dead,) = await self.lease(now=T0 + 3, hook=1)
+        self.assertTrue(await self.outbox.dead_letter(dead.id, "n1", "HTTP 500", T0 + 4))
+        await self.outbox.add(event(queue_id="Q7", ts=T0 + 5), ["hook"])
+        self.assertEqual(await self.outbox.purge("hook"),
+                         {"queued": 1, "batches": 1, "dead": 1})
+        self.assertEqual(await self.outbox.counts("hook"),
+                         {"queued": 0, "batches": 0, "dead": 0})
+        self.assertFalse(await self.outbox.ack(leased.id))
+        self.assertFalse(await self.outbox.retry(leased.id, "n1", T0 + 9, "late"))
+        self.assertEqual(await self.outbox.list_dead(None, 10), [])
+        self.assertEqual(await self.lease(now=T0 + 10 * LEASE, hook=5), [])
+        (kept,) = await self.lease(now=T0 + 10 * LEASE, other=5)
+        self.assertEqual(kept.count, 3)
+        self.assertEqual(len((await self.log.search(EventQuery())).events), 6)
+        self.assertEqual(await self.outbox.purge("hook"),
+                         {"queued": 0, "batches": 0, "dead": 0})
+
     async def test_disabled_endpoint(self) -> None:
         """Nothing is queued for or leased to a disabled endpoint until it is enabled."""
         await self.outbox.add(event(queue_id="Q1"), ["hook"])

@@ -1,12 +1,15 @@
-"""The administration routes: credentials (and so API keys) and sending domains.
+"""The administration routes: credentials (and so API keys), sending domains, tenants
+and webhook endpoints.
 
-They call the same operations as ``sendarix credentials`` and ``sendarix domains``.
+They call the same operations as ``sendarix credentials``, ``sendarix domains``,
+``sendarix tenants`` and ``sendarix webhooks``.
 An ``admin`` key manages its own tenant only; an operator key (tenant ``*``) manages
 every tenant and names the tenant in the request.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from sendarix.config.secret import NodeSecret
@@ -21,12 +24,28 @@ from sendarix.control.domainops import (
     verify_domain,
 )
 from sendarix.control.tenantops import resume_tenant, tenant_names, tenant_summary
-from sendarix.control.webhookops import replay_dead, webhook_rows
+from sendarix.control.webhookops import (
+    WebhookOpError,
+    add_endpoint,
+    find_endpoint,
+    remove_endpoint,
+    replay_dead,
+    send_test,
+    webhook_rows,
+)
 from sendarix.model.credential import SCOPES
 from sendarix.model.domain import SendingDomain
 from sendarix.stores.credentials import CredentialExistsError, CredentialNotFoundError
 
 _DOMAIN_ERRORS = {"conflict": 409, "not_found": 404, "invalid": 422}
+
+
+def _webhook_error(e: WebhookOpError) -> ApiError:
+    if e.kind == "invalid":
+        return invalid(e.field or "webhook", e.message)
+    if e.kind == "no_secret":
+        return ApiError(503, "no_node_secret", e.message)
+    return ApiError({"not_found": 404, "conflict": 409}.get(e.kind, 400), e.kind, e.message)
 
 
 def _strings(body: dict[str, Any], key: str) -> list[str]:
@@ -165,9 +184,64 @@ class AdminRoutes:
         return 200, {"webhooks": await webhook_rows(self.stores, tenant)}
 
     async def _own_webhook(self, principal: Principal, name: str) -> None:
-        rows = await webhook_rows(self.stores, None if principal.operator else principal.tenant)
-        if name not in {r["name"] for r in rows}:
-            raise not_found(f"webhook {name}")
+        try:
+            await find_endpoint(self.stores, name, None if principal.operator else principal.tenant)
+        except WebhookOpError as e:
+            raise _webhook_error(e) from None
+
+    async def add_webhook(self, request: Any, principal: Principal) -> tuple[int, Any]:
+        """A new endpoint of the key's tenant (an operator names it); its ``whsec_``
+        secret is in this answer only."""
+        body = json_body(request)
+        unknown = set(body) - {"tenant", "url", "events", "retry_schedule"}
+        if unknown:
+            raise invalid(sorted(unknown)[0], "is not a known field")
+        tenant = _tenant_for(principal, body.get("tenant"))
+        if "events" not in body:
+            raise invalid("events", "is required (event types, or [\"*\"] for all)")
+        events = _strings(body, "events")
+        schedule = body.get("retry_schedule")
+        if schedule is not None and (
+            not isinstance(schedule, list)
+            or not all(isinstance(x, str | int | float) and not isinstance(x, bool)
+                       for x in schedule)
+        ):
+            raise invalid("retry_schedule", "must be a list of durations like \"5m\"")
+        try:
+            row, secret = await add_endpoint(
+                self.stores, self.secret, tenant, body.get("url"), events,
+                self.clock.seconds(), schedule,
+            )
+        except WebhookOpError as e:
+            raise _webhook_error(e) from None
+        return 201, {**row, "secret": secret}
+
+    async def remove_webhook(
+        self, request: Any, principal: Principal, name: str
+    ) -> tuple[int, Any]:
+        try:
+            done = await remove_endpoint(
+                self.stores, name, self.clock.seconds(),
+                None if principal.operator else principal.tenant,
+            )
+        except WebhookOpError as e:
+            raise _webhook_error(e) from None
+        return 200, done
+
+    async def test_webhook(
+        self, request: Any, principal: Principal, name: str
+    ) -> tuple[int, Any]:
+        """A signed test POST to the endpoint now; what its receiver answered."""
+        from twisted.internet import reactor
+
+        try:
+            result = await send_test(
+                self.stores, self.secret, name, reactor, os.environ,
+                None if principal.operator else principal.tenant,
+            )
+        except WebhookOpError as e:
+            raise _webhook_error(e) from None
+        return 200, result
 
     async def replay_webhook(
         self, request: Any, principal: Principal, name: str

@@ -12,12 +12,21 @@ disables the endpoint and dead-letters the batch; any other answer or error coun
 as a failed attempt, tried again on the endpoint's schedule (``Retry-After``
 honoured) until the schedule is used up and the batch is dead-lettered.
 
+The endpoints come from a :class:`~sendarix.events.webhooks.directory.WebhookDirectory`,
+so endpoints added while the node runs are served from the next round on; a batch of
+an endpoint that was removed is not sent (its lease runs out, or it was dropped).
+
 On start the dispatcher takes back the batches its node leased before a restart;
 every hour it deletes dead batches older than ``dead_retention``.
+
+:func:`post_signed` makes one signed POST; ``sendarix webhooks test`` and
+``POST /v1/webhooks/{name}/test`` use it too, so a test goes through the same guard
+and signing as the real thing.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,16 +36,19 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IPolicyForHTTPS
 
+from sendarix.events.webhooks.directory import WebhookDirectory
 from sendarix.events.webhooks.endpoints import WebhookEndpoint
 from sendarix.events.webhooks.schedule import GiveUp, after_failure, parse_retry_after
 from sendarix.events.webhooks.signature import headers as signed_headers
 from sendarix.events.webhooks.ssrf import GuardedEndpointFactory
 from sendarix.interfaces import IWebhookOutbox
 from sendarix.model.webhook import BATCH_FILL_TIME, MAX_BATCH_EVENTS, WebhookBatch
+from sendarix.stores.errors import StoreUnavailable
 
 log = Logger()
 
@@ -69,6 +81,58 @@ class _Failed(Exception):  # noqa: N818
         self.retry_after = retry_after
 
 
+async def post_signed(
+    agent: IAgent, clock: Any, endpoint: WebhookEndpoint, msg_id: str, body: bytes,
+    timeout: float,
+) -> Any:
+    """POST ``body`` to ``endpoint`` with its ``webhook-*`` headers (signed now with
+    every key of the endpoint), no redirects followed, within ``timeout`` seconds;
+    the response, its body read (at most :data:`MAX_ANSWER` bytes) and dropped."""
+    sent_at = int(clock.seconds())
+    headers = signed_headers(list(endpoint.keys), msg_id, sent_at, body)
+    headers["content-type"] = "application/json"
+    headers["user-agent"] = "Sendarix-Webhooks/1"
+    client = treq.client.HTTPClient(agent)
+    response = await client.post(
+        endpoint.url,
+        data=body,
+        headers=Headers({k: [v] for k, v in headers.items()}),
+        allow_redirects=False,
+        reactor=clock,
+        timeout=timeout,
+    )
+    await _drain(response, clock, timeout)
+    return response
+
+
+async def _drain(response: Any, clock: Any, timeout: float) -> None:
+    """Read (and drop) at most :data:`MAX_ANSWER` bytes of the answer, within
+    ``timeout``, so the connection can be used again."""
+    seen = 0
+
+    def chunk(data: bytes) -> None:
+        nonlocal seen
+        seen += len(data)
+        if seen > MAX_ANSWER:
+            raise _Failed("answer too long")
+
+    d = treq.collect(response, chunk)
+    timer = clock.callLater(timeout, d.cancel)
+    try:
+        await d
+    except Exception:  # noqa: BLE001 - the status decides; the body is not needed
+        pass
+    finally:
+        if timer.active():
+            timer.cancel()
+
+
+def describe_error(error: BaseException) -> str:
+    """An exception as one short line (why a POST failed)."""
+    text = str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}"[:500]
+
+
 class WebhookDispatcher(Service):
     """Sends the outbox's batches (see the module docstring); a child service of the node."""
 
@@ -77,7 +141,7 @@ class WebhookDispatcher(Service):
     def __init__(
         self,
         outbox: IWebhookOutbox,
-        endpoints: Sequence[WebhookEndpoint],
+        endpoints: Sequence[WebhookEndpoint] | WebhookDirectory,
         node: str,
         clock: Any,
         agent: IAgent,
@@ -95,7 +159,11 @@ class WebhookDispatcher(Service):
         #: Told each POST's result: ``delivered``, ``failed`` or ``dead_lettered``.
         self.on_result = on_result
         self.outbox = outbox
-        self.endpoints = {e.name: e for e in endpoints}
+        #: Where endpoints are looked up (a fixed list becomes a directory of its own).
+        self.directory = (
+            endpoints if isinstance(endpoints, WebhookDirectory)
+            else WebhookDirectory(list(endpoints), clock)
+        )
         self.node = node
         self.clock = clock
         self.pool = pool
@@ -108,19 +176,19 @@ class WebhookDispatcher(Service):
         self.max_events = max_events
         self.dead_retention = dead_retention
         self._agent = agent
-        self._in_flight: dict[str, int] = dict.fromkeys(self.endpoints, 0)
+        # Sends under way per endpoint name (a name is dropped once it has none).
+        self._in_flight: Counter[str] = Counter()
         self._sending: set[Deferred[None]] = set()
         self._polling = False
         self._loop: LoopingCall | None = None
         self._trimmer: LoopingCall | None = None
         self._waiting: Deferred[Any] | None = None
+        self._restart: Any = None
 
     # -- the service --------------------------------------------------------------
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
-        if not self.endpoints:
-            return
         if self.ready is None:
             self._start_loop()
             return
@@ -131,12 +199,27 @@ class WebhookDispatcher(Service):
     #: Seconds between deletions of dead batches older than ``dead_retention``.
     trim_interval = 3600.0
 
+    #: Seconds before starting again when the stores did not answer at start.
+    start_retry = 1.0
+
     def _start_loop(self) -> Deferred[None]:
         """Take back this node's own leases (it is starting: nothing of it is in
         flight), then poll every ``interval`` seconds."""
+        self._restart = None
         d = Deferred.fromCoroutine(self._reclaim_and_loop())
-        d.addErrback(lambda f: log.failure("webhook dispatcher stopped", f))
+        d.addErrback(self._start_failed)
         return d
+
+    def _start_failed(self, failure: Failure) -> None:
+        if failure.check(StoreUnavailable):
+            if not self.running:
+                return  # stopping: the stores closed under the start
+            # Redis went away while the node started: try again.
+            log.warn("webhook dispatcher waits for the stores: {why}",
+                     why=failure.getErrorMessage())
+            self._restart = self.clock.callLater(self.start_retry, self._start_loop)
+            return
+        log.failure("webhook dispatcher stopped", failure)
 
     async def _reclaim_and_loop(self) -> None:
         count = await self.outbox.reclaim(self.node)
@@ -169,6 +252,8 @@ class WebhookDispatcher(Service):
 
     def stopService(self) -> Deferred[Any]:  # noqa: N802
         super().stopService()
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
         for loop in (self._loop, self._trimmer):
             if loop is not None and loop.running:
                 loop.stop()
@@ -179,6 +264,10 @@ class WebhookDispatcher(Service):
             return self.pool.closeCachedConnections() if self.pool is not None else None
 
         return done.addCallback(close)
+
+    def busy(self) -> dict[str, int]:
+        """The POSTs under way, per endpoint name (endpoints with none are left out)."""
+        return {name: n for name, n in self._in_flight.items() if n > 0}
 
     def idle(self) -> Deferred[Any]:
         """Fires once every send started so far has been recorded."""
@@ -191,9 +280,9 @@ class WebhookDispatcher(Service):
         if self._polling:
             return succeed(None)
         limits = {
-            name: self.concurrency - busy
-            for name, busy in self._in_flight.items()
-            if busy < self.concurrency
+            name: self.concurrency - self._in_flight[name]
+            for name in self.directory.names()
+            if self._in_flight[name] < self.concurrency
         }
         if not limits:
             return succeed(None)
@@ -217,9 +306,9 @@ class WebhookDispatcher(Service):
         return d.addBoth(done)
 
     def _start(self, batch: WebhookBatch) -> None:
-        endpoint = self.endpoints.get(batch.endpoint)
+        endpoint = self.directory.get(batch.endpoint)
         if endpoint is None:
-            return  # not this node's endpoint: its lease runs out
+            return  # removed meanwhile: its lease runs out (a removal drops the batch)
         self._in_flight[endpoint.name] += 1
         d = Deferred.fromCoroutine(self._send(endpoint, batch))
         self._sending.add(d)
@@ -227,6 +316,8 @@ class WebhookDispatcher(Service):
         def finished(result: object) -> None:
             self._sending.discard(d)
             self._in_flight[endpoint.name] -= 1
+            if self._in_flight[endpoint.name] <= 0:
+                del self._in_flight[endpoint.name]
 
         d.addErrback(lambda f: log.failure("webhook batch {id} not recorded", f, id=batch.id))
         d.addBoth(finished)
@@ -238,7 +329,7 @@ class WebhookDispatcher(Service):
             await self._failed(endpoint, batch, str(e), e.retry_after)
             return
         except Exception as e:  # noqa: BLE001 - every error is a failed attempt
-            await self._failed(endpoint, batch, _describe(e), None)
+            await self._failed(endpoint, batch, describe_error(e), None)
             return
         if status == 410:
             log.warn(
@@ -259,23 +350,11 @@ class WebhookDispatcher(Service):
 
     async def _post(self, endpoint: WebhookEndpoint, batch: WebhookBatch) -> int:
         """POST ``batch``; its status when 2xx or 410, else raises :class:`_Failed`."""
-        body = batch.body.encode("utf-8")
-        sent_at = int(self.clock.seconds())
-        headers = signed_headers(list(endpoint.keys), batch.id, sent_at, body)
-        headers["content-type"] = "application/json"
-        headers["user-agent"] = "Sendarix-Webhooks/1"
-        client = treq.client.HTTPClient(self._agent)
-        request = client.post(
-            endpoint.url,
-            data=body,
-            headers=Headers({k: [v] for k, v in headers.items()}),
-            allow_redirects=False,
-            reactor=self.clock,
-            timeout=self.timeout,
+        response = await post_signed(
+            self._agent, self.clock, endpoint, batch.id, batch.body.encode("utf-8"),
+            self.timeout,
         )
-        response = await request
         status = int(response.code)
-        await self._drain(response)
         if 200 <= status < 300 or status == 410:
             return status
         retry_after = None
@@ -285,27 +364,6 @@ class WebhookDispatcher(Service):
             text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
             retry_after = parse_retry_after(text, self.clock.seconds())
         raise _Failed(f"HTTP {status}", retry_after)
-
-    async def _drain(self, response: Any) -> None:
-        """Read (and drop) at most :data:`MAX_ANSWER` bytes of the answer, within the
-        timeout, so the connection can be used again."""
-        seen = 0
-
-        def chunk(data: bytes) -> None:
-            nonlocal seen
-            seen += len(data)
-            if seen > MAX_ANSWER:
-                raise _Failed("answer too long")
-
-        d = treq.collect(response, chunk)
-        timer = self.clock.callLater(self.timeout, d.cancel)
-        try:
-            await d
-        except Exception:  # noqa: BLE001 - the status decides; the body is not needed
-            pass
-        finally:
-            if timer.active():
-                timer.cancel()
 
     async def _failed(
         self, endpoint: WebhookEndpoint, batch: WebhookBatch, error: str, retry_after: float | None
@@ -325,7 +383,3 @@ class WebhookDispatcher(Service):
         await self.outbox.retry(batch.id, self.node, decision.due, error)
         self._tell("failed")
 
-
-def _describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return f"{type(error).__name__}: {text}"[:500]

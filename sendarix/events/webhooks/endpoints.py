@@ -1,22 +1,34 @@
-"""The webhook endpoints of a node, from ``[[webhook]]``: where each tenant's events go
-and with which secrets they are signed.
+"""The webhook endpoints of a node: where each tenant's events go and with which
+secrets they are signed.
 
-An endpoint's secrets come from the environment variable its ``secret_env`` names:
-one ``whsec_`` secret, or several separated by spaces while a secret is rotated (every
-POST is then signed with each of them).
+A ``[[webhook]]`` endpoint's secrets come from the environment variable its
+``secret_env`` names: one ``whsec_`` secret, or several separated by spaces while a
+secret is rotated (every POST is then signed with each of them).  An endpoint added
+at run time keeps its secrets in the stores, sealed with AES-GCM under a key derived
+from the node secret (:func:`seal`, :func:`unseal`): signing needs them in the clear,
+so a hash would not do, and the stores alone (a copied database file, a Redis dump)
+do not give them away.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import os
 from collections.abc import Iterable, Mapping, Sequence
 
 from attrs import field, frozen
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sendarix.config.errors import ConfigError
 from sendarix.config.settings import Config, WebhookConfig
 from sendarix.events.webhooks.signature import BadSecret, parse_secret
 from sendarix.model.event import Event
-from sendarix.model.webhook import STANDARD_RETRY_SCHEDULE
+from sendarix.model.webhook import STANDARD_RETRY_SCHEDULE, StoredWebhook
+
+#: The purpose the node secret's key for sealing webhook secrets is derived for.
+KEY_PURPOSE = "sendarix webhook secrets v1"
 
 
 def _frozen_set(values: Iterable[str]) -> frozenset[str]:
@@ -100,3 +112,40 @@ class Subscriptions:
     @classmethod
     def of(cls, endpoints: Sequence[WebhookEndpoint]) -> Subscriptions:
         return cls(tuple(endpoints))
+
+
+class SealError(ValueError):
+    """A sealed secret does not open with this key (another node secret, or damage)."""
+
+
+def seal(key: bytes, name: str, secrets: Sequence[str]) -> str:
+    """``secrets`` (``whsec_`` values) encrypted and authenticated under ``key`` (32
+    bytes), bound to the endpoint ``name``: base64 of nonce and ciphertext."""
+    nonce = os.urandom(12)
+    sealed = AESGCM(key).encrypt(nonce, " ".join(secrets).encode("ascii"), name.encode())
+    return base64.b64encode(nonce + sealed).decode("ascii")
+
+
+def unseal(key: bytes, name: str, sealed: str) -> list[str]:
+    """The secrets :func:`seal` sealed for ``name``; SealError when ``key`` is not the
+    one they were sealed with."""
+    try:
+        raw = base64.b64decode(sealed, validate=True)
+        plain = AESGCM(key).decrypt(raw[:12], raw[12:], name.encode())
+    except (InvalidTag, binascii.Error, ValueError):
+        raise SealError(
+            f"the secret of webhook {name} does not open with this node secret"
+        ) from None
+    return plain.decode("ascii").split()
+
+
+def endpoint_from_stored(stored: StoredWebhook, key: bytes | None) -> WebhookEndpoint:
+    """A stored endpoint as the node uses it; with ``key``, its secrets are opened
+    (SealError when they do not open), without, it has no keys (for listings)."""
+    keys: tuple[bytes, ...] = ()
+    if key is not None:
+        keys = tuple(parse_secret(s) for s in unseal(key, stored.name, stored.sealed))
+    return WebhookEndpoint(
+        name=stored.name, tenant=stored.tenant, url=stored.url, events=stored.events,
+        keys=keys, retry_schedule=stored.retry_schedule,
+    )

@@ -1,18 +1,25 @@
 """The event sink in front of the delivery log: an event some webhook subscribed to is
 logged and queued in the webhook outbox in one transaction; any other event is only
-logged."""
+logged.  Subscriptions are asked per event, so a directory that changes while the
+node runs (:class:`~sendarix.events.webhooks.directory.WebhookDirectory`) is
+followed at once."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from attrs import define
 from twisted.internet.defer import Deferred, maybeDeferred
 from zope.interface import implementer
 
-from sendarix.events.webhooks.endpoints import Subscriptions
 from sendarix.interfaces import IEventLog, IEventSink, IWebhookOutbox
 from sendarix.model.event import Event
+
+
+class Matcher(Protocol):
+    """Which endpoints an event goes to (``Subscriptions``, ``WebhookDirectory``)."""
+
+    def match(self, event: Event) -> list[str]: ...
 
 
 @implementer(IEventSink)
@@ -22,7 +29,7 @@ class OutboxSink:
 
     log: IEventLog
     outbox: IWebhookOutbox
-    subscriptions: Subscriptions
+    subscriptions: Matcher
 
     def emit(self, event: Event) -> Deferred[Any]:
         """Log ``event``, and queue it for the endpoints subscribed to it."""

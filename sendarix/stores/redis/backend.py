@@ -32,6 +32,7 @@ from sendarix.stores.redis.stats import RedisStatsStore
 from sendarix.stores.redis.suppression import RedisSuppressionStore
 from sendarix.stores.redis.templates import RedisTemplateStore
 from sendarix.stores.redis.throttle import RedisThrottle
+from sendarix.stores.redis.webhooks import RedisWebhookEndpointStore
 
 #: Key prefix of everything Sendarix keeps in Redis.
 PREFIX = "sendarix:"
@@ -54,6 +55,7 @@ class RedisBackend:
     stats: RedisStatsStore
     holds: RedisTenantHolds
     outbox: RedisWebhookOutbox
+    webhook_endpoints: RedisWebhookEndpointStore
     # ResponseError: Redis answered, but refused (a wrong password, a read-only replica).
     errors: tuple[type[BaseException], ...] = (
         txredisapi.ConnectionError, txredisapi.ResponseError, OSError,
@@ -89,6 +91,7 @@ class RedisBackend:
             stats=RedisStatsStore(redis, PREFIX, retention=config.events.retention),
             holds=RedisTenantHolds(redis, PREFIX),
             outbox=RedisWebhookOutbox(redis, PREFIX, reactor),
+            webhook_endpoints=RedisWebhookEndpointStore(redis, PREFIX),
         )
 
     @property

@@ -236,6 +236,26 @@ return #ids
 """
 
 
+# ARGV: prefix, endpoint.  {queued events, live batches, dead batches} dropped.  A
+# batch leased at the time is dropped too: its sender's ack or retry finds nothing.
+_PURGE = """
+local P, ep = ARGV[1], ARGV[2]
+local queued = redis.call('LLEN', P .. 'hook:p:' .. ep)
+local live = redis.call('SMEMBERS', P .. 'hook:live:' .. ep)
+local dead = redis.call('ZRANGE', P .. 'hook:dead:' .. ep, 0, -1)
+for _, id in ipairs(live) do
+  redis.call('DEL', P .. 'hook:b:' .. id)
+  redis.call('ZREM', P .. 'hook:leased', id)
+end
+for _, id in ipairs(dead) do
+  redis.call('DEL', P .. 'hook:b:' .. id)
+  redis.call('ZREM', P .. 'hook:dead', id)
+end
+redis.call('DEL', P .. 'hook:p:' .. ep, P .. 'hook:live:' .. ep, P .. 'hook:due:' .. ep,
+           P .. 'hook:dead:' .. ep)
+return {queued, #live, #dead}
+"""
+
 @implementer(IWebhookOutbox)
 class RedisWebhookOutbox:
     """IWebhookOutbox in Redis (see the module docstring)."""
@@ -352,6 +372,13 @@ class RedisWebhookOutbox:
                     return total
 
         return Deferred.fromCoroutine(go())
+
+    def purge(self, endpoint: str) -> Deferred[dict[str, int]]:
+        def parse(reply: list[Any]) -> dict[str, int]:
+            queued, live, dead = (int(x) for x in reply)
+            return {"queued": queued, "batches": live, "dead": dead}
+
+        return self._run(_PURGE, endpoint).addCallback(parse)
 
     def counts(self, endpoint: str) -> Deferred[dict[str, int]]:
         async def go() -> dict[str, int]:

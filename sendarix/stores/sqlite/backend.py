@@ -35,6 +35,7 @@ from sendarix.stores.sqlite.outbox import SQLiteWebhookOutbox
 from sendarix.stores.sqlite.stats import SQLiteStatsStore
 from sendarix.stores.sqlite.suppression import SQLiteSuppressionStore
 from sendarix.stores.sqlite.templates import SQLiteTemplateStore
+from sendarix.stores.sqlite.webhooks import SQLiteWebhookEndpointStore
 
 
 @implementer(IBackend)
@@ -54,6 +55,7 @@ class SQLiteBackend:
     stats: SQLiteStatsStore
     holds: SQLiteTenantHolds
     outbox: SQLiteWebhookOutbox
+    webhook_endpoints: SQLiteWebhookEndpointStore
     errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
     shares_state: bool = False
     # The file can be read before the reactor runs (load_node_secret does).
@@ -79,6 +81,7 @@ class SQLiteBackend:
             stats=SQLiteStatsStore(db),
             holds=SQLiteTenantHolds(db),
             outbox=SQLiteWebhookOutbox(db),
+            webhook_endpoints=SQLiteWebhookEndpointStore(db),
         )
 
     @property

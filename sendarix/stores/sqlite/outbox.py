@@ -263,6 +263,21 @@ class SQLiteWebhookOutbox:
 
         return self._db.run(delete, background=True)
 
+    def purge(self, endpoint: str) -> Deferred[dict[str, int]]:
+        def delete(conn: sqlite3.Connection) -> dict[str, int]:
+            queued = conn.execute(
+                "DELETE FROM hook_pending WHERE endpoint = ?", (endpoint,)
+            ).rowcount
+            dead = conn.execute(
+                "DELETE FROM hook_batch WHERE endpoint = ? AND state = 'dead'", (endpoint,)
+            ).rowcount
+            live = conn.execute(
+                "DELETE FROM hook_batch WHERE endpoint = ?", (endpoint,)
+            ).rowcount
+            return {"queued": queued, "batches": live, "dead": dead}
+
+        return self._db.run(delete)
+
 
 def _form(
     conn: sqlite3.Connection, endpoint: str, now: float, stamp: str, fill_time: float,

@@ -17,6 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
+from sendarix.events.webhooks.directory import WebhookDirectory
 from sendarix.events.webhooks.dispatcher import WebhookDispatcher, guarded_agent
 from sendarix.events.webhooks.endpoints import Subscriptions, WebhookEndpoint
 from sendarix.events.webhooks.signature import generate_secret, parse_secret
@@ -68,7 +69,8 @@ class DispatcherTestsMixin:
             tuple(parse_secret(s) for s in secrets), schedule,
         )
 
-    def dispatcher(self: Any, endpoints: list[WebhookEndpoint], node: str = "n1",
+    def dispatcher(self: Any, endpoints: list[WebhookEndpoint] | WebhookDirectory,
+                   node: str = "n1",
                    **kw: Any) -> WebhookDispatcher:
         agent, pool = guarded_agent(reactor, allow_private=True, connect_timeout=2.0)
         kw.setdefault("timeout", 2.0)
@@ -236,6 +238,33 @@ class SQLiteDispatcherTests(DispatcherTestsMixin, TestCase):
         self.assertEqual(len(slow.received), 1)
         self.assertLess(fast.received[-1].at - slow.received[0].at, 2.0)
         slow.finish_hanging()
+
+    async def test_follows_the_directory(self) -> None:
+        """An endpoint added to the directory gets the events that happen from then
+        on; once it is removed, its POST under way is let finish (here: time out)
+        and no slot stays counted for it."""
+        from tests.events.webhooks.test_directory import KEY, stored
+
+        slow = self.start_receiver(lambda r: None)
+        directory = WebhookDirectory([], reactor, key=KEY)
+        sink = OutboxSink(self.log, self.outbox, directory)
+        dispatcher = self.dispatcher(directory, timeout=1.0)
+        await sink.emit(event("delivered", queue_id="Q0"))  # no endpoint yet: logged only
+        secret = generate_secret()
+        value = stored(url=slow.url, secret=secret)
+        directory.apply([value])
+        await sink.emit(event("delivered", queue_id="Q1"))
+        await slow.wait_for(1)
+        (got,) = slow.received
+        sent = Webhook(secret).verify(got.body, got.headers)
+        self.assertEqual([e["queue_id"] for e in sent["data"]["events"]], ["Q1"])
+        self.assertEqual(dispatcher.busy(), {value.name: 1})
+        directory.apply([])
+        await until(lambda: dispatcher.busy() == {}, 5.0,
+                    lambda: f"the slot given back (busy: {dispatcher.busy()})")
+        await dispatcher.idle()
+        await deferLater(reactor, 0.2, lambda: None)  # rounds that would lease it again
+        self.assertEqual(len(slow.received), 1)
 
     async def test_refused_address_is_a_failed_attempt(self) -> None:
         """A name resolving to 10.0.0.1: no connection is made (the HTTP client's
