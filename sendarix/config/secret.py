@@ -6,7 +6,9 @@ never appears in a file, a log line or an event.  Independent keys are derived f
 it with HKDF-SHA256, one per purpose:
 
 - ``"dkim-keys"``: a Fernet key that encrypts DKIM private keys at rest;
-- ``"xoauth2"``: the HMAC key of the built-in XOAUTH2 bearer tokens.
+- ``"xoauth2"``: the HMAC key of the built-in XOAUTH2 bearer tokens;
+- ``"idempotent-answers"``: a Fernet key that encrypts the API answers kept for an
+  ``Idempotency-Key`` when they hold a secret (a new API key or webhook secret).
 """
 
 from __future__ import annotations
@@ -53,17 +55,19 @@ class NodeSecret:
         )
         return hkdf.derive(self.value)
 
-    def _fernet(self) -> Fernet:
-        return Fernet(base64.urlsafe_b64encode(self.derive("dkim-keys")))
+    def _fernet(self, purpose: str) -> Fernet:
+        return Fernet(base64.urlsafe_b64encode(self.derive(purpose)))
 
-    def encrypt(self, plaintext: bytes) -> str:
-        """``plaintext`` encrypted and authenticated (a Fernet token, ASCII)."""
-        return self._fernet().encrypt(plaintext).decode("ascii")
+    def encrypt(self, plaintext: bytes, purpose: str = "dkim-keys") -> str:
+        """``plaintext`` encrypted and authenticated (a Fernet token, ASCII) with the
+        key for ``purpose``."""
+        return self._fernet(purpose).encrypt(plaintext).decode("ascii")
 
-    def decrypt(self, token: str) -> bytes:
-        """The plaintext of ``token``; SecretError when this secret did not make it."""
+    def decrypt(self, token: str, purpose: str = "dkim-keys") -> bytes:
+        """The plaintext of ``token``; SecretError when this secret (and ``purpose``)
+        did not make it."""
         try:
-            return self._fernet().decrypt(token.encode("ascii"))
+            return self._fernet(purpose).decrypt(token.encode("ascii"))
         except (InvalidToken, ValueError):
             raise SecretError(
                 f"${self.env_name} does not decrypt the stored keys: it is not the "

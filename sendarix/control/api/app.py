@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from sendarix.config.secret import NodeSecret
+from sendarix.config.secret import NodeSecret, SecretError
 from sendarix.config.units import parse_duration
 from sendarix.control.api.admin import AdminRoutes
 from sendarix.control.api.auth import ApiKeys, Principal
@@ -62,6 +62,11 @@ from sendarix.model.template import NAME_PATTERN as TEMPLATE_NAME
 from sendarix.stores.errors import StoreUnavailable
 
 log = Logger()
+
+#: How a kept answer that holds a secret starts (the rest is its encrypted text).
+SEALED_ANSWER = "sealed:"
+#: The node-secret key purpose that encrypts such answers.
+ANSWER_PURPOSE = "idempotent-answers"
 
 #: HTTP status for each refusal code of the HTTP door.
 _REFUSAL_STATUS = {
@@ -281,6 +286,7 @@ class ApiApp(AdminRoutes):
     ) -> tuple[int, bytes]:
         """Run a POST once per ``Idempotency-Key``: a repeat with the same body gets
         the first answer (``Idempotent-Replayed: true``), another body 409."""
+        value: Any
         raw_key = request.getHeader(b"idempotency-key")
         if raw_key is None:
             status, value = await handler(request, principal, **params)
@@ -305,7 +311,8 @@ class ApiApp(AdminRoutes):
                                "a request with this Idempotency-Key is still running",
                                {"Retry-After": "1"})
             request.setHeader(b"idempotent-replayed", b"true")
-            return int(found.status or 200), (found.body or "").encode("utf-8")
+            return int(found.status or 200), self._open_answer(found.body or "")
+        value = None
         try:
             status, value = await handler(request, principal, **params)
             body = json_bytes(value)
@@ -317,8 +324,33 @@ class ApiApp(AdminRoutes):
         except BaseException:
             await self.idempotency.release(scope, key)
             raise
-        await self.idempotency.finish(scope, key, status, body.decode("utf-8"))
+        if isinstance(value, dict) and "secret" in value:
+            # A new API key or webhook secret is kept only encrypted; without a node
+            # secret it is not kept at all, and a repeat runs as a new request.
+            if self.secret is None:
+                await self.idempotency.release(scope, key)
+                return status, body
+            kept = SEALED_ANSWER + self.secret.encrypt(body, ANSWER_PURPOSE)
+        else:
+            kept = body.decode("utf-8")
+        await self.idempotency.finish(scope, key, status, kept)
         return status, body
+
+    def _open_answer(self, kept: str) -> bytes:
+        """A kept answer as first sent (decrypted when it holds a secret)."""
+        if not kept.startswith(SEALED_ANSWER):
+            return kept.encode("utf-8")
+        try:
+            if self.secret is None:
+                raise SecretError("no node secret")
+            return self.secret.decrypt(kept[len(SEALED_ANSWER):], ANSWER_PURPOSE)
+        except SecretError:
+            raise ApiError(
+                409, "idempotency_key_reused",
+                "the first answer to this Idempotency-Key holds a secret this node "
+                "cannot decrypt (another node secret): rotate the credential or remove "
+                "the endpoint and add it again",
+            ) from None
 
     def _not_found(self, request: Any, failure: Any) -> bytes:
         request.setResponseCode(404)

@@ -613,6 +613,23 @@ class AdminTests(ApiTestCase):
         self.assertError(await self.call("GET", "/v1/events", key=rotated["secret"]),
                          401, "unauthorized")
 
+    async def test_secret_answer_kept_encrypted(self) -> None:
+        """A new key made with an Idempotency-Key is answered again on a repeat, but the
+        answer kept in the store does not show the secret."""
+        headers = {"Idempotency-Key": "make-bot"}
+        body = {"name": "bot", "scopes": ["send"]}
+        status, made, _ = await self.call("POST", "/v1/credentials", body, key=self.admin,
+                                          headers=headers)
+        self.assertEqual(status, 201)
+        status, again, response = await self.call("POST", "/v1/credentials", body,
+                                                  key=self.admin, headers=headers)
+        self.assertEqual((status, again), (201, made))
+        self.assertEqual(response.getRawHeaders("idempotent-replayed"), ["true"])
+        kept = await self.relay.stores.idempotency.claim("acme", "make-bot", "", 0.0)
+        assert kept is not None and kept.body is not None
+        self.assertNotIn(made["secret"], kept.body)
+        self.assertNotIn(made["secret"].split(".")[-1], kept.body)
+
     async def test_domains(self) -> None:
         """Add a domain with a named selector (used exactly), publish its records in
         DNS, verify; the records are what the CLI prints."""
