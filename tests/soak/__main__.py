@@ -373,8 +373,13 @@ class Soak:
                 break
             if time.time() >= deadline:
                 break
+            by_domain: dict[str, int] = {}
+            for case in verdict.lost:
+                domain = case.rpartition("@")[2]
+                by_domain[domain] = by_domain.get(domain, 0) + 1
             self.say(f"{open_} recipients not yet delivered or bounced, {messages} "
-                     "messages in the spool")
+                     "messages in the spool ("
+                     + ", ".join(f"{d} {n}" for d, n in sorted(by_domain.items())) + ")")
             time.sleep(5)
         self.say("drain over")
         spooled, active = self.queued()

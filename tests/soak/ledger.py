@@ -82,7 +82,9 @@ def explained(copies: Sequence[Receipt], kills: Iterable[Kill], in_flight: float
     went out from a node that was SIGKILLed within ``in_flight`` seconds after it (before
     it could record the outcome), and a later copy came after the kill."""
     for kill in kills:
-        before = [c for c in copies if c.node == kill.node and kill.at - in_flight <= c.at <= kill.at]
+        before = [
+            c for c in copies if c.node == kill.node and kill.at - in_flight <= c.at <= kill.at
+        ]
         after = [c for c in copies if c.at > kill.at]
         if before and after:
             return True
