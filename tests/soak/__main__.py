@@ -58,6 +58,8 @@ DELIVERY = (
     'greylist_retry = "3s"\nconnect_timeout = "2s"\ncommand_timeout = "4s"\n'
     'dead_site_suspension = "10s"\nrate_limit_pause = "10s"\n'
 )
+#: Seconds of one round of faults (a longer run repeats them).
+CHAOS_ROUND = 180.0
 #: Most messages one submitter sends, whatever the duration.
 MAX_PER_SUBMITTER = 50_000
 SENDER = "soak@sender.test"
@@ -335,16 +337,8 @@ class Soak:
         workers.append(threading.Thread(target=self.submit_api, args=(until, 4 / self.rate)))
         for w in workers:
             w.start()
-        switchable = SWITCHABLE[0]
-        chaos = [
-            (0.15, f"{switchable} stops listening", lambda: self.world(f"down {switchable}")),
-            (0.25, "SIGKILL node a, restart it", self._restart_a),
-            (0.35, f"{switchable} listens again", lambda: self.world(f"up {switchable}")),
-            (0.5, "SIGKILL Redis, restart it", self._restart_redis),
-            (0.65, "node c joins", lambda: self.start_node("c")),
-        ]
-        for at, what, action in chaos:
-            time.sleep(max(0.0, self.started + at * seconds - time.time()))
+        for at, what, action in self.chaos(seconds):
+            time.sleep(max(0.0, self.started + at - time.time()))
             self.say(what)
             action()
         for w in workers:
@@ -353,9 +347,35 @@ class Soak:
                  "refused or failed (clients would retry those); draining")
         return self.drain()
 
-    def _restart_a(self) -> None:
-        self.sigkill("a")
-        self.start_node("a")
+    def chaos(self, seconds: float) -> list[tuple[float, str, Any]]:
+        """The faults, at seconds into the run: one round per ``CHAOS_ROUND`` seconds
+        (a short run has one), each taking a destination down and back, SIGKILLing a
+        node (a, then b, then c, ...) and restarting it, and SIGKILLing Redis; node c
+        joins in the first round."""
+        switchable = SWITCHABLE[0]
+        rounds = max(1, int(seconds // CHAOS_ROUND))
+        length = seconds / rounds
+        events: list[tuple[float, str, Any]] = []
+        for i in range(rounds):
+            start = i * length
+            victim = "abc"[i % 3] if i else "a"
+            events += [
+                (start + 0.15 * length, f"{switchable} stops listening",
+                 lambda: self.world(f"down {switchable}")),
+                (start + 0.25 * length, f"SIGKILL node {victim}, restart it",
+                 lambda victim=victim: self._restart(victim)),
+                (start + 0.35 * length, f"{switchable} listens again",
+                 lambda: self.world(f"up {switchable}")),
+                (start + 0.5 * length, "SIGKILL Redis, restart it", self._restart_redis),
+            ]
+            if i == 0:
+                events.append((start + 0.65 * length, "node c joins",
+                               lambda: self.start_node("c")))
+        return events
+
+    def _restart(self, name: str) -> None:
+        self.sigkill(name)
+        self.start_node(name)
 
     def _restart_redis(self) -> None:
         self.sigkill("redis")
