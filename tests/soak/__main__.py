@@ -32,6 +32,7 @@ import json
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import smtplib
@@ -117,7 +118,8 @@ class Soak:
         )
         self.procs["world"] = proc
         assert proc.stdout is not None
-        line = proc.stdout.readline().decode()  # bounded: the process exits on error
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        line = proc.stdout.readline().decode() if ready else "(nothing within 60 s)"
         if not line.startswith("ready "):
             raise RuntimeError(f"the soak's destinations did not start: {line!r}")
         self.dns_port, self.mx_port = (int(x) for x in line.split()[1:3])
