@@ -460,7 +460,8 @@ class DeliveryService(Service):
         for site in self.ready_queues.sites():
             if site not in self._drainers:
                 self._kick(site)
-        lease = self.scheduler.poll(self.reactor.seconds())
+        now = self.reactor.seconds()
+        lease = self.scheduler.poll(now, self._resting(now))
         if lease is None:
             return  # folded into one more poll when this one ends or a group settles
         node, lease_time = self.config.node.name, self.config.spool.lease_time
@@ -484,6 +485,14 @@ class DeliveryService(Service):
         d.addCallback(self._dispatched)
         d.addErrback(self._failed, "leasing due deliveries failed")
         d.addBoth(done)
+
+    def _resting(self, now: float) -> list[str]:
+        """Sites this node sends nothing to now: dead (connections kept failing) or
+        paused (sessions kept being refused with 421)."""
+        return [
+            site for site, shape in self.shaping.sites.items()
+            if pause_reply(site, shape, now) is not None
+        ]
 
     async def _stopping(self, polling: Deferred[Any] | None) -> None:
         """Wait for the poll in flight, then for every group and connection, including
