@@ -315,6 +315,18 @@ class Soak:
                     active.add((message["queue_id"], r["address"].lower()))
         return len(messages), active
 
+    def show(self, cases: list[str]) -> None:
+        """The spool's record of a few recipients still waiting (why they wait)."""
+        wanted = {tuple(case.split(" ", 1)) for case in cases}
+        for message in self.cli("queue", "list", "--json", "--limit", "1000000"):
+            for r in message["recipients"]:
+                if (message["queue_id"], r["address"]) in wanted:
+                    reply = r.get("last_reply") or {}
+                    wait = (r["next_attempt"] or time.time()) - time.time()
+                    self.say(f"  {message['queue_id']} {r['address']}: {r['status']}, "
+                             f"{r['attempts']} attempts, next in {wait:.0f} s, last "
+                             f"{reply.get('code')} {reply.get('text')}")
+
     def verdict(self, queued: set[tuple[str, str]]) -> Verdict:
         with self.lock:
             submissions = dict(self.submissions)
@@ -402,6 +414,8 @@ class Soak:
             self.say(f"{open_} recipients not yet delivered or bounced, {messages} "
                      "messages in the spool ("
                      + ", ".join(f"{d} {n}" for d, n in sorted(by_domain.items())) + ")")
+            if open_ <= 3:
+                self.show(verdict.lost)
             time.sleep(5)
         self.say("drain over")
         spooled, active = self.queued()
