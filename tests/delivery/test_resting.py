@@ -55,13 +55,18 @@ class RestingSiteTests(unittest.TestCase):
             self.directory,
         )
 
-    def agent(self, node: str) -> DeliveryService:
+    def agent(self, node: str, dead: str | None = None) -> DeliveryService:
+        """A started delivery agent named ``node``; ``dead``: a site it holds dead
+        from the start, with rest.test known to go there."""
         config = self.config(node)
         resolver = DNSResolver(config.dns.addresses(), 2.0, 60.0, reactor, reactor)
         service = DeliveryService(
             config, self.stores.spool, self.stores.events, self.stores.suppressions,
             MXRouter(resolver, port=self.mx_port), reactor, poll_interval=0.1,
         )
+        if dead is not None:
+            service.shaping.get(dead).window.dead_until = reactor.seconds() + 600
+            service.ready_queues.note_domain("rest.test", dead)
         service.startService()
         self.addCleanup(service.stopService)
         return service
@@ -69,9 +74,7 @@ class RestingSiteTests(unittest.TestCase):
     async def test_dead_site_left_to_another_node(self) -> None:
         """n1 holds the site dead: its polls leave the mail alone (no deferral, no
         attempt); n2, which can reach the site, delivers it."""
-        n1 = self.agent("n1")
-        n1.shaping.get("restmail").window.dead_until = reactor.seconds() + 600
-        n1.ready_queues.note_domain("rest.test", "restmail")
+        self.agent("n1", dead="restmail")
         intake = Intake(spool=self.stores.spool, events=self.stores.events, clock=reactor,
                         node="n1", hostname="n1.test")
         queue_id = intake.new_queue_id()
