@@ -223,6 +223,8 @@ def describe(config: Config) -> str:
     lines.append(
         f"delivery: retry {', '.join(d(s) for s in dl.retry_schedule)} (last repeats), "
         f"lifetime {d(dl.max_lifetime)}, greylist retry {d(dl.greylist_retry)}, "
+        f"dead sites suspended {d(dl.dead_site_suspension)}, "
+        f"421 pause {d(dl.rate_limit_pause)}, "
         f"MX port {dl.mx_port}, tls={dl.tls}, {dl.concurrency} connections per destination"
     )
     servers = ", ".join(config.dns.nameservers) or "system resolver"

@@ -231,6 +231,12 @@ class DeliveryConfig:
     )
     max_lifetime: float = setting(duration_parser(), 5 * 86400.0)
     greylist_retry: float = setting(duration_parser(), 300.0)
+    #: How long a site whose connections keep failing is suspended (its mail deferred
+    #: without connecting) before one probe connection is tried.
+    dead_site_suspension: float = setting(duration_parser(), 300.0)
+    #: How long a site that refused every session with 421 three times in a row is
+    #: paused.
+    rate_limit_pause: float = setting(duration_parser(), 60.0)
     mx_port: int = setting(integer_parser(1, 65535), 25)
     connect_timeout: float = setting(duration_parser(), 5.0)
     command_timeout: float = setting(duration_parser(), 300.0)

@@ -256,6 +256,8 @@ class DeliveryService(Service):
         self._drainers: dict[str, Deferred[None] | None] = {}
         self._wakeups: dict[str, Deferred[None]] = {}
         self._renewer: LoopingCall | None = None
+        # When the resting sites were last looked up, and what they were.
+        self._resting_sites: tuple[float, list[str]] = (float("-inf"), [])
         # Failed connection attempts per delivery that was kept queued.
         self._failures: dict[tuple[str, str], int] = {}
         #: Spool traffic of the lease poll: deliveries leased, handed back unsent
@@ -460,7 +462,8 @@ class DeliveryService(Service):
         for site in self.ready_queues.sites():
             if site not in self._drainers:
                 self._kick(site)
-        lease = self.scheduler.poll(self.reactor.seconds())
+        now = self.reactor.seconds()
+        lease = self.scheduler.poll(now, self._resting(now))
         if lease is None:
             return  # folded into one more poll when this one ends or a group settles
         node, lease_time = self.config.node.name, self.config.spool.lease_time
@@ -484,6 +487,19 @@ class DeliveryService(Service):
         d.addCallback(self._dispatched)
         d.addErrback(self._failed, "leasing due deliveries failed")
         d.addBoth(done)
+
+    def _resting(self, now: float) -> list[str]:
+        """Sites this node sends nothing to now: dead (connections kept failing) or
+        paused (sessions kept being refused with 421).  Looked up at most once per
+        poll interval: every queued message wakes a poll, and there may be many sites."""
+        at, sites = self._resting_sites
+        if now - at >= self.poll_interval / 2 or now < at:
+            sites = [
+                site for site, shape in self.shaping.sites.items()
+                if pause_reply(site, shape, now) is not None
+            ]
+            self._resting_sites = (now, sites)
+        return sites
 
     async def _stopping(self, polling: Deferred[Any] | None) -> None:
         """Wait for the poll in flight, then for every group and connection, including

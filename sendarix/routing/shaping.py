@@ -112,7 +112,6 @@ class Shaping:
 
     providers: ProviderTable
     delivery: DeliveryConfig
-    suspend_for: float = 60.0
     sites: dict[str, SiteShape] = field(factory=dict, init=False)
 
     def get(self, site: str) -> SiteShape:
@@ -142,7 +141,8 @@ class Shaping:
                 count, period = limit
                 rate = AdaptiveRate(base_rate=count, floor=max(count / 20.0, 1e-6))
         window = DestinationWindow(
-            initial=min(5, max_connections), maximum=max_connections
+            initial=min(5, max_connections), maximum=max_connections,
+            suspend_for=dc.dead_site_suspension,
         )
         return SiteShape(
             site=site,
@@ -152,6 +152,6 @@ class Shaping:
             window=window,
             rate=rate,
             period=period,
-            suspend_for=self.suspend_for,
+            suspend_for=dc.rate_limit_pause,
             max_connections_per_source=per_source,
         )

@@ -21,7 +21,7 @@ The per-site ready queues themselves (the fair split of the window) are
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Generic, TypeVar
 
 from attrs import define, field, frozen
@@ -166,10 +166,17 @@ class Scheduler(Generic[T]):
 
     # -- the poll -----------------------------------------------------------------
 
-    def poll(self, now: float) -> Lease | None:
+    def poll(self, now: float, resting: Iterable[str] = ()) -> Lease | None:
         """Time to poll (the interval passed, or new mail was queued): the lease to
         ask for, or None while a poll is under way or the window is full (the wish is
-        remembered and granted by :meth:`wanted` once there is room)."""
+        remembered and granted by :meth:`wanted` once there is room).
+
+        ``resting``: sites this node will not connect to now (dead, or paused after
+        421s): their mail is left in the spool, where another node, which may well
+        reach them, takes it, rather than being leased here only to be deferred (its
+        next try would then come a whole retry interval later).  Alone, the node
+        takes it again once the site's rest is over.
+        """
         free = 0
         if not self._polling and not self._stopped:
             free = self.ready_queues.poll_limit(
@@ -180,7 +187,7 @@ class Scheduler(Generic[T]):
             return None
         self._wake_missed = False
         self._polling = True
-        return Lease(now, free, tuple(self.ready_queues.skip_domains()))
+        return Lease(now, free, tuple(self.ready_queues.skip_domains(resting=resting)))
 
     def leased(
         self,

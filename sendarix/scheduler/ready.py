@@ -33,7 +33,7 @@ when the site can take it, rather than at every poll.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from attrs import define, field
@@ -224,10 +224,11 @@ class ReadyQueues(Generic[T]):
             limit = min(limit, max(1, (self.window - self.reserve) // (len(active) + 1)))
         return max(0, limit)
 
-    def skip_domains(self, limit: int = 500) -> list[str]:
-        """Domains of the sites the poll should leave out (:meth:`full_sites`; the most
-        recently seen ``limit``), for a spool that can leave them in place."""
-        full = self.full_sites()
+    def skip_domains(self, limit: int = 500, resting: Iterable[str] = ()) -> list[str]:
+        """Domains of the sites the poll should leave out (:meth:`full_sites`, and the
+        ``resting`` sites; the most recently seen ``limit``), for a spool that can leave
+        them in place."""
+        full = self.full_sites() | set(resting)
         if not full:
             return []
         out: list[str] = []

@@ -14,10 +14,11 @@ from sendarix.routing.shaping import Shaping, strictest_tls
 from sendarix.routing.throttle import MemoryThrottle
 
 
-def shaping(**provider: object) -> Shaping:
+def shaping(delivery: dict[str, object] | None = None, **provider: object) -> Shaping:
     config = parse_config(
         {"provider": {"bulk": {"mx_suffixes": ["bulk.test"], **provider}},
-         "delivery": {"concurrency": 8, "max_messages_per_connection": 40}},
+         "delivery": {"concurrency": 8, "max_messages_per_connection": 40,
+                      **(delivery or {})}},
         ".",
     )
     return Shaping(ProviderTable.default().merged(config.providers), config.delivery)
@@ -101,6 +102,28 @@ class AdaptiveShapingTests(SynchronousTestCase):
         clock.advance(0.5)
         self.assertFalse(shape.is_suspended(clock.seconds()))
         self.assertIsNone(shape.describe(clock.seconds())["suspended_until"])
+
+    def test_pauses_default(self) -> None:
+        """Without settings a dead site rests 5 minutes and a refusing one 60 s."""
+        shape = shaping().get("bulk")
+        self.assertEqual((shape.window.suspend_for, shape.suspend_for), (300.0, 60.0))
+
+    def test_pauses_configured(self) -> None:
+        """[delivery] dead_site_suspension and rate_limit_pause set how long a site whose
+        connections keep failing, or that keeps refusing with 421, rests: a destination
+        back after an outage is tried again that soon."""
+        shape = shaping({"dead_site_suspension": "10s", "rate_limit_pause": "7s"}).get("bulk")
+        for _ in range(20):
+            self.assertTrue(shape.window.try_acquire(100.0))
+            shape.window.failure(100.0)
+            if shape.window.is_dead(100.0):
+                break
+        self.assertTrue(shape.window.is_dead(109.9))
+        self.assertFalse(shape.window.is_dead(110.0))
+        for _ in range(3):
+            shape.throttled(200.0, refused=True)
+        self.assertTrue(shape.is_suspended(206.9))
+        self.assertFalse(shape.is_suspended(207.0))
 
     @given(st.lists(st.sampled_from(["throttle", "ok"]), max_size=60),
            st.integers(1, 10))

@@ -231,6 +231,20 @@ class SchedulerTests(SynchronousTestCase):
         # The wake that found a poll running asks for another one once it ends.
         self.assertTrue(scheduler.poll_done(0, first.limit))
 
+    def test_resting_sites_left_out(self) -> None:
+        """The domains of sites the node rests (dead or paused) are left out of the
+        poll, for other nodes to take; other domains are not."""
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
+        scheduler.ready_queues.note_domain("a.test", "site-a")
+        scheduler.ready_queues.note_domain("b.test", "site-b")
+        lease = scheduler.poll(0.0, resting=["site-a"])
+        assert lease is not None
+        self.assertEqual(lease.skip_domains, ("a.test",))
+        scheduler.poll_done(0, lease.limit)
+        lease = scheduler.poll(1.0)
+        assert lease is not None
+        self.assertEqual(lease.skip_domains, ())
+
     def test_full_poll_polls_again(self) -> None:
         scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
         lease = scheduler.poll(0.0)

@@ -1,0 +1,102 @@
+"""A node that will not connect to a site now (dead, or paused after 421s) leaves the
+site's mail in the spool for the other nodes, instead of leasing it only to defer it."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial import unittest
+
+from sendarix.cleanup.intake import Intake, Submission
+from sendarix.config.loader import parse_config
+from sendarix.config.settings import Config
+from sendarix.control.cli.sink import SinkOptions, SinkServer
+from sendarix.delivery.service import DeliveryService
+from sendarix.model.event import EventQuery
+from sendarix.model.message import Envelope, RecipientStatus
+from sendarix.routing.mx import DNSResolver, MXRouter
+from sendarix.stores.backends import Stores, open_stores
+from tests.support.dnsserver import start_dns
+
+BODY = b"From: <app@example.com>\r\nSubject: resting\r\n\r\nhello\r\n"
+
+
+class RestingSiteTests(unittest.TestCase):
+    """Two delivery agents share one spool; the first holds the site dead."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.sink = SinkServer(
+            SinkOptions(listen=("tcp:0:interface=127.0.0.2",), hostname="sink.test",
+                        idle_timeout=0),
+            reactor,
+        )
+        await self.sink.start()
+        self.addCleanup(self.sink.stop)
+        self.mx_port = self.sink.addresses[0][1]
+        dns_port, stop_dns = start_dns(
+            {"rest.test": {"MX": [(10, "mx.rest.test")]}, "mx.rest.test": {"A": ["127.0.0.2"]}}
+        )
+        self.addCleanup(stop_dns)
+        self.dns_port = dns_port
+        self.directory = os.path.abspath(self.mktemp())
+        self.stores: Stores = open_stores(self.config("n1"), reactor)
+        await self.stores.open()
+        self.addCleanup(self.stores.close)
+
+    def config(self, node: str) -> Config:
+        return parse_config(
+            {"node": {"name": node, "hostname": f"{node}.test"},
+             "spool": {"url": "sqlite:spool.db"}, "events": {"json_log": False},
+             "delivery": {"mx_port": self.mx_port},
+             "dns": {"nameservers": [f"127.0.0.1:{self.dns_port}"], "timeout": 2},
+             "provider": {"restmail": {"mx_suffixes": ["rest.test"]}}},
+            self.directory,
+        )
+
+    def agent(self, node: str, dead: str | None = None) -> DeliveryService:
+        """A started delivery agent named ``node``; ``dead``: a site it holds dead
+        from the start, with rest.test known to go there."""
+        config = self.config(node)
+        resolver = DNSResolver(config.dns.addresses(), 2.0, 60.0, reactor, reactor)
+        service = DeliveryService(
+            config, self.stores.spool, self.stores.events, self.stores.suppressions,
+            MXRouter(resolver, port=self.mx_port), reactor, poll_interval=0.1,
+        )
+        if dead is not None:
+            service.shaping.get(dead).window.dead_until = reactor.seconds() + 600
+            service.ready_queues.note_domain("rest.test", dead)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    async def test_dead_site_left_to_another_node(self) -> None:
+        """n1 holds the site dead: its polls leave the mail alone (no deferral, no
+        attempt); n2, which can reach the site, delivers it."""
+        self.agent("n1", dead="restmail")
+        intake = Intake(spool=self.stores.spool, events=self.stores.events, clock=reactor,
+                        node="n1", hostname="n1.test")
+        queue_id = intake.new_queue_id()
+        await intake.accept(Submission(
+            queue_id=queue_id, envelope=Envelope("app@example.com", ("user@rest.test",)),
+            body=BODY, tenant="default",
+        ))
+        await deferLater(reactor, 1.0, lambda: None)  # n1 polls ten times
+        stored = await self.stores.spool.get(queue_id)
+        assert stored is not None
+        (record,) = stored.recipients
+        self.assertEqual((record.status, record.attempts), (RecipientStatus.PENDING, 0))
+        page = await self.stores.eventlog.search(EventQuery(queue_id=queue_id, type="deferred"))
+        self.assertEqual(list(page.events), [])
+        self.agent("n2")
+        await self.sink.wait_for(1)
+        page = await self.stores.eventlog.search(EventQuery(queue_id=queue_id, type="delivered"))
+        for _ in range(50):
+            if page.events:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+            page = await self.stores.eventlog.search(
+                EventQuery(queue_id=queue_id, type="delivered"))
+        (event,) = page.events
+        self.assertEqual(event.node, "n2")
