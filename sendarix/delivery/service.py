@@ -144,6 +144,14 @@ def _route_reply(error: RouteError) -> Reply:
     return Reply(451, error.enhanced, error.reason)
 
 
+def _refused_421(result: egress.SessionResult) -> bool:
+    """True when the hop answered (greeting, EHLO or every message) with 421."""
+    if result.connect_error is not None or not result.results:
+        return False
+    first = result.results[0].message_reply
+    return first is not None and first.code == 421
+
+
 def _held_no_session(result: egress.SessionResult) -> bool:
     """True when the hop refused us before any transaction: a connect error, no
     greeting (closed or timed out first), or a 421 (greeting or EHLO) that every
@@ -1035,10 +1043,14 @@ class DeliveryService(Service):
             if held:
                 conn.strategy.succeeded(hop, self.reactor.seconds())
                 break
-            conn.strategy.failed(hop, self.reactor.seconds())
             first = result.results[0].message_reply if result.results else None
             if result.connect_error is not None or first is None or first.code != 421:
                 refused_421 = False
+            if source is None or not _refused_421(result):
+                # A hop that could not be reached rests for everyone; a 421 to an
+                # egress source is about that source (its reputation or its pace),
+                # so the hop stays open to the other sources (other tenants' pools).
+                conn.strategy.failed(hop, self.reactor.seconds())
             log.info(
                 "{host} ({address}) held no session: {reply}",
                 host=hop.host, address=hop.address,
@@ -1091,6 +1103,14 @@ class DeliveryService(Service):
         shape = conn.shape
         now = self.reactor.seconds()
         if _held_no_session(result):
+            if refused_421 and source is not None:
+                # Refused, from this source only as far as we know: the source is
+                # marked and the pace slows, but the site is not counted down or
+                # paused for the other sources (another tenant's pool among them).
+                shape.window.release()
+                shape.throttled(now)
+                self._penalize(source, conn.site, now)
+                return
             shape.window.failure(now)
             if refused_421:
                 # Every host answered 421: slow down; refused again and again, the
