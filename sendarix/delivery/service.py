@@ -46,6 +46,7 @@ from sendarix.config.settings import Config, EgressSourceConfig, RouteConfig
 from sendarix.egress import client as egress
 from sendarix.egress.simulator import simulate_delivery
 from sendarix.egress.sources import TieredSelector
+from sendarix.events.guard import hold_key
 from sendarix.interfaces import (
     IDeliveryObserver,
     IDestinationControl,
@@ -225,7 +226,8 @@ class DeliveryService(Service):
         self.return_path: Callable[[LeasedDelivery], str] = lambda d: d.envelope.sender
         #: Tells senders of final failures (DSNs); set by the node once intake exists.
         self.notifier: Any = None
-        #: tenant -> why its mail is held (kept current by the complaint guard).
+        #: hold key (a tenant, or ``tenant/provider``) -> why that mail is held (kept
+        #: current by the complaint guard).
         self.held_tenants: dict[str, str] = {}
         self.schedule = RetrySchedule.from_config(config.delivery)
         self.rng = rng if rng is not None else random.Random()
@@ -592,6 +594,16 @@ class DeliveryService(Service):
                 await self._defer_all(deliveries, pending, reply)
                 return
             site = self._site_of(rule, route.hops)
+            # A tenant held at this provider only (its complaints come from there).
+            held = [d for d in deliveries if hold_key(d.meta.tenant, site) in self.held_tenants]
+            if held:
+                await self._defer_all(held, pending, Reply(
+                    451, "4.7.1", f"Tenant's mail to {site} held by the operator's guard: "
+                    f"{self.held_tenants[hold_key(held[0].meta.tenant, site)]}"
+                ))
+                deliveries = list(pending)
+                if not deliveries:
+                    return
             shape = self.shaping.get(site)
             # Repeated connection failures (Postfix's "dead destination") or
             # rate-limit refusals: defer at once instead of trying once per message.
