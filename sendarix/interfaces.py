@@ -371,7 +371,9 @@ class IStatsStore(Interface):
 
 class ITenantHolds(Interface):
     """Tenants whose outgoing mail is held (complaint rate over the limit), shared
-    wherever the stores are shared.  Deferreds throughout."""
+    wherever the stores are shared.  A ``tenant`` here is a hold key: a tenant's name
+    (all its mail) or ``tenant/provider`` (its mail to that provider).  Deferreds
+    throughout."""
 
     def hold(tenant, reason, now):  # noqa: N805 - zope: no self
         """Hold ``tenant``'s mail; True when it was not held already."""

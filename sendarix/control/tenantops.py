@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from sendarix.config.settings import Config
+from sendarix.events.guard import split_hold_key
 from sendarix.events.stats import hour_of
 from sendarix.stores.backends import Stores
 
@@ -39,7 +40,13 @@ async def tenant_summary(stores: Stores, config: Config, name: str, now: float) 
             figures[kind] += n
     delivered = figures["delivered"]
     rate = figures["complained"] / delivered if delivered else None
-    held = (await stores.holds.all()).get(name)
+    holds = await stores.holds.all()
+    held = holds.get(name)
+    providers_held = {
+        provider: reason for (tenant, provider), (reason, _) in
+        ((split_hold_key(key), value) for key, value in holds.items())
+        if tenant == name and provider is not None
+    }
     return {
         "name": name,
         "configured": name in config.tenants,
@@ -54,10 +61,15 @@ async def tenant_summary(stores: Stores, config: Config, name: str, now: float) 
         "over_complaint_limit": rate is not None and rate > settings.max_complaint_rate,
         "held": held[0] if held else None,
         "held_since": held[1] if held else None,
+        "held_providers": providers_held,
     }
 
 
 async def resume_tenant(stores: Stores, name: str, now: float) -> bool:
-    """Release a held tenant's mail (the guard leaves it alone for a day); False when
-    it was not held.  Nodes pick the release up within seconds."""
-    return bool(await stores.holds.release(name, now))
+    """Release a held tenant's mail, to every provider (the guard leaves it alone for
+    a day); False when none of it was held.  Nodes pick the release up within
+    seconds."""
+    keys = [name] + [key for key in await stores.holds.all()
+                     if split_hold_key(key)[0] == name and key != name]
+    released = [bool(await stores.holds.release(key, now)) for key in keys]
+    return any(released)

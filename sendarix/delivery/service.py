@@ -46,6 +46,7 @@ from sendarix.config.settings import Config, EgressSourceConfig, RouteConfig
 from sendarix.egress import client as egress
 from sendarix.egress.simulator import simulate_delivery
 from sendarix.egress.sources import TieredSelector
+from sendarix.events.guard import hold_key
 from sendarix.interfaces import (
     IDeliveryObserver,
     IDestinationControl,
@@ -144,6 +145,14 @@ def _route_reply(error: RouteError) -> Reply:
     return Reply(451, error.enhanced, error.reason)
 
 
+def _refused_421(result: egress.SessionResult) -> bool:
+    """True when the hop answered (greeting, EHLO or every message) with 421."""
+    if result.connect_error is not None or not result.results:
+        return False
+    first = result.results[0].message_reply
+    return first is not None and first.code == 421
+
+
 def _held_no_session(result: egress.SessionResult) -> bool:
     """True when the hop refused us before any transaction: a connect error, no
     greeting (closed or timed out first), or a 421 (greeting or EHLO) that every
@@ -217,7 +226,8 @@ class DeliveryService(Service):
         self.return_path: Callable[[LeasedDelivery], str] = lambda d: d.envelope.sender
         #: Tells senders of final failures (DSNs); set by the node once intake exists.
         self.notifier: Any = None
-        #: tenant -> why its mail is held (kept current by the complaint guard).
+        #: hold key (a tenant, or ``tenant/provider``) -> why that mail is held (kept
+        #: current by the complaint guard).
         self.held_tenants: dict[str, str] = {}
         self.schedule = RetrySchedule.from_config(config.delivery)
         self.rng = rng if rng is not None else random.Random()
@@ -600,6 +610,16 @@ class DeliveryService(Service):
                 await self._defer_all(deliveries, pending, reply)
                 return
             site = self._site_of(rule, route.hops)
+            # A tenant held at this provider only (its complaints come from there).
+            held = [d for d in deliveries if hold_key(d.meta.tenant, site) in self.held_tenants]
+            if held:
+                await self._defer_all(held, pending, Reply(
+                    451, "4.7.1", f"Tenant's mail to {site} held by the operator's guard: "
+                    f"{self.held_tenants[hold_key(held[0].meta.tenant, site)]}"
+                ))
+                deliveries = list(pending)
+                if not deliveries:
+                    return
             shape = self.shaping.get(site)
             # Repeated connection failures (Postfix's "dead destination") or
             # rate-limit refusals: defer at once instead of trying once per message.
@@ -1051,10 +1071,14 @@ class DeliveryService(Service):
             if held:
                 conn.strategy.succeeded(hop, self.reactor.seconds())
                 break
-            conn.strategy.failed(hop, self.reactor.seconds())
             first = result.results[0].message_reply if result.results else None
             if result.connect_error is not None or first is None or first.code != 421:
                 refused_421 = False
+            if source is None or not _refused_421(result):
+                # A hop that could not be reached rests for everyone; a 421 to an
+                # egress source is about that source (its reputation or its pace),
+                # so the hop stays open to the other sources (other tenants' pools).
+                conn.strategy.failed(hop, self.reactor.seconds())
             log.info(
                 "{host} ({address}) held no session: {reply}",
                 host=hop.host, address=hop.address,
@@ -1107,6 +1131,14 @@ class DeliveryService(Service):
         shape = conn.shape
         now = self.reactor.seconds()
         if _held_no_session(result):
+            if refused_421 and source is not None:
+                # Refused, from this source only as far as we know: the source is
+                # marked and the pace slows, but the site is not counted down or
+                # paused for the other sources (another tenant's pool among them).
+                shape.window.release()
+                shape.throttled(now)
+                self._penalize(source, conn.site, now)
+                return
             shape.window.failure(now)
             if refused_421:
                 # Every host answered 421: slow down; refused again and again, the

@@ -123,6 +123,8 @@ class Metrics:
     http_requests: Counter = field(init=False)
     feedback_reports: Counter = field(init=False)
     tenants_held: Gauge = field(init=False)
+    tenant_providers_held: Gauge = field(init=False)
+    _held_pairs: set[tuple[str, str]] = field(factory=set, init=False)
     webhook_deliveries: Counter = field(init=False)
     filter_decisions: Counter = field(init=False)
 
@@ -180,6 +182,11 @@ class Metrics:
         self.tenants_held = Gauge(
             "sendarix_tenant_held", "1 while a tenant's outgoing mail is held (complaint rate)",
             ["tenant"], registry=r,
+        )
+        self.tenant_providers_held = Gauge(
+            "sendarix_tenant_provider_held",
+            "1 while a tenant's mail to one provider is held (complaint rate there)",
+            ["tenant", "provider"], registry=r,
         )
         self.feedback_reports = Counter(
             "sendarix_feedback_reports", "Mail to the feedback domains by result",
@@ -268,9 +275,18 @@ class Metrics:
         self.throttle_waits.labels(self.site_label(site)).observe(max(0.0, seconds))
 
     def set_held_tenants(self, held: Mapping[str, str]) -> None:
-        """Which tenants are held now (the others shown 0)."""
-        for tenant in self.tenants | set(held):
-            self.tenants_held.labels(self.tenant_label(tenant)).set(1 if tenant in held else 0)
+        """Which holds are in force now (keys: a tenant, or ``tenant/provider``); the
+        tenants and pairs not held are shown 0."""
+        tenants = {k for k in held if "/" not in k}
+        for tenant in self.tenants | tenants:
+            self.tenants_held.labels(self.tenant_label(tenant)).set(
+                1 if tenant in tenants else 0)
+        pairs = {(t, p) for t, _, p in (k.partition("/") for k in held if "/" in k)}
+        for tenant, provider in pairs | self._held_pairs:
+            self.tenant_providers_held.labels(
+                self.tenant_label(tenant), self.provider_label(provider)
+            ).set(1 if (tenant, provider) in pairs else 0)
+        self._held_pairs |= pairs
 
     def feedback_report(self, result: str) -> None:
         """A report read (``recorded``) or ``dropped``."""

@@ -161,7 +161,13 @@ class FeedbackHandler:
             "recipient": recipient.address, "node": self.node,
         }
         if report.kind == "complaint":
-            await self._emit(Event.make("complained", now, **common))
+            # Counted against the provider the message went to, so the complaint
+            # guard sees which provider's users complain.
+            delivered = await self._accepted(EventQuery(
+                queue_id=original.queue_id, recipient=recipient.address, type="delivered",
+                limit=1))
+            provider = delivered.provider if delivered is not None else None
+            await self._emit(Event.make("complained", now, provider=provider, **common))
             await self.suppressions.add(original.tenant, recipient.address,
                                         "complaint (feedback report)", "complaint", now)
             return f"complaint for {recipient.address}"

@@ -203,6 +203,40 @@ class TieredSelectorTests(SynchronousTestCase):
                              sender.penalty("a", "gmail", now + 60.0))
 
 
+    @given(st.lists(st.tuples(st.sampled_from(["a1", "a2"]), st.floats(0, 7200)),
+                    min_size=1, max_size=20),
+           st.integers(0, 2**32 - 1))
+    def test_pools_keep_their_marks(self, blocks: list[tuple[str, float]], seed: int) -> None:
+        """Two tenants' pools: however often the destination blocks or rate-limits
+        pool "acme"'s sources, "acme" sends only from its own sources and "globex"'s
+        choice is what it was with no block at all (same random draws), its sources
+        unmarked."""
+        sources = (_src("a1", pool="acme"), _src("a2", pool="acme"),
+                   _src("g1", pool="globex"), _src("gg2", pool="globex"))
+        hit = TieredSelector(sources, rng=random.Random(seed))
+        calm = TieredSelector(sources, rng=random.Random(seed))
+        now = 0.0
+        for name, at in sorted(blocks, key=lambda b: b[1]):
+            now = at
+            hit.penalize(name, "gmail", now)
+        for _ in range(20):
+            chosen = hit.choose("globex", "gmail", now, DAY0)
+            expected = calm.choose("globex", "gmail", now, DAY0)
+            assert chosen is not None and expected is not None
+            self.assertEqual(chosen.name, expected.name)
+            self.assertEqual(chosen.pool, "globex")
+        for _ in range(20):
+            acme = hit.choose("acme", "gmail", now, DAY0)
+            assert acme is not None
+            self.assertEqual(acme.pool, "acme")
+        for name in ("g1", "gg2"):
+            self.assertEqual(hit.penalty(name, "gmail", now), 0.0)
+        # The least-blocked acme source is the one acme prefers while both are marked.
+        marked = {n for n, _ in blocks}
+        if marked == {"a1"}:
+            self.assertEqual(hit.choose("acme", "gmail", now, DAY0).name, "a2")  # type: ignore[union-attr]
+
+
 class SharedTieredSelectorTests(TestCase):
     """Two nodes' selectors on one Redis share warmup counts and marks."""
 

@@ -32,7 +32,9 @@ async def _tenants_list(args: argparse.Namespace, stores: Stores) -> Output:
     rows = [(s["name"], str(len(s["credentials"])), str(s["quota"] or "-"),
              str(s["last_24h"]["accepted"]), str(s["last_24h"]["delivered"]),
              str(s["last_24h"]["bounced"]), _rate(s["complaint_rate"]),
-             "HELD" if s["held"] else ("OVER LIMIT" if s["over_complaint_limit"] else ""))
+             "HELD" if s["held"] else
+             "HELD at " + ", ".join(sorted(s["held_providers"])) if s["held_providers"] else
+             ("OVER LIMIT" if s["over_complaint_limit"] else ""))
             for s in summaries]
     return text_lines(render_table(
         ("tenant", "credentials", "quota/day", "accepted 24h", "delivered", "bounced",
@@ -58,6 +60,8 @@ async def _tenants_show(args: argparse.Namespace, stores: Stores) -> Output:
         f"{s['max_complaint_rate'] * 100:.2f}%)"
         + (" OVER THE LIMIT" if s["over_complaint_limit"] else ""),
         f"held: {s['held']}" if s["held"] else "held: no",
+        *(f"held at {provider}: {reason}" for provider, reason in
+          sorted(s["held_providers"].items())),
     )
 
 
