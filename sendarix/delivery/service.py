@@ -115,6 +115,9 @@ STATE_INTERVAL = 5.0
 BODY_CACHE_OCTETS = 32 * 1024 * 1024
 #: ...and a body larger than this is never kept.
 BODY_CACHE_MAX = 1024 * 1024
+#: Seconds an egress session rests open after its last message, for the next
+#: delivery to the same server (Postfix's connection cache keeps them 2 s).
+SESSION_REST = 2.0
 
 
 @frozen
@@ -276,6 +279,8 @@ class DeliveryService(Service):
         #: Take fresh mail from memory at its commit (the active queue); when False,
         #: every message waits for a lease poll and its body is read from the spool.
         self.active_queue = True
+        #: Egress sessions resting between deliveries to the same server.
+        self.sessions = egress.SessionCache(reactor, SESSION_REST)
         # The active queue: bodies of fresh mail handed over at its commit, by
         # (queue id, domain), until its first connection takes them.
         self._bodies: dict[tuple[str, str], bytes] = {}
@@ -289,6 +294,7 @@ class DeliveryService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.sessions.open()
         self.scheduler.start()
         self._restore_state()
         if self._ready is None:
@@ -432,7 +438,7 @@ class DeliveryService(Service):
             self._running.add(released)
             released.addBoth(self._forget, released)
         if not self._running and self._polling is None:
-            return Deferred.fromCoroutine(_nothing())
+            return self.sessions.close().addCallback(lambda _: None)
         done = Deferred.fromCoroutine(self._stopping(self._polling))
         out: Deferred[None] = Deferred()
         def give_up() -> None:
@@ -543,12 +549,14 @@ class DeliveryService(Service):
 
     async def _stopping(self, polling: Deferred[Any] | None) -> None:
         """Wait for the poll in flight, then for every group and connection, including
-        those that poll started (its Deferred has its own errback)."""
+        those that poll started (its Deferred has its own errback), then close the
+        resting sessions."""
         if polling is not None:
             await polling
         running = list(self._running)
         if running:
             await DeferredList(running, consumeErrors=True)
+        await self.sessions.close()
 
     def _dispatched(self, leased: list[LeasedDelivery]) -> list[LeasedDelivery]:
         self._dispatch(leased)
@@ -1092,6 +1100,12 @@ class DeliveryService(Service):
                 # Smarthosts are ours: one that does not greet at once is down.
                 greeting_timeout=dc.connect_timeout if hop.endpoint is not None else None,
                 pace=self._pacer(conn),
+                cache=self.sessions,
+                cache_site=conn.site,
+                # Resting plus open sessions (this one is still counted) stay within
+                # the site's connection limit.
+                cache_room=lambda: shape.window.limit - self.scheduler.sessions(conn.site) + 1,
+                reuse_limit=shape.messages_per_connection,
             )
             held = not _held_no_session(result)
             if self.observer is not None:
@@ -1301,6 +1315,3 @@ def _domain_of(address: str) -> str:
     at = address.rfind("@")
     return address[at + 1 :].lower() if at >= 0 else ""
 
-
-async def _nothing() -> None:
-    return None
