@@ -33,14 +33,22 @@ from tests.bench.install import ensure_installed
 from tests.bench.postfix import PostfixSystem
 from tests.bench.profile import Profiler, summarize
 from tests.bench.resources import Usage
-from tests.bench.sendarix import DOMAIN, Failed, Refused, SendarixSystem, raise_nofile
+from tests.bench.sendarix import (
+    DOMAIN,
+    REACTORS,
+    Failed,
+    Refused,
+    SendarixSystem,
+    raise_nofile,
+)
 from tests.bench.sink import Sink
 from tests.support.relayproc import free_port
 
 MIB = 1024 * 1024
 #: The variants of a default run; ``default`` is what a user gets without choosing
 #: (no ``[node] workers``, no ``[spool]``).  Any ``sqlite-wN``, ``redis-wN``,
-#: ``sqlite-wauto`` or ``redis-wauto`` may be asked for as well.
+#: ``sqlite-wauto`` or ``redis-wauto`` may be asked for as well, and any variant with
+#: ``+asyncio`` or ``+uvloop`` runs on Twisted's asyncio reactor (on uvloop's loop).
 VARIANTS = ("default", "redis-w1", "sqlite-w2", "redis-w2")
 
 #: metric -> (label, unit, format, higher is better)
@@ -124,12 +132,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             variant(v)
         except ValueError:
             p.error(f"unknown variant {v!r} (known: {', '.join(VARIANTS)}, "
-                    "sqlite-wN, redis-wN, sqlite-wauto, redis-wauto)")
+                    "sqlite-wN, redis-wN, sqlite-wauto, redis-wauto, each +asyncio or "
+                    "+uvloop)")
     return args
 
 
 def variant(name: str) -> tuple[str, int | str | None]:
-    """(spool, workers) of a variant name: ``default`` or ``<spool>-w<N|auto>``."""
+    """(spool, workers) of a variant name: ``default`` or ``<spool>-w<N|auto>``, either
+    with an optional ``+<reactor>``."""
+    name, _, reactor = name.partition("+")
+    if reactor and reactor not in REACTORS:
+        raise ValueError(reactor)
     if name == "default":
         return "default", None
     spool, sep, workers = name.partition("-w")
@@ -312,7 +325,7 @@ class Bench:
                     dns.port if dns is not None else 0,
                     spool=spool, workers=workers, max_connections=max_idle + 100,
                     size_limit=self.size_limit, route=a.route, redis_url=redis_url,
-                    redis_pid=redis_pid,
+                    redis_pid=redis_pid, reactor=name.partition("+")[2] or "epoll",
                 )
                 systems.append((s, a.idle_sessions, s.rss))
             durations: dict[str, float] = {}

@@ -12,12 +12,26 @@ import os
 import resource
 import shutil
 import subprocess
+import sys
 import time
 
 from tests.support.relayproc import TWISTD, env
 
 #: Recipient domain of every bench message.
 DOMAIN = "bench.example"
+
+#: How twistd is started for each reactor a variant may name (``default+asyncio``,
+#: ``sqlite-w1+uvloop``): Twisted's asyncio reactor on asyncio's own loop, or on uvloop.
+REACTORS: dict[str, list[str]] = {
+    "epoll": [*TWISTD, "-n"],
+    "asyncio": [*TWISTD, "-n", "--reactor=asyncio"],
+    "uvloop": [
+        sys.executable, "-c",
+        "import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+        "from twisted.scripts.twistd import run; run()",
+        "-n", "--reactor=asyncio",
+    ],
+}
 
 
 class Failed(Exception):  # noqa: N818 - "raise Failed(why)"
@@ -137,7 +151,7 @@ class SendarixSystem:
     def __init__(self, dir: str, port: int, sink_port: int, dns_port: int, *,
                  spool: str, workers: int | str | None, max_connections: int,
                  size_limit: int, route: str = "pool", redis_url: str | None = None,
-                 redis_pid: int | None = None) -> None:
+                 redis_pid: int | None = None, reactor: str = "epoll") -> None:
         self.dir = os.path.abspath(dir)
         self.port = port
         self.sink_port = sink_port
@@ -149,7 +163,10 @@ class SendarixSystem:
         self.route = route
         self.redis_url = redis_url
         self.redis_pid = redis_pid
+        self.reactor = reactor
         self.name = "sendarix-default" if spool == "default" else f"sendarix-{spool}-w{workers}"
+        if reactor != "epoll":
+            self.name += f"+{reactor}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def config_text(self) -> str:
@@ -183,7 +200,7 @@ class SendarixSystem:
         nofile = self.max_connections + 1000
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [*TWISTD, "-n", "--pidfile=", "sendarix", "--config", config],
+                [*REACTORS[self.reactor], "--pidfile=", "sendarix", "--config", config],
                 cwd=self.dir, env=env(), stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, preexec_fn=lambda: raise_nofile(nofile),
             )
