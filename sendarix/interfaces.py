@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from sendarix.model.event import Event, EventPage, EventQuery
     from sendarix.model.filtering import FilterContext, FilterVerdict
     from sendarix.model.message import (
+        Lease,
         LeasedDelivery,
         NewMessage,
         QueueStats,
@@ -434,6 +435,34 @@ class ISelectiveLease(Interface):
         node: str, now: float, limit: int, lease_for: float, skip_domains: Sequence[str]
     ) -> Deferred[list[LeasedDelivery]]:
         """As :obj:`ISpool.lease_due`, never leasing a delivery to one of ``skip_domains``."""
+
+
+class ILeasedEnqueue(Interface):
+    """A spool that can store fresh mail with its deliveries already leased to the
+    node that accepted it, in the same commit, so that the node's delivery agent
+    takes the message from memory instead of polling the spool and reading it back
+    (the active queue)."""
+
+    def enqueue_leased(  # noqa: N805
+        message: NewMessage, node: str, expires: float
+    ) -> Deferred[list[LeasedDelivery]]:
+        """As :obj:`ISpool.enqueue`, every delivery leased to ``node`` until
+        ``expires``; fires, after the commit, with those deliveries."""
+
+
+class IActiveQueue(Interface):
+    """The delivery agent's side of the active queue: fresh mail handed over in
+    memory when the spool commits it (:obj:`ILeasedEnqueue`)."""
+
+    def reserve(message: NewMessage) -> Lease | None:  # noqa: N805
+        """Room for ``message``'s deliveries: the lease to commit them with, or None
+        (no room, not due yet, not delivering): enqueue it as usual."""
+
+    def take(message: NewMessage, deliveries: Sequence[LeasedDelivery]) -> None:  # noqa: N805
+        """The commit of a reserved message is durable: deliver ``deliveries``."""
+
+    def cancel(message: NewMessage) -> None:  # noqa: N805
+        """The commit of a reserved message failed: its room is free again."""
 
 
 class IThrottle(Interface):

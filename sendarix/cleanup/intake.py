@@ -22,7 +22,7 @@ from sendarix.cleanup.headers import CleanupInfo, amend, cleanup
 from sendarix.cleanup.keyring import DomainKeyring
 from sendarix.cleanup.reference import header_line
 from sendarix.ingress.queueid import QueueIdGenerator
-from sendarix.interfaces import IContentFilter, IEventSink, ISpool
+from sendarix.interfaces import IActiveQueue, IContentFilter, IEventSink, ILeasedEnqueue, ISpool
 from sendarix.model.address import domain_of
 from sendarix.model.credential import Credential
 from sendarix.model.event import Event
@@ -91,6 +91,9 @@ class Intake:
     in_thread: Any = deferToThread
     #: Called after each message is spooled (the node wakes its delivery loop).
     on_queued: Callable[[], None] | None = None
+    #: The delivery agent, taking fresh mail in memory at its commit when the spool
+    #: can lease it in the same commit (None: every message waits for a lease poll).
+    active_queue: IActiveQueue | None = None
     #: The key of the reference each message carries (None: no reference).
     reference_key: bytes | None = None
     #: Reads reports sent to feedback addresses (None: there are none).
@@ -184,14 +187,12 @@ class Intake:
             node=self.node,
             sandbox=bool(cred and cred.sandbox),
         )
-        await self.spool.enqueue(
+        await self._spool(
             NewMessage(
                 queue_id=sub.queue_id, envelope=sub.envelope, meta=meta, body=body,
                 not_before=sub.not_before,
             )
         )
-        if self.on_queued is not None:
-            self.on_queued()
         if self.on_received is not None:
             try:
                 self.on_received(sub.listener, tenant)
@@ -209,6 +210,31 @@ class Intake:
             tls=sub.tls,
         )
         return Accepted(sub.queue_id, cleaned.message_id)
+
+    async def _spool(self, message: NewMessage) -> None:
+        """Commit ``message``; with room in the active queue, leased to this node in
+        the same commit and handed to delivery from memory (no poll, no read back)."""
+        active = self.active_queue
+        lease = None
+        if active is not None and ILeasedEnqueue.providedBy(self.spool):
+            lease = active.reserve(message)
+        if lease is None or active is None:
+            await self.spool.enqueue(message)
+            if self.on_queued is not None:
+                self.on_queued()
+            return
+        try:
+            deliveries = await self.spool.enqueue_leased(  # type: ignore[attr-defined]
+                message, lease.node, lease.expires
+            )
+        except BaseException:
+            active.cancel(message)
+            raise
+        try:
+            active.take(message, deliveries)
+        except Exception:
+            # Durable and leased to us: a later poll (after the lease) delivers it.
+            log.failure("handing {queue_id} to delivery failed", queue_id=message.queue_id)
 
     async def _filter(self, sub: Submission, body: bytes) -> bytes:
         """Run the message's filter chain over ``body``; the body with the headers

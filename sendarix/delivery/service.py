@@ -48,6 +48,7 @@ from sendarix.egress.simulator import simulate_delivery
 from sendarix.egress.sources import TieredSelector
 from sendarix.events.guard import hold_key
 from sendarix.interfaces import (
+    IActiveQueue,
     IDeliveryObserver,
     IDestinationControl,
     IEgressSelector,
@@ -61,7 +62,9 @@ from sendarix.interfaces import (
 )
 from sendarix.model.event import Event
 from sendarix.model.message import (
+    Lease,
     LeasedDelivery,
+    NewMessage,
     RecipientRecord,
     Reply,
 )
@@ -77,6 +80,7 @@ from sendarix.scheduler.core import (
     DRAIN_NAP,
     DeferSite,
     Release,
+    Route,
     Scheduler,
     WaitUntil,
     pause_reply,
@@ -107,6 +111,14 @@ MAX_FAILURES = 5
 SYSTEM_SOURCE = "system"
 #: Seconds between two writes of the routing state file.
 STATE_INTERVAL = 5.0
+#: Bodies of fresh mail kept in memory for its first delivery attempt (the active
+#: queue), at most this many octets in all; larger mail is read back from the spool.
+BODY_CACHE_OCTETS = 32 * 1024 * 1024
+#: ...and a body larger than this is never kept.
+BODY_CACHE_MAX = 1024 * 1024
+#: Seconds an egress session rests open after its last message, for the next
+#: delivery to the same server (Postfix's connection cache keeps them 2 s).
+SESSION_REST = 2.0
 
 
 @frozen
@@ -181,7 +193,7 @@ def _put_back(
         back.append(delivery)
 
 
-@implementer(IDestinationControl)
+@implementer(IDestinationControl, IActiveQueue)
 class DeliveryService(Service):
     """Delivers what the spool has due, forever, until stopped.
 
@@ -276,6 +288,15 @@ class DeliveryService(Service):
         self._polling: Deferred[Any] | None = None
         self._running: set[Deferred[Any]] = set()
         self._groups = DeferredSemaphore(config.delivery.concurrency)
+        #: Take fresh mail from memory at its commit (the active queue); when False,
+        #: every message waits for a lease poll and its body is read from the spool.
+        self.active_queue = True
+        #: Egress sessions resting between deliveries to the same server.
+        self.sessions = egress.SessionCache(reactor, SESSION_REST)
+        # The active queue: bodies of fresh mail handed over at its commit, by
+        # (queue id, domain), until its first connection takes them.
+        self._bodies: dict[tuple[str, str], bytes] = {}
+        self._body_octets = 0
         self._trust_root: Any = None
         if config.delivery.ca_file:
             with open(config.delivery.ca_file, "rb") as f:
@@ -285,6 +306,7 @@ class DeliveryService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.sessions.open()
         self.scheduler.start()
         self._restore_state()
         if self._ready is None:
@@ -428,7 +450,7 @@ class DeliveryService(Service):
             self._running.add(released)
             released.addBoth(self._forget, released)
         if not self._running and self._polling is None:
-            return Deferred.fromCoroutine(_nothing())
+            return self.sessions.close().addCallback(lambda _: None)
         done = Deferred.fromCoroutine(self._stopping(self._polling))
         out: Deferred[None] = Deferred()
         def give_up() -> None:
@@ -457,6 +479,46 @@ class DeliveryService(Service):
             log.failure(what, failure, **kw)
         else:
             log.info(what + " while stopping: {why}", why=failure.getErrorMessage(), **kw)
+
+    # -- the active queue ---------------------------------------------------------
+
+    def reserve(self, message: NewMessage) -> Lease | None:
+        """Room in the window for fresh ``message``, due now: the lease its commit
+        writes (then :meth:`take` or :meth:`cancel`), or None (enqueue it as usual)."""
+        if self._loop is None or not self.running or not self.active_queue:
+            return None
+        now = self.reactor.seconds()
+        if message.not_before is not None and message.not_before > now:
+            return None
+        count = len({_domain_of(a) for a in message.envelope.recipients})
+        if not self.scheduler.reserve(count):
+            return None
+        return Lease(node=self.config.node.name, expires=now + self.config.spool.lease_time)
+
+    def take(self, message: NewMessage, deliveries: Sequence[LeasedDelivery]) -> None:
+        """``message`` is durable with ``deliveries`` leased to us: route them now, the
+        body from memory, as a lease poll would have."""
+        count = len({_domain_of(a) for a in message.envelope.recipients})
+        body = message.body
+        if len(body) <= BODY_CACHE_MAX:
+            for delivery in deliveries:
+                if self._body_octets + len(body) > BODY_CACHE_OCTETS:
+                    break
+                self._bodies[(delivery.queue_id, delivery.domain)] = body
+                self._body_octets += len(body)
+        self._dispatch_actions(self.scheduler.handed(deliveries, count, self._group_key))
+
+    def cancel(self, message: NewMessage) -> None:
+        """The commit of a reserved message failed: free its room."""
+        count = len({_domain_of(a) for a in message.envelope.recipients})
+        if self.scheduler.unreserve(count):
+            self.wake()
+
+    def _drop_body(self, delivery: LeasedDelivery) -> bytes | None:
+        body = self._bodies.pop((delivery.queue_id, delivery.domain), None)
+        if body is not None:
+            self._body_octets -= len(body)
+        return body
 
     # -- the loop -----------------------------------------------------------------
 
@@ -513,19 +575,24 @@ class DeliveryService(Service):
 
     async def _stopping(self, polling: Deferred[Any] | None) -> None:
         """Wait for the poll in flight, then for every group and connection, including
-        those that poll started (its Deferred has its own errback)."""
+        those that poll started (its Deferred has its own errback), then close the
+        resting sessions."""
         if polling is not None:
             await polling
         running = list(self._running)
         if running:
             await DeferredList(running, consumeErrors=True)
+        await self.sessions.close()
 
     def _dispatched(self, leased: list[LeasedDelivery]) -> list[LeasedDelivery]:
         self._dispatch(leased)
         return leased
 
     def _dispatch(self, leased: list[LeasedDelivery]) -> None:
-        for action in self.scheduler.leased(leased, self._group_key):
+        self._dispatch_actions(self.scheduler.leased(leased, self._group_key))
+
+    def _dispatch_actions(self, actions: Sequence[Route | Release]) -> None:
+        for action in actions:
             if isinstance(action, Release):
                 # Leased while stopping: hand it back at once, so that another node
                 # takes it now rather than when the lease expires.
@@ -845,6 +912,7 @@ class DeliveryService(Service):
             self.ready_queues.offer(site, conn.key, _Ready(conn, delivery), force=True)
             return
         self.scheduler.parked(delivery)
+        self._drop_body(delivery)
 
     async def _admit(self, conn: _Connection) -> bool:
         """Ask the site's rate to admit one message (counted when admitted), waiting
@@ -990,10 +1058,14 @@ class DeliveryService(Service):
         window = shape.window
         messages: list[egress.OutboundMessage] = []
         sending: list[LeasedDelivery] = []
-        # All bodies at once: the reads share one database round trip.
-        bodies = await gatherResults(
-            [maybeDeferred(self.spool.body, d.queue_id) for d in batch], consumeErrors=True
-        )
+        # All bodies at once: fresh mail's from memory, the reads of the others share
+        # one database round trip.
+        kept = [self._drop_body(d) for d in batch]
+        reads: list[Deferred[bytes | None]] = [
+            succeed(body) if body is not None else maybeDeferred(self.spool.body, d.queue_id)
+            for d, body in zip(batch, kept)
+        ]
+        bodies = await gatherResults(reads, consumeErrors=True)
         for delivery, body in zip(batch, bodies):
             if body is None:
                 # Deleted while leased: nothing to send, nothing to record.
@@ -1064,6 +1136,12 @@ class DeliveryService(Service):
                 # Smarthosts are ours: one that does not greet at once is down.
                 greeting_timeout=dc.connect_timeout if hop.endpoint is not None else None,
                 pace=self._pacer(conn),
+                cache=self.sessions,
+                cache_site=conn.site,
+                # Resting plus open sessions (this one is still counted) stay within
+                # the site's connection limit.
+                cache_room=lambda: shape.window.limit - self.scheduler.sessions(conn.site) + 1,
+                reuse_limit=shape.messages_per_connection,
             )
             held = not _held_no_session(result)
             if self.observer is not None:
@@ -1176,6 +1254,7 @@ class DeliveryService(Service):
         (the spool is down) is retried while the lease lasts: given up at once, the
         delivery would wait for its lease to expire.  False when it was given up."""
         self.scheduler.releasing(delivery)
+        self._drop_body(delivery)
         self._failures.pop((delivery.queue_id, delivery.domain), None)
         deadline = self.reactor.seconds() + self.config.spool.lease_time
         delay = 0.5
@@ -1246,6 +1325,7 @@ class DeliveryService(Service):
             self.reactor.seconds(),
         )
         self.scheduler.settled(delivery)
+        self._drop_body(delivery)
         self._failures.pop((delivery.queue_id, delivery.domain), None)
         await self._carry_out(plan.effects)
         if notices and original is not None:
@@ -1278,5 +1358,8 @@ class DeliveryService(Service):
         tenant_config = self.config.tenants.get(tenant)
         return tenant_config is None or tenant_config.suppress_hard_bounces
 
-async def _nothing() -> None:
-    return None
+def _domain_of(address: str) -> str:
+    """The destination domain of ``address``, as the spool splits deliveries."""
+    at = address.rfind("@")
+    return address[at + 1 :].lower() if at >= 0 else ""
+

@@ -26,7 +26,7 @@ from typing import Any
 
 from attrs import define, field, frozen
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
@@ -42,6 +42,7 @@ __all__ = [
     "MessageResult",
     "OutboundMessage",
     "RecipientReply",
+    "SessionCache",
     "SessionResult",
     "client_endpoint",
     "deliver",
@@ -320,6 +321,8 @@ class _State:
     tls: TLSInfo | None = None
     greeted: bool = False
     unsent: tuple[str, ...] = ()
+    #: The session came from a :class:`SessionCache`.
+    reused: bool = False
 
 
 async def _hello(conn: _SMTPConnection, helo: str) -> tuple[Reply, dict[str, str] | None]:
@@ -472,7 +475,7 @@ async def _transaction(
         end_r = (await conn.expect("end of data")).reply
         return _finish(message, refused, end_r)
     except _SessionBrokenError as e:
-        raise _InterruptedError(partial.complete(e.reply)) from e
+        raise _InterruptedError(partial.complete(e.reply), partial.data_sent) from e
     finally:
         # Replies never awaited (the session broke half-way through a pipelined
         # group) must not be logged as unhandled errors.
@@ -492,11 +495,13 @@ class _Partial:
 
 
 class _InterruptedError(Exception):
-    """A transaction broken off: ``result`` completes its message, then the session ends."""
+    """A transaction broken off: ``result`` completes its message, then the session ends.
+    ``data_sent``: its content was written (the server may have taken it)."""
 
-    def __init__(self, result: MessageResult) -> None:
+    def __init__(self, result: MessageResult, data_sent: bool = False) -> None:
         super().__init__(result.queue_id)
         self.result = result
+        self.data_sent = data_sent
 
 
 def _finish(
@@ -516,8 +521,10 @@ def _succeeded(result: MessageResult) -> bool:
 
 async def _session(
     conn: _SMTPConnection, messages: Sequence[OutboundMessage], opts: _Options, state: _State
-) -> None:
+) -> tuple[dict[str, str], bool]:
     """The whole dialogue; appends to ``state.results`` as messages are answered.
+    Returns the server's capabilities and whether the last transaction failed (the
+    next one needs an RSET).
 
     Raises :class:`_SessionBrokenError` when the session cannot go on.
     """
@@ -536,13 +543,21 @@ async def _session(
         )
     if opts.auth is not None:
         await _authenticate(conn, opts, state, caps)
+    return caps, await _send(conn, messages, opts, state, caps, False)
+
+
+async def _send(
+    conn: _SMTPConnection, messages: Sequence[OutboundMessage], opts: _Options,
+    state: _State, caps: dict[str, str], dirty: bool,
+) -> bool:
+    """The transactions of ``messages`` on a session past EHLO (and STARTTLS, AUTH);
+    ``dirty``: the last transaction failed.  Returns the same for the last one sent."""
     limit = caps.get("SIZE", "0")
     max_size = int(limit) if limit.isdigit() else 0
-    dirty = False
     for i, message in enumerate(messages):
         if opts.pace is not None and not await opts.pace():
             state.unsent = tuple(m.queue_id for m in messages[i:])
-            return
+            return dirty
         if message.smtputf8 and "SMTPUTF8" not in caps:
             reply = Reply(553, "5.6.7", f"{opts.host} does not support SMTPUTF8")
             state.results.append(_finish(message, {}, reply))
@@ -556,18 +571,153 @@ async def _session(
             state.results.append(_finish(message, {}, reply))
             continue
         if dirty:
-            rset = (await conn.command("RSET")).reply
+            try:
+                rset = (await conn.command("RSET")).reply
+            except _SessionBrokenError:
+                if i == 0 and state.reused:
+                    raise _StaleSessionError() from None
+                raise
             if rset.code != 250:
                 raise _SessionBrokenError(rset if rset.code // 100 == 4 else _lost(conn))
         try:
             result = await _transaction(conn, message, caps)
         except _InterruptedError as e:
+            if i == 0 and state.reused and not e.data_sent:
+                # A cached session the server closed while it was idle: nothing was
+                # sent on it; the caller opens a fresh one.
+                raise _StaleSessionError() from e
             state.results.append(e.result)
             raise _SessionBrokenError(e.result.message_reply or _lost(conn)) from e
         state.results.append(result)
         dirty = not _succeeded(result)
         if conn.last_421 is not None:
             raise _SessionBrokenError(conn.last_421)
+    return dirty
+
+
+class _StaleSessionError(Exception):
+    """A cached session failed before its first message was sent (closed while idle)."""
+
+
+@define(eq=False)
+class _Idle:
+    """An open session at rest in a :class:`SessionCache`."""
+
+    conn: _SMTPConnection
+    caps: dict[str, str]
+    tls: TLSInfo | None
+    mx_ip: str
+    source_ip: str
+    dirty: bool
+    sent: int
+    timer: IDelayedCall | None = None
+
+
+class SessionCache:
+    """Sessions kept open for ``idle_time`` seconds after their last message, so the
+    next delivery to the same server (same address, port, source, EHLO name, TLS and
+    login) reuses them instead of connecting, greeting and saying EHLO again (as
+    Postfix's connection cache does).
+
+    Sessions rest per ``site`` (the caller's shaping key), as many as the caller's
+    ``room`` allows when one ends (its connection limit less the sessions still
+    open, this one included), and a new session that finds none for its server
+    closes resting ones of the site's other servers only as far as they would take
+    the site over its limit.  A session is taken from the cache before a new one is
+    opened, so resting sessions never add to the connections of one server (or
+    source) beyond what its open sessions had.
+    ``close()`` ends every resting session (QUIT) and fires once they are closed;
+    until ``open()``, no session rests.
+    """
+
+    def __init__(self, reactor: Any, idle_time: float = 2.0) -> None:
+        self.reactor = reactor
+        self.idle_time = idle_time
+        self._idle: dict[str, list[tuple[Any, _Idle]]] = {}
+        self._closing: set[Deferred[None]] = set()
+        self.closed = False
+        #: Sessions taken from the cache (reused), for the record.
+        self.reused = 0
+
+    def open(self) -> None:
+        """Let sessions rest again (after :meth:`close`)."""
+        self.closed = False
+
+    def resting(self, site: str) -> int:
+        """How many sessions of ``site`` rest."""
+        return len(self._idle.get(site, ()))
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    def take(self, site: str, key: Any, room: int = 0) -> _Idle | None:
+        """A resting session of ``site`` for ``key`` (the latest to rest), or None; then
+        the caller connects anew, and resting sessions of other keys beyond ``room``
+        (what may rest besides the open sessions, the new one counted) are closed."""
+        entries = self._idle.get(site)
+        if not entries:
+            return None
+        for i in range(len(entries) - 1, -1, -1):
+            held_key, idle = entries[i]
+            if held_key != key:
+                continue
+            del entries[i]
+            self._unarm(idle)
+            conn = idle.conn
+            if conn.closed.called or conn.last_421 is not None:
+                self._end(idle)
+                continue
+            if not entries:
+                del self._idle[site]
+            self.reused += 1
+            return idle
+        while len(entries) > max(room, 0):
+            _, other = entries.pop(0)
+            self._unarm(other)
+            self._end(other)
+        if not entries:
+            self._idle.pop(site, None)
+        return None
+
+    def put(self, site: str, key: Any, idle: _Idle, room: int) -> bool:
+        """Let ``idle`` rest when fewer than ``room`` sessions of ``site`` rest; False
+        (nothing kept) otherwise."""
+        if self.closed or idle.conn.closed.called or self.resting(site) >= room:
+            return False
+        idle.timer = self.reactor.callLater(self.idle_time, self._expire, site, idle)
+        self._idle.setdefault(site, []).append((key, idle))
+        return True
+
+    @staticmethod
+    def _unarm(idle: _Idle) -> None:
+        if idle.timer is not None and idle.timer.active():
+            idle.timer.cancel()
+        idle.timer = None
+
+    def _expire(self, site: str, idle: _Idle) -> None:
+        idle.timer = None
+        entries = self._idle.get(site, [])
+        for i, (_, held) in enumerate(entries):
+            if held is idle:
+                del entries[i]
+                break
+        if not entries:
+            self._idle.pop(site, None)
+        self._end(idle)
+
+    def _end(self, idle: _Idle) -> None:
+        d = Deferred.fromCoroutine(_quit(idle.conn))
+        self._closing.add(d)
+        d.addBoth(lambda _: self._closing.discard(d))
+
+    def close(self) -> Deferred[Any]:
+        """QUIT every resting session; fires when all are closed."""
+        self.closed = True
+        for site in list(self._idle):
+            for _, idle in self._idle.pop(site):
+                self._unarm(idle)
+                self._end(idle)
+        return DeferredList(list(self._closing), consumeErrors=True)
 
 
 async def _quit(conn: _SMTPConnection) -> None:
@@ -619,6 +769,10 @@ def deliver(
     auth: tuple[str, str] | None = None,
     greeting_timeout: float | None = None,
     pace: Callable[[], Awaitable[bool]] | None = None,
+    cache: SessionCache | None = None,
+    cache_site: str = "",
+    cache_room: Callable[[], int] = lambda: 1,
+    reuse_limit: int = 0,
 ) -> Deferred[SessionResult]:
     """Send ``messages`` over one SMTP session to ``host``:``port`` (an IPv4 or IPv6
     address; ``bind_address``, the source, must be of the same family).
@@ -632,6 +786,10 @@ def deliver(
     ``greeting_timeout`` bounds the wait for the 220 greeting (default: the command
     timeout).  ``pace``, when given, is awaited before each message: True sends it,
     False ends the session there (the rest are listed in ``SessionResult.unsent``).
+    ``cache``: take a resting session to the same server from it (``cache_site`` names
+    the caller's site), and leave this one resting there afterwards, as long as it
+    has carried fewer than ``reuse_limit`` messages (0: no limit) and fewer than
+    ``cache_room()`` sessions of the site rest.
     The Deferred
     never fails: every message gets a reply, synthesized (4xx) when the session broke.
     """
@@ -639,7 +797,52 @@ def deliver(
         raise ValueError(f"tls must be one of {TLS_POLICIES}, not {tls!r}")
     opts = _Options(helo, tls, tls_hostname or host, trust_root, host, auth, pace)
 
+    key = (host, port, bind_address, helo, tls, opts.tls_hostname, auth, id(trust_root))
+
+    def rest(conn: _SMTPConnection, state: _State, caps: dict[str, str], dirty: bool,
+             mx_ip: str, source_ip: str, sent: int) -> bool:
+        if cache is None or state.unsent or conn.closed.called or conn.last_421 is not None:
+            return False
+        if reuse_limit and sent >= reuse_limit:
+            return False
+        return cache.put(cache_site, key, _Idle(conn, caps, state.tls, mx_ip, source_ip,
+                                                dirty, sent), cache_room())
+
+    async def reuse(idle: _Idle) -> SessionResult | None:
+        state = _State(greeted=True, tls=idle.tls, reused=True)
+        conn = idle.conn
+        # A session carries no more than ``reuse_limit`` messages in all: what is over
+        # goes back to the caller unsent (as when paced).
+        sending = messages
+        if reuse_limit and idle.sent + len(messages) > reuse_limit:
+            sending = messages[: max(reuse_limit - idle.sent, 1)]
+        try:
+            dirty = await _send(conn, sending, opts, state, idle.caps, idle.dirty)
+            if len(sending) < len(messages):
+                state.unsent = state.unsent + tuple(m.queue_id for m in messages[len(sending):])
+        except _StaleSessionError:
+            await _quit(conn)
+            return None
+        except _SessionBrokenError as e:
+            rest_ = messages[len(state.results) :]
+            state.results.extend(_all_get(rest_, e.reply))
+            log.info("session with {host} ended early: {reply}", host=host, reply=e.reply)
+            await _quit(conn)
+        else:
+            if not rest(conn, state, idle.caps, dirty, idle.mx_ip, idle.source_ip,
+                        idle.sent + len(state.results)):
+                await _quit(conn)
+        return SessionResult(
+            tuple(state.results), None, state.tls, idle.mx_ip, idle.source_ip, True,
+            state.unsent,
+        )
+
     async def run() -> SessionResult:
+        idle = cache.take(cache_site, key, cache_room() - 1) if cache is not None else None
+        if idle is not None:
+            reused = await reuse(idle)
+            if reused is not None:
+                return reused
         conn = _SMTPConnection(reactor, command_timeout, greeting_timeout)
         try:
             endpoint = client_endpoint(reactor, host, port, connect_timeout, bind_address)
@@ -652,12 +855,15 @@ def deliver(
         source_ip = conn.t.getHost().host
         state = _State()
         try:
-            await _session(conn, messages, opts, state)
+            caps, dirty = await _session(conn, messages, opts, state)
         except _SessionBrokenError as e:
-            rest = messages[len(state.results) :]
-            state.results.extend(_all_get(rest, e.reply))
+            rest_ = messages[len(state.results) :]
+            state.results.extend(_all_get(rest_, e.reply))
             log.info("session with {host} ended early: {reply}", host=host, reply=e.reply)
-        await _quit(conn)
+            await _quit(conn)
+        else:
+            if not rest(conn, state, caps, dirty, mx_ip, source_ip, len(state.results)):
+                await _quit(conn)
         return SessionResult(
             tuple(state.results), None, state.tls, mx_ip, source_ip, state.greeted,
             state.unsent,

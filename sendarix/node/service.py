@@ -473,6 +473,7 @@ def makeService(
         spool=stores.spool, events=events, clock=reactor,
         node=config.node.name, hostname=config.node.hostname,
         keyring=keyring, require_verified_domains=require_verified, on_queued=delivery.wake,
+        active_queue=delivery,
         on_received=metrics.message_received, reference_key=reference_key,
         feedback=feedback, is_feedback=is_report,
         chains=filter_chains(config, reactor), on_filtered=metrics.filter_decision,

@@ -143,8 +143,9 @@ class Scheduler(Generic[T]):
     window: int
     ready_queues: ReadyQueues[T] = field(init=False)
     #: Spool traffic: deliveries leased, handed back unsent, parked until their turn.
+    #: ``handed``: fresh mail given to delivery in memory at its commit (no poll).
     counters: dict[str, int] = field(factory=lambda: {"leased": 0, "released": 0,
-                                                      "parked": 0})
+                                                      "parked": 0, "handed": 0})
     _held: dict[Key, LeasedDelivery] = field(factory=dict, init=False)
     _routing: int = field(default=0, init=False)
     _polls: int = field(default=0, init=False)
@@ -200,6 +201,47 @@ class Scheduler(Generic[T]):
             return [Release(d) for d in deliveries]
         self.counters["leased"] += len(deliveries)
         self._polls += 1
+        groups: dict[Hashable, list[LeasedDelivery]] = {}
+        for delivery in deliveries:
+            self._held[key_of(delivery)] = delivery
+            groups.setdefault(group_of(delivery), []).append(delivery)
+        self._routing += len(deliveries)
+        return [Route(group, tuple(ds), self._polls) for group, ds in groups.items()]
+
+    # -- the active queue: fresh mail handed over in memory --------------------------
+
+    def reserve(self, count: int) -> bool:
+        """Fresh mail of ``count`` deliveries is about to be committed with its lease
+        already ours (the spool is not read back): take room for it in the window now,
+        so that what the commit hands over never overshoots it.  False when there is
+        no room (or the node is stopping): the mail goes through the spool and a poll.
+        Settle a True with :meth:`handed` or :meth:`unreserve`."""
+        if self._stopped or count <= 0:
+            return False
+        if self.window - self.ready_queues.total() - self._routing < count:
+            return False
+        self._routing += count
+        return True
+
+    def unreserve(self, count: int) -> bool:
+        """The commit of a :meth:`reserve` failed: give its room back; True when a poll
+        that found no room should now run."""
+        self._routing -= count
+        return self._wake_missed
+
+    def handed(
+        self,
+        deliveries: Sequence[LeasedDelivery],
+        reserved: int,
+        group_of: Callable[[LeasedDelivery], Hashable],
+    ) -> list[Route | Release]:
+        """The commit of a :meth:`reserve` of ``reserved`` deliveries leased
+        ``deliveries`` to this node: route them as a poll's, or hand them back when
+        the node is stopping."""
+        self._routing -= reserved
+        if self._stopped:
+            return [Release(d) for d in deliveries]
+        self.counters["handed"] += len(deliveries)
         groups: dict[Hashable, list[LeasedDelivery]] = {}
         for delivery in deliveries:
             self._held[key_of(delivery)] = delivery

@@ -92,11 +92,13 @@ class PostfixSystem:
     def config_dir(self) -> str:
         return os.path.join(self.dir, "etc")
 
-    def start(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-        os.makedirs(self.config_dir)
-        os.makedirs(os.path.join(self.dir, "queue"))
-        os.makedirs(os.path.join(self.dir, "data"))
+    def start(self, fresh: bool = True) -> None:
+        """Start the system; ``fresh``: on a new, empty folder (else on the same spool)."""
+        if fresh:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            os.makedirs(self.config_dir)
+            os.makedirs(os.path.join(self.dir, "queue"))
+            os.makedirs(os.path.join(self.dir, "data"))
         fields = {"dir": self.dir, "port": self.port, "sink_port": self.sink_port,
                   "maxproc": self.maxproc, "size_limit": self.size_limit}
         with open(os.path.join(self.config_dir, "main.cf"), "w") as f:
@@ -126,6 +128,10 @@ class PostfixSystem:
             except (OSError, ValueError):
                 time.sleep(0.1)
         return None
+
+    def roots(self) -> list[int]:
+        """The root PID of this instance (its master; every daemon is its child)."""
+        return [self._master_pid] if self._master_pid is not None else []
 
     def smtpd_rss(self) -> tuple[int, int]:
         """(RSS, PSS) in bytes summed over this instance's smtpd processes."""

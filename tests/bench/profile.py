@@ -61,7 +61,7 @@ def summarize(raw_path: str, top: int = 14) -> list[str]:
             if thread == "database" and "_run_batch" in frames[-1] and "COMMIT" not in where:
                 # The database thread's own frame: BEGIN/SAVEPOINT/COMMIT; COMMIT waits
                 # for the fsync.
-                where = "sqlitedb.py (BEGIN/SAVEPOINT/COMMIT, fsync)"
+                where = "stores/sqlite/database.py: BEGIN/SAVEPOINT/COMMIT (fsync)"
             groups[(thread, where)] += n
             total += n
     if not total:

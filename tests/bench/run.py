@@ -5,7 +5,12 @@ Per system and run: acceptance rate and end-to-end rate (one ``smtp-source`` loa
 sent one at a time, submission start to arrival at the sink), the time to accept one
 large message, and memory with idle sessions open.  Every system relays to one
 ``smtp-sink``.  Output: ``name: value`` lines (median, min–max over runs, and the
-Sendarix/Postfix ratio of the medians), then the same as a Markdown table.
+Sendarix/Postfix ratio of the medians), then the same as a Markdown table.  For each
+load the harness also counts the CPU seconds (user + sys) that all processes of each
+system spent, per message, and their peak resident memory (``tests.bench.resources``).
+
+``--backlog N`` (not part of the default run) measures a queue of N messages built
+while the destination is down, then released (``tests.bench.backlog``).
 """
 
 from __future__ import annotations
@@ -27,12 +32,24 @@ from tests.bench.dnsproc import DNSProcess
 from tests.bench.install import ensure_installed
 from tests.bench.postfix import PostfixSystem
 from tests.bench.profile import Profiler, summarize
-from tests.bench.sendarix import DOMAIN, Failed, Refused, SendarixSystem, raise_nofile
+from tests.bench.resources import Usage
+from tests.bench.sendarix import (
+    DOMAIN,
+    REACTORS,
+    Failed,
+    Refused,
+    SendarixSystem,
+    raise_nofile,
+)
 from tests.bench.sink import Sink
 from tests.support.relayproc import free_port
 
 MIB = 1024 * 1024
-VARIANTS = ("sqlite-w1", "redis-w1", "sqlite-w2", "redis-w2")
+#: The variants of a default run; ``default`` is what a user gets without choosing
+#: (no ``[node] workers``, no ``[spool]``).  Any ``sqlite-wN``, ``redis-wN``,
+#: ``sqlite-wauto`` or ``redis-wauto`` may be asked for as well, and any variant with
+#: ``+asyncio`` or ``+uvloop`` runs on Twisted's asyncio reactor (on uvloop's loop).
+VARIANTS = ("default", "redis-w1", "sqlite-w2", "redis-w2")
 
 #: metric -> (label, unit, format, higher is better)
 METRICS: dict[str, tuple[str, str, str, bool]] = {
@@ -40,16 +57,33 @@ METRICS: dict[str, tuple[str, str, str, bool]] = {
     "relay_rate": ("end-to-end relay rate", "msg/s", "{:.0f}", True),
     "latency_p50": ("latency p50", "ms", "{:.1f}", False),
     "latency_p99": ("latency p99", "ms", "{:.1f}", False),
+    "cpu_ms_per_msg": ("CPU (user+sys, all processes) per message", "ms", "{:.2f}", False),
+    "load_peak_rss": ("peak RSS (sum over processes) during the load", "MiB", "{:.1f}",
+                      False),
+    "load_peak_pss": ("peak PSS (sum over processes) during the load", "MiB", "{:.1f}",
+                      False),
     "large_accept": ("large message accepted in", "s", "{:.2f}", False),
     "idle_rss": ("RSS with idle sessions", "MiB", "{:.1f}", False),
     "idle_rss_per_session": ("RSS per idle session", "KiB", "{:.1f}", False),
     "idle_pss_per_session": ("PSS per idle session", "KiB", "{:.1f}", False),
+    "backlog_accept_rate": ("backlog: acceptance rate while down", "msg/s", "{:.0f}", True),
+    "backlog_drain_rate": ("backlog: drain rate after release", "msg/s", "{:.0f}", True),
+    "backlog_drain_vs_relay": ("backlog: drain rate / relay rate at --messages", "×",
+                               "{:.2f}", True),
+    "backlog_cpu_ms_per_msg": ("backlog: CPU per drained message", "ms", "{:.2f}", False),
+    "backlog_peak_rss": ("backlog: peak RSS while draining", "MiB", "{:.1f}", False),
+    "backlog_peak_pss": ("backlog: peak PSS while draining", "MiB", "{:.1f}", False),
+    "backlog_new_accept_p50": ("backlog: new mail accepted in, p50, while draining", "ms",
+                               "{:.1f}", False),
+    "backlog_new_accept_p99": ("backlog: new mail accepted in, p99, while draining", "ms",
+                               "{:.1f}", False),
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
-    p.add_argument("--runs", type=int, default=3, help="runs per system (default 3)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="runs per system (default 3; 0 with --backlog runs only that)")
     p.add_argument("--messages", type=int, default=10000,
                    help="messages per smtp-source load (default 10000)")
     p.add_argument("--sessions", type=int, default=20,
@@ -75,6 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=555.0,
                    help="start no system run that would end after this many seconds "
                         "(judged by its previous run; default 555)")
+    p.add_argument("--backlog", type=int, default=0, metavar="N",
+                   help="also queue N messages while the destination is down, release "
+                        "them and measure the drain (Postfix and the SQLite variants; "
+                        "not part of the default run)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 1 run, 500 messages, 20 latency samples, "
                         "500/100 idle sessions, 5 MiB large message")
@@ -90,9 +128,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.idle_sessions, args.postfix_idle_sessions, args.large_mib = 500, 100, 5.0
     args.variants = [v for v in args.variants.split(",") if v]
     for v in args.variants:
-        if v not in VARIANTS:
-            p.error(f"unknown variant {v!r} (known: {', '.join(VARIANTS)})")
+        try:
+            variant(v)
+        except ValueError:
+            p.error(f"unknown variant {v!r} (known: {', '.join(VARIANTS)}, "
+                    "sqlite-wN, redis-wN, sqlite-wauto, redis-wauto, each +asyncio or "
+                    "+uvloop)")
     return args
+
+
+def variant(name: str) -> tuple[str, int | str | None]:
+    """(spool, workers) of a variant name: ``default`` or ``<spool>-w<N|auto>``, either
+    with an optional ``+<reactor>``."""
+    name, _, reactor = name.partition("+")
+    if reactor and reactor not in REACTORS:
+        raise ValueError(reactor)
+    if name == "default":
+        return "default", None
+    spool, sep, workers = name.partition("-w")
+    if not sep or spool not in ("sqlite", "redis"):
+        raise ValueError(name)
+    if workers == "auto":
+        return spool, "auto"
+    if not workers.isdigit() or int(workers) < 1:
+        raise ValueError(name)
+    return spool, int(workers)
 
 
 def say(text: str) -> None:
@@ -157,13 +217,19 @@ class Bench:
 
         profiler = self._profiler(system)
         base = sink.count
+        usage = Usage(system.roots)
         try:
             start, end = clients.smtp_source(port, a.sessions, a.messages, a.size, timeout=300)
             out["accept_rate"] = a.messages / (end - start)
             if not sink.wait_for(base + a.messages, timeout=300):
                 raise Failed(f"only {sink.count - base} of {a.messages} messages reached the sink")
             out["relay_rate"] = a.messages / (sink.arrival(base + a.messages) - start)
+            cpu, peak_rss, peak_pss = usage.stop()
+            out["cpu_ms_per_msg"] = cpu * 1000 / a.messages
+            out["load_peak_rss"] = peak_rss / MIB
+            out["load_peak_pss"] = peak_pss / MIB
         finally:
+            usage.stop()
             if profiler is not None:
                 profiler.stop()
                 say(f"# profile of {system.name} under the smtp-source load ({profiler.out}):")
@@ -236,12 +302,14 @@ class Bench:
         dns = DNSProcess(DOMAIN) if a.route == "mx" else None
         redis_stop: Callable[[], None] | None = None
         redis_url = None
+        redis_pid = None
         try:
             if any(v.startswith("redis") for v in a.variants):
                 from tests.support.redisserver import start_redis
 
                 redis_port, redis_stop = start_redis(os.path.join(self.root, "redis"))
                 redis_url = f"redis://127.0.0.1:{redis_port}/0"
+                redis_pid = _listener_pid(redis_port)
             max_idle = max(a.idle_sessions, a.postfix_idle_sessions)
             postfix = PostfixSystem(
                 os.path.join(self.root, "postfix"), free_port(), sink.port,
@@ -250,13 +318,14 @@ class Bench:
             systems: list[tuple[Any, int, Callable[[], tuple[int, int]]]] = [
                 (postfix, a.postfix_idle_sessions, postfix.smtpd_rss)
             ]
-            for variant in a.variants:
-                spool, workers = variant.split("-w")
+            for name in a.variants:
+                spool, workers = variant(name)
                 s = SendarixSystem(
-                    os.path.join(self.root, variant), free_port(), sink.port,
+                    os.path.join(self.root, name), free_port(), sink.port,
                     dns.port if dns is not None else 0,
-                    spool=spool, workers=int(workers), max_connections=max_idle + 100,
+                    spool=spool, workers=workers, max_connections=max_idle + 100,
                     size_limit=self.size_limit, route=a.route, redis_url=redis_url,
+                    redis_pid=redis_pid, reactor=name.partition("+")[2] or "epoll",
                 )
                 systems.append((s, a.idle_sessions, s.rss))
             durations: dict[str, float] = {}
@@ -275,6 +344,10 @@ class Bench:
                     t0 = time.monotonic()
                     self.run_system(system, sink, idle, rss, run)
                     durations[system.name] = time.monotonic() - t0
+            if a.backlog:
+                from tests.bench.backlog import run_backlog
+
+                run_backlog(self, [s for s, _, _ in systems], say)
         finally:
             sink.stop()
             if dns is not None:
@@ -314,6 +387,8 @@ class Bench:
         say("| metric | Postfix | " + " | ".join(f"{n} (ratio)" for n in names) + " |")
         say("|---|---|" + "---|" * len(names))
         for key, (label, unit, fmt, _) in METRICS.items():
+            if not any(key in values for values in self.results.values()):
+                continue
             cells = [_median(pf.get(key), fmt)]
             for n in names:
                 v = self.results[n].get(key)
@@ -333,6 +408,29 @@ def _summary(values: list[float], fmt: str) -> str:
 
 def _median(values: list[float] | None, fmt: str) -> str:
     return fmt.format(statistics.median(values)) if values else "–"
+
+
+def _listener_pid(port: int) -> int | None:
+    """The PID of the process listening on 127.0.0.1:``port`` (from /proc/net/tcp)."""
+    inode = None
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+                inode = fields[9]
+                break
+    if inode is None:
+        return None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}") == f"socket:[{inode}]":
+                    return int(entry)
+        except OSError:
+            continue
+    return None
 
 
 def _redis_flush(url: str) -> None:

@@ -12,12 +12,26 @@ import os
 import resource
 import shutil
 import subprocess
+import sys
 import time
 
 from tests.support.relayproc import TWISTD, env
 
 #: Recipient domain of every bench message.
 DOMAIN = "bench.example"
+
+#: How twistd is started for each reactor a variant may name (``default+asyncio``,
+#: ``sqlite-w1+uvloop``): Twisted's asyncio reactor on asyncio's own loop, or on uvloop.
+REACTORS: dict[str, list[str]] = {
+    "epoll": [*TWISTD, "-n"],
+    "asyncio": [*TWISTD, "-n", "--reactor=asyncio"],
+    "uvloop": [
+        sys.executable, "-c",
+        "import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+        "from twisted.scripts.twistd import run; run()",
+        "-n", "--reactor=asyncio",
+    ],
+}
 
 
 class Failed(Exception):  # noqa: N818 - "raise Failed(why)"
@@ -92,11 +106,7 @@ CONFIG = """\
 [node]
 name = "bench"
 hostname = "sendarix.bench.invalid"
-workers = {workers}
-
-[spool]
-url = "{spool_url}"
-
+{node_extra}
 [api]
 endpoint = "tcp:0:interface=127.0.0.1"
 
@@ -132,11 +142,16 @@ endpoints = ["127.0.0.1:{sink_port}"]
 
 
 class SendarixSystem:
-    """One Sendarix variant (spool backend, worker count): ``start()`` runs a fresh node."""
+    """One Sendarix variant (spool backend, worker count): ``start()`` runs a fresh node.
+
+    ``spool="default"`` is the configuration a user gets without choosing: no
+    ``[node] workers`` and no ``[spool]`` section (the embedded SQLite spool under
+    ``var/``), only the bench's listener and route."""
 
     def __init__(self, dir: str, port: int, sink_port: int, dns_port: int, *,
-                 spool: str, workers: int, max_connections: int, size_limit: int,
-                 route: str = "pool", redis_url: str | None = None) -> None:
+                 spool: str, workers: int | str | None, max_connections: int,
+                 size_limit: int, route: str = "pool", redis_url: str | None = None,
+                 redis_pid: int | None = None, reactor: str = "epoll") -> None:
         self.dir = os.path.abspath(dir)
         self.port = port
         self.sink_port = sink_port
@@ -147,13 +162,23 @@ class SendarixSystem:
         self.size_limit = size_limit
         self.route = route
         self.redis_url = redis_url
-        self.name = f"sendarix-{spool}-w{workers}"
+        self.redis_pid = redis_pid
+        self.reactor = reactor
+        self.name = "sendarix-default" if spool == "default" else f"sendarix-{spool}-w{workers}"
+        if reactor != "epoll":
+            self.name += f"+{reactor}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def config_text(self) -> str:
-        spool_url = "sqlite:spool.db" if self.spool == "sqlite" else self.redis_url
+        node_extra = ""
+        if self.workers is not None:
+            workers = f'"{self.workers}"' if isinstance(self.workers, str) else self.workers
+            node_extra += f"workers = {workers}\n"
+        if self.spool != "default":
+            spool_url = "sqlite:spool.db" if self.spool == "sqlite" else self.redis_url
+            node_extra += f'\n[spool]\nurl = "{spool_url}"\n'
         text = CONFIG.format(
-            workers=self.workers, spool_url=spool_url, port=self.port,
+            node_extra=node_extra, port=self.port,
             max_connections=self.max_connections, size_limit=self.size_limit,
             sink_port=self.sink_port, dns_port=self.dns_port,
         )
@@ -163,9 +188,11 @@ class SendarixSystem:
             text += DNS.format(dns_port=self.dns_port)
         return text
 
-    def start(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-        os.makedirs(self.dir)
+    def start(self, fresh: bool = True) -> None:
+        """Start the system; ``fresh``: on a new, empty folder (else on the same spool)."""
+        if fresh:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            os.makedirs(self.dir)
         config = os.path.join(self.dir, "sendarix.toml")
         with open(config, "w") as f:
             f.write(self.config_text())
@@ -173,12 +200,12 @@ class SendarixSystem:
         nofile = self.max_connections + 1000
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [*TWISTD, "-n", "--pidfile=", "sendarix", "--config", config],
+                [*REACTORS[self.reactor], "--pidfile=", "sendarix", "--config", config],
                 cwd=self.dir, env=env(), stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, preexec_fn=lambda: raise_nofile(nofile),
             )
         self._wait_listening(60.0)
-        if self.workers > 1:
+        if isinstance(self.workers, int) and self.workers > 1:
             self._check_workers()
 
     def _wait_listening(self, timeout: float) -> None:
@@ -202,7 +229,7 @@ class SendarixSystem:
         assert self.proc is not None
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if len(self._pythons()) >= self.workers:
+            if len(self._pythons()) >= int(self.workers or 1):
                 return
             time.sleep(0.2)
         self.stop()
@@ -226,6 +253,13 @@ class SendarixSystem:
     @property
     def pids(self) -> list[int]:
         return self._pythons() if self.proc is not None else []
+
+    def roots(self) -> list[int]:
+        """The root PIDs of this system: the node (with its workers) and its Redis."""
+        out = [self.proc.pid] if self.proc is not None else []
+        if self.redis_pid is not None and self.spool == "redis":
+            out.append(self.redis_pid)
+        return out
 
     def rss(self) -> tuple[int, int]:
         """(RSS, PSS) in bytes of the node's processes."""

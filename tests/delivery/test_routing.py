@@ -380,6 +380,9 @@ class SpoolOutageTests(unittest.TestCase):
             provider={"out": {"mx_suffixes": ["out.test"], "messages_per_connection": 2}},
         )
         delivery = relay.service.delivery
+        # Through the lease poll: fresh mail taken from memory at its commit would
+        # not read its body from the spool.
+        delivery.active_queue = False
         flaky = FlakySpool(delivery.spool)
         flaky.down = True
         delivery.spool = flaky
@@ -398,6 +401,33 @@ class SpoolOutageTests(unittest.TestCase):
         self.assertEqual(sink.stats.messages, 6)
         self.assertEqual(delivery.counters["released"], 0)
         self.flushLoggedErrors(OSError, FirstError)
+
+
+class ActiveQueueTests(unittest.TestCase):
+    """Fresh mail is handed to delivery in memory at its commit (the active queue)."""
+
+    async def test_fresh_mail_needs_no_poll_and_no_body_read(self) -> None:
+        """Mail committed while delivery has room goes out without a lease poll and
+        without reading its body back: with body reads failing, all of it arrives."""
+        sink = await start_sink(self, "127.0.0.2")
+        relay = await start_relay_on_dns(
+            self,
+            {
+                "out.test": {"MX": [(10, "mx.out.test")]}, "mx.out.test": {"A": ["127.0.0.2"]},
+            },
+            sink.addresses[0][1],
+        )
+        delivery = relay.service.delivery
+        flaky = FlakySpool(delivery.spool)
+        flaky.down = True
+        delivery.spool = flaky
+        recipients = [f"u{n}@out.test" for n in range(6)]
+        await in_thread(submit_many, relay.ports["relay"], recipients)
+        messages = await sink.wait_for(6, timeout=20)
+        self.assertEqual(sorted(m.recipients[0] for m in messages), sorted(recipients))
+        self.assertEqual(flaky.failures, 0)
+        self.assertEqual(delivery.counters["handed"], 6)
+        self.assertEqual(delivery.counters["leased"], 0)
 
 
 @implementer(IThrottle)

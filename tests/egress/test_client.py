@@ -16,11 +16,13 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sendarix.control.cli.sink import SinkOptions, SinkServer, parse_fault
 from sendarix.egress.client import (
     OutboundMessage,
+    SessionCache,
     SessionResult,
     client_endpoint,
     deliver,
@@ -134,6 +136,79 @@ class DeliverTests(TestCase):
         self.assertEqual([m.queue_id for m in result.results], ["q0", "q1", "q2"])
         self.assertEqual(server.stats.connections, 1)
         self.assertEqual(server.stats.messages, 3)
+
+    async def test_session_cache_reuses(self) -> None:
+        """A session rests in the cache after its messages; the next delivery to the same
+        server reuses it (no new connection, no second EHLO); close() ends it."""
+        server = await self.sink()
+        cache = SessionCache(_reactor, idle_time=30.0)
+        first = await self.send(server, [msg("a")], cache=cache, cache_site="s")
+        self.assertEqual(len(cache), 1)
+        second = await self.send(server, [msg("b"), msg("c")], cache=cache, cache_site="s")
+        self.assertEqual(self.codes(first) + self.codes(second), [[(250, "2.0.0")]] * 3)
+        self.assertTrue(second.greeted)
+        self.assertEqual(server.stats.connections, 1)
+        self.assertEqual(server.stats.messages, 3)
+        self.assertEqual(cache.reused, 1)
+        await cache.close()
+        self.assertEqual(len(cache), 0)
+        # Closed: no session rests any more.
+        await self.send(server, [msg("d")], cache=cache, cache_site="s")
+        self.assertEqual(len(cache), 0)
+
+    async def test_session_cache_limits(self) -> None:
+        """A session that carried ``reuse_limit`` messages, or finds no room, does not
+        rest; another server of the same site closes a resting session."""
+        server = await self.sink()
+        other = await self.sink()
+        cache = SessionCache(_reactor, idle_time=30.0)
+        self.addCleanup(cache.close)
+        await self.send(server, [msg("a"), msg("b")], cache=cache, cache_site="s",
+                        reuse_limit=2)
+        self.assertEqual(len(cache), 0)
+        await self.send(server, [msg("c")], cache=cache, cache_site="s", cache_room=lambda: 0)
+        self.assertEqual(len(cache), 0)
+        await self.send(server, [msg("d")], cache=cache, cache_site="s")
+        self.assertEqual(len(cache), 1)
+        await self.send(other, [msg("e")], cache=cache, cache_site="s", cache_room=lambda: 2)
+        self.assertEqual(len(cache), 2)
+        # Reused, then no room to rest again (the other server's session rests).
+        await self.send(other, [msg("f")], cache=cache, cache_site="s", cache_room=lambda: 1)
+        self.assertEqual(len(cache), 1)
+        self.assertEqual((server.stats.connections, other.stats.connections), (3, 1))
+        self.assertEqual(cache.reused, 1)
+        # Another server, no room: the resting session is closed first.
+        third = await self.sink()
+        await self.send(third, [msg("g")], cache=cache, cache_site="s", cache_room=lambda: 1)
+        self.assertEqual(len(cache), 1)
+        self.assertEqual(cache.resting("s"), 1)
+
+    async def test_session_cache_reuse_limit(self) -> None:
+        """A resting session takes no more than its reuse limit allows in all; the rest
+        of the batch comes back unsent."""
+        server = await self.sink()
+        cache = SessionCache(_reactor, idle_time=30.0)
+        self.addCleanup(cache.close)
+        await self.send(server, [msg("a")], cache=cache, cache_site="s", reuse_limit=3)
+        result = await self.send(server, [msg("b"), msg("c"), msg("d")], cache=cache,
+                                 cache_site="s", reuse_limit=3)
+        self.assertEqual([m.queue_id for m in result.results], ["b", "c"])
+        self.assertEqual(result.unsent, ("d",))
+        self.assertEqual(len(cache), 0)
+        self.assertEqual(server.stats.connections, 1)
+
+    async def test_session_cache_stale(self) -> None:
+        """A resting session the server closed meanwhile is not used: the delivery
+        connects anew and every message is sent once."""
+        server = await self.sink(idle_timeout=0.2)
+        cache = SessionCache(_reactor, idle_time=30.0)
+        self.addCleanup(cache.close)
+        await self.send(server, [msg("a")], cache=cache, cache_site="s")
+        await deferLater(_reactor, 0.6, lambda: None)
+        result = await self.send(server, [msg("b")], cache=cache, cache_site="s")
+        self.assertEqual(self.codes(result), [[(250, "2.0.0")]])
+        self.assertEqual(server.stats.connections, 2)
+        self.assertEqual(server.stats.messages, 2)
 
     async def test_rcpt_refused(self) -> None:
         """Only the recipient matching the fault is refused; the others are delivered."""

@@ -113,6 +113,30 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self.routing.append(action)
                 self.in_memory += len(action.deliveries)
 
+    @rule(domain=st.sampled_from(DOMAINS), count=st.integers(1, 4),
+          commit_fails=st.booleans())
+    def fresh_mail_handed(self, domain: str, count: int, commit_fails: bool) -> None:
+        """Fresh mail committed with its leases ours (the active queue), when the
+        window has room for it; else it waits in the spool for a poll."""
+        before = self.scheduler.ready_queues.total() + sum(
+            len(r.deliveries) for r in self.routing
+        )
+        if not self.scheduler.reserve(count):
+            self.mail_arrives(domain, count)
+            return
+        assert before + count <= self.window, (before, count)
+        if commit_fails:
+            self.scheduler.unreserve(count)
+            return
+        fresh = [delivery(domain, self.numbers + i) for i in range(count)]
+        self.numbers += count
+        for action in self.scheduler.handed(fresh, count, by_domain):
+            if isinstance(action, Release):
+                self._release(action.delivery)
+            else:
+                assert isinstance(action, Route)
+                self.routing.append(action)
+
     @precondition(lambda self: self.routing)
     @rule(choice=st.integers(0, 1000), settle_some=st.booleans())
     def route(self, choice: int, settle_some: bool) -> None:
@@ -264,6 +288,37 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(scheduler.leased(got, by_domain), [Release(d) for d in got])
         self.assertEqual(scheduler.held(), [])
         self.assertIsNone(scheduler.poll(1.0))
+
+    def test_handed_mail_takes_reserved_room(self) -> None:
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(3)
+        scheduler.start()
+        self.assertTrue(scheduler.reserve(2))
+        # Reserved room is taken while the commit runs: a poll gets the rest only.
+        lease = scheduler.poll(0.0)
+        assert lease is not None
+        self.assertEqual(lease.limit, 1)
+        scheduler.poll_done(0, lease.limit)
+        self.assertFalse(scheduler.reserve(2))
+        got = [delivery("a.test"), delivery("a.test")]
+        routes = scheduler.handed(got, 2, by_domain)
+        self.assertEqual([r.deliveries for r in routes if isinstance(r, Route)], [tuple(got)])
+        self.assertTrue(all(scheduler.holds(d) for d in got))
+        self.assertEqual(scheduler.counters["handed"], 2)
+        self.assertFalse(scheduler.reserve(2))
+        scheduler.routed(2)
+        for d in got:
+            scheduler.settled(d)
+        self.assertTrue(scheduler.reserve(3))
+        scheduler.unreserve(3)
+        self.assertTrue(scheduler.reserve(3))
+
+    def test_handed_while_stopping_goes_back(self) -> None:
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
+        self.assertTrue(scheduler.reserve(1))
+        scheduler.stop(lambda d: d)
+        d = delivery("a.test")
+        self.assertEqual(scheduler.handed([d], 1, by_domain), [Release(d)])
+        self.assertFalse(scheduler.reserve(1))
 
     def test_settled_once(self) -> None:
         scheduler: Scheduler[LeasedDelivery] = Scheduler(10)

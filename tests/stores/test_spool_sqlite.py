@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from attrs import evolve
 from twisted.internet import reactor as _reactor
 from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults
@@ -24,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sendarix.interfaces import ISpool
-from sendarix.model.message import RecipientOutcome, RecipientStatus, Reply
+from sendarix.model.message import Lease, RecipientOutcome, RecipientStatus, Reply
 from sendarix.stores.spool import SQLiteSpool, open_spool, sqlite_path
 from sendarix.stores.sqlite.database import DatabaseClosed, SQLiteDatabase
 from tests.support.paths import REPO_ROOT
@@ -142,6 +143,27 @@ class SQLiteSpoolStorageTests(TestCase):
             )
         )
         self.assertEqual((mode, sync), ("wal", 2))
+
+    async def test_enqueue_leased(self) -> None:
+        """Fresh mail stored with its deliveries leased to the accepting node: the
+        deliveries it hands back are those a lease poll would read, no poll takes
+        them while the lease lasts, and a restart of the node takes them back."""
+        spool = SQLiteSpool.at_path(self.path, reactor)
+        await spool.start()
+        self.addCleanup(spool.stop)
+        msg = sample_message("Q1", ("a@one.test", "b@two.test", "c@one.test"))
+        handed = await spool.enqueue_leased(msg, "node-a", T0 + 300)
+        self.assertEqual([(d.domain, [r.address for r in d.recipients]) for d in handed],
+                         [("one.test", ["a@one.test", "c@one.test"]),
+                          ("two.test", ["b@two.test"])])
+        self.assertEqual({d.lease for d in handed}, {Lease("node-a", T0 + 300)})
+        self.assertEqual(await spool.lease_due("node-b", T0 + 1, 10, 300), [])
+        self.assertEqual(await spool.reclaim("node-a"), 2)
+        polled = await spool.lease_due("node-a", T0 + 1, 10, 300)
+        self.assertEqual(
+            [evolve(d, lease=None) for d in polled], [evolve(d, lease=None) for d in handed]
+        )
+        self.assertEqual(await spool.body("Q1"), msg.body)
 
     async def test_failing_job_keeps_batch(self) -> None:
         """A job that fails in a group-commit batch rolls back alone."""

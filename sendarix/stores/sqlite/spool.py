@@ -25,7 +25,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from sendarix.interfaces import ISelectiveLease, ISpool
+from sendarix.interfaces import ILeasedEnqueue, ISelectiveLease, ISpool
 from sendarix.model.message import (
     Lease,
     LeasedDelivery,
@@ -108,7 +108,7 @@ def _status_value(status: RecipientStatus | str) -> str:
 _MAX_SKIP = 500
 
 
-@implementer(ISpool, ISelectiveLease)
+@implementer(ISpool, ISelectiveLease, ILeasedEnqueue)
 class SQLiteSpool:
     """ISpool on a :class:`SQLiteDatabase`.
 
@@ -157,14 +157,38 @@ class SQLiteSpool:
 
     def enqueue(self, message: NewMessage) -> Deferred[None]:
         """Store message, body, recipients and one delivery per domain in one commit."""
+        done: Deferred[None] = self._enqueue(message, None).addCallback(lambda _: None)
+        return done
+
+    def enqueue_leased(
+        self, message: NewMessage, node: str, expires: float
+    ) -> Deferred[list[LeasedDelivery]]:
+        """As :meth:`enqueue`, each delivery leased to ``node`` until ``expires`` in the
+        same commit; fires with the deliveries (built from ``message``, not read back)."""
+        return self._enqueue(message, Lease(node=node, expires=expires))
+
+    def _enqueue(
+        self, message: NewMessage, lease: Lease | None
+    ) -> Deferred[list[LeasedDelivery]]:
         recipients = codec.unique_recipients(message.envelope.recipients)
         if not recipients:
             return fail(ValueError("a message needs at least one recipient"))
         qid = message.queue_id
         received = message.meta.received_at
         domains = {a: codec.recipient_domain(a) for a in recipients}
+        by_domain: dict[str, list[str]] = {}
+        for address, domain in domains.items():
+            by_domain.setdefault(domain, []).append(address)
+        deliveries: list[tuple[str, str, float, str | None, float | None]]
+        if lease is None:
+            deliveries = [(qid, d, message.due, None, None) for d in by_domain]
+        else:
+            # A leased delivery is due again when its lease ends (as _lease_one).
+            deliveries = [
+                (qid, d, lease.expires, lease.node, lease.expires) for d in by_domain
+            ]
 
-        def txn(conn: sqlite3.Connection) -> None:
+        def txn(conn: sqlite3.Connection) -> list[LeasedDelivery]:
             try:
                 conn.execute(
                     "INSERT INTO spool_message (queue_id, envelope, meta, size, created)"
@@ -188,11 +212,32 @@ class SQLiteSpool:
                 [(qid, a, d, message.not_before, received) for a, d in domains.items()],
             )
             conn.executemany(
-                "INSERT INTO spool_delivery (queue_id, domain, due) VALUES (?, ?, ?)",
-                [(qid, d, message.due) for d in dict.fromkeys(domains.values())],
+                "INSERT INTO spool_delivery (queue_id, domain, due, lease_node, lease_expires)"
+                " VALUES (?, ?, ?, ?, ?)",
+                deliveries,
             )
+            return []
 
-        return self._db.run(txn)
+        d = self._db.run(txn)
+        if lease is not None:
+            d.addCallback(lambda _: [
+                LeasedDelivery(
+                    queue_id=qid,
+                    domain=domain,
+                    envelope=message.envelope,
+                    meta=message.meta,
+                    recipients=tuple(
+                        RecipientRecord(
+                            address=a, domain=domain, status=RecipientStatus.PENDING,
+                            attempts=0, next_attempt=message.not_before, updated_at=received,
+                        )
+                        for a in addresses
+                    ),
+                    lease=lease,
+                )
+                for domain, addresses in by_domain.items()
+            ])
+        return d
 
     # -- leases -------------------------------------------------------------------
 
