@@ -34,20 +34,22 @@ def free_port() -> int:
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Wait until ``proc`` itself listens on ``port``: a free port picked earlier may
+    have been taken by another test's server meanwhile, and a connection that reached
+    that one would prove nothing."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"relay exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
+        if listens(proc.pid, port):
+            return
+        time.sleep(0.1)
     raise TimeoutError(f"relay not listening on {port}")
 
 
-def listens(pid: int) -> bool:
-    """True once process ``pid`` holds a listening TCP socket (from /proc)."""
+def listens(pid: int, port: int | None = None) -> bool:
+    """True once process ``pid`` holds a listening TCP socket (on ``port``, when
+    given), from /proc."""
     try:
         inodes = set()
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -56,7 +58,11 @@ def listens(pid: int) -> bool:
                 inodes.add(target[8:-1])
         with open(f"/proc/{pid}/net/tcp") as f:
             rows = [line.split() for line in f.readlines()[1:]]
-        return any(row[3] == "0A" and row[9] in inodes for row in rows)
+        return any(
+            row[3] == "0A" and row[9] in inodes
+            and (port is None or int(row[1].rsplit(":", 1)[1], 16) == port)
+            for row in rows
+        )
     except OSError:
         return False
 
@@ -86,14 +92,15 @@ def start_workers(
         parent.wait()
 
     testcase.addCleanup(cleanup)
-    wait_listening(port, parent)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with open(log_path, "rb") as f:
             found = re.findall(rb"worker \d+ started, pid (\d+)", f.read())
         children[:] = [int(p) for p in found]
-        if len(children) == count and all(listens(pid) for pid in children):
+        if len(children) == count and all(listens(pid, port) for pid in children):
             break
+        if parent.poll() is not None:
+            raise RuntimeError(f"relay exited with {parent.returncode}")
         time.sleep(0.1)
     testcase.assertEqual(len(children), count)
     return parent, log_path, children
