@@ -29,7 +29,6 @@ from sendarix.ingress import policy
 from sendarix.model.event import Event
 from sendarix.model.message import Reply
 from tests.control.api.test_api import ApiTestCase
-from tests.control.cli.test_main import _run
 from tests.delivery.test_routing import start_sink
 from tests.delivery.test_service import RELAY_LISTENER, wait_event
 from tests.support.relay import in_thread, start_relay, until
@@ -302,11 +301,7 @@ class TwoTenantsTests(ApiTestCase):
         status, waiting, _ = await self.call("GET", f"/v1/messages/{sent['id']}")
         self.assertEqual([r["status"] for r in waiting["recipients"]], ["deferred"], waiting)
 
-        config = os.path.join(self.relay.directory, "cli.toml")
-        with open(config, "w") as f:
-            f.write('[spool]\nurl = "sqlite:var/spool.db"\n')
-        out, err, code = await _run(["--config", config, "tenants", "resume", "acme"],
-                                    self.relay.directory)
+        out, err, code = await self.relay.run_cli("tenants", "resume", "acme")
         self.assertEqual(code, 0, err)
         await self.relay.service.guard.refresh()
         text = await self.metrics()

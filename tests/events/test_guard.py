@@ -29,7 +29,6 @@ from sendarix.stores.sqlite.database import SQLiteDatabase
 from sendarix.stores.sqlite.holds import SQLiteTenantHolds
 from tests.cleanup.test_domains import SECRET
 from tests.control.api.test_api import ApiTestCase
-from tests.control.cli.test_main import _run
 from tests.delivery.test_routing import start_sink
 from tests.delivery.test_service import submit, wait_event
 from tests.ingress.test_feedback import RELAY as FEEDBACK_RELAY
@@ -163,11 +162,7 @@ class NodeGuardTests(ApiTestCase):
         await wait_event(self.relay, "g@sink.test", "delivered")
         self.assertEqual(self.sink.stats.messages, 1)
 
-        config = os.path.join(self.relay.directory, "cli.toml")
-        with open(config, "w") as f:
-            f.write('[spool]\nurl = "sqlite:var/spool.db"\n')
-        out, err, code = await _run(["--config", config, "tenants", "resume", "acme"],
-                                    self.relay.directory)
+        out, err, code = await self.relay.run_cli("tenants", "resume", "acme")
         self.assertEqual(code, 0, err)
         await self.relay.service.guard.refresh()
         self.assertEqual(self.relay.service.delivery.held_tenants, {})
@@ -177,8 +172,7 @@ class NodeGuardTests(ApiTestCase):
         # Released a moment ago: the guard leaves acme alone despite its figures.
         await self.relay.service.guard.check_now()
         self.assertEqual(self.relay.service.delivery.held_tenants, {})
-        out, err, code = await _run(["--config", config, "tenants", "resume", "acme"],
-                                    self.relay.directory)
+        out, err, code = await self.relay.run_cli("tenants", "resume", "acme")
         self.assertEqual(code, 1)
 
 

@@ -43,6 +43,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import IO, Any
 
 from tests.soak.ledger import Kill, Receipt, Submission, Verdict, judge
@@ -202,7 +203,9 @@ class Soak:
         with self.lock:
             self.refused += 1
 
-    def submit_smtp(self, until: float, interval: float) -> None:
+    def submit(self, until: float, interval: float, send: Callable[..., None]) -> None:
+        """Until ``until`` (and at most MAX_PER_SUBMITTER times), hand a new message to
+        ``send(node, token, recipients, body)`` on a live node, then wait ``interval``."""
         for _ in range(MAX_PER_SUBMITTER):
             if time.time() >= until:
                 return
@@ -211,52 +214,49 @@ class Soak:
             if not nodes:
                 time.sleep(0.5)
                 continue
-            node = self.rng.choice(nodes)
-            try:
-                with smtplib.SMTP("127.0.0.1", self.nodes[node][0], timeout=20) as s:
-                    s.ehlo("submitter.test")
-                    code, _ = s.mail(SENDER)
-                    ok = code == 250 and all(s.rcpt(r)[0] == 250 for r in rcpts)
-                    if not ok:
-                        s.rset()
-                        self.not_accepted()
-                    else:
-                        code, reply = s.data(body)
-                        m = _QUEUED_AS.search(reply.decode("utf-8", "replace"))
-                        if code == 250 and m:
-                            self.accepted(m.group(1), token, rcpts, "smtp")
-                        else:
-                            self.not_accepted()
-            except (smtplib.SMTPException, OSError):
-                self.not_accepted()
+            send(self.rng.choice(nodes), token, rcpts, body)
             time.sleep(interval)
 
+    def submit_smtp(self, until: float, interval: float) -> None:
+        self.submit(until, interval, self.send_smtp)
+
     def submit_api(self, until: float, interval: float) -> None:
-        for _ in range(MAX_PER_SUBMITTER):
-            if time.time() >= until:
-                return
-            token, rcpts, body = self.message()
-            nodes = self.live_nodes()
-            if not nodes:
-                time.sleep(0.5)
-                continue
-            node = self.rng.choice(nodes)
-            data = json.dumps({"from": SENDER, "to": rcpts,
-                               "raw_b64": base64.b64encode(body).decode()}).encode()
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{self.nodes[node][1]}/v1/messages", data=data,
-                headers={"Authorization": f"Bearer {self.key}",
-                         "Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=20) as response:
-                    answer = json.loads(response.read())
-                    if response.status == 202:
-                        self.accepted(answer["id"], token, rcpts, "api")
-                    else:
-                        self.not_accepted()
-            except (urllib.error.URLError, OSError, ValueError):
-                self.not_accepted()
-            time.sleep(interval)
+        self.submit(until, interval, self.send_api)
+
+    def send_smtp(self, node: str, token: str, rcpts: list[str], body: bytes) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", self.nodes[node][0], timeout=20) as s:
+                s.ehlo("submitter.test")
+                code, _ = s.mail(SENDER)
+                if code != 250 or not all(s.rcpt(r)[0] == 250 for r in rcpts):
+                    s.rset()
+                    self.not_accepted()
+                    return
+                code, reply = s.data(body)
+                m = _QUEUED_AS.search(reply.decode("utf-8", "replace"))
+                if code == 250 and m:
+                    self.accepted(m.group(1), token, rcpts, "smtp")
+                else:
+                    self.not_accepted()
+        except (smtplib.SMTPException, OSError):
+            self.not_accepted()
+
+    def send_api(self, node: str, token: str, rcpts: list[str], body: bytes) -> None:
+        data = json.dumps({"from": SENDER, "to": rcpts,
+                           "raw_b64": base64.b64encode(body).decode()}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.nodes[node][1]}/v1/messages", data=data,
+            headers={"Authorization": f"Bearer {self.key}",
+                     "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=20) as response:
+                answer = json.loads(response.read())
+                if response.status == 202:
+                    self.accepted(answer["id"], token, rcpts, "api")
+                else:
+                    self.not_accepted()
+        except (urllib.error.URLError, OSError, ValueError):
+            self.not_accepted()
 
     # -- counting -------------------------------------------------------------------
 

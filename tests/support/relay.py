@@ -7,16 +7,19 @@ import os
 import smtplib
 import socket
 import ssl
+import sys
 from typing import Any
 
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
 
 from sendarix.config.loader import parse_config
 from sendarix.config.settings import Config
 from sendarix.ingress.authlimit import AuthLimiter
 from sendarix.node.service import makeService
+from tests.support.paths import REPO_ROOT
 from tests.support.tlsca import TestCA
 
 HOSTNAME = "relay.test"
@@ -69,6 +72,18 @@ class Relay:
         kw.setdefault("tenant", "acme")
         _, secret = await self.stores.credentials.add(name, **kw)
         return str(secret)
+
+    def run_cli(self, *args: str) -> Deferred[tuple[bytes, bytes, int]]:
+        """``sendarix ARGS`` as its own process on this relay's spool file (the
+        operator's command beside the running node): (stdout, stderr, exit status)."""
+        config = os.path.join(self.directory, "cli.toml")
+        with open(config, "w") as f:
+            f.write('[spool]\nurl = "sqlite:var/spool.db"\n')
+        env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+        return getProcessOutputAndValue(
+            sys.executable, ["-m", "sendarix.control.cli", "--config", config, *args],
+            env=env, path=self.directory,
+        )
 
     def stop(self) -> Deferred[Any]:
         return self.service.stopService()
