@@ -881,14 +881,14 @@ class DeliveryService(Service):
                     await self._release(delivery)
             pending.clear()
         finally:
-            self.scheduler.session_ended(site)
+            repoll = self.scheduler.session_ended(site)
             await self._throttled(self.throttle.release_connection, conn_key)
             keep = [r for r in batch if r.delivery in back]
             if self.running:
                 self.ready_queues.put_back(site, conn.key, keep)
                 self.ready_queues.done(site, len(batch) - len(keep))
                 self._kick(site)
-                if self.scheduler.wanted:
+                if repoll or self.scheduler.wanted:
                     self.wake()
             else:
                 # Stopping: the ready queues were handed back already; so is this.

@@ -151,6 +151,11 @@ class Scheduler(Generic[T]):
     _polls: int = field(default=0, init=False)
     _polling: bool = field(default=False, init=False)
     _wake_missed: bool = field(default=False, init=False)
+    #: Sites whose full ready queue the poll under way (or the last one) left out.
+    _skipped_full: frozenset[str] = field(factory=frozenset, init=False)
+    #: Sites a short poll left out because their queue was full: the end of one of
+    #: their connections makes room, and what the poll left in the spool is due.
+    _repoll_on_room: frozenset[str] = field(factory=frozenset, init=False)
     _stopped: bool = field(default=False, init=False)
     #: Connections open (or being opened) per site.
     _sessions: dict[str, int] = field(factory=dict, init=False)
@@ -188,6 +193,8 @@ class Scheduler(Generic[T]):
             return None
         self._wake_missed = False
         self._polling = True
+        resting = set(resting)
+        self._skipped_full = frozenset(self.ready_queues.full_sites() - resting)
         return Lease(now, free, tuple(self.ready_queues.skip_domains(resting=resting)))
 
     def leased(
@@ -252,8 +259,17 @@ class Scheduler(Generic[T]):
     def poll_done(self, leased: int, limit: int) -> bool:
         """The poll is over (``leased`` deliveries came back, 0 when it failed): poll
         again at once?  Yes when wakes came in while it ran, or when it came back full
-        (more is likely due)."""
+        (more is likely due).
+
+        A poll that came back short while it left out full sites is answered later,
+        by :meth:`session_ended`: their mail is likely still due, and a backlog for
+        one site would otherwise wait a whole poll interval each time its queue
+        drains."""
         self._polling = False
+        self._repoll_on_room = (
+            self._skipped_full if leased < limit and not self._stopped else frozenset()
+        )
+        self._skipped_full = frozenset()
         return self._wake_missed or (0 < limit <= leased and not self._stopped)
 
     def routed(self, count: int) -> bool:
@@ -339,12 +355,18 @@ class Scheduler(Generic[T]):
     def session_started(self, site: str) -> None:
         self._sessions[site] = self._sessions.get(site, 0) + 1
 
-    def session_ended(self, site: str) -> None:
+    def session_ended(self, site: str) -> bool:
+        """A connection to ``site`` ended; True when a poll should run now (one that
+        found no room, or one that left ``site`` out because its queue was full)."""
         left = self._sessions.get(site, 0) - 1
         if left > 0:
             self._sessions[site] = left
         else:
             self._sessions.pop(site, None)
+        if site in self._repoll_on_room and not self._stopped:
+            self._repoll_on_room = frozenset()
+            return True
+        return self._wake_missed
 
     def sessions(self, site: str) -> int:
         """Connections open (or being opened) to ``site``."""

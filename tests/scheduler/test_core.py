@@ -279,6 +279,41 @@ class SchedulerTests(SynchronousTestCase):
         self.assertTrue(scheduler.poll_done(len(got), lease.limit))
         self.assertEqual(scheduler.counters["leased"], 10)
 
+    def test_short_poll_past_a_full_site_polls_when_it_has_room(self) -> None:
+        """A poll that left out a full site and came back short is run again when a
+        connection to that site ends (its backlog is likely still due), once; the end
+        of another site's connection does not, nor does a poll that skipped nothing."""
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
+        scheduler.start()
+        queues = scheduler.ready_queues
+        lease = scheduler.poll(0.0)
+        assert lease is not None
+        got = [delivery("a.test") for _ in range(8)]
+        for route in scheduler.leased(got, by_domain):
+            assert isinstance(route, Route)
+            queues.note_domain("a.test", "site-a", route.poll)
+            for d in route.deliveries:
+                queues.offer("site-a", "lane", d, force=True)
+        scheduler.routed(len(got))
+        self.assertFalse(scheduler.poll_done(len(got), lease.limit))
+        self.assertIn("site-a", queues.full_sites())
+        lease = scheduler.poll(0.5)
+        assert lease is not None
+        self.assertEqual(lease.skip_domains, ("a.test",))
+        self.assertFalse(scheduler.poll_done(0, lease.limit))
+        for site in ("site-b", "site-a", "site-a"):
+            scheduler.session_started(site)
+        self.assertFalse(scheduler.session_ended("site-b"))
+        self.assertTrue(scheduler.session_ended("site-a"))
+        self.assertFalse(scheduler.session_ended("site-a"))
+        # A poll that skipped no full site leaves nothing to answer.
+        lease = scheduler.poll(1.0, resting=["site-a"])
+        assert lease is not None
+        self.assertEqual(lease.skip_domains, ("a.test",))
+        scheduler.poll_done(0, lease.limit)
+        scheduler.session_started("site-a")
+        self.assertFalse(scheduler.session_ended("site-a"))
+
     def test_leased_while_stopping_goes_back(self) -> None:
         scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
         lease = scheduler.poll(0.0)
