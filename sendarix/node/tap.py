@@ -11,7 +11,7 @@ from twisted.python import usage
 
 from sendarix.config.errors import ConfigError
 from sendarix.config.loader import load_config, resolve_config
-from sendarix.node.workers import WorkerPool, twistd_log_file, worker_name
+from sendarix.node.workers import ParentWatch, WorkerPool, twistd_log_file, worker_name
 
 
 class Options(usage.Options):
@@ -71,6 +71,10 @@ def makeService(options: Options) -> IService:
     try:
         node = make_node(config)
         node.reload_on_sighup = True  # SIGHUP reloads the TLS certificate
+        if index is not None:
+            from twisted.internet import reactor as running
+
+            ParentWatch(running, running.stop).setServiceParent(node)
         return node
     except ConfigError as e:
         sys.stderr.write(f"configuration error: {e}\n")

@@ -13,6 +13,10 @@ machine) and share each TCP listener's port through SO_REUSEPORT: every worker b
 its own socket to the same address, and the kernel spreads incoming connections
 across them (:func:`listen_shared`; Twisted's ``listenTCP`` cannot set the option, so
 the socket is made here and handed to ``reactor.adoptStreamPort``).
+
+A worker whose parent is gone (killed with SIGKILL, so it could not stop its
+children) stops itself, as gracefully as on SIGTERM (:class:`ParentWatch`): a
+supervisor started again must not find the old workers still holding the port.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -29,13 +33,16 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 log = Logger()
 
-__all__ = ["TWISTD", "WorkerPool", "listen_shared", "twistd_log_file", "worker_name"]
+__all__ = [
+    "TWISTD", "ParentWatch", "WorkerPool", "listen_shared", "twistd_log_file", "worker_name",
+]
 
 #: How a child runs twistd (the same interpreter as the parent).
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -94,6 +101,53 @@ def twistd_log_file(argv: Sequence[str]) -> str | None:
     if not value or value == "-":
         return None
     return os.path.abspath(value)
+
+
+class ParentWatch(Service):
+    """In a worker: stop the node once the supervisor that started it is gone.
+
+    The supervisor's death is seen as a change of the parent process id (the
+    orphan is adopted by init or a subreaper), checked every ``interval`` seconds;
+    ``stop`` then stops the node as SIGTERM would (its sessions drain, its leases go
+    back).  The supervisor's stop is not needed for this: a SIGKILL skips it.
+    """
+
+    name = "parent-watch"
+
+    def __init__(
+        self,
+        reactor: Any,
+        stop: Callable[[], None],
+        interval: float = 1.0,
+        parent: Callable[[], int] = os.getppid,
+    ) -> None:
+        self._reactor = reactor
+        self._stop = stop
+        self._interval = interval
+        self._parent = parent
+        self._expected = parent()
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self._loop = LoopingCall(self._check)
+        self._loop.clock = self._reactor
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self) -> None:  # noqa: N802
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    def _check(self) -> None:
+        if self._parent() == self._expected:
+            return
+        log.warn("the supervisor (pid {pid}) is gone: stopping this worker",
+                 pid=self._expected)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._stop()
 
 
 def _failed() -> Deferred[IListeningPort]:

@@ -14,9 +14,16 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from sendarix.node.workers import WorkerPool, listen_shared, twistd_log_file, worker_name
+from sendarix.node.workers import (
+    ParentWatch,
+    WorkerPool,
+    listen_shared,
+    twistd_log_file,
+    worker_name,
+)
 from tests.support.redisserver import start_redis
 from tests.support.relayproc import env, free_port, listens, start_workers
 
@@ -62,6 +69,33 @@ class ListenSharedTests(TestCase):
     def test_worker_names(self) -> None:
         """Worker I of node N is named N-wI."""
         self.assertEqual(worker_name("mx1", 3), "mx1-w3")
+
+
+class ParentWatchTests(SynchronousTestCase):
+    """A worker stops itself once its supervisor is gone."""
+
+    def test_stops_once_when_the_parent_changes(self) -> None:
+        clock = Clock()
+        parents = [100]
+        stops: list[float] = []
+        watch = ParentWatch(clock, lambda: stops.append(clock.seconds()), interval=1.0,
+                            parent=lambda: parents[-1])
+        watch.startService()
+        clock.advance(5)
+        self.assertEqual(stops, [])
+        parents.append(1)  # adopted by init: the supervisor died
+        clock.advance(1)
+        clock.advance(10)
+        self.assertEqual(stops, [6.0])
+        watch.stopService()
+
+    def test_stop_ends_the_checks(self) -> None:
+        clock = Clock()
+        watch = ParentWatch(clock, lambda: None, parent=lambda: 7)
+        watch.startService()
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        watch.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 def _send_sessions(port: int, count: int) -> list[int]:
@@ -135,6 +169,36 @@ class WorkerProcessTests(TestCase):
             self.assertFalse(_alive(pid), f"worker {pid} still running")
         with open(log_path, "rb") as f:
             self.assertEqual(f.read().count(b"Server Shut Down"), 3)  # parent, live workers
+
+    def test_workers_stop_when_the_supervisor_is_killed(self) -> None:
+        """SIGKILL of the supervisor (no chance to stop its children): each worker sees
+        it is orphaned and stops itself, cleanly, within seconds."""
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        port = free_port()
+        config = os.path.join(folder, "sendarix.toml")
+        with open(config, "w") as f:
+            f.write(
+                '[node]\nname = "box"\nhostname = "box.test"\n'
+                '[spool]\nurl = "sqlite:var/spool.db"\n'
+                "[events]\njson_log = false\n"
+                '[api]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+                '[[listener]]\nname = "relay"\n'
+                f'endpoint = "tcp:{port}:interface=127.0.0.1"\n'
+                'tls = "none"\nauth = "none"\ntrusted_networks = ["127.0.0.0/8"]\n'
+            )
+        parent, log_path, children = start_workers(self, folder, config, port)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in children:
+            self.assertFalse(_alive(pid), f"worker {pid} still running")
+        with open(log_path, "rb") as f:
+            text = f.read()
+        self.assertEqual(text.count(b"is gone: stopping this worker"), 2)
+        self.assertEqual(text.count(b"Server Shut Down"), 2)  # the workers, not the parent
 
     def test_workers_on_sqlite(self) -> None:
         """Two workers on one SQLite spool share the port and both take mail; a killed
