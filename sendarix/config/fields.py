@@ -103,6 +103,25 @@ def integer_parser(low: int, high: int | None = None) -> Parser:
     return parse
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count:
+    a container or ``taskset`` may allow fewer)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def workers_parser(value: Any, key: str, ctx: Context) -> int:
+    """A worker process count: an integer from 1 to 256, or ``"auto"`` for one per
+    usable CPU."""
+    if value == "auto":
+        return min(256, usable_cpus())
+    if isinstance(value, str):
+        raise ConfigError(key, f'expected an integer or "auto", got {value!r}')
+    return integer_parser(1, 256)(value, key, ctx)
+
+
 def share_parser(value: Any, key: str, ctx: Context) -> float:
     """A share: a fraction (``0.003``) or a percentage string (``"0.3%"``), 0 to 1."""
     if isinstance(value, str) and value.strip().endswith("%"):

@@ -66,6 +66,7 @@ from sendarix.config.fields import (
     suffix_parser,
     table_parser,
     tables_parser,
+    workers_parser,
 )
 from sendarix.config.units import (
     parse_rate,
@@ -122,7 +123,7 @@ class NodeConfig:
     name: str = setting(name_parser, factory=_short_hostname)
     hostname: str = setting(hostname_parser, factory=_fqdn)
     secret_key_env: str = setting(env_name_parser, "SENDARIX_SECRET_KEY")
-    workers: int = setting(integer_parser(1, 256), 1)
+    workers: int = setting(workers_parser, 1)
 
 
 @frozen

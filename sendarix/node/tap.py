@@ -10,19 +10,25 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from sendarix.config.errors import ConfigError
+from sendarix.config.fields import usable_cpus
 from sendarix.config.loader import load_config, resolve_config
 from sendarix.node.workers import ParentWatch, WorkerPool, twistd_log_file, worker_name
+
+
+def _worker_count(text: str) -> int:
+    """``--workers``: an integer, or ``auto`` for one worker per usable CPU."""
+    return usable_cpus() if text == "auto" else int(text)
 
 
 class Options(usage.Options):
     """Options of ``twistd -n sendarix``."""
 
-    synopsis = "[--config PATH] [--workers N]"
+    synopsis = "[--config PATH] [--workers N|auto]"
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: ./sendarix.toml if "
          "present, else the built-in development default)"],
-        ["workers", "w", None, "run N worker processes sharing the listeners' ports "
-         "(default: [node] workers)", int],
+        ["workers", "w", None, "run N worker processes sharing the listeners' ports, "
+         "or auto: one per usable CPU (default: [node] workers)", _worker_count],
         ["worker", None, None, "(set by the parent process) run as worker number N", int],
     ]
 

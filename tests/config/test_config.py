@@ -231,6 +231,12 @@ class ParsedValuesTests(SynchronousTestCase):
         self.assertEqual(c.delivery.retry_schedule, (30, 120, 5400))
         self.assertEqual(c.delivery.max_lifetime, 172800)
 
+    def test_workers_auto(self) -> None:
+        """``workers = "auto"`` is one worker per CPU this process may use."""
+        self.assertEqual(parse('[node]\nworkers = "auto"\n').node.workers,
+                         len(os.sched_getaffinity(0)))
+        self.assertEqual(parse("[node]\nworkers = 3\n").node.workers, 3)
+
     def test_listener_values(self) -> None:
         """Networks become ip_network objects; a single string is a list of one."""
         c = parse(
@@ -373,6 +379,10 @@ class ErrorTests(SynchronousTestCase):
         for fragment in fragments:
             self.assertIn(fragment, e.message, text)
         return e
+
+    def test_bad_workers(self) -> None:
+        self.assertConfigError('[node]\nworkers = "many"\n', "node.workers", "auto")
+        self.assertConfigError("[node]\nworkers = 0\n", "node.workers", "between 1 and 256")
 
     def test_unknown_top_level_key(self) -> None:
         """An unknown section is named, with a suggestion when one is close."""

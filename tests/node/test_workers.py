@@ -66,6 +66,17 @@ class ListenSharedTests(TestCase):
         ):
             self.assertEqual(twistd_log_file(argv), expected, argv)
 
+    def test_workers_option_auto(self) -> None:
+        """``--workers auto`` is one worker per CPU this process may use."""
+        from sendarix.node.tap import Options
+
+        options = Options()
+        options.parseOptions(["--workers", "auto"])
+        self.assertEqual(options["workers"], len(os.sched_getaffinity(0)))
+        options = Options()
+        options.parseOptions(["--workers", "3"])
+        self.assertEqual(options["workers"], 3)
+
     def test_worker_names(self) -> None:
         """Worker I of node N is named N-wI."""
         self.assertEqual(worker_name("mx1", 3), "mx1-w3")
