@@ -881,14 +881,14 @@ class DeliveryService(Service):
                     await self._release(delivery)
             pending.clear()
         finally:
-            repoll = self.scheduler.session_ended(site)
+            self.scheduler.session_ended(site)
             await self._throttled(self.throttle.release_connection, conn_key)
             keep = [r for r in batch if r.delivery in back]
             if self.running:
                 self.ready_queues.put_back(site, conn.key, keep)
                 self.ready_queues.done(site, len(batch) - len(keep))
                 self._kick(site)
-                if repoll or self.scheduler.wanted:
+                if self.scheduler.room_made(site):
                     self.wake()
             else:
                 # Stopping: the ready queues were handed back already; so is this.
@@ -1102,7 +1102,11 @@ class DeliveryService(Service):
                 await self._defer_all(sending, pending, reply)
                 return
         if not hops:
-            window.release()
+            # No connection can be made: a failure of the site as a refused one
+            # would be, so that a pool whose endpoints stay down makes the site dead
+            # (its mail then waits in the spool instead of being leased, deferred and
+            # logged again and again).
+            window.failure(now)
             reply = Reply(
                 451, "4.4.1", f"{conn.site}: every endpoint is resting after failures"
             )

@@ -262,7 +262,7 @@ class Scheduler(Generic[T]):
         (more is likely due).
 
         A poll that came back short while it left out full sites is answered later,
-        by :meth:`session_ended`: their mail is likely still due, and a backlog for
+        by :meth:`room_made`: their mail is likely still due, and a backlog for
         one site would otherwise wait a whole poll interval each time its queue
         drains."""
         self._polling = False
@@ -355,15 +355,22 @@ class Scheduler(Generic[T]):
     def session_started(self, site: str) -> None:
         self._sessions[site] = self._sessions.get(site, 0) + 1
 
-    def session_ended(self, site: str) -> bool:
-        """A connection to ``site`` ended; True when a poll should run now (one that
-        found no room, or one that left ``site`` out because its queue was full)."""
+    def session_ended(self, site: str) -> None:
         left = self._sessions.get(site, 0) - 1
         if left > 0:
             self._sessions[site] = left
         else:
             self._sessions.pop(site, None)
-        if site in self._repoll_on_room and not self._stopped:
+
+    def room_made(self, site: str) -> bool:
+        """A connection to ``site`` ended and its ready queue no longer counts what it
+        sent: True when a poll should run now (one found no room, or one left ``site``
+        out while it was full and it can take a useful amount again: a poll before
+        that would leave it out once more, and walk past all its due mail to do so)."""
+        if (
+            site in self._repoll_on_room and not self._stopped
+            and self.ready_queues.hungry(site)
+        ):
             self._repoll_on_room = frozenset()
             return True
         return self._wake_missed

