@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import ClassVar
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -55,12 +55,20 @@ class FanoutSink:
 
     def emit(self, event: Event) -> Deferred[None]:
         """Hand ``event`` to every sink."""
-        results = []
+        # Most sinks answer at once (a log line, a counter): only the Deferreds of
+        # those that do not are waited for (two events per message pass here).
+        waiting = []
         for sink in self.sinks:
-            d = maybeDeferred(sink.emit, event)
-            d.addErrback(self._failed, sink, event)
-            results.append(d)
-        return gatherResults(results).addCallback(lambda _: None)
+            try:
+                result = sink.emit(event)
+            except Exception:
+                self._failed(Failure(), sink, event)
+                continue
+            if isinstance(result, Deferred):
+                waiting.append(result.addErrback(self._failed, sink, event))
+        if not waiting:
+            return succeed(None)
+        return gatherResults(waiting).addCallback(lambda _: None)
 
     def _failed(self, failure: Failure, sink: IEventSink, event: Event) -> None:
         self._log.failure(

@@ -158,6 +158,9 @@ class SQLiteDatabase:
         conn.execute("PRAGMA foreign_keys = ON")
         for sql in self._schemas:
             conn.executescript(sql)
+        # From here on only BEGIN IMMEDIATE can wait for another process's lock (in
+        # WAL mode reads never do), and :meth:`_begin` does that waiting itself.
+        conn.execute("PRAGMA busy_timeout = 0")
         return conn
 
     def _main(self) -> None:
@@ -230,21 +233,17 @@ class SQLiteDatabase:
         0.1–2 ms for up to ``busy_timeout_ms``.  SQLite's own busy handler sleeps 1,
         2, 5, 10... ms, which, with several worker processes on one file, waits far
         longer than the other writer's commit takes."""
-        conn.execute("PRAGMA busy_timeout = 0")
-        try:
-            delay = 0.0001
-            deadline = time.monotonic() + self._busy_timeout_ms / 1000.0
-            while True:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as e:
-                    if "locked" not in str(e) or time.monotonic() >= deadline:
-                        raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.002)
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        delay = 0.0001
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000.0
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.002)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
         results: list[tuple[Deferred[Any], bool, Any]] = []
