@@ -64,6 +64,9 @@ class TieredSelector:
     half_life: float = 3600.0
     threshold: float = 0.1
     rng: random.Random = field(factory=random.Random)
+    #: This process's part of each warmup cap (1/N for one of N worker processes
+    #: that count on their own), so that together they stay within it.
+    share: float = 1.0
     # (source, provider) -> its mark, as of when it was last updated
     _penalties: dict[tuple[str, str], Mark] = field(factory=dict, init=False)
     # date -> (source, provider) -> messages sent that day
@@ -113,6 +116,8 @@ class TieredSelector:
         cap = source.warmup.cap(today) if source.warmup is not None else None
         if cap is None:
             return None
+        if self.share < 1.0:
+            cap = int(cap * self.share)
         return max(0, cap - self.sent(source, provider, today))
 
     def penalize(self, source: Source | str, provider: str, now: float) -> None:

@@ -6,6 +6,7 @@ sessions."""
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 from typing import Any
 
@@ -78,10 +79,22 @@ def ensure_certificate(
     ``var_dir`` on first start when the configuration names none."""
     if cert_path and key_path:
         return cert_path, key_path
-    cert = os.path.join(var_dir, "tls", "selfsigned.crt")
-    key = os.path.join(var_dir, "tls", "selfsigned.key")
-    if not (os.path.exists(cert) and os.path.exists(key)):
-        make_self_signed(hostname, cert, key)
+    folder = os.path.join(var_dir, "tls")
+    cert = os.path.join(folder, "selfsigned.crt")
+    key = os.path.join(folder, "selfsigned.key")
+    if os.path.exists(cert) and os.path.exists(key):
+        return cert, key
+    os.makedirs(folder, exist_ok=True)
+    # Worker processes start together: one makes the pair while the others wait,
+    # then find it (two writing at once could leave one's key beside the other's
+    # certificate).
+    lock = os.open(os.path.join(folder, ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (os.path.exists(cert) and os.path.exists(key)):
+            make_self_signed(hostname, cert, key)
+    finally:
+        os.close(lock)
     return cert, key
 
 

@@ -71,6 +71,8 @@ def makeService(options: Options) -> IService:
             raise SystemExit(1) from e
         path = options["config"]
         arguments = ["--config", os.path.abspath(path)] if path else []
+        # Each worker knows how many they are (limits kept per process are split).
+        arguments += ["--workers", str(workers)]
         pool = WorkerPool(reactor, workers, arguments, log_file=twistd_log_file(sys.argv))
         pool.forward_sighup = True  # each worker reloads its TLS certificate
         return pool

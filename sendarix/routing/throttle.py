@@ -25,15 +25,22 @@ class MemoryThrottle:
 
     ``burst`` is how many messages may go back to back before pacing starts (1: even
     spacing of ``period / rate`` seconds).  Keys are arbitrary strings.
+
+    ``share`` is this process's part of every limit (1/N for one of N worker
+    processes that count on their own): each takes that part of each connection
+    cap (at least one connection) and rate, so that together they stay within it.
     """
 
     burst: float = 1.0
     pacing: GcraTable = field(factory=GcraTable)
+    share: float = 1.0
     _connections: dict[str, int] = field(factory=dict, init=False)
 
     def acquire_connection(self, key: str, limit: int, now: float) -> bool:
         """Take a connection slot for ``key`` unless ``limit`` are already open."""
         count = self._connections.get(key, 0)
+        if self.share < 1.0:
+            limit = max(1, int(limit * self.share))
         if count >= limit:
             return False
         self._connections[key] = count + 1
@@ -54,7 +61,7 @@ class MemoryThrottle:
     def admit(self, key: str, rate: float, period: float, now: float) -> float:
         """0.0 when one message for ``key`` may go now (it is counted), else the
         seconds until it may."""
-        return self.pacing.admit(key, Pacing.of(rate, period, self.burst), now)
+        return self.pacing.admit(key, Pacing.of(rate * self.share, period, self.burst), now)
 
 
 def is_rate_signal(code: int, enhanced: str | None = None) -> bool:

@@ -77,6 +77,28 @@ class ListenSharedTests(TestCase):
         options.parseOptions(["--workers", "3"])
         self.assertEqual(options["workers"], 3)
 
+    def test_workers_know_their_count(self) -> None:
+        """The supervisor tells each worker how many they are (a worker keeps its
+        part of the limits it counts); without a count set, the node is one process."""
+        from sendarix.node.service import NodeService
+        from sendarix.node.tap import Options, makeService
+
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        config = os.path.join(folder, "sendarix.toml")
+        with open(config, "w") as f:
+            f.write('[node]\nname = "box"\n[spool]\nurl = "sqlite:spool.db"\n'
+                    '[events]\njson_log = false\n')
+        options = Options()
+        options.parseOptions(["--config", config])
+        self.assertIsInstance(makeService(options), NodeService)
+        options = Options()
+        options.parseOptions(["--config", config, "--workers", "3"])
+        pool = makeService(options)
+        assert isinstance(pool, WorkerPool)
+        self.assertEqual(pool.count, 3)
+        self.assertEqual(pool.command(1)[-4:], ["--workers", "3", "--worker", "1"])
+
     def test_worker_names(self) -> None:
         """Worker I of node N is named N-wI."""
         self.assertEqual(worker_name("mx1", 3), "mx1-w3")

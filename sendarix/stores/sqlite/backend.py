@@ -1,7 +1,8 @@
 """The embedded backend: every store in one SQLite file, limits and routing state in
 this process.
 
-One machine, one node (or several worker processes, each counting its own limits):
+One machine, one node (or several worker processes, each counting its own limits,
+and each taking its equal part of every limit so that together they keep it):
 the spool, credentials, delivery log, suppression lists and sending domains share one
 :class:`~sendarix.stores.sqlite.database.SQLiteDatabase` (WAL, group commit), and the
 command line opens the same file while the relay runs.
@@ -56,6 +57,10 @@ class SQLiteBackend:
     holds: SQLiteTenantHolds
     outbox: SQLiteWebhookOutbox
     webhook_endpoints: SQLiteWebhookEndpointStore
+    #: This process's part of every limit it counts itself: 1/N in one of N worker
+    #: processes (connection caps, rates, warmup caps and AUTH failure budgets are
+    #: counted per process here, unlike with Redis).
+    share: float = 1.0
     errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
     shares_state: bool = False
     # The file can be read before the reactor runs (load_node_secret does).
@@ -82,6 +87,7 @@ class SQLiteBackend:
             holds=SQLiteTenantHolds(db),
             outbox=SQLiteWebhookOutbox(db),
             webhook_endpoints=SQLiteWebhookEndpointStore(db),
+            share=1.0 / config.node.workers,
         )
 
     @property
@@ -111,16 +117,18 @@ class SQLiteBackend:
         await self.db.close()
 
     def throttle(self, node: str) -> IThrottle:
-        return MemoryThrottle()
+        return MemoryThrottle(share=self.share)
 
     def auth_limiter(self, max_failures: int, window: float, lockout: float) -> AuthLimiter:
-        return AuthLimiter(max_failures=max_failures, window=window, lockout=lockout)
+        # A client's tries spread over the workers: each allows its part of them.
+        return AuthLimiter(max_failures=max(1, int(max_failures * self.share)),
+                           window=window, lockout=lockout)
 
     def rate_limiter(self) -> RateLimiter:
-        return RateLimiter()
+        return RateLimiter(share=self.share)
 
     def egress_selector(self, sources: tuple[EgressSourceConfig, ...]) -> IEgressSelector:
-        return TieredSelector(sources)
+        return TieredSelector(sources, share=self.share)
 
     def endpoint_strategy(self, pool: PoolConfig) -> IFailoverStrategy:
         return EndpointPool(pool)
