@@ -157,9 +157,19 @@ class SimulatorTransport:
         self, hop: Hop, messages: Sequence[OutboundMessage], options: SessionOptions
     ) -> Deferred[SessionResult]:
         """See :meth:`ITransport.deliver`: each recipient answered at once, as if at
-        RCPT; a message with any recipient accepted is accepted as a whole."""
+        RCPT; a message with any recipient accepted is accepted as a whole.  The
+        options' ``pace`` is asked before each message, as over SMTP."""
+        return Deferred.fromCoroutine(self._session(messages, options))
+
+    async def _session(
+        self, messages: Sequence[OutboundMessage], options: SessionOptions
+    ) -> SessionResult:
         results = []
-        for message in messages:
+        unsent: tuple[str, ...] = ()
+        for n, message in enumerate(messages):
+            if options.pace is not None and not await options.pace():
+                unsent = tuple(m.queue_id for m in messages[n:])
+                break
             replies = []
             for i, address in enumerate(message.recipients):
                 reply = simulate(local_part(address), message.attempts_of(i) + 1)
@@ -169,7 +179,7 @@ class SimulatorTransport:
                     self._complain_later(message, address)
             accepted = next((r.reply for r in replies if r.reply.code // 100 == 2), None)
             results.append(MessageResult(message.queue_id, tuple(replies), accepted))
-        return succeed(SessionResult(tuple(results), None, None, None, None))
+        return SessionResult(tuple(results), None, None, None, None, True, unsent)
 
     def _complain_later(self, message: OutboundMessage, recipient: str) -> None:
         if self.feedback is None:

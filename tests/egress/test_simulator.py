@@ -163,3 +163,18 @@ class AbuseReportTests(unittest.SynchronousTestCase):
                                  "text/rfc822-headers"])
         self.assertIn(b"Feedback-Type: abuse", raw)
         self.assertIn(b"Original-Rcpt-To: <complaint@sim.test>", raw)
+
+
+class PacedSessionTests(unittest.SynchronousTestCase):
+    def test_pace(self) -> None:
+        """The site's pace is asked before each message, as over SMTP: what it holds
+        back is listed unsent, with no result."""
+        answers = iter([True, False])
+        options = SessionOptions(helo="relay.test", pace=lambda: succeed(next(answers)))
+        msgs = [message("a@sim.test", qid="Q1"), message("b@sim.test", qid="Q2"),
+                message("c@sim.test", qid="Q3")]
+        result = self.successResultOf(
+            SimulatorTransport(Clock()).deliver(SIMULATOR_HOP, msgs, options)
+        )
+        self.assertEqual([m.queue_id for m in result.results], ["Q1"])
+        self.assertEqual(result.unsent, ("Q2", "Q3"))
