@@ -443,6 +443,10 @@ class ITransport(Interface):
         broke, ``connect_error`` when none took place).
         """
 
+    def close() -> Deferred[None]:
+        """Let go of what the transport holds between sessions (resting connections,
+        reports not yet made) as the node stops; fires when done."""
+
 
 class ISelectiveLease(Interface):
     """A spool that can lease due deliveries while leaving some domains alone (the

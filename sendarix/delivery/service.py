@@ -473,7 +473,7 @@ class DeliveryService(Service):
             self._running.add(released)
             released.addBoth(self._forget, released)
         if not self._running and self._polling is None:
-            return self.sessions.close().addCallback(lambda _: None)
+            return self._close_transports()
         done = Deferred.fromCoroutine(self._stopping(self._polling))
         out: Deferred[None] = Deferred()
         def give_up() -> None:
@@ -490,6 +490,10 @@ class DeliveryService(Service):
 
         done.addBoth(finished)
         return out
+
+    def _close_transports(self) -> Deferred[None]:
+        d = DeferredList([t.close() for t in self.transports.values()], consumeErrors=True)
+        return d.addCallback(lambda _: None)
 
     def _failed(self, failure: Failure, what: str, **kw: Any) -> None:
         # While the node stops, the stores close under groups still in flight: that is
@@ -599,13 +603,13 @@ class DeliveryService(Service):
     async def _stopping(self, polling: Deferred[Any] | None) -> None:
         """Wait for the poll in flight, then for every group and connection, including
         those that poll started (its Deferred has its own errback), then close the
-        resting sessions."""
+        resting sessions (and the simulator's pending reports)."""
         if polling is not None:
             await polling
         running = list(self._running)
         if running:
             await DeferredList(running, consumeErrors=True)
-        await self.sessions.close()
+        await self._close_transports()
 
     def _dispatched(self, leased: list[LeasedDelivery]) -> list[LeasedDelivery]:
         self._dispatch(leased)

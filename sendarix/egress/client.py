@@ -26,7 +26,7 @@ from typing import Any
 
 from attrs import define, field
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -874,3 +874,9 @@ class SmtpTransport:
             cache_room=options.cache_room,
             reuse_limit=options.reuse_limit,
         )
+
+    def close(self) -> Deferred[None]:
+        """See :meth:`ITransport.close`: QUIT the resting sessions."""
+        if self.cache is None:
+            return succeed(None)
+        return self.cache.close().addCallback(lambda _: None)

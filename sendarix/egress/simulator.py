@@ -21,6 +21,7 @@ from email.mime.text import MIMEText
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -152,6 +153,7 @@ class SimulatorTransport:
     def __init__(self, clock: Any, feedback: FeedbackReader | None = None) -> None:
         self.clock = clock
         self.feedback = feedback
+        self._reports: set[IDelayedCall] = set()
 
     def deliver(
         self, hop: Hop, messages: Sequence[OutboundMessage], options: SessionOptions
@@ -184,7 +186,25 @@ class SimulatorTransport:
     def _complain_later(self, message: OutboundMessage, recipient: str) -> None:
         if self.feedback is None:
             return
-        self.clock.callLater(COMPLAINT_DELAY, self._complain, message, recipient)
+        call: list[IDelayedCall] = []
+
+        def complain() -> None:
+            self._reports.discard(call[0])
+            self._complain(message, recipient)
+
+        call.append(self.clock.callLater(COMPLAINT_DELAY, complain))
+        self._reports.add(call[0])
+
+    def close(self) -> Deferred[None]:
+        """See :meth:`ITransport.close`: the reports not yet made are dropped (the
+        stores close with the node)."""
+        for call in self._reports:
+            if call.active():
+                call.cancel()
+        if self._reports:
+            log.info("{n} simulated complaints dropped at stop", n=len(self._reports))
+        self._reports.clear()
+        return succeed(None)
 
     def _complain(self, message: OutboundMessage, recipient: str) -> Deferred[Any]:
         assert self.feedback is not None

@@ -178,3 +178,18 @@ class PacedSessionTests(unittest.SynchronousTestCase):
         )
         self.assertEqual([m.queue_id for m in result.results], ["Q1"])
         self.assertEqual(result.unsent, ("Q2", "Q3"))
+
+
+class CloseTests(unittest.SynchronousTestCase):
+    def test_close_drops_pending_reports(self) -> None:
+        """Closed as the node stops, the transport leaves no report pending."""
+        clock, reports = Clock(), _Reports()
+        transport = SimulatorTransport(clock, reports)
+        self.successResultOf(
+            transport.deliver(SIMULATOR_HOP, [message("complaint@sim.test")], OPTIONS)
+        )
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        self.successResultOf(transport.close())
+        self.assertEqual(clock.getDelayedCalls(), [])
+        clock.advance(COMPLAINT_DELAY)
+        self.assertEqual(reports.got, [])
