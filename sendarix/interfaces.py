@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         RecipientOutcome,
         StoredMessage,
     )
+    from sendarix.model.session import Hop, OutboundMessage, SessionOptions, SessionResult
 
 
 class ISpool(Interface):
@@ -425,6 +426,26 @@ class IRouter(Interface):
         a :obj:`sendarix.routing.mx.RouteError` saying whether the failure is permanent
         (bounce) or temporary (defer), with its enhanced status code.
         """
+
+
+class ITransport(Interface):
+    """Carries one session's messages to one hop: SMTP over TCP, or the simulator,
+    which answers inside the node.  The delivery agent picks the transport a hop
+    names (:attr:`sendarix.model.session.Hop.transport`)."""
+
+    def deliver(  # noqa: N805
+        hop: Hop, messages: Sequence[OutboundMessage], options: SessionOptions
+    ) -> Deferred[SessionResult]:
+        """Send ``messages`` over one session to ``hop``.
+
+        Never fails: every message and recipient gets a reply in the
+        :obj:`sendarix.model.session.SessionResult` (a synthesized 4xx when the session
+        broke, ``connect_error`` when none took place).
+        """
+
+    def close() -> Deferred[None]:
+        """Let go of what the transport holds between sessions (resting connections,
+        reports not yet made) as the node stops; fires when done."""
 
 
 class ISelectiveLease(Interface):

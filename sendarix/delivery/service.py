@@ -3,11 +3,12 @@
 Every ``poll_interval`` seconds :class:`DeliveryService` leases what is due (no more
 than its bounded window of deliveries held has room for, leaving in the spool the mail
 of sites whose ready queue is full), groups the leased deliveries by destination domain
-and routes each group (MX lookup or smarthost pool; the simulator domain never leaves
-the process).  Routed deliveries wait in their site's ready queue
-(:mod:`sendarix.scheduler.ready`), their leases renewed; one drainer per site sends them,
-up to ``max_messages_per_connection`` per egress session, as the site's window,
-connection cap and rate admit, trying the next hop at once when a hop held no session
+and routes each group (MX lookup, smarthost pool, or the simulator: mail to its domain
+and all sandbox mail, answered inside the process).  Routed deliveries wait in their
+site's ready queue (:mod:`sendarix.scheduler.ready`), their leases renewed; one drainer
+per site sends them, up to ``max_messages_per_connection`` per session, over the hop's
+transport (SMTP, or the simulator), as the site's window, connection cap and rate
+admit, trying the next hop at once when a hop held no session
 (connection refused, or 421 before any transaction).  Each recipient's reply is
 classified (delivered, deferred, bounced), deferred recipients are rescheduled or
 expired by the retry schedule, and the outcome is recorded with ``ISpool.complete``,
@@ -44,7 +45,7 @@ from zope.interface import implementer
 
 from sendarix.config.settings import Config, EgressSourceConfig, RouteConfig
 from sendarix.egress import client as egress
-from sendarix.egress.simulator import simulate_delivery
+from sendarix.egress.simulator import FeedbackReader, SimulatorRouter, SimulatorTransport
 from sendarix.egress.sources import TieredSelector
 from sendarix.events.guard import hold_key
 from sendarix.interfaces import (
@@ -59,6 +60,7 @@ from sendarix.interfaces import (
     ISpool,
     ISuppressionStore,
     IThrottle,
+    ITransport,
 )
 from sendarix.model.event import Event
 from sendarix.model.message import (
@@ -68,10 +70,18 @@ from sendarix.model.message import (
     RecipientRecord,
     Reply,
 )
-from sendarix.routing.mx import Hop, RouteError
+from sendarix.model.session import (
+    SIMULATOR_TRANSPORT,
+    SMTP_TRANSPORT,
+    Hop,
+    OutboundMessage,
+    SessionOptions,
+    SessionResult,
+)
+from sendarix.routing.mx import RouteError
 from sendarix.routing.pool import OrderedFallback
 from sendarix.routing.providers import ProviderTable
-from sendarix.routing.rules import RouteFacts, RuleRouter, RuleTable
+from sendarix.routing.rules import SIMULATOR_ROUTE, RouteFacts, RuleRouter, RuleTable
 from sendarix.routing.shaping import POOL_PREFIX, Shaping, SiteShape, strictest_tls
 from sendarix.routing.state import read_state, write_state
 from sendarix.routing.throttle import MemoryThrottle
@@ -89,7 +99,6 @@ from sendarix.scheduler.outcome import (
     Attempt,
     OutcomeRules,
     Suppress,
-    make_event,
     plan_outcomes,
 )
 from sendarix.scheduler.retry import RetrySchedule
@@ -157,7 +166,7 @@ def _route_reply(error: RouteError) -> Reply:
     return Reply(451, error.enhanced, error.reason)
 
 
-def _refused_421(result: egress.SessionResult) -> bool:
+def _refused_421(result: SessionResult) -> bool:
     """True when the hop answered (greeting, EHLO or every message) with 421."""
     if result.connect_error is not None or not result.results:
         return False
@@ -165,7 +174,7 @@ def _refused_421(result: egress.SessionResult) -> bool:
     return first is not None and first.code == 421
 
 
-def _held_no_session(result: egress.SessionResult) -> bool:
+def _held_no_session(result: SessionResult) -> bool:
     """True when the hop refused us before any transaction: a connect error, no
     greeting (closed or timed out first), or a 421 (greeting or EHLO) that every
     message got as its only reply."""
@@ -200,6 +209,8 @@ class DeliveryService(Service):
     :param ready: a callable returning a Deferred that fires once the stores are open;
         the loop starts after it (None: at once).
     :param window: the most leased deliveries in flight at a time.
+    :param feedback: reads the abuse reports the simulator sends back for its
+        ``complaint`` recipients (the node's feedback handler; None: none come back).
     """
 
     name = "delivery"
@@ -223,6 +234,7 @@ class DeliveryService(Service):
         selector: IEgressSelector | None = None,
         state_file: str | None = None,
         observer: IDeliveryObserver | None = None,
+        feedback: FeedbackReader | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -251,10 +263,16 @@ class DeliveryService(Service):
             schedule=self.schedule, node=config.node.name, suppresses=self._suppresses,
             provider_for=self.providers.provider_for,
         )
-        # [[route]] rules over via → (router, failover strategy); "mx" is ``router``.
+        # [[route]] rules over via → (router, failover strategy); "mx" is ``router``;
+        # sandbox mail and the simulator domain's go to the simulator.
         self.routes = RuleRouter(
             RuleTable(config.routes),
-            {"mx": (router, OrderedFallback()), **(routers or {})},
+            {
+                "mx": (router, OrderedFallback()),
+                SIMULATOR_ROUTE.via: (SimulatorRouter(), OrderedFallback()),
+                **(routers or {}),
+            },
+            simulator_domain=config.simulator.domain,
         )
         self.throttle: IThrottle = throttle if throttle is not None else MemoryThrottle()
         self.shaping = Shaping(self.providers, config.delivery)
@@ -293,6 +311,11 @@ class DeliveryService(Service):
         self.active_queue = True
         #: Egress sessions resting between deliveries to the same server.
         self.sessions = egress.SessionCache(reactor, SESSION_REST)
+        #: What carries a session to a hop, by the hop's ``transport``.
+        self.transports: dict[str, ITransport] = {
+            SMTP_TRANSPORT: egress.SmtpTransport(reactor, self.sessions),
+            SIMULATOR_TRANSPORT: SimulatorTransport(reactor, feedback),
+        }
         # The active queue: bodies of fresh mail handed over at its commit, by
         # (queue id, domain), until its first connection takes them.
         self._bodies: dict[tuple[str, str], bytes] = {}
@@ -450,7 +473,7 @@ class DeliveryService(Service):
             self._running.add(released)
             released.addBoth(self._forget, released)
         if not self._running and self._polling is None:
-            return self.sessions.close().addCallback(lambda _: None)
+            return self._close_transports()
         done = Deferred.fromCoroutine(self._stopping(self._polling))
         out: Deferred[None] = Deferred()
         def give_up() -> None:
@@ -467,6 +490,10 @@ class DeliveryService(Service):
 
         done.addBoth(finished)
         return out
+
+    def _close_transports(self) -> Deferred[None]:
+        d = DeferredList([t.close() for t in self.transports.values()], consumeErrors=True)
+        return d.addCallback(lambda _: None)
 
     def _failed(self, failure: Failure, what: str, **kw: Any) -> None:
         # While the node stops, the stores close under groups still in flight: that is
@@ -576,13 +603,13 @@ class DeliveryService(Service):
     async def _stopping(self, polling: Deferred[Any] | None) -> None:
         """Wait for the poll in flight, then for every group and connection, including
         those that poll started (its Deferred has its own errback), then close the
-        resting sessions."""
+        resting sessions (and the simulator's pending reports)."""
         if polling is not None:
             await polling
         running = list(self._running)
         if running:
             await DeferredList(running, consumeErrors=True)
-        await self.sessions.close()
+        await self._close_transports()
 
     def _dispatched(self, leased: list[LeasedDelivery]) -> list[LeasedDelivery]:
         self._dispatch(leased)
@@ -619,12 +646,14 @@ class DeliveryService(Service):
         from the same egress pool (routing depends on sender, tenant, tags, stream)."""
         meta = delivery.meta
         facts = RouteFacts.of(
-            delivery.domain, delivery.envelope.sender, meta.tenant, meta.tags, meta.stream
+            delivery.domain, delivery.envelope.sender, meta.tenant, meta.tags, meta.stream,
+            meta.sandbox,
         )
         choice = self.routes.choose(facts)
         rule = choice.rule
         pool: str | None = None
-        if self.selector is not None:
+        # The simulator sends from no address: no egress source, no warmup count.
+        if self.selector is not None and rule.via != SIMULATOR_ROUTE.via:
             pool = rule.egress_pool or self.config.tenant(meta.tenant).egress_pool or "default"
             if pool not in self._egress_pools:
                 pool = None  # no such sources: the system's address
@@ -640,24 +669,14 @@ class DeliveryService(Service):
     async def _run_group(
         self, key: _GroupKey, deliveries: list[LeasedDelivery], poll: int = 0
     ) -> None:
-        """Route one group's leased deliveries and queue them for their site; simulated
-        ones, route errors and paused sites are settled at once.  Errors release the
-        deliveries not yet queued."""
+        """Route one group's leased deliveries and queue them for their site; route
+        errors and paused sites are settled at once.  Errors release the deliveries not
+        yet queued."""
         domain = key.domain
         pending = list(deliveries)
         try:
             choice = self.routes.choice(key.rule)
             rule = choice.rule
-            # The simulator (its domain, or a route to it), and all mail of sandbox
-            # credentials: answered here, never sent out.
-            simulated = (
-                choice.router is None or choice.strategy is None
-                or domain.lower() == self.config.simulator.domain.lower()
-            )
-            for delivery in [d for d in deliveries if simulated or d.meta.sandbox]:
-                await self._simulate(delivery)
-                pending.remove(delivery)
-            deliveries = list(pending)
             # A tenant held by the complaint guard sends nothing until released.
             held = [d for d in deliveries if d.meta.tenant in self.held_tenants]
             if held:
@@ -668,8 +687,6 @@ class DeliveryService(Service):
                 deliveries = list(pending)
             if not deliveries:
                 return
-            # Not simulated, so the rule names a real router and strategy.
-            assert choice.router is not None and choice.strategy is not None
             strategy = choice.strategy
             route = await choice.router.route(domain)
             if route.error is not None:
@@ -720,8 +737,10 @@ class DeliveryService(Service):
                 pending.remove(delivery)
 
     def _site_of(self, rule: RouteConfig, hops: Sequence[Hop]) -> str:
-        """The shaping key: ``pool:NAME`` for smarthost routes, else the provider name
-        or MX rollup of the hop hosts."""
+        """The shaping key: ``pool:NAME`` for smarthost routes, ``simulator`` for the
+        simulator's, else the provider name or MX rollup of the hop hosts."""
+        if rule.via == SIMULATOR_ROUTE.via:
+            return SIMULATOR_ROUTE.via
         if rule.pool is not None:
             return POOL_PREFIX + rule.pool
         return self.providers.site_for(h.host for h in hops)
@@ -1056,7 +1075,7 @@ class DeliveryService(Service):
         address)."""
         shape = conn.shape
         window = shape.window
-        messages: list[egress.OutboundMessage] = []
+        messages: list[OutboundMessage] = []
         sending: list[LeasedDelivery] = []
         # All bodies at once: fresh mail's from memory, the reads of the others share
         # one database round trip.
@@ -1074,13 +1093,14 @@ class DeliveryService(Service):
                 continue
             envelope = delivery.envelope
             messages.append(
-                egress.OutboundMessage(
+                OutboundMessage(
                     queue_id=delivery.queue_id,
                     sender=self.return_path(delivery),
                     recipients=tuple(r.address for r in delivery.recipients),
                     body=body,
                     smtputf8=envelope.smtputf8,
                     eight_bit=(envelope.body or "").upper() in ("8BITMIME", "BINARYMIME"),
+                    attempts=tuple(r.attempts for r in delivery.recipients),
                 )
             )
             sending.append(delivery)
@@ -1117,36 +1137,29 @@ class DeliveryService(Service):
             for _ in sending:
                 self.selector.record_send(source.name, conn.site, today)  # type: ignore[union-attr]
         dc = self.config.delivery
-        result: egress.SessionResult | None = None
+        result: SessionResult | None = None
         hop: Hop | None = None
         refused_421 = True
         attempted.extend(sending)
         for hop in hops:
-            result = await egress.deliver(
-                self.reactor,
-                hop.address,
-                hop.port,
-                messages,
+            options = SessionOptions(
                 helo=(source.ehlo if source is not None and source.ehlo else None)
                 or self.config.node.hostname,
                 tls=strictest_tls(shape.tls, hop.tls),
-                tls_hostname=hop.host,
                 trust_root=self._trust_root,
                 bind_address=source.address if source is not None else None,
                 connect_timeout=dc.connect_timeout,
                 command_timeout=dc.command_timeout,
-                auth=(hop.username, hop.password)
-                if hop.username is not None and hop.password is not None else None,
                 # Smarthosts are ours: one that does not greet at once is down.
                 greeting_timeout=dc.connect_timeout if hop.endpoint is not None else None,
                 pace=self._pacer(conn),
-                cache=self.sessions,
                 cache_site=conn.site,
                 # Resting plus open sessions (this one is still counted) stay within
                 # the site's connection limit.
                 cache_room=lambda: shape.window.limit - self.scheduler.sessions(conn.site) + 1,
                 reuse_limit=shape.messages_per_connection,
             )
+            result = await self.transports[hop.transport].deliver(hop, messages, options)
             held = not _held_no_session(result)
             if self.observer is not None:
                 self.observer.outbound_connection(conn.site, held)
@@ -1205,7 +1218,7 @@ class DeliveryService(Service):
         self,
         conn: _Connection,
         source: EgressSourceConfig | None,
-        result: egress.SessionResult,
+        result: SessionResult,
         refused_421: bool,
     ) -> None:
         """Feed one session's outcome to the site's window and rate, and to the egress
@@ -1290,17 +1303,6 @@ class DeliveryService(Service):
             ],
             consumeErrors=True,
         )
-
-    async def _simulate(self, delivery: LeasedDelivery) -> None:
-        session = simulate_delivery(delivery)
-        await self._finish(delivery, list(session.attempts), session.suppressed)
-        for a in session.complaints:
-            await self._carry_out((
-                make_event("complained", delivery, a, None, self.reactor.seconds(),
-                           self.outcome_rules),
-                Suppress(delivery.meta.tenant, a.record.address, "complaint",
-                         "simulated complaint"),
-            ))
 
     # -- outcomes -----------------------------------------------------------------
 

@@ -24,26 +24,33 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from attrs import define, field, frozen
+from attrs import define, field
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from sendarix.egress.replies import parse_reply_lines
+from sendarix.interfaces import ITransport
 from sendarix.model.message import Reply, TLSInfo
+from sendarix.model.session import (
+    Hop,
+    MessageResult,
+    OutboundMessage,
+    RecipientReply,
+    SessionOptions,
+    SessionResult,
+)
 
 log = Logger()
 
 __all__ = [
-    "MessageResult",
-    "OutboundMessage",
-    "RecipientReply",
     "SessionCache",
-    "SessionResult",
+    "SmtpTransport",
     "client_endpoint",
     "deliver",
     "dot_stuff",
@@ -60,60 +67,6 @@ _STUFF_RE = re.compile(rb"^\.", re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- values
-
-
-@frozen
-class OutboundMessage:
-    """One message to send: envelope and final body bytes (CRLF line endings)."""
-
-    queue_id: str
-    sender: str
-    recipients: tuple[str, ...]
-    body: bytes = field(repr=lambda b: f"<{len(b)} bytes>")
-    smtputf8: bool = False
-    eight_bit: bool = False
-
-
-@frozen
-class RecipientReply:
-    """The destination's (or our synthesized) reply for one recipient."""
-
-    address: str
-    reply: Reply
-
-
-@frozen
-class MessageResult:
-    """The outcome of one message.
-
-    Each recipient's reply is its RCPT refusal if it was refused, otherwise the reply
-    that decided the transaction (end of data, or a MAIL/DATA refusal, or a synthesized
-    reply when the session broke).  ``message_reply`` is that deciding reply, or None
-    when every recipient was refused at RCPT.
-    """
-
-    queue_id: str
-    recipients: tuple[RecipientReply, ...]
-    message_reply: Reply | None
-
-
-@frozen
-class SessionResult:
-    """The outcome of one session: a result for every message given to :func:`deliver`.
-
-    ``connect_error`` is set (and also given to every recipient) when no SMTP session
-    took place; ``greeted`` is False when the connection ended (or timed out) before a
-    220 greeting; ``tls`` is the negotiated TLS version and cipher, if any.
-    ``unsent`` names the messages the ``pace`` callback held back: they have no result.
-    """
-
-    results: tuple[MessageResult, ...]
-    connect_error: Reply | None
-    tls: TLSInfo | None
-    mx_ip: str
-    source_ip: str | None
-    greeted: bool = True
-    unsent: tuple[str, ...] = ()
 
 
 def dot_stuff(body: bytes) -> bytes:
@@ -884,3 +837,46 @@ def deliver(
         )
 
     return Deferred.fromCoroutine(run())
+
+
+@implementer(ITransport)
+class SmtpTransport:
+    """:func:`deliver` as an :class:`~sendarix.interfaces.ITransport`: one SMTP session
+    to the hop's address, resting afterwards in ``cache`` for the next delivery to the
+    same server (None: never kept)."""
+
+    def __init__(self, reactor: Any, cache: SessionCache | None = None) -> None:
+        self.reactor = reactor
+        self.cache = cache
+
+    def deliver(
+        self, hop: Hop, messages: Sequence[OutboundMessage], options: SessionOptions
+    ) -> Deferred[SessionResult]:
+        """See :meth:`ITransport.deliver`."""
+        return deliver(
+            self.reactor,
+            hop.address,
+            hop.port,
+            messages,
+            helo=options.helo,
+            tls=options.tls,
+            tls_hostname=hop.host,
+            trust_root=options.trust_root,
+            bind_address=options.bind_address,
+            connect_timeout=options.connect_timeout,
+            command_timeout=options.command_timeout,
+            auth=(hop.username, hop.password)
+            if hop.username is not None and hop.password is not None else None,
+            greeting_timeout=options.greeting_timeout,
+            pace=options.pace,
+            cache=self.cache,
+            cache_site=options.cache_site,
+            cache_room=options.cache_room,
+            reuse_limit=options.reuse_limit,
+        )
+
+    def close(self) -> Deferred[None]:
+        """See :meth:`ITransport.close`: QUIT the resting sessions."""
+        if self.cache is None:
+            return succeed(None)
+        return self.cache.close().addCallback(lambda _: None)

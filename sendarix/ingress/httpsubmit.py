@@ -88,6 +88,8 @@ class HTTPSubmission:
     require_verified_domains: bool = False
     tenant_rates: Mapping[str, tuple[float, float]] = {}
     tenant_quotas: Mapping[str, int] = {}
+    #: The simulator's domain (its ``suppressed`` address is refused as suppressed).
+    simulator_domain: str | None = None
 
     def submit(
         self, credential: Credential, client_ip: str, message: ComposedMessage,
@@ -143,9 +145,12 @@ class HTTPSubmission:
                 self._rejected(refusal, tenant, sender, (address,))
                 raise _refused(refusal)
             entry = None
-            if self.suppressions is not None:
+            simulated = policy.simulator_suppressed(
+                address, self.simulator_domain, cred.sandbox
+            )
+            if self.suppressions is not None and not simulated:
                 entry = await self.suppressions.is_suppressed(tenant, address)
-            if policy.suppression_refusal(entry) is not None:
+            if policy.suppression_refusal(entry, simulated) is not None:
                 self.intake.suppressed(address, tenant=tenant, sender=sender)
                 results.append(RecipientResult(address, "suppressed"))
             else:

@@ -161,7 +161,23 @@ def recipient_rate_refusal(
     return RECIPIENT_RATE
 
 
-def suppression_refusal(entry: object | None) -> Reply | None:
+def simulator_suppressed(address: str, simulator_domain: str | None, sandbox: bool) -> bool:
+    """True when ``address`` is one the simulator keeps on every suppression list: the
+    local part ``suppressed`` (or ``suppressed+anything``) at the simulator domain, or
+    at any domain for a sandbox credential, whose mail all goes to the simulator
+    (docs/delivery.md, "The simulator")."""
+    local, at, domain = address.rpartition("@")
+    if not at or local.lower().split("+", 1)[0] != "suppressed":
+        return False
+    if sandbox:
+        return True
+    return simulator_domain is not None and (
+        domain.lower().rstrip(".") == simulator_domain.lower().rstrip(".")
+    )
+
+
+def suppression_refusal(entry: object | None, simulated: bool = False) -> Reply | None:
     """A recipient on the tenant's suppression list (``entry`` is what the list
-    returned for it, None when not listed)."""
-    return None if entry is None else SUPPRESSED
+    returned for it, None when not listed; ``simulated``: the simulator's
+    :func:`simulator_suppressed` address)."""
+    return None if entry is None and not simulated else SUPPRESSED

@@ -28,7 +28,7 @@ from attrs import field, frozen
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import defer
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, ITLSTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.ssl import CertificateOptions
@@ -122,6 +122,8 @@ class ListenerSettings:
     #: Is this recipient a feedback address (a report: accepted from anyone, read,
     #: never relayed)?
     is_feedback: Callable[[str], bool] = lambda address: False
+    #: The simulator's domain (its ``suppressed`` address is refused as suppressed).
+    simulator_domain: str | None = None
 
     @property
     def implicit_tls(self) -> bool:
@@ -816,14 +818,21 @@ class SubmissionServer(smtp.ESMTP):
         if refusal is not None:
             self._refuse(refusal, sender=self._sender, recipients=[path.address])
             return
-        if self.settings.suppressions is None:
+        simulated = policy.simulator_suppressed(
+            path.address, self.settings.simulator_domain,
+            self._credential is not None and self._credential.sandbox,
+        )
+        if self.settings.suppressions is None and not simulated:
             self._recipient_ok(path.address)
             return
         tenant = self._tenant()
-        d: Deferred[Any] = self.settings.suppressions.is_suppressed(tenant, path.address)
+        d: Deferred[Any] = (
+            succeed(None) if self.settings.suppressions is None or simulated
+            else self.settings.suppressions.is_suppressed(tenant, path.address)
+        )
 
         def checked(entry: object) -> None:
-            refusal = policy.suppression_refusal(entry)
+            refusal = policy.suppression_refusal(entry, simulated)
             if refusal is None:
                 self._recipient_ok(path.address)
                 return

@@ -47,6 +47,7 @@ def make_api_site(
         require_verified_domains=config.domains.require_verified_domains,
         tenant_rates=tenant_rates,
         tenant_quotas={name: t.quota for name, t in config.tenants.items() if t.quota},
+        simulator_domain=config.simulator.domain,
     )
     keys = ApiKeys(CredentialChecker(stores.credentials, reactor, required_scope=None))
     app = ApiApp(

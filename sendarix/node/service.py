@@ -400,18 +400,32 @@ def makeService(
     resolver = DNSResolver(
         config.dns.addresses(), config.dns.timeout, config.dns.cache_ttl_max, reactor, reactor
     )
+    secret = load_node_secret(config)
+    # Every message carries a reference reports can be traced back by (it needs the
+    # node secret's key: without a secret, reports are matched by Message-ID only).
+    reference_key = secret.derive(REFERENCE_KEY_PURPOSE) if secret is not None else None
+    rules = (
+        BounceRules.from_toml(config.delivery.bounce_rules)
+        if config.delivery.bounce_rules else BounceRules.default()
+    )
+    # Reads the reports sent to the [feedback] domains, and always the simulator's
+    # (its complaints come back the way a provider's do).
+    feedback = FeedbackHandler(
+        events=events, eventlog=stores.eventlog, suppressions=stores.suppressions,
+        clock=reactor, node=config.node.name, key=reference_key, rules=rules,
+        suppress_hard=lambda tenant: config.tenant(tenant).suppress_hard_bounces,
+        on_result=metrics.feedback_report,
+    )
     delivery = DeliveryService(
         config, stores.spool, events, stores.suppressions,
         MXRouter(resolver, port=config.delivery.mx_port), reactor, ready=stores_service.ready,
-        rules=(
-            BounceRules.from_toml(config.delivery.bounce_rules)
-            if config.delivery.bounce_rules else None
-        ),
+        rules=rules,
         routers=make_routers(config, resolver, stores),
         throttle=make_throttle(config, reactor, stores),
         selector=make_selector(config, stores),
         state_file=state_path(config),
         observer=metrics,
+        feedback=feedback.handle,
     )
     metrics.watch_routing(delivery.routing_state)
     delivery.setServiceParent(top)
@@ -429,7 +443,6 @@ def makeService(
     top.guard = guard
     stores_service.on_open.append(guard.start)
     stores_service.on_stop.append(guard.stop)
-    secret = load_node_secret(config)
     # The stored endpoints are read before the node serves, then every few seconds.
     webhooks.key = secret.derive(WEBHOOK_KEY_PURPOSE) if secret is not None else None
     stores_service.checks.append(webhooks.refresh)
@@ -450,10 +463,6 @@ def makeService(
             lambda: check_keys_open(stores.domains, secret, config.node.secret_key_env)
         )
     require_verified = config.domains.require_verified_domains
-    # Every message carries a reference reports can be traced back by (it needs the
-    # node secret's key: without a secret, reports are matched by Message-ID only).
-    reference_key = secret.derive(REFERENCE_KEY_PURPOSE) if secret is not None else None
-    feedback = None
     reports_to = report_domains(config)
 
     def is_report(address: str) -> bool:
@@ -461,21 +470,13 @@ def makeService(
 
     if reference_key is not None:
         delivery.return_path = lambda d: _return_path(config, reference_key, d)
-    if reports_to:
-        feedback = FeedbackHandler(
-            events=events, eventlog=stores.eventlog, suppressions=stores.suppressions,
-            clock=reactor, node=config.node.name, key=reference_key,
-            rules=delivery.rules,
-            suppress_hard=lambda tenant: config.tenant(tenant).suppress_hard_bounces,
-            on_result=metrics.feedback_report,
-        )
     intake = Intake(
         spool=stores.spool, events=events, clock=reactor,
         node=config.node.name, hostname=config.node.hostname,
         keyring=keyring, require_verified_domains=require_verified, on_queued=delivery.wake,
         active_queue=delivery,
         on_received=metrics.message_received, reference_key=reference_key,
-        feedback=feedback, is_feedback=is_report,
+        feedback=feedback if reports_to else None, is_feedback=is_report,
         chains=filter_chains(config, reactor), on_filtered=metrics.filter_decision,
     )
     delivery.notifier = DSNNotifier(
@@ -513,7 +514,7 @@ def makeService(
             rate_limiter=rate_limiter, tls_options=tls_options if lc.tls != "none" else None,
             tenant_rates=tenant_rates,
             keyring=keyring, require_verified_domains=require_verified,
-            is_feedback=is_report,
+            is_feedback=is_report, simulator_domain=config.simulator.domain,
             tenant_quotas={name: t.quota for name, t in config.tenants.items() if t.quota},
         )
         service = ListenerService(

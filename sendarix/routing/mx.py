@@ -17,7 +17,7 @@ import dns.exception
 import dns.name
 import dns.rdatatype
 import dns.resolver
-from attrs import field, frozen
+from attrs import frozen
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sendarix.interfaces import IRouter
+from sendarix.model.session import Hop
 
 log = Logger()
 
@@ -241,24 +242,6 @@ class DNSResolver:
         else:
             records = tuple(rr.address for rr in answer)
         return _Result(LookupStatus.OK, records, ttl)
-
-
-@frozen
-class Hop:
-    """One address to try: ``host`` is the MX host name (or smarthost) it came from.
-
-    Smarthost hops (endpoint pools) also carry their ``endpoint`` key (for health), a
-    TLS policy overriding ``[delivery] tls``, and AUTH credentials.
-    """
-
-    host: str
-    address: str
-    port: int
-    preference: int
-    endpoint: str | None = None
-    tls: str | None = None
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
 
 
 @frozen

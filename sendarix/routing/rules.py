@@ -7,8 +7,9 @@ the implicit default route applies: ``via = "mx"`` with no egress pool of its ow
 
 :class:`RuleRouter` composes the routers a rule can name: it holds one
 (:class:`~sendarix.interfaces.IRouter`, :class:`~sendarix.interfaces.IFailoverStrategy`)
-pair per ``via`` (``mx``, ``pool:NAME``) and answers, for a delivery's facts, the rule
-and the pair that handle it (``simulator`` needs none).
+pair per ``via`` (``mx``, ``pool:NAME``, ``simulator``) and answers, for a delivery's
+facts, the rule and the pair that handle it.  Mail of sandbox credentials and mail to
+the simulator domain take the simulator route whatever the rules say.
 
 :class:`RouterChain` composes any list of :class:`~sendarix.interfaces.IRouter`s the way
 ``twisted.names.resolve.ResolverChain`` composes resolvers: each is asked in turn and
@@ -30,6 +31,8 @@ from sendarix.routing.mx import Route
 
 __all__ = [
     "DEFAULT_ROUTE",
+    "SIMULATOR_ROUTE",
+    "SIMULATOR_RULE",
     "RouteChoice",
     "RouteFacts",
     "RouterChain",
@@ -40,6 +43,10 @@ __all__ = [
 
 #: The route of a delivery no rule matched.
 DEFAULT_ROUTE = RouteConfig()
+#: The route of sandbox mail and of mail to the simulator domain...
+SIMULATOR_ROUTE = RouteConfig(via="simulator")
+#: ...and its index where a rule's index is expected.
+SIMULATOR_RULE = -2
 
 
 def _domain_of(address: str) -> str:
@@ -55,6 +62,8 @@ class RouteFacts:
     tenant: str = "default"
     tags: tuple[str, ...] = ()
     stream: str | None = None
+    #: From a sandbox credential: delivered to the simulator only.
+    sandbox: bool = False
 
     @classmethod
     def of(
@@ -64,6 +73,7 @@ class RouteFacts:
         tenant: str,
         tags: Iterable[str] = (),
         stream: str | None = None,
+        sandbox: bool = False,
     ) -> RouteFacts:
         """Facts from a recipient domain and a sender address (lowercased)."""
         return cls(
@@ -72,6 +82,7 @@ class RouteFacts:
             tenant,
             tuple(tags),
             stream,
+            sandbox,
         )
 
 
@@ -112,48 +123,57 @@ class RuleTable:
 
 @frozen
 class RouteChoice:
-    """How one delivery is routed: the rule (its index, -1 for the default route), and
-    the router and failover strategy of its ``via`` (None for the simulator)."""
+    """How one delivery is routed: the rule (its index, -1 for the default route,
+    :data:`SIMULATOR_RULE` for the simulator's), and the router and failover strategy
+    of its ``via``."""
 
     index: int
     rule: RouteConfig
-    router: IRouter | None
-    strategy: IFailoverStrategy | None
+    router: IRouter
+    strategy: IFailoverStrategy
 
 
 class RuleRouter:
     """``[[route]]`` rules over the routers they name.
 
     :param routers: ``via`` → (router, failover strategy); must cover every ``via`` of
-        the rules and of the default route except ``simulator``.
+        the rules, the default route's and ``simulator``.
+    :param simulator_domain: the domain whose mail always goes to the simulator.
     """
 
     def __init__(
         self,
         rules: RuleTable,
         routers: Mapping[str, tuple[IRouter, IFailoverStrategy]],
+        simulator_domain: str | None = None,
     ) -> None:
-        needed = {r.via for r in rules.rules} | {DEFAULT_ROUTE.via}
-        missing = needed - {"simulator"} - set(routers)
+        needed = {r.via for r in rules.rules} | {DEFAULT_ROUTE.via, SIMULATOR_ROUTE.via}
+        missing = needed - set(routers)
         if missing:
             raise ValueError(f"no router for {', '.join(sorted(missing))}")
         self.rules = rules
         self.routers = dict(routers)
+        self.simulator_domain = (
+            simulator_domain.lower().rstrip(".") if simulator_domain else None
+        )
 
     def rule(self, index: int) -> RouteConfig:
-        """The rule at ``index`` (-1: the default route)."""
+        """The rule at ``index`` (-1: the default route, :data:`SIMULATOR_RULE`: the
+        simulator's)."""
+        if index == SIMULATOR_RULE:
+            return SIMULATOR_ROUTE
         return self.rules.rules[index] if index >= 0 else DEFAULT_ROUTE
 
     def choose(self, facts: RouteFacts) -> RouteChoice:
         """The rule that routes ``facts`` and its router and strategy."""
+        if facts.sandbox or facts.recipient_domain == self.simulator_domain:
+            return self.choice(SIMULATOR_RULE)
         index, _ = self.rules.select(facts)
         return self.choice(index)
 
     def choice(self, index: int) -> RouteChoice:
         """The :obj:`RouteChoice` of the rule at ``index``."""
         rule = self.rule(index)
-        if rule.via == "simulator":
-            return RouteChoice(index, rule, None, None)
         router, strategy = self.routers[rule.via]
         return RouteChoice(index, rule, router, strategy)
 

@@ -677,6 +677,8 @@ class RuleRoutingTests(unittest.TestCase):
         await in_thread(submit, relay.ports["relay"], SENDER, ["success@any.test"], sandbox)
         simulated = await wait_event(relay, "success@any.test", "delivered")
         self.assertEqual(simulated.mx, "simulator")
+        # The simulator sends from no egress source (no address, no warmup count).
+        self.assertIsNone(simulated.source_ip)
         outcomes = [await outcome(relay, r) for r in recipients]
         delivered = [e for e in outcomes if e.type == "delivered"]
         deferred = [e for e in outcomes if e.type == "deferred"]

@@ -202,10 +202,12 @@ class DeliveryTests(unittest.TestCase):
     async def test_simulator(self) -> None:
         """Simulator recipients never leave the process: success is delivered, bounce
         is bounced and suppressed, defer is deferred and stays queued, suppressed is
-        suppressed, complaint is delivered then complained and suppressed."""
+        refused at RCPT (never queued), complaint is delivered then complained and
+        suppressed."""
         domain = "simulator.sendarix.invalid"
         rcpts = [f"{p}@{domain}" for p in ("success", "bounce", "defer", "suppressed", "complaint")]
-        await in_thread(submit, self.port, "app@example.com", rcpts)
+        refused = await in_thread(submit, self.port, "app@example.com", rcpts)
+        self.assertEqual(list(refused), [rcpts[3]])
         delivered = await wait_event(self.relay, rcpts[0], "delivered")
         self.assertEqual(delivered.mx, "simulator")
         bounced = await wait_event(self.relay, rcpts[1], "bounced")
@@ -226,6 +228,6 @@ class DeliveryTests(unittest.TestCase):
         self.assertEqual(
             states,
             {rcpts[0]: "delivered", rcpts[1]: "bounced", rcpts[2]: "deferred",
-             rcpts[3]: "suppressed", rcpts[4]: "delivered"},
+             rcpts[4]: "delivered"},
         )
         self.assertEqual(len(self.sink.messages) + len(self.backup.messages), 0)

@@ -18,16 +18,18 @@ from twisted.internet.endpoints import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
 
 from sendarix.control.cli.sink import SinkOptions, SinkServer, parse_fault
 from sendarix.egress.client import (
-    OutboundMessage,
     SessionCache,
-    SessionResult,
+    SmtpTransport,
     client_endpoint,
     deliver,
     dot_stuff,
 )
+from sendarix.interfaces import ITransport
+from sendarix.model.session import Hop, OutboundMessage, SessionOptions, SessionResult
 from tests.support.tlsca import TestCA
 
 _reactor: Any = reactor
@@ -424,3 +426,37 @@ class IPv6Tests(TestCase):
         self.assertRaises(ValueError, client_endpoint, _reactor, "::1", 25, 5.0, "127.0.0.1")
         self.assertIsInstance(client_endpoint(_reactor, "::1", 25, 5.0), TCP6ClientEndpoint)
         self.assertIsInstance(client_endpoint(_reactor, "127.0.0.1", 25, 5.0), TCP4ClientEndpoint)
+
+
+class SmtpTransportTests(TestCase):
+    """SmtpTransport: the ITransport of hops reached over SMTP."""
+
+    timeout = 20
+
+    def test_provides(self) -> None:
+        verifyObject(ITransport, SmtpTransport(_reactor))
+
+    async def test_session_to_the_hop(self) -> None:
+        """The hop's address and port, the options' EHLO name; a session left resting in
+        the cache is taken again by the next delivery to the same hop."""
+        server = SinkServer(
+            SinkOptions(listen=("tcp:0:interface=127.0.0.1",), hostname="sink.test"), _reactor
+        )
+        await server.start()
+        self.addCleanup(server.stop)
+        cache = SessionCache(_reactor, 5.0)
+        cache.open()
+        self.addCleanup(cache.close)
+        host, port = server.addresses[0]
+        transport = SmtpTransport(_reactor, cache)
+        hop = Hop("mx.example.net", host, port, 10)
+        options = SessionOptions(helo="relay.test", cache_site="mx:example.net",
+                                 cache_room=lambda: 2)
+        first = await transport.deliver(hop, [msg("t1")], options)
+        second = await transport.deliver(hop, [msg("t2")], options)
+        self.assertEqual(
+            [r.results[0].recipients[0].reply.code for r in (first, second)], [250, 250]
+        )
+        self.assertEqual(first.mx_ip, "127.0.0.1")
+        self.assertEqual(server.stats.connections, 1)
+        self.assertEqual([m.body for m in server.messages], [msg("t1").body] * 2)

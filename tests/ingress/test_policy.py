@@ -124,6 +124,20 @@ class RateTests(SynchronousTestCase):
         self.assertIsNone(policy.suppression_refusal(None))
         self.assertEqual(policy.suppression_refusal(object()),
                          Reply(550, "5.1.1", "recipient suppressed"))
+        self.assertEqual(policy.suppression_refusal(None, simulated=True),
+                         Reply(550, "5.1.1", "recipient suppressed"))
+
+    def test_simulator_suppressed(self) -> None:
+        """The simulator's ``suppressed`` local part is on every list at its domain,
+        and at any domain for a sandbox credential."""
+        domain = "sim.test"
+        for address in ("suppressed@sim.test", "Suppressed+x@SIM.test"):
+            self.assertTrue(policy.simulator_suppressed(address, domain, False), address)
+        for address in ("suppressed@other.test", "suppressedx@sim.test", "ok@sim.test",
+                        "suppressed"):
+            self.assertFalse(policy.simulator_suppressed(address, domain, False), address)
+        self.assertTrue(policy.simulator_suppressed("suppressed@other.test", None, True))
+        self.assertFalse(policy.simulator_suppressed("ok@other.test", domain, True))
 
 
 class VerifiedDomainTests(SynchronousTestCase):

@@ -362,6 +362,59 @@ class SandboxTests(TestCase):
         self.assertEqual(types["bob@example.org"], [("delivered", "simulator")])
         self.assertEqual([t for t, _ in types["carol@example.org"]], ["deferred"])
 
+    async def test_sandbox_suppressed_and_complaint(self) -> None:
+        """For a sandbox credential ``suppressed@`` any domain is refused at RCPT as a
+        suppressed address (a ``suppressed`` event); a normal credential's is not.
+        The sandbox's ``complaint@`` is delivered by the simulator, then complained
+        about through the feedback handler and suppressed."""
+        from sendarix.model.event import EventQuery
+
+        relay = await start_relay(self, [STARTTLS])
+        sandbox = await relay.add_credential("sandboxed", sandbox=True)
+        normal = await relay.add_credential("normal")
+
+        def rcpt(user: str, secret: str, address: str) -> bytes:
+            c = _tls_session(relay.ports["submission"], relay.ca_path)
+            try:
+                c.send(b"EHLO c.test\r\nAUTH PLAIN " + plain(user, secret) + b"\r\n"
+                       b"MAIL FROM:<app@example.com>\r\nRCPT TO:<" + address.encode()
+                       + b">\r\n")
+                c.reply()
+                return c.codes(3)[-1]
+            finally:
+                c.close()
+
+        refused = await in_thread(rcpt, "sandboxed", sandbox, "suppressed@example.org")
+        self.assertEqual(refused, b"550 5.1.1 recipient suppressed")
+        accepted = await in_thread(rcpt, "normal", normal, "suppressed@example.org")
+        self.assertTrue(accepted.startswith(b"250"), accepted)
+        page = await relay.stores.eventlog.search(
+            EventQuery(recipient="suppressed@example.org", type="suppressed"))
+        self.assertEqual(len(page.events), 1)
+
+        def send() -> bytes:
+            c = _tls_session(relay.ports["submission"], relay.ca_path)
+            c.send(b"EHLO c.test\r\nAUTH PLAIN " + plain("sandboxed", sandbox) + b"\r\n"
+                   b"MAIL FROM:<app@example.com>\r\nRCPT TO:<complaint@example.org>\r\n"
+                   b"DATA\r\n")
+            c.reply()
+            c.codes(4)
+            c.send(BODY + b".\r\n")
+            return c.codes(1)[0]
+
+        self.assertTrue((await in_thread(send)).startswith(b"250"))
+        types: list[tuple[str, str | None]] = []
+        for _ in range(100):
+            await deferLater(reactor, 0.1, lambda: None)
+            page = await relay.stores.eventlog.search(
+                EventQuery(recipient="complaint@example.org"))
+            types = sorted((e.type, e.mx) for e in page.events if e.type != "accepted")
+            if len(types) == 2:
+                break
+        self.assertEqual(types, [("complained", None), ("delivered", "simulator")])
+        entry = await relay.stores.suppressions.is_suppressed("acme", "complaint@example.org")
+        self.assertEqual(entry.source if entry else None, "complaint")
+
 
 class TLSReloadTests(TestCase):
     """TLS 1.2 or newer; SIGHUP reloads the certificate without dropping sessions."""

@@ -18,6 +18,8 @@ from sendarix.routing.mx import Hop, Route, RouteError
 from sendarix.routing.pool import OrderedFallback
 from sendarix.routing.rules import (
     DEFAULT_ROUTE,
+    SIMULATOR_ROUTE,
+    SIMULATOR_RULE,
     RouteFacts,
     RouterChain,
     RuleRouter,
@@ -152,8 +154,9 @@ class RuleRouterTests(SynchronousTestCase):
     """RuleRouter pairs the chosen rule with the router of its via."""
 
     def test_choose(self) -> None:
-        """A pool rule gets the pool's router; the simulator none; no match: mx."""
-        mx, pool = _FixedRouter(OK), _FixedRouter(OK)
+        """A pool rule gets the pool's router, a simulator rule the simulator's; no
+        match: mx."""
+        mx, pool, simulator = _FixedRouter(OK), _FixedRouter(OK), _FixedRouter(OK)
         strategy = OrderedFallback()
         rules = table(
             {"match": {"stream": "bulk"}, "via": "simulator"},
@@ -161,9 +164,10 @@ class RuleRouterTests(SynchronousTestCase):
             pool={"relays": {"endpoints": ["127.0.0.2:25"]}},
             egress={"source": [{"name": "w", "address": "127.0.0.10", "pool": "warm"}]},
         )
-        router = RuleRouter(rules, {"mx": (mx, strategy), "pool:relays": (pool, strategy)})
+        router = RuleRouter(rules, {"mx": (mx, strategy), "pool:relays": (pool, strategy),
+                                    "simulator": (simulator, strategy)})
         sim = router.choose(FACTS)
-        self.assertEqual((sim.index, sim.router, sim.strategy), (0, None, None))
+        self.assertEqual((sim.index, sim.router, sim.strategy), (0, simulator, strategy))
         acme = router.choose(RouteFacts.of("example.org", "", "acme"))
         self.assertEqual((acme.index, acme.rule.egress_pool), (1, "warm"))
         self.assertIs(acme.router, pool)
@@ -180,3 +184,21 @@ class RuleRouterTests(SynchronousTestCase):
             ValueError, RuleRouter, rules, {"mx": (_FixedRouter(OK), OrderedFallback())}
         )
         self.assertIn("pool:relays", str(e))
+        self.assertIn("simulator", str(e))
+
+    def test_sandbox_and_simulator_domain(self) -> None:
+        """Sandbox mail and mail to the simulator domain take the simulator route,
+        whatever rule would match them."""
+        mx, simulator = _FixedRouter(OK), _FixedRouter(OK)
+        strategy = OrderedFallback()
+        rules = table({"match": {"tenant": "acme"}, "via": "mx"})
+        router = RuleRouter(rules, {"mx": (mx, strategy), "simulator": (simulator, strategy)},
+                            simulator_domain="Sim.Example.")
+        for facts in (RouteFacts.of("example.org", "", "acme", sandbox=True),
+                      RouteFacts.of("sim.example", "", "acme")):
+            choice = router.choose(facts)
+            self.assertEqual(choice.index, SIMULATOR_RULE)
+            self.assertEqual(choice.rule, SIMULATOR_ROUTE)
+            self.assertIs(choice.router, simulator)
+            self.assertEqual(router.choice(choice.index), choice)
+        self.assertEqual(router.choose(RouteFacts.of("example.org", "", "acme")).index, 0)

@@ -196,6 +196,23 @@ class SendTests(ApiTestCase):
         self.assertEqual(status, 202, body)
 
 
+    async def test_simulator_recipients(self) -> None:
+        """The simulator's ``suppressed`` address is listed as suppressed, as a listed
+        address is; its ``success`` one is delivered by the simulator, although a rule
+        sends everything else to the pool."""
+        domain = "simulator.sendarix.invalid"
+        status, body, _ = await self.call(
+            "POST", "/v1/messages",
+            self.message(to=[f"suppressed@{domain}", f"success@{domain}"]),
+        )
+        self.assertEqual(status, 202, body)
+        self.assertEqual([r["status"] for r in body["recipients"]], ["suppressed", "queued"])
+        await wait_event(self.relay, f"suppressed@{domain}", "suppressed")
+        delivered = await wait_event(self.relay, f"success@{domain}", "delivered")
+        self.assertEqual(delivered.mx, "simulator")
+        self.assertEqual(len(self.sink.messages), 0)
+
+
 class BounceStatusTests(ApiTestCase):
     sink_faults = ("rcpt:550:nobody@*",)
 
