@@ -517,8 +517,8 @@ class DeliveryService(Service):
         now = self.reactor.seconds()
         if message.not_before is not None and message.not_before > now:
             return None
-        count = len({_domain_of(a) for a in message.envelope.recipients})
-        if not self.scheduler.reserve(count):
+        domains = {_domain_of(a) for a in message.envelope.recipients}
+        if not self.scheduler.reserve(len(domains), message.queue_id, domains):
             return None
         return Lease(node=self.config.node.name, expires=now + self.config.spool.lease_time)
 
@@ -533,12 +533,14 @@ class DeliveryService(Service):
                     break
                 self._bodies[(delivery.queue_id, delivery.domain)] = body
                 self._body_octets += len(body)
-        self._dispatch_actions(self.scheduler.handed(deliveries, count, self._group_key))
+        self._dispatch_actions(
+            self.scheduler.handed(deliveries, count, self._group_key, message.queue_id)
+        )
 
     def cancel(self, message: NewMessage) -> None:
         """The commit of a reserved message failed: free its room."""
         count = len({_domain_of(a) for a in message.envelope.recipients})
-        if self.scheduler.unreserve(count):
+        if self.scheduler.unreserve(count, message.queue_id):
             self.wake()
 
     def _drop_body(self, delivery: LeasedDelivery) -> bytes | None:

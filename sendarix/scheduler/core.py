@@ -166,6 +166,9 @@ class Scheduler(Generic[T]):
     _held_until: dict[str, float] = field(factory=dict, init=False)
     #: Sites an operator suspended, and until when.
     _suspended: dict[str, float] = field(factory=dict, init=False)
+    #: Active-queue room taken per site by commits under way, and by which commit.
+    _site_reserved: dict[str, int] = field(factory=dict, init=False)
+    _reservations: dict[Hashable, tuple[str, ...]] = field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.ready_queues = ReadyQueues(self.window)
@@ -217,23 +220,49 @@ class Scheduler(Generic[T]):
 
     # -- the active queue: fresh mail handed over in memory --------------------------
 
-    def reserve(self, count: int) -> bool:
+    def reserve(self, count: int, key: Hashable = None, domains: Iterable[str] = ()) -> bool:
         """Fresh mail of ``count`` deliveries is about to be committed with its lease
         already ours (the spool is not read back): take room for it in the window now,
         so that what the commit hands over never overshoots it.  False when there is
         no room (or the node is stopping): the mail goes through the spool and a poll.
-        Settle a True with :meth:`handed` or :meth:`unreserve`."""
+        Settle a True with :meth:`handed` or :meth:`unreserve` (with the same ``key``).
+
+        ``domains``: the mail's destination domains.  Mail to a site already known
+        to be holding its share is not taken either (it would only be parked): it
+        waits in the spool, where a poll takes it once the site has room.  Room taken
+        for commits still under way counts against the site, so a burst of
+        submissions to one site does not overshoot it.
+        """
         if self._stopped or count <= 0:
             return False
         if self.window - self.ready_queues.total() - self._routing < count:
             return False
+        sites: list[str] = []
+        if key is not None:
+            sites = [s for d in domains if (s := self.ready_queues.site_of(d)) is not None]
+            for site in set(sites):
+                room = self.ready_queues.room(site) - self._site_reserved.get(site, 0)
+                if room < sites.count(site):
+                    return False
+            for site in sites:
+                self._site_reserved[site] = self._site_reserved.get(site, 0) + 1
+            self._reservations[key] = tuple(sites)
         self._routing += count
         return True
 
-    def unreserve(self, count: int) -> bool:
+    def _settle_reservation(self, key: Hashable) -> None:
+        for site in self._reservations.pop(key, ()) if key is not None else ():
+            left = self._site_reserved.get(site, 0) - 1
+            if left > 0:
+                self._site_reserved[site] = left
+            else:
+                self._site_reserved.pop(site, None)
+
+    def unreserve(self, count: int, key: Hashable = None) -> bool:
         """The commit of a :meth:`reserve` failed: give its room back; True when a poll
         that found no room should now run."""
         self._routing -= count
+        self._settle_reservation(key)
         return self._wake_missed
 
     def handed(
@@ -241,11 +270,13 @@ class Scheduler(Generic[T]):
         deliveries: Sequence[LeasedDelivery],
         reserved: int,
         group_of: Callable[[LeasedDelivery], Hashable],
+        key: Hashable = None,
     ) -> list[Route | Release]:
         """The commit of a :meth:`reserve` of ``reserved`` deliveries leased
         ``deliveries`` to this node: route them as a poll's, or hand them back when
         the node is stopping."""
         self._routing -= reserved
+        self._settle_reservation(key)
         if self._stopped:
             return [Release(d) for d in deliveries]
         self.counters["handed"] += len(deliveries)

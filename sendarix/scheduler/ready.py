@@ -190,6 +190,10 @@ class ReadyQueues(Generic[T]):
         while len(self._seen) > self.max_domains:
             self._seen.pop(next(iter(self._seen)))
 
+    def site_of(self, domain: str) -> str | None:
+        """The site ``domain``'s mail was last routed to, if it is remembered."""
+        return self._domains.get(domain.lower())
+
     def knew(self, site: str, poll: int) -> bool:
         """True when ``site`` was known before lease poll number ``poll`` (which then
         accounted for it); mail of a site first met in a poll may have come in larger

@@ -121,16 +121,17 @@ class SchedulerMachine(RuleBasedStateMachine):
         before = self.scheduler.ready_queues.total() + sum(
             len(r.deliveries) for r in self.routing
         )
-        if not self.scheduler.reserve(count):
+        key = ("commit", self.numbers)
+        if not self.scheduler.reserve(count, key, [domain] * count):
             self.mail_arrives(domain, count)
             return
         assert before + count <= self.window, (before, count)
         if commit_fails:
-            self.scheduler.unreserve(count)
+            self.scheduler.unreserve(count, key)
             return
         fresh = [delivery(domain, self.numbers + i) for i in range(count)]
         self.numbers += count
-        for action in self.scheduler.handed(fresh, count, by_domain):
+        for action in self.scheduler.handed(fresh, count, by_domain, key):
             if isinstance(action, Release):
                 self._release(action.delivery)
             else:
@@ -355,6 +356,26 @@ class SchedulerTests(SynchronousTestCase):
         self.assertTrue(scheduler.reserve(3))
         scheduler.unreserve(3)
         self.assertTrue(scheduler.reserve(3))
+
+    def test_active_queue_leaves_a_full_site_to_the_spool(self) -> None:
+        """Fresh mail to a site holding its share is not taken in memory (it would
+        only be parked): it goes through the spool; mail to other sites still is.
+        Commits under way count against their site."""
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(20)
+        scheduler.start()
+        queues = scheduler.ready_queues
+        queues.note_domain("a.test", "site-a")
+        for _ in range(16):
+            queues.offer("site-a", "lane", delivery("a.test"))
+        self.assertEqual(queues.room("site-a"), 2)
+        self.assertTrue(scheduler.reserve(1, "m1", ["a.test"]))
+        self.assertTrue(scheduler.reserve(1, "m2", ["A.test"]))
+        self.assertFalse(scheduler.reserve(1, "m3", ["a.test"]))  # two commits under way
+        self.assertTrue(scheduler.reserve(1, "m4", ["b.test"]))  # a site not yet known
+        scheduler.unreserve(1, "m1")
+        self.assertTrue(scheduler.reserve(1, "m5", ["a.test"]))
+        scheduler.handed([delivery("a.test")], 1, by_domain, "m2")
+        self.assertTrue(scheduler.reserve(1, "m6", ["a.test"]))
 
     def test_handed_while_stopping_goes_back(self) -> None:
         scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
