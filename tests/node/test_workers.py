@@ -150,7 +150,8 @@ class WorkerProcessTests(TestCase):
 
     timeout = 90
 
-    def run_workers(self, spool_url: str) -> None:
+    def configure(self, spool_url: str) -> tuple[str, str, int]:
+        """A folder, the configuration of node "box" in it, and its SMTP port."""
         folder = os.path.abspath(self.mktemp())
         os.makedirs(folder)
         port = free_port()
@@ -166,6 +167,10 @@ class WorkerProcessTests(TestCase):
                 f'endpoint = "tcp:{port}:interface=127.0.0.1"\n'
                 'tls = "none"\nauth = "none"\ntrusted_networks = ["127.0.0.0/8"]\n'
             )
+        return folder, config, port
+
+    def run_workers(self, spool_url: str) -> None:
+        folder, config, port = self.configure(spool_url)
         parent, log_path, children = start_workers(self, folder, config, port)
         codes = _send_sessions(port, 24)
         self.assertEqual(codes, [250] * 24)
@@ -206,20 +211,7 @@ class WorkerProcessTests(TestCase):
     def test_workers_stop_when_the_supervisor_is_killed(self) -> None:
         """SIGKILL of the supervisor (no chance to stop its children): each worker sees
         it is orphaned and stops itself, cleanly, within seconds."""
-        folder = os.path.abspath(self.mktemp())
-        os.makedirs(folder)
-        port = free_port()
-        config = os.path.join(folder, "sendarix.toml")
-        with open(config, "w") as f:
-            f.write(
-                '[node]\nname = "box"\nhostname = "box.test"\n'
-                '[spool]\nurl = "sqlite:var/spool.db"\n'
-                "[events]\njson_log = false\n"
-                '[api]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
-                '[[listener]]\nname = "relay"\n'
-                f'endpoint = "tcp:{port}:interface=127.0.0.1"\n'
-                'tls = "none"\nauth = "none"\ntrusted_networks = ["127.0.0.0/8"]\n'
-            )
+        folder, config, port = self.configure("sqlite:var/spool.db")
         parent, log_path, children = start_workers(self, folder, config, port)
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
