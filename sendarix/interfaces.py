@@ -391,6 +391,22 @@ class ITenantHolds(Interface):
         """When ``tenant`` was last released, or None."""
 
 
+class ISiteSuspensions(Interface):
+    """Destinations (sites) an operator suspended, and until when, shared wherever the
+    stores are shared, so that a suspension made through one node or worker holds on
+    every one.  Times are POSIX seconds; Deferreds throughout."""
+
+    def suspend(site, until):  # noqa: N805 - zope: no self
+        """Send nothing to ``site`` before ``until`` (replaces an earlier suspension)."""
+
+    def resume(site):  # noqa: N805
+        """Lift ``site``'s suspension; True when there was one."""
+
+    def active(now):  # noqa: N805
+        """``{site: until}`` of the suspensions still in force at ``now`` (expired ones
+        are forgotten)."""
+
+
 class ISuppressionStore(Interface):
     """Each tenant's suppression list: recipients that must not be sent to.
 
@@ -604,6 +620,7 @@ class IBackend(Interface):
     templates = Attribute("The ITemplateStore (message templates of the HTTP API).")
     stats = Attribute("The IStatsStore (hourly event counts).")
     holds = Attribute("The ITenantHolds (tenants whose mail is held).")
+    site_suspensions = Attribute("The ISiteSuspensions (destinations an operator suspended).")
     outbox = Attribute("The IWebhookOutbox (webhook deliveries, written with the log).")
     webhook_endpoints = Attribute("The IWebhookEndpointStore (endpoints added at run time).")
     location = Attribute("Where the data is, for messages (a file path or a server).")

@@ -57,6 +57,7 @@ from sendarix.interfaces import (
     IFailoverStrategy,
     IRouter,
     ISelectiveLease,
+    ISiteSuspensions,
     ISpool,
     ISuppressionStore,
     IThrottle,
@@ -120,6 +121,8 @@ MAX_FAILURES = 5
 SYSTEM_SOURCE = "system"
 #: Seconds between two writes of the routing state file.
 STATE_INTERVAL = 5.0
+#: Seconds between reads of the suspensions shared by the nodes and workers.
+SUSPENSION_SYNC = 2.0
 #: Bodies of fresh mail kept in memory for its first delivery attempt (the active
 #: queue), at most this many octets in all; larger mail is read back from the spool.
 BODY_CACHE_OCTETS = 32 * 1024 * 1024
@@ -235,6 +238,7 @@ class DeliveryService(Service):
         state_file: str | None = None,
         observer: IDeliveryObserver | None = None,
         feedback: FeedbackReader | None = None,
+        suspensions: ISiteSuspensions | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -288,6 +292,15 @@ class DeliveryService(Service):
         #: Told of connections and rate waits (the metrics); None: nobody.
         self.observer = observer
         self._state_loop: LoopingCall | None = None
+        #: Where operators' suspensions are shared with the other nodes and workers
+        #: (None: this node only), read again every ``SUSPENSION_SYNC`` seconds.
+        self.suspensions = suspensions
+        self.suspension_sync = SUSPENSION_SYNC
+        self._suspension_loop: LoopingCall | None = None
+        #: Writes of suspensions not yet stored, and how many have been stored: a read
+        #: that overlaps one must not undo what this node was just told.
+        self._suspension_writes = 0
+        self._suspension_stored = 0
         self._loop: LoopingCall | None = None
         # The lease poll and the ledger of leases held (renewed while held); routed
         # deliveries wait in their site's ready queue, which the scheduler owns.
@@ -364,6 +377,12 @@ class DeliveryService(Service):
         self._renewer.start(self.config.spool.lease_time / 3.0, now=False).addErrback(
             lambda f: self._failed(f, "renewing leases stopped")
         )
+        if self.suspensions is not None:
+            self._suspension_loop = LoopingCall(self._sync_suspensions)
+            self._suspension_loop.clock = self.reactor
+            self._suspension_loop.start(self.suspension_sync, now=True).addErrback(
+                lambda f: self._failed(f, "reading the suspended sites stopped")
+            )
         if self.state_file is not None:
             self._state_loop = LoopingCall(self._write_state)
             self._state_loop.clock = self.reactor
@@ -401,21 +420,72 @@ class DeliveryService(Service):
 
     def suspend(self, site: str, until: float) -> None:
         """Send nothing to ``site`` (a provider name, an ``mx:`` or ``pool:`` key)
-        before ``until``: its mail is deferred meanwhile.  Kept by this node only, in
-        memory."""
+        before ``until``: its mail is deferred meanwhile.  In force here at once, and
+        on the other nodes and workers of the stores within ``SUSPENSION_SYNC``
+        seconds."""
+        self._suspend_here(site, until)
+        self._store_suspension(site, until)
+
+    def resume(self, site: str) -> bool:
+        """Lift ``site``'s suspension at once (here, and soon on the other nodes);
+        False when it was not suspended."""
+        resumed = self._resume_here(site)
+        self._store_suspension(site, None)
+        return resumed
+
+    def _suspend_here(self, site: str, until: float) -> None:
         self.shaping.get(site)  # listed in the routing state from now on
         self.scheduler.suspend(site, until)
         log.info("site {site} suspended by the operator until {until}", site=site,
                  until=datetime.datetime.fromtimestamp(until, datetime.UTC).isoformat())
         self._kick(site)
 
-    def resume(self, site: str) -> bool:
-        """Lift ``site``'s suspension at once; False when it was not suspended."""
+    def _resume_here(self, site: str) -> bool:
         resumed = self.scheduler.resume(site)
         if resumed:
             log.info("site {site} resumed by the operator", site=site)
             self._kick(site)
         return resumed
+
+    def _store_suspension(self, site: str, until: float | None) -> None:
+        """Share a suspension (``until``) or its end (None) through the stores."""
+        if self.suspensions is None:
+            return
+        self._suspension_writes += 1
+        d = (self.suspensions.suspend(site, until) if until is not None
+             else self.suspensions.resume(site))
+
+        def stored(result: Any) -> Any:
+            self._suspension_writes -= 1
+            self._suspension_stored += 1
+            return result
+
+        d.addBoth(stored)
+        d.addErrback(self._failed, "sharing the suspension of {site} failed", site=site)
+
+    def _sync_suspensions(self) -> Deferred[None]:
+        """Take up the suspensions other nodes made or lifted."""
+        assert self.suspensions is not None
+        now = self.reactor.seconds()
+        quiet = self._suspension_writes == 0
+        stored = self._suspension_stored
+        d = self.suspensions.active(now)
+
+        def apply(shared: dict[str, float]) -> None:
+            mine = self.scheduler.suspensions(self.reactor.seconds())
+            for site, until in shared.items():
+                if mine.get(site) != until:
+                    self._suspend_here(site, until)
+            # A suspension lifted elsewhere; unless this node changed one meanwhile
+            # (the read may predate its own write).
+            if quiet and self._suspension_writes == 0 and stored == self._suspension_stored:
+                for site in mine:
+                    if site not in shared:
+                        self._resume_here(site)
+
+        d.addCallback(apply)
+        d.addErrback(self._failed, "reading the suspended sites failed")
+        return d
 
     def _restore_state(self) -> None:
         """Take back today's warmup counts and the deprioritization marks from the
@@ -453,6 +523,9 @@ class DeliveryService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._suspension_loop is not None and self._suspension_loop.running:
+            self._suspension_loop.stop()
+        self._suspension_loop = None
         if self._state_loop is not None and self._state_loop.running:
             self._state_loop.stop()
             # The last word, so a restart takes back today's counts and marks.

@@ -426,6 +426,7 @@ def makeService(
         state_file=state_path(config),
         observer=metrics,
         feedback=feedback.handle,
+        suspensions=stores.site_suspensions,
     )
     metrics.watch_routing(delivery.routing_state)
     delivery.setServiceParent(top)

@@ -26,6 +26,7 @@ from sendarix.interfaces import (
     IEventLog,
     IEventSink,
     IIdempotencyStore,
+    ISiteSuspensions,
     ISpool,
     IStatsStore,
     ISuppressionStore,
@@ -110,6 +111,10 @@ class Stores:
     @property
     def holds(self) -> ITenantHolds:
         return self.backend.holds
+
+    @property
+    def site_suspensions(self) -> ISiteSuspensions:
+        return self.backend.site_suspensions
 
     @property
     def location(self) -> str:

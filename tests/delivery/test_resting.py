@@ -23,8 +23,9 @@ from tests.support.dnsserver import start_dns
 BODY = b"From: <app@example.com>\r\nSubject: resting\r\n\r\nhello\r\n"
 
 
-class RestingSiteTests(unittest.TestCase):
-    """Two delivery agents share one spool; the first holds the site dead."""
+class _OneSpool(unittest.TestCase):
+    """A sink reached by MX through the tests' DNS server, and one spool for the
+    delivery agents a test starts."""
 
     async def setUp(self) -> None:  # type: ignore[override]
         self.sink = SinkServer(
@@ -54,6 +55,11 @@ class RestingSiteTests(unittest.TestCase):
              "provider": {"restmail": {"mx_suffixes": ["rest.test"]}}},
             self.directory,
         )
+
+
+
+class RestingSiteTests(_OneSpool):
+    """Two delivery agents share one spool; the first holds the site dead."""
 
     def agent(self, node: str, dead: str | None = None) -> DeliveryService:
         """A started delivery agent named ``node``; ``dead``: a site it holds dead
@@ -159,3 +165,57 @@ class DownPoolTests(unittest.TestCase):
         assert stored is not None
         (record,) = stored.recipients
         self.assertEqual((record.status, record.attempts), (RecipientStatus.PENDING, 0))
+
+
+class SharedSuspensionTests(_OneSpool):
+    """An operator's suspension, made through one delivery agent, holds on every agent
+    of the stores (two nodes, or two workers of one machine)."""
+
+    def agent(self, node: str) -> DeliveryService:
+        config = self.config(node)
+        resolver = DNSResolver(config.dns.addresses(), 2.0, 60.0, reactor, reactor)
+        service = DeliveryService(
+            config, self.stores.spool, self.stores.events, self.stores.suppressions,
+            MXRouter(resolver, port=self.mx_port), reactor, poll_interval=0.1,
+            suspensions=self.stores.site_suspensions,
+        )
+        service.suspension_sync = 0.1
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    async def test_suspension_reaches_the_other_agent(self) -> None:
+        one, two = self.agent("n1"), self.agent("n2")
+        until = reactor.seconds() + 600
+        one.suspend("restmail", until)
+        for _ in range(50):
+            if two.scheduler.suspensions(reactor.seconds()).get("restmail") == until:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(two.scheduler.suspensions(reactor.seconds()), {"restmail": until})
+        # Mail to the site waits on both (deferred with the operator's reason).
+        intake = Intake(spool=self.stores.spool, events=self.stores.events, clock=reactor,
+                        node="n2", hostname="n2.test")
+        queue_id = intake.new_queue_id()
+        await intake.accept(Submission(
+            queue_id=queue_id, envelope=Envelope("app@example.com", ("user@rest.test",)),
+            body=BODY, tenant="default",
+        ))
+        for _ in range(50):
+            page = await self.stores.eventlog.search(
+                EventQuery(queue_id=queue_id, type="deferred"))
+            if page.events:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        (event,) = page.events
+        assert event.response is not None
+        self.assertIn("suspended by the operator", event.response.text)
+        self.assertEqual(self.sink.stats.message_ids, [])
+        # Lifted through the other agent: lifted on both.
+        self.assertTrue(two.resume("restmail"))
+        for _ in range(50):
+            if not one.scheduler.suspensions(reactor.seconds()):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(one.scheduler.suspensions(reactor.seconds()), {})
+        self.assertEqual(await self.stores.site_suspensions.active(reactor.seconds()), {})

@@ -30,6 +30,7 @@ from sendarix.stores.redis.selector import SharedTieredSelector
 from sendarix.stores.redis.spool import RedisSpool
 from sendarix.stores.redis.stats import RedisStatsStore
 from sendarix.stores.redis.suppression import RedisSuppressionStore
+from sendarix.stores.redis.suspensions import RedisSiteSuspensions
 from sendarix.stores.redis.templates import RedisTemplateStore
 from sendarix.stores.redis.throttle import RedisThrottle
 from sendarix.stores.redis.webhooks import RedisWebhookEndpointStore
@@ -54,6 +55,7 @@ class RedisBackend:
     templates: RedisTemplateStore
     stats: RedisStatsStore
     holds: RedisTenantHolds
+    site_suspensions: RedisSiteSuspensions
     outbox: RedisWebhookOutbox
     webhook_endpoints: RedisWebhookEndpointStore
     # ResponseError: Redis answered, but refused (a wrong password, a read-only replica).
@@ -90,6 +92,7 @@ class RedisBackend:
             templates=RedisTemplateStore(redis, PREFIX),
             stats=RedisStatsStore(redis, PREFIX, retention=config.events.retention),
             holds=RedisTenantHolds(redis, PREFIX),
+            site_suspensions=RedisSiteSuspensions(redis, PREFIX),
             outbox=RedisWebhookOutbox(redis, PREFIX, reactor),
             webhook_endpoints=RedisWebhookEndpointStore(redis, PREFIX),
         )

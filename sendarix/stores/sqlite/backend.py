@@ -35,6 +35,7 @@ from sendarix.stores.sqlite.idempotency import SQLiteIdempotencyStore
 from sendarix.stores.sqlite.outbox import SQLiteWebhookOutbox
 from sendarix.stores.sqlite.stats import SQLiteStatsStore
 from sendarix.stores.sqlite.suppression import SQLiteSuppressionStore
+from sendarix.stores.sqlite.suspensions import SQLiteSiteSuspensions
 from sendarix.stores.sqlite.templates import SQLiteTemplateStore
 from sendarix.stores.sqlite.webhooks import SQLiteWebhookEndpointStore
 
@@ -55,6 +56,7 @@ class SQLiteBackend:
     templates: SQLiteTemplateStore
     stats: SQLiteStatsStore
     holds: SQLiteTenantHolds
+    site_suspensions: SQLiteSiteSuspensions
     outbox: SQLiteWebhookOutbox
     webhook_endpoints: SQLiteWebhookEndpointStore
     #: This process's part of every limit it counts itself: 1/N in one of N worker
@@ -85,6 +87,7 @@ class SQLiteBackend:
             templates=SQLiteTemplateStore(db),
             stats=SQLiteStatsStore(db),
             holds=SQLiteTenantHolds(db),
+            site_suspensions=SQLiteSiteSuspensions(db),
             outbox=SQLiteWebhookOutbox(db),
             webhook_endpoints=SQLiteWebhookEndpointStore(db),
             share=1.0 / config.node.workers,
