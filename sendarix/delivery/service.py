@@ -472,16 +472,18 @@ class DeliveryService(Service):
         d = self.suspensions.active(now)
 
         def apply(shared: dict[str, float]) -> None:
+            if not (quiet and self._suspension_writes == 0
+                    and stored == self._suspension_stored):
+                # This node changed a suspension while the read ran: the read may
+                # predate that write (and would undo it); the next one will not.
+                return
             mine = self.scheduler.suspensions(self.reactor.seconds())
             for site, until in shared.items():
                 if mine.get(site) != until:
                     self._suspend_here(site, until)
-            # A suspension lifted elsewhere; unless this node changed one meanwhile
-            # (the read may predate its own write).
-            if quiet and self._suspension_writes == 0 and stored == self._suspension_stored:
-                for site in mine:
-                    if site not in shared:
-                        self._resume_here(site)
+            for site in mine:
+                if site not in shared:  # lifted elsewhere
+                    self._resume_here(site)
 
         d.addCallback(apply)
         d.addErrback(self._failed, "reading the suspended sites failed")
