@@ -68,7 +68,6 @@ from sendarix.model.message import (
     Lease,
     LeasedDelivery,
     NewMessage,
-    RecipientRecord,
     Reply,
 )
 from sendarix.model.session import (
@@ -1387,12 +1386,10 @@ class DeliveryService(Service):
         self,
         delivery: LeasedDelivery,
         attempts: list[Attempt],
-        suppressed: Sequence[RecipientRecord] = (),
     ) -> None:
         """Record the planned outcomes with ``complete``, then emit and suppress."""
         plan = plan_outcomes(
-            delivery, attempts, suppressed, self.reactor.seconds(), self.outcome_rules,
-            self.rng,
+            delivery, attempts, self.reactor.seconds(), self.outcome_rules, self.rng
         )
         notices: list[Event] = []
         original: bytes | None = None

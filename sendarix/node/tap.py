@@ -17,7 +17,7 @@ from sendarix.node.workers import ParentWatch, WorkerPool, twistd_log_file, work
 
 def _worker_count(text: str) -> int:
     """``--workers``: an integer, or ``auto`` for one worker per usable CPU."""
-    return usable_cpus() if text == "auto" else int(text)
+    return min(256, usable_cpus()) if text == "auto" else int(text)
 
 
 class Options(usage.Options):

@@ -25,9 +25,6 @@ from sendarix.model.message import (
 from sendarix.scheduler.classify import BounceRules, Classification, Verdict, classify
 from sendarix.scheduler.retry import RetrySchedule
 
-# No reply at all (a recipient suppressed before any attempt).
-NO_REPLY = Reply(0, None, "")
-
 
 @frozen
 class Attempt:
@@ -78,13 +75,12 @@ def make_event(
     kind: str,
     delivery: LeasedDelivery,
     attempt: Attempt,
-    classification: Classification | None,
+    classification: Classification,
     now: float,
     rules: OutcomeRules,
 ) -> Event:
     """The ``kind`` event of one recipient's attempt."""
     meta = delivery.meta
-    response = attempt.reply if attempt.reply.code else None
     return Event.make(
         kind,
         now,
@@ -93,17 +89,14 @@ def make_event(
         tenant=meta.tenant,
         sender=delivery.envelope.sender,
         recipient=attempt.record.address,
-        attempt=attempt.record.attempts + 1 if response is not None else None,
-        response=response,
+        attempt=attempt.record.attempts + 1,
+        response=attempt.reply,
         mx=attempt.mx,
         mx_ip=attempt.mx_ip,
         source_ip=attempt.source_ip,
         tls=attempt.tls,
         provider=rules.provider_for(attempt.mx) if attempt.mx else None,
-        bounce_category=(
-            classification.category
-            if classification is not None and kind != "delivered" else None
-        ),
+        bounce_category=classification.category if kind != "delivered" else None,
         tags=meta.tags,
         node=rules.node,
     )
@@ -117,15 +110,13 @@ def _reason(reply: Reply) -> str:
 def plan_outcomes(
     delivery: LeasedDelivery,
     attempts: Sequence[Attempt],
-    suppressed: Sequence[RecipientRecord],
     now: float,
     rules: OutcomeRules,
     rng: random.Random,
 ) -> OutcomePlan:
     """Classify each attempt's reply, schedule deferrals (or expire them), and list
     what follows: one event per recipient, a suppression for each hard bounce and
-    expiry where the tenant suppresses them, a ``suppressed`` event per recipient
-    that was not tried."""
+    expiry where the tenant suppresses them."""
     outcomes: list[RecipientOutcome] = []
     effects: list[Event | Suppress] = []
     tenant = delivery.meta.tenant
@@ -150,8 +141,4 @@ def plan_outcomes(
         if kind in ("bounced", "expired") and suppresses:
             source = "bounce" if kind == "bounced" else "expired"
             effects.append(Suppress(tenant, address, source, _reason(a.reply)))
-    for record in suppressed:
-        outcomes.append(RecipientOutcome(record.address, RecipientStatus.SUPPRESSED))
-        effects.append(make_event("suppressed", delivery, Attempt(record, NO_REPLY), None,
-                                  now, rules))
     return OutcomePlan(tuple(outcomes), tuple(effects))

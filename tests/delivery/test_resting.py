@@ -57,9 +57,8 @@ class _OneSpool(unittest.TestCase):
         )
 
 
-
-class RestingSiteTests(_OneSpool):
-    """Two delivery agents share one spool; the first holds the site dead."""
+    #: Share operators' suspensions through the stores (read every 0.1 s).
+    shared_suspensions = False
 
     def agent(self, node: str, dead: str | None = None) -> DeliveryService:
         """A started delivery agent named ``node``; ``dead``: a site it holds dead
@@ -69,13 +68,19 @@ class RestingSiteTests(_OneSpool):
         service = DeliveryService(
             config, self.stores.spool, self.stores.events, self.stores.suppressions,
             MXRouter(resolver, port=self.mx_port), reactor, poll_interval=0.1,
+            suspensions=self.stores.site_suspensions if self.shared_suspensions else None,
         )
+        service.suspension_sync = 0.1
         if dead is not None:
             service.shaping.get(dead).window.dead_until = reactor.seconds() + 600
             service.ready_queues.note_domain("rest.test", dead)
         service.startService()
         self.addCleanup(service.stopService)
         return service
+
+
+class RestingSiteTests(_OneSpool):
+    """Two delivery agents share one spool; the first holds the site dead."""
 
     async def test_dead_site_left_to_another_node(self) -> None:
         """n1 holds the site dead: its polls leave the mail alone (no deferral, no
@@ -171,18 +176,7 @@ class SharedSuspensionTests(_OneSpool):
     """An operator's suspension, made through one delivery agent, holds on every agent
     of the stores (two nodes, or two workers of one machine)."""
 
-    def agent(self, node: str) -> DeliveryService:
-        config = self.config(node)
-        resolver = DNSResolver(config.dns.addresses(), 2.0, 60.0, reactor, reactor)
-        service = DeliveryService(
-            config, self.stores.spool, self.stores.events, self.stores.suppressions,
-            MXRouter(resolver, port=self.mx_port), reactor, poll_interval=0.1,
-            suspensions=self.stores.site_suspensions,
-        )
-        service.suspension_sync = 0.1
-        service.startService()
-        self.addCleanup(service.stopService)
-        return service
+    shared_suspensions = True
 
     async def test_suspension_reaches_the_other_agent(self) -> None:
         one, two = self.agent("n1"), self.agent("n2")

@@ -65,7 +65,7 @@ class PlanTests(SynchronousTestCase):
         addresses = [f"r{i}@example.org" for i in range(len(replies))]
         d = delivery(addresses, attempts, received_at)
         tried = [Attempt(r, reply, mx=mx) for r, reply in zip(d.recipients, replies)]
-        return plan_outcomes(d, tried, (), now, rules(suppresses), random.Random(1))
+        return plan_outcomes(d, tried, now, rules(suppresses), random.Random(1))
 
     def test_delivered(self) -> None:
         """A 250 is delivered, one event, nothing suppressed."""
@@ -109,18 +109,6 @@ class PlanTests(SynchronousTestCase):
         event, suppress = plan.effects
         assert isinstance(event, Event) and isinstance(suppress, Suppress)
         self.assertEqual((event.type, suppress.source), ("expired", "expired"))
-
-    def test_suppressed_recipients(self) -> None:
-        """Recipients not tried are recorded suppressed, with an event and no reply."""
-        d = delivery(["a@example.org", "b@example.org"])
-        plan = plan_outcomes(d, [Attempt(d.recipients[0], OK)], [d.recipients[1]],
-                             T0, rules(), random.Random(1))
-        self.assertEqual([o.status for o in plan.outcomes],
-                         [RecipientStatus.DELIVERED, RecipientStatus.SUPPRESSED])
-        last = plan.effects[-1]
-        assert isinstance(last, Event)
-        self.assertEqual((last.type, last.recipient, last.response, last.attempt),
-                         ("suppressed", "b@example.org", None, None))
 
     @given(st.lists(st.sampled_from([OK, HARD, SOFT, Reply(421, "4.7.0", "slow down"),
                                      Reply(552, "5.2.2", "mailbox full")]),
