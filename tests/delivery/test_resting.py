@@ -57,6 +57,17 @@ class _OneSpool(unittest.TestCase):
         )
 
 
+    async def queue_one(self, node: str) -> str:
+        """Queue one message to user@rest.test as ``node``'s intake would; its id."""
+        intake = Intake(spool=self.stores.spool, events=self.stores.events, clock=reactor,
+                        node=node, hostname=f"{node}.test")
+        queue_id = intake.new_queue_id()
+        await intake.accept(Submission(
+            queue_id=queue_id, envelope=Envelope("app@example.com", ("user@rest.test",)),
+            body=BODY, tenant="default",
+        ))
+        return queue_id
+
     #: Share operators' suspensions through the stores (read every 0.1 s).
     shared_suspensions = False
 
@@ -86,13 +97,7 @@ class RestingSiteTests(_OneSpool):
         """n1 holds the site dead: its polls leave the mail alone (no deferral, no
         attempt); n2, which can reach the site, delivers it."""
         self.agent("n1", dead="restmail")
-        intake = Intake(spool=self.stores.spool, events=self.stores.events, clock=reactor,
-                        node="n1", hostname="n1.test")
-        queue_id = intake.new_queue_id()
-        await intake.accept(Submission(
-            queue_id=queue_id, envelope=Envelope("app@example.com", ("user@rest.test",)),
-            body=BODY, tenant="default",
-        ))
+        queue_id = await self.queue_one("n1")
         await deferLater(reactor, 1.0, lambda: None)  # n1 polls ten times
         stored = await self.stores.spool.get(queue_id)
         assert stored is not None
@@ -188,13 +193,7 @@ class SharedSuspensionTests(_OneSpool):
             await deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(two.scheduler.suspensions(reactor.seconds()), {"restmail": until})
         # Mail to the site waits on both (deferred with the operator's reason).
-        intake = Intake(spool=self.stores.spool, events=self.stores.events, clock=reactor,
-                        node="n2", hostname="n2.test")
-        queue_id = intake.new_queue_id()
-        await intake.accept(Submission(
-            queue_id=queue_id, envelope=Envelope("app@example.com", ("user@rest.test",)),
-            body=BODY, tenant="default",
-        ))
+        queue_id = await self.queue_one("n2")
         for _ in range(50):
             page = await self.stores.eventlog.search(
                 EventQuery(queue_id=queue_id, type="deferred"))
