@@ -1156,11 +1156,13 @@ class DeliveryService(Service):
         # All bodies at once: fresh mail's from memory, the reads of the others share
         # one database round trip.
         kept = [self._drop_body(d) for d in batch]
-        reads: list[Deferred[bytes | None]] = [
-            succeed(body) if body is not None else maybeDeferred(self.spool.body, d.queue_id)
-            for d, body in zip(batch, kept)
-        ]
-        bodies = await gatherResults(reads, consumeErrors=True)
+        bodies: list[bytes | None] = kept
+        if any(body is None for body in kept):
+            reads: list[Deferred[bytes | None]] = [
+                succeed(body) if body is not None else maybeDeferred(self.spool.body, d.queue_id)
+                for d, body in zip(batch, kept)
+            ]
+            bodies = await gatherResults(reads, consumeErrors=True)
         for delivery, body in zip(batch, bodies):
             if body is None:
                 # Deleted while leased: nothing to send, nothing to record.
@@ -1286,9 +1288,12 @@ class DeliveryService(Service):
             pending.remove(delivery)
 
         # Settled together, the outcomes and events of a session share their commits.
-        await gatherResults(
-            [Deferred.fromCoroutine(settle(d)) for d in settling], consumeErrors=True
-        )
+        if len(settling) == 1:
+            await settle(settling[0])  # the usual single message: no DeferredList
+        else:
+            await gatherResults(
+                [Deferred.fromCoroutine(settle(d)) for d in settling], consumeErrors=True
+            )
 
     def _learn(
         self,

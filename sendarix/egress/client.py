@@ -19,7 +19,6 @@ that into a 4xx reply for whatever is still unanswered.
 from __future__ import annotations
 
 import base64
-import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -63,7 +62,6 @@ TLS_POLICIES = ("may", "encrypt", "verify")
 _MAX_REPLY_LINE = 8192
 # QUIT is a courtesy: do not wait long for its answer.
 _QUIT_TIMEOUT = 10.0
-_STUFF_RE = re.compile(rb"^\.", re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- values
@@ -74,7 +72,12 @@ def dot_stuff(body: bytes) -> bytes:
     first line too), a final CRLF is added if missing, and the end marker follows."""
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
-    return _STUFF_RE.sub(b"..", body) + b".\r\n"
+    # A line starts after any LF (a bare one too, as receivers read it); bytes.replace
+    # does this in C, several times faster than a multi-line regex on every message.
+    stuffed = body.replace(b"\n.", b"\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
 
 
 # --------------------------------------------------------------------------- protocol

@@ -16,6 +16,7 @@ bounce rule table see one clean sentence.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from sendarix.model.message import Reply
 
@@ -81,6 +82,14 @@ def parse_reply_lines(lines: list[bytes]) -> Reply:
     ending (CRLF) may be present.  Raises ValueError when there is no line or the
     last line does not start with a three-digit code.
     """
+    return _parse_lines(tuple(lines))
+
+
+# Servers repeat the same replies ("250 2.0.0 Ok", their EHLO list, "354 ...") on
+# every session: parsing each distinct reply once saves the regular expressions on
+# most replies.  Reply values are immutable, so a cached one can be handed out again.
+@lru_cache(maxsize=512)
+def _parse_lines(lines: tuple[bytes, ...]) -> Reply:
     if not lines:
         raise ValueError("an SMTP reply has at least one line")
     last = _decode(lines[-1]).strip()

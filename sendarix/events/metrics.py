@@ -127,6 +127,8 @@ class Metrics:
     _held_pairs: set[tuple[str, str]] = field(factory=set, init=False)
     webhook_deliveries: Counter = field(init=False)
     filter_decisions: Counter = field(init=False)
+    #: Labelled children already looked up, by family and label values.
+    _children: dict[tuple[int, tuple[str, ...]], Any] = field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -227,31 +229,41 @@ class Metrics:
             return site
         return OTHER
 
+    def _child(self, family: Any, *values: str) -> Any:
+        """``family.labels(*values)``, looked up once: prometheus-client checks the
+        values and takes a lock on every ``labels`` call, and the event path calls it
+        several times per message."""
+        key = (id(family), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*values)
+        return child
+
     # -- recording ---------------------------------------------------------------------
 
     def observe_event(self, event: Event) -> None:
         """Count one event (and a delivery's latency)."""
         tenant = self.tenant_label(event.tenant)
         if event.type == "accepted":
-            self.accepted.labels(tenant).inc()
+            self._child(self.accepted, tenant).inc()
             return
         if event.type not in OUTCOMES:
             return
         provider = self.provider_label(event.provider)
         count = max(1, len(event.all_recipients()))
-        self.outcomes.labels(event.type, provider, tenant).inc(count)
+        self._child(self.outcomes, event.type, provider, tenant).inc(count)
         if event.type == "bounced":
-            self.bounces.labels(provider, event.bounce_category or "unknown").inc(count)
+            self._child(self.bounces, provider, event.bounce_category or "unknown").inc(count)
         elif event.type == "delivered" and event.queue_id and is_queue_id(event.queue_id):
             # The queue id says when the message arrived (to the millisecond).
             seconds = max(0.0, event.timestamp - queue_id_time(event.queue_id))
-            histogram = self.latency.labels(provider)
+            histogram = self._child(self.latency, provider)
             for _ in range(count):
                 histogram.observe(seconds)
 
     def message_received(self, listener: str, tenant: str) -> None:
         """A message was taken into the spool through ``listener``."""
-        self.received.labels(self.listener_label(listener), self.tenant_label(tenant)).inc()
+        self._child(self.received, self.listener_label(listener), self.tenant_label(tenant)).inc()
 
     def set_queue(self, stats: QueueStats) -> None:
         """Queue depth from the spool's figures (statuses that vanished go to 0)."""
@@ -268,11 +280,11 @@ class Metrics:
     def outbound_connection(self, site: str, ok: bool) -> None:
         """An outbound connection to ``site`` held a session (``ok``) or did not."""
         result = "session" if ok else "failed"
-        self.outbound_connections.labels(self.site_label(site), result).inc()
+        self._child(self.outbound_connections, self.site_label(site), result).inc()
 
     def throttle_wait(self, site: str, seconds: float) -> None:
         """A message for ``site`` waited ``seconds`` for the site's rate."""
-        self.throttle_waits.labels(self.site_label(site)).observe(max(0.0, seconds))
+        self._child(self.throttle_waits, self.site_label(site)).observe(max(0.0, seconds))
 
     def set_held_tenants(self, held: Mapping[str, str]) -> None:
         """Which holds are in force now (keys: a tenant, or ``tenant/provider``); the
@@ -295,7 +307,7 @@ class Metrics:
 
     def http_request(self, route: str, code: int) -> None:
         """One API request answered (``route`` is the route's name, never a path)."""
-        self.http_requests.labels(route, str(code)).inc()
+        self._child(self.http_requests, route, str(code)).inc()
 
     def webhook_delivery(self, result: str) -> None:
         """One webhook POST ended with ``result`` (see :data:`WEBHOOK_RESULTS`)."""

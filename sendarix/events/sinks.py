@@ -41,6 +41,10 @@ class JSONLogSink:
         self._log.info(self.log_format, sendarix_event=event.to_json())
 
 
+def _nothing(_: object) -> None:
+    return None
+
+
 @implementer(IEventSink)
 @define
 class FanoutSink:
@@ -68,7 +72,10 @@ class FanoutSink:
                 waiting.append(result.addErrback(self._failed, sink, event))
         if not waiting:
             return succeed(None)
-        return gatherResults(waiting).addCallback(lambda _: None)
+        if len(waiting) == 1:
+            # The usual case (the delivery log): no DeferredList for a single wait.
+            return waiting[0].addCallback(_nothing)
+        return gatherResults(waiting).addCallback(_nothing)
 
     def _failed(self, failure: Failure, sink: IEventSink, event: Event) -> None:
         self._log.failure(

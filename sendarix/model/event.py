@@ -63,10 +63,20 @@ def new_event_id(now: float | None = None) -> str:
     return _base32(ms & ((1 << 48) - 1), 10) + _base32(rand, 16)
 
 
+#: The last whole second formatted, and its text (events come many to a second).
+_last_second: tuple[int, str] = (-1, "")
+
+
 def format_timestamp(ts: float) -> str:
     """RFC 3339 UTC with milliseconds: ``2026-11-23T14:00:00.123Z``."""
+    global _last_second
     seconds, ms = divmod(round(ts * 1000), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+    last, text = _last_second
+    if seconds != last:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        # One tuple assignment: another thread sees the old pair or the new one.
+        _last_second = (seconds, text)
+    return f"{text}.{ms:03d}Z"
 
 
 def parse_timestamp(value: str | float | int) -> float:

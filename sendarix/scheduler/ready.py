@@ -93,7 +93,8 @@ class ReadyQueues(Generic[T]):
 
     def share(self, site: str) -> int:
         """How many entries ``site`` may hold now (the fair split)."""
-        active = len(self.sites())
+        # Counted without building the sorted list of sites(): this runs per offer.
+        active = sum(1 for s in set(self._queues) | set(self._busy) if self.held(s))
         if self.held(site) == 0:
             active += 1
         assert self.reserve is not None

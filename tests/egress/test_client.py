@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Any
 from unittest import SkipTest
@@ -78,6 +79,15 @@ class DotStuffTests(SynchronousTestCase):
         body = b"\r\n".join(lines)
         expected = body if not body or body.endswith(b"\r\n") else body + b"\r\n"
         self.assertEqual(unstuff(dot_stuff(body)), expected)
+
+    @given(st.lists(st.sampled_from([b"", b".", b"..", b"a", b".a", b"\n.", b"\r"]), max_size=12))
+    def test_every_line_start(self, lines: list[bytes]) -> None:
+        """A dot is added after every LF, a bare one too (receivers read it as a line
+        end), and at the very start; nowhere else."""
+        body = b"\r\n".join(lines)
+        with_crlf = body if not body or body.endswith(b"\r\n") else body + b"\r\n"
+        expected = re.sub(rb"^\.", b"..", with_crlf, flags=re.MULTILINE) + b".\r\n"
+        self.assertEqual(dot_stuff(body), expected)
 
 
 class DeliverTests(TestCase):

@@ -7,6 +7,7 @@ import os
 import re
 import sqlite3
 import threading
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from hypothesis import given
@@ -157,6 +158,17 @@ class EventTests(SynchronousTestCase):
         text = format_timestamp(ts)
         self.assertRegex(text, RFC3339_MS)
         self.assertLessEqual(abs(parse_timestamp(text) - ts), 0.0005 + 1e-6)
+
+    @given(st.lists(st.floats(min_value=0, max_value=4102444800, allow_nan=False),
+                    min_size=2, max_size=8))
+    def test_timestamps_in_any_order(self, stamps: list[float]) -> None:
+        """The text of each stamp is its own, whatever second was formatted before
+        (the last second's text is kept for the many events of one second)."""
+        for ts in stamps + [stamps[0] + 0.0004, stamps[0] - 0.5]:
+            ts = max(0.0, ts)
+            seconds, ms = divmod(round(ts * 1000), 1000)
+            expected = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self.assertEqual(format_timestamp(ts), f"{expected}.{ms:03d}Z")
 
     def test_parse_offsets(self) -> None:
         """Timestamps with other offsets and precisions, or as numbers, parse too."""
