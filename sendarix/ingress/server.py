@@ -22,6 +22,7 @@ import binascii
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
+from functools import cached_property
 from typing import Any
 
 from attrs import field, frozen
@@ -191,10 +192,15 @@ class SubmissionServer(smtp.ESMTP):
         self._bdat_last = False
         self._bdat_failed: Reply | None = None
 
-    @property
+    @cached_property
     def client_ip(self) -> str:
+        # The peer of a connection never changes; policy asks for it on every command.
         peer = self.transport.getPeer()
         return str(getattr(peer, "host", peer))
+
+    @cached_property
+    def _client_trusted(self) -> bool:
+        return self.settings.trusted(self.client_ip)
 
     @property
     def tls_active(self) -> bool:
@@ -606,8 +612,7 @@ class SubmissionServer(smtp.ESMTP):
     # -- the mail transaction ---------------------------------------------------
 
     def _client(self) -> policy.Client:
-        ip = self.client_ip
-        return policy.Client(ip, self.settings.trusted(ip), self._credential)
+        return policy.Client(self.client_ip, self._client_trusted, self._credential)
 
     def smtp_MAIL(self, rest: bytes) -> None:
         if self._helo_name is None:

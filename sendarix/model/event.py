@@ -35,12 +35,19 @@ _id_lock = threading.Lock()
 _last_id: tuple[int, int] = (0, 0)
 
 
+#: Every pair of Crockford digits, by the 10-bit value it writes.
+_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)
+
+
 def _base32(value: int, length: int) -> str:
-    chars = []
-    for _ in range(length):
-        value, digit = divmod(value, 32)
-        chars.append(_CROCKFORD[digit])
-    return "".join(reversed(chars))
+    """``value`` as ``length`` (even) Crockford base32 digits."""
+    # Two digits per step: half the divisions of one digit at a time (ids are made
+    # for every event).
+    pairs = []
+    for _ in range(length // 2):
+        value, low = divmod(value, 1024)
+        pairs.append(_PAIRS[low])
+    return "".join(reversed(pairs))
 
 
 def new_event_id(now: float | None = None) -> str:

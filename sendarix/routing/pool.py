@@ -96,11 +96,12 @@ def _weighted_order(items: list[Hop], weights: list[int], rng: random.Random) ->
     without replacement)."""
     items, weights = list(items), list(weights)
     out: list[Hop] = []
-    while items:
+    while len(items) > 1:
         i = rng.choices(range(len(items)), weights=weights)[0]
         out.append(items.pop(i))
         weights.pop(i)
-    return out
+    # The last one has no choice left: no draw (a one-endpoint pool draws nothing).
+    return out + items
 
 
 @implementer(IFailoverStrategy)

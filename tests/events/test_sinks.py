@@ -34,6 +34,7 @@ from sendarix.model.event import (
     Event,
     EventPage,
     EventQuery,
+    _base32,
     format_timestamp,
     new_event_id,
     parse_timestamp,
@@ -175,6 +176,16 @@ class EventTests(SynchronousTestCase):
         self.assertEqual(parse_timestamp("2026-11-29T15:00:00.5+01:00"), 1795960800.5)
         self.assertEqual(parse_timestamp("2026-11-29T14:00:00Z"), 1795960800.0)
         self.assertEqual(parse_timestamp(12), 12.0)
+
+    @given(st.integers(min_value=0, max_value=(1 << 80) - 1))
+    def test_id_digits(self, value: int) -> None:
+        """An id's random part reads back as the number it was made from."""
+        digits = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+        text = new_event_id(0)[:10] + _base32(value, 16)
+        back = 0
+        for ch in text[10:]:
+            back = back * 32 + digits.index(ch)
+        self.assertEqual((len(text), back), (26, value))
 
     def test_ids_sortable_unique(self) -> None:
         """Ids are unique and sort by creation time."""
