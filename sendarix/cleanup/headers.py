@@ -172,8 +172,17 @@ def _received(info: CleanupInfo, date: str) -> bytes:
     return _fold("Received", lines)
 
 
+#: A From value that is one plain address, bare or in angle brackets after a plain
+#: name: what applications nearly always write, and what the full parser reads the
+#: same way (it is much slower, and runs for every message).
+_PLAIN_FROM = re.compile(r"(?:[A-Za-z0-9 ]*<)?([A-Za-z0-9._+-]+)@([A-Za-z0-9.-]+)>?")
+
+
 def _first_mailbox(value: str) -> str | None:
     """The address of the first mailbox in a From field value, domain lowercased."""
+    plain = _PLAIN_FROM.fullmatch(value.strip())
+    if plain is not None and (value.strip()[-1:] == ">") == ("<" in value):
+        return f"{plain.group(1)}@{plain.group(2).lower()}"
     for _, addr in getaddresses([value]):
         local, at, domain = addr.rpartition("@")
         if at and local and domain and not _CONTROL.search(addr):

@@ -118,6 +118,8 @@ class _SMTPConnection(Protocol):
         self._lines: list[bytes] = []
         self._waiting: deque[tuple[Deferred[_Response], str, float]] = deque()
         self._timer: IDelayedCall | None = None
+        #: The command whose reply the timer waits for.
+        self._timer_for = ""
         self._broken: Reply | None = None
         self._connected = False
         self.banner = self.expect("banner", greeting_timeout)
@@ -160,18 +162,24 @@ class _SMTPConnection(Protocol):
     # ---- timers
 
     def _arm(self) -> None:
-        self._disarm()
-        if self._waiting:
-            _, what, timeout = self._waiting[0]
-            self._timer = self.reactor.callLater(timeout, self._timed_out, what)
+        if not self._waiting:
+            self._disarm()
+            return
+        _, self._timer_for, timeout = self._waiting[0]
+        if self._timer is not None and self._timer.active():
+            # Every reply re-arms the timer: moving it is cheaper than a new one.
+            self._timer.reset(timeout)
+        else:
+            self._timer = self.reactor.callLater(timeout, self._timed_out)
 
     def _disarm(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timed_out(self, what: str) -> None:
+    def _timed_out(self) -> None:
         self._timer = None
+        what = self._timer_for
         self._break(Reply(451, "4.4.2", f"timeout waiting for the reply to {what}"))
         self.t.abortConnection()
 

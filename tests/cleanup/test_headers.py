@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from email.utils import getaddresses
 from typing import Any
 
 import attrs
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from sendarix.cleanup.headers import CleanupInfo, cleanup, received_protocol
+from sendarix.cleanup.headers import CleanupInfo, _first_mailbox, cleanup, received_protocol
 
 T = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
 DATE = "Tue, 14 Nov 2023 22:13:20 +0000"
@@ -279,3 +280,30 @@ class CleanupTests(SynchronousTestCase):
         m = cleanup(b"Subject: a\n\nbody\n", INFO)
         self.assertTrue(m.body.endswith(b"Subject: a\n" + b"Message-ID: <" + m.message_id.encode()
                                         + f">\r\nDate: {DATE}\r\n\r\nbody\n".encode()))
+
+
+def _full_parse(value: str) -> str | None:
+    """The From address as the email package's full parser reads it."""
+    for _, addr in getaddresses([value]):
+        local, at, domain = addr.rpartition("@")
+        if at and local and domain and not re.search(r"[\x00-\x1f\x7f]", addr):
+            return f"{local}@{domain.lower()}"
+    return None
+
+
+class FromAddressTests(SynchronousTestCase):
+    """The quick reading of a plain From value agrees with the full parser."""
+
+    @given(st.text(alphabet='aB0 .<>@+-_"(),:;\\x', max_size=30))
+    def test_same_as_full_parser(self, value: str) -> None:
+        """Any value, plain or not, gives the address the email package gives."""
+        self.assertEqual(_first_mailbox(value), _full_parse(value))
+
+    def test_plain_values(self) -> None:
+        """The forms applications write, with the domain lower-cased."""
+        for value, expected in [
+            ("bench@bench.example", "bench@bench.example"),
+            ("Joe Q <Joe.Q@EXAMPLE.com>", "Joe.Q@example.com"),
+            ('"Q, Joe" <joe@example.com>', "joe@example.com"),
+        ]:
+            self.assertEqual(_first_mailbox(value), expected)
