@@ -274,6 +274,15 @@ class DeliverTests(TestCase):
         self.assertEqual((reply.code, reply.enhanced), (451, "4.4.2"))
         self.assertIn("timeout", reply.text)
 
+    async def test_stall_after_data_times_out(self) -> None:
+        """A server that answered every command but not the end of the data: the
+        timer, moved on at each reply, still fires, and names what it waited for."""
+        server = await self.sink("stall-data")
+        result = await self.send(server, [msg("a")], command_timeout=0.3)
+        reply = result.results[0].recipients[0].reply
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.4.2"))
+        self.assertIn("timeout waiting for the reply to end of data", reply.text)
+
     async def test_size_limit_refused_locally(self) -> None:
         """A body over the server's SIZE gets 552 5.3.4 without being sent."""
         server = await self.sink(max_message_size=100)
