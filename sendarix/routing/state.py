@@ -6,25 +6,48 @@ So the delivery agent writes a small JSON snapshot (``var/routing-state.json``, 
 few seconds and at stop, atomically) and the CLI reads it and says how old it is.  At
 start the node reads its own file back for one thing: today's warmup counts and the
 deprioritization marks of its egress sources (the rest is rebuilt from traffic).
+
+Worker processes (``[node] workers``) each keep their own routing state, so each
+writes its own file, ``var/routing-state-<node>-wI.json``: one shared file would hold
+whichever worker wrote last, and a restarted worker would take back another's counts.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from typing import Any
 
 from sendarix.config.settings import Config
 
-__all__ = ["STATE_FILE", "format_state", "read_state", "state_path", "write_state"]
+__all__ = [
+    "STATE_FILE", "format_state", "read_state", "read_states", "state_path", "write_state",
+]
 
 STATE_FILE = "routing-state.json"
 VERSION = 1
 
 
 def state_path(config: Config) -> str:
-    """Where the node of ``config`` writes its routing state."""
+    """Where the node of ``config`` writes its routing state.  With several workers
+    only the workers run delivery (the supervisor does not), and each has its own
+    file, named after it."""
+    if config.node.workers > 1:
+        root, ext = os.path.splitext(STATE_FILE)
+        return os.path.join(config.var_dir, f"{root}-{config.node.name}{ext}")
     return os.path.join(config.var_dir, STATE_FILE)
+
+
+def read_states(config: Config) -> list[dict[str, Any]]:
+    """Every routing state written on this machine for ``config``'s node: the one of
+    a single process and those of its workers, newest first."""
+    root, ext = os.path.splitext(STATE_FILE)
+    paths = [os.path.join(config.var_dir, STATE_FILE)] + sorted(glob.glob(
+        os.path.join(glob.escape(config.var_dir), f"{root}-{glob.escape(config.node.name)}-w*{ext}")
+    ))
+    states = [s for s in (read_state(p) for p in paths) if s is not None]
+    return sorted(states, key=lambda s: -float(s.get("written_at", 0) or 0))
 
 
 def write_state(path: str, state: dict[str, Any]) -> None:

@@ -7,9 +7,17 @@ import json
 import os
 from typing import Any
 
+from attrs import evolve
 from twisted.trial import unittest
 
-from sendarix.routing.state import format_state, read_state, state_path, write_state
+from sendarix.config.loader import load_config
+from sendarix.routing.state import (
+    format_state,
+    read_state,
+    read_states,
+    state_path,
+    write_state,
+)
 from tests.control.cli.test_main import CONFIG, _run, _write_config
 from tests.delivery.test_routing import SENDER, start_sink
 from tests.delivery.test_service import RELAY_LISTENER, submit, wait_event
@@ -66,7 +74,30 @@ class RoutingStateTests(unittest.TestCase):
         self.assertIn(b"pool relays:", out)
         out, err, code = await _run(["--config", "cli.toml", "queue", "stats", "--json"], folder)
         self.assertEqual(code, 0, err)
-        self.assertEqual(json.loads(out)["routing"]["pools"], state["pools"])
+        self.assertEqual([r["pools"] for r in json.loads(out)["routing"]], [state["pools"]])
+
+    async def test_each_worker_its_own_file(self) -> None:
+        """Workers write one file each, named after them (a shared one would hold the
+        last writer's counts); ``queue stats`` shows every worker's, newest first."""
+        folder = os.path.abspath(self.mktemp())
+        _write_config(folder, "cli.toml", CONFIG)
+        config = load_config(os.path.join(folder, "cli.toml"))
+        self.assertEqual(state_path(config), os.path.join(folder, "var", "routing-state.json"))
+        paths = []
+        for index, written_at in ((1, 100.0), (2, 200.0)):
+            worker = evolve(config, node=evolve(
+                config.node, name=f"{config.node.name}-w{index}", workers=2))
+            paths.append(state_path(worker))
+            write_state(paths[-1], {"node": worker.node.name, "written_at": written_at,
+                                    "sites": [], "pools": {}, "egress": []})
+        self.assertEqual(len(set(paths)), 2)
+        self.assertNotIn(os.path.join(folder, "var", "routing-state.json"), paths)
+        self.assertEqual([s["node"] for s in read_states(config)],
+                         ["clitest-w2", "clitest-w1"])
+        out, err, code = await _run(["--config", "cli.toml", "queue", "stats"], folder)
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"routing state of node clitest-w1", out)
+        self.assertIn(b"routing state of node clitest-w2", out)
 
     def test_site_line(self) -> None:
         """A site's line shows open connections, the cap per source when set, the

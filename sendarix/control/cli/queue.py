@@ -19,7 +19,7 @@ from sendarix.control.cli.common import (
 )
 from sendarix.model.event import format_timestamp
 from sendarix.model.message import RecipientStatus, StoredMessage
-from sendarix.routing.state import format_state, read_state, state_path
+from sendarix.routing.state import format_state, read_states
 from sendarix.stores.backends import Stores
 
 # -- queue ---------------------------------------------------------------------------
@@ -119,11 +119,11 @@ async def _queue_show(args: argparse.Namespace, stores: Stores) -> Output:
 async def _queue_stats(args: argparse.Namespace, stores: Stores) -> Output:
     stats = await stores.spool.stats()
     # What the running node last wrote about sites, endpoints and egress sources.
-    routing = read_state(state_path(stores.config))
+    # (one per worker process when the node runs several).
+    routing = read_states(stores.config)
     if args.json:
         data = stats.to_dict()
-        if routing is not None:
-            data["routing"] = routing
+        data["routing"] = routing
         return text_lines(to_json(data))
     statuses = [s.value for s in RecipientStatus if s.value in stats.by_status]
     total = sum(stats.by_status.values())
@@ -139,8 +139,8 @@ async def _queue_stats(args: argparse.Namespace, stores: Stores) -> Output:
         ]
         headers = ("DOMAIN", *(s.upper() for s in statuses))
         text += ["", render_table(headers, rows, right=range(1, len(headers)))]
-    if routing is not None:
-        text += ["", *format_state(routing, time.time())]
+    for state in routing:
+        text += ["", *format_state(state, time.time())]
     return text_lines(*text)
 
 
