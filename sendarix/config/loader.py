@@ -185,7 +185,8 @@ def describe(config: Config) -> str:
     lines.append(f"base directory: {config.base_dir}")
     node = config.node
     lines.append(
-        f"node: {node.name} (hostname {node.hostname}, {node.workers} worker(s), "
+        f"node: {node.name} (hostname {node.hostname}, "
+        f"{node.workers or 'auto: one per CPU,'} worker(s), "
         f"secret from ${node.secret_key_env})"
     )
     spool = config.spool

@@ -123,7 +123,9 @@ class NodeConfig:
     name: str = setting(name_parser, factory=_short_hostname)
     hostname: str = setting(hostname_parser, factory=_fqdn)
     secret_key_env: str = setting(env_name_parser, "SENDARIX_SECRET_KEY")
-    workers: int = setting(workers_parser, 1)
+    #: Worker processes; None (not set): one per usable CPU under ``twistd``, and one
+    #: process for a node embedded in another service (it cannot start workers).
+    workers: int | None = setting(workers_parser, None)
 
 
 @frozen

@@ -51,7 +51,8 @@ def makeService(options: Options) -> IService:
     from sendarix.node.service import makeService as make_node  # noqa: N813
 
     config = options["parsed"]
-    workers = options["workers"] or config.node.workers
+    # Not set anywhere: one worker per usable CPU (one CPU: a single process).
+    workers = options["workers"] or config.node.workers or min(256, usable_cpus())
     index = options["worker"]
     if index is not None:
         # A worker: its own stable node name; listeners shared with SO_REUSEPORT.
@@ -76,6 +77,10 @@ def makeService(options: Options) -> IService:
         pool = WorkerPool(reactor, workers, arguments, log_file=twistd_log_file(sys.argv))
         pool.forward_sighup = True  # each worker reloads its TLS certificate
         return pool
+    if index is None:
+        # A single process, however it was chosen: its limits are whole and its
+        # listeners not shared.
+        config = evolve(config, node=evolve(config.node, workers=1))
     try:
         node = make_node(config)
         node.reload_on_sighup = True  # SIGHUP reloads the TLS certificate

@@ -33,7 +33,7 @@ def state_path(config: Config) -> str:
     """Where the node of ``config`` writes its routing state.  With several workers
     only the workers run delivery (the supervisor does not), and each has its own
     file, named after it."""
-    if config.node.workers > 1:
+    if (config.node.workers or 1) > 1:
         root, ext = os.path.splitext(STATE_FILE)
         return os.path.join(config.var_dir, f"{root}-{config.node.name}{ext}")
     return os.path.join(config.var_dir, STATE_FILE)

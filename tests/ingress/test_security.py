@@ -543,7 +543,7 @@ def _starttls_relay_config(path: str, name: str) -> tuple[str, Any, int, str]:
     config = os.path.join(folder, "sendarix.toml")
     with open(config, "w") as f:
         f.write(
-            f'[node]\nname = "{name}"\nhostname = "{HOSTNAME}"\n'
+            f'[node]\nname = "{name}"\nhostname = "{HOSTNAME}"\nworkers = 1\n'
             '[spool]\nurl = "sqlite:var/spool.db"\n[events]\njson_log = false\n'
             '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 0.5\n'
             f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\n'

@@ -96,6 +96,9 @@ class ClusterTests(RelayProcessMixin, TestCase):
         with open(path, "w") as f:
             f.write(
                 f'[node]\nname = "{name}"\nhostname = "{name}.test"\n'
+                # One process per node: the API port is picked at start (tcp:0) and
+                # the tests kill a node by its PID.
+                "workers = 1\n"
                 f'[spool]\nurl = "redis://127.0.0.1:{self.redis_port}/0"\n'
                 f'lease_time = "{lease_time}"\n'
                 "[events]\njson_log = false\n"

@@ -61,8 +61,11 @@ class NodeMetricsTests(unittest.TestCase):
             # wait until this scrape sees it too.
             nonlocal text, got
             text, got = await self.scrape(relay.api_port)
+            # The connection's slot is given back after the outcome is logged, a
+            # moment after the event was counted.
             return got.get(("sendarix_delivery_latency_seconds_count",
-                            (("provider", "other"),))) == 2.0
+                            (("provider", "other"),))) == 2.0 and got.get(
+                ("sendarix_site_connections", (("site", "pool:sink"),))) == 0.0
 
         await until(
             lambda: Deferred.fromCoroutine(counted()), 10.0, "the delivery counted in /metrics"

@@ -17,6 +17,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from sendarix.config.fields import usable_cpus
 from sendarix.node.workers import (
     ParentWatch,
     WorkerPool,
@@ -79,7 +80,8 @@ class ListenSharedTests(TestCase):
 
     def test_workers_know_their_count(self) -> None:
         """The supervisor tells each worker how many they are (a worker keeps its
-        part of the limits it counts); without a count set, the node is one process."""
+        part of the limits it counts); without a count set, one worker per usable CPU
+        (a single process on one CPU), and ``workers = 1`` is one process."""
         from sendarix.node.service import NodeService
         from sendarix.node.tap import Options, makeService
 
@@ -91,7 +93,23 @@ class ListenSharedTests(TestCase):
                     '[events]\njson_log = false\n')
         options = Options()
         options.parseOptions(["--config", config])
-        self.assertIsInstance(makeService(options), NodeService)
+        default = makeService(options)
+        if usable_cpus() == 1:
+            self.assertIsInstance(default, NodeService)
+        else:
+            assert isinstance(default, WorkerPool)
+            self.assertEqual(default.count, usable_cpus())
+        with open(config, "w") as f:
+            f.write('[node]\nname = "box"\nworkers = 1\n[spool]\nurl = "sqlite:spool.db"\n'
+                    '[events]\njson_log = false\n')
+        options = Options()
+        options.parseOptions(["--config", config])
+        single = makeService(options)
+        assert isinstance(single, NodeService)
+        self.assertEqual(single.stores.config.node.workers, 1)
+        with open(config, "w") as f:
+            f.write('[node]\nname = "box"\n[spool]\nurl = "sqlite:spool.db"\n'
+                    '[events]\njson_log = false\n')
         options = Options()
         options.parseOptions(["--config", config, "--workers", "3"])
         pool = makeService(options)

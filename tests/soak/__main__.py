@@ -136,6 +136,8 @@ class Soak:
         with open(path, "w") as f:
             f.write(
                 f'[node]\nname = "{name}"\nhostname = "{name}.soak.test"\n'
+                # One process per node: the soak kills and restarts nodes by PID.
+                "workers = 1\n"
                 f'[spool]\nurl = "redis://127.0.0.1:{self.redis_port}/0"\n'
                 f'lease_time = "{LEASE:g}s"\n'
                 '[events]\njson_log = false\n'

@@ -146,6 +146,8 @@ class RelayProcessMixin:
         with open(self.config, "w") as f:
             f.write(
                 f"[node]\nname = \"{node}\"\nhostname = \"relay.test\"\n"
+                # One process: these tests kill it by its PID and read its log.
+                "workers = 1\n"
                 "[spool]\nurl = \"sqlite:var/spool.db\"\n"
                 "[events]\njson_log = false\n"
                 + ("" if "[api]" in sections else API_ON_FREE_PORT)

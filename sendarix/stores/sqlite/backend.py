@@ -90,7 +90,7 @@ class SQLiteBackend:
             site_suspensions=SQLiteSiteSuspensions(db),
             outbox=SQLiteWebhookOutbox(db),
             webhook_endpoints=SQLiteWebhookEndpointStore(db),
-            share=1.0 / config.node.workers,
+            share=1.0 / (config.node.workers or 1),
         )
 
     @property
