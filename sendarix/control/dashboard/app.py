@@ -268,6 +268,9 @@ class Dashboard:
         the store raised), so no request goes on without knowing its session."""
         try:
             return await answer
+        except StoreUnavailable as e:  # expected while Redis is down: no traceback
+            log.warn("dashboard sessions: the stores do not answer ({why})", why=e)
+            raise _unavailable() from None
         except Exception:
             log.failure("the dashboard's session store failed")
             raise _unavailable() from None
@@ -277,6 +280,8 @@ class Dashboard:
         done already: a store that fails now costs the message, not the redirect."""
         try:
             await self.sessions.set_flash(session.id, message)
+        except StoreUnavailable as e:
+            log.warn("dashboard sessions: the stores do not answer ({why})", why=e)
         except Exception:
             log.failure("could not keep the dashboard's message for the next page")
 

@@ -19,7 +19,7 @@ from twisted.web.client import HTTPConnectionPool
 from tests.control.dashboard.test_dashboard import form_token, set_cookies
 from tests.delivery.test_service import RELAY_LISTENER
 from tests.support.redisserver import start_redis
-from tests.support.relay import Relay, start_relay
+from tests.support.relay import Relay, start_relay, until
 
 
 async def request(
@@ -135,9 +135,28 @@ class RedisSharedSessionsTests(SharedSessionsMixin, unittest.TestCase):
     timeout = 60
 
     async def nodes(self) -> tuple[Relay, Relay]:
-        port, stop = start_redis(os.path.abspath(self.mktemp()))
-        self.addCleanup(stop)
+        port, self.stop_redis = start_redis(os.path.abspath(self.mktemp()))
+        self.addCleanup(self.stop_redis)
         url = f"redis://127.0.0.1:{port}/0"
         one = await start_relay(self, [RELAY_LISTENER], spool={"url": url})
         two = await start_relay(self, [], spool={"url": url})
         return one, two
+
+    async def test_redis_down_is_an_error_page_not_a_login(self) -> None:
+        one, two = await self.nodes()
+        key = await one.add_credential("ops", tenant="*", scopes=["admin"])
+        status, body, headers = await request(base(two), "GET", "/login")
+        token, login = form_token(body), set_cookies(headers)["sendarix_login"].value
+        _, _, headers = await login_form(one, key)
+        cookies = {"sendarix_session": set_cookies(headers)["sendarix_session"].value}
+        self.stop_redis()
+        await until(lambda: not two.stores.backend.redis.connected, 10, "disconnected")
+        status, body, _ = await request(base(two), "GET", "/", cookies=cookies)
+        self.assertEqual(status, 503)
+        self.assertIn("Stores unavailable", body)
+        status, body, headers = await request(
+            base(two), "POST", "/login", {"csrf": token, "key": key},
+            cookies={"sendarix_login": login},
+        )
+        self.assertEqual(status, 503)
+        self.assertNotIn("sendarix_session", set_cookies(headers))
