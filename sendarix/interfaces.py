@@ -407,6 +407,39 @@ class ISiteSuspensions(Interface):
         are forgotten)."""
 
 
+class IDashboardSessions(Interface):
+    """The dashboard's login sessions (:class:`~sendarix.model.dashboard.Session`),
+    shared wherever the stores are shared, so that a login made through one worker
+    or node holds on every one, and a logout on any ends it everywhere.
+
+    Sessions are stored under :func:`~sendarix.model.dashboard.session_key` of
+    their id, never the id itself.  When a session ends is the store's
+    :class:`~sendarix.model.dashboard.SessionRules`.  Times are POSIX seconds;
+    Deferreds throughout."""
+
+    def create(session):  # noqa: N805 - zope: no self
+        """Keep the new ``session``; forget ended sessions and, beyond the rules'
+        limit, the least recently seen."""
+
+    def get(session_id, now):  # noqa: N805
+        """The live session ``session_id`` names, its ``seen`` set to ``now`` (its
+        idle time starts again); None when unknown or ended (and then forgotten)."""
+
+    def end(session_id):  # noqa: N805
+        """Forget the session (a logout); True when there was one."""
+
+    def set_flash(session_id, message):  # noqa: N805
+        """Keep ``message`` for the session's next page (replaces an earlier one;
+        nothing when the session is gone)."""
+
+    def take_flash(session_id):  # noqa: N805
+        """The session's message and forget it, so that it is shown once; None when
+        there is none."""
+
+    def expire(now):  # noqa: N805
+        """Forget the sessions that have ended by ``now``; how many were forgotten."""
+
+
 class ISuppressionStore(Interface):
     """Each tenant's suppression list: recipients that must not be sent to.
 
@@ -621,6 +654,7 @@ class IBackend(Interface):
     stats = Attribute("The IStatsStore (hourly event counts).")
     holds = Attribute("The ITenantHolds (tenants whose mail is held).")
     site_suspensions = Attribute("The ISiteSuspensions (destinations an operator suspended).")
+    dashboard_sessions = Attribute("The IDashboardSessions (dashboard logins).")
     outbox = Attribute("The IWebhookOutbox (webhook deliveries, written with the log).")
     webhook_endpoints = Attribute("The IWebhookEndpointStore (endpoints added at run time).")
     location = Attribute("Where the data is, for messages (a file path or a server).")

@@ -61,7 +61,7 @@ def make_api_site(
     dashboard = Dashboard(
         keys=keys, credentials=stores.credentials, spool=stores.spool,
         eventlog=stores.eventlog, suppressions=stores.suppressions, clock=reactor,
-        delivery=delivery,
+        sessions=stores.dashboard_sessions, delivery=delivery,
     )
     root = root_resource(
         app.resource(), extras or {}, pages=dashboard.resource(), page_segments=SEGMENTS

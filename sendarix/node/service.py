@@ -195,10 +195,12 @@ class StoresService(Service):
 
     def _trim(self) -> Deferred[Any]:
         before = self.clock.seconds() - self.stores.config.events.retention
-        # Hourly statistics are kept as long as the events they count.  Both trims
-        # are queued now, so a stop that closes the stores lets both finish.
+        # Hourly statistics are kept as long as the events they count; ended dashboard
+        # sessions go too.  The jobs are queued now, so a stop that closes the stores
+        # lets them finish.
         d = gatherResults(
-            [self.stores.eventlog.trim(before), self.stores.stats.trim(before)],
+            [self.stores.eventlog.trim(before), self.stores.stats.trim(before),
+             self.stores.dashboard_sessions.expire(self.clock.seconds())],
             consumeErrors=True,
         ).addCallback(lambda counts: counts[0])
         d.addErrback(_first_failure)

@@ -22,6 +22,7 @@ from sendarix.events.webhooks.sink import Matcher, OutboxSink
 from sendarix.interfaces import (
     IBackend,
     ICredentialStore,
+    IDashboardSessions,
     IDomainStore,
     IEventLog,
     IEventSink,
@@ -115,6 +116,10 @@ class Stores:
     @property
     def site_suspensions(self) -> ISiteSuspensions:
         return self.backend.site_suspensions
+
+    @property
+    def dashboard_sessions(self) -> IDashboardSessions:
+        return self.backend.dashboard_sessions
 
     @property
     def location(self) -> str:

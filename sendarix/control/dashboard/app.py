@@ -1,7 +1,11 @@
 """The dashboard's routes (Klein): the login, the pages and the operator's actions.
 
-Every page needs a session (:mod:`.sessions`); the credential behind it is read again
-on each request, so revoking or rotating the key ends the session at once.  Every POST
+Every page needs a session: a random id the browser holds in a cookie (``HttpOnly``,
+``SameSite=Strict``, ``Secure`` over TLS), kept in the stores
+(:class:`~sendarix.interfaces.IDashboardSessions`) so that whichever worker or node
+answers the next request knows it.  The credential behind it is read again on each
+request, so revoking or rotating the key ends the session at once; a session the
+stores cannot be asked about is a ``503`` page, never a login.  Every POST
 must carry the session's token and, when the browser names an ``Origin``, come from
 this site; anything else is ``403``.  Pages are read from the same stores, with the
 same tenant rules, as the ``/v1`` API; nothing blocks the reactor (the stores answer
@@ -17,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
-from attrs import Factory, define, field, frozen
+from attrs import define, field, frozen
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -35,21 +39,15 @@ from sendarix.control.dashboard.figures import (
     series,
 )
 from sendarix.control.dashboard.markup import Html, html, load_templates, render
-from sendarix.control.dashboard.sessions import (
-    COOKIE,
-    LOGIN_COOKIE,
-    Session,
-    SessionStore,
-    new_token,
-    same_token,
-)
 from sendarix.interfaces import (
     ICredentialStore,
+    IDashboardSessions,
     IDestinationControl,
     IEventLog,
     ISpool,
     ISuppressionStore,
 )
+from sendarix.model.dashboard import Session, SessionRules, new_token, same_token
 from sendarix.model.event import EVENT_TYPES, MAX_LIMIT, Event, EventQuery
 from sendarix.model.message import RecipientStatus, StoredMessage
 from sendarix.stores.errors import StoreUnavailable
@@ -57,6 +55,11 @@ from sendarix.stores.errors import StoreUnavailable
 log = Logger()
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+
+#: The session cookie's name.
+COOKIE = "sendarix_session"
+#: The cookie of the login form's token (before there is a session).
+LOGIN_COOKIE = "sendarix_login"
 
 #: The first path segments the dashboard answers (everything else is the API's).
 SEGMENTS: frozenset[str] = frozenset({
@@ -144,6 +147,7 @@ def _load_static() -> dict[str, tuple[bytes, bytes]]:
 class Dashboard:
     """The dashboard's routes over the node's stores; ``resource()`` mounts them.
 
+    ``sessions`` keeps the logins (the node's stores); ``rules`` makes new ones.
     ``delivery`` is the node's delivery agent (None: no destination figures or
     suspensions, as in a process that does not deliver).
     """
@@ -154,10 +158,9 @@ class Dashboard:
     eventlog: IEventLog
     suppressions: ISuppressionStore
     clock: Any
+    sessions: IDashboardSessions
     delivery: IDestinationControl | None = None
-    sessions: SessionStore = field(
-        default=Factory(lambda self: SessionStore(self.clock), takes_self=True)
-    )
+    rules: SessionRules = field(factory=SessionRules)
     app: Klein = field(factory=Klein, init=False)
     _static: dict[str, tuple[bytes, bytes]] = field(factory=_load_static, init=False)
 
@@ -240,22 +243,47 @@ class Dashboard:
         if isinstance(result, Redirect):
             return _redirect(request, result.location)
         title, body = result
-        return self._layout(session, title, body)
+        return await self._layout(session, title, body)
 
     async def _session(self, request: Any) -> Session | None:
         """The request's live session whose credential still holds, else None (and a
         session whose key was revoked or rotated is ended)."""
         raw = request.getCookie(COOKIE.encode())
-        session = self.sessions.get(raw.decode("latin-1") if raw else None)
+        if not raw:
+            return None
+        session = await self._stored(self.sessions.get(raw.decode("latin-1"),
+                                                       self.clock.seconds()))
         if session is None:
             return None
         credential = await self.credentials.get(session.credential)
         if (credential is None or not credential.active
                 or credential.secret_hash != session.secret_hash
                 or not credential.has_scope("admin")):
-            self.sessions.end(session.id)
+            await self._stored(self.sessions.end(session.id))
             return None
         return session
+
+    async def _stored(self, answer: Awaitable[Any]) -> Any:
+        """What the session store answers; a failure is the ``503`` page (whatever
+        the store raised), so no request goes on without knowing its session."""
+        try:
+            return await answer
+        except StoreUnavailable as e:  # expected while Redis is down: no traceback
+            log.warn("dashboard sessions: the stores do not answer ({why})", why=e)
+            raise _unavailable() from None
+        except Exception:
+            log.failure("the dashboard's session store failed")
+            raise _unavailable() from None
+
+    async def _flash(self, session: Session, message: str) -> None:
+        """Keep ``message`` for the session's next page.  The action it reports is
+        done already: a store that fails now costs the message, not the redirect."""
+        try:
+            await self.sessions.set_flash(session.id, message)
+        except StoreUnavailable as e:
+            log.warn("dashboard sessions: the stores do not answer ({why})", why=e)
+        except Exception:
+            log.failure("could not keep the dashboard's message for the next page")
 
     def _check_post(self, request: Any, session: Session) -> None:
         """403 unless the form carries the session's token and any ``Origin`` the
@@ -264,11 +292,16 @@ class Dashboard:
         if not same_token(_arg(request, "csrf"), session.csrf):
             raise forbidden("The form is out of date or did not come from this dashboard.")
 
-    def _layout(self, session: Session, title: str, body: Html) -> bytes:
+    async def _layout(self, session: Session, title: str, body: Html) -> bytes:
         who = "operator" if session.operator else f"tenant {session.tenant}"
+        # Taken (read and cleared at once) only when there is one: most pages cost
+        # no second round trip.
+        flash = None
+        if session.flash is not None:
+            flash = await self._stored(self.sessions.take_flash(session.id))
         page = render(
             "layout.html", title=title, body=body, csrf=session.csrf,
-            who=f"{session.credential} ({who})", flash=pages.flash(session.take_flash()),
+            who=f"{session.credential} ({who})", flash=pages.flash(flash),
         )
         return page.encode("utf-8")
 
@@ -322,9 +355,11 @@ class Dashboard:
             return await self.login_form(
                 request, "This key has no admin scope: the dashboard needs an admin key."
             )
-        session = self.sessions.create(
-            credential.name, credential.secret_hash, credential.tenant, principal.operator
-        )
+        session = self.rules.new(credential.name, credential.secret_hash, credential.tenant,
+                                 principal.operator, self.clock.seconds())
+        # The cookie is set only once the stores hold the session: a failure here is
+        # the 503 page and no login.
+        await self._stored(self.sessions.create(session))
         request.addCookie(
             COOKIE.encode(), session.id.encode(), path=b"/", httpOnly=True,
             secure=request.isSecure(), sameSite="strict",
@@ -336,7 +371,7 @@ class Dashboard:
         return _redirect(request, "/")
 
     async def logout(self, request: Any, session: Session) -> Redirect:
-        self.sessions.end(session.id)
+        await self._stored(self.sessions.end(session.id))
         request.addCookie(COOKIE.encode(), b"", path=b"/", httpOnly=True,
                           secure=request.isSecure(), sameSite="strict", max_age=b"0")
         return Redirect("/login")
@@ -439,14 +474,14 @@ class Dashboard:
     async def retry(self, request: Any, session: Session, queue_id: str) -> Redirect:
         await self._queued(queue_id, session)
         count = await self.spool.retry(queue_id, self.clock.seconds())
-        session.flash = f"{count} recipient(s) of {queue_id} are due now."
+        await self._flash(session, f"{count} recipient(s) of {queue_id} are due now.")
         return Redirect(_message_path(queue_id))
 
     async def delete(self, request: Any, session: Session, queue_id: str) -> Redirect:
         await self._queued(queue_id, session)
         deleted = await self.spool.delete(queue_id)
-        session.flash = (f"{queue_id} was deleted from the queue." if deleted
-                         else f"{queue_id} had already left the queue.")
+        await self._flash(session, f"{queue_id} was deleted from the queue." if deleted
+                          else f"{queue_id} had already left the queue.")
         log.info("dashboard: {name} deleted {queue_id}", name=session.credential,
                  queue_id=queue_id)
         return Redirect("/")
@@ -464,8 +499,8 @@ class Dashboard:
         if not _sees(session, tenant):
             raise forbidden("You see only your own tenant.")
         removed = await self.suppressions.remove(tenant, address)
-        session.flash = (f"{address} is no longer suppressed for {tenant}." if removed
-                         else f"{address} was not suppressed for {tenant}.")
+        await self._flash(session, f"{address} is no longer suppressed for {tenant}."
+                          if removed else f"{address} was not suppressed for {tenant}.")
         return Redirect("/suppressions")
 
     async def suspend(self, request: Any, session: Session) -> Redirect:
@@ -478,14 +513,16 @@ class Dashboard:
         control.suspend(site, self.clock.seconds() + int(seconds))
         log.info("dashboard: {name} suspended {site} for {seconds} s",
                  name=session.credential, site=site, seconds=seconds)
-        session.flash = f"{site} is suspended: its mail is deferred until it is resumed."
+        await self._flash(session,
+                          f"{site} is suspended: its mail is deferred until it is resumed.")
         return Redirect("/")
 
     async def resume(self, request: Any, session: Session) -> Redirect:
         control = self._control(session)
         site = _arg(request, "site") or ""
         resumed = control.resume(site)
-        session.flash = f"{site} is resumed." if resumed else f"{site} was not suspended."
+        await self._flash(session,
+                          f"{site} is resumed." if resumed else f"{site} was not suspended.")
         return Redirect("/")
 
     def _control(self, session: Session) -> IDestinationControl:

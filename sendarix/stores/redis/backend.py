@@ -19,6 +19,7 @@ from sendarix.config.settings import Config, EgressSourceConfig, PoolConfig
 from sendarix.interfaces import IBackend, IEgressSelector, IFailoverStrategy, IThrottle
 from sendarix.stores.redis.connection import RedisClient, connect
 from sendarix.stores.redis.credentials import RedisCredentialStore
+from sendarix.stores.redis.dashboard import RedisDashboardSessions
 from sendarix.stores.redis.domains import RedisDomainStore
 from sendarix.stores.redis.endpoints import SharedEndpointPool
 from sendarix.stores.redis.eventlog import RedisEventLog
@@ -56,6 +57,7 @@ class RedisBackend:
     stats: RedisStatsStore
     holds: RedisTenantHolds
     site_suspensions: RedisSiteSuspensions
+    dashboard_sessions: RedisDashboardSessions
     outbox: RedisWebhookOutbox
     webhook_endpoints: RedisWebhookEndpointStore
     # ResponseError: Redis answered, but refused (a wrong password, a read-only replica).
@@ -93,6 +95,7 @@ class RedisBackend:
             stats=RedisStatsStore(redis, PREFIX, retention=config.events.retention),
             holds=RedisTenantHolds(redis, PREFIX),
             site_suspensions=RedisSiteSuspensions(redis, PREFIX),
+            dashboard_sessions=RedisDashboardSessions(redis, PREFIX),
             outbox=RedisWebhookOutbox(redis, PREFIX, reactor),
             webhook_endpoints=RedisWebhookEndpointStore(redis, PREFIX),
         )

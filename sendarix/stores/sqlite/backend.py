@@ -27,6 +27,7 @@ from sendarix.routing.throttle import MemoryThrottle
 from sendarix.stores.errors import StoreUnavailable
 from sendarix.stores.spool import open_spool
 from sendarix.stores.sqlite.credentials import SQLiteCredentialStore
+from sendarix.stores.sqlite.dashboard import SQLiteDashboardSessions
 from sendarix.stores.sqlite.database import SQLiteDatabase
 from sendarix.stores.sqlite.domains import SQLiteDomainStore
 from sendarix.stores.sqlite.eventlog import SQLiteEventLog
@@ -57,6 +58,7 @@ class SQLiteBackend:
     stats: SQLiteStatsStore
     holds: SQLiteTenantHolds
     site_suspensions: SQLiteSiteSuspensions
+    dashboard_sessions: SQLiteDashboardSessions
     outbox: SQLiteWebhookOutbox
     webhook_endpoints: SQLiteWebhookEndpointStore
     #: This process's part of every limit it counts itself: 1/N in one of N worker
@@ -88,6 +90,7 @@ class SQLiteBackend:
             stats=SQLiteStatsStore(db),
             holds=SQLiteTenantHolds(db),
             site_suspensions=SQLiteSiteSuspensions(db),
+            dashboard_sessions=SQLiteDashboardSessions(db),
             outbox=SQLiteWebhookOutbox(db),
             webhook_endpoints=SQLiteWebhookEndpointStore(db),
             share=1.0 / (config.node.workers or 1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from attrs import evolve
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -16,7 +17,7 @@ from sendarix.control.dashboard.figures import (
 )
 from sendarix.control.dashboard.markup import Html, escape, html, join, table
 from sendarix.control.dashboard.pages import sites_section
-from sendarix.control.dashboard.sessions import SessionStore, same_token
+from sendarix.model.dashboard import SessionRules, same_token, session_key
 from sendarix.model.event import Event
 from sendarix.model.message import (
     Envelope,
@@ -117,33 +118,44 @@ class FigureTests(SynchronousTestCase):
         self.assertIn("status-open", out)
 
 
-class SessionTests(SynchronousTestCase):
+class SessionRuleTests(SynchronousTestCase):
+    """When a session ends, decided without a store (time from a Clock)."""
+
     def test_idle_and_lifetime(self) -> None:
         clock = Clock()
-        store = SessionStore(clock, idle=10.0, lifetime=25.0)
-        s = store.create("ops", "h", "*", True)
+        rules = SessionRules(idle=10.0, lifetime=25.0)
+        s = rules.new("ops", "h", "*", True, clock.seconds())
         self.assertGreaterEqual(len(s.id), 40)
         self.assertNotEqual(s.id, s.csrf)
+        self.assertEqual(rules.ends(s), 10.0)
         clock.advance(9)
-        self.assertIs(store.get(s.id), s)
+        self.assertTrue(rules.live(s, clock.seconds()))
+        s = evolve(s, seen=clock.seconds())  # a request: the idle time starts again
         clock.advance(9)
-        self.assertIs(store.get(s.id), s)  # each request starts the idle time again
+        self.assertTrue(rules.live(s, clock.seconds()))
+        self.assertEqual(rules.left(s, clock.seconds()), 1.0)
         clock.advance(11)
-        self.assertIsNone(store.get(s.id))
-        t = store.create("ops", "h", "*", True)
-        for _ in range(3):
+        self.assertFalse(rules.live(s, clock.seconds()))
+        self.assertEqual(rules.left(s, clock.seconds()), 0.0)
+        t = rules.new("ops", "h", "*", True, clock.seconds())
+        for _ in range(2):
             clock.advance(9)
-            store.get(t.id)
-        self.assertIsNone(store.get(t.id))  # past its lifetime
-        self.assertIsNone(store.get(None))
+            t = evolve(t, seen=clock.seconds())
+        # The lifetime caps what is left, however recent the last request.
+        self.assertEqual(rules.left(t, clock.seconds()), 7.0)
+        clock.advance(9)
+        self.assertFalse(rules.live(t, clock.seconds()))  # past its lifetime
 
-    def test_limit_and_tokens(self) -> None:
-        store = SessionStore(Clock(), limit=2)
-        a = store.create("a", "h", "t", False)
-        store.create("b", "h", "t", False)
-        store.create("c", "h", "t", False)
-        self.assertEqual(len(store), 2)
-        self.assertIsNone(store.get(a.id))
+    def test_stored_key_and_tokens(self) -> None:
+        """The stores' key is a SHA-256 of the id, not the id; tokens compare in
+        constant time."""
+        s = SessionRules().new("a", "h", "t", False, 0.0)
+        key = session_key(s.id)
+        self.assertEqual(len(key), 64)
+        self.assertNotIn(s.id, key)
+        self.assertEqual(key, session_key(s.id))
+        self.assertNotEqual(key, session_key(s.id + "x"))
+        self.assertNotEqual(s.id, SessionRules().new("a", "h", "t", False, 0.0).id)
         self.assertTrue(same_token("x", "x"))
         self.assertFalse(same_token(None, "x"))
         self.assertFalse(same_token("y", "x"))
