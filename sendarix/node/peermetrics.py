@@ -31,7 +31,7 @@ from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
@@ -109,7 +109,7 @@ class _Reader(Int32StringReceiver):
             self.done.errback(ValueError(f"an exposition of {length} bytes is too long"))
         self._abort()
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: N802, B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         if not self.done.called:
             self.done.errback(reason)
 
@@ -120,6 +120,8 @@ def fetch_exposition(reactor: Any, path: str, timeout: float = PEER_TIMEOUT) -> 
 
     async def fetch() -> bytes:
         reader = _Reader()
+        # Connecting to a local socket succeeds or fails at once; the timeout below
+        # bounds the whole exchange.
         endpoint = endpoints.UNIXClientEndpoint(reactor, path, timeout=max(1, int(timeout)))
         await endpoints.connectProtocol(endpoint, reader)
         return await reader.done

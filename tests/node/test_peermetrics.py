@@ -104,7 +104,6 @@ class PeerMetricsTests(TestCase):
         self.assertEqual(got["sendarix_messages_accepted_total"], 7.0)
         self.assertEqual(got["sendarix_workers"], 3.0)
         self.assertEqual(got["sendarix_workers_scraped"], 2.0)
-        self.flushLoggedErrors()
 
     async def test_the_resource_serves_the_gathered_exposition(self) -> None:
         metrics = Metrics(node="box-w1")
