@@ -106,6 +106,38 @@ class ListenSharedTests(TestCase):
         self.assertEqual(pool.count, 3)
         self.assertEqual(pool.command(1)[-4:], ["--workers", "3", "--worker", "1"])
 
+    def test_a_worker_serves_its_peers(self) -> None:
+        """``--peers DIR``: worker 2 of 3 serves its metrics on DIR/w2.sock and its
+        /metrics answers for the node "box"; without it (or with the API off), a
+        worker serves its own figures only, as a single process does."""
+        from sendarix.node.peermetrics import ExpositionServer, NodeMetrics, WorkerPeers
+        from sendarix.node.service import NodeService
+        from sendarix.node.tap import Options, makeService
+
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        config = os.path.join(folder, "sendarix.toml")
+        with open(config, "w") as f:
+            f.write('[node]\nname = "box"\n[spool]\nurl = "sqlite:spool.db"\n'
+                    '[events]\njson_log = false\n')
+        options = Options()
+        options.parseOptions(["--config", config, "--workers", "3", "--peers", "/run/x",
+                              "--worker", "2"])
+        node = makeService(options)
+        assert isinstance(node, NodeService)
+        server = node.getServiceNamed("worker-metrics")
+        assert isinstance(server, ExpositionServer)
+        self.assertEqual(server.path, "/run/x/w2.sock")
+        assert node.metrics_resource is not None
+        owner = getattr(node.metrics_resource.gather, "__self__", None)
+        assert isinstance(owner, NodeMetrics)
+        self.assertEqual(owner.peers, WorkerPeers("/run/x", 2, 3, "box"))
+        options = Options()
+        options.parseOptions(["--config", config, "--workers", "3", "--worker", "2"])
+        node = makeService(options)
+        assert isinstance(node, NodeService) and node.metrics_resource is not None
+        self.assertIsNone(node.metrics_resource.gather)
+
     def test_worker_names(self) -> None:
         """Worker I of node N is named N-wI."""
         self.assertEqual(worker_name("mx1", 3), "mx1-w3")
