@@ -3,8 +3,11 @@ sampled from the spool, HTTP requests counted by the API, and what the delivery 
 knows about sites, smarthost endpoints and egress sources read when scraped.
 
 Each :class:`Metrics` owns its registry (never prometheus-client's global one), so
-several nodes in one process (tests, embedding applications) keep apart; with several
-worker processes or nodes, each exposes its own and Prometheus adds them up.
+several nodes in one process (tests, embedding applications) keep apart.  The worker
+processes of one node each count their own, and the one answering a scrape merges
+them all (:mod:`sendarix.events.metricsmerge`): each gauge family has its rule for
+that in :data:`GAUGE_RULES`.  Several nodes each expose their own, and Prometheus
+adds them up.
 
 Label values are bounded, so no client and no recipient can grow a scrape without
 limit:
@@ -38,6 +41,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from sendarix.events.metricsmerge import GaugeRule
 from sendarix.ingress.queueid import is_queue_id, queue_id_time
 from sendarix.interfaces import IDeliveryObserver, IEventSink, ISpool
 from sendarix.model.event import Event
@@ -75,6 +79,33 @@ LATENCY_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600
 
 #: Upper bounds (seconds) of the throttle wait histogram.
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+#: How the readings of each gauge family of the worker processes of one node make
+#: the node's (see :class:`~sendarix.events.metricsmerge.GaugeRule`).  A new gauge
+#: family gets its rule here; one without a rule is added up.
+GAUGE_RULES: Mapping[str, GaugeRule] = {
+    # Sampled from the spool every worker shares: the same reading, a few seconds apart.
+    "sendarix_queue_recipients": GaugeRule.MAX,
+    "sendarix_queue_messages": GaugeRule.MAX,
+    "sendarix_queue_oldest_age_seconds": GaugeRule.MAX,
+    # Every worker's guard reads the same shared statistics and holds.
+    "sendarix_tenant_held": GaugeRule.MAX,
+    "sendarix_tenant_provider_held": GaugeRule.MAX,
+    # 1 when any worker has the site paused, or sees the endpoint in that state.
+    "sendarix_site_suspended": GaugeRule.MAX,
+    "sendarix_pool_endpoint_state": GaugeRule.MAX,
+    # Connections a worker has open and deliveries it queued are its own.
+    "sendarix_site_connections": GaugeRule.SUM,
+    "sendarix_site_ready": GaugeRule.SUM,
+    # The site's adaptive window and rate, and a source's configured warmup cap, are
+    # the site's whole figures in every worker (the throttle applies each worker's
+    # part), so adding them up would show N times the site's limit.
+    "sendarix_site_window": GaugeRule.MAX,
+    "sendarix_site_rate_per_second": GaugeRule.MAX,
+    "sendarix_egress_warmup_cap": GaugeRule.MAX,
+    # Each worker's own sends on SQLite; the cluster's count, read by each, on Redis.
+    "sendarix_egress_sent_today": GaugeRule.PARTS,
+}
 
 #: A callable returning what the delivery agent knows about sites, pools and egress
 #: sources (``DeliveryService.routing_state``: the routing state file's content).

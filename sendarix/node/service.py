@@ -87,6 +87,8 @@ class NodeService(MultiService):
     webhook_directory: WebhookDirectory
     #: This process's Prometheus metrics.
     metrics: Metrics
+    #: ``/metrics`` of the HTTP API (None when ``[api] enabled = false``).
+    metrics_resource: MetricsResource | None = None
     #: The complaint-rate guard (holds tenants' mail).
     guard: ComplaintGuard
     #: Install a SIGHUP handler that reloads the TLS certificate (twistd does).
@@ -530,8 +532,9 @@ def makeService(
     stores_service.on_open.append(sampler.start)
     stores_service.on_stop.append(sampler.stop)
     if config.api.enabled:
+        top.metrics_resource = MetricsResource(metrics)
         extras = {
-            "metrics": MetricsResource(metrics),
+            "metrics": top.metrics_resource,
             "healthz": HealthResource(),
             "readyz": ReadyResource(lambda: Deferred.fromCoroutine(readiness(top))),
         }

@@ -30,6 +30,8 @@ class Options(usage.Options):
         ["workers", "w", None, "run N worker processes sharing the listeners' ports, "
          "or auto: one per usable CPU (default: [node] workers)", _worker_count],
         ["worker", None, None, "(set by the parent process) run as worker number N", int],
+        ["peers", None, None, "(set by the parent process) the directory where the "
+         "workers serve their metrics to each other"],
     ]
 
     def postOptions(self) -> None:
@@ -54,6 +56,7 @@ def makeService(options: Options) -> IService:
     # Not set anywhere: one worker per usable CPU (one CPU: a single process).
     workers = options["workers"] or config.node.workers or min(256, usable_cpus())
     index = options["worker"]
+    base_name = config.node.name
     if index is not None:
         # A worker: its own stable node name; listeners shared with SO_REUSEPORT.
         node = evolve(config.node, name=worker_name(config.node.name, index),
@@ -88,6 +91,12 @@ def makeService(options: Options) -> IService:
             from twisted.internet import reactor as running
 
             ParentWatch(running, running.stop).setServiceParent(node)
+            if options["peers"] and config.api.enabled:
+                from sendarix.node.peermetrics import WorkerPeers, serve_worker_metrics
+
+                # /metrics answers for the whole node, whichever worker it reaches.
+                peers = WorkerPeers(options["peers"], index, config.node.workers, base_name)
+                serve_worker_metrics(node, peers, running)
         return node
     except ConfigError as e:
         sys.stderr.write(f"configuration error: {e}\n")

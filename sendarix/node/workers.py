@@ -14,6 +14,11 @@ its own socket to the same address, and the kernel spreads incoming connections
 across them (:func:`listen_shared`; Twisted's ``listenTCP`` cannot set the option, so
 the socket is made here and handed to ``reactor.adoptStreamPort``).
 
+The supervisor also makes a private directory (mode 0700, removed when it stops) and
+gives it to every worker (``--peers DIR``): each serves its own metrics there on a
+UNIX socket, and the one a scrape reaches answers for the node
+(:mod:`sendarix.node.peermetrics`).
+
 A worker whose parent is gone (killed with SIGKILL, so it could not stop its
 children) stops itself, as gracefully as on SIGTERM (:class:`ParentWatch`): a
 supervisor started again must not find the old workers still holding the port.
@@ -22,9 +27,11 @@ supervisor started again must not find the old workers still holding the port.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -194,6 +201,8 @@ class WorkerPool(Service):
         self.children: dict[int, _Child] = {}
         self.pids: dict[int, int] = {}
         self._delays: dict[int, float] = {}
+        #: The workers' private directory (their metrics sockets) while running.
+        self.peers: str | None = None
 
     def command(self, index: int) -> list[str]:
         """The command line of worker ``index``.  Workers log to the supervisor's
@@ -203,8 +212,9 @@ class WorkerPool(Service):
         if self.log_file:
             root, ext = os.path.splitext(self.log_file)
             logging = [f"--logfile={root}-w{index}{ext}"]
+        peers = ["--peers", self.peers] if self.peers else []
         return [
-            *TWISTD, "-n", "--pidfile=", *logging, "sendarix", *self.arguments,
+            *TWISTD, "-n", "--pidfile=", *logging, "sendarix", *self.arguments, *peers,
             "--worker", str(index),
         ]
 
@@ -213,6 +223,8 @@ class WorkerPool(Service):
 
     def startService(self) -> None:
         super().startService()
+        # Made 0700 by mkdtemp: only this user may read the workers' metrics.
+        self.peers = tempfile.mkdtemp(prefix="sendarix-workers-")
         for index in range(1, self.count + 1):
             self._spawn(index)
         if self.forward_sighup:
@@ -256,15 +268,22 @@ class WorkerPool(Service):
         for child in children:
             self._signal(child, signal.SIGTERM)
         if not children:
+            self._remove_peers()
             return succeed(None)
         killer = self.reactor.callLater(self.grace, self._kill_all, children)
 
         def done(result: Any) -> Any:
             if killer.active():
                 killer.cancel()
+            self._remove_peers()
             return result
 
         return DeferredList([c.ended for c in children]).addBoth(done)
+
+    def _remove_peers(self) -> None:
+        if self.peers is not None:
+            shutil.rmtree(self.peers, ignore_errors=True)
+            self.peers = None
 
     def _kill_all(self, children: list[_Child]) -> None:
         for child in children:

@@ -8,10 +8,14 @@ import os
 import re
 import signal
 import smtplib
+import socket
+import struct
 import subprocess
 import sys
 import time
+import urllib.request
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -55,6 +59,9 @@ class ListenSharedTests(TestCase):
         self.assertFalse([a for a in command if a.startswith("--logfile")])
         pool.log_file = "/var/log/sendarix.log"
         self.assertIn("--logfile=/var/log/sendarix-w2.log", pool.command(2))
+        pool.peers = "/tmp/sendarix-workers-x"
+        self.assertEqual(pool.command(2)[-4:],
+                         ["--peers", "/tmp/sendarix-workers-x", "--worker", "2"])
 
     def test_twistd_log_file(self) -> None:
         """The --logfile given to twistd (not to the plugin) is found in argv."""
@@ -117,6 +124,38 @@ class ListenSharedTests(TestCase):
         self.assertEqual(pool.count, 3)
         self.assertEqual(pool.command(1)[-4:], ["--workers", "3", "--worker", "1"])
 
+    def test_a_worker_serves_its_peers(self) -> None:
+        """``--peers DIR``: worker 2 of 3 serves its metrics on DIR/w2.sock and its
+        /metrics answers for the node "box"; without it (or with the API off), a
+        worker serves its own figures only, as a single process does."""
+        from sendarix.node.peermetrics import ExpositionServer, NodeMetrics, WorkerPeers
+        from sendarix.node.service import NodeService
+        from sendarix.node.tap import Options, makeService
+
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        config = os.path.join(folder, "sendarix.toml")
+        with open(config, "w") as f:
+            f.write('[node]\nname = "box"\n[spool]\nurl = "sqlite:spool.db"\n'
+                    '[events]\njson_log = false\n')
+        options = Options()
+        options.parseOptions(["--config", config, "--workers", "3", "--peers", "/run/x",
+                              "--worker", "2"])
+        node = makeService(options)
+        assert isinstance(node, NodeService)
+        server = node.getServiceNamed("worker-metrics")
+        assert isinstance(server, ExpositionServer)
+        self.assertEqual(server.path, "/run/x/w2.sock")
+        assert node.metrics_resource is not None
+        owner = getattr(node.metrics_resource.gather, "__self__", None)
+        assert isinstance(owner, NodeMetrics)
+        self.assertEqual(owner.peers, WorkerPeers("/run/x", 2, 3, "box"))
+        options = Options()
+        options.parseOptions(["--config", config, "--workers", "3", "--worker", "2"])
+        node = makeService(options)
+        assert isinstance(node, NodeService) and node.metrics_resource is not None
+        self.assertIsNone(node.metrics_resource.gather)
+
     def test_worker_names(self) -> None:
         """Worker I of node N is named N-wI."""
         self.assertEqual(worker_name("mx1", 3), "mx1-w3")
@@ -163,13 +202,41 @@ def _send_sessions(port: int, count: int) -> list[int]:
     return codes
 
 
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """One scrape of /metrics on a new connection (the kernel picks the worker)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _raw(path: str) -> float:
+    """Messages accepted by one worker, read from its own socket (length-prefixed)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(path)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    (length,) = struct.unpack("!I", data[:4])
+    assert length == len(data) - 4
+    return sum(
+        s.value for family in text_string_to_metric_families(data[4:].decode())
+        for s in family.samples if s.name == "sendarix_messages_accepted_total"
+    )
+
+
 class WorkerProcessTests(TestCase):
     """``twistd -n sendarix --workers 2``, as an operator runs it."""
 
     timeout = 90
 
-    def configure(self, spool_url: str) -> tuple[str, str, int]:
-        """A folder, the configuration of node "box" in it, and its SMTP port."""
+    def configure(self, spool_url: str, api_port: int = 0) -> tuple[str, str, int]:
+        """A folder, the configuration of node "box" in it, and its SMTP port (the API
+        on ``api_port``, by default a port each worker picks)."""
         folder = os.path.abspath(self.mktemp())
         os.makedirs(folder)
         port = free_port()
@@ -179,7 +246,7 @@ class WorkerProcessTests(TestCase):
                 '[node]\nname = "box"\nhostname = "box.test"\n'
                 f'[spool]\nurl = "{spool_url}"\n'
                 "[events]\njson_log = false\n"
-                '[api]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+                f'[api]\nendpoint = "tcp:{api_port}:interface=127.0.0.1"\n'
                 '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 0.5\n'
                 '[[listener]]\nname = "relay"\n'
                 f'endpoint = "tcp:{port}:interface=127.0.0.1"\n'
@@ -253,6 +320,57 @@ class WorkerProcessTests(TestCase):
         redis_port, stop = start_redis(os.path.abspath(self.mktemp()))
         self.addCleanup(stop)
         self.run_workers(f"redis://127.0.0.1:{redis_port}/0")
+
+    def test_one_scrape_for_the_node(self) -> None:
+        """Every scrape shows the node's totals, whichever worker answers it; the
+        workers' private directory is 0700 and goes when the supervisor stops; a
+        dead worker is left out of a scrape, which still answers."""
+        api_port = free_port()
+        folder, config, port = self.configure("sqlite:var/spool.db", api_port)
+        parent, log_path, children = start_workers(self, folder, config, port)
+        deadline = time.monotonic() + 20
+        while not all(listens(pid, api_port) for pid in children):
+            self.assertLess(time.monotonic(), deadline, "the API port is not shared")
+            time.sleep(0.1)
+        with open(f"/proc/{children[0]}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        peers = argv[argv.index(b"--peers") + 1].decode()
+        self.assertEqual(os.stat(peers).st_mode & 0o777, 0o700)
+
+        self.assertEqual(_send_sessions(port, 12), [250] * 12)
+        accepted = ("sendarix_messages_accepted_total", (("tenant", "default"),))
+        received = ("sendarix_messages_received_total",
+                    (("listener", "relay"), ("tenant", "default")))
+        seen: list[float] = []
+        for _ in range(10):
+            got = _scrape(api_port)
+            seen.append(got.get(accepted, 0.0))
+            self.assertEqual(got[("sendarix_workers", ())], 2.0)
+            self.assertEqual(got[("sendarix_workers_scraped", ())], 2.0)
+            build = [dict(labels)["node"] for name, labels in got
+                     if name == "sendarix_build_info"]
+            self.assertEqual(build, ["box"])
+        # Each 250 came after the message's accepted event: every scrape has them all.
+        self.assertEqual(seen, [12.0] * 10)
+        self.assertEqual(got[received], 12.0)
+        # ... which are what the two workers counted, each its own part.
+        parts = [_raw(os.path.join(peers, f"w{i}.sock")) for i in (1, 2)]
+        self.assertEqual(sum(parts), 12.0)
+
+        # Worker 2 killed: until it is started again, worker 1 answers alone, and
+        # says it holds one worker of two.
+        os.kill(children[1], signal.SIGKILL)
+        while _alive(children[1]):
+            time.sleep(0.01)
+        got = _scrape(api_port)
+        self.assertEqual(got[("sendarix_workers_scraped", ())], 1.0)
+        self.assertEqual(got[accepted], parts[0])
+
+        parent.send_signal(signal.SIGTERM)
+        self.assertIn(parent.wait(timeout=45), (0, -signal.SIGTERM))
+        self.assertFalse(os.path.exists(peers))
+        with open(log_path, "rb") as f:
+            self.assertIn(b"worker 2 did not answer", f.read())
 
 
 def _alive(pid: int) -> bool:

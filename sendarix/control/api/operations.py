@@ -1,6 +1,7 @@
 """The operations endpoints, without an API key: ``/metrics`` (Prometheus text,
-rendered on the reactor thread, where the metrics are updated), ``/healthz`` (the
-process serves) and ``/readyz`` (the stores answer and the listeners listen).
+rendered on the reactor thread, where the metrics are updated; a worker process
+answers for its whole node), ``/healthz`` (the process serves) and ``/readyz`` (the
+stores answer and the listeners listen).
 
 Bind the API to an internal address: these three answer anyone who can connect.
 """
@@ -12,27 +13,48 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from sendarix.control.api.errors import json_bytes
 from sendarix.events.metrics import Metrics
 
+log = Logger()
+
 
 class MetricsResource(Resource):
-    """``GET /metrics``: the process's metrics in the Prometheus text format."""
+    """``GET /metrics``: the process's metrics in the Prometheus text format, or with
+    ``gather`` set (a worker of several), what it fires with: the whole node's."""
 
     isLeaf = True
 
     def __init__(self, metrics: Metrics) -> None:
         super().__init__()
         self.metrics = metrics
+        #: Renders the exposition to serve instead of this process's registry alone
+        #: (it must never fail; see sendarix.node.peermetrics).
+        self.gather: Callable[[], Deferred[bytes]] | None = None
 
-    def render_GET(self, request: Any) -> bytes:  # noqa: N802 - twisted.web's name
+    def render_GET(self, request: Any) -> Any:  # noqa: N802 - twisted.web's name
         # prometheus-client's own Twisted resource renders in a thread pool; the
         # counters change on the reactor thread, so render here, in one go.
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self.metrics.registry)
+        if self.gather is None:
+            return generate_latest(self.metrics.registry)
+
+        def answer(body: bytes) -> None:
+            if getattr(request, "_disconnected", False):
+                return  # the scraper gave up meanwhile
+            request.write(body)
+            request.finish()
+
+        def failed(failure: Any) -> None:
+            log.failure("the node's metrics could not be gathered", failure)
+            answer(generate_latest(self.metrics.registry))
+
+        self.gather().addCallbacks(answer, failed)
+        return NOT_DONE_YET
 
 
 class HealthResource(Resource):
