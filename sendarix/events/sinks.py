@@ -29,16 +29,15 @@ class JSONLogSink:
     With ``twist``'s JSON log output every event becomes one machine-readable line.
     """
 
-    log_format = (
-        "event {sendarix_event[type]} queue_id={sendarix_event[queue_id]}"
-        " recipient={sendarix_event[recipient]}"
-    )
-
     _log: Logger = field(factory=lambda: Logger(namespace="sendarix.events"), alias="logger")
 
     def emit(self, event: Event) -> None:
-        """Log one event."""
-        self._log.info(self.log_format, sendarix_event=event.to_json())
+        """Log one event: ``event TYPE queue_id=Q recipient=R``."""
+        line = f"event {event.type} queue_id={event.queue_id} recipient={event.recipient}"
+        # The line is written out here, its braces escaped, so the log's text output
+        # finds no fields to look up: half the cost of a nested format per event.
+        self._log.info(line.replace("{", "{{").replace("}", "}}"),
+                       sendarix_event=event.to_json())
 
 
 def _nothing(_: object) -> None:

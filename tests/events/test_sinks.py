@@ -10,6 +10,7 @@ import threading
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
+import attrs
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor as _reactor
@@ -220,6 +221,14 @@ class JSONLogSinkTests(SynchronousTestCase):
         )
         # twist's JSON output keeps it intact.
         self.assertEqual(json.loads(eventAsJSON(logged))["sendarix_event"], event.to_json())
+
+    def test_braces_are_text(self) -> None:
+        """An address with braces is written as it is, not read as a field."""
+        seen: list[dict[str, Any]] = []
+        event = attrs.evolve(full_event(), recipient="{odd}}@example.org")
+        JSONLogSink(Logger(observer=cast(ILogObserver, seen.append))).emit(event)
+        self.assertEqual(formatEvent(seen[0]),
+                         "event bounced queue_id=Q123 recipient={odd}}@example.org")
 
     def test_given_logger(self) -> None:
         """A given Logger is used."""
