@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sqlite3
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ from sendarix.control.cli.main import main
 from sendarix.interfaces import ISuppressionStore
 from sendarix.model.suppression import Suppression, normalize_address
 from sendarix.stores.backends import open_stores
+from sendarix.stores.errors import StoreUnavailable
 from sendarix.stores.redis.suppression import RedisSuppressionStore
 from sendarix.stores.sqlite.database import SQLiteDatabase
 from sendarix.stores.sqlite.suppression import SQLiteSuppressionStore
@@ -156,6 +158,29 @@ class SQLiteSuppressionStoreTests(SuppressionStoreContractMixin, TestCase):
         self.store = SQLiteSuppressionStore(self.db)
         self.addCleanup(self.db.close)
         return self.db.open()
+
+
+    async def test_lookup_does_not_wait_for_a_writer(self) -> None:
+        """The RCPT check reads on its own connection: while another process holds
+        the write lock (and this database's writes wait for it), it still answers."""
+        await self.store.add("t", "held@example.com", "bounce", "api", T0)
+        other = sqlite3.connect(self.db.path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")  # another worker in a long transaction
+        write = self.store.add("t", "later@example.com", "bounce", "api", T0)
+        found = await self.store.is_suppressed("t", "HELD@example.com")
+        self.assertIsNotNone(found)
+        self.assertFalse(write.called)  # the write still waits for the lock
+        other.execute("COMMIT")
+        self.assertTrue(await write)
+        self.assertIsNotNone(await self.store.is_suppressed("t", "later@example.com"))
+
+    async def test_lookup_after_close_is_refused(self) -> None:
+        """A lookup after the database closed fails as an unavailable store."""
+        await self.store.is_suppressed("t", "x@example.com")  # the reader runs
+        await self.db.close()
+        with self.assertRaises(StoreUnavailable):
+            await self.store.is_suppressed("t", "x@example.com")
 
 
 class RedisSuppressionStoreTests(SuppressionStoreContractMixin, TestCase):

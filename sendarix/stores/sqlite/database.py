@@ -5,6 +5,12 @@ while a transaction is in progress are committed together: many concurrent SMTP
 sessions share one fsync, and each job's Deferred fires only after the COMMIT that
 made its writes durable.  Each job runs inside a SAVEPOINT so one failing job does
 not undo the others in its batch.
+
+Reads a session waits on (``read(fn)``: the recipient's suppression check) run on a
+second thread with its own read-only connection.  In WAL mode a reader never waits
+for a writer, so the check no longer queues behind commits and their fsyncs (nor
+behind another worker process's write lock).  It sees what was committed when it
+runs, as a read from another node would.
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ class SQLiteDatabase:
         # Why the opening failed, for every later open() (None: it did not fail).
         self._open_failure: Failure | None = None
         self._closed = False
+        self._reads: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._reader: threading.Thread | None = None
 
     def add_schema(self, sql: str) -> None:
         """Register DDL (``CREATE ... IF NOT EXISTS``) to run when the database opens
@@ -137,9 +145,31 @@ class SQLiteDatabase:
         self._jobs.put((fn, d, background))
         return d
 
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
+        """Run ``fn(connection)``, which only reads, on the reader thread.
+
+        The Deferred fires with ``fn``'s result, or fails with its exception.  ``fn``
+        sees the data committed when it starts (one read transaction), so a write
+        still queued on the database thread is not seen yet.
+        """
+        d: Deferred[T] = Deferred()
+        if self._closed or self._opened is None or not self._opened.called:
+            # Not open (or failed to): the write thread answers, or refuses, as usual.
+            return self.run(fn)
+        if self._reader is None:
+            self._reader = threading.Thread(
+                target=self._read_main, name=f"sqlite-read:{os.path.basename(self.path)}",
+                daemon=True,
+            )
+            self._reader.start()
+        self._reads.put((fn, d))
+        return d
+
     def close(self) -> Deferred[None]:
         """Finish queued jobs, then close the connection and stop the thread."""
         d: Deferred[None] = Deferred()
+        if self._reader is not None:
+            self._reads.put((_STOP, None))
         if self._thread is None or self._closed or not self._thread.is_alive():
             self._closed = True
             d.callback(None)
@@ -147,6 +177,61 @@ class SQLiteDatabase:
         self._closed = True
         self._jobs.put((_STOP, d, False))
         return d
+
+    # -- the reader thread ------------------------------------------------------
+
+    @staticmethod
+    def _read_batch(
+        conn: sqlite3.Connection, batch: list[tuple[Any, Deferred[Any]]]
+    ) -> list[tuple[Deferred[Any], bool, Any]]:
+        """(reader thread) Run ``batch`` in one read transaction: one snapshot."""
+        try:
+            conn.execute("BEGIN")
+        except sqlite3.Error as e:
+            failure = Failure(StoreUnavailable(f"read transaction: {e}"))
+            return [(d, False, failure) for _, d in batch]
+        results: list[tuple[Deferred[Any], bool, Any]] = []
+        try:
+            for fn, d in batch:
+                try:
+                    results.append((d, True, fn(conn)))
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    results.append((d, False, Failure(e)))
+        finally:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                log.failure("ending a read transaction failed")
+        return results
+
+    def _read_main(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            conn.execute("PRAGMA query_only = ON")
+        except BaseException as e:  # noqa: BLE001 - each read gets the failure
+            failure = Failure(StoreUnavailable(f"{self.path}: {e}"))
+            while True:
+                fn, d = self._reads.get()
+                if fn is _STOP:
+                    return
+                self._reactor.callFromThread(d.errback, failure)
+        try:
+            while True:
+                items = [self._reads.get()]
+                while len(items) < self.max_batch:
+                    try:
+                        items.append(self._reads.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = any(fn is _STOP for fn, _ in items)
+                results = self._read_batch(conn, [(fn, d) for fn, d in items if fn is not _STOP])
+                if results:
+                    self._reactor.callFromThread(_fire, results)
+                if stop:
+                    return
+        finally:
+            conn.close()
 
     # -- the database thread ----------------------------------------------------
 

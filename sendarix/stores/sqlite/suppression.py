@@ -88,7 +88,8 @@ class SQLiteSuppressionStore:
             ).fetchone()
             return _from_row(row) if row else None
 
-        return self._db.run(work)
+        # Asked at RCPT while the client waits: the reader, not behind the commits.
+        return self._db.read(work)
 
     def remove(self, tenant: str, address: str) -> Deferred[bool]:
         """Lift the suppression; True when there was one."""
