@@ -6,6 +6,7 @@ hard-kill test; nothing is mocked.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -218,6 +219,35 @@ class SQLiteSpoolStorageTests(TestCase):
         ))
         self.assertEqual(rows, [(1,), (2,)])
         self.assertEqual(timeout, 0)
+
+    async def test_writers_take_turns_on_the_lock_file(self) -> None:
+        """Two databases on one file (two worker processes) take the writer lock
+        file around each write transaction: while it is held elsewhere, a job waits;
+        it commits as soon as the holder lets go, and lets go itself after a job
+        that failed."""
+        db = SQLiteDatabase(self.path, reactor, schema="CREATE TABLE t (n INTEGER);")
+        await db.open()
+        self.addCleanup(db.close)
+        other = SQLiteDatabase(self.path, reactor)
+        await other.open()
+        self.addCleanup(other.close)
+
+        def boom(c: sqlite3.Connection) -> None:
+            c.execute("INSERT INTO t (n) VALUES (0)")
+            raise ValueError("bad job")
+
+        with self.assertRaises(ValueError):
+            await other.run(boom)  # rolled back, and the lock file is let go
+        held = os.open(self.path + "-writer.lock", os.O_RDWR)
+        self.addCleanup(os.close, held)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        job = db.run(lambda c: c.execute("INSERT INTO t (n) VALUES (1)").rowcount)
+        await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(job.called)
+        fcntl.flock(held, fcntl.LOCK_UN)
+        self.assertEqual(await job, 1)
+        self.assertEqual(await other.run(lambda c: c.execute("SELECT n FROM t").fetchall()),
+                         [(1,)])
 
     async def test_background_job_yields_to_the_mail_path(self) -> None:
         """A background job queued before a foreground one runs after it, in its own

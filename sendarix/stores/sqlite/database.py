@@ -15,6 +15,7 @@ runs, as a read from another node would.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import queue
 import sqlite3
@@ -72,6 +73,7 @@ class SQLiteDatabase:
         self._open_failure: Failure | None = None
         self._closed = False
         self._reads: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer_lock: int | None = None
         self._reader: threading.Thread | None = None
 
     def add_schema(self, sql: str) -> None:
@@ -258,6 +260,7 @@ class SQLiteDatabase:
             self._reactor.callFromThread(self._open_failed, f)
             self._drain_refused()
             return
+        self._writer_lock = _open_writer_lock(self.path)
         self._reactor.callFromThread(self._opened.callback, None)
         stoppers: list[Deferred[None]] = []
         held: list[Any] = []  # background jobs waiting for a quiet moment
@@ -299,6 +302,8 @@ class SQLiteDatabase:
             self._drain_refused()
         finally:
             conn.close()
+            if self._writer_lock is not None:
+                os.close(self._writer_lock)
             for d in stoppers:
                 self._reactor.callFromThread(d.callback, None)
 
@@ -314,10 +319,24 @@ class SQLiteDatabase:
                 self._reactor.callFromThread(d.errback, Failure(DatabaseClosed(self.path)))
 
     def _begin(self, conn: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE, waiting for another process's write lock in steps of
-        0.1–2 ms for up to ``busy_timeout_ms``.  SQLite's own busy handler sleeps 1,
-        2, 5, 10... ms, which, with several worker processes on one file, waits far
-        longer than the other writer's commit takes."""
+        """BEGIN IMMEDIATE, after taking the writer lock file (see
+        :func:`_open_writer_lock`).  A writer that does not take it (an older
+        release, a tool) is waited for in steps of 0.1–2 ms for up to
+        ``busy_timeout_ms``: SQLite's own busy handler sleeps 1, 2, 5, 10... ms, far
+        longer than another writer's commit takes."""
+        if self._writer_lock is not None:
+            fcntl.flock(self._writer_lock, fcntl.LOCK_EX)
+        try:
+            self._begin_immediate(conn)
+        except BaseException:
+            self._release_writer_lock()
+            raise
+
+    def _release_writer_lock(self) -> None:
+        if self._writer_lock is not None:
+            fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
+
+    def _begin_immediate(self, conn: sqlite3.Connection) -> None:
         delay = 0.0001
         deadline = time.monotonic() + self._busy_timeout_ms / 1000.0
         while True:
@@ -338,28 +357,49 @@ class SQLiteDatabase:
             failure = Failure(e)
             self._reactor.callFromThread(_fire, [(d, False, failure) for _, d in batch])
             return
-        for fn, d in batch:
-            conn.execute("SAVEPOINT job")
-            try:
-                value = fn(conn)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                conn.execute("ROLLBACK TO job")
-                conn.execute("RELEASE job")
-                results.append((d, False, Failure(e)))
-            else:
-                conn.execute("RELEASE job")
-                results.append((d, True, value))
         try:
-            conn.execute("COMMIT")
-        except BaseException as e:  # noqa: BLE001
-            failure = Failure(e)
+            for fn, d in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    value = fn(conn)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((d, False, Failure(e)))
+                else:
+                    conn.execute("RELEASE job")
+                    results.append((d, True, value))
             try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            results = [(d, False, failure) for d, _, _ in results]
+                conn.execute("COMMIT")
+            except BaseException as e:  # noqa: BLE001
+                failure = Failure(e)
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                results = [(d, False, failure) for d, _, _ in results]
+        finally:
+            # Whatever happened, the next writer must not wait for us.
+            self._release_writer_lock()
         # One call into the reactor thread per batch, not one per job.
         self._reactor.callFromThread(_fire, results)
+
+
+def _open_writer_lock(path: str) -> int | None:
+    """A descriptor of the lock file next to the database (``PATH-writer.lock``),
+    or None when it cannot be opened (a read-only folder: SQLite's lock alone).
+
+    Every writer of this package takes it (``flock``, exclusive) around its write
+    transaction.  SQLite's own lock cannot be waited for, only polled; the kernel
+    hands the lock file to the next waiting writer the moment the holder lets go,
+    so worker processes on one spool pass the write lock on without sleeping in
+    between.  SQLite's lock stays the one that guards the data.
+    """
+    try:
+        return os.open(f"{path}-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        log.warn("no writer lock file for {path}: {why}", path=path, why=e)
+        return None
 
 
 def _fire(results: list[tuple[Deferred[Any], bool, Any]]) -> None:
