@@ -49,7 +49,7 @@ MIB = 1024 * 1024
 #: (no ``[node] workers``, no ``[spool]``).  Any ``sqlite-wN``, ``redis-wN``,
 #: ``sqlite-wauto`` or ``redis-wauto`` may be asked for as well, and any variant with
 #: ``+asyncio`` or ``+uvloop`` runs on Twisted's asyncio reactor (on uvloop's loop).
-VARIANTS = ("default", "redis-w1", "sqlite-w2", "redis-w2")
+VARIANTS = ("default", "sqlite-w1", "redis-w1", "redis-w2")
 
 #: metric -> (label, unit, format, higher is better)
 METRICS: dict[str, tuple[str, str, str, bool]] = {
