@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from tests.support.relayproc import TWISTD, env
+from tests.support.relayproc import TWISTD, env, listens
 
 #: Recipient domain of every bench message.
 DOMAIN = "bench.example"
@@ -207,6 +207,20 @@ class SendarixSystem:
         self._wait_listening(60.0)
         if isinstance(self.workers, int) and self.workers > 1:
             self._check_workers()
+        self._wait_all_workers(60.0)
+
+    def _wait_all_workers(self, timeout: float) -> None:
+        """With worker processes (chosen or by default), wait until every one listens:
+        the first answer may come from one worker while another is still starting,
+        and its start would be counted against what is measured first (memory)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            workers = [p for p in self._pythons() if p != self.proc.pid]
+            if all(listens(p, self.port) for p in workers):
+                return
+            time.sleep(0.1)
+        raise Failed(f"{self.name}: not every worker listens after {timeout:.0f}s")
 
     def _wait_listening(self, timeout: float) -> None:
         import socket
