@@ -36,6 +36,7 @@ from sendarix.model.session import (
     SessionOptions,
     SessionResult,
 )
+from sendarix.model.simulation import COMPLAINT, SUPPRESSED, local_part, simulated_kind
 from sendarix.routing.mx import Route
 
 __all__ = [
@@ -63,20 +64,11 @@ COMPLAINT_DELAY = 1.0
 SUPPRESSED_REPLY = Reply(550, "5.1.1", "simulated suppressed recipient: no such user")
 
 
-def _kind(local_part: str) -> str:
-    return local_part.lower().split("+", 1)[0]
-
-
-def local_part(address: str) -> str:
-    """The local part of ``address`` (all of it when it has no ``@``)."""
-    return address.rsplit("@", 1)[0]
-
-
-def simulate(local_part: str, attempt: int) -> Reply | None:
+def simulate(local: str, attempt: int) -> Reply | None:
     """The reply to a recipient's ``attempt``-th attempt (1-based), by local part;
     None means the recipient is suppressed."""
-    kind = _kind(local_part)
-    if kind == "suppressed":
+    kind = simulated_kind(local)
+    if kind == SUPPRESSED:
         return None
     if kind == "bounce":
         return Reply(550, "5.1.1", "simulated bounce: no such user")
@@ -91,7 +83,7 @@ def simulate(local_part: str, attempt: int) -> Reply | None:
 
 def complains(address: str) -> bool:
     """True when ``address`` complains about the mail it accepts."""
-    return _kind(local_part(address)) == "complaint"
+    return simulated_kind(local_part(address)) == COMPLAINT
 
 
 @implementer(IRouter)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from attrs import frozen
 
 from sendarix.interfaces import IRateLimiter
+from sendarix.model import simulation
 from sendarix.model.credential import Credential
 from sendarix.model.domain import SendingDomain
 from sendarix.model.message import Reply
@@ -167,7 +168,7 @@ def simulator_suppressed(address: str, simulator_domain: str | None, sandbox: bo
     at any domain for a sandbox credential, whose mail all goes to the simulator
     (docs/delivery.md, "The simulator")."""
     local, at, domain = address.rpartition("@")
-    if not at or local.lower().split("+", 1)[0] != "suppressed":
+    if not at or simulation.simulated_kind(local) != simulation.SUPPRESSED:
         return False
     if sandbox:
         return True
