@@ -8,12 +8,12 @@ import os
 import re
 import signal
 import smtplib
-import socket
 import struct
 import subprocess
 import sys
 import time
 import urllib.request
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
@@ -29,6 +29,7 @@ from sendarix.node.workers import (
     twistd_log_file,
     worker_name,
 )
+from tests.node.test_peermetrics import read_socket
 from tests.support.redisserver import start_redis
 from tests.support.relayproc import env, free_port, listens, start_workers
 
@@ -90,36 +91,18 @@ class ListenSharedTests(TestCase):
         part of the limits it counts); without a count set, one worker per usable CPU
         (a single process on one CPU), and ``workers = 1`` is one process."""
         from sendarix.node.service import NodeService
-        from sendarix.node.tap import Options, makeService
 
         folder = os.path.abspath(self.mktemp())
-        os.makedirs(folder)
-        config = os.path.join(folder, "sendarix.toml")
-        with open(config, "w") as f:
-            f.write('[node]\nname = "box"\n[spool]\nurl = "sqlite:spool.db"\n'
-                    '[events]\njson_log = false\n')
-        options = Options()
-        options.parseOptions(["--config", config])
-        default = makeService(options)
+        default = _service(folder)
         if usable_cpus() == 1:
             self.assertIsInstance(default, NodeService)
         else:
             assert isinstance(default, WorkerPool)
             self.assertEqual(default.count, usable_cpus())
-        with open(config, "w") as f:
-            f.write('[node]\nname = "box"\nworkers = 1\n[spool]\nurl = "sqlite:spool.db"\n'
-                    '[events]\njson_log = false\n')
-        options = Options()
-        options.parseOptions(["--config", config])
-        single = makeService(options)
+        single = _service(folder, "workers = 1\n")
         assert isinstance(single, NodeService)
         self.assertEqual(single.stores.config.node.workers, 1)
-        with open(config, "w") as f:
-            f.write('[node]\nname = "box"\n[spool]\nurl = "sqlite:spool.db"\n'
-                    '[events]\njson_log = false\n')
-        options = Options()
-        options.parseOptions(["--config", config, "--workers", "3"])
-        pool = makeService(options)
+        pool = _service(folder, "", "--workers", "3")
         assert isinstance(pool, WorkerPool)
         self.assertEqual(pool.count, 3)
         self.assertEqual(pool.command(1)[-4:], ["--workers", "3", "--worker", "1"])
@@ -130,18 +113,9 @@ class ListenSharedTests(TestCase):
         worker serves its own figures only, as a single process does."""
         from sendarix.node.peermetrics import ExpositionServer, NodeMetrics, WorkerPeers
         from sendarix.node.service import NodeService
-        from sendarix.node.tap import Options, makeService
 
         folder = os.path.abspath(self.mktemp())
-        os.makedirs(folder)
-        config = os.path.join(folder, "sendarix.toml")
-        with open(config, "w") as f:
-            f.write('[node]\nname = "box"\n[spool]\nurl = "sqlite:spool.db"\n'
-                    '[events]\njson_log = false\n')
-        options = Options()
-        options.parseOptions(["--config", config, "--workers", "3", "--peers", "/run/x",
-                              "--worker", "2"])
-        node = makeService(options)
+        node = _service(folder, "", "--workers", "3", "--peers", "/run/x", "--worker", "2")
         assert isinstance(node, NodeService)
         server = node.getServiceNamed("worker-metrics")
         assert isinstance(server, ExpositionServer)
@@ -150,9 +124,7 @@ class ListenSharedTests(TestCase):
         owner = getattr(node.metrics_resource.gather, "__self__", None)
         assert isinstance(owner, NodeMetrics)
         self.assertEqual(owner.peers, WorkerPeers("/run/x", 2, 3, "box"))
-        options = Options()
-        options.parseOptions(["--config", config, "--workers", "3", "--worker", "2"])
-        node = makeService(options)
+        node = _service(folder, "", "--workers", "3", "--worker", "2")
         assert isinstance(node, NodeService) and node.metrics_resource is not None
         self.assertIsNone(node.metrics_resource.gather)
 
@@ -215,12 +187,7 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def _raw(path: str) -> float:
     """Messages accepted by one worker, read from its own socket (length-prefixed)."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
-        s.connect(path)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
+    data = read_socket(path)
     (length,) = struct.unpack("!I", data[:4])
     assert length == len(data) - 4
     return sum(
@@ -387,3 +354,18 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def _service(folder: str, node_lines: str = "", *argv: str) -> Any:
+    """``makeService`` for a config of node "box" (plus ``node_lines``) on a SQLite
+    spool in ``folder``, with the command-line options ``argv``."""
+    from sendarix.node.tap import Options, makeService
+
+    os.makedirs(folder, exist_ok=True)
+    config = os.path.join(folder, "sendarix.toml")
+    with open(config, "w") as f:
+        f.write(f'[node]\nname = "box"\n{node_lines}[spool]\nurl = "sqlite:spool.db"\n'
+                '[events]\njson_log = false\n')
+    options = Options()
+    options.parseOptions(["--config", config, *argv])
+    return makeService(options)

@@ -70,18 +70,7 @@ class DashboardTestCase(unittest.TestCase):
         cookies: dict[str, str] | None = None, headers: dict[str, str] | None = None,
     ) -> tuple[int, str, Any]:
         """(status, body text, response headers); no redirect is followed."""
-        sent = dict(headers or {})
-        if cookies:
-            sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
-        data = None
-        if form is not None:
-            sent["Content-Type"] = "application/x-www-form-urlencoded"
-            data = urlencode(form).encode()
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        response = await treq.request(method, self.base + path, data=data, headers=sent,
-                                      pool=pool, allow_redirects=False)
-        body = await response.text("utf-8")
-        return response.code, body, response.headers
+        return await dashboard_request(self.base, method, path, form, cookies, headers)
 
     async def send(self, to: str, subject: str = "Hello") -> str:
         pool = HTTPConnectionPool(reactor, persistent=False)
@@ -501,3 +490,22 @@ class Browser:
         self.click(self.find(By.ID, "resume-pool:sink"))
         assert "is resumed" in self.find(By.ID, "flash").text
         self.find(By.ID, "suspend-pool:sink")
+
+
+async def dashboard_request(
+    base: str, method: str, path: str, form: dict[str, str] | None = None,
+    cookies: dict[str, str] | None = None, headers: dict[str, str] | None = None,
+) -> tuple[int, str, Any]:
+    """One request to the dashboard at ``base``: (status, body text, response
+    headers); no redirect is followed, no connection kept."""
+    sent = dict(headers or {})
+    if cookies:
+        sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
+    data = None
+    if form is not None:
+        sent["Content-Type"] = "application/x-www-form-urlencoded"
+        data = urlencode(form).encode()
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    response = await treq.request(method, base + path, data=data, headers=sent,
+                                  pool=pool, allow_redirects=False)
+    return response.code, await response.text("utf-8"), response.headers

@@ -9,14 +9,10 @@ from __future__ import annotations
 import os
 import sqlite3
 from typing import Any
-from urllib.parse import urlencode
 
-import treq
-from twisted.internet import reactor
 from twisted.trial import unittest
-from twisted.web.client import HTTPConnectionPool
 
-from tests.control.dashboard.test_dashboard import form_token, set_cookies
+from tests.control.dashboard.test_dashboard import dashboard_request, form_token, set_cookies
 from tests.delivery.test_service import RELAY_LISTENER
 from tests.support.redisserver import start_redis
 from tests.support.relay import Relay, start_relay, until
@@ -27,17 +23,7 @@ async def request(
     cookies: dict[str, str] | None = None,
 ) -> tuple[int, str, Any]:
     """(status, body text, response headers); no redirect is followed."""
-    sent: dict[str, str] = {}
-    if cookies:
-        sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
-    data = None
-    if form is not None:
-        sent["Content-Type"] = "application/x-www-form-urlencoded"
-        data = urlencode(form).encode()
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    response = await treq.request(method, base + path, data=data, headers=sent, pool=pool,
-                                  allow_redirects=False)
-    return response.code, await response.text("utf-8"), response.headers
+    return await dashboard_request(base, method, path, form, cookies)
 
 
 def base(relay: Relay) -> str:
