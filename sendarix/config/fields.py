@@ -112,11 +112,17 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def auto_workers() -> int:
+    """The worker count ``auto`` (and an unset count under ``twistd``) means: one per
+    usable CPU, at most 256 like any count."""
+    return min(256, usable_cpus())
+
+
 def workers_parser(value: Any, key: str, ctx: Context) -> int:
     """A worker process count: an integer from 1 to 256, or ``"auto"`` for one per
     usable CPU."""
     if value == "auto":
-        return min(256, usable_cpus())
+        return auto_workers()
     if isinstance(value, str):
         raise ConfigError(key, f'expected an integer or "auto", got {value!r}')
     return integer_parser(1, 256)(value, key, ctx)

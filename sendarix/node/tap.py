@@ -10,14 +10,14 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from sendarix.config.errors import ConfigError
-from sendarix.config.fields import usable_cpus
+from sendarix.config.fields import auto_workers
 from sendarix.config.loader import load_config, resolve_config
 from sendarix.node.workers import ParentWatch, WorkerPool, twistd_log_file, worker_name
 
 
 def _worker_count(text: str) -> int:
     """``--workers``: an integer, or ``auto`` for one worker per usable CPU."""
-    return min(256, usable_cpus()) if text == "auto" else int(text)
+    return auto_workers() if text == "auto" else int(text)
 
 
 class Options(usage.Options):
@@ -54,7 +54,7 @@ def makeService(options: Options) -> IService:
 
     config = options["parsed"]
     # Not set anywhere: one worker per usable CPU (one CPU: a single process).
-    workers = options["workers"] or config.node.workers or min(256, usable_cpus())
+    workers = options["workers"] or config.node.workers or auto_workers()
     index = options["worker"]
     base_name = config.node.name
     if index is not None:

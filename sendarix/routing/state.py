@@ -27,6 +27,8 @@ __all__ = [
 
 STATE_FILE = "routing-state.json"
 VERSION = 1
+# A worker's file: the same name with the worker's node name before the extension.
+_ROOT, _EXT = os.path.splitext(STATE_FILE)
 
 
 def state_path(config: Config) -> str:
@@ -34,18 +36,17 @@ def state_path(config: Config) -> str:
     only the workers run delivery (the supervisor does not), and each has its own
     file, named after it."""
     if (config.node.workers or 1) > 1:
-        root, ext = os.path.splitext(STATE_FILE)
-        return os.path.join(config.var_dir, f"{root}-{config.node.name}{ext}")
+        return os.path.join(config.var_dir, f"{_ROOT}-{config.node.name}{_EXT}")
     return os.path.join(config.var_dir, STATE_FILE)
 
 
 def read_states(config: Config) -> list[dict[str, Any]]:
     """Every routing state written on this machine for ``config``'s node: the one of
     a single process and those of its workers, newest first."""
-    root, ext = os.path.splitext(STATE_FILE)
-    paths = [os.path.join(config.var_dir, STATE_FILE)] + sorted(glob.glob(
-        os.path.join(glob.escape(config.var_dir), f"{root}-{glob.escape(config.node.name)}-w*{ext}")
-    ))
+    workers = f"{_ROOT}-{glob.escape(config.node.name)}-w*{_EXT}"
+    paths = [os.path.join(config.var_dir, STATE_FILE)] + sorted(
+        glob.glob(os.path.join(glob.escape(config.var_dir), workers))
+    )
     states = [s for s in (read_state(p) for p in paths) if s is not None]
     return sorted(states, key=lambda s: -float(s.get("written_at", 0) or 0))
 

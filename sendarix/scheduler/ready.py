@@ -89,12 +89,15 @@ class ReadyQueues(Generic[T]):
 
     def sites(self) -> list[str]:
         """Sites holding anything, sorted."""
-        return sorted(s for s in set(self._queues) | set(self._busy) if self.held(s))
+        return sorted(self._holding())
+
+    def _holding(self) -> Iterator[str]:
+        return (s for s in set(self._queues) | set(self._busy) if self.held(s))
 
     def share(self, site: str) -> int:
         """How many entries ``site`` may hold now (the fair split)."""
-        # Counted without building the sorted list of sites(): this runs per offer.
-        active = sum(1 for s in set(self._queues) | set(self._busy) if self.held(s))
+        # Counted without sorting them as sites() does: this runs per offer.
+        active = sum(1 for _ in self._holding())
         if self.held(site) == 0:
             active += 1
         assert self.reserve is not None

@@ -21,7 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from sendarix.config.fields import usable_cpus
+from sendarix.config.fields import auto_workers
 from sendarix.node.workers import (
     ParentWatch,
     WorkerPool,
@@ -94,11 +94,11 @@ class ListenSharedTests(TestCase):
 
         folder = os.path.abspath(self.mktemp())
         default = _service(folder)
-        if usable_cpus() == 1:
+        if auto_workers() == 1:
             self.assertIsInstance(default, NodeService)
         else:
             assert isinstance(default, WorkerPool)
-            self.assertEqual(default.count, usable_cpus())
+            self.assertEqual(default.count, auto_workers())
         single = _service(folder, "workers = 1\n")
         assert isinstance(single, NodeService)
         self.assertEqual(single.stores.config.node.workers, 1)

@@ -154,10 +154,10 @@ class SQLiteDatabase:
         sees the data committed when it starts (one read transaction), so a write
         still queued on the database thread is not seen yet.
         """
-        d: Deferred[T] = Deferred()
         if self._closed or self._opened is None or not self._opened.called:
             # Not open (or failed to): the write thread answers, or refuses, as usual.
             return self.run(fn)
+        d: Deferred[T] = Deferred()
         if self._reader is None:
             self._reader = threading.Thread(
                 target=self._read_main, name=f"sqlite-read:{os.path.basename(self.path)}",
