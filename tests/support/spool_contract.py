@@ -554,6 +554,38 @@ class SpoolContractMixin(_Base):
         self.assertIsNone(await spool.get(message.queue_id))
         self.assertIsNone(await spool.body(message.queue_id))
 
+    async def test_repeated_outcome_for_one_recipient(self) -> None:
+        """Two outcomes for one recipient in one completion apply in order (the first
+        final one stays), and do not stand for another recipient: the message stays
+        while that one is left."""
+        spool = await self.started()
+        message = await self.enqueued(spool, recipients=("a@d.example", "b@d.example"))
+        (delivery,) = await spool.lease_due("n1", T0, 10, 60)
+        await spool.complete(
+            message.queue_id,
+            delivery.domain,
+            "n1",
+            [
+                RecipientOutcome("a@d.example", BOUNCED, NO_SUCH_USER),
+                RecipientOutcome("a@d.example", DELIVERED, OK_250),
+            ],
+            T0 + 1,
+        )
+        self.assertEqual(
+            await self.statuses(spool, message.queue_id),
+            {"a@d.example": BOUNCED, "b@d.example": PENDING},
+        )
+        (again,) = await spool.lease_due("n1", T0 + 1, 10, 60)
+        await spool.complete(
+            message.queue_id, again.domain, "n1",
+            [
+                RecipientOutcome("b@d.example", DEFERRED, TRY_LATER, next_attempt=T0 + 100),
+                RecipientOutcome("b@d.example", DELIVERED, OK_250),
+            ],
+            T0 + 2,
+        )
+        self.assertIsNone(await spool.get(message.queue_id))
+
     async def test_complete_after_lease_lost_fails(self) -> None:
         """A node whose lease expired and was taken over cannot record outcomes."""
         spool = await self.started()

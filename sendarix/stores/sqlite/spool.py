@@ -392,15 +392,32 @@ class SQLiteSpool:
         def txn(conn: sqlite3.Connection) -> None:
             if not self._holds(conn, queue_id, domain, node):
                 raise LeaseLost(queue_id, domain, node)
-            for outcome in outcomes:
-                row = conn.execute(
+            # Every active recipient of the message, at any domain, in one read.
+            active = {
+                row[0]: row
+                for row in conn.execute(
                     f"SELECT {_RECIPIENT_COLUMNS} FROM spool_recipient"
-                    f" WHERE queue_id = ? AND address = ? AND +domain = ? AND {_ACTIVE_SQL}",
-                    (queue_id, outcome.address, domain),
-                ).fetchone()
-                if row is None:
+                    f" WHERE queue_id = ? AND {_ACTIVE_SQL}",
+                    (queue_id,),
+                )
+            }
+            settled: dict[str, RecipientRecord] = {}
+            for outcome in outcomes:
+                row = active.get(outcome.address)
+                if row is None or row[1] != domain:
                     continue
-                new = codec.apply_outcome(_record(row), outcome, now)
+                current = settled.get(outcome.address) or _record(row)
+                if current.status in codec.ACTIVE_STATUSES:  # a final state stays
+                    settled[outcome.address] = codec.apply_outcome(current, outcome, now)
+            if len(settled) == len(active) and all(
+                new.status not in codec.ACTIVE_STATUSES for new in settled.values()
+            ):
+                # The usual end: this delivery settled every recipient the message had
+                # left, so it goes at once (the delivery log keeps its history) rather
+                # than being updated, rescheduled and looked at again.
+                self._remove_message(conn, queue_id)
+                return
+            for address, new in settled.items():
                 conn.execute(
                     "UPDATE spool_recipient SET status = ?, attempts = ?, next_attempt = ?,"
                     " last_reply = ?, updated_at = ? WHERE queue_id = ? AND address = ?",
@@ -411,7 +428,7 @@ class SQLiteSpool:
                         codec.encode_reply(new.last_reply),
                         new.updated_at,
                         queue_id,
-                        outcome.address,
+                        address,
                     ),
                 )
             if not self._reschedule(conn, queue_id, domain):
