@@ -23,6 +23,7 @@ with no memory (the per-destination window handles dead MX sites).
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import os
 import random
@@ -187,7 +188,9 @@ class EndpointPool:
         return {key: b.state(now).value for key, b in sorted(self.breakers.items())}
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_ip(host: str) -> bool:
+    # Asked on every delivery, about the few hosts the pools name: parse each once.
     try:
         ipaddress.ip_address(host)
     except ValueError:
