@@ -6,17 +6,6 @@ sessions share one fsync, and each job's Deferred fires only after the COMMIT th
 made its writes durable.  Each job runs inside a SAVEPOINT so one failing job does
 not undo the others in its batch.
 
-The fsync happens after the write lock is given back.  With ``synchronous=FULL``
-SQLite would sync the write-ahead log inside COMMIT, while every other writer (the
-other worker processes) waits for the lock; under load that wait was the node's
-bottleneck.  So the writer commits with ``synchronous=NORMAL`` (the frames reach
-the log file, not yet the disk), lets the lock go, and only then syncs the log file
-itself, before it fires a single Deferred.  Nothing is acknowledged before its
-commit is on disk, as before.  A later writer's commit follows ours in the same
-log file, and recovery keeps only an unbroken run of committed frames, so a crash
-can never keep a later commit and lose ours.  Where the log file cannot be opened
-(not WAL mode), the connection stays on ``synchronous=FULL``.
-
 Reads a session waits on (``read(fn)``: the recipient's suppression check) run on a
 second thread with its own read-only connection.  In WAL mode a reader never waits
 for a writer, so the check no longer queues behind commits and their fsyncs (nor
@@ -54,12 +43,10 @@ class DatabaseClosed(StoreUnavailable):
 
 
 class SQLiteDatabase:
-    """A SQLite file in WAL mode, owned by one thread, whose commits are synced to
-    disk before they are acknowledged.
+    """A SQLite file in WAL mode with ``synchronous=FULL``, owned by one thread.
 
     ``run(fn)`` runs ``fn(connection)`` in a write transaction (shared with other
-    queued jobs) and fires its Deferred, on the reactor thread, after the commit
-    and the sync of the write-ahead log.
+    queued jobs) and fires its Deferred, on the reactor thread, after the commit.
     """
 
     max_batch = 512
@@ -87,8 +74,6 @@ class SQLiteDatabase:
         self._closed = False
         self._reads: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer_lock: int | None = None
-        # The write-ahead log, synced after each commit (None: SQLite syncs in COMMIT).
-        self._wal: int | None = None
         self._reader: threading.Thread | None = None
 
     def add_schema(self, sql: str) -> None:
@@ -263,10 +248,6 @@ class SQLiteDatabase:
         # From here on only BEGIN IMMEDIATE can wait for another process's lock (in
         # WAL mode reads never do), and :meth:`_begin` does that waiting itself.
         conn.execute("PRAGMA busy_timeout = 0")
-        self._wal = _open_wal(conn, self.path)
-        if self._wal is not None:
-            # COMMIT writes the log, and _run_batch syncs it once the lock is free.
-            conn.execute("PRAGMA synchronous = NORMAL")
         return conn
 
     def _main(self) -> None:
@@ -323,8 +304,6 @@ class SQLiteDatabase:
             conn.close()
             if self._writer_lock is not None:
                 os.close(self._writer_lock)
-            if self._wal is not None:
-                os.close(self._wal)
             for d in stoppers:
                 self._reactor.callFromThread(d.callback, None)
 
@@ -402,41 +381,8 @@ class SQLiteDatabase:
         finally:
             # Whatever happened, the next writer must not wait for us.
             self._release_writer_lock()
-        if self._wal is not None:
-            try:
-                self.sync(self._wal)
-            except OSError as e:
-                # Committed, but perhaps not on disk: nobody is told it is stored (a
-                # client retries).  The node cannot go on trusting the file.
-                log.critical("syncing {path} failed: {why}", path=self.path, why=e)
-                failure = Failure(StoreUnavailable(f"syncing {self.path}: {e}"))
-                results = [(d, False, failure) for d, _, _ in results]
         # One call into the reactor thread per batch, not one per job.
         self._reactor.callFromThread(_fire, results)
-
-    #: Makes a commit durable, given the write-ahead log's descriptor; a test
-    #: replaces it to see that nothing is acknowledged before it returns.
-    sync: Callable[[int], None] = staticmethod(os.fdatasync)
-
-
-def _open_wal(conn: sqlite3.Connection, path: str) -> int | None:
-    """A descriptor of the database's write-ahead log (``PATH-wal``) to sync commits
-    with, or None when the database is not in WAL mode or the file cannot be opened
-    (then the connection keeps ``synchronous=FULL``).
-
-    A read makes sure the log file exists; it stays while the connection is open
-    (SQLite removes it only when the last connection closes).  Syncing any
-    descriptor of a file syncs the file.
-    """
-    (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
-    if str(mode).lower() != "wal":
-        return None
-    conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-    try:
-        return os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        log.warn("{path}: the log is synced inside COMMIT ({why})", path=path, why=e)
-        return None
 
 
 def _open_writer_lock(path: str) -> int | None:
