@@ -132,18 +132,20 @@ class SQLiteSpoolStorageTests(TestCase):
         self.path = os.path.abspath(self.mktemp()) + ".db"
 
     async def test_wal_and_full_sync(self) -> None:
-        """The spool's connection runs in WAL mode with synchronous=FULL."""
+        """The spool's connection runs in WAL mode with synchronous=FULL, and
+        checkpoints its log every 10,000 pages rather than SQLite's 1,000."""
         db = SQLiteDatabase(self.path, reactor)
         spool = SQLiteSpool(db, owns_db=True)
         await spool.start()
         self.addCleanup(spool.stop)
-        mode, sync = await db.run(
+        mode, sync, checkpoint = await db.run(
             lambda c: (
                 c.execute("PRAGMA journal_mode").fetchone()[0],
                 c.execute("PRAGMA synchronous").fetchone()[0],
+                c.execute("PRAGMA wal_autocheckpoint").fetchone()[0],
             )
         )
-        self.assertEqual((mode, sync), ("wal", 2))
+        self.assertEqual((mode, sync, checkpoint), ("wal", 2, 10000))
 
     async def test_enqueue_leased(self) -> None:
         """Fresh mail stored with its deliveries leased to the accepting node: the

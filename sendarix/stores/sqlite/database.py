@@ -50,6 +50,8 @@ class SQLiteDatabase:
     """
 
     max_batch = 512
+    #: Log pages after which a commit checkpoints the log into the database file.
+    wal_checkpoint_pages = 10000
     #: A background job runs once no other job came for this long (seconds)...
     background_idle = 0.001
     #: ...or with the next batch once it has waited this long.
@@ -243,6 +245,14 @@ class SQLiteDatabase:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
+        # Each message dirties some fifty pages across the spool's and the delivery
+        # log's B-trees, mostly the same hot pages again and again.  SQLite's default
+        # (a checkpoint every 1,000 log pages) copied those back into the database
+        # file every twenty messages or so, inside a writer's commit; a longer log
+        # copies each hot page once per checkpoint instead.  The log file then grows
+        # to about 40 MiB, and is cut back to 64 MiB at most after a checkpoint.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {self.wal_checkpoint_pages}")
+        conn.execute(f"PRAGMA journal_size_limit = {64 << 20}")
         for sql in self._schemas:
             conn.executescript(sql)
         # From here on only BEGIN IMMEDIATE can wait for another process's lock (in
