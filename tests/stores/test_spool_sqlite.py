@@ -29,6 +29,7 @@ from sendarix.interfaces import ISpool
 from sendarix.model.message import Lease, RecipientOutcome, RecipientStatus, Reply
 from sendarix.stores.spool import SQLiteSpool, open_spool, sqlite_path
 from sendarix.stores.sqlite.database import DatabaseClosed, SQLiteDatabase
+from sendarix.stores.sqlite.spool import SCHEMA
 from tests.support.paths import REPO_ROOT
 from tests.support.spool_contract import T0, SpoolContractMixin, sample_message
 
@@ -250,6 +251,19 @@ class SQLiteSpoolStorageTests(TestCase):
         self.assertEqual(await job, 1)
         self.assertEqual(await other.run(lambda c: c.execute("SELECT n FROM t").fetchall()),
                          [(1,)])
+
+    async def test_workers_create_the_file_together(self) -> None:
+        """Several databases opening one new file at the same moment (worker
+        processes starting together) all open: the one SQLite answers "locked" at
+        once, without waiting, tries again."""
+        schema = ";\n".join(SCHEMA) + ";"
+        for attempt in range(40):
+            path = os.path.abspath(self.mktemp()) + f"-{attempt}.db"
+            dbs = [SQLiteDatabase(path, reactor, schema=schema) for _ in range(4)]
+            try:
+                await gatherResults([db.open() for db in dbs])
+            finally:
+                await gatherResults([db.close() for db in dbs])
 
     async def test_background_job_yields_to_the_mail_path(self) -> None:
         """A background job queued before a foreground one runs after it, in its own

@@ -240,7 +240,32 @@ class SQLiteDatabase:
     # -- the database thread ----------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
+        """Open the file and apply the settings and schemas.
+
+        When another process (a worker starting beside us) holds a lock that SQLite
+        does not wait for, try again until the busy timeout: two connections that
+        create a new file can each hold what the other needs, and SQLite then
+        answers one of them "locked" at once rather than let both wait forever."""
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000.0
+        delay = 0.005
+        while True:
+            try:
+                return self._connect_once()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def _connect_once(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            return self._configure(conn)
+        except BaseException:
+            conn.close()
+            raise
+
+    def _configure(self, conn: sqlite3.Connection) -> sqlite3.Connection:
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
