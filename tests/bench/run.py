@@ -48,7 +48,8 @@ MIB = 1024 * 1024
 #: The variants of a default run; ``default`` is what a user gets without choosing
 #: (no ``[node] workers``, no ``[spool]``).  Any ``sqlite-wN``, ``redis-wN``,
 #: ``sqlite-wauto`` or ``redis-wauto`` may be asked for as well, and any variant with
-#: ``+asyncio`` or ``+uvloop`` runs on Twisted's asyncio reactor (on uvloop's loop).
+#: ``+asyncio`` or ``+uvloop`` runs on Twisted's asyncio reactor (on uvloop's loop);
+#: ``+nolog`` sets ``[events] json_log = false`` (no event lines in the node's log).
 VARIANTS = ("default", "sqlite-w1", "redis-w1", "redis-w2")
 
 #: metric -> (label, unit, format, higher is better)
@@ -132,17 +133,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             variant(v)
         except ValueError:
             p.error(f"unknown variant {v!r} (known: {', '.join(VARIANTS)}, "
-                    "sqlite-wN, redis-wN, sqlite-wauto, redis-wauto, each +asyncio or "
-                    "+uvloop)")
+                    "sqlite-wN, redis-wN, sqlite-wauto, redis-wauto, each with +asyncio "
+                    "or +uvloop, and +nolog)")
     return args
 
 
 def variant(name: str) -> tuple[str, int | str | None]:
     """(spool, workers) of a variant name: ``default`` or ``<spool>-w<N|auto>``, either
-    with an optional ``+<reactor>``."""
-    name, _, reactor = name.partition("+")
-    if reactor and reactor not in REACTORS:
-        raise ValueError(reactor)
+    followed by options: ``+<reactor>`` (one at most) and ``+nolog``."""
+    name, *options = name.split("+")
+    reactors = [o for o in options if o != "nolog"]
+    if len(reactors) > 1 or any(r not in REACTORS for r in reactors) or len(
+        set(options)
+    ) < len(options):
+        raise ValueError("+".join(options))
     if name == "default":
         return "default", None
     spool, sep, workers = name.partition("-w")
@@ -153,6 +157,11 @@ def variant(name: str) -> tuple[str, int | str | None]:
     if not workers.isdigit() or int(workers) < 1:
         raise ValueError(name)
     return spool, int(workers)
+
+
+def reactor_of(name: str) -> str:
+    """The reactor a variant name asks for (``epoll`` unless ``+asyncio``/``+uvloop``)."""
+    return next((o for o in name.split("+")[1:] if o in REACTORS), "epoll")
 
 
 def say(text: str) -> None:
@@ -325,7 +334,8 @@ class Bench:
                     dns.port if dns is not None else 0,
                     spool=spool, workers=workers, max_connections=max_idle + 100,
                     size_limit=self.size_limit, route=a.route, redis_url=redis_url,
-                    redis_pid=redis_pid, reactor=name.partition("+")[2] or "epoll",
+                    redis_pid=redis_pid, reactor=reactor_of(name),
+                    json_log="nolog" not in name.split("+")[1:], name=f"sendarix-{name}",
                 )
                 systems.append((s, a.idle_sessions, s.rss))
             durations: dict[str, float] = {}

@@ -151,7 +151,8 @@ class SendarixSystem:
     def __init__(self, dir: str, port: int, sink_port: int, dns_port: int, *,
                  spool: str, workers: int | str | None, max_connections: int,
                  size_limit: int, route: str = "pool", redis_url: str | None = None,
-                 redis_pid: int | None = None, reactor: str = "epoll") -> None:
+                 redis_pid: int | None = None, reactor: str = "epoll",
+                 json_log: bool = True, name: str | None = None) -> None:
         self.dir = os.path.abspath(dir)
         self.port = port
         self.sink_port = sink_port
@@ -164,9 +165,14 @@ class SendarixSystem:
         self.redis_url = redis_url
         self.redis_pid = redis_pid
         self.reactor = reactor
-        self.name = "sendarix-default" if spool == "default" else f"sendarix-{spool}-w{workers}"
-        if reactor != "epoll":
-            self.name += f"+{reactor}"
+        self.json_log = json_log
+        if name is None:
+            name = "sendarix-default" if spool == "default" else f"sendarix-{spool}-w{workers}"
+            if reactor != "epoll":
+                name += f"+{reactor}"
+            if not json_log:
+                name += "+nolog"
+        self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
 
     def config_text(self) -> str:
@@ -182,6 +188,8 @@ class SendarixSystem:
             max_connections=self.max_connections, size_limit=self.size_limit,
             sink_port=self.sink_port, dns_port=self.dns_port,
         )
+        if not self.json_log:
+            text += "\n[events]\njson_log = false\n"
         if self.route == "pool":
             text += POOL_ROUTE.format(domain=DOMAIN, sink_port=self.sink_port)
         else:
