@@ -7,12 +7,17 @@ import sys
 
 from attrs import evolve
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from sendarix.config.errors import ConfigError
 from sendarix.config.fields import auto_workers
 from sendarix.config.loader import load_config, resolve_config
+from sendarix.config.settings import Config
 from sendarix.node.workers import ParentWatch, WorkerPool, twistd_log_file, worker_name
+from sendarix.routing.state import discard_other_layouts
+
+log = Logger()
 
 
 def _worker_count(text: str) -> int:
@@ -47,6 +52,19 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{key} must be between 1 and 256")
 
 
+def _discard_other_layouts(config: Config, workers: int) -> None:
+    """Remove routing state files left by the node running with another number of
+    processes (a move to workers, or back), so that ``queue stats`` shows only
+    those of the processes now running."""
+    try:
+        removed = discard_other_layouts(config, workers)
+    except OSError as e:
+        log.warn("could not remove old routing state: {why}", why=e)
+        return
+    for path in removed:
+        log.info("removed the routing state of an earlier layout: {path}", path=path)
+
+
 def makeService(options: Options) -> IService:
     """Build the node from parsed options: a single node, the parent of ``workers``
     worker processes, or (``--worker I``) one of those workers."""
@@ -73,6 +91,7 @@ def makeService(options: Options) -> IService:
         except ConfigError as e:
             sys.stderr.write(f"configuration error: {e}\n")
             raise SystemExit(1) from e
+        _discard_other_layouts(config, workers)
         path = options["config"]
         arguments = ["--config", os.path.abspath(path)] if path else []
         # Each worker knows how many they are (limits kept per process are split).
@@ -84,6 +103,7 @@ def makeService(options: Options) -> IService:
         # A single process, however it was chosen: its limits are whole and its
         # listeners not shared.
         config = evolve(config, node=evolve(config.node, workers=1))
+        _discard_other_layouts(config, 1)
     try:
         node = make_node(config)
         node.reload_on_sighup = True  # SIGHUP reloads the TLS certificate

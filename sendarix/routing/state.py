@@ -22,7 +22,8 @@ from typing import Any
 from sendarix.config.settings import Config
 
 __all__ = [
-    "STATE_FILE", "format_state", "read_state", "read_states", "state_path", "write_state",
+    "STATE_FILE", "discard_other_layouts", "format_state", "read_state", "read_states",
+    "state_path", "write_state",
 ]
 
 STATE_FILE = "routing-state.json"
@@ -43,12 +44,43 @@ def state_path(config: Config) -> str:
 def read_states(config: Config) -> list[dict[str, Any]]:
     """Every routing state written on this machine for ``config``'s node: the one of
     a single process and those of its workers, newest first."""
-    workers = f"{_ROOT}-{glob.escape(config.node.name)}-w*{_EXT}"
-    paths = [os.path.join(config.var_dir, STATE_FILE)] + sorted(
-        glob.glob(os.path.join(glob.escape(config.var_dir), workers))
-    )
+    paths = [os.path.join(config.var_dir, STATE_FILE)] + [
+        path for _, path in sorted(_worker_files(config).items())
+    ]
     states = [s for s in (read_state(p) for p in paths) if s is not None]
     return sorted(states, key=lambda s: -float(s.get("written_at", 0) or 0))
+
+
+def _worker_files(config: Config) -> dict[int, str]:
+    """The workers' state files in ``config``'s var directory, by worker index."""
+    prefix = os.path.join(config.var_dir, f"{_ROOT}-{config.node.name}-w")
+    found = {}
+    pattern = f"{_ROOT}-{glob.escape(config.node.name)}-w*{_EXT}"
+    for path in glob.glob(os.path.join(glob.escape(config.var_dir), pattern)):
+        index = path[len(prefix): -len(_EXT)]
+        if index.isdigit():
+            found[int(index)] = path
+    return found
+
+
+def discard_other_layouts(config: Config, workers: int) -> list[str]:
+    """Remove the state files this node's processes will not write when it runs
+    ``workers`` processes: the single process's file under workers, the workers'
+    files in a single process, and those of workers beyond the count.  Their figures
+    are not this node's any more (each process restores only its own file), and
+    ``queue stats`` would go on showing them.  Returns the paths removed (blocking:
+    called while the node starts, before the reactor runs)."""
+    stale = [p for i, p in _worker_files(config).items() if workers <= 1 or i > workers]
+    if workers > 1:
+        stale.append(os.path.join(config.var_dir, STATE_FILE))
+    removed = []
+    for path in stale:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
 
 
 def write_state(path: str, state: dict[str, Any]) -> None:

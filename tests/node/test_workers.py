@@ -107,6 +107,29 @@ class ListenSharedTests(TestCase):
         self.assertEqual(pool.count, 3)
         self.assertEqual(pool.command(1)[-4:], ["--workers", "3", "--worker", "1"])
 
+    def test_state_of_another_layout_removed(self) -> None:
+        """A node started with workers removes the single process's routing state
+        file, and started as one process, the workers' (``queue stats`` would show
+        them, with figures no process of the node keeps any more)."""
+        from sendarix.config.loader import load_config
+
+        folder = os.path.abspath(self.mktemp())
+        pool = _service(folder, "", "--workers", "2")
+        assert isinstance(pool, WorkerPool)
+        var = load_config(os.path.join(folder, "sendarix.toml")).var_dir
+        os.makedirs(var, exist_ok=True)
+        single, worker = (os.path.join(var, "routing-state.json"),
+                          os.path.join(var, "routing-state-box-w1.json"))
+        for path in (single, worker):
+            with open(path, "w") as f:
+                f.write("{}")
+        _service(folder, "", "--workers", "2")
+        self.assertEqual((os.path.exists(single), os.path.exists(worker)), (False, True))
+        with open(single, "w") as f:
+            f.write("{}")
+        _service(folder, "workers = 1\n")
+        self.assertEqual((os.path.exists(single), os.path.exists(worker)), (True, False))
+
     def test_a_worker_serves_its_peers(self) -> None:
         """``--peers DIR``: worker 2 of 3 serves its metrics on DIR/w2.sock and its
         /metrics answers for the node "box"; without it (or with the API off), a

@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from sendarix.config.loader import load_config
 from sendarix.routing.state import (
+    discard_other_layouts,
     format_state,
     read_state,
     read_states,
@@ -98,6 +99,39 @@ class RoutingStateTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertIn(b"routing state of node clitest-w1", out)
         self.assertIn(b"routing state of node clitest-w2", out)
+
+    def test_other_layouts_discarded(self) -> None:
+        """A node started with N workers removes the single process's file and the
+        files of workers beyond N; started as one process, every worker's file.
+        Another node's files and other files stay."""
+        folder = os.path.abspath(self.mktemp())
+        _write_config(folder, "cli.toml", CONFIG)
+        config = load_config(os.path.join(folder, "cli.toml"))
+        var = os.path.join(folder, "var")
+        names = ["routing-state.json", "routing-state-clitest-w1.json",
+                 "routing-state-clitest-w2.json", "routing-state-clitest-w3.json",
+                 "routing-state-other-w1.json", "routing-state-clitest-wx.json",
+                 "spool.db"]
+
+        def lay_out() -> None:
+            os.makedirs(var, exist_ok=True)
+            for name in names:
+                with open(os.path.join(var, name), "w") as f:
+                    f.write("{}")
+
+        lay_out()
+        removed = discard_other_layouts(config, 2)
+        self.assertEqual(sorted(os.path.basename(p) for p in removed),
+                         ["routing-state-clitest-w3.json", "routing-state.json"])
+        self.assertEqual(sorted(os.listdir(var)), sorted(
+            set(names) - {"routing-state-clitest-w3.json", "routing-state.json"}))
+        lay_out()
+        removed = discard_other_layouts(config, 1)
+        self.assertEqual(sorted(os.path.basename(p) for p in removed), [
+            "routing-state-clitest-w1.json", "routing-state-clitest-w2.json",
+            "routing-state-clitest-w3.json"])
+        self.assertIn("routing-state.json", os.listdir(var))
+        self.assertEqual(discard_other_layouts(config, 1), [])
 
     def test_site_line(self) -> None:
         """A site's line shows open connections, the cap per source when set, the
