@@ -17,7 +17,9 @@ the socket is made here and handed to ``reactor.adoptStreamPort``).
 The supervisor also makes a private directory (mode 0700, removed when it stops) and
 gives it to every worker (``--peers DIR``): each serves its own metrics there on a
 UNIX socket, and the one a scrape reaches answers for the node
-(:mod:`sendarix.node.peermetrics`).
+(:mod:`sendarix.node.peermetrics`).  The directory's name carries the supervisor's
+PID, so a supervisor that was killed (and could not remove it) leaves one that the
+next supervisor removes.
 
 A worker whose parent is gone (killed with SIGKILL, so it could not stop its
 children) stops itself, as gracefully as on SIGTERM (:class:`ParentWatch`): a
@@ -47,8 +49,49 @@ from twisted.python.failure import Failure
 
 log = Logger()
 
+#: The workers' directory of supervisor PID is ``<tmp>/sendarix-workers-PID-XXXXXXXX``.
+PEERS_PREFIX = "sendarix-workers-"
+
+
+def remove_orphan_peer_dirs(parent: str) -> list[str]:
+    """Remove the workers' directories in ``parent`` whose supervisor is gone (no
+    process has its PID any more); the paths removed.  Only this user's are looked
+    at (others' cannot be ours), and a directory whose PID is in use, even by another
+    program, is left alone."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(PEERS_PREFIX):
+            continue
+        pid_text, sep, _ = name[len(PEERS_PREFIX):].partition("-")
+        if not sep or not pid_text.isdigit():
+            continue  # not ours, or made before the PID was in the name
+        path = os.path.join(parent, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid() or _alive(int(pid_text)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process has it
+    return True
+
 __all__ = [
-    "TWISTD", "ParentWatch", "WorkerPool", "listen_shared", "twistd_log_file", "worker_name",
+    "PEERS_PREFIX", "TWISTD", "ParentWatch", "WorkerPool", "listen_shared",
+    "remove_orphan_peer_dirs", "twistd_log_file", "worker_name",
 ]
 
 #: How a child runs twistd (the same interpreter as the parent).
@@ -223,8 +266,12 @@ class WorkerPool(Service):
 
     def startService(self) -> None:
         super().startService()
+        removed = remove_orphan_peer_dirs(tempfile.gettempdir())
+        if removed:
+            log.info("removed {count} workers' directories of supervisors that are gone",
+                     count=len(removed))
         # Made 0700 by mkdtemp: only this user may read the workers' metrics.
-        self.peers = tempfile.mkdtemp(prefix="sendarix-workers-")
+        self.peers = tempfile.mkdtemp(prefix=f"{PEERS_PREFIX}{os.getpid()}-")
         for index in range(1, self.count + 1):
             self._spawn(index)
         if self.forward_sighup:

@@ -23,9 +23,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sendarix.config.fields import auto_workers
 from sendarix.node.workers import (
+    PEERS_PREFIX,
     ParentWatch,
     WorkerPool,
     listen_shared,
+    remove_orphan_peer_dirs,
     twistd_log_file,
     worker_name,
 )
@@ -217,6 +219,32 @@ def _raw(path: str) -> float:
         s.value for family in text_string_to_metric_families(data[4:].decode())
         for s in family.samples if s.name == "sendarix_messages_accepted_total"
     )
+
+
+class OrphanPeerDirTests(SynchronousTestCase):
+    """The workers' directories that killed supervisors left behind."""
+
+    def test_only_dead_supervisors_dirs_removed(self) -> None:
+        """A directory whose supervisor PID no process has is removed; one of a live
+        PID, one named the older way (no PID) and anything else stay."""
+        parent = os.path.abspath(self.mktemp())
+        os.makedirs(parent)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        names = {
+            f"{PEERS_PREFIX}{gone.pid}-abcd1234": False,
+            f"{PEERS_PREFIX}{os.getpid()}-efgh5678": True,
+            f"{PEERS_PREFIX}ijkl9012": True,
+            "something-else": True,
+        }
+        for name in names:
+            os.makedirs(os.path.join(parent, name))
+            with open(os.path.join(parent, name, "w1.sock"), "w"):
+                pass
+        removed = remove_orphan_peer_dirs(parent)
+        self.assertEqual(removed, [os.path.join(parent, f"{PEERS_PREFIX}{gone.pid}-abcd1234")])
+        self.assertEqual(sorted(os.listdir(parent)), sorted(n for n, kept in names.items() if kept))
+        self.assertEqual(remove_orphan_peer_dirs(os.path.join(parent, "missing")), [])
 
 
 class WorkerProcessTests(TestCase):
