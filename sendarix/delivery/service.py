@@ -942,7 +942,9 @@ class DeliveryService(Service):
         """Call an IThrottle method; None when it fails (a shared throttle whose store
         is unreachable): callers then wait, never count on a slot or a rate."""
         try:
-            return await maybeDeferred(method, *args)
+            result = method(*args)
+            # The memory throttle answers at once: no Deferred to wrap and wait for.
+            return (await result) if isinstance(result, Deferred) else result
         except Exception as e:
             if self.running:
                 log.warn("throttle {method} failed: {error}", method=method.__name__, error=e)

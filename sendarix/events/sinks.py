@@ -18,7 +18,12 @@ from sendarix.model.event import Event
 
 
 def _sinks(sinks: Iterable[IEventSink]) -> tuple[IEventSink, ...]:
-    return tuple(sinks)
+    # A fan-out among the sinks is opened up: one loop over all of them per event,
+    # not a loop and a Deferred per level.
+    flat: list[IEventSink] = []
+    for sink in sinks:
+        flat.extend(sink.sinks if isinstance(sink, FanoutSink) else (sink,))
+    return tuple(flat)
 
 
 @implementer(IEventSink)
