@@ -190,6 +190,25 @@ def _first_mailbox(value: str) -> str | None:
     return None
 
 
+
+#: The last whole second written as a header date, and its text.
+_last_date: tuple[int, str] = (-1, "")
+
+
+def header_date(now: float) -> str:
+    """``now`` as an RFC 5322 date in UTC (``Sat, 05 Dec 2026 21:06:28 +0000``), to
+    the second.  Every message gets one in its Received field, many in a second:
+    the text is made once per second."""
+    global _last_date
+    second = int(now)
+    last, text = _last_date
+    if second != last:
+        text = format_datetime(datetime.fromtimestamp(second, UTC))
+        # One tuple assignment: another thread sees the old pair or the new one.
+        _last_date = (second, text)
+    return text
+
+
 def cleanup(body: bytes, info: CleanupInfo) -> CleanedMessage:
     """Prepare ``body`` (a whole message, CR LF line endings) for the queue."""
     fields, body_start = _split_header(body)
@@ -226,7 +245,7 @@ def cleanup(body: bytes, info: CleanupInfo) -> CleanedMessage:
         # A last field cut off by the end of the message still needs its line end.
         kept.append(f.raw if f.raw.endswith(b"\n") else f.raw + CRLF)
 
-    date = format_datetime(datetime.fromtimestamp(info.now, UTC))
+    date = header_date(info.now)
     added: list[bytes] = []
     if message_id is None:
         message_id = f"{info.queue_id}.{secrets.token_hex(8)}@{info.message_id_domain}"

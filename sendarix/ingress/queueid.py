@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _VALUE = {c: i for i, c in enumerate(ALPHABET)}
+_CHARS = frozenset(ALPHABET)
 
 TIME_CHARS = 10
 NODE_CHARS = 4
@@ -95,4 +96,4 @@ def queue_id_time(queue_id: str) -> float:
 
 def is_queue_id(text: str) -> bool:
     """True when ``text`` has the shape of a queue id (for CLI and API input checks)."""
-    return len(text) == LENGTH and all(c in _VALUE for c in text)
+    return len(text) == LENGTH and _CHARS.issuperset(text)

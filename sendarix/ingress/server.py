@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -97,6 +98,17 @@ def _text(b: bytes) -> str:
     return b.decode("utf-8", "replace")
 
 
+@functools.lru_cache(maxsize=4096)
+def _in_networks(ip: str, networks: tuple[Any, ...]) -> bool:
+    # Asked once per session, mostly about the same few clients: each address is
+    # parsed and matched once (a bounded cache, so many clients only cost misses).
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
+
+
 @frozen
 class ListenerSettings:
     """Everything a session on one listener needs, shared by its connections."""
@@ -131,11 +143,7 @@ class ListenerSettings:
         return self.listener.tls == "implicit"
 
     def trusted(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in net for net in self.listener.trusted_networks)
+        return _in_networks(ip, self.listener.trusted_networks)
 
 
 class SubmissionServer(smtp.ESMTP):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from email.utils import getaddresses
+from datetime import UTC, datetime
+from email.utils import format_datetime, getaddresses
 from typing import Any
 
 import attrs
@@ -11,7 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from sendarix.cleanup.headers import CleanupInfo, _first_mailbox, cleanup, received_protocol
+from sendarix.cleanup.headers import (
+    CleanupInfo,
+    _first_mailbox,
+    cleanup,
+    header_date,
+    received_protocol,
+)
 
 T = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
 DATE = "Tue, 14 Nov 2023 22:13:20 +0000"
@@ -70,6 +77,17 @@ class ReceivedProtocolTests(SynchronousTestCase):
         self.assertEqual(received_protocol(True, True, False), "ESMTPS")
         self.assertEqual(received_protocol(True, False, True), "ESMTPA")
         self.assertEqual(received_protocol(True, True, True), "ESMTPSA")
+
+
+class HeaderDateTests(SynchronousTestCase):
+    """The Received and Date fields' date, made once per second."""
+
+    @given(st.lists(st.floats(min_value=0, max_value=2**33), min_size=1, max_size=20))
+    def test_same_as_the_email_package(self, moments: list[float]) -> None:
+        """Whatever the order of the moments asked for, each date is the email
+        package's own for that moment (to the second)."""
+        for now in moments:
+            self.assertEqual(header_date(now), format_datetime(datetime.fromtimestamp(now, UTC)))
 
 
 class ReceivedTests(SynchronousTestCase):
