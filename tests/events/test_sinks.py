@@ -22,6 +22,7 @@ from twisted.logger import (
     LogLevel,
     eventAsJSON,
     formatEvent,
+    formatEventAsClassicLogText,
     globalLogPublisher,
 )
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -229,6 +230,20 @@ class JSONLogSinkTests(SynchronousTestCase):
         JSONLogSink(Logger(observer=cast(ILogObserver, seen.append))).emit(event)
         self.assertEqual(formatEvent(seen[0]),
                          "event bounced queue_id=Q123 recipient={odd}}@example.org")
+
+    def test_same_line_as_logger_info(self) -> None:
+        """The log event is made by hand (it is the busiest): the text output shows
+        it exactly as an event made by ``Logger.info`` with the same text."""
+        seen: list[dict[str, Any]] = []
+        logger = Logger(namespace="sendarix.events",
+                        observer=cast(ILogObserver, seen.append))
+        event = attrs.evolve(full_event(), recipient="{odd}}@example.org")
+        JSONLogSink(logger).emit(event)
+        logger.info("event bounced queue_id=Q123 recipient={{odd}}}}@example.org")
+        ours, theirs = seen
+        theirs["log_time"] = ours["log_time"]
+        self.assertEqual(formatEventAsClassicLogText(ours), formatEventAsClassicLogText(theirs))
+        self.assertIn("[sendarix.events#info] event bounced", formatEventAsClassicLogText(ours))
 
     def test_given_logger(self) -> None:
         """A given Logger is used."""
