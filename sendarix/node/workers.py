@@ -71,7 +71,7 @@ def remove_orphan_peer_dirs(parent: str) -> list[str]:
             continue  # not ours, or made before the PID was in the name
         path = os.path.join(parent, name)
         try:
-            if os.lstat(path).st_uid != os.getuid() or _alive(int(pid_text)):
+            if os.lstat(path).st_uid != os.getuid() or pid_alive(int(pid_text)):
                 continue
         except OSError:
             continue
@@ -80,7 +80,8 @@ def remove_orphan_peer_dirs(parent: str) -> list[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether some process (ours or another user's) has ``pid``."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -91,7 +92,7 @@ def _alive(pid: int) -> bool:
 
 __all__ = [
     "PEERS_PREFIX", "TWISTD", "ParentWatch", "WorkerPool", "listen_shared",
-    "remove_orphan_peer_dirs", "twistd_log_file", "worker_name",
+    "pid_alive", "remove_orphan_peer_dirs", "twistd_log_file", "worker_name",
 ]
 
 #: How a child runs twistd (the same interpreter as the parent).

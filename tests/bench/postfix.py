@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 
+from sendarix.node.workers import pid_alive
 from tests.bench.install import which
 from tests.bench.sendarix import Failed, process_tree_rss
 
@@ -146,22 +147,12 @@ class PostfixSystem:
         )
         pid = self._master_pid
         deadline = time.monotonic() + 15
-        while pid is not None and _alive(pid) and time.monotonic() < deadline:
+        while pid is not None and pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if pid is not None and _alive(pid):
+        if pid is not None and pid_alive(pid):
             subprocess.run([self.postfix, "-c", self.config_dir, "abort"], check=False,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._master_pid = None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _wait_listening(port: int, timeout: float) -> None:
