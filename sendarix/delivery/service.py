@@ -102,7 +102,7 @@ from sendarix.scheduler.outcome import (
     plan_outcomes,
 )
 from sendarix.scheduler.retry import RetrySchedule
-from sendarix.stores.errors import StoreUnavailable
+from sendarix.stores.errors import LeaseLost, StoreUnavailable
 
 __all__ = ["DeliveryService"]
 
@@ -1407,10 +1407,19 @@ class DeliveryService(Service):
                 # Read before completing: a message whose last recipient fails leaves
                 # the spool with its body.
                 original = await self.spool.body(delivery.queue_id)
-        await self.spool.complete(
-            delivery.queue_id, delivery.domain, self.config.node.name, list(plan.outcomes),
-            self.reactor.seconds(),
-        )
+        try:
+            await self.spool.complete(
+                delivery.queue_id, delivery.domain, self.config.node.name,
+                list(plan.outcomes), self.reactor.seconds(),
+            )
+        except LeaseLost:
+            # Deleted by an operator while it was being sent, or its lease ran out
+            # and another node took it: the record is no longer ours to write.  What
+            # the destination answered still happened, so its events and
+            # suppressions follow as usual.
+            log.warn("the outcome of {queue_id} at {domain} was not recorded: the "
+                     "message was deleted, or another node holds it now",
+                     queue_id=delivery.queue_id, domain=delivery.domain)
         self.scheduler.settled(delivery)
         self._drop_body(delivery)
         self._failures.pop((delivery.queue_id, delivery.domain), None)

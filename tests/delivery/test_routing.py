@@ -337,6 +337,31 @@ class ReadyQueueLeaseTests(unittest.TestCase):
         self.assertEqual(sink.stats.messages, 1)
 
 
+class DeletedInFlightTests(unittest.TestCase):
+    """A message deleted by an operator while it is being sent."""
+
+    async def test_outcome_not_recorded_events_kept(self) -> None:
+        """The destination's answer arrives after the delete: the spool refuses the
+        outcome (the lease is gone), which the delivery agent reports as a warning,
+        not an error; the message stays deleted and its ``delivered`` event is
+        still written (it did go out)."""
+        sink = await start_sink(self, "127.0.0.3", 0, "stall-data:2")
+        relay = await start_relay(
+            self, [RELAY_LISTENER],
+            pool={"slow": {"endpoints": [{"host": "127.0.0.3",
+                                          "port": sink.addresses[0][1]}]}},
+            route=[{"match": {"recipient_domain": "slow.test"}, "via": "pool:slow"}],
+        )
+        await in_thread(submit, relay.ports["relay"], SENDER, ["user@slow.test"])
+        (queued,) = (await relay.stores.spool.list_messages()) or [None]
+        assert queued is not None
+        await deferLater(reactor, 0.5, lambda: None)  # the sink holds the final 250
+        self.assertTrue(await relay.stores.spool.delete(queued.queue_id))
+        event = await wait_event(relay, "user@slow.test", "delivered")
+        self.assertEqual(event.queue_id, queued.queue_id)
+        self.assertIsNone(await relay.stores.spool.get(queued.queue_id))
+
+
 class FlakySpool:
     """The relay's own spool, with ``body`` and ``release`` failing while ``down`` is
     set (a store outage, as when Redis restarts)."""
