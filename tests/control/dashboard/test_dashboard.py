@@ -425,13 +425,18 @@ class Browser:
 
     def click(self, element: Any) -> None:
         """Click and wait for the next page to replace this one."""
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support import expected_conditions
         from selenium.webdriver.support.ui import WebDriverWait
 
         page = self.driver.find_element(By.TAG_NAME, "html")
         element.click()
-        WebDriverWait(self.driver, 10).until(expected_conditions.staleness_of(page))
+        # While the old page is being torn down Chromium may answer "node does not
+        # belong to the document" instead of "stale": that is gone too.
+        WebDriverWait(self.driver, 10, ignored_exceptions=[WebDriverException]).until(
+            expected_conditions.staleness_of(page)
+        )
 
     def log_in(self, key: str) -> None:
         from selenium.webdriver.common.by import By
