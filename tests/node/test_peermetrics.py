@@ -126,6 +126,29 @@ class PeerMetricsTests(TestCase):
         self.assertEqual(answer.code, 200)
         self.assertEqual(await answer.content(), b"sendarix_workers 2.0\n")
 
+    async def test_a_scraper_that_hangs_up_is_not_answered(self) -> None:
+        """A scraper that hangs up before the node's figures are gathered: the
+        gathered exposition is dropped quietly, not written to a closed request."""
+        resource = MetricsResource(Metrics(node="box-w1"))
+        gathered: list[Deferred[bytes]] = []
+
+        def gather() -> Deferred[bytes]:
+            gathered.append(Deferred())
+            return gathered[-1]
+
+        resource.gather = gather
+        port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        client.sendall(b"GET / HTTP/1.1\r\nHost: box\r\n\r\n")
+        while not gathered:
+            await pause(0.01)
+        client.close()
+        await pause(0.2)  # the server sees the connection end
+        gathered[0].callback(b"sendarix_workers 2.0\n")
+        # Nothing failed in the answer (a finish after the hang-up would raise).
+        self.assertIsNone(self.successResultOf(gathered[0]))
+
 
 def read_socket(path: str) -> bytes:
     """Everything a UNIX socket sends, read with blocking calls (in a thread)."""

@@ -43,9 +43,13 @@ class MetricsResource(Resource):
         if self.gather is None:
             return generate_latest(self.metrics.registry)
 
+        gone: list[bool] = []
+        # Fails when the scraper hangs up before the node's figures are gathered.
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
         def answer(body: bytes) -> None:
-            if getattr(request, "_disconnected", False):
-                return  # the scraper gave up meanwhile
+            if gone:
+                return
             request.write(body)
             request.finish()
 
