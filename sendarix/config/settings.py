@@ -127,6 +127,13 @@ class NodeConfig:
     #: process for a node embedded in another service (it cannot start workers).
     workers: int | None = setting(workers_parser, None)
 
+    @property
+    def processes(self) -> int:
+        """How many processes share this node's work, as this process runs it:
+        ``workers``, or one when it is not set (``twistd`` sets it before it builds a
+        node, so only an embedded node, one process, gets here without it)."""
+        return self.workers or 1
+
 
 @frozen
 class SpoolConfig:

@@ -524,7 +524,7 @@ def makeService(
         )
         service = ListenerService(
             reactor, lc, SubmissionFactory(settings), stores_service,
-            wrap_tls=tls_options if lc.wrap_tls else None, shared=(config.node.workers or 1) > 1,
+            wrap_tls=tls_options if lc.wrap_tls else None, shared=config.node.processes > 1,
         )
         service.setServiceParent(top)
         top.listeners.append(service)
@@ -546,7 +546,7 @@ def makeService(
         # The API stops first (it is added last): no request reaches closing stores.
         top.api = HTTPService(
             reactor, config.api.endpoint, site, stores_service.ready,
-            shared=(config.node.workers or 1) > 1,
+            shared=config.node.processes > 1,
             tls=tls_options if config.api.tls else None,
         )
         top.api.setServiceParent(top)

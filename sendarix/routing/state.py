@@ -36,7 +36,7 @@ def state_path(config: Config) -> str:
     """Where the node of ``config`` writes its routing state.  With several workers
     only the workers run delivery (the supervisor does not), and each has its own
     file, named after it."""
-    if (config.node.workers or 1) > 1:
+    if config.node.processes > 1:
         return os.path.join(config.var_dir, f"{_ROOT}-{config.node.name}{_EXT}")
     return os.path.join(config.var_dir, STATE_FILE)
 

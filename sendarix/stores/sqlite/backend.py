@@ -93,7 +93,7 @@ class SQLiteBackend:
             dashboard_sessions=SQLiteDashboardSessions(db),
             outbox=SQLiteWebhookOutbox(db),
             webhook_endpoints=SQLiteWebhookEndpointStore(db),
-            share=1.0 / (config.node.workers or 1),
+            share=1.0 / config.node.processes,
         )
 
     @property
