@@ -246,16 +246,22 @@ class SQLiteDatabase:
         does not wait for, try again until the busy timeout: two connections that
         create a new file can each hold what the other needs, and SQLite then
         answers one of them "locked" at once rather than let both wait forever."""
+        return self._while_locked(self._connect_once, first=0.005, longest=0.1)
+
+    def _while_locked(self, attempt: Callable[[], T], first: float, longest: float) -> T:
+        """``attempt()``, again while SQLite answers "locked", for up to the busy
+        timeout: sleeping ``first`` seconds, then twice as long each time, up to
+        ``longest``."""
         deadline = time.monotonic() + self._busy_timeout_ms / 1000.0
-        delay = 0.005
+        delay = first
         while True:
             try:
-                return self._connect_once()
+                return attempt()
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) or time.monotonic() >= deadline:
                     raise
             time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+            delay = min(delay * 2, longest)
 
     def _connect_once(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -372,17 +378,8 @@ class SQLiteDatabase:
             fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
 
     def _begin_immediate(self, conn: sqlite3.Connection) -> None:
-        delay = 0.0001
-        deadline = time.monotonic() + self._busy_timeout_ms / 1000.0
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.002)
+        self._while_locked(lambda: conn.execute("BEGIN IMMEDIATE"), first=0.0001,
+                           longest=0.002)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
         results: list[tuple[Deferred[Any], bool, Any]] = []
