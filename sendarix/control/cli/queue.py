@@ -123,8 +123,7 @@ async def _queue_stats(args: argparse.Namespace, stores: Stores) -> Output:
     routing = read_states(stores.config)
     if args.json:
         data = stats.to_dict()
-        if routing:
-            data["routing"] = routing
+        data["routing"] = routing  # a list, empty when no process has written one
         return text_lines(to_json(data))
     statuses = [s.value for s in RecipientStatus if s.value in stats.by_status]
     total = sum(stats.by_status.values())

@@ -257,7 +257,8 @@ class StoreCommandTests(TestCase):
         _write_config(self.folder, "sendarix.toml", CONFIG.replace("var/spool.db", "data/q.db"))
         out, err, code = await _run(["queue", "stats", "--json"], self.folder)
         self.assertEqual(code, 0, err)
-        self.assertEqual(json.loads(out), {"messages": 0, "by_status": {}, "by_domain": {}})
+        self.assertEqual(json.loads(out), {"messages": 0, "by_status": {}, "by_domain": {},
+                                           "routing": []})
         self.assertTrue(os.path.exists(os.path.join(self.folder, "data", "q.db")))
 
         empty = os.path.abspath(self.mktemp())
