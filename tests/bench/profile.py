@@ -4,6 +4,11 @@
 samples by thread and by the innermost Sendarix module on the stack (time in the
 database thread's COMMIT, which waits for fsync, is shown on its own), which is the
 table docs/performance.md cites.
+
+py-spy follows the node's child processes too: with workers, the supervisor only
+waits and every sample that counts comes from a worker.  ``gil=True`` keeps only the
+samples of threads holding the GIL, which shows where the Python work goes rather
+than where the threads wait (for a system call, or for the GIL itself).
 """
 
 from __future__ import annotations
@@ -14,21 +19,25 @@ import shutil
 import subprocess
 
 _FRAME_FILE = re.compile(r"\((.*?):(\d+)\)")
+_THREAD = "thread ("
 
 
 class Profiler:
-    """``py-spy record`` attached to ``pid`` until ``stop()``."""
+    """``py-spy record`` attached to ``pid`` and its children until ``stop()``."""
 
-    def __init__(self, pid: int, out: str, rate: int = 200) -> None:
+    def __init__(self, pid: int, out: str, rate: int = 200, gil: bool = False) -> None:
         binary = shutil.which("py-spy")
         if binary is None:
             raise RuntimeError("--profile needs py-spy (pip install py-spy)")
         self.out = out
-        self.proc = subprocess.Popen(
-            [binary, "record", "--pid", str(pid), "--format", "raw", "--output", out,
-             "--rate", str(rate), "--threads", "--nonblocking"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        #: py-spy's own messages: why a recording came out empty.
+        self.log = out + ".log"
+        command = [binary, "record", "--pid", str(pid), "--subprocesses", "--format", "raw",
+                   "--output", out, "--rate", str(rate), "--threads", "--nonblocking"]
+        if gil:
+            command.append("--gil")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -38,6 +47,16 @@ class Profiler:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _thread_kind(name: str) -> str:
+    if name == "MainThread":
+        return "reactor"
+    if name.startswith("sqlite-read:"):
+        return "reader"
+    if name.startswith("sqlite:"):
+        return "database"
+    return "other"
 
 
 def summarize(raw_path: str, top: int = 14) -> list[str]:
@@ -50,21 +69,41 @@ def summarize(raw_path: str, top: int = 14) -> list[str]:
             if not count.isdigit():
                 continue
             n = int(count)
-            frames = stack.split(";")
-            thread = "database" if "sqlite:" in frames[0] else "reactor"
+            # With child processes each stack starts with the process chain, whose
+            # command lines may hold ";": split at the thread, not before.
+            processes, found, rest = stack.partition(_THREAD)
+            if not found:
+                continue
+            thread_name, _, frames_text = rest.partition(";")
+            if "process " in processes and "--worker" not in processes:
+                thread = "supervisor"
+            else:
+                thread = _thread_kind(thread_name.split(": ", 1)[-1])
+            frames = frames_text.split(";")
             where = "twisted/other"
-            for frame in reversed(frames[1:]):
+            for frame in reversed(frames):
                 m = _FRAME_FILE.search(frame)
                 if m and "sendarix/" in m.group(1):
                     where = "sendarix/" + m.group(1).split("sendarix/")[-1]
                     break
-            if thread == "database" and "_run_batch" in frames[-1] and "COMMIT" not in where:
+            if thread == "database" and "_run_batch" in frames[-1]:
                 # The database thread's own frame: BEGIN/SAVEPOINT/COMMIT; COMMIT waits
                 # for the fsync.
                 where = "stores/sqlite/database.py: BEGIN/SAVEPOINT/COMMIT (fsync)"
             groups[(thread, where)] += n
             total += n
     if not total:
-        return ["(no samples)"]
+        return [f"(no samples{_why_empty(raw_path)})"]
     return [f"{n * 100 / total:5.1f}% {thread:8} {where}"
             for (thread, where), n in groups.most_common(top)]
+
+
+def _why_empty(raw_path: str) -> str:
+    """``": <py-spy's last message>"`` when its log (beside the recording) has one."""
+    try:
+        with open(raw_path + ".log", errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ""
+    errors = [line for line in lines if "rror" in line]
+    return f": {(errors or lines)[-1]}" if lines else ""

@@ -122,7 +122,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
     p.add_argument("--profile", metavar="DIR",
                    help="record a py-spy profile of each Sendarix variant's first load "
-                        "into DIR and print a summary (needs py-spy)")
+                        "(its worker processes included) into DIR and print a summary "
+                        "(needs py-spy)")
+    p.add_argument("--profile-gil", action="store_true",
+                   help="with --profile: only samples of threads holding the GIL (where "
+                        "the Python work goes, not where threads wait)")
     args = p.parse_args(argv)
     if args.quick:
         args.runs, args.messages, args.latency_messages = 1, 500, 20
@@ -274,7 +278,7 @@ class Bench:
         self.profiled.add(system.name)
         os.makedirs(self.args.profile, exist_ok=True)
         out = os.path.join(os.path.abspath(self.args.profile), f"{system.name}.txt")
-        return Profiler(system.proc.pid, out)
+        return Profiler(system.proc.pid, out, gil=self.args.profile_gil)
 
     def run_system(self, system: Any, sink: Sink, idle_sessions: int,
                    rss: Callable[[], tuple[int, int]], run: int) -> None:
