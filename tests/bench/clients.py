@@ -80,21 +80,36 @@ class _Conversation:
         self.sock.close()
 
 
-def send_message(port: int, body: bytes, timeout: float = 60.0) -> float:
+def send_message(port: int, body: bytes, timeout: float = 60.0,
+                 steps: dict[str, float] | None = None) -> float:
     """Submit one message in a new session; return the monotonic time it started.
-    Returns after the 250 to the final dot (and a QUIT)."""
+    Returns after the 250 to the final dot (and a QUIT).
+
+    ``steps``, when given, gets the seconds each step of the dialogue took, as this
+    client saw them (``connect``: until the banner; ``ehlo``, ``mail``, ``rcpt``,
+    ``data``: command to reply; ``dot``: the final dot to its 250), and ``dot_sent``,
+    the monotonic time the final dot was sent."""
     start = time.monotonic()
+    times = steps if steps is not None else {}
     conv = _Conversation(port, timeout)
     try:
         conv.expect(b"220")
-        conv.command(b"EHLO client.bench.invalid", b"250")
-        conv.command(f"MAIL FROM:<{SENDER}>".encode(), b"250")
-        conv.command(f"RCPT TO:<{RECIPIENT}>".encode(), b"250")
-        conv.command(b"DATA", b"354")
+        times["connect"] = time.monotonic() - start
+        for name, line, code in (
+            ("ehlo", b"EHLO client.bench.invalid", b"250"),
+            ("mail", f"MAIL FROM:<{SENDER}>".encode(), b"250"),
+            ("rcpt", f"RCPT TO:<{RECIPIENT}>".encode(), b"250"),
+            ("data", b"DATA", b"354"),
+        ):
+            t = time.monotonic()
+            conv.command(line, code)
+            times[name] = time.monotonic() - t
         view = memoryview(body)
         for i in range(0, len(body), 1 << 20):
             conv.sock.sendall(view[i : i + (1 << 20)])
+        times["dot_sent"] = time.monotonic()
         conv.command(b".", b"250")
+        times["dot"] = time.monotonic() - times["dot_sent"]
     finally:
         conv.close()
     return start

@@ -58,6 +58,15 @@ METRICS: dict[str, tuple[str, str, str, bool]] = {
     "relay_rate": ("end-to-end relay rate", "msg/s", "{:.0f}", True),
     "latency_p50": ("latency p50", "ms", "{:.1f}", False),
     "latency_p99": ("latency p99", "ms", "{:.1f}", False),
+    # Where the single message's time goes, as the client sees each step (p50).
+    "latency_connect": ("latency step: connect to banner, p50", "ms", "{:.2f}", False),
+    "latency_ehlo": ("latency step: EHLO, p50", "ms", "{:.2f}", False),
+    "latency_mail": ("latency step: MAIL, p50", "ms", "{:.2f}", False),
+    "latency_rcpt": ("latency step: RCPT, p50", "ms", "{:.2f}", False),
+    "latency_data": ("latency step: DATA (to 354), p50", "ms", "{:.2f}", False),
+    "latency_dot": ("latency step: final dot to 250, p50", "ms", "{:.2f}", False),
+    "latency_relay": ("latency step: final dot to arrival at the sink, p50", "ms", "{:.2f}",
+                      False),
     "cpu_ms_per_msg": ("CPU (user+sys, all processes) per message", "ms", "{:.2f}", False),
     "load_peak_rss": ("peak RSS (sum over processes) during the load", "MiB", "{:.1f}",
                       False),
@@ -251,14 +260,22 @@ class Bench:
 
         phases["load"], t = time.monotonic() - t, time.monotonic()
         latencies = []
+        steps: dict[str, list[float]] = {}
         for _ in range(a.latency_messages):
             base = sink.count
-            t0 = clients.send_message(port, self.small)
+            timing: dict[str, float] = {}
+            t0 = clients.send_message(port, self.small, steps=timing)
             if not sink.wait_for(base + 1, timeout=30):
                 raise Failed("a latency message did not reach the sink within 30 s")
-            latencies.append(sink.arrival(base + 1) - t0)
+            arrived = sink.arrival(base + 1)
+            latencies.append(arrived - t0)
+            timing["relay"] = arrived - timing.pop("dot_sent")
+            for step, seconds in timing.items():
+                steps.setdefault(step, []).append(seconds)
         out["latency_p50"] = percentile(latencies, 0.50) * 1000
         out["latency_p99"] = percentile(latencies, 0.99) * 1000
+        for step, values in steps.items():
+            out[f"latency_{step}"] = statistics.median(values) * 1000
 
         phases["latency"], t = time.monotonic() - t, time.monotonic()
         base = sink.count
