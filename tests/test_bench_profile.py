@@ -1,4 +1,5 @@
-"""The bench's profile summary reads py-spy's raw stacks as py-spy writes them."""
+"""The bench's profile summary (tests/bench/profile.py) reads py-spy's raw stacks as
+py-spy writes them; the bench itself is not part of the suite."""
 
 from __future__ import annotations
 
