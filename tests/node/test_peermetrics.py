@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -105,9 +106,11 @@ class PeerMetricsTests(TestCase):
         self.assertEqual(got["sendarix_workers"], 3.0)
         self.assertEqual(got["sendarix_workers_scraped"], 2.0)
 
-    async def test_the_resource_serves_the_gathered_exposition(self) -> None:
-        metrics = Metrics(node="box-w1")
-        resource = MetricsResource(metrics)
+    def serve_held(
+        self, resource: MetricsResource
+    ) -> tuple[IListeningPort, list[Deferred[bytes]]]:
+        """Serve ``resource`` on a loopback port, its gathering held: each scrape's
+        Deferred is appended to the list, for the test to fire."""
         gathered: list[Deferred[bytes]] = []
 
         def gather() -> Deferred[bytes]:
@@ -117,6 +120,12 @@ class PeerMetricsTests(TestCase):
         resource.gather = gather
         port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
+        return port, gathered
+
+    async def test_the_resource_serves_the_gathered_exposition(self) -> None:
+        metrics = Metrics(node="box-w1")
+        resource = MetricsResource(metrics)
+        port, gathered = self.serve_held(resource)
         pool = HTTPConnectionPool(reactor, persistent=False)
         response = treq.get(f"http://127.0.0.1:{port.getHost().port}/", pool=pool)
         while not gathered:
@@ -130,15 +139,7 @@ class PeerMetricsTests(TestCase):
         """A scraper that hangs up before the node's figures are gathered: the
         gathered exposition is dropped quietly, not written to a closed request."""
         resource = MetricsResource(Metrics(node="box-w1"))
-        gathered: list[Deferred[bytes]] = []
-
-        def gather() -> Deferred[bytes]:
-            gathered.append(Deferred())
-            return gathered[-1]
-
-        resource.gather = gather
-        port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
+        port, gathered = self.serve_held(resource)
         client = socket.create_connection(("127.0.0.1", port.getHost().port))
         client.sendall(b"GET / HTTP/1.1\r\nHost: box\r\n\r\n")
         while not gathered:
