@@ -190,7 +190,6 @@ def _first_mailbox(value: str) -> str | None:
     return None
 
 
-
 #: The last whole second written as a header date, and its text.
 _last_date: tuple[int, str] = (-1, "")
 

@@ -90,6 +90,7 @@ def pid_alive(pid: int) -> bool:
         return True  # someone else's process has it
     return True
 
+
 __all__ = [
     "PEERS_PREFIX", "TWISTD", "ParentWatch", "WorkerPool", "listen_shared",
     "pid_alive", "remove_orphan_peer_dirs", "twistd_log_file", "worker_name",
