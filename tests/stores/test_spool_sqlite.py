@@ -50,6 +50,86 @@ class SQLiteSpoolTests(SpoolContractMixin, TestCase):
         return SQLiteSpool.at_path(self.path, reactor)
 
 
+#: The spool's tables as releases before 2026-12-06 made them: every table with a rowid.
+ROWID_SCHEMA = tuple(sql.replace(" WITHOUT ROWID", "") for sql in SCHEMA)
+
+
+def make_rowid_spool_file(path: str) -> None:
+    """A spool file whose tables an earlier release made (rowid tables)."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        for sql in ROWID_SCHEMA:
+            conn.execute(sql)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+class SQLiteRowidSpoolTests(SpoolContractMixin, TestCase):
+    """A spool file made by an earlier release, whose tables all have a rowid, still
+    passes the whole conformance suite: its tables are kept as they are."""
+
+    def setUp(self) -> None:
+        self.path = os.path.abspath(self.mktemp()) + ".db"
+        make_rowid_spool_file(self.path)
+
+    def make_spool(self) -> ISpool:
+        return SQLiteSpool.at_path(self.path, reactor)
+
+    async def test_tables_kept(self) -> None:
+        """Opening the older file changes none of its tables."""
+        spool = SQLiteSpool.at_path(self.path, reactor)
+        await spool.start()
+        self.addCleanup(spool.stop)
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        for table in ("spool_message", "spool_body", "spool_delivery", "spool_recipient"):
+            conn.execute(f"SELECT rowid FROM {table}").fetchall()  # raises without one
+
+
+class SQLiteSpoolLayoutTests(TestCase):
+    """How the spool's tables are stored, and what that saves per message."""
+
+    async def test_message_tables_have_no_rowid(self) -> None:
+        """A new spool keeps messages, bodies and deliveries in their primary key's
+        B-tree; the recipients keep the rowid that orders them."""
+        path = os.path.abspath(self.mktemp()) + ".db"
+        spool = SQLiteSpool.at_path(path, reactor)
+        await spool.start()
+        self.addCleanup(spool.stop)
+        conn = sqlite3.connect(path)
+        self.addCleanup(conn.close)
+        for table in ("spool_message", "spool_body", "spool_delivery"):
+            with self.assertRaises(sqlite3.OperationalError, msg=table):
+                conn.execute(f"SELECT rowid FROM {table}")
+        conn.execute("SELECT rowid FROM spool_recipient").fetchall()
+
+    async def test_fewer_pages_per_message(self) -> None:
+        """Storing a message writes at least three pages fewer to the log than the
+        same message in a spool of rowid tables: one per table that lost its rowid."""
+
+        async def pages_per_message(path: str) -> list[int]:
+            spool = SQLiteSpool.at_path(path, reactor)
+            await spool.start()
+            self.addCleanup(spool.stop)
+            counts = []
+            for i in range(5):
+                # The log is never checkpointed this early: it grows by whole frames.
+                before = os.path.getsize(path + "-wal")
+                await spool.enqueue_leased(sample_message(f"Q{i}"), "node", T0 + 300)
+                counts.append((os.path.getsize(path + "-wal") - before) // (4096 + 24))
+            return counts
+
+        old = os.path.abspath(self.mktemp()) + ".db"
+        make_rowid_spool_file(old)
+        new = os.path.abspath(self.mktemp()) + ".db"
+        old_pages = await pages_per_message(old)
+        new_pages = await pages_per_message(new)
+        for before, now in zip(old_pages, new_pages, strict=True):
+            self.assertLessEqual(now, before - 3, (old_pages, new_pages))
+
+
 # The child enqueues one message and reports OK; then it keeps 20 enqueues in flight
 # and reports MORE once 100 more are stored.  The parent kills it at MORE, so the
 # kill lands in the middle of later writes.

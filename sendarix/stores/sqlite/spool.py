@@ -44,22 +44,27 @@ SCHEMA: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS spool_info (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL)""",
+    # The message, body and delivery tables live in their primary key's B-tree
+    # (WITHOUT ROWID): a rowid table keeps that key in a second B-tree, one more page
+    # to write in every commit that adds or removes a message.  spool_recipient keeps
+    # its rowid, the order the recipients were given in.  A spool made by an earlier
+    # release keeps its rowid tables; every statement here works on both.
     """CREATE TABLE IF NOT EXISTS spool_message (
         queue_id TEXT PRIMARY KEY,
         envelope TEXT NOT NULL,
         meta TEXT NOT NULL,
         size INTEGER NOT NULL,
-        created REAL NOT NULL)""",
+        created REAL NOT NULL) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS spool_body (
         queue_id TEXT PRIMARY KEY REFERENCES spool_message (queue_id),
-        body BLOB NOT NULL)""",
+        body BLOB NOT NULL) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS spool_delivery (
         queue_id TEXT NOT NULL REFERENCES spool_message (queue_id),
         domain TEXT NOT NULL,
         due REAL NOT NULL,
         lease_node TEXT,
         lease_expires REAL,
-        PRIMARY KEY (queue_id, domain))""",
+        PRIMARY KEY (queue_id, domain)) WITHOUT ROWID""",
     """CREATE INDEX IF NOT EXISTS spool_delivery_due
         ON spool_delivery (due, queue_id, domain)""",
     """CREATE INDEX IF NOT EXISTS spool_delivery_lease
