@@ -55,6 +55,18 @@ class SummarizeTests(SynchronousTestCase):
         path = self.write([f"{REACTOR};doPoll (twisted/internet/epollreactor.py:227) 3"])
         self.assertEqual(summarize(path), ["100.0% reactor  twisted/other"])
 
+    def test_one_process_node_is_no_supervisor(self) -> None:
+        """A node without workers, recorded with its (absent) children followed: its
+        own process is the node, so its threads are named as a worker's."""
+        path = self.write([
+            f"{SUPERVISOR};{REACTOR};_process (sendarix/ingress/server.py:325) 3",
+            f"{SUPERVISOR};{DATABASE};_run_batch (sendarix/stores/sqlite/database.py:396) 1",
+        ])
+        self.assertEqual(summarize(path), [
+            " 75.0% reactor  sendarix/ingress/server.py",
+            " 25.0% database stores/sqlite/database.py: BEGIN/SAVEPOINT/COMMIT (fsync)",
+        ])
+
     def test_empty_says_why(self) -> None:
         """No samples: py-spy's error, from its log beside the recording."""
         path = self.write([], log="py-spy> starting\nError: Failed to find python version\n")

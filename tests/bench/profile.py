@@ -61,7 +61,9 @@ def _thread_kind(name: str) -> str:
 
 def summarize(raw_path: str, top: int = 14) -> list[str]:
     """Lines ``share% thread module`` for the largest groups of samples."""
+    # (thread, module) -> samples; thread "?" is the root process's, named below.
     groups: collections.Counter[tuple[str, str]] = collections.Counter()
+    root: collections.Counter[tuple[str, str]] = collections.Counter()
     total = 0
     with open(raw_path) as f:
         for line in f:
@@ -75,10 +77,7 @@ def summarize(raw_path: str, top: int = 14) -> list[str]:
             if not found:
                 continue
             thread_name, _, frames_text = rest.partition(";")
-            if "process " in processes and "--worker" not in processes:
-                thread = "supervisor"
-            else:
-                thread = _thread_kind(thread_name.split(": ", 1)[-1])
+            thread = _thread_kind(thread_name.split(": ", 1)[-1])
             frames = frames_text.split(";")
             where = "twisted/other"
             for frame in reversed(frames):
@@ -90,8 +89,14 @@ def summarize(raw_path: str, top: int = 14) -> list[str]:
                 # The database thread's own frame: BEGIN/SAVEPOINT/COMMIT; COMMIT waits
                 # for the fsync.
                 where = "stores/sqlite/database.py: BEGIN/SAVEPOINT/COMMIT (fsync)"
-            groups[(thread, where)] += n
+            in_worker = "--worker" in processes
+            (groups if in_worker else root)[(thread, where)] += n
             total += n
+    # The node's own process only waits when it has workers (it is their supervisor);
+    # without them it is the node itself, and its threads are named as a worker's.
+    has_workers = bool(groups)
+    for (thread, where), n in root.items():
+        groups[("supervisor" if has_workers else thread, where)] += n
     if not total:
         return [f"(no samples{_why_empty(raw_path)})"]
     return [f"{n * 100 / total:5.1f}% {thread:8} {where}"
@@ -105,5 +110,5 @@ def _why_empty(raw_path: str) -> str:
             lines = [line.strip() for line in f if line.strip()]
     except OSError:
         return ""
-    errors = [line for line in lines if "rror" in line]
+    errors = [line for line in lines if "error" in line.lower()]
     return f": {(errors or lines)[-1]}" if lines else ""
