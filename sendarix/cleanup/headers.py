@@ -10,13 +10,14 @@ the body after it is copied exactly once, into the result, and never changed.
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.header import Header
 from email.utils import format_datetime, getaddresses
 
 from attrs import frozen
+
+from sendarix.model.randomness import unique_bits
 
 CRLF = b"\r\n"
 INTERNAL_PREFIX = b"x-sendarix-"
@@ -247,7 +248,7 @@ def cleanup(body: bytes, info: CleanupInfo) -> CleanedMessage:
     date = header_date(info.now)
     added: list[bytes] = []
     if message_id is None:
-        message_id = f"{info.queue_id}.{secrets.token_hex(8)}@{info.message_id_domain}"
+        message_id = f"{info.queue_id}.{unique_bits(64):016x}@{info.message_id_domain}"
         added.append(f"Message-ID: <{message_id}>\r\n".encode())
     if not has_date:
         added.append(f"Date: {date}\r\n".encode())

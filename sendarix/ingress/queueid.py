@@ -17,9 +17,10 @@ millisecond is kept apart by the random sequence start.
 from __future__ import annotations
 
 import hashlib
-import secrets
 
 from twisted.internet.interfaces import IReactorTime
+
+from sendarix.model.randomness import unique_bits
 
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _VALUE = {c: i for i, c in enumerate(ALPHABET)}
@@ -30,20 +31,17 @@ NODE_CHARS = 4
 SEQ_CHARS = 6
 LENGTH = TIME_CHARS + NODE_CHARS + SEQ_CHARS
 
-_SEQ_LIMIT = 32**SEQ_CHARS
+_SEQ_BITS = 5 * SEQ_CHARS
+_SEQ_LIMIT = 1 << _SEQ_BITS
 # A new millisecond starts its sequence in the lower half, so at least 2**29 ids fit
 # into any millisecond before the generator has to borrow the next one.
-_SEQ_START_LIMIT = _SEQ_LIMIT // 2
+_SEQ_START_BITS = _SEQ_BITS - 1
 
 
 def _encode(value: int, width: int) -> str:
-    chars = []
-    for _ in range(width):
-        value, digit = divmod(value, 32)
-        chars.append(ALPHABET[digit])
-    if value:
+    if value >> (5 * width):
         raise ValueError(f"value does not fit in {width} base32 characters")
-    return "".join(reversed(chars))
+    return "".join([ALPHABET[(value >> shift) & 31] for shift in range(5 * width - 5, -1, -5)])
 
 
 def _decode(text: str) -> int:
@@ -76,14 +74,14 @@ class QueueIdGenerator:
         now_ms = int(self._clock.seconds() * 1000)
         if now_ms > self._last_ms:
             self._last_ms = now_ms
-            self._seq = secrets.randbelow(_SEQ_START_LIMIT)
+            self._seq = unique_bits(_SEQ_START_BITS)
         else:
             # Same millisecond, or the clock stepped back: stay on the last
             # millisecond used and count up, so ids keep increasing.
             self._seq += 1
             if self._seq >= _SEQ_LIMIT:
                 self._last_ms += 1
-                self._seq = secrets.randbelow(_SEQ_START_LIMIT)
+                self._seq = unique_bits(_SEQ_START_BITS)
         return _encode(self._last_ms, TIME_CHARS) + self._node + _encode(self._seq, SEQ_CHARS)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from attrs import field, frozen
 
 from sendarix.model.message import Reply, TLSInfo
+from sendarix.model.randomness import unique_bits
 
 #: Every event type (also what a webhook may subscribe to).
 EVENT_TYPES: tuple[str, ...] = (
@@ -33,6 +34,16 @@ MAX_LIMIT = 1000
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _id_lock = threading.Lock()
 _last_id: tuple[int, int] = (0, 0)
+
+
+def _forget_last_id() -> None:
+    # A child made by fork() draws afresh rather than counting on from its parent's
+    # last id, which the parent counts on from too.
+    global _last_id
+    _last_id = (0, 0)
+
+
+os.register_at_fork(after_in_child=_forget_last_id)
 
 
 #: Every pair of Crockford digits, by the 10-bit value it writes.
@@ -65,7 +76,7 @@ def new_event_id(now: float | None = None) -> str:
             # Same millisecond: count up, so ids keep their creation order.
             rand = last_rand + 1
         else:
-            rand = int.from_bytes(os.urandom(10), "big")
+            rand = unique_bits(80)
         _last_id = (ms, rand)
     return _base32(ms & ((1 << 48) - 1), 10) + _base32(rand, 16)
 
