@@ -390,7 +390,9 @@ class WorkerProcessTests(TestCase):
                 # sees; the next one reaches the worker still running.
                 time.sleep(0.1)
         self.assertEqual(got[("sendarix_workers_scraped", ())], 1.0)
-        self.assertEqual(got[accepted], parts[0])
+        # The kernel spreads sessions over the workers by a hash of each connection:
+        # worker 1 may have taken none of the twelve, and then has no such series.
+        self.assertEqual(got.get(accepted, 0.0), parts[0])
 
         parent.send_signal(signal.SIGTERM)
         self.assertIn(parent.wait(timeout=45), (0, -signal.SIGTERM))
