@@ -12,10 +12,12 @@ from sendarix.model.event import new_event_id
 
 class UniqueBitsTests(SynchronousTestCase):
     def test_width(self) -> None:
+        """Draws fill the width asked for and no more; wide ones do not repeat."""
         values = [randomness.unique_bits(29) for _ in range(2000)]
         self.assertTrue(all(0 <= v < 1 << 29 for v in values))
-        self.assertGreater(max(values), 1 << 27)  # not stuck low
-        self.assertEqual(len(set(values)), len(values))
+        self.assertGreater(max(values), 1 << 28)  # the top bit is used
+        wide = [randomness.unique_bits(64) for _ in range(2000)]
+        self.assertEqual(len(set(wide)), len(wide))
 
     def test_forked_child_draws_its_own(self) -> None:
         """A child made by fork() (without exec) does not repeat its parent's draws:
@@ -36,6 +38,9 @@ class UniqueBitsTests(SynchronousTestCase):
         self.assertNotEqual(child, randomness.unique_bits(64))
 
     def test_event_ids_differ_across_a_fork(self) -> None:
+        """Parent and child making an event id in the same millisecond make two
+        different ones (the child does not count on from the parent's last id)."""
+        new_event_id(1_000.0)  # the parent's last id, in that millisecond
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:
