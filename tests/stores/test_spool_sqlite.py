@@ -54,12 +54,20 @@ class SQLiteSpoolTests(SpoolContractMixin, TestCase):
 ROWID_SCHEMA = tuple(sql.replace(" WITHOUT ROWID", "") for sql in SCHEMA)
 
 
-def make_rowid_spool_file(path: str) -> None:
-    """A spool file whose tables an earlier release made (rowid tables)."""
+#: The spool's tables as the release of 2026-12-06 02:00–05:00 made them: the delivery
+#: table without a rowid too.
+DELIVERY_WITHOUT_ROWID_SCHEMA = tuple(
+    sql.replace("PRIMARY KEY (queue_id, domain))", "PRIMARY KEY (queue_id, domain)) WITHOUT ROWID")
+    for sql in SCHEMA
+)
+
+
+def make_rowid_spool_file(path: str, schema: tuple[str, ...] = ROWID_SCHEMA) -> None:
+    """A spool file whose tables an earlier release made (by default, rowid tables)."""
     conn = sqlite3.connect(path)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
-        for sql in ROWID_SCHEMA:
+        for sql in schema:
             conn.execute(sql)
         conn.commit()
     finally:
@@ -88,28 +96,39 @@ class SQLiteRowidSpoolTests(SpoolContractMixin, TestCase):
             conn.execute(f"SELECT rowid FROM {table}").fetchall()  # raises without one
 
 
+class SQLiteDeliveryWithoutRowidSpoolTests(SpoolContractMixin, TestCase):
+    """A spool file whose delivery table has no rowid (made by the release before
+    this one) passes the whole conformance suite too."""
+
+    def setUp(self) -> None:
+        self.path = os.path.abspath(self.mktemp()) + ".db"
+        make_rowid_spool_file(self.path, DELIVERY_WITHOUT_ROWID_SCHEMA)
+
+    def make_spool(self) -> ISpool:
+        return SQLiteSpool.at_path(self.path, reactor)
+
+
 class SQLiteSpoolLayoutTests(TestCase):
     """How the spool's tables are stored, and what that saves per message."""
 
-    async def test_message_tables_have_no_rowid(self) -> None:
-        """A new spool keeps messages and deliveries in their primary key's B-tree;
-        bodies keep a rowid (large ones read back faster with it), and recipients
-        the rowid that orders them."""
+    async def test_message_table_has_no_rowid(self) -> None:
+        """A new spool keeps messages in their primary key's B-tree; bodies keep a
+        rowid (large ones read back faster with it), deliveries too (the lease poll
+        walks their due index faster), and recipients the rowid that orders them."""
         path = os.path.abspath(self.mktemp()) + ".db"
         spool = SQLiteSpool.at_path(path, reactor)
         await spool.start()
         self.addCleanup(spool.stop)
         conn = sqlite3.connect(path)
         self.addCleanup(conn.close)
-        for table in ("spool_message", "spool_delivery"):
-            with self.assertRaises(sqlite3.OperationalError, msg=table):
-                conn.execute(f"SELECT rowid FROM {table}")
-        for table in ("spool_body", "spool_recipient"):
+        with self.assertRaises(sqlite3.OperationalError):
+            conn.execute("SELECT rowid FROM spool_message")
+        for table in ("spool_body", "spool_delivery", "spool_recipient"):
             conn.execute(f"SELECT rowid FROM {table}").fetchall()
 
     async def test_fewer_pages_per_message(self) -> None:
-        """Storing a message writes at least two pages fewer to the log than the
-        same message in a spool of rowid tables: one per table that lost its rowid."""
+        """Storing a message writes at least one page fewer to the log than the
+        same message in a spool of rowid tables: the message table has no rowid."""
 
         async def pages_per_message(path: str) -> list[int]:
             spool = SQLiteSpool.at_path(path, reactor)
@@ -129,7 +148,43 @@ class SQLiteSpoolLayoutTests(TestCase):
         old_pages = await pages_per_message(old)
         new_pages = await pages_per_message(new)
         for before, now in zip(old_pages, new_pages, strict=True):
-            self.assertLessEqual(now, before - 2, (old_pages, new_pages))
+            self.assertLessEqual(now, before - 1, (old_pages, new_pages))
+
+    def test_poll_past_a_resting_destination(self) -> None:
+        """The lease poll's walk past the due mail of a destination it leaves out
+        takes fewer of SQLite's steps on this release's delivery table than on one
+        without a rowid (counted, not timed: SQLite calls a progress handler every
+        100 steps of its virtual machine)."""
+
+        def steps(schema: tuple[str, ...]) -> int:
+            path = os.path.abspath(self.mktemp()) + ".db"
+            make_rowid_spool_file(path, schema)
+            conn = sqlite3.connect(path)
+            self.addCleanup(conn.close)
+            conn.executemany(
+                "INSERT INTO spool_delivery (queue_id, domain, due) VALUES (?, ?, ?)",
+                [(f"Q{i:06d}", "resting.example", T0 + i / 1000) for i in range(3000)],
+            )
+            conn.commit()
+            counted = [0]
+
+            def count() -> int:
+                counted[0] += 1
+                return 0
+
+            conn.set_progress_handler(count, 100)
+            rows = conn.execute(
+                "SELECT queue_id, domain FROM spool_delivery"
+                " WHERE due <= ? AND (lease_node IS NULL OR lease_expires <= ?)"
+                " AND domain NOT IN (?) ORDER BY due, queue_id, domain LIMIT ?",
+                (T0 + 10, T0 + 10, "resting.example", 100),
+            ).fetchall()
+            self.assertEqual(rows, [])
+            return counted[0]
+
+        now, before = steps(SCHEMA), steps(DELIVERY_WITHOUT_ROWID_SCHEMA)
+        # 150 against 210 with SQLite 3.40 (and about a quarter of the time).
+        self.assertLess(now, before, (now, before))
 
 
 # The child enqueues one message and reports OK; then it keeps 20 enqueues in flight
