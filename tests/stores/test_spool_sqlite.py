@@ -54,16 +54,16 @@ class SQLiteSpoolTests(SpoolContractMixin, TestCase):
 ROWID_SCHEMA = tuple(sql.replace(" WITHOUT ROWID", "") for sql in SCHEMA)
 
 
-#: The spool's tables as the release of 2026-12-06 02:00–05:00 made them: the delivery
-#: table without a rowid too.
+#: The spool's tables as the previous release made them (e5abbbd to 0bbd2d0): the
+#: delivery table without a rowid too.
 DELIVERY_WITHOUT_ROWID_SCHEMA = tuple(
     sql.replace("PRIMARY KEY (queue_id, domain))", "PRIMARY KEY (queue_id, domain)) WITHOUT ROWID")
     for sql in SCHEMA
 )
 
 
-def make_rowid_spool_file(path: str, schema: tuple[str, ...] = ROWID_SCHEMA) -> None:
-    """A spool file whose tables an earlier release made (by default, rowid tables)."""
+def make_old_spool_file(path: str, schema: tuple[str, ...] = ROWID_SCHEMA) -> None:
+    """A spool file whose tables an earlier release made (by default, all rowid tables)."""
     conn = sqlite3.connect(path)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
@@ -80,7 +80,7 @@ class SQLiteRowidSpoolTests(SpoolContractMixin, TestCase):
 
     def setUp(self) -> None:
         self.path = os.path.abspath(self.mktemp()) + ".db"
-        make_rowid_spool_file(self.path)
+        make_old_spool_file(self.path)
 
     def make_spool(self) -> ISpool:
         return SQLiteSpool.at_path(self.path, reactor)
@@ -102,7 +102,7 @@ class SQLiteDeliveryWithoutRowidSpoolTests(SpoolContractMixin, TestCase):
 
     def setUp(self) -> None:
         self.path = os.path.abspath(self.mktemp()) + ".db"
-        make_rowid_spool_file(self.path, DELIVERY_WITHOUT_ROWID_SCHEMA)
+        make_old_spool_file(self.path, DELIVERY_WITHOUT_ROWID_SCHEMA)
 
     def make_spool(self) -> ISpool:
         return SQLiteSpool.at_path(self.path, reactor)
@@ -143,7 +143,7 @@ class SQLiteSpoolLayoutTests(TestCase):
             return counts
 
         old = os.path.abspath(self.mktemp()) + ".db"
-        make_rowid_spool_file(old)
+        make_old_spool_file(old)
         new = os.path.abspath(self.mktemp()) + ".db"
         old_pages = await pages_per_message(old)
         new_pages = await pages_per_message(new)
@@ -158,7 +158,7 @@ class SQLiteSpoolLayoutTests(TestCase):
 
         def steps(schema: tuple[str, ...]) -> int:
             path = os.path.abspath(self.mktemp()) + ".db"
-            make_rowid_spool_file(path, schema)
+            make_old_spool_file(path, schema)
             conn = sqlite3.connect(path)
             self.addCleanup(conn.close)
             conn.executemany(
