@@ -119,6 +119,21 @@ def _status_value(status: RecipientStatus | str) -> str:
 _MAX_SKIP = 500
 
 
+def due_query(skipped: int) -> str:
+    """The lease poll's statement: due deliveries not leased (or whose lease ran
+    out), none to ``skipped`` left-out domains; its parameters are ``now`` twice,
+    the domains, then the limit."""
+    # Domains are stored lower-cased (the spool splits them so), and comparing the
+    # column itself lets SQLite test it on the due index before it reads the row: a
+    # poll that walks past a large backlog of a left-out site costs half as much.
+    not_in = f" AND domain NOT IN ({', '.join('?' * skipped)})" if skipped else ""
+    return (
+        "SELECT queue_id, domain FROM spool_delivery"
+        " WHERE due <= ? AND (lease_node IS NULL OR lease_expires <= ?)"
+        + not_in + " ORDER BY due, queue_id, domain LIMIT ?"
+    )
+
+
 @implementer(ISpool, ISelectiveLease, ILeasedEnqueue)
 class SQLiteSpool:
     """ISpool on a :class:`SQLiteDatabase`.
@@ -267,11 +282,7 @@ class SQLiteSpool:
         skip = tuple(sorted({d.lower() for d in skip_domains}))
         if len(skip) > _MAX_SKIP:
             skip = skip[:_MAX_SKIP]
-        # Domains are stored lower-cased (the spool splits them so), and comparing
-        # the column itself lets SQLite test it on the due index before it reads
-        # the row: a poll that walks past a large backlog of a left-out site costs
-        # half as much.
-        not_in = f" AND domain NOT IN ({', '.join('?' * len(skip))})" if skip else ""
+        select_due = due_query(len(skip))
         if lease_for <= 0:
             return fail(ValueError("lease_for must be positive"))
         if limit <= 0:
@@ -282,10 +293,7 @@ class SQLiteSpool:
             leased: list[LeasedDelivery] = []
             while len(leased) < limit:
                 rows = conn.execute(
-                    "SELECT queue_id, domain FROM spool_delivery"
-                    " WHERE due <= ? AND (lease_node IS NULL OR lease_expires <= ?)"
-                    + not_in + " ORDER BY due, queue_id, domain LIMIT ?",
-                    (now, now, *skip, limit - len(leased)),
+                    select_due, (now, now, *skip, limit - len(leased))
                 ).fetchall()
                 if not rows:
                     break
