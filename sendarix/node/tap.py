@@ -14,7 +14,13 @@ from sendarix.config.errors import ConfigError
 from sendarix.config.fields import auto_workers
 from sendarix.config.loader import load_config, resolve_config
 from sendarix.config.settings import Config
-from sendarix.node.workers import ParentWatch, WorkerPool, twistd_log_file, worker_name
+from sendarix.node.workers import (
+    ParentWatch,
+    WorkerPool,
+    twistd_log_file,
+    twistd_reactor,
+    worker_name,
+)
 from sendarix.routing.state import discard_other_layouts
 
 log = Logger()
@@ -96,7 +102,9 @@ def makeService(options: Options) -> IService:
         arguments = ["--config", os.path.abspath(path)] if path else []
         # Each worker knows how many they are (limits kept per process are split).
         arguments += ["--workers", str(workers)]
-        pool = WorkerPool(reactor, workers, arguments, log_file=twistd_log_file(sys.argv))
+        # The workers run on the reactor the supervisor was told to use, if any.
+        pool = WorkerPool(reactor, workers, arguments, log_file=twistd_log_file(sys.argv),
+                          reactor_name=twistd_reactor(sys.argv))
         pool.forward_sighup = True  # each worker reloads its TLS certificate
         return pool
     if index is None:

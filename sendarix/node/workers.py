@@ -93,7 +93,8 @@ def pid_alive(pid: int) -> bool:
 
 __all__ = [
     "PEERS_PREFIX", "TWISTD", "ParentWatch", "WorkerPool", "listen_shared",
-    "pid_alive", "remove_orphan_peer_dirs", "twistd_log_file", "worker_name",
+    "pid_alive", "remove_orphan_peer_dirs", "twistd_log_file", "twistd_reactor",
+    "worker_name",
 ]
 
 #: How a child runs twistd (the same interpreter as the parent).
@@ -137,22 +138,35 @@ def listen_shared(reactor: Any, description: str, factory: Any) -> Deferred[ILis
     return succeed(port)
 
 
-def twistd_log_file(argv: Sequence[str]) -> str | None:
-    """The ``--logfile`` given to twistd in ``argv`` (before the ``sendarix``
-    subcommand), as an absolute path; None for none or standard output (``-``)."""
+def _twistd_option(argv: Sequence[str], long: str, short: str) -> str | None:
+    """The value of twistd's option ``--long`` / ``-short`` in ``argv`` (before the
+    ``sendarix`` subcommand, in any of its spellings); None when not given."""
     value = None
     for i, arg in enumerate(argv):
         if arg == "sendarix":
             break
-        if arg.startswith("--logfile="):
+        if arg.startswith(f"--{long}="):
             value = arg.split("=", 1)[1]
-        elif arg in ("--logfile", "-l") and i + 1 < len(argv):
+        elif arg in (f"--{long}", f"-{short}") and i + 1 < len(argv):
             value = argv[i + 1]
-        elif arg.startswith("-l") and not arg.startswith("--") and len(arg) > 2:
+        elif arg.startswith(f"-{short}") and not arg.startswith("--") and len(arg) > 2:
             value = arg[2:]
+    return value
+
+
+def twistd_log_file(argv: Sequence[str]) -> str | None:
+    """The ``--logfile`` given to twistd in ``argv`` (before the ``sendarix``
+    subcommand), as an absolute path; None for none or standard output (``-``)."""
+    value = _twistd_option(argv, "logfile", "l")
     if not value or value == "-":
         return None
     return os.path.abspath(value)
+
+
+def twistd_reactor(argv: Sequence[str]) -> str | None:
+    """The ``--reactor`` given to twistd in ``argv``, which the workers are started
+    with too; None when none was chosen (each then installs twistd's default)."""
+    return _twistd_option(argv, "reactor", "r") or None
 
 
 class ParentWatch(Service):
@@ -225,8 +239,9 @@ class WorkerPool(Service):
     """Starts ``count`` worker processes and keeps them running until stopped.
 
     ``arguments`` are the sendarix plugin's arguments every child gets (its config);
-    each child also gets ``--worker I``.  ``grace`` is how long a stop waits for the
-    children's own graceful stop before it kills them.
+    each child also gets ``--worker I``, and twistd's ``--reactor`` when
+    ``reactor_name`` is given.  ``grace`` is how long a stop waits for the children's
+    own graceful stop before it kills them.
     """
 
     name = "workers"
@@ -236,13 +251,14 @@ class WorkerPool(Service):
 
     def __init__(
         self, reactor: Any, count: int, arguments: Sequence[str], grace: float = 40.0,
-        log_file: str | None = None,
+        log_file: str | None = None, reactor_name: str | None = None,
     ) -> None:
         self.reactor = reactor
         self.count = count
         self.arguments = list(arguments)
         self.grace = grace
         self.log_file = log_file
+        self.reactor_name = reactor_name
         self.children: dict[int, _Child] = {}
         self.pids: dict[int, int] = {}
         self._delays: dict[int, float] = {}
@@ -258,9 +274,10 @@ class WorkerPool(Service):
             root, ext = os.path.splitext(self.log_file)
             logging = [f"--logfile={root}-w{index}{ext}"]
         peers = ["--peers", self.peers] if self.peers else []
+        reactor = [f"--reactor={self.reactor_name}"] if self.reactor_name else []
         return [
-            *TWISTD, "-n", "--pidfile=", *logging, "sendarix", *self.arguments, *peers,
-            "--worker", str(index),
+            *TWISTD, "-n", "--pidfile=", *reactor, *logging, "sendarix", *self.arguments,
+            *peers, "--worker", str(index),
         ]
 
     #: Pass SIGHUP on to every worker (each reloads its TLS certificate); twistd sets it.

@@ -29,6 +29,7 @@ from sendarix.node.workers import (
     listen_shared,
     remove_orphan_peer_dirs,
     twistd_log_file,
+    twistd_reactor,
     worker_name,
 )
 from tests.node.test_peermetrics import read_socket
@@ -76,6 +77,22 @@ class ListenSharedTests(TestCase):
             (["twistd", "--logfile=-", "sendarix"], None),
         ):
             self.assertEqual(twistd_log_file(argv), expected, argv)
+
+    def test_twistd_reactor(self) -> None:
+        """The --reactor given to twistd is found in argv, and the workers get it."""
+        for argv, expected in (
+            (["twistd", "--reactor=epoll", "sendarix"], "epoll"),
+            (["twistd", "-r", "asyncio", "-n", "sendarix"], "asyncio"),
+            (["twistd", "-rpoll", "sendarix"], "poll"),
+            (["twistd", "-n", "sendarix", "--reactor", "epoll"], None),
+            (["twistd", "-n", "sendarix"], None),
+        ):
+            self.assertEqual(twistd_reactor(argv), expected, argv)
+        pool = WorkerPool(Clock(), 2, ["--config", "/etc/s.toml"], reactor_name="epoll")
+        command = pool.command(1)
+        self.assertLess(command.index("--reactor=epoll"), command.index("sendarix"))
+        self.assertNotIn("--reactor=epoll",
+                         " ".join(WorkerPool(Clock(), 2, []).command(1)))
 
     def test_workers_option_auto(self) -> None:
         """``--workers auto`` is one worker per CPU this process may use."""
@@ -327,6 +344,18 @@ class WorkerProcessTests(TestCase):
             text = f.read()
         self.assertEqual(text.count(b"is gone: stopping this worker"), 2)
         self.assertEqual(text.count(b"Server Shut Down"), 2)  # the workers, not the parent
+
+    def test_workers_run_on_the_chosen_reactor(self) -> None:
+        """``twistd --reactor=poll`` runs the workers on that reactor too, not on the
+        default one, and they take mail."""
+        folder, config, port = self.configure("sqlite:var/spool.db")
+        parent, log_path, children = start_workers(
+            self, folder, config, port, twistd_options=("--reactor=poll",))
+        self.assertEqual(_send_sessions(port, 4), [250] * 4)
+        with open(log_path, "rb") as f:
+            reactors = re.findall(rb"reactor class: ([\w.]+\w)", f.read())
+        # The supervisor's line and each worker's.
+        self.assertEqual(reactors, [b"twisted.internet.pollreactor.PollReactor"] * 3)
 
     def test_workers_on_sqlite(self) -> None:
         """Two workers on one SQLite spool share the port and both take mail; a killed

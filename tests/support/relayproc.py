@@ -68,17 +68,19 @@ def listens(pid: int, port: int | None = None) -> bool:
 
 
 def start_workers(
-    testcase: Any, folder: str, config: str, port: int, count: int = 2, timeout: float = 30.0
+    testcase: Any, folder: str, config: str, port: int, count: int = 2, timeout: float = 30.0,
+    twistd_options: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], str, list[int]]:
-    """Run ``twistd sendarix --config config --workers count`` in ``folder`` until every
-    worker listens on ``port``.  Returns the parent, its log file and the workers' pids
-    (a list the test may update: every pid in it is SIGKILLed at cleanup, with the
-    parent)."""
+    """Run ``twistd [twistd_options] sendarix --config config --workers count`` in
+    ``folder`` until every worker listens on ``port``.  Returns the parent, its log file
+    and the workers' pids (a list the test may update: every pid in it is SIGKILLed at
+    cleanup, with the parent)."""
     log_path = os.path.join(folder, "parent.log")
     log = open(log_path, "wb")
     testcase.addCleanup(log.close)
     parent = subprocess.Popen(
-        [*TWISTD, "-n", "--pidfile=", "sendarix", "--config", config, "--workers", str(count)],
+        [*TWISTD, "-n", "--pidfile=", *twistd_options, "sendarix", "--config", config,
+         "--workers", str(count)],
         cwd=folder, env=env(), stdout=log, stderr=subprocess.STDOUT,
     )
     children: list[int] = []
