@@ -20,11 +20,8 @@ import hashlib
 
 from twisted.internet.interfaces import IReactorTime
 
+from sendarix.model.base32 import DIGITS, decode, encode
 from sendarix.model.randomness import unique_bits
-
-ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_VALUE = {c: i for i, c in enumerate(ALPHABET)}
-_CHARS = frozenset(ALPHABET)
 
 TIME_CHARS = 10
 NODE_CHARS = 4
@@ -38,26 +35,10 @@ _SEQ_LIMIT = 1 << _SEQ_BITS
 _SEQ_START_BITS = _SEQ_BITS - 1
 
 
-def _encode(value: int, width: int) -> str:
-    if value >> (5 * width):
-        raise ValueError(f"value does not fit in {width} base32 characters")
-    return "".join([ALPHABET[(value >> shift) & 31] for shift in range(5 * width - 5, -1, -5)])
-
-
-def _decode(text: str) -> int:
-    value = 0
-    for c in text:
-        try:
-            value = value * 32 + _VALUE[c]
-        except KeyError:
-            raise ValueError(f"not a Crockford base32 character: {c!r}") from None
-    return value
-
-
 def node_hash(node: str) -> str:
     """The four characters that stand for ``node`` in its queue ids."""
     digest = hashlib.sha256(node.encode("utf-8")).digest()
-    return _encode(int.from_bytes(digest[:3], "big") >> 4, NODE_CHARS)
+    return encode(int.from_bytes(digest[:3], "big") >> 4, NODE_CHARS)
 
 
 class QueueIdGenerator:
@@ -82,16 +63,16 @@ class QueueIdGenerator:
             if self._seq >= _SEQ_LIMIT:
                 self._last_ms += 1
                 self._seq = unique_bits(_SEQ_START_BITS)
-        return _encode(self._last_ms, TIME_CHARS) + self._node + _encode(self._seq, SEQ_CHARS)
+        return encode(self._last_ms, TIME_CHARS) + self._node + encode(self._seq, SEQ_CHARS)
 
 
 def queue_id_time(queue_id: str) -> float:
     """The creation time (POSIX seconds, millisecond precision) written in a queue id."""
     if len(queue_id) != LENGTH:
         raise ValueError(f"a queue id has {LENGTH} characters: {queue_id!r}")
-    return _decode(queue_id[:TIME_CHARS]) / 1000.0
+    return decode(queue_id[:TIME_CHARS]) / 1000.0
 
 
 def is_queue_id(text: str) -> bool:
     """True when ``text`` has the shape of a queue id (for CLI and API input checks)."""
-    return len(text) == LENGTH and _CHARS.issuperset(text)
+    return len(text) == LENGTH and DIGITS.issuperset(text)

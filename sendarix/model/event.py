@@ -16,6 +16,7 @@ from typing import Any
 
 from attrs import field, frozen
 
+from sendarix.model.base32 import encode
 from sendarix.model.message import Reply, TLSInfo
 from sendarix.model.randomness import unique_bits
 
@@ -31,7 +32,6 @@ MAX_LIMIT = 1000
 
 # -- ids and timestamps ----------------------------------------------------------
 
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _id_lock = threading.Lock()
 _last_id: tuple[int, int] = (0, 0)
 
@@ -44,21 +44,6 @@ def _forget_last_id() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_last_id)
-
-
-#: Every pair of Crockford digits, by the 10-bit value it writes.
-_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)
-
-
-def _base32(value: int, length: int) -> str:
-    """``value`` as ``length`` (even) Crockford base32 digits."""
-    # Two digits per step: half the divisions of one digit at a time (ids are made
-    # for every event).
-    pairs = []
-    for _ in range(length // 2):
-        value, low = divmod(value, 1024)
-        pairs.append(_PAIRS[low])
-    return "".join(reversed(pairs))
 
 
 def new_event_id(now: float | None = None) -> str:
@@ -78,7 +63,7 @@ def new_event_id(now: float | None = None) -> str:
         else:
             rand = unique_bits(80)
         _last_id = (ms, rand)
-    return _base32(ms & ((1 << 48) - 1), 10) + _base32(rand, 16)
+    return encode(ms & ((1 << 48) - 1), 10) + encode(rand, 16)
 
 
 #: The last whole second formatted, and its text (events come many to a second).

@@ -31,12 +31,12 @@ from zope.interface.verify import verifyObject
 
 from sendarix.events.sinks import FanoutSink, JSONLogSink
 from sendarix.interfaces import IEventLog, IEventSink
+from sendarix.model.base32 import encode
 from sendarix.model.event import (
     EVENT_TYPES,
     Event,
     EventPage,
     EventQuery,
-    _base32,
     format_timestamp,
     new_event_id,
     parse_timestamp,
@@ -183,7 +183,7 @@ class EventTests(SynchronousTestCase):
     def test_id_digits(self, value: int) -> None:
         """An id's random part reads back as the number it was made from."""
         digits = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-        text = new_event_id(0)[:10] + _base32(value, 16)
+        text = new_event_id(0)[:10] + encode(value, 16)
         back = 0
         for ch in text[10:]:
             back = back * 32 + digits.index(ch)
