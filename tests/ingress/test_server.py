@@ -12,6 +12,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sendarix.model.event import EventQuery
+from tests.control.cli.test_main import _run, _write_config
 from tests.support.relay import HOSTNAME, RawClient, Relay, in_thread, smtp_starttls, start_relay
 
 SUBMISSION = {"name": "submission", "endpoint": "tcp:0:interface=127.0.0.1",
@@ -239,6 +240,35 @@ class SubmissionTests(TestCase):
                                      b"250 2.1.5 Recipient OK", b"250 2.0.0 OK"])
         page = await self.relay.stores.eventlog.search(EventQuery(recipient="gone@example.org"))
         self.assertEqual([e.type for e in page.events], ["suppressed"])
+
+    async def test_suppressed_by_another_process(self) -> None:
+        """A recipient accepted once (and so remembered as not suppressed) and then
+        suppressed by ``sendarix suppressions add``, another process: the next RCPT,
+        in the same session, is refused."""
+        client = RawClient(self.relay.ports["relay"])
+        self.addCleanup(client.sock.close)
+
+        def first() -> list[bytes]:
+            client.reply()
+            client.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\n"
+                        b"RCPT TO:<ci@example.org>\r\nRCPT TO:<CI@example.org>\r\n")
+            return client.codes(4)
+
+        self.assertEqual((await in_thread(first))[2:], [b"250 2.1.5 Recipient OK"] * 2)
+        config = _write_config(
+            self.relay.directory, name="cli.toml",
+            text=f'[spool]\nurl = "sqlite:{self.relay.directory}/var/spool.db"\n')
+        out, err, code = await _run(
+            ["suppressions", "add", "ci@example.org", "--tenant", "default",
+             "--config", config], self.relay.directory,
+        )  # fmt: skip
+        self.assertEqual(code, 0, err)
+
+        def second() -> list[bytes]:
+            client.send(b"RCPT TO:<ci@example.org>\r\n")
+            return client.codes(1)
+
+        self.assertEqual(await in_thread(second), [b"550 5.1.1 recipient suppressed"])
 
     async def test_too_many_recipients(self) -> None:
         """The recipient after max_recipients gets 452 4.5.3."""

@@ -11,6 +11,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import reactor as _reactor
+from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -22,6 +23,8 @@ from sendarix.model.suppression import Suppression, normalize_address
 from sendarix.stores.backends import open_stores
 from sendarix.stores.errors import StoreUnavailable
 from sendarix.stores.redis.suppression import RedisSuppressionStore
+from sendarix.stores.sqlite import suppression
+from sendarix.stores.sqlite.changemark import open_change_mark
 from sendarix.stores.sqlite.database import SQLiteDatabase
 from sendarix.stores.sqlite.suppression import SQLiteSuppressionStore
 from tests.control.cli.test_main import _run, _write_config
@@ -181,6 +184,153 @@ class SQLiteSuppressionStoreTests(SuppressionStoreContractMixin, TestCase):
         await self.db.close()
         with self.assertRaises(StoreUnavailable):
             await self.store.is_suppressed("t", "x@example.com")
+
+
+class SQLiteRememberingSuppressionStoreTests(SuppressionStoreContractMixin, TestCase):
+    """The contract again, with the store remembering answers (as a node's does)."""
+
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]  # trial waits on it
+        folder = os.path.abspath(self.mktemp())
+        self.db = SQLiteDatabase(os.path.join(folder, "s.db"), reactor)
+        self.store = SQLiteSuppressionStore(self.db, reactor)
+        self.addCleanup(self.db.close)
+        return self.db.open()
+
+
+class RememberedAnswersTests(TestCase):
+    """A recipient found not suppressed is answered from memory until a suppression
+    is added anywhere, by any process."""
+
+    timeout = 60
+
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]  # trial waits on it
+        self.folder = os.path.abspath(self.mktemp())
+        self.path = os.path.join(self.folder, "spool.db")
+        self.clock = task.Clock()
+        self.clock.advance(T0)
+        self.db, self.store = self.open_store(self.clock)
+        return self.db.open()
+
+    def open_store(self, clock: Any) -> tuple[SQLiteDatabase, SQLiteSuppressionStore]:
+        """Another store on the same file, with its own connections and its own map
+        of the change mark: what another worker process has."""
+        db = SQLiteDatabase(self.path, reactor)
+        self.addCleanup(db.close)
+        return db, SQLiteSuppressionStore(db, clock)
+
+    async def test_answered_from_memory(self) -> None:
+        """The second lookup of a recipient needs no database: it answers even after
+        the database closed, where a recipient never looked up fails."""
+        self.assertIsNone(await self.store.is_suppressed("t", "Ops@Example.com"))
+        await self.db.close()
+        self.assertIsNone(await self.store.is_suppressed("t", "ops@example.COM"))
+        with self.assertRaises(StoreUnavailable):
+            await self.store.is_suppressed("t", "new@example.com")
+        with self.assertRaises(StoreUnavailable):
+            await self.store.is_suppressed("other-tenant", "ops@example.com")
+
+    async def test_an_add_elsewhere_is_seen_at_once(self) -> None:
+        """Another worker adds the recipient: the next lookup here finds it."""
+        other_db, other = self.open_store(self.clock)
+        await other_db.open()
+        self.assertIsNone(await self.store.is_suppressed("t", "ops@example.com"))
+        self.assertIsNone(await self.store.is_suppressed("t", "ops@example.com"))
+        self.assertTrue(await other.add("t", "ops@example.com", "bounce", "bounce", T0))
+        found = await self.store.is_suppressed("t", "ops@example.com")
+        self.assertEqual(found.address if found else None, "ops@example.com")
+
+    async def test_an_add_by_the_command_is_seen_at_once(self) -> None:
+        """``sendarix suppressions add``, another process, against the same file."""
+        config = _write_config(
+            self.folder, text=f'[spool]\nurl = "sqlite:{self.path}"\n')
+        self.assertIsNone(await self.store.is_suppressed("acme", "ci@example.com"))
+        out, err, code = await _run(
+            ["suppressions", "add", "ci@example.com", "--tenant", "acme",
+             "--config", config], self.folder,
+        )  # fmt: skip
+        self.assertEqual(code, 0, err)
+        self.assertIsNotNone(await self.store.is_suppressed("acme", "ci@example.com"))
+
+    async def test_a_remove_keeps_what_is_remembered(self) -> None:
+        """Removing an entry changes no "not suppressed" answer (an add changes them
+        all); an entry removed and added again is found again."""
+        await self.store.add("t", "x@example.com", "", "manual", T0)
+        self.assertTrue(await self.store.remove("t", "x@example.com"))
+        self.assertIsNone(await self.store.is_suppressed("t", "x@example.com"))
+        await self.store.add("t", "x@example.com", "", "manual", T0)
+        self.assertIsNotNone(await self.store.is_suppressed("t", "x@example.com"))
+        self.assertIsNone(await self.store.is_suppressed("t", "y@example.com"))
+        self.assertTrue(await self.store.remove("t", "x@example.com"))
+        await self.db.close()
+        self.assertIsNone(await self.store.is_suppressed("t", "y@example.com"))
+
+    async def test_trusted_for_a_while_only(self) -> None:
+        """Even with no change, an answer is looked up again after TRUSTED_FOR."""
+        self.assertIsNone(await self.store.is_suppressed("t", "a@example.com"))
+        self.clock.advance(suppression.TRUSTED_FOR - 1)
+        self.assertIsNone(await self.store.is_suppressed("t", "a@example.com"))
+        self.clock.advance(1)
+        await self.db.close()
+        with self.assertRaises(StoreUnavailable):
+            await self.store.is_suppressed("t", "a@example.com")
+
+    async def test_bounded(self) -> None:
+        """At most REMEMBERED recipients; the oldest is forgotten first."""
+        self.patch(suppression, "REMEMBERED", 3)
+        for name in "abcd":
+            self.assertIsNone(await self.store.is_suppressed("t", f"{name}@example.com"))
+        await self.db.close()
+        for name in "bcd":
+            self.assertIsNone(await self.store.is_suppressed("t", f"{name}@example.com"))
+        with self.assertRaises(StoreUnavailable):
+            await self.store.is_suppressed("t", "a@example.com")
+
+    async def test_without_a_clock_nothing_is_remembered(self) -> None:
+        db, store = self.open_store(None)
+        await db.open()
+        self.assertIsNone(await store.is_suppressed("t", "a@example.com"))
+        await db.close()
+        with self.assertRaises(StoreUnavailable):
+            await store.is_suppressed("t", "a@example.com")
+
+
+class ChangeMarkTests(SynchronousTestCase):
+    """The mark beside the database file."""
+
+    def setUp(self) -> None:
+        self.folder = os.path.abspath(self.mktemp())
+        os.makedirs(self.folder)
+        self.path = os.path.join(self.folder, "spool.db")
+        with open(self.path, "wb"):
+            pass
+
+    def test_shared(self) -> None:
+        """Two maps of one mark (two processes) see each other's changes, and every
+        change is a value not seen before."""
+        one = open_change_mark(self.path, "suppressions")
+        two = open_change_mark(self.path, "suppressions")
+        assert one is not None and two is not None
+        self.addCleanup(one.close)
+        self.addCleanup(two.close)
+        self.assertEqual(one.path, self.path + "-suppressions")
+        seen = {one.read()}
+        for writer in [one, two] * 50:
+            writer.change()
+            self.assertEqual(one.read(), two.read())
+            seen.add(one.read())
+        self.assertEqual(len(seen), 101)
+
+    def test_permissions_follow_the_database(self) -> None:
+        os.chmod(self.path, 0o660)
+        mark = open_change_mark(self.path, "suppressions")
+        assert mark is not None
+        self.addCleanup(mark.close)
+        self.assertEqual(os.stat(mark.path).st_mode & 0o777, 0o660)
+
+    def test_unavailable(self) -> None:
+        """No mark for a database in memory, or where the file cannot be made."""
+        self.assertIsNone(open_change_mark(":memory:", "suppressions"))
+        self.assertIsNone(open_change_mark(os.path.join(self.path, "x.db"), "suppressions"))
 
 
 class RedisSuppressionStoreTests(SuppressionStoreContractMixin, TestCase):

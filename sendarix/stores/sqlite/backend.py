@@ -83,7 +83,7 @@ class SQLiteBackend:
             spool=open_spool(config.spool.url, reactor, db=db),
             credentials=SQLiteCredentialStore(db, reactor),
             eventlog=SQLiteEventLog(db),
-            suppressions=SQLiteSuppressionStore(db),
+            suppressions=SQLiteSuppressionStore(db, reactor),
             domains=SQLiteDomainStore(db),
             idempotency=SQLiteIdempotencyStore(db),
             templates=SQLiteTemplateStore(db),

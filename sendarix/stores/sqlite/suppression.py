@@ -5,22 +5,44 @@ suppressed``).  Entries come from hard bounces, expiry, complaints, the operator
 (``sendarix suppressions add``) and the HTTP API.  Addresses are stored lowercased:
 the whole address, because senders and receivers treat local parts case-insensitively
 in practice, and an entry that missed "Bob@" for "bob@" would be worse than useless.
+
+A lookup goes to the reader thread, and the hop there and back is most of the time
+a RCPT takes.  So each process remembers the recipients it found *not* suppressed,
+with the database's change mark (:mod:`sendarix.stores.sqlite.changemark`) as it
+was before it looked.  Every ``add``, in any process, changes the mark once it has
+committed, and before its caller hears of it; a remembered answer counts only while
+the mark is the same, so a recipient suppressed anywhere is refused from the next
+RCPT on.  Removing an entry needs no mark: "not suppressed" stays true.  Applications,
+CI systems and monitors that write to the same recipients over and over get their
+RCPT answered without the hop.
 """
 
 from __future__ import annotations
 
 import builtins
 import sqlite3
+import threading
 from typing import Any
 
-from attrs import define
-from twisted.internet.defer import Deferred, fail
+from attrs import define, field
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from sendarix.interfaces import ISuppressionStore
 from sendarix.model.suppression import Suppression
 from sendarix.stores.paging import page_start
+from sendarix.stores.sqlite.changemark import ChangeMark, open_change_mark
 from sendarix.stores.sqlite.database import SQLiteDatabase
+
+log = Logger()
+
+#: Most recipients remembered as not suppressed (about 150 bytes each).
+REMEMBERED = 65536
+#: Longest a remembered answer is trusted, even with the mark unchanged: the bound
+#: when some writer could not reach the mark (it logs a warning then).
+TRUSTED_FOR = 30.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS supp_entry (
@@ -43,12 +65,44 @@ def _from_row(row: tuple[Any, ...]) -> Suppression:
 @implementer(ISuppressionStore)
 @define
 class SQLiteSuppressionStore:
-    """Suppression lists in the node's SQLite database (table ``supp_entry``)."""
+    """Suppression lists in the node's SQLite database (table ``supp_entry``).
+
+    ``clock`` times how long a remembered "not suppressed" is trusted (see the
+    module's docstring); without one, nothing is remembered.
+    """
 
     _db: SQLiteDatabase
+    clock: IReactorTime | None = None
+    #: (tenant, address) -> (the mark before the lookup, when): found not suppressed.
+    _not_suppressed: dict[tuple[str, str], tuple[bytes, float]] = field(
+        factory=dict, init=False)
+    _mark: ChangeMark | None = field(default=None, init=False)
+    _mark_tried: bool = field(default=False, init=False)
+    _warned: bool = field(default=False, init=False)
+    _mark_lock: threading.Lock = field(factory=threading.Lock, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._db.add_schema(_SCHEMA)
+
+    def _change_mark(self) -> ChangeMark | None:
+        """(a database thread) The mark, opened on first use."""
+        with self._mark_lock:
+            if not self._mark_tried:
+                self._mark_tried = True
+                self._mark = open_change_mark(self._db.path, "suppressions")
+            return self._mark
+
+    def _changed(self, result: bool) -> bool:
+        """(reactor, after an add committed) Make every process look again."""
+        mark = self._mark
+        if mark is not None:
+            mark.change()
+        elif not self._warned and self._db.path != ":memory:":
+            self._warned = True
+            log.warn("suppressions are added without the change mark: other processes"
+                     " may accept a newly suppressed recipient for up to {seconds:.0f} s",
+                     seconds=TRUSTED_FOR)
+        return result
 
     def add(
         self, tenant: str, address: str, reason: str, source: str, now: float
@@ -76,20 +130,45 @@ class SQLiteSuppressionStore:
             )
             return True
 
-        return self._db.run(work)
+        def work_and_mark(conn: sqlite3.Connection) -> bool:
+            self._change_mark()
+            return work(conn)
+
+        # The mark changes after the commit and before the caller hears of it.
+        return self._db.run(work_and_mark).addCallback(self._changed)
 
     def is_suppressed(self, tenant: str, address: str) -> Deferred[Suppression | None]:
         """The entry for ``address`` in ``tenant``'s list, or None."""
         key = (tenant, address.strip().lower())
+        clock, mark = self.clock, self._mark
+        if clock is not None and mark is not None:
+            seen = self._not_suppressed.get(key)
+            if (seen is not None and seen[0] == mark.read()
+                    and clock.seconds() - seen[1] < TRUSTED_FOR):
+                return succeed(None)
 
-        def work(conn: sqlite3.Connection) -> Suppression | None:
+        def work(conn: sqlite3.Connection) -> tuple[Suppression | None, bytes | None]:
+            mark = self._change_mark()
+            # Read before the lookup: an add that commits after it changes the mark
+            # after that, and this answer is not trusted any more.
+            before = mark.read() if mark is not None else None
             row = conn.execute(
                 f"SELECT {_COLUMNS} FROM supp_entry WHERE tenant = ? AND address = ?", key
             ).fetchone()
-            return _from_row(row) if row else None
+            return (_from_row(row) if row else None), before
+
+        def answer(found: tuple[Suppression | None, bytes | None]) -> Suppression | None:
+            entry, before = found
+            if entry is None and before is not None and clock is not None:
+                remembered = self._not_suppressed
+                remembered.pop(key, None)
+                if len(remembered) >= REMEMBERED:
+                    del remembered[next(iter(remembered))]  # the oldest
+                remembered[key] = (before, clock.seconds())
+            return entry
 
         # Asked at RCPT while the client waits: the reader, not behind the commits.
-        return self._db.read(work)
+        return self._db.read(work).addCallback(answer)
 
     def remove(self, tenant: str, address: str) -> Deferred[bool]:
         """Lift the suppression; True when there was one."""
