@@ -8,10 +8,11 @@ import json
 import os
 import sqlite3
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet import task
+from twisted.internet import task, threads
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -209,7 +210,14 @@ class RememberedAnswersTests(TestCase):
         self.clock = task.Clock()
         self.clock.advance(T0)
         self.db, self.store = self.open_store(self.clock)
-        return self.db.open()
+        return self.db.open().addCallback(lambda _: self.warm_up(self.store))
+
+    @staticmethod
+    def warm_up(store: SQLiteSuppressionStore) -> Deferred[Any]:
+        """A first lookup: once it is answered the store has its change mark open, so
+        the lookups that follow are remembered (the node opens it as the database
+        opens)."""
+        return store.is_suppressed("t", "warm-up@example.net")
 
     def open_store(self, clock: Any) -> tuple[SQLiteDatabase, SQLiteSuppressionStore]:
         """Another store on the same file, with its own connections and its own map
@@ -233,6 +241,7 @@ class RememberedAnswersTests(TestCase):
         """Another worker adds the recipient: the next lookup here finds it."""
         other_db, other = self.open_store(self.clock)
         await other_db.open()
+        await self.warm_up(other)
         self.assertIsNone(await self.store.is_suppressed("t", "ops@example.com"))
         self.assertIsNone(await self.store.is_suppressed("t", "ops@example.com"))
         self.assertTrue(await other.add("t", "ops@example.com", "bounce", "bounce", T0))
@@ -250,6 +259,37 @@ class RememberedAnswersTests(TestCase):
         )  # fmt: skip
         self.assertEqual(code, 0, err)
         self.assertIsNotNone(await self.store.is_suppressed("acme", "ci@example.com"))
+
+    async def test_a_lookup_that_shares_an_older_snapshot(self) -> None:
+        """Reads taken together share the snapshot that the first of them began. A
+        lookup in such a batch misses an add committed after that snapshot; it must
+        not be remembered against the mark that add left."""
+        other_db, other = self.open_store(self.clock)
+        await other_db.open()
+        await self.warm_up(other)
+        release, snapped, go = threading.Event(), threading.Event(), threading.Event()
+
+        def held(conn: sqlite3.Connection) -> None:
+            release.wait(10)  # the reader waits; the next two reads queue up together
+
+        def snapshot_then_wait(conn: sqlite3.Connection) -> None:
+            conn.execute("SELECT count(*) FROM supp_entry").fetchone()  # begins it
+            snapped.set()
+            go.wait(10)
+
+        first = self.db.read(held)
+        snapshot = self.db.read(snapshot_then_wait)
+        lookup = self.store.is_suppressed("t", "race@example.com")
+        release.set()
+        # Whether the reader took the held read alone or all three together, the
+        # lookup now shares the snapshot begun by the one that is waiting.
+        self.assertTrue(await threads.deferToThread(snapped.wait, 10))
+        self.assertTrue(await other.add("t", "race@example.com", "", "manual", T0))
+        go.set()
+        await first
+        await snapshot
+        self.assertIsNone(await lookup)  # asked before the add was through
+        self.assertIsNotNone(await self.store.is_suppressed("t", "race@example.com"))
 
     async def test_a_remove_keeps_what_is_remembered(self) -> None:
         """Removing an entry changes no "not suppressed" answer (an add changes them
@@ -288,6 +328,7 @@ class RememberedAnswersTests(TestCase):
     async def test_without_a_clock_nothing_is_remembered(self) -> None:
         db, store = self.open_store(None)
         await db.open()
+        await self.warm_up(store)
         self.assertIsNone(await store.is_suppressed("t", "a@example.com"))
         await db.close()
         with self.assertRaises(StoreUnavailable):

@@ -83,6 +83,10 @@ class SQLiteSuppressionStore:
 
     def __attrs_post_init__(self) -> None:
         self._db.add_schema(_SCHEMA)
+        if self.clock is not None:
+            # Open the mark as soon as the database is (on its thread), so that the
+            # first lookups are remembered too.
+            self._db.run(lambda conn: self._change_mark()).addErrback(lambda failure: None)
 
     def _change_mark(self) -> ChangeMark | None:
         """(a database thread) The mark, opened on first use."""
@@ -141,30 +145,31 @@ class SQLiteSuppressionStore:
         """The entry for ``address`` in ``tenant``'s list, or None."""
         key = (tenant, address.strip().lower())
         clock, mark = self.clock, self._mark
-        if clock is not None and mark is not None:
+        # The mark as it is before the lookup is queued: the reader's snapshot is
+        # taken after that (a batch of reads shares one, begun once the batch is
+        # taken from the queue), so an add missing from the snapshot changes the
+        # mark after this, and the answer below is not trusted any more.
+        before = mark.read() if mark is not None else None
+        if before is not None and clock is not None:
             seen = self._not_suppressed.get(key)
-            if (seen is not None and seen[0] == mark.read()
-                    and clock.seconds() - seen[1] < TRUSTED_FOR):
+            if seen is not None and seen[0] == before and clock.seconds() - seen[1] < TRUSTED_FOR:
                 return succeed(None)
+        asked = clock.seconds() if clock is not None else 0.0
 
-        def work(conn: sqlite3.Connection) -> tuple[Suppression | None, bytes | None]:
-            mark = self._change_mark()
-            # Read before the lookup: an add that commits after it changes the mark
-            # after that, and this answer is not trusted any more.
-            before = mark.read() if mark is not None else None
+        def work(conn: sqlite3.Connection) -> Suppression | None:
+            self._change_mark()  # opened here, off the reactor, for the next lookups
             row = conn.execute(
                 f"SELECT {_COLUMNS} FROM supp_entry WHERE tenant = ? AND address = ?", key
             ).fetchone()
-            return (_from_row(row) if row else None), before
+            return _from_row(row) if row else None
 
-        def answer(found: tuple[Suppression | None, bytes | None]) -> Suppression | None:
-            entry, before = found
+        def answer(entry: Suppression | None) -> Suppression | None:
             if entry is None and before is not None and clock is not None:
                 remembered = self._not_suppressed
                 remembered.pop(key, None)
                 if len(remembered) >= REMEMBERED:
                     del remembered[next(iter(remembered))]  # the oldest
-                remembered[key] = (before, clock.seconds())
+                remembered[key] = (before, asked)
             return entry
 
         # Asked at RCPT while the client waits: the reader, not behind the commits.
