@@ -167,9 +167,10 @@ class FeedbackHandler:
                 queue_id=original.queue_id, recipient=recipient.address, type="delivered",
                 limit=1))
             provider = delivered.provider if delivered is not None else None
-            await self._emit(Event.make("complained", now, provider=provider, **common))
+            # The suppression first: whoever reacts to the event finds it in place.
             await self.suppressions.add(original.tenant, recipient.address,
                                         "complaint (feedback report)", "complaint", now)
+            await self._emit(Event.make("complained", now, provider=provider, **common))
             return f"complaint for {recipient.address}"
         if report.kind != "dsn" or recipient.action not in ("failed", "delayed"):
             return None
@@ -179,12 +180,12 @@ class FeedbackHandler:
             await self._emit(Event.make("deferred", now, response=reply,
                                         bounce_category=verdict.category, **common))
             return f"delay for {recipient.address}"
-        await self._emit(Event.make("bounced", now, response=reply,
-                                    bounce_category=verdict.category, **common))
         if self.suppress_hard(original.tenant):
             await self.suppressions.add(original.tenant, recipient.address,
                                         f"late bounce: {reply.code} {reply.text}"[:200],
                                         "bounce", now)
+        await self._emit(Event.make("bounced", now, response=reply,
+                                    bounce_category=verdict.category, **common))
         return f"bounce for {recipient.address}"
 
     async def _emit(self, event: Event) -> None:

@@ -115,8 +115,8 @@ def plan_outcomes(
     rng: random.Random,
 ) -> OutcomePlan:
     """Classify each attempt's reply, schedule deferrals (or expire them), and list
-    what follows: one event per recipient, a suppression for each hard bounce and
-    expiry where the tenant suppresses them."""
+    what follows: one event per recipient, and before its event a suppression for
+    each hard bounce and expiry where the tenant suppresses them."""
     outcomes: list[RecipientOutcome] = []
     effects: list[Event | Suppress] = []
     tenant = delivery.meta.tenant
@@ -137,8 +137,10 @@ def plan_outcomes(
             else:
                 status, kind = RecipientStatus.DEFERRED, "deferred"
         outcomes.append(RecipientOutcome(address, status, a.reply, when))
-        effects.append(make_event(kind, delivery, a, c, now, rules))
         if kind in ("bounced", "expired") and suppresses:
+            # Ahead of its event: whoever reacts to a bounce (a webhook receiver
+            # asking the API, say) finds the recipient suppressed already.
             source = "bounce" if kind == "bounced" else "expired"
             effects.append(Suppress(tenant, address, source, _reason(a.reply)))
+        effects.append(make_event(kind, delivery, a, c, now, rules))
     return OutcomePlan(tuple(outcomes), tuple(effects))

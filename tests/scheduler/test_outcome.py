@@ -78,10 +78,11 @@ class PlanTests(SynchronousTestCase):
         self.assertIsNone(event.bounce_category)
 
     def test_hard_bounce_suppresses(self) -> None:
-        """A 5xx bounces, then suppresses the recipient for its tenant with the reply."""
+        """A 5xx bounces and suppresses the recipient for its tenant with the reply;
+        the suppression comes first, so that it is in place once the event is out."""
         plan = self.plan([HARD])
         self.assertEqual(plan.outcomes[0].status, RecipientStatus.BOUNCED)
-        event, suppress = plan.effects
+        suppress, event = plan.effects
         assert isinstance(event, Event)
         self.assertEqual(event.type, "bounced")
         self.assertIsNotNone(event.bounce_category)
@@ -106,7 +107,7 @@ class PlanTests(SynchronousTestCase):
         """A 4xx past the message's lifetime expires, and suppresses like a bounce."""
         plan = self.plan([SOFT], attempts=30, now=T0 + 6 * DAY)
         self.assertEqual(plan.outcomes[0].status, RecipientStatus.EXPIRED)
-        event, suppress = plan.effects
+        suppress, event = plan.effects
         assert isinstance(event, Event) and isinstance(suppress, Suppress)
         self.assertEqual((event.type, suppress.source), ("expired", "expired"))
 
