@@ -60,6 +60,9 @@ DELIVERY_WITHOUT_ROWID_SCHEMA = tuple(
     sql.replace("PRIMARY KEY (queue_id, domain))", "PRIMARY KEY (queue_id, domain)) WITHOUT ROWID")
     for sql in SCHEMA
 )
+# Derived by a replace: if today's schema stopped matching it, the tests of that
+# layout would silently test today's.
+assert DELIVERY_WITHOUT_ROWID_SCHEMA != SCHEMA, "the delivery table's DDL changed"
 
 
 def make_old_spool_file(path: str, schema: tuple[str, ...] = ROWID_SCHEMA) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import builtins
 import sqlite3
-import threading
 from typing import Any
 
 from attrs import define, field
@@ -79,22 +78,20 @@ class SQLiteSuppressionStore:
     _mark: ChangeMark | None = field(default=None, init=False)
     _mark_tried: bool = field(default=False, init=False)
     _warned: bool = field(default=False, init=False)
-    _mark_lock: threading.Lock = field(factory=threading.Lock, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._db.add_schema(_SCHEMA)
         if self.clock is not None:
-            # Open the mark as soon as the database is (on its thread), so that the
-            # first lookups are remembered too.
+            # The first job once the database is open: lookups are remembered from
+            # then on (until then the mark is None, and nothing is).
             self._db.run(lambda conn: self._change_mark()).addErrback(lambda failure: None)
 
     def _change_mark(self) -> ChangeMark | None:
-        """(a database thread) The mark, opened on first use."""
-        with self._mark_lock:
-            if not self._mark_tried:
-                self._mark_tried = True
-                self._mark = open_change_mark(self._db.path, "suppressions")
-            return self._mark
+        """(the database thread, which alone opens it) The mark, opened once."""
+        if not self._mark_tried:
+            self._mark_tried = True
+            self._mark = open_change_mark(self._db.path, "suppressions")
+        return self._mark
 
     def _changed(self, result: bool) -> bool:
         """(reactor, after an add committed) Make every process look again."""
@@ -149,22 +146,22 @@ class SQLiteSuppressionStore:
         # taken after that (a batch of reads shares one, begun once the batch is
         # taken from the queue), so an add missing from the snapshot changes the
         # mark after this, and the answer below is not trusted any more.
-        before = mark.read() if mark is not None else None
-        if before is not None and clock is not None:
-            seen = self._not_suppressed.get(key)
-            if seen is not None and seen[0] == before and clock.seconds() - seen[1] < TRUSTED_FOR:
-                return succeed(None)
+        # Without a clock (a store that only writes, say), nothing is remembered.
+        before = mark.read() if mark is not None and clock is not None else None
         asked = clock.seconds() if clock is not None else 0.0
+        if before is not None:
+            seen = self._not_suppressed.get(key)
+            if seen is not None and seen[0] == before and asked - seen[1] < TRUSTED_FOR:
+                return succeed(None)
 
         def work(conn: sqlite3.Connection) -> Suppression | None:
-            self._change_mark()  # opened here, off the reactor, for the next lookups
             row = conn.execute(
                 f"SELECT {_COLUMNS} FROM supp_entry WHERE tenant = ? AND address = ?", key
             ).fetchone()
             return _from_row(row) if row else None
 
         def answer(entry: Suppression | None) -> Suppression | None:
-            if entry is None and before is not None and clock is not None:
+            if entry is None and before is not None:
                 remembered = self._not_suppressed
                 remembered.pop(key, None)
                 if len(remembered) >= REMEMBERED:
