@@ -29,6 +29,20 @@ ACTIVE_STATUSES = (RecipientStatus.PENDING, RecipientStatus.DEFERRED)
 """Recipients in these states still have deliveries ahead of them."""
 
 
+def look_past_limit(limit: int) -> int:
+    """How many due deliveries of left-out domains one lease poll of at most ``limit``
+    deliveries looks past (:obj:`sendarix.interfaces.ISelectiveLease`); past that, the
+    oldest are leased like the others, and the delivery agent parks what a full site
+    cannot take.
+
+    The bound keeps a poll's cost from growing with a left-out site's backlog: without
+    it, a poll behind 100,000 due deliveries of one full site walked past all of them
+    (inside the write transaction, every poll) to find the little else that was due.
+    Parking moves the leased ones out of the way, so what lies behind them comes up.
+    """
+    return 1000 + 10 * max(limit, 0)
+
+
 def recipient_domain(address: str) -> str:
     """The destination domain: the part after the last ``@``, lower-cased ("" if none).
 

@@ -30,6 +30,7 @@ from typing import Any
 from sendarix.stores import codec
 from tests.bench import clients
 from tests.bench.postfix import PostfixSystem
+from tests.bench.profile import Profiler, summarize
 from tests.bench.resources import Usage, cpu_seconds
 from tests.bench.sendarix import Failed, SendarixSystem, process_tree
 from tests.bench.sink import Sink
@@ -85,6 +86,17 @@ def _spool_file(system: SendarixSystem) -> str:
     return os.path.join(system.dir, "var" if system.spool == "default" else "", "spool.db")
 
 
+def _drain_profiler(args: Any, system: Any) -> Profiler | None:
+    """With ``--profile``, a py-spy recording of a Sendarix node's drain (from the
+    restart to the last arrival), its workers included."""
+    if not args.profile or not isinstance(system, SendarixSystem) or system.proc is None:
+        return None
+    os.makedirs(args.profile, exist_ok=True)
+    out = os.path.join(os.path.abspath(args.profile),
+                       f"{system.name}-drain-{args.backlog}.txt")
+    return Profiler(system.proc.pid, out, gil=args.profile_gil)
+
+
 def backlog_one(bench: Any, original: Any, say: Callable[[str], None]) -> dict[str, float]:
     a = bench.args
     n = a.backlog
@@ -109,6 +121,7 @@ def backlog_one(bench: Any, original: Any, say: Callable[[str], None]) -> dict[s
                             system.config_dir, "-f"], check=False,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         usage = Usage(system.roots)
+        profiler = _drain_profiler(a, system)
         accepted: list[float] = []
         stop = threading.Event()
 
@@ -135,6 +148,11 @@ def backlog_one(bench: Any, original: Any, say: Callable[[str], None]) -> dict[s
             stop.set()
             submitter.join(timeout=70)
             cpu, peak_rss, peak_pss = usage.stop()
+            if profiler is not None:
+                profiler.stop()
+                say(f"# profile of {system.name}'s drain of {n} ({profiler.out}):")
+                for line in summarize(profiler.out):
+                    say(f"#   {line}")
         drained = n + max(0, min(len(accepted), sink.count - n))
         out["backlog_drain_rate"] = n / (done - t0)
         out["backlog_cpu_ms_per_msg"] = cpu * 1000 / drained

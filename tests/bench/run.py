@@ -131,8 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
     p.add_argument("--profile", metavar="DIR",
                    help="record a py-spy profile of each Sendarix variant's first load "
-                        "(its worker processes included) into DIR and print a summary "
-                        "(needs py-spy)")
+                        "(its worker processes included), and of its backlog drain with "
+                        "--backlog, into DIR and print a summary (needs py-spy)")
     p.add_argument("--profile-gil", action="store_true",
                    help="with --profile: only samples of threads holding the GIL (where "
                         "the Python work goes, not where threads wait)")

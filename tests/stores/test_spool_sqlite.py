@@ -27,9 +27,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sendarix.interfaces import ISpool
 from sendarix.model.message import Lease, RecipientOutcome, RecipientStatus, Reply
+from sendarix.stores import codec
 from sendarix.stores.spool import SQLiteSpool, open_spool, sqlite_path
 from sendarix.stores.sqlite.database import DatabaseClosed, SQLiteDatabase
-from sendarix.stores.sqlite.spool import SCHEMA, due_query
+from sendarix.stores.sqlite.spool import SCHEMA, WALK_AFTER, WALK_AT, due_query
 from tests.support.paths import REPO_ROOT
 from tests.support.spool_contract import T0, SpoolContractMixin, sample_message
 
@@ -177,7 +178,7 @@ class SQLiteSpoolLayoutTests(TestCase):
 
             conn.set_progress_handler(count, 100)
             rows = conn.execute(
-                due_query(1), (T0 + 10, T0 + 10, "resting.example", 100)
+                due_query(1), (T0 + 10, T0 + 10, 3000, "resting.example", 100)
             ).fetchall()
             self.assertEqual(rows, [])
             return counted[0]
@@ -186,6 +187,44 @@ class SQLiteSpoolLayoutTests(TestCase):
         # 150 against 210 with SQLite 3.40 (and about a quarter of the time).
         self.assertLess(now, before, (now, before))
 
+
+    def test_poll_cost_does_not_grow_with_a_left_out_backlog(self) -> None:
+        """A poll that leaves out a site with 3,000 or with 30,000 due deliveries
+        takes the same number of SQLite steps: it looks past at most
+        ``look_past_limit`` of them (before, it walked past every one, inside the
+        write transaction, at every poll)."""
+
+        def steps(backlog: int) -> int:
+            path = os.path.abspath(self.mktemp()) + ".db"
+            make_old_spool_file(path, SCHEMA)
+            conn = sqlite3.connect(path)
+            self.addCleanup(conn.close)
+            conn.executemany(
+                "INSERT INTO spool_delivery (queue_id, domain, due) VALUES (?, ?, ?)",
+                [(f"Q{i:06d}", "full.example", T0 + i / 1000) for i in range(backlog)],
+            )
+            conn.commit()
+            counted = [0]
+
+            def count() -> int:
+                counted[0] += 1
+                return 0
+
+            conn.set_progress_handler(count, 100)
+            now, limit = T0 + 100, 100
+            window = codec.look_past_limit(limit)
+            rows = conn.execute(
+                due_query(1), (now, now, window, "full.example", limit)
+            ).fetchall()
+            self.assertEqual(rows, [])
+            last = conn.execute(WALK_AT, (now, now, window - 1)).fetchone()
+            self.assertEqual(last[1], f"Q{window - 1:06d}")
+            beyond = conn.execute(WALK_AFTER, (now, now, *last, limit)).fetchall()
+            self.assertEqual(len(beyond), limit)
+            return counted[0]
+
+        small, large = steps(3000), steps(30000)
+        self.assertLess(abs(large - small), small / 10, (small, large))
 
 # The child enqueues one message and reports OK; then it keeps 20 enqueues in flight
 # and reports MORE once 100 more are stored.  The parent kills it at MORE, so the

@@ -170,16 +170,16 @@ return 1
 #: Most domains one lease poll leaves out (ARGV of one script call).
 _MAX_SKIP = 500
 
-# ARGV: prefix, node, now, expires, limit, domains to skip...
+# ARGV: prefix, node, now, expires, limit, look-past budget, domains to skip...
 _LEASE = (
     _PRELUDE
     + """
 local node, now, expires, limit = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
--- ARGV[6..]: domains to leave alone (ISelectiveLease).  At most ``budget`` of their
+-- ARGV[7..]: domains to leave alone (ISelectiveLease).  At most ``budget`` of their
 -- deliveries are looked past; beyond that they are leased like the others (the
 -- delivery agent parks them), so one huge backlog cannot hide the rest for long.
-local skip, skipped, budget = {}, 0, 1000 + 10 * limit
-for i = 6, #ARGV do skip[ARGV[i]] = true end
+local skip, skipped, budget = {}, 0, tonumber(ARGV[6])
+for i = 7, #ARGV do skip[ARGV[i]] = true end
 local leased = {}
 while #leased < limit do
   local members = redis.call('ZRANGEBYSCORE', P .. 'due', '-inf', ARGV[3],
@@ -613,8 +613,8 @@ class RedisSpool:
         skip_domains: Sequence[str],
     ) -> Deferred[list[LeasedDelivery]]:
         """Lease up to ``limit`` due deliveries, oldest due first, looking past those
-        to ``skip_domains`` (at most 1000 + 10 x ``limit`` of them in one call; past
-        that they are leased too)."""
+        to ``skip_domains`` (at most :func:`codec.look_past_limit` of them in one
+        call; past that they are leased too)."""
         skip = sorted({d.lower() for d in skip_domains})[:_MAX_SKIP]
         return Deferred.fromCoroutine(self._lease_due(node, now, limit, lease_for, skip))
 
@@ -636,7 +636,8 @@ class RedisSpool:
                          count=released)
         try:
             document = await self._json(
-                _LEASE, node, _time(now), _time(expires), str(int(limit)), *skip
+                _LEASE, node, _time(now), _time(expires), str(int(limit)),
+                str(codec.look_past_limit(limit)), *skip,
             )
         except txredisapi.ConnectionError:
             # The script may have run without our hearing the answer: leases we do

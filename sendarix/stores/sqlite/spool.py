@@ -118,20 +118,36 @@ def _status_value(status: RecipientStatus | str) -> str:
 #: Most domains one lease poll leaves out (SQLite's bound parameters are limited).
 _MAX_SKIP = 500
 
+# The lease poll's walk: due deliveries not leased (or whose lease ran out), oldest due
+# first, on the due index.  Its parameters start with ``now`` twice.
+_DUE = "due <= ? AND (lease_node IS NULL OR lease_expires <= ?)"
+_WALK_ORDER = " ORDER BY due, queue_id, domain"
+
 
 def due_query(skipped: int) -> str:
-    """The lease poll's statement: due deliveries not leased (or whose lease ran
-    out), none to ``skipped`` left-out domains; its parameters are ``now`` twice,
-    the domains, then the limit."""
-    # Domains are stored lower-cased (the spool splits them so), and comparing the
-    # column itself lets SQLite test it on the due index before it reads the row: a
-    # poll that walks past a large backlog of a left-out site costs half as much.
-    not_in = f" AND domain NOT IN ({', '.join('?' * skipped)})" if skipped else ""
+    """The statement that leaves domains out: among the first deliveries of the walk
+    (as many as its third parameter), those to none of ``skipped`` domains (the next
+    parameters), at most the last parameter of them."""
+    # Domains are stored lower-cased (the spool splits them so), so the column itself
+    # is compared.  The inner LIMIT bounds the walk, whatever lies beyond it.
+    not_in = ", ".join("?" * skipped)
     return (
-        "SELECT queue_id, domain FROM spool_delivery"
-        " WHERE due <= ? AND (lease_node IS NULL OR lease_expires <= ?)"
-        + not_in + " ORDER BY due, queue_id, domain LIMIT ?"
+        f"SELECT queue_id, domain FROM (SELECT queue_id, domain FROM spool_delivery"
+        f" WHERE {_DUE}{_WALK_ORDER} LIMIT ?) WHERE domain NOT IN ({not_in}) LIMIT ?"
     )
+
+
+#: The delivery at a place in the walk (the parameter after ``now`` twice: OFFSET).
+WALK_AT = (
+    f"SELECT due, queue_id, domain FROM spool_delivery WHERE {_DUE}{_WALK_ORDER}"
+    " LIMIT 1 OFFSET ?"
+)
+#: The walk from its start, and from past a ``(due, queue_id, domain)`` place in it.
+WALK = f"SELECT queue_id, domain FROM spool_delivery WHERE {_DUE}{_WALK_ORDER} LIMIT ?"
+WALK_AFTER = (
+    f"SELECT queue_id, domain FROM spool_delivery WHERE {_DUE}"
+    f" AND (due, queue_id, domain) > (?, ?, ?){_WALK_ORDER} LIMIT ?"
+)
 
 
 @implementer(ISpool, ISelectiveLease, ILeasedEnqueue)
@@ -277,32 +293,57 @@ class SQLiteSpool:
         self, node: str, now: float, limit: int, lease_for: float,
         skip_domains: Sequence[str],
     ) -> Deferred[list[LeasedDelivery]]:
-        """Lease up to ``limit`` due deliveries, oldest due first, none of them to one
-        of ``skip_domains``."""
+        """Lease up to ``limit`` due deliveries, oldest due first, looking past those
+        to ``skip_domains`` (at most :func:`codec.look_past_limit` of them in one
+        call; past that, the next ones are leased whatever their domain)."""
         skip = tuple(sorted({d.lower() for d in skip_domains}))
         if len(skip) > _MAX_SKIP:
             skip = skip[:_MAX_SKIP]
-        select_due = due_query(len(skip))
         if lease_for <= 0:
             return fail(ValueError("lease_for must be positive"))
         if limit <= 0:
             return succeed([])
         expires = now + lease_for
+        window = codec.look_past_limit(limit)
+        select_window = due_query(len(skip)) if skip else ""
 
         def txn(conn: sqlite3.Connection) -> list[LeasedDelivery]:
             leased: list[LeasedDelivery] = []
-            while len(leased) < limit:
-                rows = conn.execute(
-                    select_due, (now, now, *skip, limit - len(leased))
-                ).fetchall()
-                if not rows:
-                    break
+
+            def take(rows: list[tuple[str, str]]) -> None:
                 # A row that yields no delivery is rescheduled past ``now`` or
-                # removed, so the next pass cannot see it again and the loop ends.
+                # removed, and a leased one is due at its expiry: none of them is in
+                # the walk any more, so every loop below ends.
                 for qid, domain in rows:
                     delivery = self._lease_one(conn, qid, domain, node, now, expires)
                     if delivery is not None:
                         leased.append(delivery)
+
+            after: tuple[Any, ...] = ()
+            if skip:
+                # Deliveries to other domains among the first ``window`` of the walk.
+                while len(leased) < limit:
+                    rows = conn.execute(
+                        select_window, (now, now, window, *skip, limit - len(leased))
+                    ).fetchall()
+                    if not rows:
+                        break
+                    take(rows)
+                if len(leased) >= limit:
+                    return leased
+                # The window holds left-out deliveries only: go on past it, leasing
+                # whatever comes (the delivery agent parks what a full site cannot
+                # take, which moves it out of the way of later polls).
+                last = conn.execute(WALK_AT, (now, now, window - 1)).fetchone()
+                if last is None:
+                    return leased  # nothing else is due
+                after = tuple(last)
+            select = WALK_AFTER if after else WALK
+            while len(leased) < limit:
+                rows = conn.execute(select, (now, now, *after, limit - len(leased))).fetchall()
+                if not rows:
+                    break
+                take(rows)
             return leased
 
         return self._db.run(txn)
