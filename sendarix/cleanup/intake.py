@@ -89,8 +89,9 @@ class Intake:
     require_verified_domains: bool = False
     #: Runs the signing function off the reactor thread (a test may run it inline).
     in_thread: Any = deferToThread
-    #: Called after each message is spooled (the node wakes its delivery loop).
-    on_queued: Callable[[], None] | None = None
+    #: Called with each message spooled without being handed to delivery (the node
+    #: wakes its delivery loop when a poll would take it).
+    on_queued: Callable[[NewMessage], None] | None = None
     #: The delivery agent, taking fresh mail in memory at its commit when the spool
     #: can lease it in the same commit (None: every message waits for a lease poll).
     active_queue: IActiveQueue | None = None
@@ -221,7 +222,7 @@ class Intake:
         if lease is None or active is None:
             await self.spool.enqueue(message)
             if self.on_queued is not None:
-                self.on_queued()
+                self.on_queued(message)
             return
         try:
             deliveries = await self.spool.enqueue_leased(  # type: ignore[attr-defined]

@@ -596,6 +596,16 @@ class DeliveryService(Service):
             return None
         return Lease(node=self.config.node.name, expires=now + self.config.spool.lease_time)
 
+    def queued(self, message: NewMessage) -> None:
+        """``message`` was committed to the spool without being handed over (no room
+        for it, or not due yet): poll for it now, unless the poll would leave out
+        every site it goes to."""
+        if self._loop is None:
+            return
+        domains = {_domain_of(a) for a in message.envelope.recipients}
+        if self.scheduler.queued(domains, self._resting(self.reactor.seconds())):
+            self.wake()
+
     def take(self, message: NewMessage, deliveries: Sequence[LeasedDelivery]) -> None:
         """``message`` is durable with ``deliveries`` leased to us: route them now, the
         body from memory, as a lease poll would have."""

@@ -480,7 +480,7 @@ def makeService(
     intake = Intake(
         spool=stores.spool, events=events, clock=reactor,
         node=config.node.name, hostname=config.node.hostname,
-        keyring=keyring, require_verified_domains=require_verified, on_queued=delivery.wake,
+        keyring=keyring, require_verified_domains=require_verified, on_queued=delivery.queued,
         active_queue=delivery,
         on_received=metrics.message_received, reference_key=reference_key,
         feedback=feedback if reports_to else None, is_feedback=is_report,

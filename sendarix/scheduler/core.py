@@ -156,6 +156,9 @@ class Scheduler(Generic[T]):
     #: Sites a short poll left out because their queue was full: the end of one of
     #: their connections makes room, and what the poll left in the spool is due.
     _repoll_on_room: frozenset[str] = field(factory=frozenset, init=False)
+    #: Full sites that fresh mail left in the spool waits for: the end of one of
+    #: their connections polls for it.
+    _mail_waits_for: set[str] = field(factory=set, init=False)
     _stopped: bool = field(default=False, init=False)
     #: Connections open (or being opened) per site.
     _sessions: dict[str, int] = field(factory=dict, init=False)
@@ -395,16 +398,43 @@ class Scheduler(Generic[T]):
 
     def room_made(self, site: str) -> bool:
         """A connection to ``site`` ended and its ready queue no longer counts what it
-        sent: True when a poll should run now (one found no room, or one left ``site``
-        out while it was full and it can take a useful amount again: a poll before
-        that would leave it out once more, and walk past all its due mail to do so)."""
+        sent: True when a poll should run now (one found no room, or ``site`` was left
+        out of one, or fresh mail waits for it, while it was full, and it can take a
+        useful amount again: a poll before that would leave it out once more)."""
         if (
-            site in self._repoll_on_room and not self._stopped
-            and self.ready_queues.hungry(site)
+            (site in self._repoll_on_room or site in self._mail_waits_for)
+            and not self._stopped and self.ready_queues.hungry(site)
         ):
+            # The poll leaves out the sites still full; coming back short, it
+            # makes them wait for room again (poll_done).
             self._repoll_on_room = frozenset()
+            self._mail_waits_for.clear()
             return True
         return self._wake_missed
+
+    def queued(self, domains: Iterable[str], resting: Iterable[str] = ()) -> bool:
+        """Fresh mail to ``domains`` is in the spool, not handed over in memory: True
+        when a poll should run for it now.
+
+        Not when every site it goes to would be left out of that poll: a full site
+        (the mail waits for its room, and :meth:`room_made` then asks for the poll)
+        or a ``resting`` one (the regular polls take it once the rest is over).  A
+        poll at each such commit would look past the site's due mail for nothing,
+        and under a backlog lease some of it only to park it.
+        """
+        if self._stopped:
+            return True
+        sites = set()
+        for domain in domains:
+            site = self.ready_queues.site_of(domain)
+            if site is None:
+                return True  # never routed: the poll cannot leave it out
+            sites.add(site)
+        full = self.ready_queues.full_sites()
+        if not sites or not sites <= full | set(resting):
+            return True
+        self._mail_waits_for |= sites & full
+        return False
 
     def sessions(self, site: str) -> int:
         """Connections open (or being opened) to ``site``."""

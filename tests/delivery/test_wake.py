@@ -44,7 +44,7 @@ class DeliveryWakeTests(unittest.TestCase):
         self.addCleanup(self.delivery.stopService)
         self.intake = Intake(
             spool=self.stores.spool, events=self.stores.events, clock=self.clock,
-            node="wake-node", hostname="relay.test", on_queued=self.delivery.wake,
+            node="wake-node", hostname="relay.test", on_queued=self.delivery.queued,
         )
         await self._settle()  # reclaim and the first (empty) poll
 

@@ -324,6 +324,49 @@ class SchedulerTests(SynchronousTestCase):
         scheduler.poll_done(0, lease.limit)
         self.assertFalse(send("site-a", 1))
 
+    def test_mail_queued_for_a_full_site_waits_for_its_room(self) -> None:
+        """Fresh mail left in the spool asks for a poll only when the poll could take
+        it: not when every site it goes to is full (it waits for that site's room,
+        which then asks once) or resting; yes for a site never routed, a site with
+        room, or mail to a full site and another."""
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
+        scheduler.start()
+        queues = scheduler.ready_queues
+        lease = scheduler.poll(0.0)
+        assert lease is not None
+        got = [delivery("a.test") for _ in range(9)]
+        for route in scheduler.leased(got, by_domain):
+            assert isinstance(route, Route)
+            queues.note_domain("a.test", "site-a", route.poll)
+            queues.note_domain("b.test", "site-b", route.poll)
+            for d in route.deliveries:
+                queues.offer("site-a", "lane", d, force=True)
+        scheduler.routed(len(got))
+        # A full poll: nothing waits for site-a's room because of a short poll.
+        self.assertTrue(scheduler.poll_done(lease.limit, lease.limit))
+        self.assertIn("site-a", queues.full_sites())
+
+        self.assertFalse(scheduler.queued(["a.test"]))
+        self.assertFalse(scheduler.queued(["b.test"], resting=["site-b"]))
+        self.assertTrue(scheduler.queued(["b.test"]))
+        self.assertTrue(scheduler.queued(["new.test"]))
+        self.assertTrue(scheduler.queued(["a.test", "b.test"]))
+
+        def send(count: int) -> bool:
+            taken = queues.take("site-a", count)
+            scheduler.session_started("site-a")
+            for d in taken:
+                scheduler.settled(d)
+            scheduler.session_ended("site-a")
+            queues.done("site-a", len(taken))
+            return scheduler.room_made("site-a")
+
+        self.assertFalse(send(1))  # room for 1: still full
+        self.assertTrue(send(2))  # room for 3 of a share of 9: the waiting mail's poll
+        self.assertFalse(send(1))  # answered once
+        scheduler.stop(lambda d: d)
+        self.assertTrue(scheduler.queued(["a.test"]))
+
     def test_leased_while_stopping_goes_back(self) -> None:
         scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
         lease = scheduler.poll(0.0)
