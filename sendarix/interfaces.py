@@ -499,12 +499,16 @@ class ITransport(Interface):
 
 class ISelectiveLease(Interface):
     """A spool that can lease due deliveries while leaving some domains alone (the
-    delivery agent skips the domains of sites whose ready queue is full)."""
+    delivery agent skips the domains of sites whose ready queue is full, or that
+    rest)."""
 
     def lease_due_except(  # noqa: N805
         node: str, now: float, limit: int, lease_for: float, skip_domains: Sequence[str]
     ) -> Deferred[list[LeasedDelivery]]:
-        """As :obj:`ISpool.lease_due`, never leasing a delivery to one of ``skip_domains``."""
+        """As :obj:`ISpool.lease_due`, looking past the deliveries to ``skip_domains``:
+        at most ``sendarix.stores.codec.look_past_limit(limit)`` of them in one call,
+        so that a poll costs the same at any backlog; past that, the deliveries that
+        come next are leased whatever their domain."""
 
 
 class ILeasedEnqueue(Interface):

@@ -32,8 +32,8 @@ ACTIVE_STATUSES = (RecipientStatus.PENDING, RecipientStatus.DEFERRED)
 def look_past_limit(limit: int) -> int:
     """How many due deliveries of left-out domains one lease poll of at most ``limit``
     deliveries looks past (:obj:`sendarix.interfaces.ISelectiveLease`); past that, the
-    oldest are leased like the others, and the delivery agent parks what a full site
-    cannot take.
+    deliveries that come next are leased whatever their domain, and the delivery
+    agent parks what a full site cannot take (and defers what a resting one would).
 
     The bound keeps a poll's cost from growing with a left-out site's backlog: without
     it, a poll behind 100,000 due deliveries of one full site walked past all of them
