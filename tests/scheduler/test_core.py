@@ -41,6 +41,7 @@ from sendarix.scheduler.core import (
     key_of,
     pause_reply,
 )
+from sendarix.scheduler.core import Lease as LeaseRequest
 from sendarix.scheduler.window import DestinationWindow
 
 DOMAINS = ("a.test", "b.test", "c.test", "d.test")
@@ -60,6 +61,40 @@ def delivery(domain: str, number: int | None = None) -> LeasedDelivery:
 
 def by_domain(d: LeasedDelivery) -> str:
     return d.domain
+
+
+def fill_site(
+    scheduler: Scheduler[LeasedDelivery], count: int, *others: tuple[str, str]
+) -> LeaseRequest:
+    """Poll, and queue ``count`` deliveries to a.test (site-a) from that poll, so
+    that site-a holds its share of a window of 10; ``others``: more (domain, site)
+    pairs the poll's routing came across.  The poll's lease."""
+    queues = scheduler.ready_queues
+    lease = scheduler.poll(0.0)
+    assert lease is not None
+    got = [delivery("a.test") for _ in range(count)]
+    for route in scheduler.leased(got, by_domain):
+        assert isinstance(route, Route)
+        queues.note_domain("a.test", "site-a", route.poll)
+        for domain, site in others:
+            queues.note_domain(domain, site, route.poll)
+        for d in route.deliveries:
+            queues.offer("site-a", "lane", d, force=True)
+    scheduler.routed(len(got))
+    return lease
+
+
+def send(scheduler: Scheduler[LeasedDelivery], site: str, count: int) -> bool:
+    """A connection to ``site`` sends ``count`` of what it holds and ends: whether
+    the room it made asks for a poll."""
+    queues = scheduler.ready_queues
+    taken = queues.take(site, count)
+    scheduler.session_started(site)
+    for d in taken:
+        scheduler.settled(d)
+    scheduler.session_ended(site)
+    queues.done(site, len(taken))
+    return scheduler.room_made(site)
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -287,42 +322,24 @@ class SchedulerTests(SynchronousTestCase):
         another site's connection, and not after a poll that skipped no full site."""
         scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
         scheduler.start()
-        queues = scheduler.ready_queues
-        lease = scheduler.poll(0.0)
-        assert lease is not None
-        got = [delivery("a.test") for _ in range(9)]
-        for route in scheduler.leased(got, by_domain):
-            assert isinstance(route, Route)
-            queues.note_domain("a.test", "site-a", route.poll)
-            for d in route.deliveries:
-                queues.offer("site-a", "lane", d, force=True)
-        scheduler.routed(len(got))
-        self.assertFalse(scheduler.poll_done(len(got), lease.limit))
-        self.assertIn("site-a", queues.full_sites())
+        lease = fill_site(scheduler, 9)
+        self.assertFalse(scheduler.poll_done(9, lease.limit))
+        self.assertIn("site-a", scheduler.ready_queues.full_sites())
         lease = scheduler.poll(0.5)
         assert lease is not None
         self.assertEqual(lease.skip_domains, ("a.test",))
         self.assertFalse(scheduler.poll_done(0, lease.limit))
 
-        def send(site: str, count: int) -> bool:
-            taken = queues.take(site, count)
-            scheduler.session_started(site)
-            for d in taken:
-                scheduler.settled(d)
-            scheduler.session_ended(site)
-            queues.done(site, len(taken))
-            return scheduler.room_made(site)
-
-        self.assertFalse(send("site-b", 1))
-        self.assertFalse(send("site-a", 1))  # room for 1: still full
-        self.assertTrue(send("site-a", 2))  # room for 3 of a share of 9: hungry
-        self.assertFalse(send("site-a", 2))  # answered once
+        self.assertFalse(send(scheduler, "site-b", 1))
+        self.assertFalse(send(scheduler, "site-a", 1))  # room for 1: still full
+        self.assertTrue(send(scheduler, "site-a", 2))  # room for 3 of a share of 9: hungry
+        self.assertFalse(send(scheduler, "site-a", 2))  # answered once
         # A poll that skipped no full site leaves nothing to answer.
         lease = scheduler.poll(1.0, resting=["site-a"])
         assert lease is not None
         self.assertEqual(lease.skip_domains, ("a.test",))
         scheduler.poll_done(0, lease.limit)
-        self.assertFalse(send("site-a", 1))
+        self.assertFalse(send(scheduler, "site-a", 1))
 
     def test_mail_queued_for_a_full_site_waits_for_its_room(self) -> None:
         """Fresh mail left in the spool asks for a poll only when the poll could take
@@ -331,20 +348,10 @@ class SchedulerTests(SynchronousTestCase):
         room, or mail to a full site and another."""
         scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
         scheduler.start()
-        queues = scheduler.ready_queues
-        lease = scheduler.poll(0.0)
-        assert lease is not None
-        got = [delivery("a.test") for _ in range(9)]
-        for route in scheduler.leased(got, by_domain):
-            assert isinstance(route, Route)
-            queues.note_domain("a.test", "site-a", route.poll)
-            queues.note_domain("b.test", "site-b", route.poll)
-            for d in route.deliveries:
-                queues.offer("site-a", "lane", d, force=True)
-        scheduler.routed(len(got))
+        lease = fill_site(scheduler, 9, ("b.test", "site-b"))
         # A full poll: nothing waits for site-a's room because of a short poll.
         self.assertTrue(scheduler.poll_done(lease.limit, lease.limit))
-        self.assertIn("site-a", queues.full_sites())
+        self.assertIn("site-a", scheduler.ready_queues.full_sites())
 
         self.assertFalse(scheduler.queued(["a.test"]))
         self.assertFalse(scheduler.queued(["b.test"], resting=["site-b"]))
@@ -352,18 +359,10 @@ class SchedulerTests(SynchronousTestCase):
         self.assertTrue(scheduler.queued(["new.test"]))
         self.assertTrue(scheduler.queued(["a.test", "b.test"]))
 
-        def send(count: int) -> bool:
-            taken = queues.take("site-a", count)
-            scheduler.session_started("site-a")
-            for d in taken:
-                scheduler.settled(d)
-            scheduler.session_ended("site-a")
-            queues.done("site-a", len(taken))
-            return scheduler.room_made("site-a")
-
-        self.assertFalse(send(1))  # room for 1: still full
-        self.assertTrue(send(2))  # room for 3 of a share of 9: the waiting mail's poll
-        self.assertFalse(send(1))  # answered once
+        self.assertFalse(send(scheduler, "site-a", 1))  # room for 1: still full
+        # Room for 3 of a share of 9: the waiting mail's poll, once.
+        self.assertTrue(send(scheduler, "site-a", 2))
+        self.assertFalse(send(scheduler, "site-a", 1))
         scheduler.stop(lambda d: d)
         self.assertTrue(scheduler.queued(["a.test"]))
 

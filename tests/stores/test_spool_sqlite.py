@@ -78,6 +78,31 @@ def make_old_spool_file(path: str, schema: tuple[str, ...] = ROWID_SCHEMA) -> No
         conn.close()
 
 
+def counted_connection(
+    test: SynchronousTestCase, schema: tuple[str, ...], domain: str, backlog: int
+) -> tuple[sqlite3.Connection, list[int]]:
+    """A spool file with ``backlog`` due deliveries to ``domain`` (and nothing else),
+    open with SQLite's steps counted: the list's one number goes up every 100 steps
+    of its virtual machine (counted, not timed)."""
+    path = os.path.abspath(test.mktemp()) + ".db"
+    make_old_spool_file(path, schema)
+    conn = sqlite3.connect(path)
+    test.addCleanup(conn.close)
+    conn.executemany(
+        "INSERT INTO spool_delivery (queue_id, domain, due) VALUES (?, ?, ?)",
+        [(f"Q{i:06d}", domain, T0 + i / 1000) for i in range(backlog)],
+    )
+    conn.commit()
+    counted = [0]
+
+    def count() -> int:
+        counted[0] += 1
+        return 0
+
+    conn.set_progress_handler(count, 100)
+    return conn, counted
+
+
 class SQLiteRowidSpoolTests(SpoolContractMixin, TestCase):
     """A spool file made by an earlier release, whose tables all have a rowid, still
     passes the whole conformance suite: its tables are kept as they are."""
@@ -161,22 +186,7 @@ class SQLiteSpoolLayoutTests(TestCase):
         100 steps of its virtual machine)."""
 
         def steps(schema: tuple[str, ...]) -> int:
-            path = os.path.abspath(self.mktemp()) + ".db"
-            make_old_spool_file(path, schema)
-            conn = sqlite3.connect(path)
-            self.addCleanup(conn.close)
-            conn.executemany(
-                "INSERT INTO spool_delivery (queue_id, domain, due) VALUES (?, ?, ?)",
-                [(f"Q{i:06d}", "resting.example", T0 + i / 1000) for i in range(3000)],
-            )
-            conn.commit()
-            counted = [0]
-
-            def count() -> int:
-                counted[0] += 1
-                return 0
-
-            conn.set_progress_handler(count, 100)
+            conn, counted = counted_connection(self, schema, "resting.example", 3000)
             rows = conn.execute(
                 due_query(1), (T0 + 10, T0 + 10, 3000, "resting.example", 100)
             ).fetchall()
@@ -187,7 +197,6 @@ class SQLiteSpoolLayoutTests(TestCase):
         # 150 against 210 with SQLite 3.40 (and about a quarter of the time).
         self.assertLess(now, before, (now, before))
 
-
     def test_poll_cost_does_not_grow_with_a_left_out_backlog(self) -> None:
         """A poll that leaves out a site with 3,000 or with 30,000 due deliveries
         takes the same number of SQLite steps: it looks past at most
@@ -195,22 +204,7 @@ class SQLiteSpoolLayoutTests(TestCase):
         write transaction, at every poll)."""
 
         def steps(backlog: int) -> int:
-            path = os.path.abspath(self.mktemp()) + ".db"
-            make_old_spool_file(path, SCHEMA)
-            conn = sqlite3.connect(path)
-            self.addCleanup(conn.close)
-            conn.executemany(
-                "INSERT INTO spool_delivery (queue_id, domain, due) VALUES (?, ?, ?)",
-                [(f"Q{i:06d}", "full.example", T0 + i / 1000) for i in range(backlog)],
-            )
-            conn.commit()
-            counted = [0]
-
-            def count() -> int:
-                counted[0] += 1
-                return 0
-
-            conn.set_progress_handler(count, 100)
+            conn, counted = counted_connection(self, SCHEMA, "full.example", backlog)
             now, limit = T0 + 100, 100
             window = codec.look_past_limit(limit)
             rows = conn.execute(
