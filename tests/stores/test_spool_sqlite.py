@@ -460,6 +460,68 @@ class SQLiteSpoolStorageTests(TestCase):
         await gatherResults([background, foreground])
         self.assertEqual(order, ["foreground", "background"])
 
+    async def test_commit_syncs_only_for_durable_jobs(self) -> None:
+        """A batch of jobs that do not need their own fsync commits with
+        synchronous=NORMAL; one durable job in the batch makes the whole commit FULL."""
+        db = SQLiteDatabase(self.path, reactor)
+        await db.open()
+        self.addCleanup(db.close)
+
+        def level(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+        self.assertEqual(await db.run(level, durable=False), 1)
+        self.assertEqual(await db.run(level), 2)
+        gate = threading.Event()
+        held = db.run(lambda c: gate.wait(10), durable=False)
+        together = db.run(level, durable=False)
+        durable = db.run(lambda c: None)
+        gate.set()
+        await gatherResults([held, durable])
+        self.assertEqual(await together, 2)
+        self.assertEqual(await db.run(level, durable=False, background=True), 1)
+
+    async def test_which_spool_writes_wait_for_the_disk(self) -> None:
+        """Storing mail (before its 250) commits with an fsync.  Recording a
+        delivery's outcome, leasing and renewing do not: they survive a crash of the
+        relay, and the next durable commit or checkpoint syncs them."""
+        db = SQLiteDatabase(self.path, reactor)
+        spool = SQLiteSpool(db, owns_db=True)
+        await spool.start()
+        self.addCleanup(spool.stop)
+
+        def level(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+        async def level_beside(write: Callable[[], Deferred[Any]]) -> int:
+            gate = threading.Event()
+            held = db.run(lambda c: gate.wait(10), durable=False)
+            written = write()
+            probe = db.run(level, durable=False)
+            gate.set()
+            await gatherResults([held, written])
+            return int(await probe)
+
+        msg = sample_message("Q1", ("a@one.test",))
+        self.assertEqual(
+            await level_beside(lambda: spool.enqueue_leased(msg, "node-a", T0 + 300)), 2
+        )
+        self.assertEqual(
+            await level_beside(lambda: spool.renew("Q1", "one.test", "node-a", T0 + 600)), 1
+        )
+        delivered = RecipientOutcome("a@one.test", RecipientStatus.DELIVERED,
+                                     Reply(250, "2.0.0", "ok"))
+        self.assertEqual(
+            await level_beside(
+                lambda: spool.complete("Q1", "one.test", "node-a", [delivered], T0 + 1)
+            ),
+            1,
+        )
+        self.assertIsNone(await spool.get("Q1"))
+        self.assertEqual(
+            await level_beside(lambda: spool.lease_due("node-a", T0 + 1, 10, 300)), 1
+        )
+
     async def test_background_job_not_starved(self) -> None:
         """Under a steady stream of foreground jobs, a background job still runs
         (it joins a batch once it has waited background_delay)."""

@@ -6,6 +6,13 @@ sessions share one fsync, and each job's Deferred fires only after the COMMIT th
 made its writes durable.  Each job runs inside a SAVEPOINT so one failing job does
 not undo the others in its batch.
 
+Only the writes that someone is told are safe (a message before its 250, an
+operator's change) need that fsync.  A job queued with ``durable=False`` (the
+delivery agent's bookkeeping, the delivery log) is committed without one when its
+batch holds no durable job: in WAL mode its pages are in the log file, so a crash
+of the process loses nothing, and the next durable commit or checkpoint syncs them
+with its own.  Only a crash of the machine can lose the last of them.
+
 Reads a session waits on (``read(fn)``: the recipient's suppression check) run on a
 second thread with its own read-only connection.  In WAL mode a reader never waits
 for a writer, so the check no longer queues behind commits and their fsyncs (nor
@@ -43,7 +50,8 @@ class DatabaseClosed(StoreUnavailable):
 
 
 class SQLiteDatabase:
-    """A SQLite file in WAL mode with ``synchronous=FULL``, owned by one thread.
+    """A SQLite file in WAL mode, owned by one thread, that syncs the commits that
+    need it (``synchronous=FULL``, or NORMAL for a batch of non-durable jobs).
 
     ``run(fn)`` runs ``fn(connection)`` in a write transaction (shared with other
     queued jobs) and fires its Deferred, on the reactor thread, after the commit.
@@ -76,6 +84,7 @@ class SQLiteDatabase:
         self._closed = False
         self._reads: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer_lock: int | None = None
+        self._synchronous_full = True
         self._reader: threading.Thread | None = None
 
     def add_schema(self, sql: str) -> None:
@@ -129,7 +138,8 @@ class SQLiteDatabase:
         return out
 
     def run(
-        self, fn: Callable[[sqlite3.Connection], T], *, background: bool = False
+        self, fn: Callable[[sqlite3.Connection], T], *, background: bool = False,
+        durable: bool = True,
     ) -> Deferred[T]:
         """Run ``fn(connection)`` in a transaction on the database thread.
 
@@ -141,12 +151,18 @@ class SQLiteDatabase:
         the next batch once it has waited ``background_delay`` seconds, so its pages
         never lengthen the commit that a 250 or a lease is waiting for.  It may
         therefore run after jobs queued later.
+
+        A job that is not ``durable`` does not need an fsync of its own: when no
+        job in its batch does, the commit skips it (``synchronous=NORMAL``).  Its
+        writes survive a crash of the process, not of the machine, until the next
+        durable commit.  For writes that can be made again: a lease, a delivery's
+        outcome (lost, the message is delivered again), a delivery-log row.
         """
         d: Deferred[T] = Deferred()
         if self._closed:
             d.errback(DatabaseClosed(self.path))
             return d
-        self._jobs.put((fn, d, background))
+        self._jobs.put((fn, d, background, durable))
         return d
 
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
@@ -179,7 +195,7 @@ class SQLiteDatabase:
             d.callback(None)
             return d
         self._closed = True
-        self._jobs.put((_STOP, d, False))
+        self._jobs.put((_STOP, d, False, True))
         return d
 
     # -- the reader thread ------------------------------------------------------
@@ -326,15 +342,15 @@ class SQLiteDatabase:
                     except queue.Empty:
                         break
                 work = []
-                for fn, d, background in items:
+                for fn, d, background, durable in items:
                     if fn is _STOP:
                         stoppers.append(d)
                     elif background:
                         if not held:
                             held_since = time.monotonic()
-                        held.append((fn, d))
+                        held.append((fn, d, durable))
                     else:
-                        work.append((fn, d))
+                        work.append((fn, d, durable))
                 if stoppers or (held and time.monotonic() - held_since >= self.background_delay):
                     work, held = work + held, []
                 if work:
@@ -351,7 +367,7 @@ class SQLiteDatabase:
     def _drain_refused(self) -> None:
         while True:
             try:
-                fn, d, _ = self._jobs.get_nowait()
+                fn, d, _, _ = self._jobs.get_nowait()
             except queue.Empty:
                 return
             if fn is _STOP:
@@ -383,14 +399,20 @@ class SQLiteDatabase:
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
         results: list[tuple[Deferred[Any], bool, Any]] = []
+        # One durable job makes the whole batch wait for the disk; the setting is
+        # the connection's, so it is changed only when the kind of batch changes.
+        durable = any(job[2] for job in batch)
+        if durable != self._synchronous_full:
+            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._synchronous_full = durable
         try:
             self._begin(conn)
         except BaseException as e:  # noqa: BLE001
             failure = Failure(e)
-            self._reactor.callFromThread(_fire, [(d, False, failure) for _, d in batch])
+            self._reactor.callFromThread(_fire, [(d, False, failure) for _, d, _ in batch])
             return
         try:
-            for fn, d in batch:
+            for fn, d, _ in batch:
                 conn.execute("SAVEPOINT job")
                 try:
                     value = fn(conn)

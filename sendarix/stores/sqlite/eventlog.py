@@ -196,7 +196,7 @@ class SQLiteEventLog:
             for *_, waiting in taken or self._take_pending():
                 waiting.errback(failure)
 
-        self._db.run(write, background=True).addCallbacks(_fire, failed)
+        self._db.run(write, background=True, durable=False).addCallbacks(_fire, failed)
         return d
 
     def _take_pending(self) -> list[_Pending]:

@@ -102,7 +102,7 @@ class SQLiteWebhookOutbox:
             )
 
         # Beside the delivery log's own writes: off the mail path, in the same order.
-        return self._db.run(write, background=True)
+        return self._db.run(write, background=True, durable=False)
 
     def lease_due(
         self, node: str, now: float, limits: Mapping[str, int], lease_for: float,

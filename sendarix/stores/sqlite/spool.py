@@ -3,6 +3,9 @@
 Durability comes from :class:`sendarix.stores.sqlite.database.SQLiteDatabase` (WAL,
 ``synchronous=FULL``, group commit): every method is one job on the database's own
 thread, so each is one transaction and nothing here touches the reactor thread.
+Storing a message is durable before its 250.  Leasing, renewing, releasing and
+recording an outcome are not durable jobs: they need no fsync of their own, since a
+crash of the machine that loses them only makes a message due, or delivered, again.
 
 Tables (all prefixed ``spool_``; other stores may share the file):
 
@@ -346,7 +349,7 @@ class SQLiteSpool:
                 take(rows)
             return leased
 
-        return self._db.run(txn)
+        return self._db.run(txn, durable=False)
 
     def _lease_one(
         self,
@@ -402,7 +405,7 @@ class SQLiteSpool:
             )
             return cursor.rowcount == 1
 
-        return self._db.run(txn)
+        return self._db.run(txn, durable=False)
 
     def release(self, queue_id: str, domain: str, node: str) -> Deferred[bool]:
         """Drop ``node``'s lease; the delivery is due again as it was before the lease."""
@@ -414,7 +417,7 @@ class SQLiteSpool:
                 self._remove_if_finished(conn, queue_id)
             return True
 
-        return self._db.run(txn)
+        return self._db.run(txn, durable=False)
 
     def reclaim(self, node: str) -> Deferred[int]:
         """Release every lease ``node`` holds; the number released."""
@@ -494,7 +497,7 @@ class SQLiteSpool:
             if not self._reschedule(conn, queue_id, domain):
                 self._remove_if_finished(conn, queue_id)
 
-        return self._db.run(txn)
+        return self._db.run(txn, durable=False)
 
     # -- helpers (database thread) -------------------------------------------------
 
