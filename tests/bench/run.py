@@ -101,6 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=4096, help="payload octets (default 4096)")
     p.add_argument("--latency-messages", type=int, default=200,
                    help="messages sent one at a time for latency (default 200)")
+    p.add_argument("--latency-gap", type=float, default=0.0, metavar="MS",
+                   help="pause between two latency messages, in milliseconds (default "
+                        "0: each starts when the previous one reached the sink, so it "
+                        "meets what the relay still does for that one)")
     p.add_argument("--idle-sessions", type=int, default=10000,
                    help="idle sessions held open on Sendarix (default 10000)")
     p.add_argument("--postfix-idle-sessions", type=int, default=1000,
@@ -272,6 +276,8 @@ class Bench:
             timing["relay"] = arrived - timing.pop("dot_sent")
             for step, seconds in timing.items():
                 steps.setdefault(step, []).append(seconds)
+            if a.latency_gap:
+                time.sleep(a.latency_gap / 1000)
         out["latency_p50"] = percentile(latencies, 0.50) * 1000
         out["latency_p99"] = percentile(latencies, 0.99) * 1000
         for step, values in steps.items():
