@@ -43,6 +43,10 @@ log = Logger()
 
 _STOP = object()
 
+#: A job taken for a batch: the function, its caller's Deferred, and whether its
+#: commit must reach the disk before the Deferred fires.
+_Job = tuple[Callable[[sqlite3.Connection], Any], "Deferred[Any]", bool]
+
 
 class DatabaseClosed(StoreUnavailable):
     """The database was closed before the job ran (the node is stopping): the store
@@ -320,7 +324,7 @@ class SQLiteDatabase:
         self._writer_lock = _open_writer_lock(self.path)
         self._reactor.callFromThread(self._opened.callback, None)
         stoppers: list[Deferred[None]] = []
-        held: list[Any] = []  # background jobs waiting for a quiet moment
+        held: list[_Job] = []  # background jobs waiting for a quiet moment
         held_since = 0.0
         try:
             while not stoppers:
@@ -341,7 +345,7 @@ class SQLiteDatabase:
                         items.append(self._jobs.get_nowait())
                     except queue.Empty:
                         break
-                work = []
+                work: list[_Job] = []
                 for fn, d, background, durable in items:
                     if fn is _STOP:
                         stoppers.append(d)
@@ -397,11 +401,11 @@ class SQLiteDatabase:
         self._while_locked(lambda: conn.execute("BEGIN IMMEDIATE"), first=0.0001,
                            longest=0.002)
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         results: list[tuple[Deferred[Any], bool, Any]] = []
         # One durable job makes the whole batch wait for the disk; the setting is
         # the connection's, so it is changed only when the kind of batch changes.
-        durable = any(job[2] for job in batch)
+        durable = any(durable for _, _, durable in batch)
         if durable != self._synchronous_full:
             conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             self._synchronous_full = durable
