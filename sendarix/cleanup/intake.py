@@ -11,14 +11,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from attrs import define, evolve, field, frozen
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from sendarix.cleanup.dkim import SigningKey, sign_message
 from sendarix.cleanup.filters import FilterChains
-from sendarix.cleanup.headers import CleanupInfo, amend, cleanup
+from sendarix.cleanup.headers import CleanedMessage, CleanupInfo, amend, cleanup
 from sendarix.cleanup.keyring import DomainKeyring
 from sendarix.cleanup.reference import header_line
 from sendarix.ingress.queueid import QueueIdGenerator
@@ -30,6 +30,22 @@ from sendarix.model.filtering import FilterContext
 from sendarix.model.message import Envelope, MessageMeta, NewMessage, Reply, TLSInfo
 
 log = Logger()
+
+
+def after_reply(clock: IReactorTime, work: Callable[..., object], *args: Any) -> None:
+    """Run ``work(*args)`` once the reply written now has been sent.
+
+    A transport sends what was written to it when the reactor next looks at its
+    sockets, and a timed call made now runs before that: each pass of the reactor
+    runs its due timed calls first.  A timed call made from within a timed call
+    waits for the next pass, so the work is scheduled from one, and the reply
+    leaves first.
+    """
+    clock.callLater(0, clock.callLater, 0, work, *args)
+
+
+def _nothing() -> None:
+    return None
 
 
 class Refused(Exception):  # noqa: N818 - reads as "raise Refused(reply)"
@@ -103,10 +119,23 @@ class Intake:
     is_feedback: Callable[[str], bool] = lambda address: False
     #: Called with the listener's name and the tenant of each message spooled.
     on_received: Callable[[str, str], None] | None = None
+    #: Messages durable and answered whose hand-over and event are still to come.
+    _unsettled: int = field(default=0, init=False)
+    _settled_waiters: list[Deferred[None]] = field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self._ids is None:
             self._ids = QueueIdGenerator(self.node, self.clock)
+
+    def settled(self) -> Deferred[None]:
+        """Fires once every message accepted so far has been handed to delivery and
+        its ``accepted`` event emitted (at once when none is waiting): a node that
+        stops waits for it before it stops delivery and closes the stores."""
+        if not self._unsettled:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._settled_waiters.append(d)
+        return d
 
     def new_queue_id(self) -> str:
         """A fresh queue id (assigned when a transaction starts, as in Received)."""
@@ -188,42 +217,64 @@ class Intake:
             node=self.node,
             sandbox=bool(cred and cred.sandbox),
         )
-        await self._spool(
-            NewMessage(
-                queue_id=sub.queue_id, envelope=sub.envelope, meta=meta, body=body,
-                not_before=sub.not_before,
-            )
+        message = NewMessage(
+            queue_id=sub.queue_id, envelope=sub.envelope, meta=meta, body=body,
+            not_before=sub.not_before,
         )
-        if self.on_received is not None:
-            try:
-                self.on_received(sub.listener, tenant)
-            except Exception:
-                # Durable already: a counting error must not fail the 250 either.
-                log.failure("counting a received message failed")
-        self._emit(
-            "accepted",
-            queue_id=sub.queue_id,
-            message_id=cleaned.message_id,
-            tenant=tenant,
-            sender=sub.envelope.sender,
-            recipients=sub.envelope.recipients,
-            tags=cleaned.tags,
-            tls=sub.tls,
-        )
+        hand_over = await self._spool(message)
+        # Durable: the caller answers now.  Handing the message to delivery, counting
+        # it and its event wait until that answer has left (see after_reply), so the
+        # client is not kept waiting for bookkeeping it does not need.
+        self._unsettled += 1
+        after_reply(self.clock, self._accepted, hand_over, sub, cleaned)
         return Accepted(sub.queue_id, cleaned.message_id)
 
-    async def _spool(self, message: NewMessage) -> None:
-        """Commit ``message``; with room in the active queue, leased to this node in
-        the same commit and handed to delivery from memory (no poll, no read back)."""
+    def _accepted(self, hand_over: Callable[[], None], sub: Submission,
+                  cleaned: CleanedMessage) -> None:
+        """After the reply to ``sub``: start its delivery, count it, log its event."""
+        try:
+            try:
+                hand_over()
+            except Exception:
+                # Durable (leased to us, or due in the spool): a later poll delivers it.
+                log.failure("handing {queue_id} to delivery failed", queue_id=sub.queue_id)
+            if self.on_received is not None:
+                try:
+                    self.on_received(sub.listener, sub.tenant)
+                except Exception:
+                    # Durable already: a counting error must not lose the event.
+                    log.failure("counting a received message failed")
+            self._emit(
+                "accepted",
+                queue_id=sub.queue_id,
+                message_id=cleaned.message_id,
+                tenant=sub.tenant,
+                sender=sub.envelope.sender,
+                recipients=sub.envelope.recipients,
+                tags=cleaned.tags,
+                tls=sub.tls,
+            )
+        finally:
+            self._unsettled -= 1
+            if not self._unsettled:
+                waiters, self._settled_waiters = self._settled_waiters, []
+                for d in waiters:
+                    d.callback(None)
+
+    async def _spool(self, message: NewMessage) -> Callable[[], None]:
+        """Commit ``message``; what hands it to delivery once the client has its answer.
+
+        With room in the active queue, the commit leases it to this node and the
+        hand-over gives it to delivery from memory (no poll, no read back); otherwise
+        the hand-over tells delivery that mail is due in the spool."""
         active = self.active_queue
         lease = None
         if active is not None and ILeasedEnqueue.providedBy(self.spool):
             lease = active.reserve(message)
         if lease is None or active is None:
             await self.spool.enqueue(message)
-            if self.on_queued is not None:
-                self.on_queued(message)
-            return
+            on_queued = self.on_queued
+            return (lambda: on_queued(message)) if on_queued is not None else _nothing
         try:
             deliveries = await self.spool.enqueue_leased(  # type: ignore[attr-defined]
                 message, lease.node, lease.expires
@@ -231,11 +282,7 @@ class Intake:
         except BaseException:
             active.cancel(message)
             raise
-        try:
-            active.take(message, deliveries)
-        except Exception:
-            # Durable and leased to us: a later poll (after the lease) delivers it.
-            log.failure("handing {queue_id} to delivery failed", queue_id=message.queue_id)
+        return lambda: active.take(message, deliveries)
 
     async def _filter(self, sub: Submission, body: bytes) -> bytes:
         """Run the message's filter chain over ``body``; the body with the headers

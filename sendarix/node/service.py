@@ -261,6 +261,22 @@ def _first_failure(failure: Failure) -> Failure:
     return failure
 
 
+class IntakeService(Service):
+    """Stops once every message the intake accepted has been handed to delivery and
+    its event emitted (the intake does both just after the client's answer).  Added
+    before the listeners and the API, it stops after them (no new mail) and before
+    delivery and the stores."""
+
+    name = "intake"
+
+    def __init__(self, intake: Intake) -> None:
+        self.intake = intake
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        super().stopService()
+        return self.intake.settled()
+
+
 class ListenerService(PortService):
     """One SMTP listener: listens once the stores are ready, drains on stop."""
 
@@ -486,6 +502,7 @@ def makeService(
         feedback=feedback if reports_to else None, is_feedback=is_report,
         chains=filter_chains(config, reactor), on_filtered=metrics.filter_decision,
     )
+    IntakeService(intake).setServiceParent(top)
     delivery.notifier = DSNNotifier(
         intake=intake, hostname=config.node.hostname, clock=reactor,
         tenant_default=lambda tenant: config.tenant(tenant).dsn,

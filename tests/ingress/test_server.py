@@ -13,7 +13,15 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sendarix.model.event import EventQuery
 from tests.control.cli.test_main import _run, _write_config
-from tests.support.relay import HOSTNAME, RawClient, Relay, in_thread, smtp_starttls, start_relay
+from tests.support.relay import (
+    HOSTNAME,
+    RawClient,
+    Relay,
+    in_thread,
+    smtp_starttls,
+    start_relay,
+    until,
+)
 
 SUBMISSION = {"name": "submission", "endpoint": "tcp:0:interface=127.0.0.1",
               "tls": "starttls", "auth": "required"}
@@ -654,6 +662,63 @@ class GracefulStopTests(TestCase):
         self.assertTrue(codes[0].startswith(b"354"))
         self.assertTrue(codes[1].startswith(b"250 2.0.0 OK: queued as"), codes)
         self.assertTrue(codes[2].startswith(b"421 4.3.2"), codes)
+        # Its event was written before the stores closed, though it comes after the 250.
+        from twisted.internet import reactor
+
+        from sendarix.stores.backends import open_stores
+
+        stores = open_stores(relay.config, reactor, json_log=False)
+        await stores.open()
+        try:
+            page = await stores.eventlog.search(EventQuery(recipient="b@example.org"))
+        finally:
+            await stores.close()
+        self.assertIn("accepted", [e.type for e in page.events])
+
+
+class ReplyFirstTests(TestCase):
+    """The client has its 250 before the node hands the message to delivery and
+    logs its ``accepted`` event: bookkeeping does not delay the answer."""
+
+    timeout = 30
+
+    async def test_answer_sent_before_the_event(self) -> None:
+        """When the ``accepted`` event is emitted, the 250 is already in the
+        client's socket."""
+        import socket
+
+        relay = await start_relay(self, [RELAY])
+        intake = relay.service.listeners[0].factory.settings.intake
+        emitted: list[tuple[str, bytes]] = []
+        sink = intake.events
+
+        class Watching:
+            def emit(self, event: Any) -> Any:
+                try:
+                    waiting = client.sock.recv(4096, socket.MSG_PEEK)
+                except BlockingIOError:
+                    waiting = b""
+                emitted.append((event.type, waiting))
+                return sink.emit(event)
+
+        intake.events = Watching()
+
+        def begin() -> RawClient:
+            c = RawClient(relay.ports["relay"])
+            c.reply()
+            c.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\n"
+                   b"RCPT TO:<first@example.org>\r\nDATA\r\n")
+            c.codes(4)
+            return c
+
+        client = await in_thread(begin)
+        client.sock.setblocking(False)  # the peek must not wait
+        # The final dot goes from the reactor's own thread, so no reader races the
+        # peek: what the peek finds is what the node had sent by then.
+        client.send(b"Subject: s\r\n\r\nbody\r\n.\r\n")
+        await until(lambda: emitted, 10, "the accepted event")
+        self.assertEqual(emitted[0][0], "accepted")
+        self.assertTrue(emitted[0][1].startswith(b"250 2.0.0 OK: queued as"), emitted)
 
 
 class RetentionTests(TestCase):
