@@ -4,7 +4,8 @@ listener share this life cycle.
 A listener must not accept a client before the stores that answer it are open, so
 :class:`PortService` waits for ``ready()`` before it listens (on an endpoint string,
 optionally under TLS, optionally on a port shared by the worker processes), and on
-stop closes the port before the stores close.
+stop closes the port before the stores close.  Its connections send what they
+write at once when they can (:mod:`sendarix.node.transport`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from sendarix.node.transport import send_eagerly
 from sendarix.node.workers import listen_shared
 
 log = Logger()
@@ -65,6 +67,7 @@ class PortService(Service):
             factory = TLSMemoryBIOFactory(self._tls, False, self.factory)
 
         def listening(port: IListeningPort) -> IListeningPort:
+            send_eagerly(port)
             self.port = port
             address = port.getHost()
             log.info("{what}", what=self._describe(

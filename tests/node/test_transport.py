@@ -1,0 +1,114 @@
+"""The listeners' connections send a write at once when nothing waits before it, and
+keep the order of what they write when the kernel cannot take it all."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet import reactor, tcp
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from sendarix.node.transport import EagerServer, send_eagerly
+from tests.support.relay import in_thread, until
+
+
+class _Answering(Protocol):
+    """Answers each chunk it receives with ``reply``, then peeks at the client's
+    socket: what it finds is what had left when ``write`` returned."""
+
+    def __init__(self, client: list[socket.socket], seen: list[bytes]) -> None:
+        self.client = client
+        self.seen = seen
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.transport.write(b"reply\r\n")
+        try:
+            self.seen.append(self.client[0].recv(100, socket.MSG_PEEK))
+        except BlockingIOError:
+            self.seen.append(b"")
+
+
+class EagerWriteTests(TestCase):
+    timeout = 30
+
+    async def _first_reply_seen(self, eager: bool) -> bytes:
+        client: list[socket.socket] = []
+        seen: list[bytes] = []
+        factory = Factory.forProtocol(lambda: _Answering(client, seen))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        if eager:
+            send_eagerly(port)
+        sock = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(sock.close)
+        sock.setblocking(False)
+        client.append(sock)
+        # Sent from the reactor's thread: nothing reads the reply before the peek.
+        sock.send(b"ping\r\n")
+        await until(lambda: seen, 10, "an answer")
+        return seen[0]
+
+    async def test_reply_leaves_before_write_returns(self) -> None:
+        """On an eager port, the reply is in the client's socket as soon as
+        ``write`` returns."""
+        self.assertEqual(await self._first_reply_seen(eager=True), b"reply\r\n")
+
+    async def test_twisted_alone_buffers(self) -> None:
+        """Without it, Twisted's own transport still holds the reply until the
+        reactor's next pass (what this module is for; if a later Twisted sends at
+        once by itself, this fails and the module can go)."""
+        self.assertEqual(await self._first_reply_seen(eager=False), b"")
+
+    async def test_order_kept_when_the_kernel_is_full(self) -> None:
+        """A write the kernel takes only in part leaves its rest in the buffer, and
+        a later write waits behind it: the client reads every byte in order."""
+        big = os.urandom(1 << 16) * 256  # 16 MiB: more than a socket takes at once
+        buffered: list[bool] = []
+        connected: Deferred[None] = Deferred()
+
+        class Flooding(Protocol):
+            def connectionMade(self) -> None:  # noqa: N802
+                transport: Any = self.transport
+                self.transport.write(big)
+                buffered.append(bool(transport._tempDataBuffer or transport.dataBuffer))
+                self.transport.write(b"END")
+                self.transport.loseConnection()
+                connected.callback(None)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Flooding), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        send_eagerly(port)
+
+        def read_all() -> bytes:
+            chunks = []
+            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=20) as s:
+                while chunk := s.recv(1 << 20):
+                    chunks.append(chunk)
+            return b"".join(chunks)
+
+        received = await in_thread(read_all)
+        await connected
+        self.assertEqual(buffered, [True])
+        self.assertEqual(len(received), len(big) + 3)
+        self.assertTrue(received == big + b"END")
+
+
+class SendEagerlyTests(TestCase):
+    def test_tcp_port_gets_the_eager_transport(self) -> None:
+        port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        send_eagerly(port)
+        self.assertIs(port.transport, EagerServer)
+        self.assertTrue(issubclass(EagerServer, tcp.Server))
+
+    def test_other_ports_left_alone(self) -> None:
+        path = self.mktemp()
+        port = reactor.listenUNIX(path, Factory.forProtocol(Protocol))
+        self.addCleanup(port.stopListening)
+        before = port.transport
+        send_eagerly(port)
+        self.assertIs(port.transport, before)
