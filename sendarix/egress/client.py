@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sendarix.egress.replies import parse_reply_lines
+from sendarix.egress.transport import EagerConnecting
 from sendarix.interfaces import ITransport
 from sendarix.model.message import Reply, TLSInfo
 from sendarix.model.session import (
@@ -726,9 +727,11 @@ def client_endpoint(
     bind = (bind_address, 0) if bind_address else None
     if bind_address and is_ipv6(bind_address) != is_ipv6(host):
         raise ValueError(f"source {bind_address} cannot reach {host}: other address family")
+    # Each command group and message goes out as it is written (EagerConnecting).
+    connecting = EagerConnecting(reactor)
     if is_ipv6(host):
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
-    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
+        return TCP6ClientEndpoint(connecting, host, port, timeout=timeout, bindAddress=bind)
+    return TCP4ClientEndpoint(connecting, host, port, timeout=timeout, bindAddress=bind)
 
 
 def deliver(
