@@ -35,11 +35,12 @@ log = Logger()
 def after_reply(clock: IReactorTime, work: Callable[..., object], *args: Any) -> None:
     """Run ``work(*args)`` once the reply written now has been sent.
 
-    A transport sends what was written to it when the reactor next looks at its
-    sockets, and a timed call made now runs before that: each pass of the reactor
-    runs its due timed calls first.  A timed call made from within a timed call
-    waits for the next pass, so the work is scheduled from one, and the reply
-    leaves first.
+    A plain listener's connection sends a reply at once (``node/transport.py``), but
+    one under TLS, like Twisted's own transports, holds it until the reactor next
+    looks at its sockets, and a timed call made now runs before that: each pass of
+    the reactor runs its due timed calls first.  A timed call made from within a
+    timed call waits for the next pass, so the work is scheduled from one, and the
+    reply leaves first either way.
     """
     clock.callLater(0, clock.callLater, 0, work, *args)
 
