@@ -4,6 +4,7 @@ against a real relay node with a SQLite spool and TLS from a test CA."""
 from __future__ import annotations
 
 import base64
+import os
 import smtplib
 from typing import Any
 
@@ -719,6 +720,53 @@ class ReplyFirstTests(TestCase):
         await until(lambda: emitted, 10, "the accepted event")
         self.assertEqual(emitted[0][0], "accepted")
         self.assertTrue(emitted[0][1].startswith(b"250 2.0.0 OK: queued as"), emitted)
+
+    async def test_answer_sent_before_the_event_under_starttls(self) -> None:
+        """Under STARTTLS the 250 waits in the TLS layer's buffer for the reactor's
+        next look at the sockets; the event still comes after it has left."""
+        import socket
+
+        relay = await start_relay(self, [RELAY])
+        intake = relay.service.listeners[0].factory.settings.intake
+        emitted: list[tuple[str, bytes]] = []
+        sink = intake.events
+        raw: list[socket.socket] = []
+
+        class Watching:
+            def emit(self, event: Any) -> Any:
+                try:
+                    waiting = raw[0].recv(4096, socket.MSG_PEEK)
+                except BlockingIOError:
+                    waiting = b""
+                emitted.append((event.type, waiting))
+                return sink.emit(event)
+
+        intake.events = Watching()
+
+        def begin() -> RawClient:
+            c = RawClient(relay.ports["relay"])
+            c.reply()
+            c.send(b"EHLO c.test\r\nSTARTTLS\r\n")
+            c.codes(2)
+            c.starttls(relay.ca_path)
+            c.send(b"EHLO c.test\r\n")
+            c.codes(1)
+            c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<tls@example.org>\r\nDATA\r\n")
+            c.codes(3)
+            return c
+
+        client = await in_thread(begin)
+        # The encrypted dot goes from the reactor's own thread; a second descriptor
+        # of the same socket peeks at the encrypted bytes that arrive after it.
+        client.send(b"Subject: s\r\n\r\nbody\r\n.\r\n")
+        peek = socket.socket(fileno=os.dup(client.sock.fileno()))
+        self.addCleanup(peek.close)
+        peek.setblocking(False)
+        raw.append(peek)
+        await until(lambda: emitted, 10, "the accepted event")
+        self.assertEqual(emitted[0][0], "accepted")
+        self.assertNotEqual(emitted[0][1], b"", "the 250 had not left")
+        self.assertEqual(client.codes(1)[0][:3], b"250")
 
 
 class RetentionTests(TestCase):
