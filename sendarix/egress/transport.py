@@ -29,7 +29,9 @@ class EagerWrites:
 
     It relies on what :class:`twisted.internet.abstract.FileDescriptor` keeps in
     ``dataBuffer``/``offset`` (bytes being sent) and ``_tempDataBuffer`` (bytes
-    written since): only when both are empty may a write skip them.  The tests of
+    written since): only when both are empty may a write skip them.  Nor while a
+    producer is registered: Twisted asks a producer for more, or lets it go on, as
+    its buffer empties, so its writes must go through the buffer.  The tests of
     the listeners' and the delivery agent's connections check that against the
     installed Twisted.
     """
@@ -37,6 +39,7 @@ class EagerWrites:
     TLS: bool
     connected: int
     _writeDisconnected: bool
+    producer: Any
     _tempDataBuffer: list[bytes]
     dataBuffer: bytes
     offset: int
@@ -49,6 +52,7 @@ class EagerWrites:
             and not self.TLS
             and self.connected
             and not self._writeDisconnected
+            and self.producer is None
             and not self._tempDataBuffer
             and self.offset == len(self.dataBuffer)
         ):

@@ -97,6 +97,44 @@ class EagerWriteTests(TestCase):
         self.assertTrue(received == big + b"END")
 
 
+    async def test_pull_producer_still_driven(self) -> None:
+        """A producer registered on the connection is asked for more as Twisted's
+        buffer empties, so its writes go through that buffer: all of it arrives."""
+        chunks = [bytes([65 + i]) * 1024 for i in range(5)]
+
+        class Pulling:
+            def __init__(self, transport: Any) -> None:
+                self.transport = transport
+                self.left = list(chunks)
+
+            def resumeProducing(self) -> None:  # noqa: N802
+                if self.left:
+                    self.transport.write(self.left.pop(0))
+                else:
+                    self.transport.unregisterProducer()
+                    self.transport.loseConnection()
+
+            def stopProducing(self) -> None:  # noqa: N802
+                self.left = []
+
+        class Producing(Protocol):
+            def connectionMade(self) -> None:  # noqa: N802
+                self.transport.registerProducer(Pulling(self.transport), False)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Producing), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        send_eagerly(port)
+
+        def read_all() -> bytes:
+            out = []
+            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as s:
+                while chunk := s.recv(65536):
+                    out.append(chunk)
+            return b"".join(out)
+
+        self.assertEqual(await in_thread(read_all), b"".join(chunks))
+
+
 class SendEagerlyTests(TestCase):
     def test_tcp_port_gets_the_eager_transport(self) -> None:
         port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
