@@ -503,6 +503,9 @@ def makeService(
         chains=filter_chains(config, reactor), on_filtered=metrics.filter_decision,
     )
     IntakeService(intake).setServiceParent(top)
+    # Delivery's own mail (DSNs) can be accepted while delivery stops, after the
+    # intake service stopped: the stores wait for its hand-over and event first.
+    stores_service.on_stop.insert(0, intake.settled)
     delivery.notifier = DSNNotifier(
         intake=intake, hostname=config.node.hostname, clock=reactor,
         tenant_default=lambda tenant: config.tenant(tenant).dsn,
