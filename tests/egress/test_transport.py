@@ -3,7 +3,6 @@ and keep the order of what they write when the kernel cannot take it all."""
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Any
 
@@ -16,6 +15,7 @@ from twisted.trial.unittest import TestCase
 from sendarix.egress.client import client_endpoint
 from sendarix.egress.transport import EagerClient, EagerConnecting
 from tests.support.relay import in_thread
+from tests.support.streams import MARKER, Flooding, flood, peek, read_until_closed
 
 
 def _listening() -> socket.socket:
@@ -42,11 +42,7 @@ class EagerClientTests(TestCase):
                 self.peer = peer
                 peer.setblocking(False)
                 self.transport.write(b"EHLO client.test\r\n")
-                try:
-                    waiting = peer.recv(100, socket.MSG_PEEK)
-                except BlockingIOError:
-                    waiting = b""
-                seen.callback((waiting, self.transport))
+                seen.callback((peek(peer), self.transport))
 
             def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
                 self.peer.close()
@@ -85,34 +81,16 @@ class EagerClientTests(TestCase):
     async def test_order_kept_when_the_kernel_is_full(self) -> None:
         """A write the kernel takes only in part leaves its rest in the buffer, and
         a later write waits behind it: the server reads every byte in order."""
-        big = os.urandom(1 << 16) * 256  # 16 MiB: more than a socket takes at once
+        big = flood()
+        buffered: list[bool] = []
         server = _listening()
         self.addCleanup(server.close)
-        buffered: list[bool] = []
-
-        class Flooding(Protocol):
-            def connectionMade(self) -> None:  # noqa: N802
-                transport: Any = self.transport
-                self.transport.write(big)
-                buffered.append(bool(transport._tempDataBuffer or transport.dataBuffer))
-                self.transport.write(b"END")
-                self.transport.loseConnection()
-
-        def read_all() -> bytes:
-            peer, _ = server.accept()
-            chunks = []
-            with peer:
-                peer.settimeout(20)
-                while chunk := peer.recv(1 << 20):
-                    chunks.append(chunk)
-            return b"".join(chunks)
-
-        reading = in_thread(read_all)
+        reading = in_thread(lambda: read_until_closed(server.accept()[0]))
         endpoint = TCP4ClientEndpoint(
             EagerConnecting(reactor), "127.0.0.1", server.getsockname()[1]
         )
-        await endpoint.connect(Factory.forProtocol(Flooding))
+        await endpoint.connect(Factory.forProtocol(lambda: Flooding(big, buffered)))
         received = await reading
         self.assertEqual(buffered, [True])
-        self.assertEqual(len(received), len(big) + 3)
-        self.assertTrue(received == big + b"END")
+        self.assertEqual(len(received), len(big) + len(MARKER))
+        self.assertTrue(received == big + MARKER)

@@ -23,6 +23,7 @@ from tests.support.relay import (
     start_relay,
     until,
 )
+from tests.support.streams import peek
 
 SUBMISSION = {"name": "submission", "endpoint": "tcp:0:interface=127.0.0.1",
               "tls": "starttls", "auth": "required"}
@@ -683,28 +684,42 @@ class ReplyFirstTests(TestCase):
 
     timeout = 30
 
-    async def test_answer_sent_before_the_event(self) -> None:
-        """When the ``accepted`` event is emitted, the 250 is already in the
-        client's socket."""
+    async def _first_event(self, begin: Any) -> tuple[str, bytes, RawClient]:
+        """Start a relay, run ``begin(relay)`` (a blocking client that stops after
+        DATA's 354) in a thread, then send the message's end: the first event's
+        type, what had reached the client's socket (unread) when it was emitted,
+        and the client."""
         import socket
 
         relay = await start_relay(self, [RELAY])
         intake = relay.service.listeners[0].factory.settings.intake
-        emitted: list[tuple[str, bytes]] = []
         sink = intake.events
+        emitted: list[tuple[str, bytes]] = []
+        watched: list[socket.socket] = []
 
         class Watching:
             def emit(self, event: Any) -> Any:
-                try:
-                    waiting = client.sock.recv(4096, socket.MSG_PEEK)
-                except BlockingIOError:
-                    waiting = b""
-                emitted.append((event.type, waiting))
+                emitted.append((event.type, peek(watched[0])))
                 return sink.emit(event)
 
         intake.events = Watching()
+        client = await in_thread(begin, relay)
+        # The final dot goes from the reactor's own thread, so no reader races the
+        # peek.  It peeks through a second descriptor of the client's socket: under
+        # TLS it sees the encrypted bytes, which is enough to know the 250 has left.
+        client.send(b"Subject: s\r\n\r\nbody\r\n.\r\n")
+        watch = socket.socket(fileno=os.dup(client.sock.fileno()))
+        self.addCleanup(watch.close)
+        watch.setblocking(False)
+        watched.append(watch)
+        await until(lambda: emitted, 10, "the accepted event")
+        return emitted[0][0], emitted[0][1], client
 
-        def begin() -> RawClient:
+    async def test_answer_sent_before_the_event(self) -> None:
+        """When the ``accepted`` event is emitted, the 250 is already in the
+        client's socket."""
+
+        def begin(relay: Relay) -> RawClient:
             c = RawClient(relay.ports["relay"])
             c.reply()
             c.send(b"EHLO c.test\r\nMAIL FROM:<a@example.com>\r\n"
@@ -712,38 +727,15 @@ class ReplyFirstTests(TestCase):
             c.codes(4)
             return c
 
-        client = await in_thread(begin)
-        client.sock.setblocking(False)  # the peek must not wait
-        # The final dot goes from the reactor's own thread, so no reader races the
-        # peek: what the peek finds is what the node had sent by then.
-        client.send(b"Subject: s\r\n\r\nbody\r\n.\r\n")
-        await until(lambda: emitted, 10, "the accepted event")
-        self.assertEqual(emitted[0][0], "accepted")
-        self.assertTrue(emitted[0][1].startswith(b"250 2.0.0 OK: queued as"), emitted)
+        kind, waiting, _ = await self._first_event(begin)
+        self.assertEqual(kind, "accepted")
+        self.assertTrue(waiting.startswith(b"250 2.0.0 OK: queued as"), waiting)
 
     async def test_answer_sent_before_the_event_under_starttls(self) -> None:
         """Under STARTTLS the 250 waits in the TLS layer's buffer for the reactor's
         next look at the sockets; the event still comes after it has left."""
-        import socket
 
-        relay = await start_relay(self, [RELAY])
-        intake = relay.service.listeners[0].factory.settings.intake
-        emitted: list[tuple[str, bytes]] = []
-        sink = intake.events
-        raw: list[socket.socket] = []
-
-        class Watching:
-            def emit(self, event: Any) -> Any:
-                try:
-                    waiting = raw[0].recv(4096, socket.MSG_PEEK)
-                except BlockingIOError:
-                    waiting = b""
-                emitted.append((event.type, waiting))
-                return sink.emit(event)
-
-        intake.events = Watching()
-
-        def begin() -> RawClient:
+        def begin(relay: Relay) -> RawClient:
             c = RawClient(relay.ports["relay"])
             c.reply()
             c.send(b"EHLO c.test\r\nSTARTTLS\r\n")
@@ -755,17 +747,9 @@ class ReplyFirstTests(TestCase):
             c.codes(3)
             return c
 
-        client = await in_thread(begin)
-        # The encrypted dot goes from the reactor's own thread; a second descriptor
-        # of the same socket peeks at the encrypted bytes that arrive after it.
-        client.send(b"Subject: s\r\n\r\nbody\r\n.\r\n")
-        peek = socket.socket(fileno=os.dup(client.sock.fileno()))
-        self.addCleanup(peek.close)
-        peek.setblocking(False)
-        raw.append(peek)
-        await until(lambda: emitted, 10, "the accepted event")
-        self.assertEqual(emitted[0][0], "accepted")
-        self.assertNotEqual(emitted[0][1], b"", "the 250 had not left")
+        kind, waiting, client = await self._first_event(begin)
+        self.assertEqual(kind, "accepted")
+        self.assertNotEqual(waiting, b"", "the 250 had not left")
         self.assertEqual(client.codes(1)[0][:3], b"250")
 
 

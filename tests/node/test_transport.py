@@ -3,17 +3,16 @@ keep the order of what they write when the kernel cannot take it all."""
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Any
 
 from twisted.internet import reactor, tcp
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
 from sendarix.node.transport import EagerServer, send_eagerly
 from tests.support.relay import in_thread, until
+from tests.support.streams import MARKER, Flooding, flood, peek, read_until_closed
 
 
 class _Answering(Protocol):
@@ -26,10 +25,7 @@ class _Answering(Protocol):
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.transport.write(b"reply\r\n")
-        try:
-            self.seen.append(self.client[0].recv(100, socket.MSG_PEEK))
-        except BlockingIOError:
-            self.seen.append(b"")
+        self.seen.append(peek(self.client[0]))
 
 
 class EagerWriteTests(TestCase):
@@ -66,36 +62,18 @@ class EagerWriteTests(TestCase):
     async def test_order_kept_when_the_kernel_is_full(self) -> None:
         """A write the kernel takes only in part leaves its rest in the buffer, and
         a later write waits behind it: the client reads every byte in order."""
-        big = os.urandom(1 << 16) * 256  # 16 MiB: more than a socket takes at once
+        big = flood()
         buffered: list[bool] = []
-        connected: Deferred[None] = Deferred()
-
-        class Flooding(Protocol):
-            def connectionMade(self) -> None:  # noqa: N802
-                transport: Any = self.transport
-                self.transport.write(big)
-                buffered.append(bool(transport._tempDataBuffer or transport.dataBuffer))
-                self.transport.write(b"END")
-                self.transport.loseConnection()
-                connected.callback(None)
-
-        port = reactor.listenTCP(0, Factory.forProtocol(Flooding), interface="127.0.0.1")
+        port = reactor.listenTCP(
+            0, Factory.forProtocol(lambda: Flooding(big, buffered)), interface="127.0.0.1"
+        )
         self.addCleanup(port.stopListening)
         send_eagerly(port)
-
-        def read_all() -> bytes:
-            chunks = []
-            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=20) as s:
-                while chunk := s.recv(1 << 20):
-                    chunks.append(chunk)
-            return b"".join(chunks)
-
-        received = await in_thread(read_all)
-        await connected
+        address = ("127.0.0.1", port.getHost().port)
+        received = await in_thread(lambda: read_until_closed(socket.create_connection(address)))
         self.assertEqual(buffered, [True])
-        self.assertEqual(len(received), len(big) + 3)
-        self.assertTrue(received == big + b"END")
-
+        self.assertEqual(len(received), len(big) + len(MARKER))
+        self.assertTrue(received == big + MARKER)
 
     async def test_pull_producer_still_driven(self) -> None:
         """A producer registered on the connection is asked for more as Twisted's
@@ -125,14 +103,11 @@ class EagerWriteTests(TestCase):
         self.addCleanup(port.stopListening)
         send_eagerly(port)
 
-        def read_all() -> bytes:
-            out = []
-            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as s:
-                while chunk := s.recv(65536):
-                    out.append(chunk)
-            return b"".join(out)
-
-        self.assertEqual(await in_thread(read_all), b"".join(chunks))
+        address = ("127.0.0.1", port.getHost().port)
+        received = await in_thread(
+            lambda: read_until_closed(socket.create_connection(address), timeout=10)
+        )
+        self.assertEqual(received, b"".join(chunks))
 
 
 class SendEagerlyTests(TestCase):
