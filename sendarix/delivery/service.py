@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import datetime
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from attrs import define, frozen
@@ -968,8 +968,25 @@ class DeliveryService(Service):
         pending = list(deliveries)
         back: list[LeasedDelivery] = []
         attempted: list[LeasedDelivery] = []
+        ended = False
+
+        async def connection_done() -> None:
+            # The session's connection is resting in the cache or closed: it stops
+            # counting against the site's limit now, while the outcomes are still
+            # being written.  Counted until those commits, a busy site's sessions
+            # ending together would find no room to leave their connections resting,
+            # and the next sessions would connect afresh.
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            self.scheduler.session_ended(site)
+            await self._throttled(self.throttle.release_connection, conn_key)
+            if self.running:
+                self._kick(site)
+
         try:
-            await self._send_batch(conn, deliveries, pending, back, attempted)
+            await self._send_batch(conn, deliveries, pending, back, attempted, connection_done)
         except Exception:
             conn.shape.window.release()
             self._failed(Failure(), "delivery to {domain} failed", domain=conn.key.domain)
@@ -988,8 +1005,7 @@ class DeliveryService(Service):
                     await self._release(delivery)
             pending.clear()
         finally:
-            self.scheduler.session_ended(site)
-            await self._throttled(self.throttle.release_connection, conn_key)
+            await connection_done()
             keep = [r for r in batch if r.delivery in back]
             if self.running:
                 self.ready_queues.put_back(site, conn.key, keep)
@@ -1071,6 +1087,7 @@ class DeliveryService(Service):
         pending: list[LeasedDelivery],
         back: list[LeasedDelivery],
         attempted: list[LeasedDelivery],
+        connection_done: Callable[[], Awaitable[None]],
     ) -> None:
         """One session (per hop tried) for one batch whose first message the site's
         rate has admitted; each delivery leaves ``pending`` once it is settled or
@@ -1118,11 +1135,25 @@ class DeliveryService(Service):
                 _put_back(batch, pending, back)
                 self.scheduler.back_off(conn.site)
                 return
+        held = slot
+
+        async def release_slot() -> None:
+            nonlocal held
+            if held is not None:
+                released, held = held, None
+                await self._throttled(self.throttle.release_connection, released)
+
+        async def done_with_connection() -> None:
+            # The source's connection slot goes back with the site's (see _send_taken).
+            await release_slot()
+            await connection_done()
+
         try:
-            await self._send_from(conn, batch, pending, back, attempted, source, now, today)
+            await self._send_from(
+                conn, batch, pending, back, attempted, source, now, today, done_with_connection
+            )
         finally:
-            if slot is not None:
-                await self._throttled(self.throttle.release_connection, slot)
+            await release_slot()
 
     async def _choose_source(
         self, conn: _Connection, now: float, today: datetime.date
@@ -1158,9 +1189,11 @@ class DeliveryService(Service):
         source: EgressSourceConfig | None,
         now: float,
         today: datetime.date,
+        connection_done: Callable[[], Awaitable[None]],
     ) -> None:
         """The session of :meth:`_send_batch`, from ``source`` (None: the system's
-        address)."""
+        address); ``connection_done`` is awaited once the connection is given up,
+        before the outcomes are settled."""
         shape = conn.shape
         window = shape.window
         messages: list[OutboundMessage] = []
@@ -1271,6 +1304,7 @@ class DeliveryService(Service):
             )
         assert result is not None and hop is not None  # a Route without error has hops
         self._learn(conn, source, result, refused_421)
+        await connection_done()
         by_id = {m.queue_id: m for m in result.results}
         settling: list[LeasedDelivery] = []
         for delivery in sending:
