@@ -988,7 +988,11 @@ class DeliveryService(Service):
         try:
             await self._send_batch(conn, deliveries, pending, back, attempted, connection_done)
         except Exception:
-            conn.shape.window.release()
+            if not ended:
+                # Failed before the session was over: its window slot is still held.
+                # After it (writing the outcomes failed), the slot went back with the
+                # session's verdict, and another release would free another's slot.
+                conn.shape.window.release()
             self._failed(Failure(), "delivery to {domain} failed", domain=conn.key.domain)
             for delivery in pending:
                 key = (delivery.queue_id, delivery.domain)
