@@ -288,7 +288,12 @@ class ReadyQueueTests(unittest.TestCase):
         log.info("backlog: {counters}, spread {spread:.2f} s", counters=delivery.counters,
                  spread=arrivals[-1] - arrivals[0])
         self.assertGreaterEqual(arrivals[-1] - arrivals[0], 299 / 30 - 0.05)
-        self.assertGreaterEqual(slow_arrivals[-1] - slow_arrivals[0], 4 * 2.4 - 0.05)
+        log.info("slow site: spread {spread:.3f} s", spread=slow_arrivals[-1] - slow_arrivals[0])
+        # The rate admits them exactly 2.4 s apart; what arrives also carries each
+        # session's own time (a new connection for each: a connection rests 2 s),
+        # which a loaded machine stretched by 80 ms for the first once (9.52 s).
+        # Unpaced, the five would arrive within a few tens of milliseconds.
+        self.assertGreaterEqual(slow_arrivals[-1] - slow_arrivals[0], 4 * 2.4 - 0.25)
         # A slow paced site gets the one connection its rate needs, not its window.
         self.assertEqual(slow.stats.max_concurrent, 1)
         # Before ready queues, mail the rate could not admit within 2 s went back to
