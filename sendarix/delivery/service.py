@@ -1139,12 +1139,11 @@ class DeliveryService(Service):
                 _put_back(batch, pending, back)
                 self.scheduler.back_off(conn.site)
                 return
-        held = slot
 
         async def release_slot() -> None:
-            nonlocal held
-            if held is not None:
-                released, held = held, None
+            nonlocal slot
+            if slot is not None:
+                released, slot = slot, None
                 await self._throttled(self.throttle.release_connection, released)
 
         async def done_with_connection() -> None:
