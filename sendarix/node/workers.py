@@ -49,6 +49,9 @@ from twisted.python.failure import Failure
 
 log = Logger()
 
+#: The log observer factory every worker is started with (twistd's ``--logger``).
+WORKER_LOGGER = "sendarix.node.logfile.worker_observer"
+
 #: The workers' directory of supervisor PID is ``<tmp>/sendarix-workers-PID-XXXXXXXX``.
 PEERS_PREFIX = "sendarix-workers-"
 
@@ -268,11 +271,12 @@ class WorkerPool(Service):
     def command(self, index: int) -> list[str]:
         """The command line of worker ``index``.  Workers log to the supervisor's
         standard output, or with ``log_file`` each to its own file next to it
-        (``sendarix.log`` -> ``sendarix-w1.log``)."""
-        logging: list[str] = []
+        (``sendarix.log`` -> ``sendarix-w1.log``), through the observer that writes
+        a pass of the reactor at a time (:mod:`sendarix.node.logfile`)."""
+        logging = [f"--logger={WORKER_LOGGER}"]
         if self.log_file:
             root, ext = os.path.splitext(self.log_file)
-            logging = [f"--logfile={root}-w{index}{ext}"]
+            logging.append(f"--logfile={root}-w{index}{ext}")
         peers = ["--peers", self.peers] if self.peers else []
         reactor = [f"--reactor={self.reactor_name}"] if self.reactor_name else []
         return [

@@ -269,9 +269,12 @@ class WorkerProcessTests(TestCase):
 
     timeout = 90
 
-    def configure(self, spool_url: str, api_port: int = 0) -> tuple[str, str, int]:
+    def configure(
+        self, spool_url: str, api_port: int = 0, json_log: bool = False,
+    ) -> tuple[str, str, int]:
         """A folder, the configuration of node "box" in it, and its SMTP port (the API
-        on ``api_port``, by default a port each worker picks)."""
+        on ``api_port``, by default a port each worker picks; the event lines in the
+        log with ``json_log``)."""
         folder = os.path.abspath(self.mktemp())
         os.makedirs(folder)
         port = free_port()
@@ -280,7 +283,7 @@ class WorkerProcessTests(TestCase):
             f.write(
                 '[node]\nname = "box"\nhostname = "box.test"\n'
                 f'[spool]\nurl = "{spool_url}"\n'
-                "[events]\njson_log = false\n"
+                f"[events]\njson_log = {'true' if json_log else 'false'}\n"
                 f'[api]\nendpoint = "tcp:{api_port}:interface=127.0.0.1"\n'
                 '[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 0.5\n'
                 '[[listener]]\nname = "relay"\n'
@@ -356,6 +359,30 @@ class WorkerProcessTests(TestCase):
             reactors = re.findall(rb"reactor class: ([\w.]+\w)", f.read())
         # The supervisor's line and each worker's.
         self.assertEqual(reactors, [b"twisted.internet.pollreactor.PollReactor"] * 3)
+
+    def test_workers_log_to_their_own_files(self) -> None:
+        """With twistd's ``--logfile``, each worker writes its own file beside the
+        supervisor's, in twistd's line format: an event line per accepted message,
+        each line whole, and the last lines are there once the worker stops."""
+        folder, config, port = self.configure("sqlite:var/spool.db", json_log=True)
+        log_file = os.path.join(folder, "node.log")
+        parent, log_path, children = start_workers(
+            self, folder, config, port, twistd_options=(f"--logfile={log_file}",),
+            log_file=log_file)
+        self.assertEqual(_send_sessions(port, 12), [250] * 12)
+        parent.send_signal(signal.SIGTERM)
+        self.assertIn(parent.wait(timeout=45), (0, -signal.SIGTERM))
+        accepted = 0
+        stamp = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^]]+\] ")
+        for name in ("node-w1.log", "node-w2.log"):
+            with open(os.path.join(folder, name)) as f:
+                lines = f.read().splitlines()
+            for text in lines:
+                if not text.startswith("\t"):  # a traceback's lines go on indented
+                    self.assertRegex(text, stamp)
+            accepted += sum(" event accepted queue_id=" in text for text in lines)
+            self.assertTrue(lines[-1].endswith("Server Shut Down."), lines[-3:])
+        self.assertEqual(accepted, 12)
 
     def test_workers_on_sqlite(self) -> None:
         """Two workers on one SQLite spool share the port and both take mail; a killed

@@ -69,14 +69,16 @@ def listens(pid: int, port: int | None = None) -> bool:
 
 def start_workers(
     testcase: Any, folder: str, config: str, port: int, count: int = 2, timeout: float = 30.0,
-    twistd_options: tuple[str, ...] = (),
+    twistd_options: tuple[str, ...] = (), log_file: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], str, list[int]]:
     """Run ``twistd [twistd_options] sendarix --config config --workers count`` in
     ``folder`` until every worker listens on ``port``.  Returns the parent, its log file
-    and the workers' pids (a list the test may update: every pid in it is SIGKILLed at
+    (``log_file`` when the options send the log there, else its standard output) and
+    the workers' pids (a list the test may update: every pid in it is SIGKILLed at
     cleanup, with the parent)."""
-    log_path = os.path.join(folder, "parent.log")
-    log = open(log_path, "wb")
+    output = os.path.join(folder, "parent.log")
+    log_path = log_file or output
+    log = open(output, "wb")
     testcase.addCleanup(log.close)
     parent = subprocess.Popen(
         [*TWISTD, "-n", "--pidfile=", *twistd_options, "sendarix", "--config", config,
@@ -96,8 +98,11 @@ def start_workers(
     testcase.addCleanup(cleanup)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with open(log_path, "rb") as f:
-            found = re.findall(rb"worker \d+ started, pid (\d+)", f.read())
+        try:
+            with open(log_path, "rb") as f:
+                found = re.findall(rb"worker \d+ started, pid (\d+)", f.read())
+        except FileNotFoundError:  # twistd has not opened its --logfile yet
+            found = []
         children[:] = [int(p) for p in found]
         if len(children) == count and all(listens(pid, port) for pid in children):
             break
