@@ -102,6 +102,7 @@ from sendarix.scheduler.outcome import (
     plan_outcomes,
 )
 from sendarix.scheduler.retry import RetrySchedule
+from sendarix.scheduler.window import WindowSlot
 from sendarix.stores.errors import LeaseLost, StoreUnavailable
 
 __all__ = ["DeliveryService"]
@@ -903,7 +904,7 @@ class DeliveryService(Service):
                 self.throttle.acquire_connection, conn_key, shape.max_connections, now
             )
             if not taken:
-                self.scheduler.connect_failed(shape)
+                self.scheduler.connect_failed(step)
                 await self._nap(site, DRAIN_NAP)
                 continue
             started = False
@@ -915,13 +916,13 @@ class DeliveryService(Service):
                 )
                 if batch:
                     self.scheduler.session_started(site)
-                    d = Deferred.fromCoroutine(self._send_taken(site, batch, conn_key))
+                    d = Deferred.fromCoroutine(self._send_taken(site, batch, conn_key, step.slot))
                     started = True
                     self._running.add(d)
                     d.addBoth(self._forget, d)
             finally:
                 if not started:
-                    self.scheduler.connect_failed(shape)
+                    self.scheduler.connect_failed(step)
                     await self._throttled(self.throttle.release_connection, conn_key)
 
     def _forget(self, result: Any, d: Deferred[Any]) -> Any:
@@ -960,10 +961,16 @@ class DeliveryService(Service):
                 log.warn("throttle {method} failed: {error}", method=method.__name__, error=e)
             return None
 
-    async def _send_taken(self, site: str, batch: list[_Ready], conn_key: str) -> None:
-        """Send a batch taken from ``site``'s queue over one connection (slots held);
-        what the session could not send goes back to the queue."""
+    async def _send_taken(
+        self, site: str, batch: list[_Ready], conn_key: str, slot: WindowSlot | None,
+    ) -> None:
+        """Send a batch taken from ``site``'s queue over one connection (its window
+        ``slot`` and connection slot held); what the session could not send goes back
+        to the queue."""
         conn = batch[0].conn
+        # Without a slot from the scheduler, one that holds nothing: every path below
+        # gives back one slot, once, and this one gives back none.
+        window_slot = slot if slot is not None else WindowSlot(conn.shape.window, held=False)
         deliveries = [r.delivery for r in batch]
         pending = list(deliveries)
         back: list[LeasedDelivery] = []
@@ -986,13 +993,14 @@ class DeliveryService(Service):
                 self._kick(site)
 
         try:
-            await self._send_batch(conn, deliveries, pending, back, attempted, connection_done)
+            await self._send_batch(
+                conn, deliveries, pending, back, attempted, window_slot, connection_done
+            )
         except Exception:
-            if not ended:
-                # Failed before the session was over: its window slot is still held.
-                # After it (writing the outcomes failed), the slot went back with the
-                # session's verdict, and another release would free another's slot.
-                conn.shape.window.release()
+            # Failed before the session was over, the slot is still held; after it
+            # (writing the outcomes failed), it went back with the session's verdict
+            # and this does nothing.
+            window_slot.release()
             self._failed(Failure(), "delivery to {domain} failed", domain=conn.key.domain)
             for delivery in pending:
                 key = (delivery.queue_id, delivery.domain)
@@ -1091,14 +1099,14 @@ class DeliveryService(Service):
         pending: list[LeasedDelivery],
         back: list[LeasedDelivery],
         attempted: list[LeasedDelivery],
+        window_slot: WindowSlot,
         connection_done: Callable[[], Awaitable[None]],
     ) -> None:
         """One session (per hop tried) for one batch whose first message the site's
         rate has admitted; each delivery leaves ``pending`` once it is settled or
         moved to ``back`` (not sent: warmup cap or rate); ``attempted`` lists those
-        handed to a session.  The caller holds a window slot, which this settles."""
+        handed to a session.  This gives back the connection's ``window_slot``."""
         shape = conn.shape
-        window = shape.window
         now = self.reactor.seconds()
         today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
         # Where it leaves from: a source of the egress pool, within its warmup cap and
@@ -1108,12 +1116,12 @@ class DeliveryService(Service):
         if self.selector is not None and conn.key.egress_pool is not None:
             source, slot, capped = await self._choose_source(conn, now, today)
             if capped:
-                window.release()
+                window_slot.release()
                 _put_back(batch, pending, back)
                 self.scheduler.back_off(conn.site)
                 return
             if source is None:
-                window.release()
+                window_slot.release()
                 # Warmup budgets renew at midnight UTC: come back then.
                 midnight = datetime.datetime.combine(
                     today + datetime.timedelta(days=1), datetime.time(), datetime.UTC
@@ -1135,7 +1143,7 @@ class DeliveryService(Service):
             if not await self._throttled(
                 self.throttle.acquire_connection, slot, shape.max_connections_per_source, now
             ):
-                window.release()
+                window_slot.release()
                 _put_back(batch, pending, back)
                 self.scheduler.back_off(conn.site)
                 return
@@ -1153,7 +1161,8 @@ class DeliveryService(Service):
 
         try:
             await self._send_from(
-                conn, batch, pending, back, attempted, source, now, today, done_with_connection
+                conn, batch, pending, back, attempted, source, now, today, window_slot,
+                done_with_connection,
             )
         finally:
             await release_slot()
@@ -1192,13 +1201,14 @@ class DeliveryService(Service):
         source: EgressSourceConfig | None,
         now: float,
         today: datetime.date,
+        window_slot: WindowSlot,
         connection_done: Callable[[], Awaitable[None]],
     ) -> None:
         """The session of :meth:`_send_batch`, from ``source`` (None: the system's
-        address); ``connection_done`` is awaited once the connection is given up,
-        before the outcomes are settled."""
+        address), giving back the connection's ``window_slot``; ``connection_done``
+        is awaited once the connection is given up, before the outcomes are
+        settled."""
         shape = conn.shape
-        window = shape.window
         messages: list[OutboundMessage] = []
         sending: list[LeasedDelivery] = []
         # All bodies at once: fresh mail's from memory, the reads of the others share
@@ -1231,7 +1241,7 @@ class DeliveryService(Service):
             )
             sending.append(delivery)
         if not sending:
-            window.release()
+            window_slot.release()
             return
         hops = conn.strategy.order(conn.hops, now)
         if source is not None and hops:
@@ -1239,7 +1249,7 @@ class DeliveryService(Service):
             v6 = egress.is_ipv6(source.address)
             hops = tuple(h for h in hops if egress.is_ipv6(h.address) == v6)
             if not hops:
-                window.release()
+                window_slot.release()
                 reply = Reply(
                     451, "4.4.1",
                     f"{conn.site}: no {'IPv6' if v6 else 'IPv4'} address to send to from "
@@ -1252,7 +1262,7 @@ class DeliveryService(Service):
             # would be, so that a pool whose endpoints stay down makes the site dead
             # (its mail then waits in the spool instead of being leased, deferred and
             # logged again and again).
-            window.failure(now)
+            window_slot.failure(now)
             reply = Reply(
                 451, "4.4.1", f"{conn.site}: every endpoint is resting after failures"
             )
@@ -1306,7 +1316,7 @@ class DeliveryService(Service):
                 reply=result.connect_error or result.results[0].message_reply,
             )
         assert result is not None and hop is not None  # a Route without error has hops
-        self._learn(conn, source, result, refused_421)
+        self._learn(conn, source, result, refused_421, window_slot)
         await connection_done()
         by_id = {m.queue_id: m for m in result.results}
         settling: list[LeasedDelivery] = []
@@ -1350,6 +1360,7 @@ class DeliveryService(Service):
         source: EgressSourceConfig | None,
         result: SessionResult,
         refused_421: bool,
+        window_slot: WindowSlot,
     ) -> None:
         """Feed one session's outcome to the site's window and rate, and to the egress
         selector: rate-limit and block replies slow the site and mark the source."""
@@ -1360,18 +1371,18 @@ class DeliveryService(Service):
                 # Refused, from this source only as far as we know: the source is
                 # marked and the pace slows, but the site is not counted down or
                 # paused for the other sources (another tenant's pool among them).
-                shape.window.release()
+                window_slot.release()
                 shape.throttled(now)
                 self._penalize(source, conn.site, now)
                 return
-            shape.window.failure(now)
+            window_slot.failure(now)
             if refused_421:
                 # Every host answered 421: slow down; refused again and again, the
                 # whole site pauses for a while.
                 shape.throttled(now, refused=True)
                 self._penalize(source, conn.site, now)
             return
-        shape.window.success()
+        window_slot.success()
         shape.held_session()
         soft = self.config.delivery.soft_bounce_codes
         signalled = blocked = False

@@ -29,6 +29,7 @@ from attrs import define, field, frozen
 from sendarix.model.message import LeasedDelivery, Reply
 from sendarix.routing.shaping import SiteShape
 from sendarix.scheduler.ready import ReadyQueues
+from sendarix.scheduler.window import WindowSlot
 
 T = TypeVar("T")
 
@@ -94,10 +95,12 @@ class DeferSite:
 
 @frozen
 class Connect:
-    """Open one more connection to the site (its window slot is taken) and send up to
-    ``batch`` messages over it, once the connection cap and the rate admit it."""
+    """Open one more connection to the site (its window slot ``slot`` is taken) and
+    send up to ``batch`` messages over it, once the connection cap and the rate admit
+    it."""
 
     batch: int
+    slot: WindowSlot | None = field(default=None, eq=False, repr=False)
 
 
 def pause_reply(name: str, shape: SiteShape, now: float) -> Reply | None:
@@ -377,14 +380,16 @@ class Scheduler(Generic[T]):
         if self._sessions.get(site, 0) >= connections_needed(shape):
             # A paced site's open connections already carry its rate.
             return WaitUntil(now + DRAIN_NAP)
-        if not shape.window.try_acquire(now):
+        slot = shape.window.acquire(now)
+        if slot is None:
             return WaitUntil(now + DRAIN_NAP)
-        return Connect(batch_size(shape))
+        return Connect(batch_size(shape), slot)
 
-    def connect_failed(self, shape: SiteShape) -> None:
-        """The connection of a :class:`Connect` was not made (no connection slot, or
-        nothing left to send): its window slot is free again."""
-        shape.window.release()
+    def connect_failed(self, step: Connect) -> None:
+        """The connection of ``step`` was not made (no connection slot, or nothing
+        left to send): its window slot is free again."""
+        if step.slot is not None:
+            step.slot.release()
 
     def session_started(self, site: str) -> None:
         self._sessions[site] = self._sessions.get(site, 0) + 1

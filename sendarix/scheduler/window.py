@@ -7,6 +7,10 @@ When the window is already at its minimum and ``dead_after`` failed cohorts foll
 other with no success in between, the destination is declared dead for ``suspend_for``
 seconds: its mail is deferred at once instead of timing out connection after
 connection.
+
+A connection's slot is a :class:`WindowSlot`: it is given back once, with the session's
+verdict or without one, and giving it back again does nothing.  No path of the delivery
+agent can then free a slot that another connection holds.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ class DestinationWindow:
             self.window = float(self.minimum)
         return self.dead_until is not None
 
+    def acquire(self, now: float) -> WindowSlot | None:
+        """A connection slot; None when the window is full or the site is dead."""
+        return WindowSlot(self) if self.try_acquire(now) else None
+
     def try_acquire(self, now: float) -> bool:
         """Take a connection slot; False when the window is full or the site is dead."""
         if self.is_dead(now) or self.active >= self.limit:
@@ -77,3 +85,31 @@ class DestinationWindow:
     def _release(self) -> None:
         if self.active > 0:
             self.active -= 1
+
+
+@define(eq=False)
+class WindowSlot:
+    """One connection's place in a :class:`DestinationWindow`, given back once."""
+
+    window: DestinationWindow
+    #: Still counted in the window's ``active``.
+    held: bool = True
+
+    def success(self) -> None:
+        """The connection delivered: give the slot back and grow the window."""
+        if self._give_back():
+            self.window.success()
+
+    def failure(self, now: float) -> None:
+        """The connection failed: give the slot back and shrink the window."""
+        if self._give_back():
+            self.window.failure(now)
+
+    def release(self) -> None:
+        """Give the slot back without a verdict (nothing was sent)."""
+        if self._give_back():
+            self.window.release()
+
+    def _give_back(self) -> bool:
+        held, self.held = self.held, False
+        return held

@@ -461,10 +461,15 @@ class SiteStepTests(SynchronousTestCase):
         """Within the window: connect, with a batch of messages_per_connection; the
         window's slots run out, and a failed connect gives its slot back."""
         s = shape(initial=2)
-        self.assertEqual(self.scheduler.site_step("s", s, 0.0), Connect(50))
+        first = self.scheduler.site_step("s", s, 0.0)
+        self.assertEqual(first, Connect(50))
         self.assertEqual(self.scheduler.site_step("s", s, 0.0), Connect(50))
         self.assertEqual(self.scheduler.site_step("s", s, 0.0), WaitUntil(DRAIN_NAP))
-        self.scheduler.connect_failed(s)
+        assert isinstance(first, Connect)
+        self.scheduler.connect_failed(first)
+        # Given back once: a second call frees no other connection's slot.
+        self.scheduler.connect_failed(first)
+        self.assertEqual(s.window.active, 1)
         self.assertEqual(self.scheduler.site_step("s", s, 1.0), Connect(50))
 
     def test_paced_site(self) -> None:

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from sendarix.scheduler.window import DestinationWindow
+from sendarix.scheduler.window import DestinationWindow, WindowSlot
 
 events = st.lists(st.sampled_from(["acquire", "success", "failure", "release", "tick"]),
                   max_size=300)
@@ -78,3 +78,52 @@ class DestinationWindowTests(SynchronousTestCase):
             w.try_acquire(0)
             w.success()
         self.assertFalse(w.is_dead(0))
+
+
+#: Steps on a window's slots: take one, or give back slot number N (mod those taken)
+#: in one of the three ways, any number of times.
+slot_steps = st.lists(
+    st.one_of(
+        st.just(("acquire", 0)),
+        st.tuples(st.sampled_from(["success", "failure", "release"]), st.integers(0, 50)),
+    ),
+    max_size=200,
+)
+
+
+class WindowSlotTests(SynchronousTestCase):
+    """A connection's slot goes back once, however often its paths give it back."""
+
+    @given(slot_steps)
+    def test_active_counts_the_slots_held(self, steps: list[tuple[str, int]]) -> None:
+        """Slots given back twice, or with a verdict after a release, never free
+        another connection's: ``active`` is always the number of slots held."""
+        w = DestinationWindow(initial=3, maximum=8, dead_after=10**6)
+        slots: list[WindowSlot] = []
+        for op, n in steps:
+            if op == "acquire":
+                slot = w.acquire(0.0)
+                if slot is not None:
+                    slots.append(slot)
+            elif slots:
+                slot = slots[n % len(slots)]
+                if op == "failure":
+                    slot.failure(0.0)
+                else:
+                    getattr(slot, op)()
+            self.assertEqual(w.active, sum(s.held for s in slots))
+
+    def test_only_the_first_verdict_counts(self) -> None:
+        """A success after the slot went back does not grow the window."""
+        w = DestinationWindow(initial=2, maximum=4)
+        slot = w.acquire(0.0)
+        assert slot is not None
+        slot.failure(0.0)
+        window = w.window
+        slot.success()
+        self.assertEqual((w.window, w.active), (window, 0))
+
+    def test_full_window_gives_no_slot(self) -> None:
+        w = DestinationWindow(initial=1, maximum=1)
+        self.assertIsNotNone(w.acquire(0.0))
+        self.assertIsNone(w.acquire(0.0))
