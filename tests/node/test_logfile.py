@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogLevel, formatEventAsClassicLogText, formatTime
 from twisted.python import threadable
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -121,6 +122,19 @@ class BatchedTextObserverTests(SynchronousTestCase):
         self.clock.advance(0)
         observer(line("lost too", log_level=LogLevel.error))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_failure_written_at_once_with_its_traceback(self) -> None:
+        """``log.failure`` (critical, with a traceback) goes out at once, its
+        traceback's lines indented as twistd writes them."""
+        try:
+            1 / 0  # noqa: B018 - a real traceback to log
+        except ZeroDivisionError:
+            failure = Failure()
+        self.observer(line("it broke", log_level=LogLevel.critical, log_failure=failure))
+        self.assertEqual(len(self.out.writes), 1)
+        written = self.out.writes[0]
+        self.assertIn("] it broke\n\tTraceback (most recent call last):\n", written)
+        self.assertIn("\tbuiltins.ZeroDivisionError: division by zero\n", written)
 
     def test_event_without_text_writes_nothing(self) -> None:
         self.observer({"log_time": 1.0, "log_level": LogLevel.info})
