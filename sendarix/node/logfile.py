@@ -12,10 +12,11 @@ Lines never wait longer than the pass that logged them, except when the reactor 
 stuck in a pass (and then nothing else moves either).  Lines are written at once when
 they are a warning or worse, when they come from another thread, when the reactor is
 not running (start-up, shut-down), and when the gathered lines reach
-:data:`WRITE_LIMIT`.  Each write carries whole lines only, at most about
-:data:`WRITE_LIMIT` octets unless a single line is longer: several workers share the
-supervisor's standard output, and on a pipe a write of up to ``PIPE_BUF`` octets is
-never split by another process's.
+:data:`WRITE_LIMIT`.  Each write carries whole lines only, at most
+:data:`WRITE_LIMIT` characters unless a single line is longer: several workers share
+the supervisor's standard output, and on a pipe Linux never splits a write of up to
+4,096 octets with another process's (a longer line, or one of much non-ASCII text,
+can still be split, as it can with twistd's own observer).
 
 The supervisor starts every worker with ``--logger`` naming :func:`worker_observer`
 (``sendarix.node.workers``); a one-process node keeps twistd's observer unless it is
@@ -42,8 +43,8 @@ from twisted.python import threadable
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
-#: Gathered lines are written once they reach this many characters (POSIX's
-#: smallest ``PIPE_BUF``, and Linux's).
+#: The most characters one write carries, unless a single line is longer (Linux's
+#: ``PIPE_BUF``, in octets).
 WRITE_LIMIT = 4096
 
 #: Levels written at once, ahead of the end of the pass.
@@ -87,6 +88,8 @@ class BatchedTextObserver:
             return
         schedule = False
         with self._lock:
+            if self._size + len(text) > self._limit:
+                self._write()  # what was gathered, so that this write stays within it
             self._pending.append(text)
             self._size += len(text)
             if (

@@ -99,17 +99,22 @@ class BatchedTextObserverTests(SynchronousTestCase):
 
     def test_whole_lines_up_to_the_limit(self) -> None:
         """Past the limit the gathered lines go out; every write ends with a whole
-        line, and none is longer than the limit plus one line."""
+        line and stays within the limit, unless one line alone is longer."""
         observer = BatchedTextObserver(self.out, self.clock, limit=300)
         for i in range(40):
             observer(line(f"message {i:03d} " + "x" * 20))
+        observer(line("long " + "y" * 400))
+        observer(line("after the long one"))
         self.clock.advance(0)
         self.assertGreater(len(self.out.writes), 3)
-        longest = max(len(formatEventAsClassicLogText(line("message 000 " + "x" * 20)) or ""), 1)
         for write in self.out.writes:
             self.assertTrue(write.endswith("\n"))
-            self.assertLessEqual(len(write), 300 + longest)
-        self.assertEqual(self.out.getvalue().count("\n"), 40)
+            if "y" * 400 in write:
+                self.assertEqual(write.count("\n"), 1)  # alone, as long as it is
+            else:
+                self.assertLessEqual(len(write), 300)
+        self.assertEqual(self.out.getvalue().count("\n"), 42)
+        self.assertTrue(self.out.getvalue().endswith("] after the long one\n"))
 
     def test_a_failing_log_does_not_raise(self) -> None:
         """A log that cannot be written (full disk, closed pipe) drops its lines."""
