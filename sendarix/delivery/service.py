@@ -962,15 +962,12 @@ class DeliveryService(Service):
             return None
 
     async def _send_taken(
-        self, site: str, batch: list[_Ready], conn_key: str, slot: WindowSlot | None,
+        self, site: str, batch: list[_Ready], conn_key: str, window_slot: WindowSlot,
     ) -> None:
         """Send a batch taken from ``site``'s queue over one connection (its window
-        ``slot`` and connection slot held); what the session could not send goes back
-        to the queue."""
+        ``window_slot`` and connection slot held); what the session could not send goes
+        back to the queue."""
         conn = batch[0].conn
-        # Without a slot from the scheduler, one that holds nothing: every path below
-        # gives back one slot, once, and this one gives back none.
-        window_slot = slot if slot is not None else WindowSlot(conn.shape.window, held=False)
         deliveries = [r.delivery for r in batch]
         pending = list(deliveries)
         back: list[LeasedDelivery] = []

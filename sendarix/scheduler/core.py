@@ -100,7 +100,8 @@ class Connect:
     it."""
 
     batch: int
-    slot: WindowSlot | None = field(default=None, eq=False, repr=False)
+    #: Left out of comparisons: a step is the action, whichever slot it carries.
+    slot: WindowSlot = field(eq=False, repr=False)
 
 
 def pause_reply(name: str, shape: SiteShape, now: float) -> Reply | None:
@@ -388,8 +389,7 @@ class Scheduler(Generic[T]):
     def connect_failed(self, step: Connect) -> None:
         """The connection of ``step`` was not made (no connection slot, or nothing
         left to send): its window slot is free again."""
-        if step.slot is not None:
-            step.slot.release()
+        step.slot.release()
 
     def session_started(self, site: str) -> None:
         self._sessions[site] = self._sessions.get(site, 0) + 1
