@@ -367,8 +367,7 @@ class WorkerProcessTests(TestCase):
         folder, config, port = self.configure("sqlite:var/spool.db", json_log=True)
         log_file = os.path.join(folder, "node.log")
         parent, log_path, children = start_workers(
-            self, folder, config, port, twistd_options=(f"--logfile={log_file}",),
-            log_file=log_file)
+            self, folder, config, port, twistd_options=(f"--logfile={log_file}",))
         self.assertEqual(_send_sessions(port, 12), [250] * 12)
         parent.send_signal(signal.SIGTERM)
         self.assertIn(parent.wait(timeout=45), (0, -signal.SIGTERM))

@@ -15,6 +15,7 @@ from typing import Any
 from twisted.internet import reactor
 
 from sendarix.control.cli.sink import SinkOptions, SinkServer, parse_fault
+from sendarix.node.workers import twistd_log_file
 from tests.support.paths import REPO_ROOT
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -69,15 +70,15 @@ def listens(pid: int, port: int | None = None) -> bool:
 
 def start_workers(
     testcase: Any, folder: str, config: str, port: int, count: int = 2, timeout: float = 30.0,
-    twistd_options: tuple[str, ...] = (), log_file: str | None = None,
+    twistd_options: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], str, list[int]]:
     """Run ``twistd [twistd_options] sendarix --config config --workers count`` in
     ``folder`` until every worker listens on ``port``.  Returns the parent, its log file
-    (``log_file`` when the options send the log there, else its standard output) and
-    the workers' pids (a list the test may update: every pid in it is SIGKILLed at
-    cleanup, with the parent)."""
+    (the ``--logfile`` among the options, given as an absolute path, else its standard
+    output) and the workers' pids (a list the test may update: every pid in it is
+    SIGKILLed at cleanup, with the parent)."""
     output = os.path.join(folder, "parent.log")
-    log_path = log_file or output
+    log_path = twistd_log_file([*twistd_options, "sendarix"]) or output
     log = open(output, "wb")
     testcase.addCleanup(log.close)
     parent = subprocess.Popen(
