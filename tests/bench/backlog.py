@@ -79,6 +79,7 @@ def _copy(system: Any, root: str, dead_port: int) -> Any:
         os.path.join(root, f"backlog-{system.name}"), free_port(), dead_port, 0,
         spool=system.spool, workers=system.workers, max_connections=system.max_connections,
         size_limit=system.size_limit, reactor=system.reactor, json_log=system.json_log,
+        pypy=system.pypy,
     )
 
 

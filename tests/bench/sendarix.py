@@ -34,6 +34,56 @@ REACTORS: dict[str, list[str]] = {
 }
 
 
+#: The interpreter a ``+pypy`` variant runs the node on: ``$SENDARIX_BENCH_PYPY`` (a
+#: PyPy with the relay's dependencies installed for it, such as a virtualenv's
+#: ``bin/python``), else ``pypy3`` from the PATH.
+PYPY_ENV = "SENDARIX_BENCH_PYPY"
+
+#: What the relay needs of an interpreter (setup.cfg's ``python_requires``).
+NEEDS = (3, 11)
+
+
+def pypy_interpreter() -> str | None:
+    """The PyPy a ``+pypy`` variant would run, or None when there is none."""
+    chosen = os.environ.get(PYPY_ENV)
+    return chosen if chosen else shutil.which("pypy3")
+
+
+def check_pypy(interpreter: str | None) -> str:
+    """What ``interpreter`` is ("PyPy 3.11.13"), if it can run the relay; else
+    :class:`Refused` with the reason (none installed, too old a Python, the relay or
+    its dependencies not importable)."""
+    if interpreter is None:
+        raise Refused(f"no pypy3 on the PATH and ${PYPY_ENV} is not set")
+    probe = (
+        "import sys, platform\n"
+        "print(platform.python_implementation(), platform.python_version())\n"
+        f"if sys.version_info < {NEEDS!r}: sys.exit(3)\n"
+        "import twisted.scripts.twistd, sendarix.node.tap\n"
+    )
+    try:
+        done = subprocess.run([interpreter, "-c", probe], env=env(), capture_output=True,
+                              text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise Refused(f"{interpreter}: {e}") from e
+    version = done.stdout.strip() or interpreter
+    if done.returncode == 3:
+        raise Refused(f"{interpreter} is {version}; the relay needs Python "
+                      f"{NEEDS[0]}.{NEEDS[1]} or later")
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        raise Refused(f"{interpreter} ({version}) cannot import the relay: {last[-200:]}")
+    return version
+
+
+def on_interpreter(command: list[str], interpreter: str | None) -> list[str]:
+    """``command`` (one of :data:`REACTORS`) run by ``interpreter`` instead of ours."""
+    if interpreter is None:
+        return command
+    assert command[0] == sys.executable
+    return [interpreter, *command[1:]]
+
+
 class Failed(Exception):  # noqa: N818 - "raise Failed(why)"
     """A system could not be started or measured."""
 
@@ -152,7 +202,8 @@ class SendarixSystem:
                  spool: str, workers: int | str | None, max_connections: int,
                  size_limit: int, route: str = "pool", redis_url: str | None = None,
                  redis_pid: int | None = None, reactor: str = "epoll",
-                 json_log: bool = True, name: str | None = None) -> None:
+                 json_log: bool = True, pypy: bool = False,
+                 name: str | None = None) -> None:
         self.dir = os.path.abspath(dir)
         self.port = port
         self.sink_port = sink_port
@@ -166,12 +217,17 @@ class SendarixSystem:
         self.redis_pid = redis_pid
         self.reactor = reactor
         self.json_log = json_log
+        #: Run the node on PyPy (see :func:`pypy_interpreter`) instead of this Python.
+        self.pypy = pypy
+        self.runtime = ""
         if name is None:
             name = "sendarix-default" if spool == "default" else f"sendarix-{spool}-w{workers}"
             if reactor != "epoll":
                 name += f"+{reactor}"
             if not json_log:
                 name += "+nolog"
+            if pypy:
+                name += "+pypy"
         self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -201,6 +257,12 @@ class SendarixSystem:
         if fresh:
             shutil.rmtree(self.dir, ignore_errors=True)
             os.makedirs(self.dir)
+        interpreter = pypy_interpreter() if self.pypy else None
+        if interpreter is not None or self.pypy:
+            runtime = check_pypy(interpreter)
+            if runtime != self.runtime:
+                self.runtime = runtime
+                print(f"# {self.name}: the node runs on {runtime} ({interpreter})", flush=True)
         config = os.path.join(self.dir, "sendarix.toml")
         with open(config, "w") as f:
             f.write(self.config_text())
@@ -208,7 +270,8 @@ class SendarixSystem:
         nofile = self.max_connections + 1000
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [*REACTORS[self.reactor], "--pidfile=", "sendarix", "--config", config],
+                [*on_interpreter(REACTORS[self.reactor], interpreter), "--pidfile=",
+                 "sendarix", "--config", config],
                 cwd=self.dir, env=env(), stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, preexec_fn=lambda: raise_nofile(nofile),
             )
@@ -259,7 +322,8 @@ class SendarixSystem:
 
     def _pythons(self) -> list[int]:
         assert self.proc is not None
-        return [p for p in process_tree(self.proc.pid) if _comm(p).startswith("python")]
+        return [p for p in process_tree(self.proc.pid)
+                if _comm(p).startswith(("python", "pypy"))]
 
     def _why(self) -> str:
         try:

@@ -1,0 +1,72 @@
+"""The bench's variant names and its PyPy runtime option (tests/bench); the bench
+itself is not part of the suite."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.bench.run import reactor_of, variant
+from tests.bench.sendarix import (
+    REACTORS,
+    Refused,
+    SendarixSystem,
+    check_pypy,
+    on_interpreter,
+)
+
+
+class VariantNameTests(SynchronousTestCase):
+    def test_options(self) -> None:
+        """``+pypy`` is an option beside the reactor and ``+nolog``, not a reactor."""
+        self.assertEqual(variant("default+pypy"), ("default", None))
+        self.assertEqual(variant("sqlite-w2+asyncio+nolog+pypy"), ("sqlite", 2))
+        self.assertEqual(reactor_of("default+pypy"), "epoll")
+        self.assertEqual(reactor_of("default+pypy+asyncio"), "asyncio")
+        for bad in ("default+pypy+pypy", "default+asyncio+uvloop", "default+jython"):
+            with self.assertRaises(ValueError, msg=bad):
+                variant(bad)
+
+    def test_name(self) -> None:
+        system = SendarixSystem("x", 1, 2, 3, spool="default", workers=None,
+                                max_connections=10, size_limit=1, json_log=False,
+                                pypy=True)
+        self.assertEqual(system.name, "sendarix-default+nolog+pypy")
+
+
+class PyPyTests(SynchronousTestCase):
+    def test_command(self) -> None:
+        """The node's command is the same twistd command, on the other interpreter."""
+        for reactor, command in REACTORS.items():
+            self.assertEqual(on_interpreter(command, None), command, reactor)
+            self.assertEqual(on_interpreter(command, "/opt/pypy/bin/pypy3"),
+                             ["/opt/pypy/bin/pypy3", *command[1:]], reactor)
+
+    def test_none_installed(self) -> None:
+        with self.assertRaises(Refused) as caught:
+            check_pypy(None)
+        self.assertIn("no pypy3", str(caught.exception))
+
+    def test_missing_interpreter(self) -> None:
+        with self.assertRaises(Refused):
+            check_pypy("/nonexistent/pypy3")
+
+    def test_interpreter_that_can_run_the_relay(self) -> None:
+        """The probe names the interpreter; ours passes it, as a 3.11 PyPy would."""
+        self.assertIn(sys.version.split()[0], check_pypy(sys.executable))
+
+    def test_too_old(self) -> None:
+        """Debian 12's pypy3 is Python 3.9: refused with the versions named."""
+        pypy = shutil.which("pypy3")
+        if pypy is None:
+            raise self.skipTest("no pypy3 installed")
+        minor = subprocess.run([pypy, "-c", "import sys; print(sys.version_info[1])"],
+                               capture_output=True, text=True, check=True).stdout
+        if sys.version_info[0] == 3 and int(minor) >= 11:
+            raise self.skipTest("this pypy3 is recent enough")
+        with self.assertRaises(Refused) as caught:
+            check_pypy(pypy)
+        self.assertIn("needs Python 3.11", str(caught.exception))
