@@ -14,6 +14,7 @@ from sendarix.config.errors import ConfigError
 from sendarix.config.fields import auto_workers
 from sendarix.config.loader import load_config, resolve_config
 from sendarix.config.settings import Config
+from sendarix.node.garbage import CollectorTuning
 from sendarix.node.workers import (
     ParentWatch,
     WorkerPool,
@@ -113,11 +114,14 @@ def makeService(options: Options) -> IService:
         config = evolve(config, node=evolve(config.node, workers=1))
         _discard_other_layouts(config, 1)
     try:
+        from twisted.internet import reactor as running
+
         node = make_node(config)
         node.reload_on_sighup = True  # SIGHUP reloads the TLS certificate
+        # Only here, where the process is the node's own: an application that embeds
+        # the node keeps its collector as it set it.
+        CollectorTuning(running).setServiceParent(node)
         if index is not None:
-            from twisted.internet import reactor as running
-
             ParentWatch(running, running.stop).setServiceParent(node)
             if options["peers"] and config.api.enabled:
                 from sendarix.node.peermetrics import WorkerPeers, serve_worker_metrics
