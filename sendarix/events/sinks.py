@@ -15,6 +15,12 @@ from zope.interface import implementer
 from sendarix.interfaces import IEventSink
 from sendarix.model.event import Event
 
+#: The key under which a log event made here carries its finished text: no fields to
+#: look up, no braces escaped.  The workers' log observer
+#: (:class:`sendarix.node.logfile.BatchedTextObserver`) writes that text as it is,
+#: instead of running Twisted's formatter over ``log_format`` to get it back.
+PLAIN_TEXT = "sendarix_text"
+
 # -- sinks -----------------------------------------------------------------------
 
 
@@ -53,9 +59,10 @@ class JSONLogSink:
             "log_source": log.source,
             "log_format": line.replace("{", "{{").replace("}", "}}"),
             "log_flattened": {},
+            PLAIN_TEXT: line,
             "log_system": f"{log.namespace}#info",
             "log_time": time.time(),
-            "sendarix_event": event.to_json(),
+            "sendarix_event": event.shared_json(),
         })
 
 

@@ -139,6 +139,8 @@ class Event:
     tags: tuple[str, ...] = field(default=(), converter=_strings)
     node: str | None = None
     recipients: tuple[str, ...] = field(default=(), converter=_strings)
+    #: The JSON form, once :meth:`shared_json` has made it (not part of the value).
+    _json: dict[str, Any] | None = field(default=None, init=False, eq=False, repr=False)
 
     @classmethod
     def make(cls, type: str, timestamp: float, **fields: Any) -> Event:
@@ -173,6 +175,17 @@ class Event:
             "tags": list(self.tags),
             "node": self.node,
         }
+
+    def shared_json(self) -> dict[str, Any]:
+        """:meth:`to_json`, made once per event and shared: for the sinks that only
+        read it (the log line and the delivery log both need it, for every event).
+        Whoever may change the dictionary takes :meth:`to_json` instead."""
+        form = self._json
+        if form is None:
+            form = self.to_json()
+            # The event is frozen; the cache is not part of its value.
+            object.__setattr__(self, "_json", form)
+        return form
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Event:

@@ -43,6 +43,8 @@ from twisted.python import threadable
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
+from sendarix.events.sinks import PLAIN_TEXT
+
 #: The most characters one write carries, unless a single line is longer (Linux's
 #: ``PIPE_BUF``, in octets).
 WRITE_LIMIT = 4096
@@ -82,8 +84,20 @@ class BatchedTextObserver:
             self._second = (second, text)
         return text
 
+    def _format(self, event: LogEvent) -> str | None:
+        plain = event.get(PLAIN_TEXT)
+        system = event.get("log_system")
+        if (
+            isinstance(plain, str) and plain and "\n" not in plain
+            and isinstance(system, str) and "log_failure" not in event
+        ):
+            # An event line (two per message): its text is known already, so the line
+            # is put together as Twisted's formatter would put it.
+            return f"{self._time(event.get('log_time'))} [{system}] {plain}\n"
+        return formatEventAsClassicLogText(event, formatTime=self._time)
+
     def __call__(self, event: LogEvent) -> None:
-        text = formatEventAsClassicLogText(event, formatTime=self._time)
+        text = self._format(event)
         if not text:
             return
         schedule = False

@@ -128,6 +128,22 @@ class EventTests(SynchronousTestCase):
             self.assertIsNone(d[key], key)
         self.assertEqual((d["tags"], d["recipients"]), ([], []))
 
+    def test_shared_json(self) -> None:
+        """The shared form is the JSON form, made once; it is not part of the event's
+        value (equality, hash, repr, evolve), and to_json still gives a fresh copy."""
+        e = full_event()
+        twin = full_event()
+        shared = e.shared_json()
+        self.assertEqual(shared, e.to_json())
+        self.assertIs(e.shared_json(), shared)
+        self.assertIsNot(e.to_json(), shared)
+        self.assertEqual(e, twin)
+        self.assertEqual(hash(e), hash(twin))
+        self.assertEqual(repr(e), repr(twin))
+        moved = attrs.evolve(e, node="node-2")
+        self.assertEqual(moved.shared_json()["node"], "node-2")
+        self.assertEqual(shared["node"], "node-1")
+
     def test_round_trip(self) -> None:
         """from_json inverts to_json."""
         e = full_event()

@@ -11,12 +11,20 @@ import threading
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogLevel, formatEventAsClassicLogText, formatTime
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    formatEventAsClassicLogText,
+    formatTime,
+)
 from twisted.python import threadable
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from sendarix.events.sinks import PLAIN_TEXT, JSONLogSink
+from sendarix.model.event import Event
 from sendarix.node.logfile import BatchedTextObserver, worker_observer
 
 
@@ -140,6 +148,22 @@ class BatchedTextObserverTests(SynchronousTestCase):
         written = self.out.writes[0]
         self.assertIn("] it broke\n\tTraceback (most recent call last):\n", written)
         self.assertIn("\tbuiltins.ZeroDivisionError: division by zero\n", written)
+
+    @given(
+        st.text(st.characters(blacklist_categories=("Cs",)), max_size=40),
+        st.text(st.characters(blacklist_categories=("Cs",)), max_size=40),
+    )
+    def test_event_lines_as_twisted_writes_them(self, queue_id: str, recipient: str) -> None:
+        """The event sink's lines carry their text, which is written as it is: the
+        same line twistd's formatter makes from the event (braces, new lines and all)."""
+        events: list[dict[str, object]] = []
+        sink = JSONLogSink(logger=Logger(namespace="sendarix.events", observer=events.append))
+        sink.emit(Event.make("accepted", 1_765_000_000.5, queue_id=queue_id,
+                             recipient=recipient))
+        [event] = events
+        self.assertIn(PLAIN_TEXT, event)
+        observer = BatchedTextObserver(io.StringIO(), self.clock)
+        self.assertEqual(observer._format(event), formatEventAsClassicLogText(event))
 
     def test_event_without_text_writes_nothing(self) -> None:
         self.observer({"log_time": 1.0, "log_level": LogLevel.info})

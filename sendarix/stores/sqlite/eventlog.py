@@ -85,7 +85,7 @@ def event_row(event: Event) -> tuple[tuple[Any, ...], list[str], list[str]]:
         event.tenant,
         _address(event.sender) if event.sender is not None else None,
         _address(event.recipient) if event.recipient is not None else None,
-        json.dumps(event.to_json(), separators=(",", ":")),
+        json.dumps(event.shared_json(), separators=(",", ":")),
     )
     recipients = sorted({_address(r) for r in event.all_recipients()})
     return row, recipients, sorted(set(event.tags))
