@@ -6,7 +6,9 @@ writes and flushes each line by itself.  A busy worker logs two lines per messag
 conversion per line, on the reactor thread, hundreds of times a second.
 :class:`BatchedTextObserver` writes the same lines, formatted by Twisted's own
 formatter, but works the time out once per second (the format shows whole seconds)
-and gathers the lines of one pass of the reactor into one write.
+and gathers the lines of one pass of the reactor into one write.  An event line
+carries its finished text (:data:`sendarix.events.sinks.PLAIN_TEXT`), so it is put
+together without Twisted's formatting pass, into the line that pass would make.
 
 Lines never wait longer than the pass that logged them, except when the reactor is
 stuck in a pass (and then nothing else moves either).  Lines are written at once when
