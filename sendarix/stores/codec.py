@@ -57,9 +57,13 @@ def unique_recipients(recipients: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(recipients))
 
 
+#: One encoder for every record: ``json.dumps`` with options builds one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
 def dump(document: dict[str, Any]) -> str:
     """Compact JSON with the format version added."""
-    return json.dumps({"v": FORMAT, **document}, separators=(",", ":"), sort_keys=True)
+    return _ENCODER.encode({"v": FORMAT, **document})
 
 
 def load(text: str | bytes) -> dict[str, Any]:
