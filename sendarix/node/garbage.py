@@ -59,6 +59,10 @@ class CollectorTuning(Service):
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         Service.startService(self)
+        if not hasattr(gc, "freeze"):
+            # Not CPython's collector (PyPy's has neither generations to set nor a
+            # freeze): left as it is.
+            return
         young, middle, old = gc.get_threshold()
         self._before = (young, middle, old)
         gc.set_threshold(self._young, middle, old)

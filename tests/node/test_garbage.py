@@ -9,6 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from sendarix.node import garbage
 from sendarix.node.garbage import YOUNG_THRESHOLD, CollectorTuning
 
 
@@ -49,6 +50,20 @@ class CollectorTuningTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(1)
         self.assertEqual(gc.get_freeze_count(), 0)
+
+    def test_other_collectors_left_alone(self) -> None:
+        """A runtime whose collector has no freeze (PyPy's) is not touched."""
+
+        class Collector:
+            """No generations to set, no freeze."""
+
+            def get_threshold(self) -> tuple[int, int, int]:
+                raise AssertionError("asked for thresholds")
+
+        self.patch(garbage, "gc", Collector())
+        self.service.startService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.service.stopService()
 
     def test_cycles_are_still_collected(self) -> None:
         """Garbage made after the freeze is freed by a collection."""
