@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from tests.support.relayproc import TWISTD, env, listens
+from tests.support.relayproc import ROOT, TWISTD, env, listens
 
 #: Recipient domain of every bench message.
 DOMAIN = "bench.example"
@@ -49,6 +49,16 @@ def pypy_interpreter() -> str | None:
     return chosen if chosen else shutil.which("pypy3")
 
 
+def interpreter_env(interpreter: str | None) -> dict[str, str]:
+    """The node's environment on ``interpreter`` (None: ours).  Another interpreter
+    gets the tree alone on ``PYTHONPATH``: a path set for this Python (trial sets
+    its own ``sys.path`` there for its workers) would hand it our site-packages."""
+    environment = env()
+    if interpreter is not None:
+        environment["PYTHONPATH"] = ROOT
+    return environment
+
+
 def check_pypy(interpreter: str | None) -> str:
     """What ``interpreter`` is ("PyPy 3.11.13"), if it can run the relay; else
     :class:`Refused` with the reason (none installed, too old a Python, the relay or
@@ -62,8 +72,8 @@ def check_pypy(interpreter: str | None) -> str:
         "import twisted.scripts.twistd, sendarix.node.tap\n"
     )
     try:
-        done = subprocess.run([interpreter, "-c", probe], env=env(), capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run([interpreter, "-c", probe], env=interpreter_env(interpreter),
+                              capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise Refused(f"{interpreter}: {e}") from e
     version = done.stdout.strip() or interpreter
@@ -272,7 +282,8 @@ class SendarixSystem:
             self.proc = subprocess.Popen(
                 [*on_interpreter(REACTORS[self.reactor], interpreter), "--pidfile=",
                  "sendarix", "--config", config],
-                cwd=self.dir, env=env(), stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.dir, env=interpreter_env(interpreter), stdout=out,
+                stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, preexec_fn=lambda: raise_nofile(nofile),
             )
         self._wait_listening(60.0)
