@@ -1,17 +1,20 @@
-"""The bench's variant names and its PyPy runtime option (tests/bench); the bench
-itself is not part of the suite."""
+"""The bench's variant names, its PyPy runtime option, and a node that does not come
+up (tests/bench); the bench itself is not part of the suite."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.bench import sendarix
 from tests.bench.run import reactor_of, variant
 from tests.bench.sendarix import (
     REACTORS,
+    Failed,
     Refused,
     SendarixSystem,
     check_pypy,
@@ -70,3 +73,33 @@ class PyPyTests(SynchronousTestCase):
         with self.assertRaises(Refused) as caught:
             check_pypy(pypy)
         self.assertIn("needs Python 3.11", str(caught.exception))
+
+
+class StartFailureTests(SynchronousTestCase):
+    def test_node_that_never_listens_is_stopped(self) -> None:
+        """A node that starts but never answers is ended (by its PID) before the
+        failure is reported, not left running through the rest of the bench."""
+        self.patch(sendarix, "REACTORS", {"epoll": [sys.executable, "-c",
+                                                    "import time; time.sleep(60)"]})
+
+        def never(timeout: float) -> None:
+            raise Failed("not listening")
+
+        system = SendarixSystem(self.mktemp(), 1, 2, 3, spool="default", workers=None,
+                                max_connections=10, size_limit=1)
+        self.patch(system, "_wait_listening", never)
+        started: list[int] = []
+        popen = subprocess.Popen
+
+        def recording(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+            proc = popen(*args, **kwargs)  # type: ignore[call-overload]
+            started.append(proc.pid)
+            return proc
+
+        self.patch(sendarix.subprocess, "Popen", recording)
+        with self.assertRaises(Failed):
+            system.start()
+        self.assertIsNone(system.proc)
+        [pid] = started
+        with self.assertRaises(ProcessLookupError):
+            os.kill(pid, 0)

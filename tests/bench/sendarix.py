@@ -286,10 +286,15 @@ class SendarixSystem:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, preexec_fn=lambda: raise_nofile(nofile),
             )
-        self._wait_listening(60.0)
-        if isinstance(self.workers, int) and self.workers > 1:
-            self._check_workers()
-        self._wait_all_workers(60.0)
+        try:
+            self._wait_listening(60.0)
+            if isinstance(self.workers, int) and self.workers > 1:
+                self._check_workers()
+            self._wait_all_workers(60.0)
+        except BaseException:
+            # A node that never came up (or only partly) is not left running.
+            self.stop()
+            raise
 
     def _wait_all_workers(self, timeout: float) -> None:
         """With worker processes (chosen or by default), wait until every one listens:
