@@ -7,6 +7,7 @@ every key is always present (null when unknown) and ``timestamp`` is RFC 3339 UT
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -93,6 +94,9 @@ def parse_timestamp(value: str | float | int) -> float:
     whole = int(dt.replace(microsecond=0).timestamp())
     return whole + dt.microsecond / 1_000_000
 
+
+#: One encoder for every stored event: ``json.dumps`` with options builds one per call.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 # -- the event -------------------------------------------------------------------
 
@@ -186,6 +190,11 @@ class Event:
             # The event is frozen; the cache is not part of its value.
             object.__setattr__(self, "_json", form)
         return form
+
+    def stored_json(self) -> str:
+        """The JSON form as the delivery logs and webhook outboxes store it: compact
+        text of :meth:`shared_json`."""
+        return _COMPACT.encode(self.shared_json())
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Event:

@@ -144,6 +144,14 @@ class EventTests(SynchronousTestCase):
         self.assertEqual(moved.shared_json()["node"], "node-2")
         self.assertEqual(shared["node"], "node-1")
 
+    def test_stored_json(self) -> None:
+        """The stored text is the JSON form, compact, and reads back as the event."""
+        e = full_event()
+        text = e.stored_json()
+        self.assertEqual(text, json.dumps(e.to_json(), separators=(",", ":")))
+        self.assertNotIn(" ", text.replace("no such user", ""))
+        self.assertEqual(Event.from_json(json.loads(text)), e)
+
     def test_round_trip(self) -> None:
         """from_json inverts to_json."""
         e = full_event()

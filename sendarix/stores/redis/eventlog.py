@@ -201,7 +201,7 @@ class RedisEventLog:
     def emit(self, event: Event) -> Deferred[None]:
         """Store one event; the Deferred fires once Redis has it."""
         keys = index_keys(event)
-        body = json.dumps(event.shared_json(), separators=(",", ":"))
+        body = event.stored_json()
         return self.writer.write(
             [event.id, repr(float(event.timestamp)), body, str(len(keys)), *keys]
         )

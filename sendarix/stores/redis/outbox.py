@@ -283,7 +283,7 @@ class RedisWebhookOutbox:
     def add(self, event: Event, endpoints: Sequence[str]) -> Deferred[None]:
         keys = index_keys(event)
         wanted = list(dict.fromkeys(endpoints))
-        body = json.dumps(event.shared_json(), separators=(",", ":"))
+        body = event.stored_json()
         args = [
             event.id, repr(float(event.timestamp)), body, event.queue_id or "",
             str(len(keys)), *keys, str(len(wanted)), *wanted,

@@ -73,10 +73,6 @@ def _message_id(value: str) -> str:
 _Pending = tuple[tuple[Any, ...], list[str], list[str], "Deferred[None]"]
 
 
-#: One encoder for every event body: ``json.dumps`` with options builds one per call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
-
-
 def event_row(event: Event) -> tuple[tuple[Any, ...], list[str], list[str]]:
     """What :func:`insert_event` writes for ``event``: its ``event_log`` row (the JSON
     body last), its recipients and its tags."""
@@ -89,7 +85,7 @@ def event_row(event: Event) -> tuple[tuple[Any, ...], list[str], list[str]]:
         event.tenant,
         _address(event.sender) if event.sender is not None else None,
         _address(event.recipient) if event.recipient is not None else None,
-        _ENCODER.encode(event.shared_json()),
+        event.stored_json(),
     )
     recipients = sorted({_address(r) for r in event.all_recipients()})
     return row, recipients, sorted(set(event.tags))
