@@ -63,9 +63,8 @@ class CollectorTuning(Service):
             # Not CPython's collector (PyPy's has neither generations to set nor a
             # freeze): left as it is.
             return
-        young, middle, old = gc.get_threshold()
-        self._before = (young, middle, old)
-        gc.set_threshold(self._young, middle, old)
+        self._before = gc.get_threshold()
+        gc.set_threshold(self._young, *self._before[1:])
         # Services start before the reactor runs; what they set up by its first
         # pass lives as long as the node does.
         self._freeze = self._reactor.callLater(0, self._freeze_start_up)

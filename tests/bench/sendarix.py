@@ -267,8 +267,9 @@ class SendarixSystem:
         if fresh:
             shutil.rmtree(self.dir, ignore_errors=True)
             os.makedirs(self.dir)
-        interpreter = pypy_interpreter() if self.pypy else None
-        if interpreter is not None or self.pypy:
+        interpreter = None
+        if self.pypy:
+            interpreter = pypy_interpreter()
             runtime = check_pypy(interpreter)
             if runtime != self.runtime:
                 self.runtime = runtime
