@@ -15,6 +15,7 @@ from sendarix.config.fields import auto_workers
 from sendarix.config.loader import load_config, resolve_config
 from sendarix.config.settings import Config
 from sendarix.node.garbage import CollectorTuning
+from sendarix.node.nodelock import NodeRunningError, hold_node_lock
 from sendarix.node.workers import (
     ParentWatch,
     WorkerPool,
@@ -72,6 +73,19 @@ def _discard_other_layouts(config: Config, workers: int) -> None:
         log.info("removed the routing state of an earlier layout: {path}", path=path)
 
 
+def _lock_node(config: Config) -> None:
+    """Refuse to run a second copy of this node (see :mod:`sendarix.node.nodelock`):
+    before anything of the node's is touched, its state files included."""
+    try:
+        hold_node_lock(config.var_dir, config.node.name)
+    except NodeRunningError as e:
+        sys.stderr.write(f"sendarix: {e}\n")
+        raise SystemExit(1) from e
+    except OSError as e:
+        sys.stderr.write(f"sendarix: cannot lock node {config.node.name}: {e}\n")
+        raise SystemExit(1) from e
+
+
 def makeService(options: Options) -> IService:
     """Build the node from parsed options: a single node, the parent of ``workers``
     worker processes, or (``--worker I``) one of those workers."""
@@ -87,6 +101,7 @@ def makeService(options: Options) -> IService:
         node = evolve(config.node, name=worker_name(config.node.name, index),
                       workers=max(workers, 2))
         config = evolve(config, node=node)
+        _lock_node(config)
     elif workers > 1:
         from twisted.internet import reactor
 
@@ -98,6 +113,7 @@ def makeService(options: Options) -> IService:
         except ConfigError as e:
             sys.stderr.write(f"configuration error: {e}\n")
             raise SystemExit(1) from e
+        _lock_node(config)
         _discard_other_layouts(config, workers)
         path = options["config"]
         arguments = ["--config", os.path.abspath(path)] if path else []
@@ -112,6 +128,7 @@ def makeService(options: Options) -> IService:
         # A single process, however it was chosen: its limits are whole and its
         # listeners not shared.
         config = evolve(config, node=evolve(config.node, workers=1))
+        _lock_node(config)
         _discard_other_layouts(config, 1)
     try:
         from twisted.internet import reactor as running
