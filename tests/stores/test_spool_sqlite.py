@@ -303,20 +303,22 @@ class SQLiteSpoolStorageTests(TestCase):
         self.path = os.path.abspath(self.mktemp()) + ".db"
 
     async def test_wal_and_full_sync(self) -> None:
-        """The spool's connection runs in WAL mode with synchronous=FULL, and
-        checkpoints its log every 10,000 pages rather than SQLite's 1,000."""
+        """The spool's connection runs in WAL mode with synchronous=FULL,
+        checkpoints its log every 10,000 pages rather than SQLite's 1,000, and keeps
+        its statement journals in memory (2: MEMORY) instead of temporary files."""
         db = SQLiteDatabase(self.path, reactor)
         spool = SQLiteSpool(db, owns_db=True)
         await spool.start()
         self.addCleanup(spool.stop)
-        mode, sync, checkpoint = await db.run(
+        mode, sync, checkpoint, temp = await db.run(
             lambda c: (
                 c.execute("PRAGMA journal_mode").fetchone()[0],
                 c.execute("PRAGMA synchronous").fetchone()[0],
                 c.execute("PRAGMA wal_autocheckpoint").fetchone()[0],
+                c.execute("PRAGMA temp_store").fetchone()[0],
             )
         )
-        self.assertEqual((mode, sync, checkpoint), ("wal", 2, 10000))
+        self.assertEqual((mode, sync, checkpoint, temp), ("wal", 2, 10000, 2))
 
     async def test_enqueue_leased(self) -> None:
         """Fresh mail stored with its deliveries leased to the accepting node: the
