@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
+from twisted.python.failure import Failure
 
 __all__ = ["EagerClient", "EagerConnecting", "EagerWrites"]
 
@@ -38,24 +39,27 @@ class EagerWrites:
 
     TLS: bool
     connected: int
+    disconnecting: int
     _writeDisconnected: bool
     producer: Any
     _tempDataBuffer: list[bytes]
     dataBuffer: bytes
     offset: int
     socket: Any
+    reactor: Any
 
-    def write(self, data: bytes) -> None:
-        if (
-            type(data) is bytes
-            and data
-            and not self.TLS
-            and self.connected
+    def _nothing_waits(self) -> bool:
+        return (
+            not self.TLS
+            and bool(self.connected)
             and not self._writeDisconnected
             and self.producer is None
             and not self._tempDataBuffer
             and self.offset == len(self.dataBuffer)
-        ):
+        )
+
+    def write(self, data: bytes) -> None:
+        if type(data) is bytes and data and self._nothing_waits():
             try:
                 sent = self.socket.send(data)
             except OSError:
@@ -66,6 +70,31 @@ class EagerWrites:
                 return
             data = data[sent:]
         super().write(data)  # type: ignore[misc]
+
+    def loseConnection(self) -> None:  # noqa: N802
+        """Close once what was written has left, as Twisted's transport does; when
+        nothing waits to be sent, without first asking the reactor for a writable
+        socket.  Twisted would watch the socket for writability, wake for it, stop
+        watching and only then close: two more ``epoll_ctl`` calls and a pass of the
+        reactor for each session that ends, when all it has left to send is nothing.
+        Here the close runs on the reactor's next turn (never inside the caller, as
+        Twisted's own abort does it), and a write made before then still leaves first."""
+        if self.disconnecting or not self._nothing_waits():
+            super().loseConnection()  # type: ignore[misc]
+            return
+        self.stopReading()  # type: ignore[attr-defined]
+        self.disconnecting = 1
+        self.reactor.callLater(0, self._lose_now)
+
+    def _lose_now(self) -> None:
+        if not self.connected:
+            return  # closed meanwhile (aborted, or the peer went first)
+        if not self._nothing_waits():
+            # Written to since, and the kernel did not take it all: Twisted's own
+            # write path sends the rest and then closes (``disconnecting`` is set).
+            self.startWriting()  # type: ignore[attr-defined]
+            return
+        self.connectionLost(Failure(main.CONNECTION_DONE))  # type: ignore[attr-defined]
 
 
 class EagerClient(EagerWrites, tcp.Client):

@@ -7,6 +7,7 @@ import socket
 from typing import Any
 
 from twisted.internet import reactor, tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
@@ -108,6 +109,78 @@ class EagerWriteTests(TestCase):
             lambda: read_until_closed(socket.create_connection(address), timeout=10)
         )
         self.assertEqual(received, b"".join(chunks))
+
+
+class _Closing(Protocol):
+    """On the first data: writes ``before``, closes, then writes ``after`` (a write
+    made after ``loseConnection`` still leaves before the close, as in Twisted).
+    Counts the times the reactor was asked to watch for writability, and keeps the
+    reason its connection was lost."""
+
+    def __init__(self, before: bytes, after: bytes, seen: dict[str, Any]) -> None:
+        self.before, self.after, self.seen = before, after, seen
+        seen["watched"] = 0
+
+    def connectionMade(self) -> None:  # noqa: N802
+        transport: Any = self.transport
+        start = transport.startWriting
+
+        def counted() -> None:
+            self.seen["watched"] += 1
+            start()
+
+        transport.startWriting = counted
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.transport.write(self.before)
+        self.transport.loseConnection()
+        if self.after:
+            self.transport.write(self.after)
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self.seen["reason"] = reason
+
+
+class EagerCloseTests(TestCase):
+    timeout = 30
+
+    async def _session(self, before: bytes, after: bytes) -> tuple[bytes, dict[str, Any]]:
+        seen: dict[str, Any] = {}
+        port = reactor.listenTCP(
+            0, Factory.forProtocol(lambda: _Closing(before, after, seen)),
+            interface="127.0.0.1",
+        )
+        self.addCleanup(port.stopListening)
+        send_eagerly(port)
+        address = ("127.0.0.1", port.getHost().port)
+
+        def talk() -> bytes:
+            sock = socket.create_connection(address)
+            sock.sendall(b"QUIT\r\n")
+            return read_until_closed(sock, timeout=10)
+
+        received = await in_thread(talk)
+        await until(lambda: "reason" in seen, 10, "the connection lost")
+        return received, seen
+
+    async def test_nothing_waits_no_writable_pass(self) -> None:
+        """With everything sent, the close does not ask the reactor to watch the
+        socket for writability: the client gets the last reply, then the end, and
+        the protocol hears of a clean close."""
+        received, seen = await self._session(b"221 bye\r\n", b"")
+        self.assertEqual(received, b"221 bye\r\n")
+        self.assertEqual(seen["watched"], 0)
+        self.assertTrue(seen["reason"].check(ConnectionDone))
+
+    async def test_written_after_the_close_still_leaves(self) -> None:
+        """What is written after ``loseConnection`` and more than the kernel takes
+        at once goes out in full, in order, before the close."""
+        big = flood()
+        received, seen = await self._session(b"221 bye\r\n", big + MARKER)
+        self.assertEqual(len(received), len(b"221 bye\r\n") + len(big) + len(MARKER))
+        self.assertTrue(received == b"221 bye\r\n" + big + MARKER)
+        self.assertGreater(seen["watched"], 0)
+        self.assertTrue(seen["reason"].check(ConnectionDone))
 
 
 class SendEagerlyTests(TestCase):
