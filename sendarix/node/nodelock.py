@@ -11,7 +11,9 @@ it however the process ends, so a crash leaves nothing to clean up.  A single
 process and the supervisor of worker processes lock the node's name, each worker its
 own (``<name>-wI``): a worker started again while its orphaned predecessor still
 drains fails, and the supervisor tries again a little later.  The file holds the PID
-of its holder, for the refusal's message.
+of its holder, for the refusal's message (written again once the reactor runs, since
+twistd without ``-n`` forks into the background after the service is made; the
+forked process keeps the lock).
 
 The lock covers one machine's var directory.  Nodes of a cluster on a shared Redis
 spool need distinct names, as before.  An application that embeds the node's service
@@ -23,7 +25,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-__all__ = ["NodeRunningError", "hold_node_lock", "lock_path"]
+__all__ = ["NodeRunningError", "acquire", "hold_node_lock", "lock_path", "note_pid"]
 
 
 class NodeRunningError(Exception):
@@ -72,9 +74,19 @@ def acquire(path: str, name: str) -> int:
     except BaseException:
         os.close(fd)
         raise
+    _write_pid(fd)
+    return fd
+
+
+def note_pid() -> None:
+    """Write this process's PID into every lock it holds (after twistd forked)."""
+    for fd in _held.values():
+        _write_pid(fd)
+
+
+def _write_pid(fd: int) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def _holder(fd: int) -> int | None:

@@ -15,7 +15,7 @@ from sendarix.config.fields import auto_workers
 from sendarix.config.loader import load_config, resolve_config
 from sendarix.config.settings import Config
 from sendarix.node.garbage import CollectorTuning
-from sendarix.node.nodelock import NodeRunningError, hold_node_lock
+from sendarix.node.nodelock import NodeRunningError, hold_node_lock, note_pid
 from sendarix.node.workers import (
     ParentWatch,
     WorkerPool,
@@ -76,6 +76,8 @@ def _discard_other_layouts(config: Config, workers: int) -> None:
 def _lock_node(config: Config) -> None:
     """Refuse to run a second copy of this node (see :mod:`sendarix.node.nodelock`):
     before anything of the node's is touched, its state files included."""
+    from twisted.internet import reactor
+
     try:
         hold_node_lock(config.var_dir, config.node.name)
     except NodeRunningError as e:
@@ -84,6 +86,8 @@ def _lock_node(config: Config) -> None:
     except OSError as e:
         sys.stderr.write(f"sendarix: cannot lock node {config.node.name}: {e}\n")
         raise SystemExit(1) from e
+    # twistd without -n forks after this: the process that runs names itself.
+    reactor.callWhenRunning(note_pid)
 
 
 def makeService(options: Options) -> IService:

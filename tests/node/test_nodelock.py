@@ -10,7 +10,13 @@ import subprocess
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sendarix.node import nodelock
-from sendarix.node.nodelock import NodeRunningError, acquire, hold_node_lock, lock_path
+from sendarix.node.nodelock import (
+    NodeRunningError,
+    acquire,
+    hold_node_lock,
+    lock_path,
+    note_pid,
+)
 from tests.support.relayproc import TWISTD, RelayProcessMixin, env, listens
 
 
@@ -53,6 +59,17 @@ class NodeLockTests(SynchronousTestCase):
         self.assertFalse(os.get_inheritable(fd))
         os.close(fd)
         os.close(acquire(path, "box-w2"))
+
+    def test_pid_noted_again(self) -> None:
+        """Once running (twistd may have forked), the process writes its PID again
+        into the locks it holds."""
+        var = os.path.abspath(self.mktemp())
+        path = self.hold(var, "box")
+        with open(path, "w") as f:
+            f.write("1\n")
+        note_pid()
+        with open(path) as f:
+            self.assertEqual(f.read(), f"{os.getpid()}\n")
 
     def test_unknown_holder(self) -> None:
         """A holder that has not written its PID yet is "another process"."""
