@@ -153,13 +153,14 @@ class Soak:
 
     def start_node(self, name: str) -> None:
         smtp, api = self.nodes.get(name) or (free_port(), free_port())
-        self.nodes[name] = (smtp, api)
         log = open(os.path.join(self.dir, f"{name}.log"), "ab")
         self.logs.append(log)
         self.procs[name] = subprocess.Popen(
             [*TWISTD, "-n", "--pidfile=", "sendarix", "--config", self.config(name, smtp, api)],
             cwd=self.dir, env=env(), stdout=log, stderr=subprocess.STDOUT,
         )
+        # Named only once its process exists: the submitters read both from their threads.
+        self.nodes[name] = (smtp, api)
         wait_listening(smtp, self.procs[name], timeout=60)
 
     def sigkill(self, name: str) -> None:
@@ -170,7 +171,8 @@ class Soak:
         proc.wait(timeout=30)
 
     def live_nodes(self) -> list[str]:
-        return [n for n in self.nodes if self.procs[n].poll() is None]
+        # A snapshot: a node may join (from the main thread) while a submitter asks.
+        return [n for n in list(self.nodes) if self.procs[n].poll() is None]
 
     def cli(self, *args: str) -> Any:
         out = subprocess.run(
