@@ -10,6 +10,8 @@ the meantime.  :class:`EagerWrites` tries the socket first; what the kernel does
 take, and any write while earlier data still waits, goes through Twisted's buffer as
 before, so bytes always leave in the order they were written.  A connection under
 STARTTLS writes through its TLS layer, as usual (that layer's records use the buffer).
+The close follows the same rule: with nothing left to send, ``loseConnection`` closes
+on the reactor's next turn instead of waiting for a writable socket first.
 
 :class:`EagerConnecting` gives an endpoint's connections the eager transport.
 """
@@ -25,8 +27,8 @@ __all__ = ["EagerClient", "EagerConnecting", "EagerWrites"]
 
 
 class EagerWrites:
-    """The write of a Twisted TCP connection (mixed in before ``tcp.Server`` or
-    ``tcp.Client``), sent straight to the socket when it can be.
+    """The write and the close of a Twisted TCP connection (mixed in before
+    ``tcp.Server`` or ``tcp.Client``), done at once when nothing waits before them.
 
     It relies on what :class:`twisted.internet.abstract.FileDescriptor` keeps in
     ``dataBuffer``/``offset`` (bytes being sent) and ``_tempDataBuffer`` (bytes
@@ -49,6 +51,8 @@ class EagerWrites:
     reactor: Any
 
     def _nothing_waits(self) -> bool:
+        """Whether this plain connection has nothing buffered and no producer: only
+        then may a write go straight to the socket, or a close skip the flush."""
         return (
             not self.TLS
             and bool(self.connected)
