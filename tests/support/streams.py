@@ -38,6 +38,10 @@ class Flooding(Protocol):
 
     def connectionMade(self) -> None:  # noqa: N802
         transport: Any = self.transport
+        # A small, fixed send buffer: with the kernel's autotuned one and a reader
+        # draining on the other CPU, a 16 MiB send once went through whole, and the
+        # test then had nothing left in Twisted's buffer to keep in order.
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
         transport.write(self.data)
         self.buffered.append(bool(transport._tempDataBuffer or transport.dataBuffer))
         transport.write(MARKER)
