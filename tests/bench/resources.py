@@ -1,5 +1,5 @@
 """What a system costs while it works: CPU seconds (user + sys) and peak resident memory
-of all its processes.
+of all its processes, and the machine's context switches.
 
 CPU is read from ``/proc/PID/stat`` for every process of the system's tree, adding each
 process's ``cutime``/``cstime`` (its children that ended and were reaped), so that a
@@ -9,6 +9,12 @@ the tree's resident sets (RSS, and PSS, which splits shared pages between the pr
 that share them) seen by a sampling thread (every 0.25 s) during the measured
 interval.  Extra PIDs (the Redis server of a Redis variant) count as part of the
 system.
+
+Context switches are the machine's (the ``ctxt`` line of ``/proc/stat``): a thread
+that blocks and one that is woken each count.  Per-process counts would miss the
+Postfix daemons that exit during a load, and the load's own client and sink switch
+the same way for every system, so the machine's total compares the systems fairly:
+it counts how often each message puts a process to sleep and wakes another.
 """
 
 from __future__ import annotations
@@ -40,6 +46,20 @@ def cpu_seconds(pids: Iterable[int]) -> float:
         # After the ")": state is [0]; utime, stime, cutime, cstime are [11]..[14].
         ticks += sum(int(x) for x in fields[11:15])
     return ticks / _TICK
+
+
+def tree_cpu_seconds(roots: Iterable[int]) -> float:
+    """:func:`cpu_seconds` of the process trees under ``roots``."""
+    return cpu_seconds([pid for root in roots for pid in process_tree(root)])
+
+
+def machine_context_switches() -> int:
+    """Context switches on the whole machine since it started (``/proc/stat``)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("ctxt "):
+                return int(line.split()[1])
+    raise OSError("no ctxt line in /proc/stat")
 
 
 def memory_bytes(pids: Iterable[int]) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from tests.bench.dnsproc import DNSProcess
 from tests.bench.install import ensure_installed
 from tests.bench.postfix import PostfixSystem
 from tests.bench.profile import Profiler, summarize
-from tests.bench.resources import Usage
+from tests.bench.resources import Usage, machine_context_switches, tree_cpu_seconds
 from tests.bench.sendarix import (
     DOMAIN,
     REACTORS,
@@ -70,6 +70,13 @@ METRICS: dict[str, tuple[str, str, str, bool]] = {
     "latency_relay": ("latency step: final dot to arrival at the sink, p50", "ms", "{:.2f}",
                       False),
     "cpu_ms_per_msg": ("CPU (user+sys, all processes) per message", "ms", "{:.2f}", False),
+    "load_switches_per_msg": ("context switches of the whole machine per message, load",
+                              "switches", "{:.1f}", False),
+    "latency_cpu_ms_per_msg": ("CPU (user+sys, all processes) per latency message", "ms",
+                               "{:.2f}", False),
+    "latency_switches_per_msg": (
+        "context switches of the whole machine per latency message", "switches", "{:.1f}",
+        False),
     "load_peak_rss": ("peak RSS (sum over processes) during the load", "MiB", "{:.1f}",
                       False),
     "load_peak_pss": ("peak PSS (sum over processes) during the load", "MiB", "{:.1f}",
@@ -246,6 +253,7 @@ class Bench:
         profiler = self._profiler(system)
         base = sink.count
         usage = Usage(system.roots)
+        switches = machine_context_switches()
         try:
             start, end = clients.smtp_source(port, a.sessions, a.messages, a.size, timeout=300)
             out["accept_rate"] = a.messages / (end - start)
@@ -253,6 +261,7 @@ class Bench:
                 raise Failed(f"only {sink.count - base} of {a.messages} messages reached the sink")
             out["relay_rate"] = a.messages / (sink.arrival(base + a.messages) - start)
             cpu, peak_rss, peak_pss = usage.stop()
+            out["load_switches_per_msg"] = (machine_context_switches() - switches) / a.messages
             out["cpu_ms_per_msg"] = cpu * 1000 / a.messages
             out["load_peak_rss"] = peak_rss / MIB
             out["load_peak_pss"] = peak_pss / MIB
@@ -267,6 +276,10 @@ class Bench:
         phases["load"], t = time.monotonic() - t, time.monotonic()
         latencies = []
         steps: dict[str, list[float]] = {}
+        # One message at a time: what each costs when nothing else runs (caches and
+        # idle CPUs to wake), and how many sleeps and wake-ups it takes.
+        switches = machine_context_switches()
+        cpu = tree_cpu_seconds(system.roots())
         for _ in range(a.latency_messages):
             base = sink.count
             timing: dict[str, float] = {}
@@ -280,6 +293,11 @@ class Bench:
                 steps.setdefault(step, []).append(seconds)
             if a.latency_gap:
                 time.sleep(a.latency_gap / 1000)
+        if a.latency_messages:
+            cpu = tree_cpu_seconds(system.roots()) - cpu
+            out["latency_cpu_ms_per_msg"] = cpu * 1000 / a.latency_messages
+            out["latency_switches_per_msg"] = (
+                machine_context_switches() - switches) / a.latency_messages
         out["latency_p50"] = percentile(latencies, 0.50) * 1000
         out["latency_p99"] = percentile(latencies, 0.99) * 1000
         for step, values in steps.items():
