@@ -48,9 +48,14 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return ticks / _TICK
 
 
+def tree_pids(roots: Iterable[int]) -> list[int]:
+    """Every process of the trees under ``roots``."""
+    return [pid for root in roots for pid in process_tree(root)]
+
+
 def tree_cpu_seconds(roots: Iterable[int]) -> float:
     """:func:`cpu_seconds` of the process trees under ``roots``."""
-    return cpu_seconds([pid for root in roots for pid in process_tree(root)])
+    return cpu_seconds(tree_pids(roots))
 
 
 def machine_context_switches() -> int:
@@ -95,10 +100,7 @@ class Usage:
         self._thread.start()
 
     def _pids(self) -> list[int]:
-        out: list[int] = []
-        for root in self.roots():
-            out.extend(process_tree(root))
-        return out
+        return tree_pids(self.roots())
 
     def _take(self, pids: list[int]) -> None:
         rss, pss = memory_bytes(pids)
