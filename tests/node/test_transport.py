@@ -123,6 +123,10 @@ class _Closing(Protocol):
 
     def connectionMade(self) -> None:  # noqa: N802
         transport: Any = self.transport
+        if self.after:
+            # As in Flooding: a small send buffer, so that the kernel cannot take the
+            # write made after the close whole and leave nothing to flush.
+            transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
         start = transport.startWriting
 
         def counted() -> None:
