@@ -257,6 +257,10 @@ class DeliveryConfig:
         list_parser(enhanced_code_parser, single=True), ("5.2.2",)
     )
     concurrency: int = setting(integer_parser(1), 20)
+    #: While other clients are sending, fresh mail for a site waits up to this long
+    #: for ``gather_messages`` messages to share one outgoing session ("0s": never).
+    gather_time: float = setting(duration_parser(positive=False), 0.05)
+    gather_messages: int = setting(integer_parser(1), 20)
     hard_bounce_suppresses: bool = setting(boolean_parser, True)
     bounce_rules: str | None = setting(path_parser, None)
 

@@ -304,7 +304,13 @@ class DeliveryService(Service):
         self._loop: LoopingCall | None = None
         # The lease poll and the ledger of leases held (renewed while held); routed
         # deliveries wait in their site's ready queue, which the scheduler owns.
-        self.scheduler: Scheduler[_Ready] = Scheduler(window)
+        self.scheduler: Scheduler[_Ready] = Scheduler(
+            window, gather_wait=config.delivery.gather_time,
+            gather_target=config.delivery.gather_messages,
+        )
+        #: Whether clients are sending mail to this process right now (set by the
+        #: node from its listeners; see :meth:`intake_quiet`).
+        self.intake_busy: Callable[[], bool] = lambda: False
         self.ready_queues = self.scheduler.ready_queues
         self._drainers: dict[str, Deferred[None] | None] = {}
         self._wakeups: dict[str, Deferred[None]] = {}
@@ -856,6 +862,11 @@ class DeliveryService(Service):
             self._drainers[site] = d
             self._running.add(d)
 
+    def intake_quiet(self) -> None:
+        """No client is sending any more: what waits for company goes now."""
+        for site in list(self._wakeups):
+            self._kick(site)
+
     def _nap(self, site: str, seconds: float) -> Deferred[None]:
         """Sleep up to ``seconds`` (at most ``DRAIN_NAP``), or until ``_kick(site)``."""
         d: Deferred[None] = Deferred()
@@ -885,7 +896,7 @@ class DeliveryService(Service):
         conn_key = "conn:" + site
         while self.running:
             now = self.reactor.seconds()
-            step = self.scheduler.site_step(site, shape, now)
+            step = self.scheduler.site_step(site, shape, now, self.intake_busy())
             if step is None:
                 return
             if isinstance(step, WaitUntil):

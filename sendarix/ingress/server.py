@@ -43,6 +43,7 @@ from sendarix.cleanup.intake import Intake, Refused, Submission
 from sendarix.cleanup.keyring import DomainKeyring
 from sendarix.config.settings import LimitsConfig, ListenerConfig
 from sendarix.ingress import policy
+from sendarix.ingress.activity import IntakeActivity
 from sendarix.ingress.authlimit import client_key
 from sendarix.ingress.datareader import ChunkDataReader, DataResult, DotDataReader
 from sendarix.ingress.ratelimit import RateLimiter
@@ -137,6 +138,8 @@ class ListenerSettings:
     is_feedback: Callable[[str], bool] = lambda address: False
     #: The simulator's domain (its ``suppressed`` address is refused as suppressed).
     simulator_domain: str | None = None
+    #: The process's count of transactions under way (delivery reads it).
+    activity: IntakeActivity | None = None
 
     @property
     def implicit_tls(self) -> bool:
@@ -168,6 +171,9 @@ class SubmissionServer(smtp.ESMTP):
         self._mode = COMMAND
         self._errors = 0
         self._shutdown_requested = False
+        # Counted in settings.activity as sending mail: from the connection until the
+        # reply that ends its first transaction, then from each MAIL to that reply.
+        self._receiving = False
         self._reset_session()
 
     def callLater(self, period: float, func: Callable[..., Any]) -> Any:
@@ -183,6 +189,23 @@ class SubmissionServer(smtp.ESMTP):
         self._credential: Credential | None = None
         self._sasl: Any = None
         self._reset_transaction()
+
+    def _drop_transaction(self) -> None:
+        """RSET, or a new greeting: the transaction under way (if any) is dropped."""
+        if self.in_transaction:
+            self._stop_counting()
+        self._reset_transaction()
+
+    def _count_as_sending(self) -> None:
+        if not self._receiving and self.settings.activity is not None:
+            self._receiving = True
+            self.settings.activity.began()
+
+    def _stop_counting(self) -> None:
+        if self._receiving:
+            self._receiving = False
+            assert self.settings.activity is not None
+            self.settings.activity.ended()
 
     def _reset_transaction(self) -> None:
         self._ret: str | None = None
@@ -230,6 +253,9 @@ class SubmissionServer(smtp.ESMTP):
     # -- connection -------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        # A client that connects has come to send, most likely: counted until its
+        # first transaction ends (or it leaves), however long its greeting takes.
+        self._count_as_sending()
         transport = self.transport
         self._helo = (None, self.client_ip.encode())
         self.canStartTLS = (
@@ -248,6 +274,7 @@ class SubmissionServer(smtp.ESMTP):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._mode = CLOSED
         self._reset_transaction()
+        self._stop_counting()
         self.setTimeout(None)
         self.factory.session_ended(self)
 
@@ -430,7 +457,7 @@ class SubmissionServer(smtp.ESMTP):
         if not rest or b" " in rest:
             self._error(501, "5.5.4", f"Syntax: {verb} hostname")
             return
-        self._reset_transaction()
+        self._drop_transaction()
         self._helo_name = _text(rest)
         self._esmtp = esmtp
         first = f"{self.settings.hostname} Hello {self._helo_name} [{self.client_ip}]"
@@ -467,7 +494,7 @@ class SubmissionServer(smtp.ESMTP):
         self.reply(250, "2.0.0", "OK")
 
     def smtp_RSET(self, rest: bytes) -> None:
-        self._reset_transaction()
+        self._drop_transaction()
         self.reply(250, "2.0.0", "OK")
 
     def smtp_VRFY(self, rest: bytes) -> None:
@@ -778,6 +805,7 @@ class SubmissionServer(smtp.ESMTP):
         self._ret = (params.get("RET") or "").upper() or None
         self._envid = params.get("ENVID")
         self._queue_id = self.settings.intake.new_queue_id()
+        self._count_as_sending()
         self.reply(250, "2.1.0", "Sender OK")
 
     def smtp_RCPT(self, rest: bytes) -> None:
@@ -965,6 +993,7 @@ class SubmissionServer(smtp.ESMTP):
         if refusal is not None:
             self._refuse(refusal, sender=self._sender, recipients=self._recipients)
             self._reset_transaction()
+            self._stop_counting()
             return
         assert self._sender is not None and self._queue_id is not None
         tls = self._tls_info()
@@ -992,7 +1021,14 @@ class SubmissionServer(smtp.ESMTP):
         self._reset_transaction()
         d = self.settings.intake.accept(submission)
         d.addCallbacks(self._queued, self._not_queued, errbackArgs=(submission,))
+        # Counted until answered: the commit's hand-over to delivery sees this session
+        # still sending (IntakeActivity.busy leaves one out for it).
+        d.addBoth(self._answered)
         self._wait(d)
+
+    def _answered(self, result: object) -> object:
+        self._stop_counting()
+        return result
 
     def _queued(self, queue_id: str) -> None:
         self.reply(250, "2.0.0", f"OK: queued as {queue_id}")

@@ -44,6 +44,7 @@ from sendarix.events.webhooks.directory import WebhookDirectory
 from sendarix.events.webhooks.dispatcher import WebhookDispatcher, guarded_agent
 from sendarix.events.webhooks.endpoints import KEY_PURPOSE as WEBHOOK_KEY_PURPOSE
 from sendarix.events.webhooks.endpoints import endpoints_from_config
+from sendarix.ingress.activity import IntakeActivity
 from sendarix.ingress.auth import submission_portal
 from sendarix.ingress.feedback import FeedbackHandler
 from sendarix.ingress.server import ListenerSettings, SubmissionFactory
@@ -532,6 +533,10 @@ def makeService(
     )
     portal = submission_portal(stores.credentials, reactor, token_checker)
     top.listeners = []
+    # Delivery lets fresh mail wait for company while clients are sending.
+    activity = IntakeActivity()
+    delivery.intake_busy = activity.busy
+    activity.on_quiet(delivery.intake_quiet)
     for lc in config.listeners:
         settings = ListenerSettings(
             listener=lc, limits=limits, hostname=config.node.hostname, intake=intake,
@@ -543,6 +548,7 @@ def makeService(
             keyring=keyring, require_verified_domains=require_verified,
             is_feedback=is_report, simulator_domain=config.simulator.domain,
             tenant_quotas={name: t.quota for name, t in config.tenants.items() if t.quota},
+            activity=activity,
         )
         service = ListenerService(
             reactor, lc, SubmissionFactory(settings), stores_service,

@@ -145,6 +145,12 @@ class Scheduler(Generic[T]):
     hold (the agent's routed delivery)."""
 
     window: int
+    #: While other clients are still sending (``intake_busy``), how long fresh mail
+    #: for a site waits for more of its kind, so that one outgoing session carries
+    #: several messages rather than each taking its own: the longest wait, and the
+    #: queue length that ends it at once.  0 never waits.
+    gather_wait: float = 0.0
+    gather_target: int = 1
     ready_queues: ReadyQueues[T] = field(init=False)
     #: Spool traffic: deliveries leased, handed back unsent, parked until their turn.
     #: ``handed``: fresh mail given to delivery in memory at its commit (no poll).
@@ -176,6 +182,8 @@ class Scheduler(Generic[T]):
     #: Active-queue room taken per site by commits under way, and by which commit.
     _site_reserved: dict[str, int] = field(factory=dict, init=False)
     _reservations: dict[Hashable, tuple[str, ...]] = field(factory=dict, init=False)
+    #: Sites whose queued mail waits for company, and since when.
+    _gathering: dict[str, float] = field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.ready_queues = ReadyQueues(self.window)
@@ -357,12 +365,17 @@ class Scheduler(Generic[T]):
     # -- one site's connections ---------------------------------------------------
 
     def site_step(
-        self, site: str, shape: SiteShape, now: float
+        self, site: str, shape: SiteShape, now: float, intake_busy: bool = False
     ) -> WaitUntil | DeferSite | Connect | None:
         """What ``site``'s drainer does next: None when its ready queue is empty;
         :class:`Connect` takes a window slot (give it back with
-        :meth:`connect_failed` if no connection is made)."""
-        if not self.ready_queues.queued(site):
+        :meth:`connect_failed` if no connection is made).
+
+        ``intake_busy``: other clients are sending mail to this node right now, so
+        more is on its way; see :meth:`_gather`."""
+        queued = self.ready_queues.queued(site)
+        if not queued:
+            self._gathering.pop(site, None)
             return None
         until = self._held_until.get(site)
         if until is not None:
@@ -381,10 +394,35 @@ class Scheduler(Generic[T]):
         if self._sessions.get(site, 0) >= connections_needed(shape):
             # A paced site's open connections already carry its rate.
             return WaitUntil(now + DRAIN_NAP)
+        gathered = self._gather(site, shape, queued, now, intake_busy)
+        if gathered is not None:
+            return gathered
         slot = shape.window.acquire(now)
         if slot is None:
             return WaitUntil(now + DRAIN_NAP)
         return Connect(batch_size(shape), slot)
+
+    def _gather(
+        self, site: str, shape: SiteShape, queued: int, now: float, intake_busy: bool
+    ) -> WaitUntil | None:
+        """Let ``site``'s mail wait a moment for company, or None to send it now.
+
+        Under a load of many clients, each message handed over on its own would take
+        an outgoing session (and its bookkeeping) of its own.  While other clients
+        are sending, the first message to wait starts a short clock: the site
+        connects when ``gather_target`` messages are queued, or when the clock runs
+        out, whichever comes first.  A message that arrives with nobody else sending
+        (a lone message, the last of a burst) goes at once, and so does what
+        waited, as soon as the clients stop."""
+        if not intake_busy or self.gather_wait <= 0:
+            self._gathering.pop(site, None)
+            return None
+        since = self._gathering.setdefault(site, now)
+        target = min(self.gather_target, batch_size(shape))
+        if queued < target and now < since + self.gather_wait:
+            return WaitUntil(since + self.gather_wait)
+        del self._gathering[site]
+        return None
 
     def connect_failed(self, step: Connect) -> None:
         """The connection of ``step`` was not made (no connection slot, or nothing

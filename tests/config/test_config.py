@@ -189,6 +189,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual((c.delivery.mx_port, c.delivery.connect_timeout), (25, 5))
         self.assertEqual(c.delivery.tls, "may")
         self.assertEqual(c.delivery.soft_bounce_codes, ("5.2.2",))
+        self.assertEqual((c.delivery.gather_time, c.delivery.gather_messages), (0.05, 20))
         self.assertFalse(c.domains.require_verified_domains)
         self.assertEqual(c.node.secret_key_env, "SENDARIX_SECRET_KEY")
         self.assertEqual(c.simulator.domain, "simulator.sendarix.invalid")
@@ -480,6 +481,8 @@ class ErrorTests(SynchronousTestCase):
             ('[limits]\nmax_recipients = "many"\n', "limits.max_recipients", "integer"),
             ("[limits]\nmax_recipients = 0\n", "limits.max_recipients", "at least 1"),
             ("[delivery]\nmx_port = 70000\n", "delivery.mx_port", "between 1 and 65535"),
+            ('[delivery]\ngather_time = "soon"\n', "delivery.gather_time", "duration"),
+            ("[delivery]\ngather_messages = 0\n", "delivery.gather_messages", "at least 1"),
             ('[spool]\nallow_volatile = "yes"\n', "spool.allow_volatile", "true or false"),
             ('[spool]\nurl = "mysql://db/x"\n', "spool.url", "sqlite:PATH"),
             ('[spool]\nurl = "redis://:hunter2@h:6379/0"\n', "spool.url", "password_env"),

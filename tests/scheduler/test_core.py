@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -532,3 +532,91 @@ class SiteStepTests(SynchronousTestCase):
         self.assertTrue(self.scheduler.resume("s"))
         self.assertIsNone(self.scheduler.suspended_until("s", 150.0))
         self.assertIsInstance(self.scheduler.site_step("s", s, 150.0), Connect)
+
+
+class GatherTests(SynchronousTestCase):
+    """While other clients are sending, fresh mail waits a moment for company, so that
+    one outgoing session carries several messages; nothing else ever waits for it."""
+
+    def setUp(self) -> None:
+        self.scheduler: Scheduler[LeasedDelivery] = Scheduler(
+            100, gather_wait=0.05, gather_target=3
+        )
+        self.shape = shape(initial=5)
+
+    def offer(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.scheduler.ready_queues.offer("s", "lane", delivery("a.test"))
+
+    def test_lone_message_goes_at_once(self) -> None:
+        """Nobody else sending: connect now, however short the queue."""
+        self.offer()
+        self.assertIsInstance(self.scheduler.site_step("s", self.shape, 0.0, False), Connect)
+
+    def test_waits_while_clients_send(self) -> None:
+        """Others sending: the first message waits out the clock, woken as often as
+        it may be; then it goes with whatever came meanwhile."""
+        self.offer()
+        for now in (10.0, 10.01, 10.049):
+            self.assertEqual(
+                self.scheduler.site_step("s", self.shape, now, True), WaitUntil(10.05)
+            )
+        self.offer()
+        self.assertIsInstance(self.scheduler.site_step("s", self.shape, 10.05, True), Connect)
+
+    def test_target_ends_the_wait(self) -> None:
+        self.offer(2)
+        self.assertIsInstance(self.scheduler.site_step("s", self.shape, 0.0, True), WaitUntil)
+        self.offer()
+        self.assertIsInstance(self.scheduler.site_step("s", self.shape, 0.001, True), Connect)
+
+    def test_clients_stopping_end_the_wait(self) -> None:
+        self.offer()
+        self.assertIsInstance(self.scheduler.site_step("s", self.shape, 0.0, True), WaitUntil)
+        self.assertIsInstance(self.scheduler.site_step("s", self.shape, 0.01, False), Connect)
+
+    def test_each_batch_starts_its_own_clock(self) -> None:
+        """The clock starts with the first message that waits, not with the last
+        batch: after a connection, the next message waits its whole time again."""
+        self.offer(3)
+        self.assertIsInstance(self.scheduler.site_step("s", self.shape, 0.0, True), Connect)
+        self.scheduler.ready_queues.take("s", 3)
+        self.assertIsNone(self.scheduler.site_step("s", self.shape, 0.02, True))
+        self.offer()
+        self.assertEqual(self.scheduler.site_step("s", self.shape, 0.03, True), WaitUntil(0.08))
+
+    def test_target_capped_by_batch(self) -> None:
+        """A target above what one connection takes (a paced site's small batch)
+        counts as that batch."""
+        paced = shape(initial=5, rate=6.0)  # batch_size: 2
+        self.offer(2)
+        self.assertIsInstance(self.scheduler.site_step("s", paced, 0.0, True), Connect)
+
+    def test_off(self) -> None:
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(100, gather_wait=0.0, gather_target=20)
+        scheduler.ready_queues.offer("s", "lane", delivery("a.test"))
+        self.assertIsInstance(scheduler.site_step("s", self.shape, 0.0, True), Connect)
+
+    @given(
+        st.lists(st.tuples(st.floats(0, 0.2), st.booleans(), st.integers(0, 2)), max_size=30),
+    )
+    def test_never_waits_past_the_clock(self, steps: list[tuple[float, bool, int]]) -> None:
+        """Whatever the arrivals and the clients do, no message waits longer than
+        gather_wait after the first of its batch began to wait."""
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(1000, gather_wait=0.05, gather_target=5)
+        s = shape(initial=1000)
+        now, waiting_since = 0.0, None
+        for gap, busy, arrivals in steps:
+            now += gap
+            for _ in range(arrivals):
+                scheduler.ready_queues.offer("s", "lane", delivery("a.test"))
+            step = scheduler.site_step("s", s, now, busy)
+            if isinstance(step, WaitUntil):
+                if waiting_since is None:
+                    waiting_since = now
+                self.assertLessEqual(step.when, waiting_since + 0.05 + 1e-9)
+                self.assertGreater(step.when, now)
+            else:
+                waiting_since = None
+                if isinstance(step, Connect):
+                    scheduler.ready_queues.take("s", step.batch)
