@@ -7,9 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from sendarix.config.loader import parse_config
 from tests.bench import sendarix
 from tests.bench.run import reactor_of, variant
 from tests.bench.sendarix import (
@@ -21,12 +23,15 @@ from tests.bench.sendarix import (
     on_interpreter,
 )
 
+MIB = 1024 * 1024
+
 
 class VariantNameTests(SynchronousTestCase):
     def test_options(self) -> None:
         """``+pypy`` is an option beside the reactor and ``+nolog``, not a reactor."""
         self.assertEqual(variant("default+pypy"), ("default", None))
         self.assertEqual(variant("sqlite-w2+asyncio+nolog+pypy"), ("sqlite", 2))
+        self.assertEqual(variant("default+nogather"), ("default", None))
         self.assertEqual(reactor_of("default+pypy"), "epoll")
         self.assertEqual(reactor_of("default+pypy+asyncio"), "asyncio")
         for bad in ("default+pypy+pypy", "default+asyncio+uvloop", "default+jython"):
@@ -38,6 +43,20 @@ class VariantNameTests(SynchronousTestCase):
                                 max_connections=10, size_limit=1, json_log=False,
                                 pypy=True)
         self.assertEqual(system.name, "sendarix-default+nolog+pypy")
+
+    def test_nogather(self) -> None:
+        """``+nogather`` turns the wait for company off in the node's [delivery]."""
+        system = SendarixSystem("x", 1, 2, 3, spool="default", workers=None,
+                                max_connections=10, size_limit=MIB, gather=False)
+        self.assertEqual(system.name, "sendarix-default+nogather")
+        config = parse_config(tomllib.loads(system.config_text()), "/tmp")
+        self.assertEqual(config.delivery.gather_time, 0.0)
+        default = SendarixSystem("x", 1, 2, 3, spool="default", workers=None,
+                                 max_connections=10, size_limit=MIB)
+        self.assertEqual(
+            parse_config(tomllib.loads(default.config_text()), "/tmp").delivery.gather_time,
+            0.05,
+        )
 
 
 class PyPyTests(SynchronousTestCase):

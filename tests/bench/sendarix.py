@@ -184,7 +184,7 @@ max_message_size = {size_limit}
 
 [delivery]
 mx_port = {sink_port}
-"""
+{delivery_extra}"""
 
 DNS = """
 [dns]
@@ -212,7 +212,7 @@ class SendarixSystem:
                  spool: str, workers: int | str | None, max_connections: int,
                  size_limit: int, route: str = "pool", redis_url: str | None = None,
                  redis_pid: int | None = None, reactor: str = "epoll",
-                 json_log: bool = True, pypy: bool = False,
+                 json_log: bool = True, gather: bool = True, pypy: bool = False,
                  name: str | None = None) -> None:
         self.dir = os.path.abspath(dir)
         self.port = port
@@ -227,6 +227,7 @@ class SendarixSystem:
         self.redis_pid = redis_pid
         self.reactor = reactor
         self.json_log = json_log
+        self.gather = gather
         #: Run the node on PyPy (see :func:`pypy_interpreter`) instead of this Python.
         self.pypy = pypy
         self.runtime = ""
@@ -236,6 +237,8 @@ class SendarixSystem:
                 name += f"+{reactor}"
             if not json_log:
                 name += "+nolog"
+            if not gather:
+                name += "+nogather"
             if pypy:
                 name += "+pypy"
         self.name = name
@@ -253,6 +256,7 @@ class SendarixSystem:
             node_extra=node_extra, port=self.port,
             max_connections=self.max_connections, size_limit=self.size_limit,
             sink_port=self.sink_port, dns_port=self.dns_port,
+            delivery_extra="" if self.gather else 'gather_time = "0s"\n',
         )
         if not self.json_log:
             text += "\n[events]\njson_log = false\n"
