@@ -26,9 +26,7 @@ class IntakeActivity:
     _quiet: list[Callable[[], None]] = field(factory=list, init=False)
 
     def busy(self) -> bool:
-        """Whether a client is sending mail now (a session counts until its message
-        is answered, so the hand-over of a lone message sees its own session: what
-        waits for that goes when the answer has been written)."""
+        """Whether a client is sending mail now."""
         return self.receiving > 0
 
     def began(self) -> None:

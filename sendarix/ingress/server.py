@@ -138,7 +138,7 @@ class ListenerSettings:
     is_feedback: Callable[[str], bool] = lambda address: False
     #: The simulator's domain (its ``suppressed`` address is refused as suppressed).
     simulator_domain: str | None = None
-    #: The process's count of transactions under way (delivery reads it).
+    #: The process's count of clients sending mail (delivery reads it).
     activity: IntakeActivity | None = None
 
     @property
@@ -1021,8 +1021,9 @@ class SubmissionServer(smtp.ESMTP):
         self._reset_transaction()
         d = self.settings.intake.accept(submission)
         d.addCallbacks(self._queued, self._not_queued, errbackArgs=(submission,))
-        # Counted until answered: the commit's hand-over to delivery sees this session
-        # still sending (IntakeActivity.busy leaves one out for it).
+        # Counted until answered.  The message is handed to delivery after its reply
+        # (Intake's after_reply), when this session no longer counts: a lone message
+        # never waits for company.
         d.addBoth(self._answered)
         self._wait(d)
 
