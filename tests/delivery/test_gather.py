@@ -41,11 +41,8 @@ class GatherTests(unittest.TestCase):
         return client
 
     async def talk(self, client: RawClient, *lines: bytes) -> list[bytes]:
-        def run() -> list[bytes]:
-            for line in lines:
-                client.send(line)
-            return client.codes(len(lines))
-        return await in_thread(run)
+        replies: list[bytes] = await in_thread(client.exchange, *lines)
+        return replies
 
     async def send(self, client: RawClient) -> None:
         replies = await self.talk(client, *MESSAGE)

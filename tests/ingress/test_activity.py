@@ -53,11 +53,8 @@ class SessionCountTests(TestCase):
         self.port = self.relay.ports["relay"]
 
     async def talk(self, client: RawClient, *lines: bytes) -> list[bytes]:
-        def run() -> list[bytes]:
-            for line in lines:
-                client.send(line)
-            return client.codes(len(lines))
-        return await in_thread(run)
+        replies: list[bytes] = await in_thread(client.exchange, *lines)
+        return replies
 
     async def connect(self) -> RawClient:
         client: RawClient = await in_thread(RawClient, self.port)

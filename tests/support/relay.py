@@ -176,6 +176,13 @@ class RawClient:
             if line[3:4] != b"-":
                 return int(line[:3]), lines
 
+    def exchange(self, *lines: bytes) -> list[bytes]:
+        """Send ``lines`` (each a whole command or a message's data) and return the
+        first line of the reply to each."""
+        for line in lines:
+            self.send(line)
+        return self.codes(len(lines))
+
     def codes(self, n: int) -> list[bytes]:
         """The first line of the next ``n`` replies, e.g. b"250 2.1.0 Sender OK"."""
         return [self.reply()[1][-1] for _ in range(n)]
