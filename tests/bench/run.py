@@ -385,15 +385,15 @@ class Bench:
             ]
             for name in a.variants:
                 spool, workers = variant(name)
+                options = name.split("+")[1:]
                 s = SendarixSystem(
                     os.path.join(self.root, name), free_port(), sink.port,
                     dns.port if dns is not None else 0,
                     spool=spool, workers=workers, max_connections=max_idle + 100,
                     size_limit=self.size_limit, route=a.route, redis_url=redis_url,
                     redis_pid=redis_pid, reactor=reactor_of(name),
-                    json_log="nolog" not in name.split("+")[1:],
-                    gather="nogather" not in name.split("+")[1:],
-                    pypy="pypy" in name.split("+")[1:], name=f"sendarix-{name}",
+                    json_log="nolog" not in options, gather="nogather" not in options,
+                    pypy="pypy" in options, name=f"sendarix-{name}",
                 )
                 systems.append((s, a.idle_sessions, s.rss))
             durations: dict[str, float] = {}
