@@ -20,8 +20,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from sendarix.node.sharedports import listen_shared
 from sendarix.node.transport import send_eagerly
-from sendarix.node.workers import listen_shared
 
 log = Logger()
 
@@ -30,7 +30,7 @@ class PortService(Service):
     """Listens on ``endpoint`` with ``factory`` once ``ready()`` fires.
 
     :param tls: server TLS options that wrap every connection (implicit TLS), or None.
-    :param shared: listen with SO_REUSEPORT, so worker processes share the port.
+    :param shared: listen on the socket the worker processes share.
     :param describe: the log line's text once listening, given the host and port.
     """
 

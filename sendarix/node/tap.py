@@ -19,6 +19,7 @@ from sendarix.node.nodelock import NodeRunningError, hold_node_lock, note_pid
 from sendarix.node.workers import (
     ParentWatch,
     WorkerPool,
+    supervisor_pid,
     twistd_log_file,
     twistd_reactor,
     worker_name,
@@ -90,6 +91,14 @@ def _lock_node(config: Config) -> None:
     reactor.callWhenRunning(note_pid)
 
 
+def _shared_listeners(config: Config) -> list[str]:
+    """The endpoints the workers share: each SMTP listener, and the HTTP API."""
+    descriptions = [lc.endpoint for lc in config.listeners]
+    if config.api.enabled:
+        descriptions.append(config.api.endpoint)
+    return descriptions
+
+
 def makeService(options: Options) -> IService:
     """Build the node from parsed options: a single node, the parent of ``workers``
     worker processes, or (``--worker I``) one of those workers."""
@@ -101,7 +110,7 @@ def makeService(options: Options) -> IService:
     index = options["worker"]
     base_name = config.node.name
     if index is not None:
-        # A worker: its own stable node name; listeners shared with SO_REUSEPORT.
+        # A worker: its own stable node name; listeners inherited from the supervisor.
         node = evolve(config.node, name=worker_name(config.node.name, index),
                       workers=max(workers, 2))
         config = evolve(config, node=node)
@@ -125,7 +134,8 @@ def makeService(options: Options) -> IService:
         arguments += ["--workers", str(workers)]
         # The workers run on the reactor the supervisor was told to use, if any.
         pool = WorkerPool(reactor, workers, arguments, log_file=twistd_log_file(sys.argv),
-                          reactor_name=twistd_reactor(sys.argv))
+                          reactor_name=twistd_reactor(sys.argv),
+                          listen=_shared_listeners(config))
         pool.forward_sighup = True  # each worker reloads its TLS certificate
         return pool
     if index is None:
@@ -143,7 +153,8 @@ def makeService(options: Options) -> IService:
         # the node keeps its collector as it set it.
         CollectorTuning(running).setServiceParent(node)
         if index is not None:
-            ParentWatch(running, running.stop).setServiceParent(node)
+            ParentWatch(running, running.stop,
+                        supervisor=supervisor_pid()).setServiceParent(node)
             if options["peers"] and config.api.enabled:
                 from sendarix.node.peermetrics import WorkerPeers, serve_worker_metrics
 

@@ -9,10 +9,9 @@ so its events say which process handled a message and a restarted worker takes b
 its own leases at once.
 
 The children share the spool named by ``[spool] url`` (Redis, or SQLite on this
-machine) and share each TCP listener's port through SO_REUSEPORT: every worker binds
-its own socket to the same address, and the kernel spreads incoming connections
-across them (:func:`listen_shared`; Twisted's ``listenTCP`` cannot set the option, so
-the socket is made here and handed to ``reactor.adoptStreamPort``).
+machine) and each TCP listener: the supervisor opens the listening sockets once and
+every worker inherits them, and the kernel hands each new connection to a worker that
+is waiting for work (:mod:`sendarix.node.sharedports`).
 
 The supervisor also makes a private directory (mode 0700, removed when it stops) and
 gives it to every worker (``--peers DIR``): each serves its own metrics there on a
@@ -28,24 +27,29 @@ supervisor started again must not find the old workers still holding the port.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+
+from sendarix.node.sharedports import (
+    INHERITED_ENV,
+    inheritance,
+    open_listening_socket,
+    shareable,
+)
 
 log = Logger()
 
@@ -95,10 +99,20 @@ def pid_alive(pid: int) -> bool:
 
 
 __all__ = [
-    "PEERS_PREFIX", "TWISTD", "ParentWatch", "WorkerPool", "listen_shared",
-    "pid_alive", "remove_orphan_peer_dirs", "twistd_log_file", "twistd_reactor",
+    "PEERS_PREFIX", "SUPERVISOR_ENV", "TWISTD", "ParentWatch", "WorkerPool", "pid_alive",
+    "remove_orphan_peer_dirs", "supervisor_pid", "twistd_log_file", "twistd_reactor",
     "worker_name",
 ]
+
+#: The environment variable in which the supervisor gives each worker its own PID.
+SUPERVISOR_ENV = "SENDARIX_SUPERVISOR_PID"
+
+
+def supervisor_pid(environ: Mapping[str, str] | None = None) -> int | None:
+    """The supervisor's PID from a worker's environment; None when not there."""
+    text = (os.environ if environ is None else environ).get(SUPERVISOR_ENV, "")
+    return int(text) if text.isdigit() else None
+
 
 #: How a child runs twistd (the same interpreter as the parent).
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -107,38 +121,6 @@ TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 def worker_name(node: str, index: int) -> str:
     """The node name of worker ``index`` (1-based) of node ``node``."""
     return f"{node}-w{index}"
-
-
-def listen_shared(reactor: Any, description: str, factory: Any) -> Deferred[IListeningPort]:
-    """Listen on a server endpoint string with SO_REUSEPORT, so that several processes
-    can each listen on the same TCP address.  ``tcp:``, ``tcp6:`` and ``ssl:`` endpoints
-    are shared; any other kind (``unix:``, ``systemd:``) is listened on as usual."""
-    endpoint = endpoints.serverFromString(reactor, description)
-    tcp = (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint, endpoints.SSL4ServerEndpoint)
-    if not isinstance(endpoint, tcp) or not hasattr(socket, "SO_REUSEPORT"):
-        log.warn("listener {endpoint} cannot be shared between workers", endpoint=description)
-        listening: Deferred[IListeningPort] = endpoint.listen(factory)
-        return listening
-    interface = endpoint._interface or (
-        "::" if isinstance(endpoint, endpoints.TCP6ServerEndpoint) else "0.0.0.0"
-    )
-    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
-    if isinstance(endpoint, endpoints.SSL4ServerEndpoint):
-        factory = TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
-    try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((interface, endpoint._port))
-            sock.listen(endpoint._backlog)
-            sock.setblocking(False)
-            port: IListeningPort = reactor.adoptStreamPort(sock.fileno(), family, factory)
-        finally:
-            sock.close()  # the reactor holds its own duplicate of the descriptor
-    except OSError:
-        return _failed()
-    return succeed(port)
 
 
 def _twistd_option(argv: Sequence[str], long: str, short: str) -> str | None:
@@ -179,6 +161,11 @@ class ParentWatch(Service):
     orphan is adopted by init or a subreaper), checked every ``interval`` seconds;
     ``stop`` then stops the node as SIGTERM would (its sessions drain, its leases go
     back).  The supervisor's stop is not needed for this: a SIGKILL skips it.
+
+    ``supervisor`` is the PID the supervisor wrote into the worker's environment
+    (:data:`SUPERVISOR_ENV`), when it did: a supervisor killed while this worker was
+    still starting is then noticed too, where the parent seen at start would already
+    be init.
     """
 
     name = "parent-watch"
@@ -189,12 +176,13 @@ class ParentWatch(Service):
         stop: Callable[[], None],
         interval: float = 1.0,
         parent: Callable[[], int] = os.getppid,
+        supervisor: int | None = None,
     ) -> None:
         self._reactor = reactor
         self._stop = stop
         self._interval = interval
         self._parent = parent
-        self._expected = parent()
+        self._expected = supervisor if supervisor is not None else parent()
         self._loop: LoopingCall | None = None
 
     def startService(self) -> None:  # noqa: N802
@@ -219,12 +207,6 @@ class ParentWatch(Service):
         self._stop()
 
 
-def _failed() -> Deferred[IListeningPort]:
-    d: Deferred[IListeningPort] = Deferred()
-    d.errback(Failure())
-    return d
-
-
 class _Child(ProcessProtocol):
     """One worker process, reporting its end to the pool."""
 
@@ -245,6 +227,14 @@ class WorkerPool(Service):
     each child also gets ``--worker I``, and twistd's ``--reactor`` when
     ``reactor_name`` is given.  ``grace`` is how long a stop waits for the children's
     own graceful stop before it kills them.
+
+    ``listen`` are the endpoint strings of the listeners the workers share.  The pool
+    opens the TCP ones itself (:meth:`privilegedStartService`: twistd calls it before
+    it gives up root, so ports below 1024 can be bound) and every child inherits
+    each socket (a restarted child too), named in its environment.  A port that
+    cannot be bound stops the start at once, with the endpoint named, rather than in
+    every worker over and over.  The pool closes its own copies when it stops, so
+    that the port refuses connections once the last child has stopped listening.
     """
 
     name = "workers"
@@ -255,8 +245,14 @@ class WorkerPool(Service):
     def __init__(
         self, reactor: Any, count: int, arguments: Sequence[str], grace: float = 40.0,
         log_file: str | None = None, reactor_name: str | None = None,
+        listen: Sequence[str] = (),
     ) -> None:
         self.reactor = reactor
+        self.listen = list(listen)
+        #: The listening sockets the children inherit, by endpoint string.
+        self.listeners: dict[str, socket.socket] = {}
+        #: The descriptor number each inherited listener has in a child.
+        self.child_fds: dict[str, int] = {}
         self.count = count
         self.arguments = list(arguments)
         self.grace = grace
@@ -287,7 +283,29 @@ class WorkerPool(Service):
     #: Pass SIGHUP on to every worker (each reloads its TLS certificate); twistd sets it.
     forward_sighup = False
 
+    def privilegedStartService(self) -> None:  # noqa: N802
+        super().privilegedStartService()
+        self._open_listeners()
+
+    def _open_listeners(self) -> None:
+        if self.listeners:
+            return
+        try:
+            for description in self.listen:
+                if description not in self.listeners and shareable(self.reactor, description):
+                    # SO_REUSEPORT as well: the workers of a supervisor that was killed
+                    # still hold its socket while they stop, and this start must not
+                    # wait for them (they share the port until they are gone).
+                    self.listeners[description] = open_listening_socket(
+                        self.reactor, description, reuse_port=True)
+        except OSError as e:
+            self._close_listeners()
+            sys.stderr.write(f"sendarix: cannot listen on {description}: {e}\n")
+            raise SystemExit(1) from e
+        self.child_fds = inheritance(self.listeners)
+
     def startService(self) -> None:
+        self._open_listeners()  # started without twistd's privileged step (embedded)
         super().startService()
         removed = remove_orphan_peer_dirs(tempfile.gettempdir())
         if removed:
@@ -310,9 +328,16 @@ class WorkerPool(Service):
         if not self.running:
             return
         child = _Child(self, index)
+        environment = dict(os.environ)
+        environment[SUPERVISOR_ENV] = str(os.getpid())
+        descriptors: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        if self.listeners:
+            environment[INHERITED_ENV] = json.dumps(self.child_fds)
+            for description, sock in self.listeners.items():
+                descriptors[self.child_fds[description]] = sock.fileno()
         transport = self.reactor.spawnProcess(
-            child, sys.executable, self.command(index), env=dict(os.environ),
-            childFDs={0: "w", 1: 1, 2: 2},
+            child, sys.executable, self.command(index), env=environment,
+            childFDs=descriptors,
         )
         self.children[index] = child
         self.pids[index] = transport.pid
@@ -334,6 +359,7 @@ class WorkerPool(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        self._close_listeners()
         children = list(self.children.values())
         for child in children:
             self._signal(child, signal.SIGTERM)
@@ -349,6 +375,12 @@ class WorkerPool(Service):
             return result
 
         return DeferredList([c.ended for c in children]).addBoth(done)
+
+    def _close_listeners(self) -> None:
+        # The children keep their copies until each stops listening.
+        for sock in self.listeners.values():
+            sock.close()
+        self.listeners.clear()
 
     def _remove_peers(self) -> None:
         if self.peers is not None:

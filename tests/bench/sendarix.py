@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from tests.support.relayproc import ROOT, TWISTD, env, listens
+from tests.support.relayproc import ROOT, TWISTD, env, serving
 
 #: Recipient domain of every bench message.
 DOMAIN = "bench.example"
@@ -302,14 +302,14 @@ class SendarixSystem:
             raise
 
     def _wait_all_workers(self, timeout: float) -> None:
-        """With worker processes (chosen or by default), wait until every one listens:
+        """With worker processes (chosen or by default), wait until every one serves:
         the first answer may come from one worker while another is still starting,
         and its start would be counted against what is measured first (memory)."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             workers = [p for p in self._pythons() if p != self.proc.pid]
-            if all(listens(p, self.port) for p in workers):
+            if serving(self.log, self.port) >= len(workers):
                 return
             time.sleep(0.1)
         raise Failed(f"{self.name}: not every worker listens after {timeout:.0f}s")

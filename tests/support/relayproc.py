@@ -68,12 +68,24 @@ def listens(pid: int, port: int | None = None) -> bool:
         return False
 
 
+def serving(log_path: str, port: int) -> int:
+    """How many listeners on ``port`` the node's log says are serving: one line per
+    worker once it listens.  A worker holds the supervisor's listening socket from
+    its start, before it can answer, so /proc cannot tell when it serves."""
+    try:
+        with open(log_path, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:  # twistd has not opened its --logfile yet
+        return 0
+    return len(re.findall(rb"(?:listener \S+|HTTP API) on \S+:%d\b" % port, text))
+
+
 def start_workers(
     testcase: Any, folder: str, config: str, port: int, count: int = 2, timeout: float = 30.0,
     twistd_options: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], str, list[int]]:
     """Run ``twistd [twistd_options] sendarix --config config --workers count`` in
-    ``folder`` until every worker listens on ``port``.  Returns the parent, its log file
+    ``folder`` until every worker serves on ``port``.  Returns the parent, its log file
     (the ``--logfile`` among the options, given as an absolute path, else its standard
     output) and the workers' pids (a list the test may update: every pid in it is
     SIGKILLed at cleanup, with the parent)."""
@@ -105,7 +117,7 @@ def start_workers(
         except FileNotFoundError:  # twistd has not opened its --logfile yet
             found = []
         children[:] = [int(p) for p in found]
-        if len(children) == count and all(listens(pid, port) for pid in children):
+        if len(children) == count and serving(log_path, port) >= count:
             break
         if parent.poll() is not None:
             raise RuntimeError(f"relay exited with {parent.returncode}")
