@@ -19,9 +19,10 @@ itself (:func:`open_listening_socket`) and passes the one socket to every worker
 inherited descriptors named in the environment (:data:`INHERITED_ENV`).  A worker adopts
 its copy (:func:`listen_shared`) and waits on it with ``EPOLLEXCLUSIVE``: the kernel
 then wakes one worker per new connection, the first in line that is waiting for work,
-rather than all of them.  Worker 1 registers first, so while it is idle it takes every
-connection, and a busy moment spills over to the next.  A worker that is restarted
-takes up the same socket, and nothing queued is lost.
+rather than all of them.  The line is the order in which the workers started to
+listen, so while the first is idle it takes every connection, and a busy moment
+spills over to the next.  A worker that is restarted takes up the same socket (at
+the end of the line), and nothing queued is lost.
 
 Outside a supervisor (a worker started by hand, a listener the supervisor could not
 share) the worker falls back to its own SO_REUSEPORT socket.  Where the reactor is not
@@ -41,6 +42,7 @@ from typing import Any
 from twisted.internet import endpoints, tcp
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -130,7 +132,33 @@ class ExclusivePort(tcp.Port):
     has added the port, it is removed and added again with the flag.  A process busy
     in a callback is not waiting and is passed over; if it finds the connection gone
     when it comes back, its ``accept`` gets EAGAIN, which Twisted ignores.
+
+    One wake-up can be lost: when the worker the kernel chose is killed before it
+    accepts, nobody else is told, and the connection would wait for the next one
+    (or for the dead worker's restart).  So the port also looks at its socket every
+    :attr:`sweep_interval` seconds and takes what is waiting; with nothing waiting,
+    that is one ``accept`` that fails at once.
     """
+
+    #: Seconds between two looks at the socket that no wake-up asked for.
+    sweep_interval = 1.0
+    _sweep: LoopingCall | None = None
+
+    def startListening(self) -> None:  # noqa: N802
+        super().startListening()
+        self._sweep = LoopingCall(self._look)
+        self._sweep.clock = self.reactor  # type: ignore[assignment]  # it is both
+        self._sweep.start(self.sweep_interval, now=False)
+
+    def _look(self) -> None:
+        if self.connected and not self.disconnecting:
+            self.doRead()
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
+        self._sweep = None
+        super().connectionLost(reason)
 
     def startReading(self) -> None:  # noqa: N802
         super().startReading()

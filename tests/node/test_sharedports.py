@@ -206,6 +206,34 @@ class AdoptTests(TestCase):
         self.assertTrue(events[port.fileno()] & EPOLLEXCLUSIVE, hex(events[port.fileno()]))
         self.assertTrue(events[port.fileno()] & select.EPOLLIN)
 
+    async def test_a_lost_wake_up_is_made_up_for(self) -> None:
+        """A connection that arrives while no wake-up reaches this process (here: the
+        port is not watched at all, as when the worker the kernel woke was killed) is
+        still taken, by the port's periodic look at its socket."""
+        sock, description = self.supervisor_socket()
+        factory = Factory.forProtocol(_Connected)
+        factory.connected = Deferred()  # type: ignore[attr-defined]
+        port = ExclusivePort._fromListeningDescriptor(
+            reactor, os.dup(sock.fileno()), socket.AF_INET, factory)
+        port.sweep_interval = 0.05
+        port.startListening()
+        self.addCleanup(port.stopListening)
+        port.stopReading()  # no wake-up will come
+        client = socket.create_connection(("127.0.0.1", sock.getsockname()[1]))
+        self.addCleanup(client.close)
+        peer = await factory.connected  # type: ignore[attr-defined]
+        self.assertEqual(peer, client.getsockname()[1])
+
+    async def test_the_looks_end_with_the_port(self) -> None:
+        sock, description = self.supervisor_socket()
+        port = await listen_shared(reactor, description, Factory.forProtocol(Protocol),
+                                   {description: os.dup(sock.fileno())})
+        assert isinstance(port, ExclusivePort) and port._sweep is not None
+        sweep = port._sweep
+        self.assertTrue(sweep.running)
+        await port.stopListening()
+        self.assertFalse(sweep.running)
+
     async def test_without_an_inherited_socket_its_own(self) -> None:
         """No descriptor from a supervisor: the worker binds its own socket with
         SO_REUSEPORT, and two such share a port."""

@@ -295,22 +295,28 @@ class WorkerProcessTests(TestCase):
         folder, config, port = self.configure(spool_url)
         parent, log_path, children = start_workers(self, folder, config, port)
         # Sessions one at a time, the workers idle between them: the worker first in
-        # line takes them.  (Spread by a hash, 20 or more of 24 on one worker would
-        # happen once in 650 runs.)
-        codes = _send_sessions(port, 24, pause=0.05)
-        self.assertEqual(codes, [250] * 24)
+        # line takes them, unless it happens to be busy (a delivery attempt's timer)
+        # when one arrives.  (Spread by a hash, 22 or more of 30 on one worker would
+        # happen once in 60 runs; a few busy moments do not come near 9 of 30.)
+        codes = _send_sessions(port, 30, pause=0.05)
+        self.assertEqual(codes, [250] * 30)
         counts = self.accepted_by(config, folder)
-        self.assertEqual(sum(counts.values()), 24)
+        self.assertEqual(sum(counts.values()), 30)
         busiest, taken = counts.most_common(1)[0]
-        self.assertGreaterEqual(taken, 20, counts)
+        self.assertGreaterEqual(taken, 22, counts)
 
         # That worker dies: the other takes the next sessions from the same socket
-        # at once, and none is refused or reset.
+        # at once, and none is refused or reset.  (Three sessions take far less than
+        # the second it waits before the dead worker is started again, and its start.)
         index = int(busiest.rsplit("-w", 1)[1])
         os.kill(children[index - 1], signal.SIGKILL)
-        self.assertEqual(_send_sessions(port, 12, first=24), [250] * 12)
+        while _alive(children[index - 1]):
+            time.sleep(0.01)  # a connection the kernel hands to a dying worker waits
+        self.assertEqual(_send_sessions(port, 3, first=30), [250] * 3)
         other = f"box-w{3 - index}"
-        self.assertEqual(self.accepted_by(config, folder)[other], counts[other] + 12)
+        after = self.accepted_by(config, folder)
+        self.assertEqual(after[other], counts[other] + 3, after)
+        self.assertEqual(sum(after.values()), 33)
 
         # A worker that dies is started again (under the same worker number).
         deadline = time.monotonic() + 20
