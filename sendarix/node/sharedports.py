@@ -24,10 +24,10 @@ listen, so while the first is idle it takes every connection, and a busy moment
 spills over to the next.  A worker that is restarted takes up the same socket (at
 the end of the line), and nothing queued is lost.
 
-Outside a supervisor (a worker started by hand, a listener the supervisor could not
-share) the worker falls back to its own SO_REUSEPORT socket.  Where the reactor is not
-epoll (asyncio, select), every worker is woken and one wins the ``accept``: correct,
-only without the preference for the idle worker.
+A worker started by hand (``--worker N``, no supervisor) binds its own socket with
+SO_REUSEPORT instead, and a ``unix:`` or ``systemd:`` listener is opened by each worker
+as usual.  Where the reactor is not epoll (asyncio, select), every worker is woken and
+one wins the ``accept``: correct, only without the preference for the idle worker.
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ PID, so a supervisor that was killed (and could not remove it) leaves one that t
 next supervisor removes.
 
 A worker whose parent is gone (killed with SIGKILL, so it could not stop its
-children) stops itself, as gracefully as on SIGTERM (:class:`ParentWatch`): a
-supervisor started again must not find the old workers still holding the port.
+children) stops itself, as gracefully as on SIGTERM (:class:`ParentWatch`): the old
+workers must not go on taking connections beside the workers of a supervisor started
+again (which opens its sockets beside theirs, with SO_REUSEPORT, rather than wait).
 """
 
 from __future__ import annotations

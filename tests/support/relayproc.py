@@ -3,6 +3,7 @@ it, on a config file in the test's folder, and killed by PID at cleanup."""
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import signal
@@ -70,14 +71,19 @@ def listens(pid: int, port: int | None = None) -> bool:
 
 def serving(log_path: str, port: int) -> int:
     """How many listeners on ``port`` the node's log says are serving: one line per
-    worker once it listens.  A worker holds the supervisor's listening socket from
-    its start, before it can answer, so /proc cannot tell when it serves."""
-    try:
-        with open(log_path, "rb") as f:
-            text = f.read()
-    except FileNotFoundError:  # twistd has not opened its --logfile yet
-        return 0
-    return len(re.findall(rb"(?:listener \S+|HTTP API) on \S+:%d\b" % port, text))
+    worker once it listens, in ``log_path`` or in the workers' own files beside it
+    (``node.log``: ``node-w1.log``, ...).  A worker holds the supervisor's listening
+    socket from its start, before it can answer, so /proc cannot tell when it serves."""
+    root, ext = os.path.splitext(log_path)
+    pattern = re.compile(rb"(?:listener \S+|HTTP API) on \S+:%d\b" % port)
+    found = 0
+    for path in [log_path, *glob.glob(f"{glob.escape(root)}-w*{glob.escape(ext)}")]:
+        try:
+            with open(path, "rb") as f:
+                found += len(pattern.findall(f.read()))
+        except FileNotFoundError:  # twistd has not opened its --logfile yet
+            pass
+    return found
 
 
 def start_workers(
@@ -123,6 +129,7 @@ def start_workers(
             raise RuntimeError(f"relay exited with {parent.returncode}")
         time.sleep(0.1)
     testcase.assertEqual(len(children), count)
+    testcase.assertGreaterEqual(serving(log_path, port), count, "not every worker serves")
     return parent, log_path, children
 
 
