@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 
 from attrs import evolve
@@ -152,6 +154,10 @@ def makeService(options: Options) -> IService:
         # Only here, where the process is the node's own: an application that embeds
         # the node keeps its collector as it set it.
         CollectorTuning(running).setServiceParent(node)
+        # SIGUSR2 writes every thread's stack to standard error (the supervisor's, for
+        # a worker), even when the reactor thread is stuck: what an operator needs to
+        # see where a process that does not answer or does not stop is waiting.
+        faulthandler.register(signal.SIGUSR2, all_threads=True)
         if index is not None:
             ParentWatch(running, running.stop,
                         supervisor=supervisor_pid()).setServiceParent(node)
