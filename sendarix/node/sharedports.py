@@ -175,6 +175,10 @@ def _adopt(reactor: Any, fd: int, family: int, factory: Any) -> IListeningPort:
     closed: the port keeps its own copy)."""
     try:
         port = ExclusivePort._fromListeningDescriptor(reactor, fd, family, factory)
+        # The supervisor makes it non-blocking; made sure here, because a blocking
+        # socket would hang the reactor in the first accept that finds nobody waiting
+        # (another worker took the connection, or the periodic look found none).
+        port._preexistingSocket.setblocking(False)
         port.startListening()
     finally:
         os.close(fd)

@@ -190,6 +190,17 @@ class AdoptTests(TestCase):
         peer = await factory.connected  # type: ignore[attr-defined]
         self.assertEqual(peer, client.getsockname()[1])
 
+    async def test_adopted_socket_is_non_blocking(self) -> None:
+        """Even a descriptor inherited in blocking mode: an ``accept`` that finds
+        nobody waiting must fail at once, not hold the reactor."""
+        sock, description = self.supervisor_socket()
+        sock.setblocking(True)
+        port = await listen_shared(reactor, description, Factory.forProtocol(Protocol),
+                                   {description: os.dup(sock.fileno())})
+        self.addCleanup(port.stopListening)
+        self.assertFalse(os.get_blocking(port.fileno()))
+        port.doRead()  # nobody waiting: returns
+
     async def test_one_waiter_woken_per_connection(self) -> None:
         """On epoll the port is registered with EPOLLEXCLUSIVE (as the kernel shows in
         the epoll descriptor's fdinfo), so an idle worker alone is woken."""
