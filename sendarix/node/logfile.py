@@ -67,7 +67,12 @@ class BatchedTextObserver:
         self._out = out
         self._reactor = reactor
         self._limit = limit
-        self._lock = threading.Lock()
+        # Reentrant: Python runs a signal handler on the main thread between two
+        # steps of whatever it was doing, which may be a write of this observer, and
+        # twistd's handler for SIGTERM logs a line.  With a plain lock that line
+        # waited for the lock its own thread held, and the process never stopped.
+        self._lock = threading.RLock()
+        self._writing = False
         self._pending: list[str] = []
         self._size = 0
         self._scheduled = False
@@ -104,6 +109,13 @@ class BatchedTextObserver:
             return
         schedule = False
         with self._lock:
+            if self._writing:
+                # A line logged on this thread in the middle of its own write (by a
+                # signal handler): the write under way takes it before it returns
+                # (or, in the last instant of that write, the next write does).
+                self._pending.append(text)
+                self._size += len(text)
+                return
             if self._size + len(text) > self._limit:
                 self._write()  # what was gathered, so that this write stays within it
             self._pending.append(text)
@@ -128,19 +140,24 @@ class BatchedTextObserver:
             self._write()
 
     def _write(self) -> None:
-        # Called with the lock held.
-        if not self._pending:
-            return
-        text = "".join(self._pending)
-        self._pending.clear()
-        self._size = 0
+        # Called with the lock held.  Lines gathered while it writes (see __call__)
+        # are written by the same call, after the others.
+        self._writing = True
         try:
-            self._out.write(text)
-            self._out.flush()
-        except (OSError, ValueError):
-            # A log that cannot be written (a closed pipe, a full disk) must not stop
-            # the node, nor turn into more log lines about itself.
-            pass
+            while self._pending:
+                # Swapped, not cleared after the join: a line added in between
+                # would be lost.
+                pending, self._pending = self._pending, []
+                self._size = 0
+                try:
+                    self._out.write("".join(pending))
+                    self._out.flush()
+                except (OSError, ValueError):
+                    # A log that cannot be written (a closed pipe, a full disk) must
+                    # not stop the node, nor turn into more log lines about itself.
+                    pass
+        finally:
+            self._writing = False
 
 
 def worker_observer() -> BatchedTextObserver:

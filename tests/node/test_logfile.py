@@ -6,6 +6,9 @@ import atexit
 import io
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 
 from hypothesis import given
@@ -26,6 +29,7 @@ from zope.interface.verify import verifyObject
 from sendarix.events.sinks import PLAIN_TEXT, JSONLogSink
 from sendarix.model.event import Event
 from sendarix.node.logfile import BatchedTextObserver, worker_observer
+from tests.support import relayproc
 
 
 class RunningClock(Clock):
@@ -123,6 +127,78 @@ class BatchedTextObserverTests(SynchronousTestCase):
                 self.assertLessEqual(len(write), 300)
         self.assertEqual(self.out.getvalue().count("\n"), 42)
         self.assertTrue(self.out.getvalue().endswith("] after the long one\n"))
+
+    def test_a_line_logged_in_the_middle_of_a_write(self) -> None:
+        """A line logged on the thread that is writing (as a signal handler logs one:
+        twistd's for SIGTERM does) is written right after the interrupted write, and
+        the thread goes on.  A plain lock made that thread wait for itself, forever."""
+        observer: BatchedTextObserver
+
+        class Interrupted(CountingOut):
+            def write(self, text: str) -> int:
+                if not self.writes:
+                    observer(line("Received SIGTERM, shutting down."))
+                return super().write(text)
+
+        out = Interrupted()
+        observer = BatchedTextObserver(out, self.clock)
+        done = threading.Event()
+
+        def log() -> None:
+            # Another thread than the reactor's: written at once.
+            observer(line("the last line before the signal"))
+            done.set()
+
+        threading.Thread(target=log, daemon=True).start()
+        self.assertTrue(done.wait(10), "the thread waits for itself in the observer")
+        self.assertEqual(len(out.writes), 2)
+        self.assertIn("] the last line before the signal\n", out.writes[0])
+        self.assertIn("] Received SIGTERM, shutting down.\n", out.writes[1])
+
+    def test_a_signal_during_a_write(self) -> None:
+        """The same with a real signal, in a process of its own (so that a deadlock
+        fails the test instead of stopping the suite): the handler's line follows
+        the interrupted write, and the process ends."""
+        script = textwrap.dedent("""
+            import os, signal, sys
+            from twisted.internet.task import Clock
+            from twisted.logger import LogLevel
+            from sendarix.node.logfile import BatchedTextObserver
+
+            def line(text):
+                return {"log_format": text, "log_time": 1765000000.0,
+                        "log_level": LogLevel.info, "log_namespace": "test"}
+
+            class Out:
+                def __init__(self):
+                    self.texts = []
+                def write(self, text):
+                    if not self.texts:
+                        os.kill(os.getpid(), signal.SIGUSR2)
+                    # The handler runs at one of the next steps, still in this write.
+                    self.texts.append(text)
+                def flush(self):
+                    pass
+
+            class Stopped(Clock):
+                running = False  # as before the reactor starts: written at once
+
+            out = Out()
+            observer = BatchedTextObserver(out, Stopped())
+            signal.signal(signal.SIGUSR2, lambda *_: observer(line("from the handler")))
+            observer(line("interrupted"))
+            sys.stdout.write("".join(out.texts))
+        """)
+        try:
+            done = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                  text=True, timeout=30, env=relayproc.env(), check=False)
+        except subprocess.TimeoutExpired:
+            self.fail("the process waits for itself in the observer")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.splitlines()
+        self.assertEqual(len(lines), 2, done.stdout)
+        self.assertTrue(lines[0].endswith("] interrupted"), lines)
+        self.assertTrue(lines[1].endswith("] from the handler"), lines)
 
     def test_a_failing_log_does_not_raise(self) -> None:
         """A log that cannot be written (full disk, closed pipe) drops its lines."""
