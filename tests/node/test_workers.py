@@ -379,7 +379,7 @@ class WorkerProcessTests(TestCase):
         self.assertEqual(_send_sessions(port, 12), [250] * 12)
         parent.send_signal(signal.SIGTERM)
         try:
-            parent.wait(timeout=10)
+            code = parent.wait(timeout=10)
         except subprocess.TimeoutExpired:
             # A worker that does not stop: its threads' stacks (SIGUSR2) for the report.
             for pid in children:
@@ -389,6 +389,7 @@ class WorkerProcessTests(TestCase):
             with open(os.path.join(folder, "parent.log"), errors="replace") as f:
                 stacks = f.read()[-6000:]
             self.fail(f"a worker did not stop within 10 s of SIGTERM:\n{stacks}")
+        self.assertIn(code, (0, -signal.SIGTERM))
         accepted = 0
         stamp = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^]]+\] ")
         for name in ("node-w1.log", "node-w2.log"):
