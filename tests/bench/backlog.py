@@ -66,6 +66,10 @@ def _release_sqlite(path: str) -> int:
             ).rowcount
             conn.execute("UPDATE spool_delivery SET due = ?, lease_node = NULL, "
                          "lease_expires = NULL", (now,))
+            # Held messages (leased at their commit, rows not written): their lease
+            # ends now, so the next poll writes their rows, due at once.
+            conn.execute("UPDATE spool_message SET held_until = ?"
+                         " WHERE held_node IS NOT NULL", (now,))
         return count
     finally:
         conn.close()

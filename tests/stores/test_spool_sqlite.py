@@ -52,18 +52,24 @@ class SQLiteSpoolTests(SpoolContractMixin, TestCase):
 
 
 #: The spool's tables as releases before 2026-12-06 made them: every table with a rowid.
-ROWID_SCHEMA = tuple(sql.replace(" WITHOUT ROWID", "") for sql in SCHEMA)
+#: Layout 1 had no held columns.
+LAYOUT_1_SCHEMA = tuple(
+    sql.replace(",\n        held_node TEXT,\n        held_until REAL", "") for sql in SCHEMA
+)
+assert LAYOUT_1_SCHEMA != SCHEMA, "the message table's DDL changed"
+
+ROWID_SCHEMA = tuple(sql.replace(" WITHOUT ROWID", "") for sql in LAYOUT_1_SCHEMA)
 
 
-#: The spool's tables as the previous release made them (e5abbbd to 0bbd2d0): the
+#: The spool's tables as the release before them made them (e5abbbd to 0bbd2d0): the
 #: delivery table without a rowid too.
 DELIVERY_WITHOUT_ROWID_SCHEMA = tuple(
     sql.replace("PRIMARY KEY (queue_id, domain))", "PRIMARY KEY (queue_id, domain)) WITHOUT ROWID")
-    for sql in SCHEMA
+    for sql in LAYOUT_1_SCHEMA
 )
 # Derived by a replace: if today's schema stopped matching it, the tests of that
 # layout would silently test today's.
-assert DELIVERY_WITHOUT_ROWID_SCHEMA != SCHEMA, "the delivery table's DDL changed"
+assert DELIVERY_WITHOUT_ROWID_SCHEMA != LAYOUT_1_SCHEMA, "the delivery table's DDL changed"
 
 
 def make_old_spool_file(path: str, schema: tuple[str, ...] = ROWID_SCHEMA) -> None:
