@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
@@ -223,6 +223,22 @@ def _held_recipients(envelope: Envelope, created: float) -> tuple[RecipientRecor
     )
 
 
+class _Held(NamedTuple):
+    """A held message's row: its lease, and what its unwritten rows come from."""
+
+    node: str
+    until: float
+    envelope: str
+    created: float
+
+    def recipients(self) -> tuple[RecipientRecord, ...]:
+        return _held_recipients(codec.decode_envelope(self.envelope), self.created)
+
+
+#: The columns :class:`_Held` is read from.
+_HELD_COLUMNS = "held_node, held_until, envelope, created"
+
+
 @implementer(ISpool, ISelectiveLease, ILeasedEnqueue)
 class SQLiteSpool:
     """ISpool on a :class:`SQLiteDatabase`.
@@ -316,9 +332,7 @@ class SQLiteSpool:
         # Fresh mail leased to its node is held: its rows wait until something needs
         # them (see the module's docstring).  Mail with a start time keeps it in its
         # recipients' rows, which the held form does not carry.
-        held = lease is not None and message.not_before is None and self._hold_fresh
-        held_node = lease.node if held and lease is not None else None
-        held_until = lease.expires if held and lease is not None else None
+        hold = lease if message.not_before is None and self._hold_fresh else None
 
         def txn(conn: sqlite3.Connection) -> list[LeasedDelivery]:
             try:
@@ -331,8 +345,8 @@ class SQLiteSpool:
                         codec.encode_meta(message.meta),
                         len(message.body),
                         received,
-                        held_node,
-                        held_until,
+                        hold.node if hold else None,
+                        hold.expires if hold else None,
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -340,7 +354,7 @@ class SQLiteSpool:
             conn.execute(
                 "INSERT INTO spool_body (queue_id, body) VALUES (?, ?)", (qid, message.body)
             )
-            if not held:
+            if hold is None:
                 _write_rows(conn, qid, domains, message.not_before, received, lease,
                             message.due)
             return []
@@ -485,9 +499,7 @@ class SQLiteSpool:
         def txn(conn: sqlite3.Connection) -> bool:
             held = self._held(conn, queue_id)
             if held is not None:
-                if held[0] != node or domain not in {
-                    r.domain for r in _held_recipients(codec.decode_envelope(held[2]), held[3])
-                }:
+                if held.node != node or domain not in {r.domain for r in held.recipients()}:
                     return False
                 # One lease covers all of a held message's domains.
                 conn.execute(
@@ -554,7 +566,7 @@ class SQLiteSpool:
         def txn(conn: sqlite3.Connection) -> None:
             held = self._held(conn, queue_id)
             if held is not None:
-                if held[0] != node:
+                if held.node != node:
                     raise LeaseLost(queue_id, domain, node)
                 if self._settles_held(held, domain, outcomes, now):
                     # The usual end of fresh mail: delivered (or bounced) at once,
@@ -611,26 +623,21 @@ class SQLiteSpool:
     # -- held messages (database thread) ---------------------------------------------
 
     @staticmethod
-    def _held(conn: sqlite3.Connection, qid: str) -> tuple[str, float, str, float] | None:
-        """``(node, until, envelope, created)`` of a held message; None if it is not
-        held (or not spooled)."""
+    def _held(conn: sqlite3.Connection, qid: str) -> _Held | None:
+        """The held message ``qid``; None if it is not held (or not spooled)."""
         row = conn.execute(
-            "SELECT held_node, held_until, envelope, created FROM spool_message"
+            f"SELECT {_HELD_COLUMNS} FROM spool_message"
             " WHERE queue_id = ? AND held_node IS NOT NULL",
             (qid,),
         ).fetchone()
-        return None if row is None else (row[0], row[1], row[2], row[3])
+        return None if row is None else _Held(*row)
 
     @staticmethod
-    def _unhold(
-        conn: sqlite3.Connection, qid: str, held: tuple[str, float, str, float]
-    ) -> None:
+    def _unhold(conn: sqlite3.Connection, qid: str, held: _Held) -> None:
         """Write a held message's rows as its commit would have, leased as it is held."""
-        node, until, envelope, created = held
-        recipients = codec.unique_recipients(codec.decode_envelope(envelope).recipients)
         _write_rows(
-            conn, qid, {a: codec.recipient_domain(a) for a in recipients}, None, created,
-            Lease(node=node, expires=until), until,
+            conn, qid, {r.address: r.domain for r in held.recipients()}, None, held.created,
+            Lease(node=held.node, expires=held.until), held.until,
         )
         conn.execute(
             "UPDATE spool_message SET held_node = NULL, held_until = NULL WHERE queue_id = ?",
@@ -640,31 +647,30 @@ class SQLiteSpool:
     def _unhold_if(self, conn: sqlite3.Connection, qid: str, node: str | None = None) -> None:
         """Write the rows of ``qid`` if it is held (by ``node``, if given)."""
         held = self._held(conn, qid)
-        if held is not None and (node is None or held[0] == node):
+        if held is not None and (node is None or held.node == node):
             self._unhold(conn, qid, held)
 
-    def _unhold_where(self, conn: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> int:
+    def _unhold_where(self, conn: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> None:
         """Write the rows of every held message that ``where`` (appended to the held
-        messages' condition) selects; how many there were."""
+        messages' condition) selects."""
         rows = conn.execute(
-            "SELECT queue_id, held_node, held_until, envelope, created FROM spool_message"
+            f"SELECT queue_id, {_HELD_COLUMNS} FROM spool_message"
             f" WHERE held_node IS NOT NULL{where}",
             params,
         ).fetchall()
-        for qid, node, until, envelope, created in rows:
-            self._unhold(conn, qid, (node, until, envelope, created))
-        return len(rows)
+        for qid, *held in rows:
+            self._unhold(conn, qid, _Held(*held))
 
     @staticmethod
     def _settles_held(
-        held: tuple[str, float, str, float],
+        held: _Held,
         domain: str,
         outcomes: Sequence[RecipientOutcome],
         now: float,
     ) -> bool:
         """Whether ``outcomes`` at ``domain`` leave none of a held message's recipients
         active, applied as :meth:`complete` applies them to rows."""
-        recipients = _held_recipients(codec.decode_envelope(held[2]), held[3])
+        recipients = held.recipients()
         if any(r.domain != domain for r in recipients):
             return False
         pending = {r.address: r for r in recipients}
