@@ -24,29 +24,30 @@ from sendarix.model.message import (
     NewMessage,
     RecipientOutcome,
     RecipientStatus,
-    Reply,
 )
 from sendarix.stores import codec
 from sendarix.stores.errors import DuplicateQueueId, LeaseLost, SpoolError
 from sendarix.stores.sqlite.spool import LAYOUT, SQLiteSpool
 from tests.stores.test_spool_sqlite import LAYOUT_1_SCHEMA
-from tests.support.spool_contract import T0, sample_message
+from tests.support.spool_contract import (
+    BOUNCED,
+    DEFERRED,
+    DELIVERED,
+    NO_SUCH_USER,
+    OK_250,
+    T0,
+    TRY_LATER,
+    sample_message,
+)
 
 reactor: Any = _reactor
-
-DELIVERED = RecipientStatus.DELIVERED
-BOUNCED = RecipientStatus.BOUNCED
-DEFERRED = RecipientStatus.DEFERRED
-OK = Reply(250, "2.0.0", "ok")
-NO_USER = Reply(550, "5.1.1", "no such user")
-LATER = Reply(451, "4.3.0", "try again later")
 
 LEASE_END = T0 + 300
 
 
 
 def delivered(*addresses: str) -> list[RecipientOutcome]:
-    return [RecipientOutcome(a, DELIVERED, OK) for a in addresses]
+    return [RecipientOutcome(a, DELIVERED, OK_250) for a in addresses]
 
 
 def rows(path: str, table: str) -> int:
@@ -70,6 +71,7 @@ class HeldAgainstWrittenTests(TestCase):
             await spool.start()
             self.addCleanup(spool.stop)
         self.pair = (held, written)
+        self.qids: list[str] = []
         return held, written
 
     async def same(self, step: Callable[[SQLiteSpool], Awaitable[Any]]) -> Any:
@@ -88,11 +90,18 @@ class HeldAgainstWrittenTests(TestCase):
         """:meth:`same` for one method of the spools."""
         return await self.same(lambda s: getattr(s, method)(*args, **kwargs))
 
+    async def complete(
+        self, outcomes: list[RecipientOutcome], now: float, *, qid: str = "Q1",
+        domain: str = "one.test", node: str = "node-a",
+    ) -> Any:
+        """:meth:`same` for ``complete`` (by default of Q1 at one.test by node-a)."""
+        return await self.same_call("complete", qid, domain, node, outcomes, now)
+
     async def same_view(self) -> None:
         """What the interface shows without writing anything: the queue's figures,
         the plain listing, each message and its body."""
-        await self.same(lambda s: s.stats())
-        await self.same(lambda s: s.list_messages())
+        await self.same_call("stats")
+        await self.same_call("list_messages")
         for qid in self.qids:
             await self.same_call("get", qid)
             await self.same_call("body", qid)
@@ -109,13 +118,13 @@ class HeldAgainstWrittenTests(TestCase):
             return
         for status in (RecipientStatus.PENDING, DEFERRED):
             await self.same_call("list_messages", status=status)
-        await self.same(lambda s: s.list_messages(domain="one.test"))
+        await self.same_call("list_messages", domain="one.test")
         await self.same_view()
 
     async def fresh(self, *recipients: str, qid: str = "Q1") -> NewMessage:
         message = sample_message(qid, recipients or ("a@one.test",))
-        self.qids = [*getattr(self, "qids", []), qid]
-        handed = await self.same(lambda s: s.enqueue_leased(message, "node-a", LEASE_END))
+        self.qids.append(qid)
+        handed = await self.same_call("enqueue_leased", message, "node-a", LEASE_END)
         self.assertTrue(handed)
         return message
 
@@ -128,10 +137,8 @@ class HeldAgainstWrittenTests(TestCase):
         self.assertEqual(rows(self.held_path, "spool_delivery"), 0)
         await self.same_state(now=T0 + 1, filtered=False)
         self.assertEqual(rows(self.held_path, "spool_recipient"), 0)
-        await self.same(lambda s: s.complete(
-            "Q1", "one.test", "node-a",
-            [RecipientOutcome("a@one.test", DELIVERED, OK),
-             RecipientOutcome("b@one.test", BOUNCED, NO_USER)], T0 + 1))
+        await self.complete([RecipientOutcome("a@one.test", DELIVERED, OK_250),
+                             RecipientOutcome("b@one.test", BOUNCED, NO_SUCH_USER)], T0 + 1)
         await self.same_state(now=T0 + 1000)
         for table in ("spool_message", "spool_body", "spool_recipient", "spool_delivery"):
             self.assertEqual(rows(self.held_path, table), 0, table)
@@ -141,25 +148,22 @@ class HeldAgainstWrittenTests(TestCase):
         and the deferred one is due at its next attempt."""
         await self.spools()
         await self.fresh("a@one.test", "b@one.test")
-        await self.same(lambda s: s.complete(
-            "Q1", "one.test", "node-a",
-            [RecipientOutcome("a@one.test", DELIVERED, OK),
-             RecipientOutcome("b@one.test", DEFERRED, LATER, next_attempt=T0 + 600)],
-            T0 + 1))
+        await self.complete(
+            [RecipientOutcome("a@one.test", DELIVERED, OK_250),
+             RecipientOutcome("b@one.test", DEFERRED, TRY_LATER, next_attempt=T0 + 600)],
+            T0 + 1)
         await self.same_state(now=T0 + 10)
         await self.same_state(now=T0 + 601)
 
     async def test_all_deferred_then_delivered(self) -> None:
         await self.spools()
         await self.fresh("a@one.test")
-        await self.same(lambda s: s.complete(
-            "Q1", "one.test", "node-a",
-            [RecipientOutcome("a@one.test", DEFERRED, LATER, next_attempt=T0 + 60)], T0 + 1))
+        await self.complete(
+            [RecipientOutcome("a@one.test", DEFERRED, TRY_LATER, next_attempt=T0 + 60)], T0 + 1)
         await self.same_state(now=T0 + 30)
         leased = await self.same(lambda s: _unleased(s.lease_due("node-a", T0 + 61, 10, 60)))
         self.assertEqual(len(leased), 1)
-        await self.same(lambda s: s.complete(
-            "Q1", "one.test", "node-a", delivered("a@one.test"), T0 + 62))
+        await self.complete(delivered("a@one.test"), T0 + 62)
         await self.same_state(now=T0 + 1000)
 
     async def test_two_domains(self) -> None:
@@ -167,11 +171,9 @@ class HeldAgainstWrittenTests(TestCase):
         completes there too."""
         await self.spools()
         await self.fresh("a@one.test", "b@two.test", "c@one.test")
-        await self.same(lambda s: s.complete(
-            "Q1", "one.test", "node-a", delivered("a@one.test", "c@one.test"), T0 + 1))
+        await self.complete(delivered("a@one.test", "c@one.test"), T0 + 1)
         await self.same_state(now=T0 + 10)
-        await self.same(lambda s: s.complete(
-            "Q1", "two.test", "node-a", delivered("b@two.test"), T0 + 2))
+        await self.complete(delivered("b@two.test"), T0 + 2, domain="two.test")
         await self.same_state(now=LEASE_END + 1)
 
     async def test_other_node_and_unknown_domain(self) -> None:
@@ -179,15 +181,13 @@ class HeldAgainstWrittenTests(TestCase):
         to, gets LeaseLost; the message is untouched."""
         await self.spools()
         await self.fresh("a@one.test")
-        lost = await self.same(lambda s: s.complete(
-            "Q1", "one.test", "node-b", delivered("a@one.test"), T0 + 1))
+        lost = await self.complete(delivered("a@one.test"), T0 + 1, node="node-b")
         self.assertIs(lost, LeaseLost)
-        lost = await self.same(lambda s: s.complete(
-            "Q1", "two.test", "node-a", delivered("a@one.test"), T0 + 1))
+        lost = await self.complete(delivered("a@one.test"), T0 + 1, domain="two.test")
         self.assertIs(lost, LeaseLost)
-        await self.same(lambda s: s.renew("Q1", "one.test", "node-b", T0 + 900))
-        await self.same(lambda s: s.renew("Q1", "two.test", "node-a", T0 + 900))
-        await self.same(lambda s: s.release("Q1", "one.test", "node-b"))
+        await self.same_call("renew", "Q1", "one.test", "node-b", T0 + 900)
+        await self.same_call("renew", "Q1", "two.test", "node-a", T0 + 900)
+        await self.same_call("release", "Q1", "one.test", "node-b")
         await self.same_state(now=T0 + 10)
 
     async def test_unknown_and_repeated_outcomes(self) -> None:
@@ -195,12 +195,11 @@ class HeldAgainstWrittenTests(TestCase):
         not overwritten by a later one in the same call."""
         await self.spools()
         await self.fresh("a@one.test", "b@one.test")
-        await self.same(lambda s: s.complete(
-            "Q1", "one.test", "node-a",
-            [RecipientOutcome("x@one.test", DELIVERED, OK),
-             RecipientOutcome("a@one.test", DELIVERED, OK),
-             RecipientOutcome("a@one.test", DEFERRED, LATER, next_attempt=T0 + 5)],
-            T0 + 1))
+        await self.complete(
+            [RecipientOutcome("x@one.test", DELIVERED, OK_250),
+             RecipientOutcome("a@one.test", DELIVERED, OK_250),
+             RecipientOutcome("a@one.test", DEFERRED, TRY_LATER, next_attempt=T0 + 5)],
+            T0 + 1)
         await self.same_state(now=T0 + 10)
 
     async def test_node_died(self) -> None:
@@ -212,17 +211,15 @@ class HeldAgainstWrittenTests(TestCase):
         taken = await self.same(
             lambda s: _unleased(s.lease_due("node-b", LEASE_END + 1, 10, 60)))
         self.assertEqual(len(taken), 2)
-        late = await self.same(lambda s: s.complete(
-            "Q1", "one.test", "node-a", delivered("a@one.test"), LEASE_END + 2))
+        late = await self.complete(delivered("a@one.test"), LEASE_END + 2)
         self.assertIs(late, LeaseLost)
-        await self.same(lambda s: s.complete(
-            "Q1", "one.test", "node-b", delivered("a@one.test"), LEASE_END + 2))
+        await self.complete(delivered("a@one.test"), LEASE_END + 2, node="node-b")
         await self.same_state(now=LEASE_END + 100)
 
     async def test_renew(self) -> None:
         await self.spools()
         await self.fresh("a@one.test")
-        self.assertTrue(await self.same(lambda s: s.renew("Q1", "one.test", "node-a", T0 + 900)))
+        self.assertTrue(await self.same_call("renew", "Q1", "one.test", "node-a", T0 + 900))
         await self.same_state(now=LEASE_END + 1, filtered=False)
         await self.same_state(now=T0 + 901)
 
@@ -230,9 +227,9 @@ class HeldAgainstWrittenTests(TestCase):
         await self.spools()
         await self.fresh("a@one.test", qid="Q1")
         await self.fresh("b@one.test", "c@two.test", qid="Q2")
-        self.assertTrue(await self.same(lambda s: s.release("Q1", "one.test", "node-a")))
+        self.assertTrue(await self.same_call("release", "Q1", "one.test", "node-a"))
         await self.same_state(now=T0 + 1, filtered=False)
-        self.assertEqual(await self.same(lambda s: s.reclaim("node-a")), 2)
+        self.assertEqual(await self.same_call("reclaim", "node-a"), 2)
         await self.same_state(now=T0 + 1)
 
     async def test_operator_actions(self) -> None:
@@ -240,21 +237,19 @@ class HeldAgainstWrittenTests(TestCase):
         await self.spools()
         await self.fresh("a@one.test", qid="Q1")
         await self.fresh("b@one.test", qid="Q2")
-        self.assertEqual(await self.same(lambda s: s.retry("Q1", T0 + 5)), 1)
-        self.assertTrue(await self.same(lambda s: s.delete("Q2")))
-        await self.same(lambda s: s.complete(
-            "Q2", "one.test", "node-a", delivered("b@one.test"), T0 + 6))
+        self.assertEqual(await self.same_call("retry", "Q1", T0 + 5), 1)
+        self.assertTrue(await self.same_call("delete", "Q2"))
+        await self.complete(delivered("b@one.test"), T0 + 6, qid="Q2")
         await self.same_state(now=T0 + 10)
-        await self.same(lambda s: s.complete(
-            "Q1", "one.test", "node-a", delivered("a@one.test"), T0 + 6))
+        await self.complete(delivered("a@one.test"), T0 + 6)
         await self.same_state(now=LEASE_END + 1)
 
     async def test_duplicate_queue_id(self) -> None:
         await self.spools()
         message = await self.fresh("a@one.test")
-        again = await self.same(lambda s: s.enqueue_leased(message, "node-a", LEASE_END))
+        again = await self.same_call("enqueue_leased", message, "node-a", LEASE_END)
         self.assertIs(again, DuplicateQueueId)
-        self.assertIs(await self.same(lambda s: s.enqueue(message)), DuplicateQueueId)
+        self.assertIs(await self.same_call("enqueue", message), DuplicateQueueId)
         await self.same_state(now=T0 + 1)
 
     async def test_start_time_is_written(self) -> None:
@@ -262,8 +257,8 @@ class HeldAgainstWrittenTests(TestCase):
         recipients' rows carry that time."""
         held, _ = await self.spools()
         message = evolve(sample_message("Q1", ("a@one.test",)), not_before=T0 - 5)
-        self.qids = ["Q1"]
-        await self.same(lambda s: s.enqueue_leased(message, "node-a", LEASE_END))
+        self.qids.append("Q1")
+        await self.same_call("enqueue_leased", message, "node-a", LEASE_END)
         self.assertEqual(rows(self.held_path, "spool_recipient"), 1)
         await self.same_state(now=LEASE_END + 1)
 
