@@ -565,32 +565,30 @@ class SQLiteSpool:
 
         def txn(conn: sqlite3.Connection) -> None:
             held = self._held(conn, queue_id)
+            active: dict[str, RecipientRecord]
             if held is not None:
-                if held.node != node:
+                # Every recipient of a held message is active, as its rows would say;
+                # its lease covers the domains they are at, and no other.
+                active = {r.address: r for r in held.recipients()}
+                if held.node != node or domain not in {r.domain for r in active.values()}:
                     raise LeaseLost(queue_id, domain, node)
-                if self._settles_held(held, domain, outcomes, now):
-                    # The usual end of fresh mail: delivered (or bounced) at once,
-                    # its rows never written.
-                    self._remove_message(conn, queue_id)
-                    return
-                self._unhold(conn, queue_id, held)
-            if not self._holds(conn, queue_id, domain, node):
-                raise LeaseLost(queue_id, domain, node)
-            # Every active recipient of the message, at any domain, in one read.
-            active = {
-                row[0]: row
-                for row in conn.execute(
-                    f"SELECT {_RECIPIENT_COLUMNS} FROM spool_recipient"
-                    f" WHERE queue_id = ? AND {_ACTIVE_SQL}",
-                    (queue_id,),
-                )
-            }
+            else:
+                if not self._holds(conn, queue_id, domain, node):
+                    raise LeaseLost(queue_id, domain, node)
+                # Every active recipient of the message, at any domain, in one read.
+                active = {
+                    r.address: r
+                    for r in map(_record, conn.execute(
+                        f"SELECT {_RECIPIENT_COLUMNS} FROM spool_recipient"
+                        f" WHERE queue_id = ? AND {_ACTIVE_SQL}",
+                        (queue_id,),
+                    ))
+                }
             settled: dict[str, RecipientRecord] = {}
             for outcome in outcomes:
-                row = active.get(outcome.address)
-                if row is None or row[1] != domain:
+                current = settled.get(outcome.address) or active.get(outcome.address)
+                if current is None or current.domain != domain:
                     continue
-                current = settled.get(outcome.address) or _record(row)
                 if current.status in codec.ACTIVE_STATUSES:  # a final state stays
                     settled[outcome.address] = codec.apply_outcome(current, outcome, now)
             if len(settled) == len(active) and all(
@@ -598,9 +596,13 @@ class SQLiteSpool:
             ):
                 # The usual end: this delivery settled every recipient the message had
                 # left, so it goes at once (the delivery log keeps its history) rather
-                # than being updated, rescheduled and looked at again.
+                # than being updated, rescheduled and looked at again.  A held
+                # message's rows were never written.
                 self._remove_message(conn, queue_id)
                 return
+            if held is not None:
+                # Something is left to do: the rows it needs, then the outcomes.
+                self._unhold(conn, queue_id, held)
             for address, new in settled.items():
                 conn.execute(
                     "UPDATE spool_recipient SET status = ?, attempts = ?, next_attempt = ?,"
@@ -660,28 +662,6 @@ class SQLiteSpool:
         ).fetchall()
         for qid, *held in rows:
             self._unhold(conn, qid, _Held(*held))
-
-    @staticmethod
-    def _settles_held(
-        held: _Held,
-        domain: str,
-        outcomes: Sequence[RecipientOutcome],
-        now: float,
-    ) -> bool:
-        """Whether ``outcomes`` at ``domain`` leave none of a held message's recipients
-        active, applied as :meth:`complete` applies them to rows."""
-        recipients = held.recipients()
-        if any(r.domain != domain for r in recipients):
-            return False
-        pending = {r.address: r for r in recipients}
-        settled: dict[str, RecipientRecord] = {}
-        for outcome in outcomes:
-            current = settled.get(outcome.address) or pending.get(outcome.address)
-            if current is not None and current.status in codec.ACTIVE_STATUSES:
-                settled[outcome.address] = codec.apply_outcome(current, outcome, now)
-        return len(settled) == len(pending) and all(
-            new.status not in codec.ACTIVE_STATUSES for new in settled.values()
-        )
 
     # -- helpers (database thread) -------------------------------------------------
 
