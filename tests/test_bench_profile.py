@@ -45,7 +45,7 @@ class SummarizeTests(SynchronousTestCase):
         ])
         self.assertEqual(summarize(path), [
             " 60.0% reactor  sendarix/ingress/server.py",
-            " 25.0% database stores/sqlite/database.py: BEGIN/SAVEPOINT/COMMIT (fsync)",
+            " 25.0% database stores/sqlite/database.py: BEGIN/COMMIT (fsync)",
             " 10.0% reader   sendarix/stores/sqlite/suppression.py",
             "  5.0% supervisor twisted/other",
         ])
@@ -64,7 +64,7 @@ class SummarizeTests(SynchronousTestCase):
         ])
         self.assertEqual(summarize(path), [
             " 75.0% reactor  sendarix/ingress/server.py",
-            " 25.0% database stores/sqlite/database.py: BEGIN/SAVEPOINT/COMMIT (fsync)",
+            " 25.0% database stores/sqlite/database.py: BEGIN/COMMIT (fsync)",
         ])
 
     def test_empty_says_why(self) -> None:

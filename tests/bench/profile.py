@@ -86,9 +86,9 @@ def summarize(raw_path: str, top: int = 14) -> list[str]:
                     where = "sendarix/" + m.group(1).split("sendarix/")[-1]
                     break
             if thread == "database" and "_run_batch" in frames[-1]:
-                # The database thread's own frame: BEGIN/SAVEPOINT/COMMIT; COMMIT waits
+                # The database thread's own frame: BEGIN/COMMIT; COMMIT waits
                 # for the fsync.
-                where = "stores/sqlite/database.py: BEGIN/SAVEPOINT/COMMIT (fsync)"
+                where = "stores/sqlite/database.py: BEGIN/COMMIT (fsync)"
             in_worker = "--worker" in processes
             (groups if in_worker else root)[(thread, where)] += n
             total += n

@@ -3,8 +3,14 @@
 All SQL runs on the database's own thread, never on the reactor thread.  Jobs queued
 while a transaction is in progress are committed together: many concurrent SMTP
 sessions share one fsync, and each job's Deferred fires only after the COMMIT that
-made its writes durable.  Each job runs inside a SAVEPOINT so one failing job does
-not undo the others in its batch.
+made its writes durable.  A job that fails does not undo the others in its batch:
+one that fails before changing a row (the usual case: a duplicate key, a lease that
+was lost) leaves nothing behind, since SQLite undoes a failed statement itself; one
+that fails after changing rows makes the batch start over with a SAVEPOINT around
+each job, which rolls back that job alone.  The savepoints are not taken up front
+because they were two statements more per job, each a release and a retaking of the
+GIL while the reactor thread waits for it: about a twentieth of a worker's CPU per
+message under load.
 
 Only the writes that someone is told are safe (a message before its 250, an
 operator's change) need that fsync.  A job queued with ``durable=False`` (the
@@ -43,9 +49,10 @@ log = Logger()
 
 _STOP = object()
 
-#: A job taken for a batch: the function, its caller's Deferred, and whether its
-#: commit must reach the disk before the Deferred fires.
-_Job = tuple[Callable[[sqlite3.Connection], Any], "Deferred[Any]", bool]
+#: A job taken for a batch: the function, its caller's Deferred, whether its commit
+#: must reach the disk before the Deferred fires, and whether it always runs inside
+#: a savepoint of its own (see :meth:`SQLiteDatabase.run`).
+_Job = tuple[Callable[[sqlite3.Connection], Any], "Deferred[Any]", bool, bool]
 
 
 class DatabaseClosed(StoreUnavailable):
@@ -102,7 +109,7 @@ class SQLiteDatabase:
                     if statement.strip():
                         conn.execute(statement)
 
-            self.run(apply)
+            self.run(apply, savepoint=True)
 
     def open(self) -> Deferred[None]:
         """Start the thread, open the file and apply schemas."""
@@ -143,7 +150,7 @@ class SQLiteDatabase:
 
     def run(
         self, fn: Callable[[sqlite3.Connection], T], *, background: bool = False,
-        durable: bool = True,
+        durable: bool = True, savepoint: bool = False,
     ) -> Deferred[T]:
         """Run ``fn(connection)`` in a transaction on the database thread.
 
@@ -161,12 +168,19 @@ class SQLiteDatabase:
         writes survive a crash of the process, not of the machine, until the next
         durable commit.  For writes that can be made again: a lease, a delivery's
         outcome (lost, the message is delivered again), a delivery-log row.
+
+        ``fn`` may be called a second time, after its first call's writes were
+        rolled back (when another job of its batch failed after changing rows), so
+        it must change nothing outside the connection.  Whether a failed job changed
+        anything is read from SQLite's count of changed rows, which schema changes
+        are not part of: a job that creates or alters tables passes ``savepoint``,
+        and always runs inside a savepoint of its own.
         """
         d: Deferred[T] = Deferred()
         if self._closed:
             d.errback(DatabaseClosed(self.path))
             return d
-        self._jobs.put((fn, d, background, durable))
+        self._jobs.put((fn, d, background, durable, savepoint))
         return d
 
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
@@ -199,7 +213,7 @@ class SQLiteDatabase:
             d.callback(None)
             return d
         self._closed = True
-        self._jobs.put((_STOP, d, False, True))
+        self._jobs.put((_STOP, d, False, True, False))
         return d
 
     # -- the reader thread ------------------------------------------------------
@@ -354,15 +368,15 @@ class SQLiteDatabase:
                     except queue.Empty:
                         break
                 work: list[_Job] = []
-                for fn, d, background, durable in items:
+                for fn, d, background, durable, savepoint in items:
                     if fn is _STOP:
                         stoppers.append(d)
                     elif background:
                         if not held:
                             held_since = time.monotonic()
-                        held.append((fn, d, durable))
+                        held.append((fn, d, durable, savepoint))
                     else:
-                        work.append((fn, d, durable))
+                        work.append((fn, d, durable, savepoint))
                 if stoppers or (held and time.monotonic() - held_since >= self.background_delay):
                     work, held = work + held, []
                 if work:
@@ -379,7 +393,7 @@ class SQLiteDatabase:
     def _drain_refused(self) -> None:
         while True:
             try:
-                fn, d, _, _ = self._jobs.get_nowait()
+                fn, d, _, _, _ = self._jobs.get_nowait()
             except queue.Empty:
                 return
             if fn is _STOP:
@@ -410,10 +424,9 @@ class SQLiteDatabase:
                            longest=0.002)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        results: list[tuple[Deferred[Any], bool, Any]] = []
         # One durable job makes the whole batch wait for the disk; the setting is
         # the connection's, so it is changed only when the kind of batch changes.
-        durable = any(durable for _, _, durable in batch)
+        durable = any(job[2] for job in batch)
         if durable != self._synchronous_full:
             conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             self._synchronous_full = durable
@@ -421,34 +434,84 @@ class SQLiteDatabase:
             self._begin(conn)
         except BaseException as e:  # noqa: BLE001
             failure = Failure(e)
-            self._reactor.callFromThread(_fire, [(d, False, failure) for _, d, _ in batch])
+            self._reactor.callFromThread(_fire, [(job[1], False, failure) for job in batch])
             return
         try:
-            for fn, d, _ in batch:
+            results = self._run_jobs(conn, batch, every_job_in_a_savepoint=False)
+            if results is None:
+                # A job failed after changing rows: start the batch over, each job in
+                # a savepoint, so that only that job's writes are rolled back.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self._begin_immediate(conn)
+                results = self._run_jobs(conn, batch, every_job_in_a_savepoint=True)
+            if results is None:
+                # SQLite rolled the whole transaction back itself (a full disk, an
+                # I/O error): no job's writes are left, so none of them succeeded.
+                failure = Failure(StoreUnavailable(f"{self.path}: transaction rolled back"))
+                results = [(job[1], False, failure) for job in batch]
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            else:
+                try:
+                    conn.execute("COMMIT")
+                except BaseException as e:  # noqa: BLE001
+                    failure = Failure(e)
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    results = [(d, False, failure) for d, _, _ in results]
+        except BaseException as e:  # noqa: BLE001 - the batch's callers get it
+            failure = Failure(e)
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            results = [(job[1], False, failure) for job in batch]
+        finally:
+            # Whatever happened, the next writer must not wait for us.
+            self._release_writer_lock()
+        # One call into the reactor thread per batch, not one per job.
+        self._reactor.callFromThread(_fire, results)
+
+    @staticmethod
+    def _run_jobs(
+        conn: sqlite3.Connection, batch: list[_Job], every_job_in_a_savepoint: bool
+    ) -> list[tuple[Deferred[Any], bool, Any]] | None:
+        """Run ``batch``'s jobs in the open transaction; their results, or None when
+        a job that ran without a savepoint failed after changing rows (the caller
+        rolls back and runs the batch again, every job in a savepoint), or when
+        SQLite ended the transaction itself."""
+        results: list[tuple[Deferred[Any], bool, Any]] = []
+        for fn, d, _, savepoint in batch:
+            if savepoint or every_job_in_a_savepoint:
                 conn.execute("SAVEPOINT job")
                 try:
                     value = fn(conn)
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    if not conn.in_transaction:
+                        return None
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     results.append((d, False, Failure(e)))
                 else:
                     conn.execute("RELEASE job")
                     results.append((d, True, value))
+                continue
+            changed = conn.total_changes
             try:
-                conn.execute("COMMIT")
-            except BaseException as e:  # noqa: BLE001
-                failure = Failure(e)
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                results = [(d, False, failure) for d, _, _ in results]
-        finally:
-            # Whatever happened, the next writer must not wait for us.
-            self._release_writer_lock()
-        # One call into the reactor thread per batch, not one per job.
-        self._reactor.callFromThread(_fire, results)
+                value = fn(conn)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                # A failed statement's own changes are undone by SQLite (and are not
+                # counted); rows changed by the job's earlier statements are.
+                if conn.total_changes != changed or not conn.in_transaction:
+                    return None
+                results.append((d, False, Failure(e)))
+            else:
+                results.append((d, True, value))
+        return results
 
 
 def _open_writer_lock(path: str) -> int | None:

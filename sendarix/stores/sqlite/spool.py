@@ -270,7 +270,7 @@ class SQLiteSpool:
         # The tables are created through run() rather than add_schema(), so that
         # a database another store has already opened gets them too.
         d = self._db.open()
-        d.addCallback(lambda _: self._db.run(self._create_schema))
+        d.addCallback(lambda _: self._db.run(self._create_schema, savepoint=True))
         return d
 
     @staticmethod
