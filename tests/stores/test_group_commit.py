@@ -18,8 +18,10 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
+from sendarix.model.event import Event
 from sendarix.stores.errors import StoreUnavailable
 from sendarix.stores.sqlite.database import SQLiteDatabase
+from sendarix.stores.sqlite.eventlog import SQLiteEventLog
 
 reactor: Any = _reactor
 
@@ -162,3 +164,32 @@ class GroupCommitTests(TestCase):
         # The next batch has the database as before.
         self.assertEqual(await self.db.run(self.insert("after", 5)), 1)
         self.assertEqual(await self.rows(), [5])
+
+    async def test_delivery_log_events_written_once_when_their_batch_starts_over(
+        self,
+    ) -> None:
+        """The delivery log's job, in a batch that starts over, writes the same
+        events again after the rollback: each is stored once and reported once."""
+        events = SQLiteEventLog(self.db)  # its tables are made at once (the file is open)
+        # The log's job joins the next batch at once instead of waiting for a pause.
+        self.db.background_delay = 0.0
+        started, gate = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> bool:
+            started.set()
+            return gate.wait(10)
+
+        held = self.db.run(hold)
+        self.assertTrue(started.wait(10))
+        stored = [events.emit(Event(id=f"ev{n}", type="accepted", timestamp=1.0 + n))
+                  for n in range(3)]
+        broken = self.db.run(self.insert("broken", 2, then=RuntimeError("after writing")))
+        gate.set()
+        self.assertTrue(await held)
+        await self.assertFailure(broken, RuntimeError)
+        for d in stored:
+            self.assertIsNone(await d)
+        self.assertEqual(self.calls, {"broken": 2})
+        ids = await self.db.run(lambda c: c.execute("SELECT id FROM event_log").fetchall())
+        self.assertEqual(sorted(ids), [("ev0",), ("ev1",), ("ev2",)])
+        self.assertEqual(await self.rows(), [])

@@ -187,7 +187,10 @@ class SQLiteEventLog:
         taken: list[_Pending] = []
 
         def write(conn: sqlite3.Connection) -> list[tuple[Deferred[None], Failure | None]]:
-            taken.extend(self._take_pending())
+            # Taken once: run a second time (its batch started over), the job writes
+            # the same events again, and leaves later ones to the job queued for them.
+            if not taken:
+                taken.extend(self._take_pending())
             return _insert_all(conn, taken)
 
         def failed(failure: Failure) -> None:
