@@ -598,7 +598,7 @@ class SQLiteSpool:
                 # left, so it goes at once (the delivery log keeps its history) rather
                 # than being updated, rescheduled and looked at again.  A held
                 # message's rows were never written.
-                self._remove_message(conn, queue_id)
+                self._remove_message(conn, queue_id, held=held is not None)
                 return
             if held is not None:
                 # Something is left to do: the rows it needs, then the outcomes.
@@ -709,10 +709,13 @@ class SQLiteSpool:
         return True
 
     @staticmethod
-    def _remove_message(conn: sqlite3.Connection, qid: str) -> bool:
+    def _remove_message(conn: sqlite3.Connection, qid: str, held: bool = False) -> bool:
+        """Remove ``qid``'s rows; a ``held`` message has no recipient or delivery
+        rows (they are written together with the end of its hold)."""
         # Children first: the foreign keys point at spool_message.
-        conn.execute("DELETE FROM spool_delivery WHERE queue_id = ?", (qid,))
-        conn.execute("DELETE FROM spool_recipient WHERE queue_id = ?", (qid,))
+        if not held:
+            conn.execute("DELETE FROM spool_delivery WHERE queue_id = ?", (qid,))
+            conn.execute("DELETE FROM spool_recipient WHERE queue_id = ?", (qid,))
         conn.execute("DELETE FROM spool_body WHERE queue_id = ?", (qid,))
         cursor = conn.execute("DELETE FROM spool_message WHERE queue_id = ?", (qid,))
         return cursor.rowcount == 1
