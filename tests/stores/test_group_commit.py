@@ -12,7 +12,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
@@ -26,6 +26,7 @@ from sendarix.stores.sqlite.eventlog import SQLiteEventLog
 reactor: Any = _reactor
 
 Job = Callable[[sqlite3.Connection], Any]
+T = TypeVar("T")
 
 
 class GroupCommitTests(TestCase):
@@ -53,8 +54,8 @@ class GroupCommitTests(TestCase):
 
         return self.counted(name, job)
 
-    async def batch(self, *jobs: tuple[Job, dict[str, bool]]) -> list[Deferred[Any]]:
-        """Queue ``jobs`` (each with its ``run`` options) to run as one batch."""
+    async def as_one_batch(self, queue: Callable[[], T]) -> T:
+        """``queue()``'s result; what it queues on the database runs as one batch."""
         started, gate = threading.Event(), threading.Event()
 
         def hold(conn: sqlite3.Connection) -> bool:
@@ -64,10 +65,16 @@ class GroupCommitTests(TestCase):
         held = self.db.run(hold)
         # Queued once the thread is inside ``hold``'s batch, so they make the next.
         self.assertTrue(started.wait(10))
-        queued = [self.db.run(job, **options) for job, options in jobs]
+        queued = queue()
         gate.set()
         self.assertTrue(await held)
         return queued
+
+    async def batch(self, *jobs: tuple[Job, dict[str, bool]]) -> list[Deferred[Any]]:
+        """Queue ``jobs`` (each with its ``run`` options) to run as one batch."""
+        return await self.as_one_batch(
+            lambda: [self.db.run(job, **options) for job, options in jobs]
+        )
 
     async def rows(self) -> list[int]:
         found = await self.db.run(lambda c: c.execute("SELECT n FROM t ORDER BY n").fetchall())
@@ -173,19 +180,13 @@ class GroupCommitTests(TestCase):
         events = SQLiteEventLog(self.db)  # its tables are made at once (the file is open)
         # The log's job joins the next batch at once instead of waiting for a pause.
         self.db.background_delay = 0.0
-        started, gate = threading.Event(), threading.Event()
 
-        def hold(conn: sqlite3.Connection) -> bool:
-            started.set()
-            return gate.wait(10)
+        def queue() -> tuple[list[Deferred[None]], Deferred[int]]:
+            stored = [events.emit(Event(id=f"ev{n}", type="accepted", timestamp=1.0 + n))
+                      for n in range(3)]
+            return stored, self.db.run(self.insert("broken", 2, then=RuntimeError("late")))
 
-        held = self.db.run(hold)
-        self.assertTrue(started.wait(10))
-        stored = [events.emit(Event(id=f"ev{n}", type="accepted", timestamp=1.0 + n))
-                  for n in range(3)]
-        broken = self.db.run(self.insert("broken", 2, then=RuntimeError("after writing")))
-        gate.set()
-        self.assertTrue(await held)
+        stored, broken = await self.as_one_batch(queue)
         await self.assertFailure(broken, RuntimeError)
         for d in stored:
             self.assertIsNone(await d)
