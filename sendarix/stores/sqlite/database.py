@@ -437,8 +437,7 @@ class SQLiteDatabase:
         try:
             self._begin(conn)
         except BaseException as e:  # noqa: BLE001
-            failure = Failure(e)
-            self._reactor.callFromThread(_fire, [(job[1], False, failure) for job in batch])
+            self._reactor.callFromThread(_fire, _all_failed(batch, e))
             return
         try:
             results = self._run_jobs(conn, batch, every_job_in_a_savepoint=False)
@@ -452,28 +451,20 @@ class SQLiteDatabase:
             if results is None:
                 # SQLite rolled the whole transaction back itself (a full disk, an
                 # I/O error): no job's writes are left, so none of them succeeded.
-                failure = Failure(StoreUnavailable(f"{self.path}: transaction rolled back"))
-                results = [(job[1], False, failure) for job in batch]
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                results = _all_failed(
+                    batch, StoreUnavailable(f"{self.path}: transaction rolled back")
+                )
             else:
-                try:
-                    conn.execute("COMMIT")
-                except BaseException as e:  # noqa: BLE001
-                    failure = Failure(e)
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                    results = [(d, False, failure) for d, _, _ in results]
+                conn.execute("COMMIT")
         except BaseException as e:  # noqa: BLE001 - the batch's callers get it
-            failure = Failure(e)
+            # A failed COMMIT, or a statement of the batch's own (a savepoint, the
+            # restart's BEGIN): nothing of the batch is kept.
             try:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            results = [(job[1], False, failure) for job in batch]
+            results = _all_failed(batch, e)
         finally:
             # Whatever happened, the next writer must not wait for us.
             self._release_writer_lock()
@@ -533,6 +524,12 @@ def _open_writer_lock(path: str) -> int | None:
     except OSError as e:
         log.warn("no writer lock file for {path}: {why}", path=path, why=e)
         return None
+
+
+def _all_failed(batch: list[_Job], error: BaseException) -> list[tuple[Deferred[Any], bool, Any]]:
+    """The results of a batch none of whose jobs was committed."""
+    failure = Failure(error)
+    return [(job[1], False, failure) for job in batch]
 
 
 def _fire(results: list[tuple[Deferred[Any], bool, Any]]) -> None:
