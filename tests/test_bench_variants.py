@@ -58,6 +58,22 @@ class VariantNameTests(SynchronousTestCase):
             0.05,
         )
 
+    def test_nopin(self) -> None:
+        """``+nopin`` lets the workers move between CPUs (``cpu_affinity = "none"``),
+        also with a worker count of its own; the default keeps them placed."""
+        self.assertEqual(variant("sqlite-w2+nopin"), ("sqlite", 2))
+        system = SendarixSystem("x", 1, 2, 3, spool="sqlite", workers=2,
+                                max_connections=10, size_limit=MIB, pin=False)
+        self.assertEqual(system.name, "sendarix-sqlite-w2+nopin")
+        config = parse_config(tomllib.loads(system.config_text()), "/tmp")
+        self.assertEqual((config.node.workers, config.node.cpu_affinity), (2, "none"))
+        default = SendarixSystem("x", 1, 2, 3, spool="default", workers=None,
+                                 max_connections=10, size_limit=MIB)
+        self.assertEqual(
+            parse_config(tomllib.loads(default.config_text()), "/tmp").node.cpu_affinity,
+            "auto",
+        )
+
 
 class PyPyTests(SynchronousTestCase):
     def test_command(self) -> None:

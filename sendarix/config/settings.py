@@ -118,7 +118,8 @@ def _short_hostname() -> str:
 @frozen
 class NodeConfig:
     """This node: its name (lease owner, event ``node``), banner/EHLO hostname, the
-    environment variable holding the node secret, and the number of worker processes."""
+    environment variable holding the node secret, the number of worker processes and
+    where they run."""
 
     name: str = setting(name_parser, factory=_short_hostname)
     hostname: str = setting(hostname_parser, factory=_fqdn)
@@ -126,6 +127,9 @@ class NodeConfig:
     #: Worker processes; None (not set): one per usable CPU under ``twistd``, and one
     #: process for a node embedded in another service (it cannot start workers).
     workers: int | None = setting(workers_parser, None)
+    #: ``"auto"``: each worker process keeps to a CPU of its own (see
+    #: :mod:`sendarix.node.affinity`); ``"none"``: the kernel moves them freely.
+    cpu_affinity: str = setting(choice_parser("auto", "none"), "auto")
 
     @property
     def processes(self) -> int:

@@ -16,6 +16,7 @@ from sendarix.config.errors import ConfigError
 from sendarix.config.fields import auto_workers
 from sendarix.config.loader import load_config, resolve_config
 from sendarix.config.settings import Config
+from sendarix.node.affinity import CpuPlacement
 from sendarix.node.garbage import CollectorTuning
 from sendarix.node.nodelock import NodeRunningError, hold_node_lock, note_pid
 from sendarix.node.workers import (
@@ -161,6 +162,8 @@ def makeService(options: Options) -> IService:
         if index is not None:
             ParentWatch(running, running.stop,
                         supervisor=supervisor_pid()).setServiceParent(node)
+            if config.node.cpu_affinity == "auto":
+                CpuPlacement(index).setServiceParent(node)
             if options["peers"] and config.api.enabled:
                 from sendarix.node.peermetrics import WorkerPeers, serve_worker_metrics
 

@@ -52,6 +52,8 @@ MIB = 1024 * 1024
 #: ``+nolog`` sets ``[events] json_log = false`` (no event lines in the node's log);
 #: ``+nogather`` sets ``[delivery] gather_time = "0s"`` (each message handed over
 #: is sent at once, with no wait for company while clients are sending);
+#: ``+nopin`` sets ``[node] cpu_affinity = "none"`` (the workers' threads move freely
+#: between CPUs, as before the eighteenth session);
 #: ``+pypy`` runs the node on PyPy (``$SENDARIX_BENCH_PYPY``, else ``pypy3``), and is
 #: reported as skipped, with the reason, where no PyPy can run the relay.
 VARIANTS = ("default", "sqlite-w1", "redis-w1", "redis-w2")
@@ -162,16 +164,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ValueError:
             p.error(f"unknown variant {v!r} (known: {', '.join(VARIANTS)}, "
                     "sqlite-wN, redis-wN, sqlite-wauto, redis-wauto, each with +asyncio "
-                    "or +uvloop, +nolog, +nogather and +pypy)")
+                    "or +uvloop, +nolog, +nogather, +nopin and +pypy)")
     return args
 
 
 def variant(name: str) -> tuple[str, int | str | None]:
     """(spool, workers) of a variant name: ``default`` or ``<spool>-w<N|auto>``, either
-    followed by options: ``+<reactor>`` (one at most), ``+nolog``, ``+nogather`` and
-    ``+pypy``."""
+    followed by options: ``+<reactor>`` (one at most), ``+nolog``, ``+nogather``,
+    ``+nopin`` and ``+pypy``."""
     name, *options = name.split("+")
-    reactors = [o for o in options if o not in ("nolog", "nogather", "pypy")]
+    reactors = [o for o in options if o not in ("nolog", "nogather", "nopin", "pypy")]
     if len(reactors) > 1 or any(r not in REACTORS for r in reactors) or len(
         set(options)
     ) < len(options):
@@ -393,7 +395,7 @@ class Bench:
                     size_limit=self.size_limit, route=a.route, redis_url=redis_url,
                     redis_pid=redis_pid, reactor=reactor_of(name),
                     json_log="nolog" not in options, gather="nogather" not in options,
-                    pypy="pypy" in options, name=f"sendarix-{name}",
+                    pin="nopin" not in options, pypy="pypy" in options, name=f"sendarix-{name}",
                 )
                 systems.append((s, a.idle_sessions, s.rss))
             durations: dict[str, float] = {}

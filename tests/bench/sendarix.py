@@ -212,7 +212,8 @@ class SendarixSystem:
                  spool: str, workers: int | str | None, max_connections: int,
                  size_limit: int, route: str = "pool", redis_url: str | None = None,
                  redis_pid: int | None = None, reactor: str = "epoll",
-                 json_log: bool = True, gather: bool = True, pypy: bool = False,
+                 json_log: bool = True, gather: bool = True, pin: bool = True,
+                 pypy: bool = False,
                  name: str | None = None) -> None:
         self.dir = os.path.abspath(dir)
         self.port = port
@@ -228,6 +229,8 @@ class SendarixSystem:
         self.reactor = reactor
         self.json_log = json_log
         self.gather = gather
+        #: ``False``: ``[node] cpu_affinity = "none"`` (workers not kept to a CPU each).
+        self.pin = pin
         #: Run the node on PyPy (see :func:`pypy_interpreter`) instead of this Python.
         self.pypy = pypy
         self.runtime = ""
@@ -239,6 +242,8 @@ class SendarixSystem:
                 name += "+nolog"
             if not gather:
                 name += "+nogather"
+            if not pin:
+                name += "+nopin"
             if pypy:
                 name += "+pypy"
         self.name = name
@@ -249,6 +254,8 @@ class SendarixSystem:
         if self.workers is not None:
             workers = f'"{self.workers}"' if isinstance(self.workers, str) else self.workers
             node_extra += f"workers = {workers}\n"
+        if not self.pin:
+            node_extra += 'cpu_affinity = "none"\n'
         if self.spool != "default":
             spool_url = "sqlite:spool.db" if self.spool == "sqlite" else self.redis_url
             node_extra += f'\n[spool]\nurl = "{spool_url}"\n'

@@ -238,6 +238,12 @@ class ParsedValuesTests(SynchronousTestCase):
                          len(os.sched_getaffinity(0)))
         self.assertEqual(parse("[node]\nworkers = 3\n").node.workers, 3)
 
+    def test_cpu_affinity(self) -> None:
+        """Workers keep to a CPU each unless told otherwise."""
+        self.assertEqual(parse("").node.cpu_affinity, "auto")
+        self.assertEqual(parse('[node]\ncpu_affinity = "none"\n').node.cpu_affinity, "none")
+        self.assertEqual(parse('[node]\ncpu_affinity = "Auto"\n').node.cpu_affinity, "auto")
+
     def test_listener_values(self) -> None:
         """Networks become ip_network objects; a single string is a list of one."""
         c = parse(
@@ -384,6 +390,8 @@ class ErrorTests(SynchronousTestCase):
     def test_bad_workers(self) -> None:
         self.assertConfigError('[node]\nworkers = "many"\n', "node.workers", "auto")
         self.assertConfigError("[node]\nworkers = 0\n", "node.workers", "between 1 and 256")
+        self.assertConfigError('[node]\ncpu_affinity = "0-3"\n', "node.cpu_affinity",
+                               '"auto"', '"none"')
 
     def test_unknown_top_level_key(self) -> None:
         """An unknown section is named, with a suggestion when one is close."""

@@ -20,7 +20,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from sendarix.config.fields import auto_workers
 from sendarix.node.workers import (
@@ -157,6 +157,25 @@ class WorkerOptionsTests(TestCase):
         node = _service(folder, "", "--workers", "3", "--worker", "2")
         assert isinstance(node, NodeService) and node.metrics_resource is not None
         self.assertIsNone(node.metrics_resource.gather)
+
+    def test_workers_placed_on_cpus(self) -> None:
+        """A worker keeps to a CPU of its own (its node has the placement service,
+        started with the node), unless ``cpu_affinity = "none"``; a single process
+        is never placed.  Only built here: placing this process would slow the suite."""
+        from sendarix.node.affinity import CpuPlacement
+        from sendarix.node.service import NodeService
+
+        folder = os.path.abspath(self.mktemp())
+        worker = _service(folder, "", "--workers", "2", "--worker", "2")
+        assert isinstance(worker, NodeService)
+        placement = worker.getServiceNamed("cpu-placement")
+        assert isinstance(placement, CpuPlacement)
+        self.assertEqual(placement.index, 2)
+        unplaced = _service(folder, 'cpu_affinity = "none"\n', "--workers", "2", "--worker", "2")
+        single = _service(folder, "workers = 1\n")
+        for node in (unplaced, single):
+            assert isinstance(node, NodeService)
+            self.assertNotIn("cpu-placement", [s.name for s in node])
 
     def test_worker_names(self) -> None:
         """Worker I of node N is named N-wI."""
@@ -338,6 +357,33 @@ class WorkerProcessTests(TestCase):
             self.assertFalse(_alive(pid), f"worker {pid} still running")
         with open(log_path, "rb") as f:
             self.assertEqual(f.read().count(b"Server Shut Down"), 3)  # parent, live workers
+
+    def test_workers_keep_to_a_cpu_each(self) -> None:
+        """With the default ``cpu_affinity``, every thread of worker I keeps to the
+        I-th CPU the supervisor may use, so the two workers use two CPUs."""
+        allowed = sorted(os.sched_getaffinity(0))
+        if len(allowed) < 2:
+            raise SkipTest("one usable CPU: the workers are not placed")
+        folder, config, port = self.configure("sqlite:var/spool.db")
+        parent, log_path, children = start_workers(self, folder, config, port)
+        # The database thread is started with the node: mail makes sure it runs.
+        self.assertEqual(_send_sessions(port, 2), [250] * 2)
+        with open(log_path, "rb") as f:
+            started = re.findall(rb"worker (\d+) started, pid (\d+)", f.read())
+        self.assertEqual(sorted(int(p) for _, p in started), sorted(children))
+        for number, pid_text in started:
+            index, pid = int(number), int(pid_text)
+            masks = set()
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    masks.add(re.search(r"Cpus_allowed_list:\s*(\S+)", f.read()).group(1))
+            self.assertEqual(masks, {str(allowed[index - 1])}, f"worker {index}")
+        with open(log_path, "rb") as f:
+            text = f.read()
+        self.assertIn(f"worker 1 keeps to CPU {allowed[0]}".encode(), text)
+        self.assertIn(f"worker 2 keeps to CPU {allowed[1]}".encode(), text)
+        # The supervisor only supervises: it is left where it was.
+        self.assertEqual(sorted(os.sched_getaffinity(parent.pid)), allowed)
 
     def test_workers_stop_when_the_supervisor_is_killed(self) -> None:
         """SIGKILL of the supervisor (no chance to stop its children): each worker sees
