@@ -7,7 +7,7 @@ an interrupt between virtual CPUs, far dearer than a switch between two threads 
 one CPU.  The database thread pays for these turns while it holds the spool's write
 lock, which the workers share, so they also held up the other workers.  Measured in
 a worker under a steady load: the database thread's part of taking a message in took
-126–150 µs (60–66 µs of it CPU) with the threads free to move, and 59–70 µs (45–54
+126–150 µs (60–66 µs of it CPU) with the threads free to move, and 58–70 µs (45–54
 µs of CPU) with them on one CPU; the machine's idle time under that load fell from
 about a tenth to under 2 %.
 
