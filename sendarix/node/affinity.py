@@ -68,23 +68,32 @@ def pin_worker(
     set_affinity = set_affinity or getattr(os, "sched_setaffinity", None)
     if get_affinity is None or set_affinity is None:
         return None  # not Linux: the kernel places the threads
-    cpu = worker_cpu(get_affinity(0), index)
+    allowed = set(get_affinity(0))
+    cpu = worker_cpu(allowed, index)
     if cpu is None:
         return None
     try:
         tids = threads()
     except OSError:
         tids = [0]  # no /proc: at least the calling thread, which starts the others
+    placed: list[int] = []
     for tid in tids:
         try:
             set_affinity(tid, {cpu})
         except ProcessLookupError:
             continue  # a thread that ended meanwhile
         except OSError as e:
-            # A cpuset changed under us, or a policy forbids it: run unplaced.
+            # A cpuset changed under us, or a policy forbids it: the threads placed
+            # so far go back, and the whole worker runs unplaced.
+            for done in placed:
+                try:
+                    set_affinity(done, allowed)
+                except OSError:
+                    continue
             log.warn("worker {index}: could not keep to CPU {cpu}: {why}",
                      index=index, cpu=cpu, why=e)
             return None
+        placed.append(tid)
     return cpu
 
 
