@@ -375,8 +375,14 @@ class WorkerProcessTests(TestCase):
             index, pid = int(number), int(pid_text)
             masks = set()
             for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/status") as f:
-                    masks.add(re.search(r"Cpus_allowed_list:\s*(\S+)", f.read()).group(1))
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/status") as f:
+                        status = f.read()
+                except FileNotFoundError:
+                    continue  # a thread that ended since the listing
+                found = re.search(r"Cpus_allowed_list:\s*(\S+)", status)
+                assert found is not None, status
+                masks.add(found.group(1))
             self.assertEqual(masks, {str(allowed[index - 1])}, f"worker {index}")
         with open(log_path, "rb") as f:
             text = f.read()
