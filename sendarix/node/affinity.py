@@ -46,8 +46,24 @@ def worker_cpu(allowed: Collection[int], index: int) -> int | None:
 
 
 def _threads() -> list[int]:
-    """This process's threads (Linux: the entries of ``/proc/self/task``)."""
-    return [int(tid) for tid in os.listdir("/proc/self/task")]
+    """This process's threads (Linux: the entries of ``/proc/self/task``); without
+    ``/proc``, the calling thread alone (0), which starts the others."""
+    try:
+        return [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
+
+
+def _allow(set_affinity: Callable[[int, Iterable[int]], None], tids: Iterable[int],
+           cpus: Iterable[int]) -> None:
+    """Let the threads ``tids`` run on ``cpus`` again, as far as each still can (a
+    thread that ended, or a CPU no longer allowed, is passed over)."""
+    cpus = set(cpus)
+    for tid in tids:
+        try:
+            set_affinity(tid, cpus)
+        except OSError:
+            continue
 
 
 def pin_worker(
@@ -72,12 +88,8 @@ def pin_worker(
     cpu = worker_cpu(allowed, index)
     if cpu is None:
         return None
-    try:
-        tids = threads()
-    except OSError:
-        tids = [0]  # no /proc: at least the calling thread, which starts the others
     placed: list[int] = []
-    for tid in tids:
+    for tid in threads():
         try:
             set_affinity(tid, {cpu})
         except ProcessLookupError:
@@ -85,11 +97,7 @@ def pin_worker(
         except OSError as e:
             # A cpuset changed under us, or a policy forbids it: the threads placed
             # so far go back, and the whole worker runs unplaced.
-            for done in placed:
-                try:
-                    set_affinity(done, allowed)
-                except OSError:
-                    continue
+            _allow(set_affinity, placed, allowed)
             log.warn("worker {index}: could not keep to CPU {cpu}: {why}",
                      index=index, cpu=cpu, why=e)
             return None
@@ -123,9 +131,5 @@ class CpuPlacement(Service):
         Service.stopService(self)
         if self.cpu is None or self._before is None:
             return
-        for tid in _threads():
-            try:
-                os.sched_setaffinity(tid, self._before)
-            except OSError:
-                continue  # ended, or no longer allowed: nothing to give back
+        _allow(os.sched_setaffinity, _threads(), self._before)
         self.cpu = None
