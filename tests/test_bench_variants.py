@@ -47,7 +47,7 @@ class VariantNameTests(SynchronousTestCase):
     def test_nogather(self) -> None:
         """``+nogather`` turns the wait for company off in the node's [delivery]."""
         system = SendarixSystem("x", 1, 2, 3, spool="default", workers=None,
-                                max_connections=10, size_limit=MIB, gather=False)
+                                max_connections=10, size_limit=MIB, gather="off")
         self.assertEqual(system.name, "sendarix-default+nogather")
         config = parse_config(tomllib.loads(system.config_text()), "/tmp")
         self.assertEqual(config.delivery.gather_time, 0.0)
@@ -57,6 +57,22 @@ class VariantNameTests(SynchronousTestCase):
             parse_config(tomllib.loads(default.config_text()), "/tmp").delivery.gather_time,
             0.05,
         )
+
+    def test_burst(self) -> None:
+        """``+burst`` lets fresh mail wait up to 5 s for 100 of its site while clients
+        are sending; it cannot be asked for together with ``+nogather``."""
+        self.assertEqual(variant("default+burst+nolog"), ("default", None))
+        with self.assertRaises(ValueError):
+            variant("default+burst+nogather")
+        system = SendarixSystem("x", 1, 2, 3, spool="default", workers=None,
+                                max_connections=10, size_limit=MIB, gather="burst")
+        self.assertEqual(system.name, "sendarix-default+burst")
+        config = parse_config(tomllib.loads(system.config_text()), "/tmp")
+        self.assertEqual((config.delivery.gather_time, config.delivery.gather_messages),
+                         (5.0, 100))
+        with self.assertRaises(ValueError):
+            SendarixSystem("x", 1, 2, 3, spool="default", workers=None,
+                           max_connections=10, size_limit=MIB, gather="never")
 
     def test_nopin(self) -> None:
         """``+nopin`` lets the workers move between CPUs (``cpu_affinity = "none"``),

@@ -54,6 +54,9 @@ MIB = 1024 * 1024
 #: is sent at once, with no wait for company while clients are sending);
 #: ``+nopin`` sets ``[node] cpu_affinity = "none"`` (the workers' threads move freely
 #: between CPUs, as before the eighteenth session);
+#: ``+burst`` lets fresh mail wait up to 5 s for a full outgoing session while
+#: clients are sending (``[delivery] gather_time = "5s"``, ``gather_messages = 100``):
+#: intake first during a peak, delivery in long sessions after it;
 #: ``+pypy`` runs the node on PyPy (``$SENDARIX_BENCH_PYPY``, else ``pypy3``), and is
 #: reported as skipped, with the reason, where no PyPy can run the relay.
 VARIANTS = ("default", "sqlite-w1", "redis-w1", "redis-w2")
@@ -164,19 +167,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ValueError:
             p.error(f"unknown variant {v!r} (known: {', '.join(VARIANTS)}, "
                     "sqlite-wN, redis-wN, sqlite-wauto, redis-wauto, each with +asyncio "
-                    "or +uvloop, +nolog, +nogather, +nopin and +pypy)")
+                    "or +uvloop, +nolog, +nogather or +burst, +nopin and +pypy)")
     return args
 
 
 def variant(name: str) -> tuple[str, int | str | None]:
     """(spool, workers) of a variant name: ``default`` or ``<spool>-w<N|auto>``, either
-    followed by options: ``+<reactor>`` (one at most), ``+nolog``, ``+nogather``,
-    ``+nopin`` and ``+pypy``."""
+    followed by options: ``+<reactor>`` (one at most), ``+nolog``, ``+nogather`` or
+    ``+burst`` (not both), ``+nopin`` and ``+pypy``."""
     name, *options = name.split("+")
-    reactors = [o for o in options if o not in ("nolog", "nogather", "nopin", "pypy")]
+    reactors = [o for o in options if o not in ("nolog", "nogather", "burst", "nopin", "pypy")]
     if len(reactors) > 1 or any(r not in REACTORS for r in reactors) or len(
         set(options)
-    ) < len(options):
+    ) < len(options) or {"nogather", "burst"} <= set(options):
         raise ValueError("+".join(options))
     if name == "default":
         return "default", None
@@ -394,7 +397,9 @@ class Bench:
                     spool=spool, workers=workers, max_connections=max_idle + 100,
                     size_limit=self.size_limit, route=a.route, redis_url=redis_url,
                     redis_pid=redis_pid, reactor=reactor_of(name),
-                    json_log="nolog" not in options, gather="nogather" not in options,
+                    json_log="nolog" not in options,
+                    gather="off" if "nogather" in options else (
+                        "burst" if "burst" in options else "default"),
                     pin="nopin" not in options, pypy="pypy" in options, name=f"sendarix-{name}",
                 )
                 systems.append((s, a.idle_sessions, s.rss))
