@@ -68,23 +68,18 @@ def _allow(set_affinity: Callable[[int, Iterable[int]], None], tids: Iterable[in
 
 def pin_worker(
     index: int,
+    allowed: Collection[int],
     *,
-    get_affinity: Callable[[int], Collection[int]] | None = None,
-    set_affinity: Callable[[int, Iterable[int]], None] | None = None,
+    set_affinity: Callable[[int, Iterable[int]], None],
     threads: Callable[[], list[int]] = _threads,
 ) -> int | None:
     """Keep this process, worker ``index``, on the CPU :func:`worker_cpu` picks from
-    those it may use now; the CPU, or None when it was left as it was (one CPU
-    allowed, or a system without CPU affinity).
+    ``allowed`` (the CPUs it may use now); the CPU, or None when it was left as it
+    was (one CPU allowed, or the kernel refused).
 
     Every thread the process already has is placed, and those it starts later
     inherit the place from the thread that starts them.
     """
-    get_affinity = get_affinity or getattr(os, "sched_getaffinity", None)
-    set_affinity = set_affinity or getattr(os, "sched_setaffinity", None)
-    if get_affinity is None or set_affinity is None:
-        return None  # not Linux: the kernel places the threads
-    allowed = set(get_affinity(0))
     cpu = worker_cpu(allowed, index)
     if cpu is None:
         return None
@@ -120,10 +115,10 @@ class CpuPlacement(Service):
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         Service.startService(self)
-        get_affinity = getattr(os, "sched_getaffinity", None)
-        if get_affinity is not None:
-            self._before = frozenset(get_affinity(0))
-        self.cpu = pin_worker(self.index)
+        if not hasattr(os, "sched_setaffinity"):
+            return  # not Linux: the kernel places the threads
+        self._before = frozenset(os.sched_getaffinity(0))
+        self.cpu = pin_worker(self.index, self._before, set_affinity=os.sched_setaffinity)
         if self.cpu is not None:
             log.info("worker {index} keeps to CPU {cpu}", index=self.index, cpu=self.cpu)
 

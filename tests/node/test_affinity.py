@@ -51,10 +51,6 @@ class _Affinity:
         self.refused = set(refused)
         self.placed: dict[int, set[int]] = {}
 
-    def get(self, pid: int) -> set[int]:
-        assert pid == 0
-        return set(self.allowed)
-
     def set(self, tid: int, cpus: Iterable[int]) -> None:
         if tid in self.gone:
             raise ProcessLookupError(tid)
@@ -63,7 +59,7 @@ class _Affinity:
         self.placed[tid] = set(cpus)
 
     def pin(self, index: int) -> int | None:
-        return pin_worker(index, get_affinity=self.get, set_affinity=self.set,
+        return pin_worker(index, self.allowed, set_affinity=self.set,
                           threads=lambda: list(self.tids))
 
 
