@@ -47,7 +47,7 @@ class VariantNameTests(SynchronousTestCase):
     def test_nogather(self) -> None:
         """``+nogather`` turns the wait for company off in the node's [delivery]."""
         system = SendarixSystem("x", 1, 2, 3, spool="default", workers=None,
-                                max_connections=10, size_limit=MIB, gather="off")
+                                max_connections=10, size_limit=MIB, gather="nogather")
         self.assertEqual(system.name, "sendarix-default+nogather")
         config = parse_config(tomllib.loads(system.config_text()), "/tmp")
         self.assertEqual(config.delivery.gather_time, 0.0)

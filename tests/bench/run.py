@@ -35,6 +35,7 @@ from tests.bench.profile import Profiler, summarize
 from tests.bench.resources import Usage, machine_context_switches, tree_cpu_seconds
 from tests.bench.sendarix import (
     DOMAIN,
+    GATHER,
     REACTORS,
     Failed,
     Refused,
@@ -398,8 +399,7 @@ class Bench:
                     size_limit=self.size_limit, route=a.route, redis_url=redis_url,
                     redis_pid=redis_pid, reactor=reactor_of(name),
                     json_log="nolog" not in options,
-                    gather="off" if "nogather" in options else (
-                        "burst" if "burst" in options else "default"),
+                    gather=next((o for o in options if o in GATHER), "default"),
                     pin="nopin" not in options, pypy="pypy" in options, name=f"sendarix-{name}",
                 )
                 systems.append((s, a.idle_sessions, s.rss))

@@ -201,11 +201,11 @@ endpoints = ["127.0.0.1:{sink_port}"]
 """
 
 
-#: ``[delivery]`` lines of each ``gather`` choice: the default wait for company, none
-#: (``+nogather``), or a peak's intake first (``+burst``).
+#: ``[delivery]`` lines of each ``gather`` choice, by its variant option: the default
+#: wait for company, none (``+nogather``), or a peak's intake first (``+burst``).
 GATHER = {
     "default": "",
-    "off": 'gather_time = "0s"\n',
+    "nogather": 'gather_time = "0s"\n',
     "burst": 'gather_time = "5s"\ngather_messages = 100\n',
 }
 
@@ -237,8 +237,7 @@ class SendarixSystem:
         self.redis_pid = redis_pid
         self.reactor = reactor
         self.json_log = json_log
-        #: ``"default"``; ``"off"``: ``gather_time = "0s"``; ``"burst"``: mail waits
-        #: up to 5 s for 100 of its site while clients are sending.
+        #: A key of :data:`GATHER`.
         if gather not in GATHER:
             raise ValueError(f"gather={gather!r}")
         self.gather = gather
@@ -253,10 +252,8 @@ class SendarixSystem:
                 name += f"+{reactor}"
             if not json_log:
                 name += "+nolog"
-            if gather == "off":
-                name += "+nogather"
-            elif gather == "burst":
-                name += "+burst"
+            if gather != "default":
+                name += f"+{gather}"
             if not pin:
                 name += "+nopin"
             if pypy:
