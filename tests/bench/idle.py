@@ -33,9 +33,10 @@ async def _main(port: int, count: int, timeout: float) -> None:
     gate = asyncio.Semaphore(_AT_ONCE)
     held: list[asyncio.StreamWriter] = []
     tasks = [asyncio.ensure_future(_open(port, gate, held)) for _ in range(count)]
-    done, pending = await asyncio.wait(tasks, timeout=timeout)
-    for task in pending:
-        task.cancel()
+    if tasks:  # asyncio.wait refuses an empty set: none asked for, none to wait for
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
     print(f"open {len(held)}", flush=True)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.read)
