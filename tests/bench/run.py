@@ -123,10 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "0: each starts when the previous one reached the sink, so it "
                         "meets what the relay still does for that one)")
     p.add_argument("--idle-sessions", type=int, default=10000,
-                   help="idle sessions held open on Sendarix (default 10000; 0 skips "
-                        "the idle-session memory measurement for both systems)")
+                   help="idle sessions held open on Sendarix (default 10000; 0: no "
+                        "idle-session measurement of Sendarix)")
     p.add_argument("--postfix-idle-sessions", type=int, default=1000,
-                   help="idle sessions on Postfix, one smtpd process each (default 1000)")
+                   help="idle sessions on Postfix, one smtpd process each (default "
+                        "1000; 0: no idle-session measurement of Postfix)")
     p.add_argument("--memory-runs", type=int, default=1,
                    help="runs (of --runs) that also measure idle-session memory; the "
                         "figure hardly varies, and opening the sessions takes time "
