@@ -62,6 +62,11 @@ MIB = 1024 * 1024
 #: reported as skipped, with the reason, where no PyPy can run the relay.
 VARIANTS = ("default", "sqlite-w1", "redis-w1", "redis-w2")
 
+#: The gather options a variant may name (at most one): every choice but the default.
+GATHER_OPTIONS = frozenset(GATHER) - {"default"}
+#: Every variant option other than a reactor.
+OPTIONS = frozenset({"nolog", "nopin", "pypy"}) | GATHER_OPTIONS
+
 #: metric -> (label, unit, format, higher is better)
 METRICS: dict[str, tuple[str, str, str, bool]] = {
     "accept_rate": ("acceptance rate", "msg/s", "{:.0f}", True),
@@ -179,10 +184,13 @@ def variant(name: str) -> tuple[str, int | str | None]:
     followed by options: ``+<reactor>`` (one at most), ``+nolog``, ``+nogather`` or
     ``+burst`` (not both), ``+nopin`` and ``+pypy``."""
     name, *options = name.split("+")
-    reactors = [o for o in options if o not in ("nolog", "nogather", "burst", "nopin", "pypy")]
-    if len(reactors) > 1 or any(r not in REACTORS for r in reactors) or len(
-        set(options)
-    ) < len(options) or {"nogather", "burst"} <= set(options):
+    reactors = [o for o in options if o not in OPTIONS]
+    if (
+        len(reactors) > 1
+        or any(r not in REACTORS for r in reactors)
+        or len(set(options)) < len(options)
+        or len(GATHER_OPTIONS.intersection(options)) > 1
+    ):
         raise ValueError("+".join(options))
     if name == "default":
         return "default", None
@@ -401,7 +409,7 @@ class Bench:
                     size_limit=self.size_limit, route=a.route, redis_url=redis_url,
                     redis_pid=redis_pid, reactor=reactor_of(name),
                     json_log="nolog" not in options,
-                    gather=next((o for o in options if o in GATHER), "default"),
+                    gather=next((o for o in options if o in GATHER_OPTIONS), "default"),
                     pin="nopin" not in options, pypy="pypy" in options, name=f"sendarix-{name}",
                 )
                 systems.append((s, a.idle_sessions, s.rss))
