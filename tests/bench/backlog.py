@@ -39,18 +39,24 @@ from tests.support.relayproc import free_port
 MIB = 1024 * 1024
 
 
-def _quiet(roots: Callable[[], list[int]], timeout: float) -> None:
+def _quiet(roots: Callable[[], list[int]], timeout: float) -> float:
     """Wait until the system spends under 5 % of a core (two seconds in a row): its
     tries are over, and what is left is the periodic look at the queue (Sendarix's
-    lease poll walks past the due mail of a dead destination)."""
+    lease poll walks past the due mail of a dead destination).  When the calm began
+    (``time.monotonic()``), or when the wait timed out."""
     deadline = time.monotonic() + timeout
     calm = 0
+    calm_since = time.monotonic()
     last = cpu_seconds(p for r in roots() for p in process_tree(r))
     while time.monotonic() < deadline and calm < 2:
         time.sleep(1.0)
         now = cpu_seconds(p for r in roots() for p in process_tree(r))
-        calm = calm + 1 if now - last < 0.05 else 0
+        if now - last < 0.05:
+            calm += 1
+        else:
+            calm, calm_since = 0, time.monotonic()
         last = now
+    return calm_since if calm >= 2 else time.monotonic()
 
 
 def _release_sqlite(path: str) -> int:
@@ -111,10 +117,16 @@ def backlog_one(bench: Any, original: Any, say: Callable[[str], None]) -> dict[s
     sink: Sink | None = None
     try:
         system.start()
+        cpu_at_start = cpu_seconds(p for r in system.roots() for p in process_tree(r))
         start, end = clients.smtp_source(system.port, a.sessions, n, a.size,
                                           timeout=max(300.0, n / 50))
         out["backlog_accept_rate"] = n / (end - start)
-        _quiet(system.roots, timeout=max(120.0, n / 100))
+        quiet_at = _quiet(system.roots, timeout=max(120.0, n / 100))
+        # Everything the system did with the backlog before the release: taking it
+        # in, trying the destination, deferring (less the calm seconds counted).
+        down_cpu = cpu_seconds(p for r in system.roots() for p in process_tree(r))
+        out["backlog_down_cpu_ms_per_msg"] = (down_cpu - cpu_at_start) * 1000 / n
+        out["backlog_quiet_s"] = max(0.0, quiet_at - end)
         system.stop()
         if isinstance(system, SendarixSystem):
             _release_sqlite(_spool_file(system))

@@ -99,6 +99,10 @@ METRICS: dict[str, tuple[str, str, str, bool]] = {
     "idle_rss_per_session": ("RSS per idle session", "KiB", "{:.1f}", False),
     "idle_pss_per_session": ("PSS per idle session", "KiB", "{:.1f}", False),
     "backlog_accept_rate": ("backlog: acceptance rate while down", "msg/s", "{:.0f}", True),
+    "backlog_down_cpu_ms_per_msg": ("backlog: CPU per message while down (taken in, "
+                                    "tried, deferred)", "ms", "{:.2f}", False),
+    "backlog_quiet_s": ("backlog: from the last message taken in to quiet", "s",
+                        "{:.0f}", False),
     "backlog_drain_rate": ("backlog: drain rate after release", "msg/s", "{:.0f}", True),
     "backlog_drain_vs_relay": ("backlog: drain rate / relay rate at --messages", "×",
                                "{:.2f}", True),
@@ -461,9 +465,9 @@ class Bench:
                 if name == "postfix" or key not in values:
                     continue
                 ratio = ""
-                if key in pf and statistics.median(pf[key]):
-                    r = statistics.median(values[key]) / statistics.median(pf[key])
-                    ratio = f", ratio {r:.3g}"
+                base = _reference(pf.get(key), fmt)
+                if base is not None:
+                    ratio = f", ratio {statistics.median(values[key]) / base:.3g}"
                 say(f"{name}.{key}: {_summary(values[key], fmt)} {unit}{ratio}")
         for name, why in self.skipped.items():
             say(f"{name}: skipped ({why})")
@@ -478,8 +482,9 @@ class Bench:
             for n in names:
                 v = self.results[n].get(key)
                 cell = _median(v, fmt)
-                if v and pf.get(key) and statistics.median(pf[key]):
-                    cell += f" ({statistics.median(v) / statistics.median(pf[key]):.3g})"
+                base = _reference(pf.get(key), fmt)
+                if v and base is not None:
+                    cell += f" ({statistics.median(v) / base:.3g})"
                 cells.append(cell)
             rows.append([f"{label} ({unit})", *cells])
         for row in rows:
@@ -489,6 +494,15 @@ class Bench:
 def _summary(values: list[float], fmt: str) -> str:
     med = fmt.format(statistics.median(values))
     return f"{med} (min–max {fmt.format(min(values))}–{fmt.format(max(values))}, n={len(values)})"
+
+
+def _reference(values: list[float] | None, fmt: str) -> float | None:
+    """Postfix's median to divide by, or None when it shows as zero in its own
+    format (a second under one rounds to 0 s): a ratio against it says nothing."""
+    if not values:
+        return None
+    median = statistics.median(values)
+    return median if float(fmt.format(median)) != 0 else None
 
 
 def _median(values: list[float] | None, fmt: str) -> str:
