@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from attrs import define, frozen
 from twisted.application.service import Service
@@ -131,6 +131,11 @@ BODY_CACHE_MAX = 1024 * 1024
 #: Seconds an egress session rests open after its last message, for the next
 #: delivery to the same server (Postfix's connection cache keeps them 2 s).
 SESSION_REST = 2.0
+#: Deliveries deferred without a connection (a poll's group for a dead or paused
+#: site or a held tenant, a route that failed, a dead site's ready queue) are
+#: deferred this many at a time: their outcomes and events share commits (well under
+#: the spool's batch of 512 jobs), and the reactor gets a turn between groups.
+DEFER_GROUP = 200
 
 
 @frozen
@@ -824,10 +829,49 @@ class DeliveryService(Service):
     async def _defer_all(
         self, deliveries: Sequence[LeasedDelivery], pending: list[LeasedDelivery], reply: Reply
     ) -> None:
-        for delivery in deliveries:
-            if delivery in pending:
-                await self._finish(delivery, [Attempt(r, reply) for r in delivery.recipients])
+        """Defer those of ``deliveries`` still in ``pending`` with ``reply``, taking
+        each out of ``pending`` once it is recorded; the first failure is raised once
+        its group has settled, and what it left in ``pending`` is the caller's."""
+        failures = await self._defer_together(
+            [d for d in deliveries if d in pending], reply, pending
+        )
+        if failures:
+            failures[0][1].raiseException()
+
+    async def _defer_together(
+        self, deliveries: Sequence[LeasedDelivery], reply: Reply,
+        pending: list[LeasedDelivery] | None = None,
+    ) -> list[tuple[LeasedDelivery, Failure]]:
+        """Defer ``deliveries`` with ``reply``, ``DEFER_GROUP`` at a time, each group's
+        outcomes and events sharing the spool's commits; the deliveries that could not
+        be recorded, with why (with ``pending``, the groups stop at the first that
+        had a failure).  Awaited one after another, each deferral took two commits
+        of its own (its outcome, then its event), and a dead site's backlog was
+        deferred at about half the rate it had come in."""
+
+        async def defer(delivery: LeasedDelivery) -> None:
+            await self._finish(delivery, [Attempt(r, reply) for r in delivery.recipients])
+            if pending is not None:
                 pending.remove(delivery)
+
+        failures: list[tuple[LeasedDelivery, Failure]] = []
+        for start in range(0, len(deliveries), DEFER_GROUP):
+            group = deliveries[start:start + DEFER_GROUP]
+            if len(group) == 1:
+                try:  # the usual single delivery: no DeferredList
+                    await defer(group[0])
+                except Exception:
+                    failures.append((group[0], Failure()))
+            else:
+                results = await DeferredList(
+                    [Deferred.fromCoroutine(defer(d)) for d in group], consumeErrors=True
+                )
+                for delivery, (ok, outcome) in zip(group, results):
+                    if not ok:
+                        failures.append((delivery, cast(Failure, outcome)))
+            if failures and pending is not None:
+                break  # the rest stays pending, as the caller expects
+        return failures
 
     def _site_of(self, rule: RouteConfig, hops: Sequence[Hop]) -> str:
         """The shaping key: ``pool:NAME`` for smarthost routes, ``simulator`` for the
@@ -903,13 +947,11 @@ class DeliveryService(Service):
                 await self._nap(site, step.when - now)
                 continue
             if isinstance(step, DeferSite):
-                for ready in self.ready_queues.drain(site):
-                    try:
-                        await self._defer_all([ready.delivery], [ready.delivery], step.reply)
-                    except Exception:
-                        self._failed(Failure(), "deferring {queue_id} failed",
-                                     queue_id=ready.delivery.queue_id)
-                        await self._release(ready.delivery)
+                drained = [ready.delivery for ready in self.ready_queues.drain(site)]
+                for delivery, failure in await self._defer_together(drained, step.reply):
+                    self._failed(failure, "deferring {queue_id} failed",
+                                 queue_id=delivery.queue_id)
+                    await self._release(delivery)
                 return
             taken = await self._throttled(
                 self.throttle.acquire_connection, conn_key, shape.max_connections, now

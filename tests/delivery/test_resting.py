@@ -4,8 +4,10 @@ site's mail in the spool for the other nodes, instead of leasing it only to defe
 from __future__ import annotations
 
 import os
+from typing import cast
 
 from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
@@ -18,6 +20,7 @@ from sendarix.model.event import EventQuery
 from sendarix.model.message import Envelope, RecipientStatus
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.stores.backends import Stores, open_stores
+from sendarix.stores.sqlite.spool import SQLiteSpool
 from tests.support.dnsserver import start_dns
 
 BODY = b"From: <app@example.com>\r\nSubject: resting\r\n\r\nhello\r\n"
@@ -71,9 +74,12 @@ class _OneSpool(unittest.TestCase):
     #: Share operators' suspensions through the stores (read every 0.1 s).
     shared_suspensions = False
 
-    def agent(self, node: str, dead: str | None = None) -> DeliveryService:
+    def agent(
+        self, node: str, dead: str | None = None, held: dict[str, str] | None = None
+    ) -> DeliveryService:
         """A started delivery agent named ``node``; ``dead``: a site it holds dead
-        from the start, with rest.test known to go there."""
+        from the start, with rest.test known to go there; ``held``: tenants whose
+        mail it holds back (as the complaint guard would), with why."""
         config = self.config(node)
         resolver = DNSResolver(config.dns.addresses(), 2.0, 60.0, reactor, reactor)
         service = DeliveryService(
@@ -82,6 +88,7 @@ class _OneSpool(unittest.TestCase):
             suspensions=self.stores.site_suspensions if self.shared_suspensions else None,
         )
         service.suspension_sync = 0.1
+        service.held_tenants.update(held or {})
         if dead is not None:
             service.shaping.get(dead).window.dead_until = reactor.seconds() + 600
             service.ready_queues.note_domain("rest.test", dead)
@@ -116,6 +123,49 @@ class RestingSiteTests(_OneSpool):
                 EventQuery(queue_id=queue_id, type="delivered"))
         (event,) = page.events
         self.assertEqual(event.node, "n2")
+
+
+class GroupDeferralTests(_OneSpool):
+    """Deliveries that a poll leases together and that cannot go are deferred
+    together."""
+
+    async def test_deferred_together_share_commits(self) -> None:
+        """A poll's group for a held tenant is deferred as one: the outcomes and
+        events of its deliveries share the spool's commits (deferred one after
+        another, each took a commit of its own, and a dead site's backlog was
+        deferred more slowly than mail came in)."""
+        intake = Intake(spool=self.stores.spool, events=self.stores.events, clock=reactor,
+                        node="n1", hostname="n1.test")
+        count = 120
+        queue_ids = [intake.new_queue_id() for _ in range(count)]
+        await gatherResults([
+            intake.accept(Submission(
+                queue_id=queue_id, body=BODY, tenant="acme",
+                envelope=Envelope("app@example.com", (f"user{i}@rest.test",)),
+            ))
+            for i, queue_id in enumerate(queue_ids)
+        ])
+        database = cast(SQLiteSpool, self.stores.spool).database
+        before = database.commits
+        self.agent("n1", held={"acme": "complaints over the threshold"})
+        deferred: list[object] = []
+        for _ in range(100):
+            page = await self.stores.eventlog.search(EventQuery(type="deferred", limit=500))
+            deferred = list(page.events)
+            if len(deferred) >= count:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(len(deferred), count)
+        used = database.commits - before
+        # The polls (every 0.1 s) commit too; one commit per deferral would be 120+.
+        self.assertLess(used, count // 4)
+        for queue_id in queue_ids[:: count // 6]:
+            stored = await self.stores.spool.get(queue_id)
+            assert stored is not None
+            (record,) = stored.recipients
+            self.assertEqual((record.status, record.attempts), (RecipientStatus.DEFERRED, 1))
+            assert record.last_reply is not None
+            self.assertIn("held by the operator's guard", record.last_reply.text)
 
 
 class DownPoolTests(unittest.TestCase):

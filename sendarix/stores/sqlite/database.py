@@ -98,6 +98,10 @@ class SQLiteDatabase:
         self._open_failure: Failure | None = None
         self._closed = False
         self._reads: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        #: Write transactions committed since the database was made (the database
+        #: thread counts them; reading the count from another thread is safe).  What
+        #: a batch of jobs shares shows in how slowly it grows.
+        self.commits = 0
         self._writer_lock: int | None = None
         self._synchronous_full = True
         self._reader: threading.Thread | None = None
@@ -456,6 +460,7 @@ class SQLiteDatabase:
                 )
             else:
                 conn.execute("COMMIT")
+                self.commits += 1
         except BaseException as e:  # noqa: BLE001 - the batch's callers get it
             # A failed COMMIT, or a statement of the batch's own (a savepoint, the
             # restart's BEGIN): nothing of the batch is kept.

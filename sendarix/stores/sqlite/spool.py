@@ -258,6 +258,11 @@ class SQLiteSpool:
         self._owns_db = owns_db
         self._hold_fresh = hold_fresh
 
+    @property
+    def database(self) -> SQLiteDatabase:
+        """The database the spool's rows are in (shared with other stores, or not)."""
+        return self._db
+
     @classmethod
     def at_path(cls, path: str, reactor: Any, *, hold_fresh: bool = True) -> SQLiteSpool:
         """A spool with its own database on ``path`` (closed by ``stop()``)."""
