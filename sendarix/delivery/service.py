@@ -604,7 +604,9 @@ class DeliveryService(Service):
         if message.not_before is not None and message.not_before > now:
             return None
         domains = {_domain_of(a) for a in message.envelope.recipients}
-        if not self.scheduler.reserve(len(domains), message.queue_id, domains):
+        if not self.scheduler.reserve(
+            len(domains), message.queue_id, domains, self._resting(now)
+        ):
             return None
         return Lease(node=self.config.node.name, expires=now + self.config.spool.lease_time)
 

@@ -21,7 +21,7 @@ The per-site ready queues themselves (the fair split of the window) are
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from typing import Generic, TypeVar
 
 from attrs import define, field, frozen
@@ -235,7 +235,10 @@ class Scheduler(Generic[T]):
 
     # -- the active queue: fresh mail handed over in memory --------------------------
 
-    def reserve(self, count: int, key: Hashable = None, domains: Iterable[str] = ()) -> bool:
+    def reserve(
+        self, count: int, key: Hashable = None, domains: Iterable[str] = (),
+        resting: Collection[str] = (),
+    ) -> bool:
         """Fresh mail of ``count`` deliveries is about to be committed with its lease
         already ours (the spool is not read back): take room for it in the window now,
         so that what the commit hands over never overshoots it.  False when there is
@@ -247,6 +250,13 @@ class Scheduler(Generic[T]):
         waits in the spool, where a poll takes it once the site has room.  Room taken
         for commits still under way counts against the site, so a burst of
         submissions to one site does not overshoot it.
+
+        ``resting``: sites this node sends nothing to now (dead or paused).  Mail
+        whose every domain goes to one of them is not taken: handed over, it would
+        only be deferred, a commit and an event per message while the site rests.
+        It waits in the spool, for another node that may reach the site; this
+        node's polls leave it out (see :meth:`poll`) until the rest is over, or lease
+        and defer it in groups once there is more of it than they look past.
         """
         if self._stopped or count <= 0:
             return False
@@ -254,7 +264,13 @@ class Scheduler(Generic[T]):
             return False
         sites: list[str] = []
         if key is not None:
-            sites = [s for d in domains if (s := self.ready_queues.site_of(d)) is not None]
+            named = list(domains)
+            sites = [s for d in named if (s := self.ready_queues.site_of(d)) is not None]
+            # A domain never routed may go anywhere: only known resting sites count.
+            if resting and sites and len(sites) == len(named) and all(
+                s in resting for s in sites
+            ):
+                return False
             for site in set(sites):
                 room = self.ready_queues.room(site) - self._site_reserved.get(site, 0)
                 if room < sites.count(site):

@@ -422,6 +422,25 @@ class SchedulerTests(SynchronousTestCase):
         scheduler.handed([delivery("a.test")], 1, by_domain, "m2")
         self.assertTrue(scheduler.reserve(1, "m6", ["a.test"]))
 
+    def test_active_queue_leaves_a_resting_site_to_the_spool(self) -> None:
+        """Fresh mail whose every domain goes to a resting site (dead or paused) is
+        not taken in memory: it would only be deferred, one commit and event at a
+        time.  Mail that also goes elsewhere, or to a domain never routed, is."""
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(20)
+        scheduler.start()
+        queues = scheduler.ready_queues
+        queues.note_domain("a.test", "site-a")
+        queues.note_domain("a2.test", "site-a")
+        queues.note_domain("b.test", "site-b")
+        resting = ["site-a"]
+        self.assertFalse(scheduler.reserve(1, "m1", ["a.test"], resting))
+        self.assertFalse(scheduler.reserve(2, "m2", ["a.test", "a2.test"], resting))
+        self.assertTrue(scheduler.reserve(2, "m3", ["a.test", "b.test"], resting))
+        self.assertTrue(scheduler.reserve(2, "m4", ["a.test", "new.test"], resting))
+        self.assertTrue(scheduler.reserve(1, "m5", ["a.test"], []))  # rested
+        # Refused reservations took no room: only m3, m4 and m5 hold some.
+        self.assertEqual(scheduler.poll(0.0).limit, 20 - 5)  # type: ignore[union-attr]
+
     def test_handed_while_stopping_goes_back(self) -> None:
         scheduler: Scheduler[LeasedDelivery] = Scheduler(10)
         self.assertTrue(scheduler.reserve(1))
