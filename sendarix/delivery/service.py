@@ -93,6 +93,7 @@ from sendarix.scheduler.core import (
     Route,
     Scheduler,
     WaitUntil,
+    dead_until,
     pause_reply,
 )
 from sendarix.scheduler.outcome import (
@@ -807,9 +808,10 @@ class DeliveryService(Service):
             shape = self.shaping.get(site)
             # Repeated connection failures (Postfix's "dead destination") or
             # rate-limit refusals: defer at once instead of trying once per message.
-            paused = pause_reply(domain, shape, self.reactor.seconds())
+            now = self.reactor.seconds()
+            paused = pause_reply(domain, shape, now)
             if paused is not None:
-                await self._defer_all(deliveries, pending, paused)
+                await self._defer_all(deliveries, pending, paused, dead_until(shape, now))
                 return
             conn = _Connection(key, site, shape, route.hops, strategy)
             # Mail of a site met for the first time was leased before the poll could
@@ -829,20 +831,22 @@ class DeliveryService(Service):
                 await self._release(delivery)
 
     async def _defer_all(
-        self, deliveries: Sequence[LeasedDelivery], pending: list[LeasedDelivery], reply: Reply
+        self, deliveries: Sequence[LeasedDelivery], pending: list[LeasedDelivery],
+        reply: Reply, not_before: float | None = None,
     ) -> None:
-        """Defer those of ``deliveries`` still in ``pending`` with ``reply``, taking
-        each out of ``pending`` once it is recorded; the first failure is raised once
-        its group has settled, and what it left in ``pending`` is the caller's."""
+        """Defer those of ``deliveries`` still in ``pending`` with ``reply`` (due again
+        by the retry schedule, not before ``not_before``), taking each out of
+        ``pending`` once it is recorded; the first failure is raised once its group
+        has settled, and what it left in ``pending`` is the caller's."""
         failures = await self._defer_together(
-            [d for d in deliveries if d in pending], reply, pending
+            [d for d in deliveries if d in pending], reply, pending, not_before
         )
         if failures:
             failures[0][1].raiseException()
 
     async def _defer_together(
         self, deliveries: Sequence[LeasedDelivery], reply: Reply,
-        pending: list[LeasedDelivery] | None = None,
+        pending: list[LeasedDelivery] | None = None, not_before: float | None = None,
     ) -> list[tuple[LeasedDelivery, Failure]]:
         """Defer ``deliveries`` with ``reply``, ``DEFER_GROUP`` at a time, each group's
         outcomes and events sharing the spool's commits; the deliveries that could not
@@ -852,7 +856,10 @@ class DeliveryService(Service):
         deferred at about half the rate it had come in."""
 
         async def defer(delivery: LeasedDelivery) -> None:
-            await self._finish(delivery, [Attempt(r, reply) for r in delivery.recipients])
+            await self._finish(
+                delivery,
+                [Attempt(r, reply, not_before=not_before) for r in delivery.recipients],
+            )
             if pending is not None:
                 pending.remove(delivery)
 
@@ -950,7 +957,10 @@ class DeliveryService(Service):
                 continue
             if isinstance(step, DeferSite):
                 drained = [ready.delivery for ready in self.ready_queues.drain(site)]
-                for delivery, failure in await self._defer_together(drained, step.reply):
+                deferred = await self._defer_together(
+                    drained, step.reply, not_before=step.not_before
+                )
+                for delivery, failure in deferred:
                     self._failed(failure, "deferring {queue_id} failed",
                                  queue_id=delivery.queue_id)
                     await self._release(delivery)

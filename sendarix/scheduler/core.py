@@ -88,9 +88,10 @@ class WaitUntil:
 @frozen
 class DeferSite:
     """The site is dead or paused: defer everything its ready queue holds with
-    ``reply`` (the retry schedule brings it back)."""
+    ``reply`` (the retry schedule brings it back, not before ``not_before``)."""
 
     reply: Reply
+    not_before: float | None = None
 
 
 @frozen
@@ -117,6 +118,16 @@ def pause_reply(name: str, shape: SiteShape, now: float) -> Reply | None:
             f"{shape.site}: paused after rate-limit replies, try again in {wait} seconds",
         )
     return None
+
+
+def dead_until(shape: SiteShape, now: float) -> float | None:
+    """When a dead site's suspension ends and its probe connection is due, or None
+    when the site is not dead.  Mail deferred for it is not due again before then:
+    with the retry schedule's first step (60 s) shorter than the suspension (300 s),
+    every delivery of a large backlog was leased and deferred again while the site
+    was still suspended.  A pause after 421s needs no such floor: its reply names
+    the wait, which the classifier takes as the retry hint."""
+    return shape.window.dead_until if shape.window.is_dead(now) else None
 
 
 def batch_size(shape: SiteShape) -> int:
@@ -406,7 +417,7 @@ class Scheduler(Generic[T]):
             return WaitUntil(now + DRAIN_NAP)
         reply = pause_reply(site, shape, now)
         if reply is not None:
-            return DeferSite(reply)
+            return DeferSite(reply, dead_until(shape, now))
         if self._sessions.get(site, 0) >= connections_needed(shape):
             # A paced site's open connections already carry its rate.
             return WaitUntil(now + DRAIN_NAP)

@@ -36,6 +36,9 @@ class Attempt:
     mx_ip: str | None = None
     source_ip: str | None = None
     tls: TLSInfo | None = None
+    #: If the recipient is deferred, not due again before this time (the end of a
+    #: dead site's suspension: an attempt before it would only be deferred again).
+    not_before: float | None = None
 
 
 @frozen
@@ -132,6 +135,10 @@ def plan_outcomes(
             when = rules.schedule.next_attempt(
                 a.record.attempts + 1, delivery.meta.received_at, now, rng, c
             )
+            if when is not None and a.not_before is not None and a.not_before > when:
+                # No later than the lifetime allows: an attempt at the deadline is
+                # still made.
+                when = min(a.not_before, rules.schedule.deadline(delivery.meta.received_at))
             if when is None:
                 status, kind = RecipientStatus.EXPIRED, "expired"
             else:

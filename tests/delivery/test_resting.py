@@ -125,6 +125,45 @@ class RestingSiteTests(_OneSpool):
         self.assertEqual(event.node, "n2")
 
 
+class DeadSiteDeferralTests(_OneSpool):
+    """Mail deferred because its site is dead is not due again before the site's
+    suspension ends."""
+
+    async def test_deferred_until_the_probe(self) -> None:
+        """Fresh mail to the dead site and to a domain never routed is handed over
+        (not every site it goes to rests); the dead site's delivery is deferred to
+        the end of the suspension, not to the schedule's first step (about 60 s)."""
+        service = self.agent("n1", dead="restmail")
+        until = service.shaping.get("restmail").window.dead_until
+        assert until is not None
+        # Fresh mail is handed over once the agent polls (after taking back its
+        # own leases): before, it goes through the spool.
+        for _ in range(100):
+            if service._loop is not None:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        intake = Intake(spool=self.stores.spool, events=self.stores.events, clock=reactor,
+                        node="n1", hostname="n1.test", active_queue=service)
+        queue_id = intake.new_queue_id()
+        await intake.accept(Submission(
+            queue_id=queue_id, body=BODY, tenant="default",
+            envelope=Envelope("app@example.com", ("user@rest.test", "user@elsewhere.test")),
+        ))
+        record = None
+        for _ in range(100):
+            stored = await self.stores.spool.get(queue_id)
+            assert stored is not None
+            (record,) = [r for r in stored.recipients if r.address == "user@rest.test"]
+            if record.status is RecipientStatus.DEFERRED:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        assert record is not None
+        self.assertEqual((record.status, record.attempts), (RecipientStatus.DEFERRED, 1))
+        assert record.last_reply is not None
+        self.assertIn("destination not responding", record.last_reply.text)
+        self.assertEqual(record.next_attempt, until)
+
+
 class GroupDeferralTests(_OneSpool):
     """Deliveries that a poll leases together and that cannot go are deferred
     together."""

@@ -511,11 +511,13 @@ class SiteStepTests(SynchronousTestCase):
         self.assertIsInstance(self.scheduler.site_step("s", s, 5.0), Connect)
 
     def test_dead_site_is_deferred(self) -> None:
+        """Until its suspension ends: a try before then would only be deferred again."""
         s = shape(initial=1)
         s.window.failure(0.0)
         step = self.scheduler.site_step("s", s, 1.0)
         self.assertEqual(step, DeferSite(Reply(451, "4.4.1",
-                                               "s: destination not responding, suspended")))
+                                               "s: destination not responding, suspended"),
+                                         not_before=60.0))
 
     def test_paused_site_is_deferred(self) -> None:
         s = shape()
@@ -525,6 +527,7 @@ class SiteStepTests(SynchronousTestCase):
         assert isinstance(step, DeferSite)
         self.assertEqual((step.reply.code, step.reply.enhanced), (451, "4.7.0"))
         self.assertIn("try again in 50 seconds", step.reply.text)
+        self.assertIsNone(step.not_before)  # the reply names the wait
         self.assertIsNone(pause_reply("s", s, 61.0))
 
     def test_hold_is_not_cut_short(self) -> None:

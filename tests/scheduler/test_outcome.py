@@ -61,11 +61,39 @@ SOFT = Reply(451, "4.3.0", "try later")
 
 class PlanTests(SynchronousTestCase):
     def plan(self, replies: list[Reply], suppresses: bool = True, attempts: int = 0,
-             now: float = T0 + 10, received_at: float = T0, mx: str | None = None):
+             now: float = T0 + 10, received_at: float = T0, mx: str | None = None,
+             not_before: float | None = None):
         addresses = [f"r{i}@example.org" for i in range(len(replies))]
         d = delivery(addresses, attempts, received_at)
-        tried = [Attempt(r, reply, mx=mx) for r, reply in zip(d.recipients, replies)]
+        tried = [Attempt(r, reply, mx=mx, not_before=not_before)
+                 for r, reply in zip(d.recipients, replies)]
         return plan_outcomes(d, tried, now, rules(suppresses), random.Random(1))
+
+    def test_deferral_waits_for_not_before(self) -> None:
+        """A deferral for a dead site is not due before the site's suspension ends,
+        whatever the schedule's step; a later step is kept; the lifetime still
+        bounds it."""
+        now = T0 + 10
+        (early,) = self.plan([SOFT], now=now).outcomes
+        assert early.next_attempt is not None
+        self.assertLess(early.next_attempt, now + 100)  # the first step, about 60 s
+        (floored,) = self.plan([SOFT], now=now, not_before=now + 300).outcomes
+        self.assertEqual((floored.status, floored.next_attempt),
+                         (RecipientStatus.DEFERRED, now + 300))
+        (later,) = self.plan([SOFT], now=now, attempts=3, not_before=now + 300).outcomes
+        assert later.next_attempt is not None
+        self.assertGreater(later.next_attempt, now + 1000)  # the fourth step, 30 min
+        deadline = T0 + RetrySchedule.default().max_lifetime
+        (last,) = self.plan([SOFT], now=deadline - 100, not_before=deadline + 300).outcomes
+        self.assertEqual((last.status, last.next_attempt),
+                         (RecipientStatus.DEFERRED, deadline))
+
+    def test_not_before_leaves_other_verdicts_alone(self) -> None:
+        delivered, bounced = self.plan([OK, HARD], not_before=T0 + 900).outcomes
+        self.assertEqual((delivered.status, delivered.next_attempt),
+                         (RecipientStatus.DELIVERED, None))
+        self.assertEqual((bounced.status, bounced.next_attempt),
+                         (RecipientStatus.BOUNCED, None))
 
     def test_delivered(self) -> None:
         """A 250 is delivered, one event, nothing suppressed."""
