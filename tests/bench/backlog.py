@@ -31,8 +31,8 @@ from sendarix.stores import codec
 from tests.bench import clients
 from tests.bench.postfix import PostfixSystem
 from tests.bench.profile import Profiler, summarize
-from tests.bench.resources import Usage, cpu_seconds
-from tests.bench.sendarix import Failed, SendarixSystem, process_tree
+from tests.bench.resources import Usage, tree_cpu_seconds
+from tests.bench.sendarix import Failed, SendarixSystem
 from tests.bench.sink import Sink
 from tests.support.relayproc import free_port
 
@@ -47,10 +47,10 @@ def _quiet(roots: Callable[[], list[int]], timeout: float) -> float:
     deadline = time.monotonic() + timeout
     calm = 0
     calm_since = time.monotonic()
-    last = cpu_seconds(p for r in roots() for p in process_tree(r))
+    last = tree_cpu_seconds(roots())
     while time.monotonic() < deadline and calm < 2:
         time.sleep(1.0)
-        now = cpu_seconds(p for r in roots() for p in process_tree(r))
+        now = tree_cpu_seconds(roots())
         if now - last < 0.05:
             calm += 1
         else:
@@ -117,14 +117,14 @@ def backlog_one(bench: Any, original: Any, say: Callable[[str], None]) -> dict[s
     sink: Sink | None = None
     try:
         system.start()
-        cpu_at_start = cpu_seconds(p for r in system.roots() for p in process_tree(r))
+        cpu_at_start = tree_cpu_seconds(system.roots())
         start, end = clients.smtp_source(system.port, a.sessions, n, a.size,
                                           timeout=max(300.0, n / 50))
         out["backlog_accept_rate"] = n / (end - start)
         quiet_at = _quiet(system.roots, timeout=max(120.0, n / 100))
         # Everything the system did with the backlog before the release: taking it
         # in, trying the destination, deferring (less the calm seconds counted).
-        down_cpu = cpu_seconds(p for r in system.roots() for p in process_tree(r))
+        down_cpu = tree_cpu_seconds(system.roots())
         out["backlog_down_cpu_ms_per_msg"] = (down_cpu - cpu_at_start) * 1000 / n
         out["backlog_quiet_s"] = max(0.0, quiet_at - end)
         system.stop()
