@@ -866,18 +866,12 @@ class DeliveryService(Service):
         failures: list[tuple[LeasedDelivery, Failure]] = []
         for start in range(0, len(deliveries), DEFER_GROUP):
             group = deliveries[start:start + DEFER_GROUP]
-            if len(group) == 1:
-                try:  # the usual single delivery: no DeferredList
-                    await defer(group[0])
-                except Exception:
-                    failures.append((group[0], Failure()))
-            else:
-                results = await DeferredList(
-                    [Deferred.fromCoroutine(defer(d)) for d in group], consumeErrors=True
-                )
-                for delivery, (ok, outcome) in zip(group, results):
-                    if not ok:
-                        failures.append((delivery, cast(Failure, outcome)))
+            results = await DeferredList(
+                [Deferred.fromCoroutine(defer(d)) for d in group], consumeErrors=True
+            )
+            for delivery, (ok, outcome) in zip(group, results):
+                if not ok:
+                    failures.append((delivery, cast(Failure, outcome)))
             if failures and pending is not None:
                 break  # the rest stays pending, as the caller expects
         return failures
