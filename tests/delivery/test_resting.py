@@ -7,7 +7,7 @@ import os
 from typing import cast
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
@@ -17,11 +17,12 @@ from sendarix.config.settings import Config
 from sendarix.control.cli.sink import SinkOptions, SinkServer
 from sendarix.delivery.service import DeliveryService
 from sendarix.model.event import EventQuery
-from sendarix.model.message import Envelope, RecipientStatus
+from sendarix.model.message import Envelope, RecipientRecord, RecipientStatus
 from sendarix.routing.mx import DNSResolver, MXRouter
 from sendarix.stores.backends import Stores, open_stores
 from sendarix.stores.sqlite.spool import SQLiteSpool
 from tests.support.dnsserver import start_dns
+from tests.support.relay import until
 
 BODY = b"From: <app@example.com>\r\nSubject: resting\r\n\r\nhello\r\n"
 
@@ -134,14 +135,11 @@ class DeadSiteDeferralTests(_OneSpool):
         (not every site it goes to rests); the dead site's delivery is deferred to
         the end of the suspension, not to the schedule's first step (about 60 s)."""
         service = self.agent("n1", dead="restmail")
-        until = service.shaping.get("restmail").window.dead_until
-        assert until is not None
+        dead_until = service.shaping.get("restmail").window.dead_until
+        assert dead_until is not None
         # Fresh mail is handed over once the agent polls (after taking back its
         # own leases): before, it goes through the spool.
-        for _ in range(100):
-            if service._loop is not None:
-                break
-            await deferLater(reactor, 0.02, lambda: None)
+        await until(lambda: service._loop is not None, 10, "the agent's first poll")
         intake = Intake(spool=self.stores.spool, events=self.stores.events, clock=reactor,
                         node="n1", hostname="n1.test", active_queue=service)
         queue_id = intake.new_queue_id()
@@ -149,19 +147,21 @@ class DeadSiteDeferralTests(_OneSpool):
             queue_id=queue_id, body=BODY, tenant="default",
             envelope=Envelope("app@example.com", ("user@rest.test", "user@elsewhere.test")),
         ))
-        record = None
-        for _ in range(100):
+        async def dead_site_record() -> RecipientRecord:
             stored = await self.stores.spool.get(queue_id)
             assert stored is not None
             (record,) = [r for r in stored.recipients if r.address == "user@rest.test"]
-            if record.status is RecipientStatus.DEFERRED:
-                break
-            await deferLater(reactor, 0.1, lambda: None)
-        assert record is not None
-        self.assertEqual((record.status, record.attempts), (RecipientStatus.DEFERRED, 1))
+            return record
+
+        async def deferred() -> bool:
+            return (await dead_site_record()).status is RecipientStatus.DEFERRED
+
+        await until(lambda: Deferred.fromCoroutine(deferred()), 10, "the deferral")
+        record = await dead_site_record()
+        self.assertEqual(record.attempts, 1)
         assert record.last_reply is not None
         self.assertIn("destination not responding", record.last_reply.text)
-        self.assertEqual(record.next_attempt, until)
+        self.assertEqual(record.next_attempt, dead_until)
 
 
 class GroupDeferralTests(_OneSpool):
@@ -187,15 +187,15 @@ class GroupDeferralTests(_OneSpool):
         database = cast(SQLiteSpool, self.stores.spool).database
         before = database.commits
         self.agent("n1", held={"acme": "complaints over the threshold"})
-        deferred: list[object] = []
-        for _ in range(100):
+
+        async def all_deferred() -> bool:
             page = await self.stores.eventlog.search(EventQuery(type="deferred", limit=500))
-            deferred = list(page.events)
-            if len(deferred) >= count:
-                break
-            await deferLater(reactor, 0.1, lambda: None)
-        self.assertEqual(len(deferred), count)
+            return len(page.events) >= count
+
+        await until(lambda: Deferred.fromCoroutine(all_deferred()), 10, "every deferral")
         used = database.commits - before
+        page = await self.stores.eventlog.search(EventQuery(type="deferred", limit=500))
+        self.assertEqual(len(page.events), count)  # each deferred once
         # The polls (every 0.1 s, and at once after a full one) commit too; one
         # deferral after another took two commits each (243 for 120 deliveries).
         self.assertLess(used, count // 4)
