@@ -32,17 +32,26 @@ from sendarix.model.message import Envelope, MessageMeta, NewMessage, Reply, TLS
 log = Logger()
 
 
-def after_reply(clock: IReactorTime, work: Callable[..., object], *args: Any) -> None:
+def after_reply(clock: IReactorTime, work: Callable[..., object], *args: Any,
+                sent_at_once: bool = False) -> None:
     """Run ``work(*args)`` once the reply written now has been sent.
 
-    A plain listener's connection sends a reply at once (``node/transport.py``), but
-    one under TLS, like Twisted's own transports, holds it until the reactor next
-    looks at its sockets, and a timed call made now runs before that: each pass of
-    the reactor runs its due timed calls first.  A timed call made from within a
-    timed call waits for the next pass, so the work is scheduled from one, and the
-    reply leaves first either way.
+    A plain listener's connection sends a reply at once (``node/transport.py``;
+    ``sent_at_once``): the work then runs in this pass of the reactor, after the
+    code that writes the reply and before the reactor looks at its sockets again.
+    So a message reaches delivery before the session's next command is read (most
+    often QUIT, whose answer and close would otherwise come first).
+
+    A connection under TLS, like Twisted's own transports (the HTTP API's), holds a
+    reply until the reactor next looks at its sockets, and a timed call made now
+    runs before that: each pass of the reactor runs its due timed calls first.  A
+    timed call made from within a timed call waits for the next pass, so the work
+    is scheduled from one, and the reply leaves first either way.
     """
-    clock.callLater(0, clock.callLater, 0, work, *args)
+    if sent_at_once:
+        clock.callLater(0, work, *args)
+    else:
+        clock.callLater(0, clock.callLater, 0, work, *args)
 
 
 def _nothing() -> None:
@@ -143,19 +152,23 @@ class Intake:
         assert self._ids is not None
         return self._ids.next()
 
-    def accept(self, sub: Submission) -> Deferred[str]:
+    def accept(self, sub: Submission, *, reply_sent_at_once: bool = False) -> Deferred[str]:
         """Clean up, filter and spool ``sub``; fires with its queue id once durable.
 
         Fails with :obj:`Refused` for a policy or content refusal; any other failure means
-        the spool did not take the message (answer 451 4.3.0).
+        the spool did not take the message (answer 451 4.3.0).  ``reply_sent_at_once``:
+        the caller's answer, written when this fires, leaves at once (see
+        :func:`after_reply`).
         """
-        return ensureDeferred(self._accept(sub)).addCallback(lambda taken: taken.queue_id)
+        return ensureDeferred(self._accept(sub, reply_sent_at_once)).addCallback(
+            lambda taken: taken.queue_id
+        )
 
     def accept_message(self, sub: Submission) -> Deferred[Accepted]:
         """As :meth:`accept`, firing with the queue id and the Message-ID."""
         return ensureDeferred(self._accept(sub))
 
-    async def _accept(self, sub: Submission) -> Accepted:
+    async def _accept(self, sub: Submission, reply_sent_at_once: bool = False) -> Accepted:
         if self.feedback is not None:
             reports = [r for r in sub.envelope.recipients if self.is_feedback(r)]
             if reports:
@@ -227,7 +240,8 @@ class Intake:
         # it and its event wait until that answer has left (see after_reply), so the
         # client is not kept waiting for bookkeeping it does not need.
         self._unsettled += 1
-        after_reply(self.clock, self._accepted, hand_over, sub, cleaned)
+        after_reply(self.clock, self._accepted, hand_over, sub, cleaned,
+                    sent_at_once=reply_sent_at_once)
         return Accepted(sub.queue_id, cleaned.message_id)
 
     def _accepted(self, hand_over: Callable[[], None], sub: Submission,

@@ -62,6 +62,12 @@ class EagerWrites:
             and self.offset == len(self.dataBuffer)
         )
 
+    def sends_at_once(self) -> bool:
+        """Whether a write made now goes straight to the socket.  An SMTP session
+        asks before its final 250: when it does, the message is handed to delivery
+        in the same pass of the reactor (``Intake.accept``'s ``reply_sent_at_once``)."""
+        return self._nothing_waits()
+
     def write(self, data: bytes) -> None:
         if type(data) is bytes and data and self._nothing_waits():
             try:

@@ -95,6 +95,14 @@ _TOO_BIG = "Message size exceeds fixed maximum message size"
 _XOAUTH2_REFUSED = object()
 
 
+def _sends_at_once(transport: object) -> bool:
+    """Whether a reply written to ``transport`` now leaves at once: the listeners'
+    plain connections say so (``sends_at_once``); a TLS layer, like Twisted's own
+    transports, holds writes until the reactor's next look at its sockets."""
+    check = getattr(transport, "sends_at_once", None)
+    return bool(check is not None and check())
+
+
 def _text(b: bytes) -> str:
     return b.decode("utf-8", "replace")
 
@@ -1019,7 +1027,9 @@ class SubmissionServer(smtp.ESMTP):
             credential=self._credential,
         )
         self._reset_transaction()
-        d = self.settings.intake.accept(submission)
+        d = self.settings.intake.accept(
+            submission, reply_sent_at_once=_sends_at_once(self.transport)
+        )
         d.addCallbacks(self._queued, self._not_queued, errbackArgs=(submission,))
         # Counted until answered.  The message is handed to delivery after its reply
         # (Intake's after_reply), when this session no longer counts: a lone message

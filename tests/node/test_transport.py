@@ -76,6 +76,28 @@ class EagerWriteTests(TestCase):
         self.assertEqual(len(received), len(big) + len(MARKER))
         self.assertTrue(received == big + MARKER)
 
+    async def test_sends_at_once_says_whether_a_write_would_wait(self) -> None:
+        """``sends_at_once`` is true on a fresh connection and false while part of
+        an earlier write still waits in Twisted's buffer (an SMTP session asks it
+        before its final 250)."""
+        said: list[bool] = []
+
+        class Asking(Protocol):
+            def connectionMade(self) -> None:  # noqa: N802
+                transport: Any = self.transport
+                transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+                said.append(transport.sends_at_once())
+                transport.write(flood())
+                said.append(transport.sends_at_once())
+                transport.loseConnection()
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Asking), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        send_eagerly(port)
+        address = ("127.0.0.1", port.getHost().port)
+        await in_thread(lambda: read_until_closed(socket.create_connection(address)))
+        self.assertEqual(said, [True, False])
+
     async def test_pull_producer_still_driven(self) -> None:
         """A producer registered on the connection is asked for more as Twisted's
         buffer empties, so its writes go through that buffer: all of it arrives."""
