@@ -106,6 +106,16 @@ class IEventSink(Interface):
         """Record one event; may return a Deferred that fires once it is stored."""
 
 
+class ILaterEventSink(IEventSink):
+    """An event sink that can also take an event to record a moment later."""
+
+    def emit_later(event: Event) -> Deferred[None]:  # noqa: N805
+        """Record ``event`` on the reactor's next pass, and in any case before any
+        event emitted after this call; fires once it is recorded, never failing.
+        Work that must not wait for the event's sinks (a message's hand-over to
+        delivery) goes first, and the order of the events stays as emitted."""
+
+
 class IEventLog(IEventSink):
     """An event sink that can also be searched (the delivery log)."""
 

@@ -22,7 +22,14 @@ from sendarix.cleanup.headers import CleanedMessage, CleanupInfo, amend, cleanup
 from sendarix.cleanup.keyring import DomainKeyring
 from sendarix.cleanup.reference import header_line
 from sendarix.ingress.queueid import QueueIdGenerator
-from sendarix.interfaces import IActiveQueue, IContentFilter, IEventSink, ILeasedEnqueue, ISpool
+from sendarix.interfaces import (
+    IActiveQueue,
+    IContentFilter,
+    IEventSink,
+    ILaterEventSink,
+    ILeasedEnqueue,
+    ISpool,
+)
 from sendarix.model.address import domain_of
 from sendarix.model.credential import Credential
 from sendarix.model.event import Event
@@ -246,7 +253,10 @@ class Intake:
 
     def _accepted(self, hand_over: Callable[[], None], sub: Submission,
                   cleaned: CleanedMessage) -> None:
-        """After the reply to ``sub``: start its delivery, count it, log its event."""
+        """After the reply to ``sub``: start its delivery, count it, log its event
+        (on the reactor's next pass where the event sink can hold it, so the
+        delivery's first step is not kept waiting for it)."""
+        recorded: Deferred[None] | None = None
         try:
             try:
                 hand_over()
@@ -259,8 +269,9 @@ class Intake:
                 except Exception:
                     # Durable already: a counting error must not lose the event.
                     log.failure("counting a received message failed")
-            self._emit(
+            recorded = self._emit(
                 "accepted",
+                later=True,
                 queue_id=sub.queue_id,
                 message_id=cleaned.message_id,
                 tenant=sub.tenant,
@@ -270,11 +281,18 @@ class Intake:
                 tls=sub.tls,
             )
         finally:
-            self._unsettled -= 1
-            if not self._unsettled:
-                waiters, self._settled_waiters = self._settled_waiters, []
-                for d in waiters:
-                    d.callback(None)
+            if recorded is None:
+                self._settle()
+            else:
+                recorded.addBoth(lambda _: self._settle())
+
+    def _settle(self) -> None:
+        """One accepted message less whose hand-over or event is still to come."""
+        self._unsettled -= 1
+        if not self._unsettled:
+            waiters, self._settled_waiters = self._settled_waiters, []
+            for d in waiters:
+                d.callback(None)
 
     async def _spool(self, message: NewMessage) -> Callable[[], None]:
         """Commit ``message``; what hands it to delivery once the client has its answer.
@@ -386,14 +404,21 @@ class Intake:
             response=Reply(550, "5.1.1", "recipient suppressed"),
         )
 
-    def _emit(self, type: str, **fields: Any) -> None:
-        """Record an event of ``type`` stamped now, from this node."""
+    def _emit(self, type: str, *, later: bool = False, **fields: Any) -> Deferred[None] | None:
+        """Record an event of ``type`` stamped now, from this node; ``later``: on the
+        reactor's next pass, where the sink can (:class:`ILaterEventSink`).  What the
+        sink returned, errors logged (a Deferred that fires with None), or None."""
         event = Event.make(type, self.clock.seconds(), node=self.node, **fields)
         # The message is already durable; a lost log line must not fail the 250.
+        d: Deferred[None] | None
         try:
-            d = self.events.emit(event)
+            if later and ILaterEventSink.providedBy(self.events):
+                d = self.events.emit_later(event)
+            else:
+                d = self.events.emit(event)
         except Exception:
             log.failure("event sink failed for {type}", type=event.type)
-            return
+            return None
         if isinstance(d, Deferred):
-            d.addErrback(lambda f: log.failure("event sink failed", f))
+            return d.addErrback(lambda f: log.failure("event sink failed", f))
+        return None

@@ -8,11 +8,12 @@ from typing import ClassVar
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sendarix.interfaces import IEventSink
+from sendarix.interfaces import IEventSink, ILaterEventSink
 from sendarix.model.event import Event
 
 #: The key under which a log event made here carries its finished text: no fields to
@@ -70,20 +71,58 @@ def _nothing(_: object) -> None:
     return None
 
 
-@implementer(IEventSink)
+@implementer(ILaterEventSink)
 @define
 class FanoutSink:
     """Emits every event to several sinks; a failing sink is logged and skipped.
 
     The Deferred from ``emit`` fires (with None, never failing) once every sink is
-    done with the event.
+    done with the event.  With a ``clock``, :meth:`emit_later` holds an event for
+    the reactor's next pass (without one, it emits at once).
     """
 
     sinks: tuple[IEventSink, ...] = field(converter=_sinks)
+    clock: IReactorTime | None = None
     _log: ClassVar[Logger] = Logger()
+    #: Events held by emit_later, in order, with what fires once each is recorded.
+    _later: list[tuple[Event, Deferred[None]]] = field(factory=list, init=False)
+    _flush: IDelayedCall | None = field(default=None, init=False)
+
+    def emit_later(self, event: Event) -> Deferred[None]:
+        """Hand ``event`` to every sink on the reactor's next pass, or before the
+        next :meth:`emit`, whichever comes first.
+
+        A message's ``accepted`` event comes here: its log line and delivery-log
+        row then wait while the reactor reads what has arrived since the hand-over
+        (the destination's first replies, the client's QUIT), instead of keeping
+        the message's delivery waiting.  Any event emitted meanwhile (its delivery's
+        outcome among them) sends the held ones first, so no sink sees them out of
+        order."""
+        if self.clock is None:
+            return self.emit(event)
+        done: Deferred[None] = Deferred()
+        self._later.append((event, done))
+        if self._flush is None:
+            # Called from a timed call (the hand-over's), a timed call made now runs
+            # on the reactor's next pass, after it has looked at its sockets.
+            self._flush = self.clock.callLater(0, self._emit_held)
+        return done
+
+    def _emit_held(self) -> None:
+        if self._flush is not None and self._flush.active():
+            self._flush.cancel()
+        self._flush = None
+        held, self._later = self._later, []
+        for event, done in held:
+            self._emit_now(event).chainDeferred(done)
 
     def emit(self, event: Event) -> Deferred[None]:
-        """Hand ``event`` to every sink."""
+        """Hand ``event`` to every sink (after any held by :meth:`emit_later`)."""
+        if self._later:
+            self._emit_held()
+        return self._emit_now(event)
+
+    def _emit_now(self, event: Event) -> Deferred[None]:
         # Most sinks answer at once (a log line, a counter): only the Deferreds of
         # those that do not are waited for (two events per message pass here).
         waiting = []

@@ -417,7 +417,7 @@ def makeService(
     )
     # Every outcome reaches the delivery log (and JSON log) and the metrics.
     stats = StatsSink(stores.stats, reactor)
-    events = FanoutSink([stores.events, MetricsSink(metrics), stats])
+    events = FanoutSink([stores.events, MetricsSink(metrics), stats], clock=reactor)
     stores_service.on_open.append(stats.start)
     stores_service.on_stop.append(stats.stop)
     resolver = DNSResolver(

@@ -30,7 +30,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from sendarix.events.sinks import FanoutSink, JSONLogSink
-from sendarix.interfaces import IEventLog, IEventSink
+from sendarix.interfaces import IEventLog, IEventSink, ILaterEventSink
 from sendarix.model.base32 import encode
 from sendarix.model.event import (
     EVENT_TYPES,
@@ -309,6 +309,53 @@ class FanoutSinkTests(SynchronousTestCase):
         self.assertEqual(first.events, [event])
         self.assertEqual(last.events, [event])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class EmitLaterTests(SynchronousTestCase):
+    """FanoutSink.emit_later: an event held for the reactor's next pass, never
+    overtaken by one emitted after it."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.sink = _ListSink()
+        self.fan = FanoutSink([self.sink], clock=self.clock)
+
+    def test_provides_the_interface(self) -> None:
+        self.assertTrue(verifyObject(ILaterEventSink, self.fan))
+
+    def test_held_until_the_next_pass(self) -> None:
+        """Nothing reaches the sinks until the clock's timed call runs; then the
+        event does, and its Deferred fires."""
+        accepted = Event.make("accepted", 1.0, queue_id="Q")
+        done = self.fan.emit_later(accepted)
+        self.assertNoResult(done)
+        self.assertEqual(self.sink.events, [])
+        self.clock.advance(0)
+        self.assertEqual(self.sink.events, [accepted])
+        self.assertIsNone(self.successResultOf(done))
+
+    def test_an_event_emitted_after_goes_after(self) -> None:
+        """An event emitted while others are held sends them first, in order, and
+        the held timed call is dropped (nothing is emitted twice)."""
+        first = Event.make("accepted", 1.0, queue_id="A")
+        second = Event.make("accepted", 1.0, queue_id="B")
+        outcome = Event.make("bounced", 1.1, queue_id="A")
+        held = [self.fan.emit_later(first), self.fan.emit_later(second)]
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.successResultOf(self.fan.emit(outcome))
+        self.assertEqual(self.sink.events, [first, second, outcome])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        for done in held:
+            self.assertIsNone(self.successResultOf(done))
+        self.clock.advance(0)
+        self.assertEqual(self.sink.events, [first, second, outcome])
+
+    def test_without_a_clock_at_once(self) -> None:
+        """A fan-out without a clock (an embedding application's) emits at once."""
+        fan = FanoutSink([self.sink])
+        event = Event.make("accepted", 1.0, queue_id="Q")
+        self.successResultOf(fan.emit_later(event))
+        self.assertEqual(self.sink.events, [event])
 
 
 class EventLogContractMixin(_Base):

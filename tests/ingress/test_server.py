@@ -41,6 +41,19 @@ def plain(user: str, secret: str) -> bytes:
     return base64.b64encode(f"\0{user}\0{secret}".encode())
 
 
+async def events_of(relay: Relay, recipient: str) -> Any:
+    """The delivery log's page for ``recipient`` once it holds an event: the
+    ``accepted`` event is recorded after the 250 has left, not before it."""
+    pages: list[Any] = []
+
+    async def recorded() -> bool:
+        pages[:] = [await relay.stores.eventlog.search(EventQuery(recipient=recipient))]
+        return bool(pages[0].events)
+
+    await until(lambda: ensureDeferred(recorded()), 10, f"an event for {recipient}")
+    return pages[0]
+
+
 class SubmissionTests(TestCase):
     """Submission with STARTTLS, implicit TLS, AUTH PLAIN and LOGIN."""
 
@@ -91,7 +104,7 @@ class SubmissionTests(TestCase):
         msg_rec = await self.relay.stores.spool.get(qid)
         self.assertEqual(msg_rec.envelope.recipients, ("a@example.org", "b@example.net"))
         self.assertEqual(msg_rec.meta.tenant, "acme")
-        page = await self.relay.stores.eventlog.search(EventQuery(recipient="b@example.net"))
+        page = await events_of(self.relay, "b@example.net")
         self.assertEqual([e.type for e in page.events], ["accepted"])
         self.assertEqual(page.events[0].queue_id, qid)
 
@@ -631,7 +644,7 @@ class BadInputTests(TestCase):
         reactor.connectTCP("127.0.0.1", self.relay.ports["submission"], factory)
         accepted, _ = await done
         self.assertEqual(accepted, 1)
-        page = await self.relay.stores.eventlog.search(EventQuery(recipient="t@example.org"))
+        page = await events_of(self.relay, "t@example.org")
         self.assertEqual([e.type for e in page.events], ["accepted"])
 
 
