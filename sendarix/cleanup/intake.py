@@ -44,9 +44,10 @@ def after_reply(clock: IReactorTime, work: Callable[..., object], *args: Any,
     """Run ``work(*args)`` once the reply written now has been sent.
 
     A plain listener's connection sends a reply at once (``node/transport.py``;
-    ``sent_at_once``): the work then runs in this pass of the reactor, after the
-    code that writes the reply and before the reactor looks at its sockets again.
-    So a message reaches delivery before the session's next command is read (most
+    ``sent_at_once``): the work then runs after the code that writes the reply and
+    before the reactor looks at its sockets again, as long as this is called from a
+    database thread's result or a socket's read (the spools' results come so).  A
+    message then reaches delivery before the session's next command is read (most
     often QUIT, whose answer and close would otherwise come first).
 
     A connection under TLS, like Twisted's own transports (the HTTP API's), holds a

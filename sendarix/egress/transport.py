@@ -64,8 +64,10 @@ class EagerWrites:
 
     def sends_at_once(self) -> bool:
         """Whether a write made now goes straight to the socket.  An SMTP session
-        asks before its final 250: when it does, the message is handed to delivery
-        in the same pass of the reactor (``Intake.accept``'s ``reply_sent_at_once``)."""
+        asks when it hands a message to the intake, whose 250 it writes once the
+        message is stored: when it does, the message is handed to delivery without
+        waiting for the reactor's next pass (``Intake.accept``'s
+        ``reply_sent_at_once``)."""
         return self._nothing_waits()
 
     def write(self, data: bytes) -> None:
