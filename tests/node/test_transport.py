@@ -79,7 +79,7 @@ class EagerWriteTests(TestCase):
     async def test_sends_at_once_says_whether_a_write_would_wait(self) -> None:
         """``sends_at_once`` is true on a fresh connection and false while part of
         an earlier write still waits in Twisted's buffer (an SMTP session asks it
-        before its final 250)."""
+        when it hands a message to the intake)."""
         said: list[bool] = []
 
         class Asking(Protocol):
