@@ -111,7 +111,8 @@ class ILaterEventSink(IEventSink):
 
     def emit_later(event: Event) -> Deferred[None]:  # noqa: N805
         """Record ``event`` on the reactor's next pass, and in any case before any
-        event emitted after this call; fires once it is recorded, never failing.
+        event emitted after this call; fires once it has been handed to the sinks
+        (not once they have stored it), never failing.
         Work that must not wait for the event's sinks (a message's hand-over to
         delivery) goes first, and the order of the events stays as emitted."""
 

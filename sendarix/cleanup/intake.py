@@ -257,7 +257,7 @@ class Intake:
         """After the reply to ``sub``: start its delivery, count it, log its event
         (on the reactor's next pass where the event sink can hold it, so the
         delivery's first step is not kept waiting for it)."""
-        recorded: Deferred[None] | None = None
+        handed: Deferred[None] | None = None
         try:
             try:
                 hand_over()
@@ -270,7 +270,7 @@ class Intake:
                 except Exception:
                     # Durable already: a counting error must not lose the event.
                     log.failure("counting a received message failed")
-            recorded = self._emit(
+            handed = self._emit(
                 "accepted",
                 later=True,
                 queue_id=sub.queue_id,
@@ -282,13 +282,14 @@ class Intake:
                 tls=sub.tls,
             )
         finally:
-            if recorded is None:
+            if handed is None:
                 self._settle()
             else:
-                recorded.addBoth(lambda _: self._settle())
+                handed.addBoth(lambda _: self._settle())
 
     def _settle(self) -> None:
-        """One accepted message less whose hand-over or event is still to come."""
+        """One accepted message less whose hand-over or event is still to come (the
+        event counts once it is handed to the sinks, as a plain ``emit`` does)."""
         self._unsettled -= 1
         if not self._unsettled:
             waiters, self._settled_waiters = self._settled_waiters, []
@@ -407,19 +408,20 @@ class Intake:
 
     def _emit(self, type: str, *, later: bool = False, **fields: Any) -> Deferred[None] | None:
         """Record an event of ``type`` stamped now, from this node; ``later``: on the
-        reactor's next pass, where the sink can (:class:`ILaterEventSink`).  What the
-        sink returned, errors logged (a Deferred that fires with None), or None."""
+        reactor's next pass, where the sink can (:class:`ILaterEventSink`).  Returns
+        what fires once the event has been handed to the sinks, or None when it has
+        been already."""
         event = Event.make(type, self.clock.seconds(), node=self.node, **fields)
         # The message is already durable; a lost log line must not fail the 250.
-        d: Deferred[None] | None
         try:
             if later and ILaterEventSink.providedBy(self.events):
-                d = self.events.emit_later(event)
-            else:
-                d = self.events.emit(event)
+                return self.events.emit_later(event).addErrback(
+                    lambda f: log.failure("event sink failed", f)
+                )
+            d = self.events.emit(event)
         except Exception:
             log.failure("event sink failed for {type}", type=event.type)
             return None
         if isinstance(d, Deferred):
-            return d.addErrback(lambda f: log.failure("event sink failed", f))
+            d.addErrback(lambda f: log.failure("event sink failed", f))
         return None
