@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sendarix.model.event import EventQuery
 from tests.control.cli.test_main import _run, _write_config
+from tests.delivery.test_service import wait_event
 from tests.support.relay import (
     HOSTNAME,
     RawClient,
@@ -39,19 +40,6 @@ BODY = b"From: App <app@example.com>\r\nSubject: hi\r\n\r\nhello\r\n.leading dot
 
 def plain(user: str, secret: str) -> bytes:
     return base64.b64encode(f"\0{user}\0{secret}".encode())
-
-
-async def events_of(relay: Relay, recipient: str) -> Any:
-    """The delivery log's page for ``recipient`` once it holds an event: the
-    ``accepted`` event is recorded after the 250 has left, not before it."""
-    pages: list[Any] = []
-
-    async def recorded() -> bool:
-        pages[:] = [await relay.stores.eventlog.search(EventQuery(recipient=recipient))]
-        return bool(pages[0].events)
-
-    await until(lambda: ensureDeferred(recorded()), 10, f"an event for {recipient}")
-    return pages[0]
 
 
 class SubmissionTests(TestCase):
@@ -104,7 +92,9 @@ class SubmissionTests(TestCase):
         msg_rec = await self.relay.stores.spool.get(qid)
         self.assertEqual(msg_rec.envelope.recipients, ("a@example.org", "b@example.net"))
         self.assertEqual(msg_rec.meta.tenant, "acme")
-        page = await events_of(self.relay, "b@example.net")
+        # The event is recorded after the 250 has left, not before it.
+        await wait_event(self.relay, "b@example.net", "accepted")
+        page = await self.relay.stores.eventlog.search(EventQuery(recipient="b@example.net"))
         self.assertEqual([e.type for e in page.events], ["accepted"])
         self.assertEqual(page.events[0].queue_id, qid)
 
@@ -644,7 +634,8 @@ class BadInputTests(TestCase):
         reactor.connectTCP("127.0.0.1", self.relay.ports["submission"], factory)
         accepted, _ = await done
         self.assertEqual(accepted, 1)
-        page = await events_of(self.relay, "t@example.org")
+        await wait_event(self.relay, "t@example.org", "accepted")
+        page = await self.relay.stores.eventlog.search(EventQuery(recipient="t@example.org"))
         self.assertEqual([e.type for e in page.events], ["accepted"])
 
 
