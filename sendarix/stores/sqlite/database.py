@@ -17,7 +17,9 @@ operator's change) need that fsync.  A job queued with ``durable=False`` (the
 delivery agent's bookkeeping, the delivery log) is committed without one when its
 batch holds no durable job: in WAL mode its pages are in the log file, so a crash
 of the process loses nothing, and the next durable commit or checkpoint syncs them
-with its own.  Only a crash of the machine can lose the last of them.
+with its own.  Only a crash of the machine can lose the last of them.  Once the
+thread has nothing left to do it syncs the log itself, so that the next client's
+commit does not wait for those pages as well.
 
 Reads a session waits on (``read(fn)``: the recipient's suppression check) run on a
 second thread with its own read-only connection.  In WAL mode a reader never waits
@@ -104,6 +106,8 @@ class SQLiteDatabase:
         self.commits = 0
         self._writer_lock: int | None = None
         self._synchronous_full = True
+        # The last commit was made without an fsync (see _write_out_log).
+        self._unsynced = False
         self._reader: threading.Thread | None = None
 
     def add_schema(self, sql: str) -> None:
@@ -363,7 +367,14 @@ class SQLiteDatabase:
                     due = held_since + self.background_delay - time.monotonic()
                     timeout = max(0.0, min(self.background_idle, due))
                 try:
-                    items = [self._jobs.get(timeout=timeout)]
+                    if self._unsynced:
+                        try:
+                            items = [self._jobs.get_nowait()]
+                        except queue.Empty:
+                            self._write_out_log()
+                            items = [self._jobs.get(timeout=timeout)]
+                    else:
+                        items = [self._jobs.get(timeout=timeout)]
                 except queue.Empty:
                     # Quiet, or they have waited long enough: the held jobs go alone.
                     batch, held = held[: self.max_batch], held[self.max_batch :]
@@ -397,6 +408,29 @@ class SQLiteDatabase:
                 os.close(self._writer_lock)
             for d in stoppers:
                 self._reactor.callFromThread(d.callback, None)
+
+    def _write_out_log(self) -> None:
+        """Sync the write-ahead log while no job waits, after commits that skipped it.
+
+        Those commits (a delivery's outcome, delivery-log rows) leave their log pages
+        in the kernel's cache, and the next durable commit's fsync covers the whole
+        log file: it would write them out with its own pages while a client waits
+        for its 250.  A message sent on its own then paid for the previous one's
+        outcome (about 30 µs of the commit here).  Under steady mail this thread is
+        never idle, so no sync is added.  Only data already committed is written:
+        what is durable does not change."""
+        self._unsynced = False
+        try:
+            fd = os.open(self.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # no log (yet): nothing to write out
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            # The next durable commit syncs the same pages and reports its own error.
+            log.warn("syncing the log of {path} failed: {why}", path=self.path, why=e)
+        finally:
+            os.close(fd)
 
     def _drain_refused(self) -> None:
         while True:
@@ -461,6 +495,7 @@ class SQLiteDatabase:
             else:
                 conn.execute("COMMIT")
                 self.commits += 1
+                self._unsynced = not durable
         except BaseException as e:  # noqa: BLE001 - the batch's callers get it
             # A failed COMMIT, or a statement of the batch's own (a savepoint, the
             # restart's BEGIN): nothing of the batch is kept.

@@ -1,0 +1,103 @@
+"""The database thread syncs the write-ahead log once it is idle after commits made
+without an fsync, so that the next durable commit writes out only its own pages.
+
+SQLite's own syncs happen inside its C code; the thread's own sync goes through
+``os.fdatasync``, which these tests wrap to see which file it was given (the real
+call still runs).  Real database files, nothing else replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from sendarix.stores.sqlite import database
+from sendarix.stores.sqlite.database import SQLiteDatabase
+
+reactor: Any = _reactor
+
+
+class LogWriteOutTests(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.path = os.path.abspath(self.mktemp()) + ".db"
+        self.db = SQLiteDatabase(self.path, reactor, schema="CREATE TABLE t (n INTEGER);")
+        await self.db.open()
+        self.addCleanup(self.db.close)
+        self.synced: list[str] = []
+        real = os.fdatasync
+
+        def fdatasync(fd: int) -> None:
+            self.synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real(fd)
+
+        self.patch(database.os, "fdatasync", fdatasync)
+
+    def insert(self, n: int) -> Any:
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO t (n) VALUES (?)", (n,))
+
+        return job
+
+    async def settle(self) -> None:
+        """Give the database thread time to find its queue empty."""
+        for _ in range(50):
+            if self.synced:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        await deferLater(reactor, 0.05, lambda: None)
+
+    async def test_idle_after_a_commit_without_fsync(self) -> None:
+        await self.db.run(self.insert(1), durable=False)
+        await self.settle()
+        self.assertEqual(self.synced, [os.path.realpath(self.path) + "-wal"])
+
+    async def test_nothing_added_after_a_durable_commit(self) -> None:
+        await self.db.run(self.insert(1))
+        await self.settle()
+        self.assertEqual(self.synced, [])
+
+    async def test_a_durable_commit_covers_what_came_before(self) -> None:
+        # Queued behind a non-durable job: the durable commit syncs both, so the
+        # thread has nothing of its own to sync once it is idle.
+        started, gate = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO t (n) VALUES (0)")
+            started.set()
+            gate.wait(10)
+
+        held = self.db.run(hold, durable=False)
+        self.assertTrue(started.wait(10))
+        durable = self.db.run(self.insert(1))
+        gate.set()
+        await held
+        await durable
+        await self.settle()
+        self.assertEqual(self.synced, [])
+
+    async def test_once_for_commits_that_follow_each_other(self) -> None:
+        # The second job is queued while the first runs: no sync in between, one
+        # after both.
+        started, gate = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO t (n) VALUES (0)")
+            started.set()
+            gate.wait(10)
+
+        held = self.db.run(hold, durable=False)
+        self.assertTrue(started.wait(10))
+        second = self.db.run(self.insert(1), durable=False)
+        gate.set()
+        await held
+        await second
+        await self.settle()
+        self.assertEqual(len(self.synced), 1)
+        rows = await self.db.run(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0])
+        self.assertEqual(rows, 2)
