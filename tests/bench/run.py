@@ -323,8 +323,8 @@ class Bench:
             out["latency_cpu_ms_per_msg"] = cpu * 1000 / a.latency_messages
             out["latency_switches_per_msg"] = (
                 machine_context_switches() - switches) / a.latency_messages
-        out["latency_p50"] = percentile(latencies, 0.50) * 1000
-        out["latency_p99"] = percentile(latencies, 0.99) * 1000
+            out["latency_p50"] = percentile(latencies, 0.50) * 1000
+            out["latency_p99"] = percentile(latencies, 0.99) * 1000
         for step, values in steps.items():
             out[f"latency_{step}"] = statistics.median(values) * 1000
 

@@ -101,3 +101,22 @@ class LogWriteOutTests(TestCase):
         self.assertEqual(len(self.synced), 1)
         rows = await self.db.run(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0])
         self.assertEqual(rows, 2)
+
+    async def nondurable_twice(self) -> None:
+        await self.db.run(self.insert(1), durable=False)
+        await self.settle()
+        self.assertEqual(len(self.synced), 1)
+        await self.db.run(self.insert(2), durable=False)
+        await deferLater(reactor, 0.1, lambda: None)
+
+    async def test_none_for_a_while_after_a_slow_one(self) -> None:
+        # Every sync counts as slow here: after the first, none is made while idle.
+        self.db.write_out_limit = 0.0
+        await self.nondurable_twice()
+        self.assertEqual(len(self.synced), 1)
+
+    async def test_again_once_the_pause_is_over(self) -> None:
+        self.db.write_out_limit = 0.0
+        self.db.write_out_pause = 0.0
+        await self.nondurable_twice()
+        self.assertEqual(len(self.synced), 2)

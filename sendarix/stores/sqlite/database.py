@@ -81,6 +81,13 @@ class SQLiteDatabase:
     background_idle = 0.005
     #: ...or with the next batch once it has waited this long.
     background_delay = 0.02
+    #: Syncs of the log made while idle (see :meth:`_write_out_log`) that take
+    #: longer than this on average (seconds, a moving average) show a disk whose
+    #: syncs are slow.  A commit that comes during such a sync waits for it, which
+    #: would cost more than the sync saves; so none is made for ``write_out_pause``
+    #: seconds.  One slow sync among fast ones (0.15–0.7 ms here) does not count.
+    write_out_limit = 0.001
+    write_out_pause = 10.0
 
     def __init__(
         self,
@@ -106,8 +113,15 @@ class SQLiteDatabase:
         self.commits = 0
         self._writer_lock: int | None = None
         self._synchronous_full = True
-        # The last commit was made without an fsync (see _write_out_log).
+        # The last commit was made without an fsync (see _write_out_log), and the
+        # monotonic time before which no sync is made while idle.
         self._unsynced = False
+        self._write_out_after = 0.0
+        self._write_out_average = 0.0
+        # The log file, opened for those syncs: SQLite keeps the same file while
+        # this thread's connection is open (it removes it only when the last
+        # connection closes, and cuts it short in place).
+        self._log_fd: int | None = None
         self._reader: threading.Thread | None = None
 
     def add_schema(self, sql: str) -> None:
@@ -406,6 +420,8 @@ class SQLiteDatabase:
             conn.close()
             if self._writer_lock is not None:
                 os.close(self._writer_lock)
+            if self._log_fd is not None:
+                os.close(self._log_fd)
             for d in stoppers:
                 self._reactor.callFromThread(d.callback, None)
 
@@ -418,19 +434,29 @@ class SQLiteDatabase:
         for its 250.  A message sent on its own then paid for the previous one's
         outcome (about 30 µs of the commit here).  Under steady mail this thread is
         never idle, so no sync is added.  Only data already committed is written:
-        what is durable does not change."""
+        what is durable does not change.  On a disk whose syncs are slow, none is
+        made for a while (``write_out_limit``)."""
         self._unsynced = False
+        started = time.monotonic()
+        if started < self._write_out_after:
+            return
+        if self._log_fd is None:
+            try:
+                self._log_fd = os.open(self.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return  # no log (yet): nothing to write out
         try:
-            fd = os.open(self.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return  # no log (yet): nothing to write out
-        try:
-            os.fdatasync(fd)
+            os.fdatasync(self._log_fd)
         except OSError as e:
             # The next durable commit syncs the same pages and reports its own error.
             log.warn("syncing the log of {path} failed: {why}", path=self.path, why=e)
-        finally:
-            os.close(fd)
+        ended = time.monotonic()
+        average = self._write_out_average = 0.9 * self._write_out_average + 0.1 * (
+            ended - started
+        )
+        if average > self.write_out_limit:
+            self._write_out_after = ended + self.write_out_pause
+            self._write_out_average = 0.0  # measured afresh after the pause
 
     def _drain_refused(self) -> None:
         while True:
