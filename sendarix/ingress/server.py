@@ -710,12 +710,13 @@ class SubmissionServer(smtp.ESMTP):
             else:
                 self._error(553, "5.1.7", f"Bad sender address syntax ({e})")
             return
-        refusal = policy.relay_refusal(self.settings.listener.auth, self._client())
+        client = self._client()
+        refusal = policy.relay_refusal(self.settings.listener.auth, client)
         if refusal is not None:
             self._refuse(refusal, sender=path.address)
             return
         if self._credential is None:
-            if policy.recipient_relay_refusal(self.settings.listener.auth, self._client()):
+            if policy.recipient_relay_refusal(self.settings.listener.auth, client):
                 # Every recipient will be refused: nothing to count or look up.
                 self._start_transaction(path.address, params, smtputf8)
                 return

@@ -30,7 +30,7 @@ import random
 from collections.abc import Sequence
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from sendarix.config.errors import ConfigError
@@ -229,17 +229,31 @@ class PoolRouter:
                         f"environment variable {password_env} is not set",
                     )
             self._credentials[endpoint_key(pool.name, ep)] = (username, password)
+        # A pool whose endpoints are all addresses has the same hops for every
+        # message: made once, not per delivery (this is on every message's way out).
+        self._fixed_hops: tuple[Hop, ...] | None = None
+        if all(_is_ip(ep.host) for ep in pool.endpoints):
+            self._fixed_hops = tuple(self._hop(ep, ep.host) for ep in pool.endpoints)
+
+    def _hop(self, ep: EndpointConfig, address: str) -> Hop:
+        key = endpoint_key(self.pool.name, ep)
+        username, password = self._credentials[key]
+        return Hop(
+            ep.host, address, ep.port, ep.priority,
+            endpoint=key, tls=ep.tls or self.pool.tls,
+            username=username, password=password,
+        )
 
     def route(self, domain: str) -> Deferred[Route]:
         """See :obj:`IRouter.route`: every endpoint of the pool, in configured order."""
+        if self._fixed_hops:
+            return succeed(Route(domain, self._fixed_hops, None))
         return Deferred.fromCoroutine(self._route(domain))
 
     async def _route(self, domain: str) -> Route:
         hops: list[Hop] = []
         problems: list[str] = []
         for ep in self.pool.endpoints:
-            key = endpoint_key(self.pool.name, ep)
-            username, password = self._credentials[key]
             if _is_ip(ep.host):
                 addresses: tuple[str, ...] = (ep.host,)
             elif self.resolver is None:
@@ -251,14 +265,7 @@ class PoolRouter:
                     problems.append(answer.detail or f"{ep.host}: no address")
                     continue
                 addresses = answer.addresses
-            for address in addresses:
-                hops.append(
-                    Hop(
-                        ep.host, address, ep.port, ep.priority,
-                        endpoint=key, tls=ep.tls or self.pool.tls,
-                        username=username, password=password,
-                    )
-                )
+            hops.extend(self._hop(ep, address) for address in addresses)
         if hops:
             return Route(domain, tuple(hops), None)
         reason = f"pool {self.pool.name}: no endpoint address ({'; '.join(problems)})"

@@ -228,6 +228,24 @@ class PoolRouterTests(SynchronousTestCase):
         self.assertFalse(route.error.permanent)
 
 
+    def test_address_endpoints_route_every_domain_alike(self) -> None:
+        """A pool of addresses gives each domain its own route over the same hops."""
+        router = PoolRouter(pool(endpoints=["127.0.0.2:25", "127.0.0.3:25"]))
+        one = self.successResultOf(router.route("example.org"))
+        two = self.successResultOf(router.route("example.net"))
+        self.assertEqual((one.domain, two.domain), ("example.org", "example.net"))
+        self.assertEqual([h.address for h in one.hops], ["127.0.0.2", "127.0.0.3"])
+        self.assertEqual(one.hops, two.hops)
+
+    def test_names_beside_addresses_are_looked_up_per_message(self) -> None:
+        """With a host name among the endpoints the route is made per message: here
+        the name cannot be looked up (no resolver), and the address alone is left."""
+        router = PoolRouter(pool(endpoints=["relay.example.org:25", "127.0.0.3:25"]))
+        route = self.successResultOf(router.route("example.org"))
+        self.assertIsNone(route.error)
+        self.assertEqual([h.address for h in route.hops], ["127.0.0.3"])
+
+
 class SharedEndpointPoolTests(TestCase):
     """Two nodes' endpoint pools on one Redis share endpoint health."""
 
