@@ -732,7 +732,9 @@ class DeliveryService(Service):
                 continue
             key = action.group
             assert isinstance(key, _GroupKey)
-            d = self._groups.run(self._group, key, list(action.deliveries), action.poll)
+            d = self._groups.run(
+                self._group, key, list(action.deliveries), action.poll, action.reserved
+            )
             self._running.add(d)
 
             def finished(_: Any, d: Deferred[Any] = d, n: int = len(action.deliveries)) -> None:
@@ -763,16 +765,18 @@ class DeliveryService(Service):
     # -- one group ----------------------------------------------------------------
 
     def _group(
-        self, key: _GroupKey, deliveries: list[LeasedDelivery], poll: int
+        self, key: _GroupKey, deliveries: list[LeasedDelivery], poll: int, reserved: bool
     ) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._run_group(key, deliveries, poll))
+        return Deferred.fromCoroutine(self._run_group(key, deliveries, poll, reserved))
 
     async def _run_group(
-        self, key: _GroupKey, deliveries: list[LeasedDelivery], poll: int = 0
+        self, key: _GroupKey, deliveries: list[LeasedDelivery], poll: int = 0,
+        reserved: bool = False,
     ) -> None:
         """Route one group's leased deliveries and queue them for their site; route
         errors and paused sites are settled at once.  Errors release the deliveries not
-        yet queued."""
+        yet queued.  ``reserved``: fresh mail whose room was taken before its commit
+        (queued whatever its site holds, within the window)."""
         domain = key.domain
         pending = list(deliveries)
         try:
@@ -819,7 +823,9 @@ class DeliveryService(Service):
             first = not self.ready_queues.knew(site, poll)
             self.ready_queues.note_domain(domain, site, poll)
             for delivery in deliveries:
-                if not self.ready_queues.offer(site, key, _Ready(conn, delivery), first):
+                if not self.ready_queues.offer(
+                    site, key, _Ready(conn, delivery), first or reserved
+                ):
                     # The site holds its share already (the spool could not leave
                     # this one out): keep the lease until the site can take it.
                     await self._park(conn, delivery)

@@ -68,6 +68,10 @@ class Route:
     group: Hashable
     deliveries: tuple[LeasedDelivery, ...]
     poll: int
+    #: Fresh mail handed over after a :meth:`Scheduler.reserve`: its room in the
+    #: window was taken before its commit, so it is queued even when a poll has
+    #: filled its site's share since (never parked).
+    reserved: bool = False
 
 
 @frozen
@@ -197,7 +201,7 @@ class Scheduler(Generic[T]):
     _gathering: dict[str, float] = field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.ready_queues = ReadyQueues(self.window)
+        self.ready_queues = ReadyQueues(self.window, promised=self._site_reserved)
 
     # -- the poll -----------------------------------------------------------------
 
@@ -283,7 +287,7 @@ class Scheduler(Generic[T]):
             ):
                 return False
             for site in set(sites):
-                room = self.ready_queues.room(site) - self._site_reserved.get(site, 0)
+                room = self.ready_queues.open_room(site)
                 if room < sites.count(site):
                     return False
             for site in sites:
@@ -327,7 +331,7 @@ class Scheduler(Generic[T]):
             self._held[key_of(delivery)] = delivery
             groups.setdefault(group_of(delivery), []).append(delivery)
         self._routing += len(deliveries)
-        return [Route(group, tuple(ds), self._polls) for group, ds in groups.items()]
+        return [Route(group, tuple(ds), self._polls, reserved=True) for group, ds in groups.items()]
 
     def poll_done(self, leased: int, limit: int) -> bool:
         """The poll is over (``leased`` deliveries came back, 0 when it failed): poll

@@ -33,7 +33,7 @@ when the site can take it, rather than at every poll.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 from attrs import define, field
@@ -58,6 +58,9 @@ class ReadyQueues(Generic[T]):
     reserve: int | None = None
     #: Most domains remembered (for the lease poll's skip list).
     max_domains: int = 10_000
+    #: Room promised per site to fresh mail whose commit is under way (the
+    #: scheduler's reservations): the lease poll leaves it to that mail.
+    promised: Mapping[str, int] = field(factory=dict)
     _queues: dict[str, deque[tuple[Hashable, T]]] = field(factory=dict, init=False)
     _busy: dict[str, int] = field(factory=dict, init=False)
     _domains: dict[str, str] = field(factory=dict, init=False)
@@ -106,6 +109,12 @@ class ReadyQueues(Generic[T]):
     def room(self, site: str) -> int:
         """How many more entries ``site`` may take now."""
         return max(0, min(self.share(site) - self.held(site), self.window - self.total()))
+
+    def open_room(self, site: str) -> int:
+        """``site``'s room not promised to fresh mail (:attr:`promised`): what a lease
+        poll may fill.  A poll that took the promised room too would leave that mail,
+        once committed, no room but parking (a second or more before it is sent)."""
+        return self.room(site) - self.promised.get(site, 0)
 
     # -- entries ------------------------------------------------------------------
 
@@ -209,7 +218,7 @@ class ReadyQueues(Generic[T]):
         """True when ``site`` may take a useful amount more: a quarter of its share
         (so a slow site is topped up in chunks, between which the lease polls serve
         the other sites)."""
-        return self.room(site) >= max(1, self.share(site) // 4)
+        return self.open_room(site) >= max(1, self.share(site) // 4)
 
     def full_sites(self) -> set[str]:
         """Sites holding mail that the lease poll should leave out now."""
@@ -224,7 +233,7 @@ class ReadyQueues(Generic[T]):
         active = self.sites()
         for site in active:
             if self.hungry(site):
-                limit = min(limit, self.room(site))
+                limit = min(limit, self.open_room(site))
         # A site seen before that holds nothing now may come back with a backlog.
         busy = set(active)
         if any(site not in busy for site in self._domains.values()):

@@ -422,6 +422,39 @@ class SchedulerTests(SynchronousTestCase):
         scheduler.handed([delivery("a.test")], 1, by_domain, "m2")
         self.assertTrue(scheduler.reserve(1, "m6", ["a.test"]))
 
+    def test_handed_mail_is_routed_as_reserved(self) -> None:
+        """Handed-over mail comes as a reserved route (queued whatever its site holds,
+        within the window); a poll's does not."""
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(20)
+        scheduler.start()
+        self.assertTrue(scheduler.reserve(1, "m1", ["a.test"]))
+        routes = scheduler.handed([delivery("a.test")], 1, by_domain, "m1")
+        self.assertEqual([r.reserved for r in routes if isinstance(r, Route)], [True])
+        lease = scheduler.poll(0.0)
+        assert lease is not None
+        routes = scheduler.leased([delivery("a.test")], by_domain)
+        self.assertEqual([r.reserved for r in routes if isinstance(r, Route)], [False])
+
+    def test_poll_leaves_a_sites_reserved_room_to_its_commits(self) -> None:
+        """While fresh mail to a site is being committed, a poll may take no more of
+        that site's room than is left beside it: otherwise the committed mail, handed
+        over, would find its site full."""
+        scheduler: Scheduler[LeasedDelivery] = Scheduler(20)
+        scheduler.start()
+        queues = scheduler.ready_queues
+        queues.note_domain("a.test", "site-a")
+        for _ in range(10):
+            queues.offer("site-a", "lane", delivery("a.test"))
+        self.assertEqual(queues.room("site-a"), 8)
+        for key in ("m1", "m2", "m3"):
+            self.assertTrue(scheduler.reserve(1, key, ["a.test"]))
+        lease = scheduler.poll(0.0)
+        assert lease is not None
+        self.assertEqual(lease.limit, 5)
+        scheduler.poll_done(0, lease.limit)
+        scheduler.handed([delivery("a.test")], 1, by_domain, "m1")
+        self.assertEqual(queues.open_room("site-a"), 6)
+
     def test_active_queue_leaves_a_resting_site_to_the_spool(self) -> None:
         """Fresh mail whose every domain goes to a resting site (dead or paused) is
         not taken in memory: it would only be deferred, one commit and event at a

@@ -104,6 +104,27 @@ class ReadyQueuesTests(SynchronousTestCase):
         self.assertEqual(q.skip_domains(), ["gmail.com"])
         self.assertEqual(q.poll_limit(30), 30)
 
+    def test_poll_leaves_promised_room(self) -> None:
+        """Room promised to fresh mail whose commit is under way is not the poll's: it
+        counts against the site's poll limit and its hunger, never against what the
+        site may queue."""
+        promised: dict[str, int] = {}
+        q: ReadyQueues[int] = ReadyQueues(100, promised=promised)
+        for i in range(60):
+            q.offer("gmail", "lane", i)
+        self.assertEqual((q.room("gmail"), q.open_room("gmail")), (30, 30))
+        self.assertEqual(q.poll_limit(100), 30)
+        promised["gmail"] = 5
+        self.assertEqual((q.room("gmail"), q.open_room("gmail")), (30, 25))
+        self.assertEqual(q.poll_limit(100), 25)
+        self.assertNotIn("gmail", q.full_sites())
+        promised["gmail"] = 10  # room for 20 left: less than a quarter of the share
+        self.assertIn("gmail", q.full_sites())
+        self.assertEqual(q.skip_domains(), [])  # no domain of it known yet
+        q.note_domain("gmail.com", "gmail")
+        self.assertEqual(q.skip_domains(), ["gmail.com"])
+        self.assertTrue(all(q.offer("gmail", "lane", i) for i in range(30)))
+
     def test_first_contact(self) -> None:
         """A site first met in a poll may take that poll's mail beyond its share
         (forced, within the window); from the next poll on it is known."""
