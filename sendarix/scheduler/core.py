@@ -173,6 +173,9 @@ class Scheduler(Generic[T]):
                                                       "parked": 0, "handed": 0})
     _held: dict[Key, LeasedDelivery] = field(factory=dict, init=False)
     _routing: int = field(default=0, init=False)
+    #: Room held for the poll under way (its limit), until its deliveries come back:
+    #: fresh mail reserved meanwhile must not count on it.
+    _poll_hold: int = field(default=0, init=False)
     _polls: int = field(default=0, init=False)
     _polling: bool = field(default=False, init=False)
     _wake_missed: bool = field(default=False, init=False)
@@ -226,6 +229,8 @@ class Scheduler(Generic[T]):
             return None
         self._wake_missed = False
         self._polling = True
+        self._poll_hold = free
+        self._routing += free
         resting = set(resting)
         self._skipped_full = frozenset(self.ready_queues.full_sites() - resting)
         return Lease(now, free, tuple(self.ready_queues.skip_domains(resting=resting)))
@@ -237,6 +242,7 @@ class Scheduler(Generic[T]):
     ) -> list[Route | Release]:
         """The spool answered a :class:`Lease`: route each group, or hand everything
         back when the node is stopping."""
+        self._release_poll_hold()
         if self._stopped:
             return [Release(d) for d in deliveries]
         self.counters["leased"] += len(deliveries)
@@ -343,11 +349,18 @@ class Scheduler(Generic[T]):
         one site would otherwise wait a whole poll interval each time its queue
         drains."""
         self._polling = False
+        self._release_poll_hold()
         self._repoll_on_room = (
             self._skipped_full if leased < limit and not self._stopped else frozenset()
         )
         self._skipped_full = frozenset()
         return self._wake_missed or (0 < limit <= leased and not self._stopped)
+
+    def _release_poll_hold(self) -> None:
+        """The poll's deliveries are back (or it failed): what it held goes; the
+        deliveries it brought are counted on their own."""
+        self._routing -= self._poll_hold
+        self._poll_hold = 0
 
     def routed(self, count: int) -> bool:
         """A group of ``count`` deliveries is routed (queued, parked or settled); True

@@ -118,6 +118,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.parked: set[tuple[str, str]] = set()
         self.in_memory = 0  # routing + queued + sending, as the agent counts it
         self.numbers = 0
+        #: The poll under way: asked for, its deliveries not back yet (the spool's
+        #: answer takes a while, and fresh mail keeps coming meanwhile).
+        self.lease: LeaseRequest | None = None
+        self.handed_routes: list[Route] = []
 
     @rule(domain=st.sampled_from(DOMAINS), count=st.integers(1, 10))
     def mail_arrives(self, domain: str, count: int) -> None:
@@ -130,13 +134,21 @@ class SchedulerMachine(RuleBasedStateMachine):
     def time_passes(self, seconds: float) -> None:
         self.clock.advance(seconds)
 
-    @rule(answer=st.integers(0, 100))
-    def poll(self, answer: int) -> None:
+    @precondition(lambda self: self.lease is None)
+    @rule()
+    def poll_starts(self) -> None:
         lease = self.scheduler.poll(self.clock.seconds())
         if lease is None:
             return
         assert lease.limit >= 1
         assert self.in_memory + lease.limit <= self.window, (self.in_memory, lease)
+        self.lease = lease
+
+    @precondition(lambda self: self.lease is not None)
+    @rule(answer=st.integers(0, 100))
+    def poll_returns(self, answer: int) -> None:
+        lease, self.lease = self.lease, None
+        assert lease is not None
         skip = set(lease.skip_domains)
         offered = [d for d in self.due if d.domain not in skip][: min(answer, lease.limit)]
         for d in offered:
@@ -158,7 +170,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         window has room for it; else it waits in the spool for a poll."""
         before = self.scheduler.ready_queues.total() + sum(
             len(r.deliveries) for r in self.routing
-        )
+        ) + self.outstanding()
         key = ("commit", self.numbers)
         if not self.scheduler.reserve(count, key, [domain] * count):
             self.mail_arrives(domain, count)
@@ -175,6 +187,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             else:
                 assert isinstance(action, Route)
                 self.routing.append(action)
+                self.handed_routes.append(action)
 
     @precondition(lambda self: self.routing)
     @rule(choice=st.integers(0, 1000), settle_some=st.booleans())
@@ -189,7 +202,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if settle_some and int(d.queue_id[1:]) % 3 == 0:
                 self._settle(d)
                 self.in_memory -= 1
-            elif queues.offer(d.domain, d.domain, d, first):
+            elif queues.offer(d.domain, d.domain, d, first or group.reserved):
                 pass  # now counted by the ready queues
             else:
                 self.scheduler.parked(d)
@@ -247,12 +260,24 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.scheduler.released()
         self.released.add(key_of(d))
 
+    def outstanding(self) -> int:
+        """What the poll under way may still bring."""
+        return self.lease.limit if self.lease is not None else 0
+
     @invariant()
     def window_never_exceeded(self) -> None:
+        """Held deliveries, and what the poll under way may bring, fit the window:
+        fresh mail reserved while a poll runs does not count on the poll's room."""
         queues = self.scheduler.ready_queues
         routing = sum(len(r.deliveries) for r in self.routing)
-        assert queues.total() + routing <= self.window
-        self.in_memory = queues.total() + routing
+        assert queues.total() + routing + self.outstanding() <= self.window
+        self.in_memory = queues.total() + routing + self.outstanding()
+
+    @invariant()
+    def reserved_mail_is_never_parked(self) -> None:
+        """Fresh mail had its room before its commit: it is queued, never parked."""
+        fresh = {key_of(d) for r in self.handed_routes for d in r.deliveries}
+        assert not fresh & self.parked, fresh & self.parked
 
     @invariant()
     def every_lease_accounted_for(self) -> None:
