@@ -44,17 +44,24 @@ class LogWriteOutTests(TestCase):
 
         return job
 
-    async def settle(self) -> None:
-        """Give the database thread time to find its queue empty."""
-        for _ in range(50):
-            if self.synced:
+    async def synced_count(self, expected: int) -> int:
+        """How many syncs were made, once ``expected`` were (or 10 s passed), and a
+        moment more in which any further one would show."""
+        for _ in range(1000):
+            if len(self.synced) >= expected:
                 break
             await deferLater(reactor, 0.01, lambda: None)
-        await deferLater(reactor, 0.05, lambda: None)
+        await deferLater(reactor, 0.1, lambda: None)
+        return len(self.synced)
+
+    async def settle(self) -> None:
+        """Give the database thread time to find its queue empty (and to sync, if it
+        were going to)."""
+        await deferLater(reactor, 0.5, lambda: None)
 
     async def test_idle_after_a_commit_without_fsync(self) -> None:
         await self.db.run(self.insert(1), durable=False)
-        await self.settle()
+        self.assertEqual(await self.synced_count(1), 1)
         self.assertEqual(self.synced, [os.path.realpath(self.path) + "-wal"])
 
     async def test_nothing_added_after_a_durable_commit(self) -> None:
@@ -97,26 +104,23 @@ class LogWriteOutTests(TestCase):
         gate.set()
         await held
         await second
-        await self.settle()
-        self.assertEqual(len(self.synced), 1)
+        self.assertEqual(await self.synced_count(1), 1)
         rows = await self.db.run(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0])
         self.assertEqual(rows, 2)
 
-    async def nondurable_twice(self) -> None:
+    async def nondurable_twice(self) -> int:
+        """Two commits without an fsync, each followed by an idle moment; the syncs."""
         await self.db.run(self.insert(1), durable=False)
-        await self.settle()
-        self.assertEqual(len(self.synced), 1)
+        self.assertEqual(await self.synced_count(1), 1)
         await self.db.run(self.insert(2), durable=False)
-        await deferLater(reactor, 0.1, lambda: None)
+        return await self.synced_count(2)
 
     async def test_none_for_a_while_after_a_slow_one(self) -> None:
         # Every sync counts as slow here: after the first, none is made while idle.
         self.db.write_out_limit = 0.0
-        await self.nondurable_twice()
-        self.assertEqual(len(self.synced), 1)
+        self.assertEqual(await self.nondurable_twice(), 1)
 
     async def test_again_once_the_pause_is_over(self) -> None:
         self.db.write_out_limit = 0.0
         self.db.write_out_pause = 0.0
-        await self.nondurable_twice()
-        self.assertEqual(len(self.synced), 2)
+        self.assertEqual(await self.nondurable_twice(), 2)
