@@ -227,7 +227,6 @@ class PoolRouterTests(SynchronousTestCase):
         assert route.error is not None
         self.assertFalse(route.error.permanent)
 
-
     def test_address_endpoints_route_every_domain_alike(self) -> None:
         """A pool of addresses gives each domain its own route over the same hops."""
         router = PoolRouter(pool(endpoints=["127.0.0.2:25", "127.0.0.3:25"]))
