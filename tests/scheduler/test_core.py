@@ -87,6 +87,17 @@ def fill_site(
     return lease
 
 
+def holding(count: int) -> Scheduler[LeasedDelivery]:
+    """A started scheduler with a window of 20 whose site-a (a.test's) holds
+    ``count`` queued deliveries."""
+    scheduler: Scheduler[LeasedDelivery] = Scheduler(20)
+    scheduler.start()
+    scheduler.ready_queues.note_domain("a.test", "site-a")
+    for _ in range(count):
+        scheduler.ready_queues.offer("site-a", "lane", delivery("a.test"))
+    return scheduler
+
+
 def send(scheduler: Scheduler[LeasedDelivery], site: str, count: int) -> bool:
     """A connection to ``site`` sends ``count`` of what it holds and ends: whether
     the room it made asks for a poll."""
@@ -431,13 +442,8 @@ class SchedulerTests(SynchronousTestCase):
         """Fresh mail to a site holding its share is not taken in memory (it would
         only be parked): it goes through the spool; mail to other sites still is.
         Commits under way count against their site."""
-        scheduler: Scheduler[LeasedDelivery] = Scheduler(20)
-        scheduler.start()
-        queues = scheduler.ready_queues
-        queues.note_domain("a.test", "site-a")
-        for _ in range(16):
-            queues.offer("site-a", "lane", delivery("a.test"))
-        self.assertEqual(queues.room("site-a"), 2)
+        scheduler = holding(16)
+        self.assertEqual(scheduler.ready_queues.room("site-a"), 2)
         self.assertTrue(scheduler.reserve(1, "m1", ["a.test"]))
         self.assertTrue(scheduler.reserve(1, "m2", ["A.test"]))
         self.assertFalse(scheduler.reserve(1, "m3", ["a.test"]))  # two commits under way
@@ -464,12 +470,8 @@ class SchedulerTests(SynchronousTestCase):
         """While fresh mail to a site is being committed, a poll may take no more of
         that site's room than is left beside it: otherwise the committed mail, handed
         over, would find its site full."""
-        scheduler: Scheduler[LeasedDelivery] = Scheduler(20)
-        scheduler.start()
+        scheduler = holding(10)
         queues = scheduler.ready_queues
-        queues.note_domain("a.test", "site-a")
-        for _ in range(10):
-            queues.offer("site-a", "lane", delivery("a.test"))
         self.assertEqual(queues.room("site-a"), 8)
         for key in ("m1", "m2", "m3"):
             self.assertTrue(scheduler.reserve(1, key, ["a.test"]))

@@ -69,9 +69,9 @@ class LogWriteOutTests(TestCase):
         await self.settle()
         self.assertEqual(self.synced, [])
 
-    async def test_a_durable_commit_covers_what_came_before(self) -> None:
-        # Queued behind a non-durable job: the durable commit syncs both, so the
-        # thread has nothing of its own to sync once it is idle.
+    async def behind_a_commit_without_fsync(self, queue_next: Any) -> None:
+        """Run a job without an fsync, with ``queue_next()`` queued while it runs (so
+        that it is taken next, with no idle moment in between), and wait for both."""
         started, gate = threading.Event(), threading.Event()
 
         def hold(conn: sqlite3.Connection) -> None:
@@ -81,29 +81,23 @@ class LogWriteOutTests(TestCase):
 
         held = self.db.run(hold, durable=False)
         self.assertTrue(started.wait(10))
-        durable = self.db.run(self.insert(1))
+        queued = queue_next()
         gate.set()
         await held
-        await durable
+        await queued
+
+    async def test_a_durable_commit_covers_what_came_before(self) -> None:
+        # The durable commit syncs both jobs' pages: nothing is left to sync once
+        # the thread is idle.
+        await self.behind_a_commit_without_fsync(lambda: self.db.run(self.insert(1)))
         await self.settle()
         self.assertEqual(self.synced, [])
 
     async def test_once_for_commits_that_follow_each_other(self) -> None:
-        # The second job is queued while the first runs: no sync in between, one
-        # after both.
-        started, gate = threading.Event(), threading.Event()
-
-        def hold(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT INTO t (n) VALUES (0)")
-            started.set()
-            gate.wait(10)
-
-        held = self.db.run(hold, durable=False)
-        self.assertTrue(started.wait(10))
-        second = self.db.run(self.insert(1), durable=False)
-        gate.set()
-        await held
-        await second
+        # No sync between the two, one after both.
+        await self.behind_a_commit_without_fsync(
+            lambda: self.db.run(self.insert(1), durable=False)
+        )
         self.assertEqual(await self.synced_count(1), 1)
         rows = await self.db.run(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0])
         self.assertEqual(rows, 2)
